@@ -1,0 +1,66 @@
+-- nexodus coordinator schema: the only DDL source.
+--
+-- Embedded into the binary with include_str!. The file is a list of migrations, each
+-- introduced by a line `-- migration: N`. On open, every migration whose N is above
+-- `PRAGMA user_version` runs in its own transaction and then sets user_version = N.
+-- Never edit a released migration: append a new one. SQL is kept portable (no SQLite
+-- only types) where that costs nothing, so a PostgreSQL store can mirror it.
+
+-- migration: 1
+
+CREATE TABLE organizations (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT    NOT NULL UNIQUE,
+    ip_cidr     TEXT    NOT NULL,   -- IPv4 tunnel prefix, e.g. 100.64.0.0/10
+    ip_cidr_v6  TEXT    NOT NULL,   -- IPv6 tunnel prefix, e.g. 200::/64
+    created_at  INTEGER NOT NULL    -- unix seconds
+);
+
+CREATE TABLE devices (
+    id                      INTEGER PRIMARY KEY AUTOINCREMENT,
+    organization_id         INTEGER NOT NULL REFERENCES organizations(id) ON DELETE CASCADE,
+    public_key              TEXT    NOT NULL UNIQUE,  -- WireGuard key, base64
+    hostname                TEXT    NOT NULL,
+    os                      TEXT    NOT NULL,
+    tunnel_ip               TEXT    NOT NULL,         -- canonical text form
+    tunnel_ip_v6            TEXT,                     -- NULL when the device has no IPv6
+    organization_prefix     TEXT    NOT NULL,
+    organization_prefix_v6  TEXT    NOT NULL,
+    local_ip                TEXT,                     -- reserved: LAN address, v4
+    local_ip_v6             TEXT,                     -- reserved: v4-over-v6 transport
+    endpoints               TEXT    NOT NULL DEFAULT '[]', -- JSON array of "ip:port"
+    reflexive_endpoint      TEXT,                     -- "ip:port" as seen by STUN
+    symmetric_nat           INTEGER NOT NULL DEFAULT 0,
+    relay                   INTEGER NOT NULL DEFAULT 0,
+    relay_only              INTEGER NOT NULL DEFAULT 0,
+    ipv6_supported          INTEGER NOT NULL DEFAULT 1,
+    advertise_cidrs         TEXT    NOT NULL DEFAULT '[]', -- JSON array of prefixes
+    revision                INTEGER NOT NULL,         -- changes.revision of its last change
+    last_seen               INTEGER NOT NULL,         -- unix seconds
+    created_at              INTEGER NOT NULL,
+    credential_hash         TEXT    NOT NULL,         -- sha256 of the device credential, hex
+    UNIQUE (organization_id, tunnel_ip),
+    UNIQUE (organization_id, tunnel_ip_v6)
+);
+
+CREATE INDEX devices_by_org ON devices (organization_id);
+
+CREATE TABLE tokens (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    organization_id  INTEGER NOT NULL REFERENCES organizations(id) ON DELETE CASCADE,
+    secret_hash      TEXT    NOT NULL UNIQUE,  -- sha256 of the secret, hex; never the secret
+    reusable         INTEGER NOT NULL DEFAULT 0,
+    expires_at       INTEGER,                  -- unix seconds; NULL = never
+    uses             INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL
+);
+
+-- Every change to a device appends one row; its id is the global revision counter.
+-- Watchers tail this log to push deltas, so a change costs what changed, not the org size.
+CREATE TABLE changes (
+    revision         INTEGER PRIMARY KEY AUTOINCREMENT,
+    organization_id  INTEGER NOT NULL,
+    device_id        INTEGER NOT NULL,
+    kind             TEXT    NOT NULL,  -- 'upsert' or 'remove'
+    created_at       INTEGER NOT NULL
+);

@@ -1,0 +1,169 @@
+//! Control messages between nodes and the coordinator.
+//!
+//! Every QUIC bidirectional stream carries one [`Request`] from the node and one or more
+//! [`Response`]s from the coordinator (many for [`Request::Watch`]). Messages are JSON
+//! inside [`super::frame`] frames: unknown fields are ignored, so either side can add
+//! optional fields without a new frame version; an unknown message type is an error.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+/// QUIC ALPN of the control protocol.
+pub const ALPN: &[u8] = b"nexodus/1";
+/// TLS server name the coordinator certificate is issued for (the client pins the
+/// certificate's fingerprint, so the name itself carries no trust).
+pub const SERVER_NAME: &str = "nexodus-coordinator";
+
+/// A registered device's proof of identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auth {
+    pub device_id: i64,
+    pub credential: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The join token's secret part (the fingerprint part stays with the client).
+    pub token_secret: String,
+    /// WireGuard public key, base64.
+    pub public_key: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub os: String,
+    pub ipv6_supported: bool,
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(default)]
+    pub advertise_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub relay: bool,
+    #[serde(default)]
+    pub relay_only: bool,
+    #[serde(default)]
+    pub symmetric_nat: bool,
+    #[serde(default)]
+    pub request_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub request_ip_v6: Option<Ipv6Addr>,
+}
+
+/// Fields a device may change about itself; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceUpdate {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub endpoints: Option<Vec<SocketAddr>>,
+    #[serde(default)]
+    pub reflexive_endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    pub symmetric_nat: Option<bool>,
+    #[serde(default)]
+    pub relay: Option<bool>,
+    #[serde(default)]
+    pub relay_only: Option<bool>,
+    #[serde(default)]
+    pub advertise_cidrs: Option<Vec<IpNet>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Liveness check; answered with [`Response::Pong`].
+    Ping,
+    /// Join with a token; answered with [`Response::Registered`].
+    Register(RegisterRequest),
+    /// Reconnect with the device credential; answered with [`Response::Device`].
+    /// `ipv6_supported` is refreshed (a host may have gained or lost IPv6 since).
+    Login {
+        auth: Auth,
+        #[serde(default)]
+        ipv6_supported: Option<bool>,
+    },
+    /// Change own fields; answered with [`Response::Device`].
+    Update { auth: Auth, update: DeviceUpdate },
+    /// Remove own device; answered with [`Response::Ok`].
+    Deregister { auth: Auth },
+    /// Answered with one [`Response::Snapshot`], then [`Response::Delta`]s as changes
+    /// commit, until the stream closes.
+    Watch { auth: Auth },
+}
+
+/// A device as every member of its organization sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: i64,
+    pub organization_id: i64,
+    pub public_key: String,
+    pub hostname: String,
+    pub os: String,
+    pub tunnel_ip: Ipv4Addr,
+    /// `None` for a device without IPv6: peers install no v6 route for it.
+    pub tunnel_ip_v6: Option<Ipv6Addr>,
+    pub organization_prefix: Ipv4Net,
+    pub organization_prefix_v6: Ipv6Net,
+    #[serde(default)]
+    pub local_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub local_ip_v6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(default)]
+    pub reflexive_endpoint: Option<SocketAddr>,
+    pub symmetric_nat: bool,
+    pub relay: bool,
+    pub relay_only: bool,
+    pub ipv6_supported: bool,
+    #[serde(default)]
+    pub advertise_cidrs: Vec<IpNet>,
+    pub revision: i64,
+    pub last_seen: i64,
+}
+
+/// Machine-readable error kinds, so a client can react without parsing text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidToken,
+    TokenExpired,
+    TokenUsed,
+    Unauthorized,
+    InvalidRequest,
+    AddressUnavailable,
+    PoolExhausted,
+    Conflict,
+    NotFound,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Pong,
+    Ok,
+    Registered {
+        device: Device,
+        credential: String,
+    },
+    Device {
+        device: Device,
+    },
+    /// Every device of the organization (the watcher included) at `revision`.
+    Snapshot {
+        revision: i64,
+        devices: Vec<Device>,
+    },
+    /// What changed since the previous message, up to `revision`. A watcher whose own id
+    /// is in `removed` has been removed from the organization.
+    Delta {
+        revision: i64,
+        upserts: Vec<Device>,
+        removed: Vec<i64>,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}

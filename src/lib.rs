@@ -1,5 +1,11 @@
 //! nexodus: a WireGuard mesh in one binary. See ARCHITECTURE.md for the map.
 
+pub mod cli;
+pub mod client;
 pub mod coord;
+pub mod fsutil;
+pub mod identity;
+pub mod quicio;
+pub mod serve;
 pub mod store;
 pub mod wire;

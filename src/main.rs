@@ -1,3 +1,151 @@
-fn main() {
-    println!("Hello, world!");
+//! The `nexodus` binary: parse the command line, start logging, dispatch.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use nexodus::cli::{Cli, Command, DevicesAction, OrgAction, TokenAction};
+use nexodus::serve::{self, ServeConfig};
+use nexodus::wire::control::Device;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            stun_listen,
+            state,
+        } => {
+            let cfg = ServeConfig {
+                listen,
+                stun_listen,
+                db: state.db(),
+                state_dir: state.state_dir(),
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(async {
+                tokio::select! {
+                    r = serve::run(cfg) => r.context("coordinator failed"),
+                    () = shutdown_signal() => {
+                        tracing::info!("shutting down");
+                        Ok(())
+                    }
+                }
+            })
+        }
+        Command::Token {
+            action:
+                TokenAction::Create {
+                    org,
+                    reusable,
+                    expires,
+                    state,
+                },
+        } => {
+            let mut st = serve::open_state(&state.db(), &state.state_dir())?;
+            let token = serve::create_token(&mut st, &org, reusable, expires)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Org {
+            action:
+                OrgAction::Create {
+                    name,
+                    cidr,
+                    cidr_v6,
+                    state,
+                },
+        } => {
+            let mut st = serve::open_state(&state.db(), &state.state_dir())?;
+            let org = st
+                .store
+                .create_org(&name, cidr, cidr_v6, serve::unix_now())?;
+            println!(
+                "created organization {} (id {}) with {} and {}",
+                org.name, org.id, org.ip_cidr, org.ip_cidr_v6
+            );
+            Ok(())
+        }
+        Command::Devices {
+            action,
+            org,
+            json,
+            state,
+        } => {
+            let mut st = serve::open_state(&state.db(), &state.state_dir())?;
+            match action {
+                Some(DevicesAction::Remove { id }) => {
+                    st.store.remove_device(id, serve::unix_now())?;
+                    println!("removed device {id}");
+                }
+                None => {
+                    let org = st.store.org_by_name(&org)?;
+                    let devices = st.store.devices(org.id)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&devices)?);
+                    } else {
+                        print_devices(&devices, serve::unix_now());
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_devices(devices: &[Device], now: i64) {
+    println!(
+        "{:<5} {:<20} {:<15} {:<24} {:<6} {:<22} LAST SEEN",
+        "ID", "HOSTNAME", "TUNNEL IP", "TUNNEL IPV6", "ROLE", "ENDPOINT"
+    );
+    for d in devices {
+        let role = if d.relay {
+            "relay"
+        } else if d.relay_only {
+            "spoke"
+        } else {
+            "node"
+        };
+        let endpoint = d
+            .reflexive_endpoint
+            .or_else(|| d.endpoints.first().copied())
+            .map_or_else(|| "-".to_string(), |e| e.to_string());
+        println!(
+            "{:<5} {:<20} {:<15} {:<24} {:<6} {:<22} {}s ago",
+            d.id,
+            d.hostname,
+            d.tunnel_ip,
+            d.tunnel_ip_v6
+                .map_or_else(|| "-".to_string(), |a| a.to_string()),
+            role,
+            endpoint,
+            (now - d.last_seen).max(0)
+        );
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

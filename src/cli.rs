@@ -1,0 +1,133 @@
+//! Command line: every flag also reads an environment variable `NEXODUS_*`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::coord::ipam::{DEFAULT_ORG_CIDR, DEFAULT_ORG_CIDR_V6};
+use crate::store::DEFAULT_ORG;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nexodus",
+    version,
+    about = "A WireGuard mesh in one binary: a coordinator (`serve`) and nodes (`join`).",
+    long_about = "A WireGuard mesh in one binary.\n\n\
+        On the coordinator host: `nexodus serve` (prints a join token on first start).\n\
+        On every node: `nexodus join COORDINATOR:4443 --token TOKEN`.\n\n\
+        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the coordinator keeps its state. `serve` and the admin commands share these
+/// defaults, so on the coordinator host the admin commands need no flags.
+#[derive(Debug, Args, Clone)]
+pub struct StateArgs {
+    /// Directory for the coordinator's TLS identity (and the database unless --db is
+    /// given). Default: /var/lib/nexodus as root, else $XDG_STATE_HOME/nexodus.
+    #[arg(long, env = "NEXODUS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// SQLite database file. Default: nexodus.db in the state directory.
+    #[arg(long, env = "NEXODUS_DB", value_name = "FILE")]
+    pub db: Option<PathBuf>,
+}
+
+impl StateArgs {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(crate::fsutil::default_state_dir)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.state_dir().join("nexodus.db"))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: control API over QUIC and STUN responders.
+    Serve {
+        /// QUIC control API address.
+        #[arg(long, env = "NEXODUS_LISTEN", default_value = "0.0.0.0:4443")]
+        listen: SocketAddr,
+        /// STUN address; the next port answers STUN too (symmetric NAT detection).
+        #[arg(long, env = "NEXODUS_STUN_LISTEN", default_value = "0.0.0.0:3478")]
+        stun_listen: SocketAddr,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Manage join tokens (admin, on the coordinator host).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Manage organizations (admin, on the coordinator host).
+    Org {
+        #[command(subcommand)]
+        action: OrgAction,
+    },
+    /// List an organization's devices, or remove one (admin, on the coordinator host).
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesAction>,
+        /// Organization to list.
+        #[arg(long, env = "NEXODUS_ORG", default_value = DEFAULT_ORG)]
+        org: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a join token and print it (only it) on stdout.
+    Create {
+        /// Organization the token joins devices to.
+        #[arg(long, env = "NEXODUS_ORG", default_value = DEFAULT_ORG)]
+        org: String,
+        /// Allow any number of devices to join with this token (default: one).
+        #[arg(long, env = "NEXODUS_TOKEN_REUSABLE")]
+        reusable: bool,
+        /// Lifetime, e.g. 30m, 24h, 7d (default: never expires).
+        #[arg(long, env = "NEXODUS_TOKEN_EXPIRES", value_parser = humantime::parse_duration)]
+        expires: Option<std::time::Duration>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgAction {
+    /// Create an organization with its own tunnel prefixes.
+    Create {
+        name: String,
+        /// IPv4 tunnel prefix.
+        #[arg(long, env = "NEXODUS_ORG_CIDR", default_value = DEFAULT_ORG_CIDR)]
+        cidr: Ipv4Net,
+        /// IPv6 tunnel prefix.
+        #[arg(long, env = "NEXODUS_ORG_CIDR_V6", default_value = DEFAULT_ORG_CIDR_V6)]
+        cidr_v6: Ipv6Net,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesAction {
+    /// Remove a device: its peers drop it and its addresses return to the pool.
+    Remove {
+        /// Device id, as `nexodus devices` lists it.
+        id: i64,
+    },
+}

@@ -1,0 +1,187 @@
+//! The coordinator's TLS identity and the pinned-certificate QUIC configs.
+//!
+//! The coordinator makes a self-signed certificate on first start and keeps it (DER,
+//! 0600) in its state dir. Join tokens carry the certificate's SHA-256 fingerprint; a
+//! node accepts exactly that certificate and no other, so no CA is involved.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::fsutil;
+use crate::wire::control::{ALPN, SERVER_NAME};
+
+const CERT_FILE: &str = "coordinator-cert.der";
+const KEY_FILE: &str = "coordinator-key.der";
+
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    #[error("reading or writing the TLS identity in {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("generating the TLS identity: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+}
+
+pub struct Identity {
+    pub cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// SHA-256 of a DER certificate.
+pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert_der).into()
+}
+
+impl Identity {
+    /// Loads the identity from `state_dir`, creating it on first use.
+    pub fn load_or_create(state_dir: &Path) -> Result<Self, IdentityError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| IdentityError::Io { path, source }
+        };
+        let cert_path = state_dir.join(CERT_FILE);
+        let key_path = state_dir.join(KEY_FILE);
+        if cert_path.exists() && key_path.exists() {
+            return Ok(Self {
+                cert_der: std::fs::read(&cert_path).map_err(io(&cert_path))?,
+                key_der: std::fs::read(&key_path).map_err(io(&key_path))?,
+            });
+        }
+        fsutil::ensure_private_dir(state_dir).map_err(io(state_dir))?;
+        let made = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
+        let id = Self {
+            cert_der: made.cert.der().to_vec(),
+            key_der: made.signing_key.serialize_der(),
+        };
+        // Key first: a cert without its key would be unusable.
+        fsutil::write_private_atomic(&key_path, &id.key_der).map_err(io(&key_path))?;
+        fsutil::write_private_atomic(&cert_path, &id.cert_der).map_err(io(&cert_path))?;
+        tracing::info!(dir = %state_dir.display(), "created coordinator TLS identity");
+        Ok(id)
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.cert_der)
+    }
+
+    /// QUIC server config presenting this identity with the control ALPN.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, IdentityError> {
+        let cert = CertificateDer::from(self.cert_der.clone());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| IdentityError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(Arc::new(transport_config()));
+        Ok(cfg)
+    }
+}
+
+/// Keepalives keep idle watch connections (and the NAT state in front of them) alive;
+/// the idle timeout notices a dead peer.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(20)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.max_concurrent_bidi_streams(64u32.into());
+    t
+}
+
+/// QUIC client config that accepts only the certificate with `fingerprint`.
+pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, IdentityError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert {
+            fingerprint,
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| IdentityError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// Accepts exactly one certificate, by SHA-256 fingerprint; still checks that the peer
+/// holds its key (handshake signatures are verified normally).
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "coordinator certificate does not match the fingerprint in the join token".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -30,10 +30,10 @@ pub struct Cli {
 pub struct StateArgs {
     /// Directory for the coordinator's TLS identity (and the database unless --db is
     /// given). Default: /var/lib/nexodus as root, else $XDG_STATE_HOME/nexodus.
-    #[arg(long, env = "NEXODUS_STATE_DIR", value_name = "DIR")]
+    #[arg(long, global = true, env = "NEXODUS_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// SQLite database file. Default: nexodus.db in the state directory.
-    #[arg(long, env = "NEXODUS_DB", value_name = "FILE")]
+    #[arg(long, global = true, env = "NEXODUS_DB", value_name = "FILE")]
     pub db: Option<PathBuf>,
 }
 

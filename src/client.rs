@@ -16,7 +16,7 @@ pub enum ClientError {
     Identity(#[from] IdentityError),
     #[error("cannot open a local UDP socket: {0}")]
     Bind(std::io::Error),
-    #[error("cannot start a connection to {addr}: {source}")]
+    #[error("cannot start a connection to {addr}")]
     Connect {
         addr: SocketAddr,
         source: quinn::ConnectError,
@@ -78,6 +78,11 @@ impl ControlClient {
             recv,
             buf: Vec::new(),
         })
+    }
+
+    /// The underlying connection, for callers that speak the frame protocol by hand.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
     }
 
     /// Resolves when the connection is lost.

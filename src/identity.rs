@@ -23,7 +23,7 @@ const KEY_FILE: &str = "coordinator-key.der";
 
 #[derive(Debug, Error)]
 pub enum IdentityError {
-    #[error("reading or writing the TLS identity in {path}: {source}")]
+    #[error("reading or writing the TLS identity in {path}")]
     Io {
         path: String,
         source: std::io::Error,

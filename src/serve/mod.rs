@@ -35,7 +35,7 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,

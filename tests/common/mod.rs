@@ -1,0 +1,188 @@
+//! Shared harness for end-to-end tests: runs the real `nexodus` binary and cleans up
+//! on every exit path (Drop), with bounded waits instead of sleeps.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexodus::client::ControlClient;
+use nexodus::coord::token::JoinToken;
+use nexodus::wire::control::{RegisterRequest, Request, Response};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");
+
+/// Retries `f` until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Makes a child process die with the test process, even if the test aborts.
+pub trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+/// A coordinator process on a loopback address of its own.
+pub struct Coordinator {
+    pub ip: IpAddr,
+    pub addr: SocketAddr,
+    pub stun: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Coordinator {
+    /// Starts `nexodus serve` on `ip` (a loopback address unique to the test).
+    pub async fn start(ip: &str) -> Self {
+        let ip: IpAddr = ip.parse().expect("test ip");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Self {
+            ip,
+            addr: SocketAddr::new(ip, 4443),
+            stun: SocketAddr::new(ip, 3478),
+            dir,
+            child: None,
+        };
+        c.spawn().await;
+        c
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// (Re)starts the process on the same state and waits until it answers.
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &self.addr.to_string()])
+            .args(["--stun-listen", &self.stun.to_string()])
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .die_with_parent()
+            .spawn()
+            .expect("spawn nexodus serve");
+        self.child = Some(child);
+        let fp = self.fingerprint();
+        let addr = self.addr;
+        wait_for(
+            "coordinator to answer",
+            Duration::from_secs(20),
+            || async move {
+                let c = ControlClient::connect(addr, fp).await.ok()?;
+                matches!(c.call(&Request::Ping).await, Ok(Response::Pong)).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The coordinator certificate fingerprint (the identity exists once `serve` ran).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(der) = std::fs::read(self.dir.path().join("coordinator-cert.der")) {
+                return nexodus::identity::fingerprint(&der);
+            }
+            assert!(Instant::now() < deadline, "no coordinator identity");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs an admin command against this coordinator's state; returns stdout.
+    pub fn admin(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .output()
+            .expect("run admin command");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn token(&self, extra: &[&str]) -> JoinToken {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        let text = self.admin(&args).expect("token create");
+        JoinToken::parse(text.trim()).expect("token parses")
+    }
+
+    pub async fn client(&self) -> ControlClient {
+        ControlClient::connect(self.addr, self.fingerprint())
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A registration request with a fresh key.
+pub fn register_request(token: &JoinToken, hostname: &str, seed: u64) -> RegisterRequest {
+    // Distinct seeds must give distinct keys: hash, since clamping drops low bits.
+    use sha2::Digest;
+    let bytes: [u8; 32] = sha2::Sha256::digest(seed.to_le_bytes()).into();
+    let secret = boringtun::x25519::StaticSecret::from(bytes);
+    let public = boringtun::x25519::PublicKey::from(&secret);
+    RegisterRequest {
+        token_secret: token.secret_text(),
+        public_key: nexodus::coord::keys::encode_key(public.as_bytes()),
+        hostname: hostname.into(),
+        os: "linux".into(),
+        ipv6_supported: true,
+        endpoints: vec![],
+        advertise_cidrs: vec![],
+        relay: false,
+        relay_only: false,
+        symmetric_nat: false,
+        request_ip: None,
+        request_ip_v6: None,
+    }
+}

@@ -1,0 +1,408 @@
+//! End-to-end tests of `nexodus serve` with the real binary on loopback. Each test has
+//! a loopback address of its own (127.42.0.N), so tests run in parallel.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Coordinator, register_request, wait_for};
+use nexodus::client::{ClientError, ControlClient};
+use nexodus::wire::control::{Auth, Device, ErrorCode, Request, Response};
+use nexodus::wire::stun;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+async fn register(
+    c: &ControlClient,
+    req: nexodus::wire::control::RegisterRequest,
+) -> (Device, String) {
+    match c.call(&Request::Register(req)).await {
+        Ok(Response::Registered { device, credential }) => (device, credential),
+        other => panic!("registration failed: {other:?}"),
+    }
+}
+
+fn listed(coord: &Coordinator) -> Vec<Device> {
+    let out = coord.admin(&["devices", "--json"]).expect("devices --json");
+    serde_json::from_str(&out).expect("devices json")
+}
+
+fn assert_unique(devices: &[Device]) {
+    let v4: HashSet<_> = devices.iter().map(|d| d.tunnel_ip).collect();
+    let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
+    assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
+    assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_get_distinct_addresses() {
+    tokio::time::timeout(DEADLINE, async {
+        let coord = Coordinator::start("127.42.0.1").await;
+        let token = coord.token(&["--reusable"]);
+        let fp = coord.fingerprint();
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let req = register_request(&token, &format!("node{i}"), i);
+            let addr = coord.addr;
+            tasks.push(tokio::spawn(async move {
+                let c = ControlClient::connect(addr, fp).await.expect("connect");
+                let d = register(&c, req).await.0;
+                c.close().await;
+                d
+            }));
+        }
+        let mut devices = Vec::new();
+        for t in tasks {
+            devices.push(t.await.expect("task"));
+        }
+        assert_eq!(devices.len(), 200);
+        assert_unique(&devices);
+        // The lowest addresses, in both families.
+        let v6: HashSet<String> = devices
+            .iter()
+            .map(|d| d.tunnel_ip_v6.unwrap().to_string())
+            .collect();
+        assert!(v6.contains("200::1") && v6.contains("200::c8"), "{v6:?}");
+        // All persisted, with the same addresses.
+        let stored = listed(&coord);
+        assert_eq!(stored.len(), 200);
+        let answered: HashSet<_> = devices
+            .iter()
+            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
+            .collect();
+        let persisted: HashSet<_> = stored
+            .iter()
+            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
+            .collect();
+        assert_eq!(answered, persisted);
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_loses_no_answered_registration() {
+    tokio::time::timeout(DEADLINE, async {
+        let mut coord = Coordinator::start("127.42.0.2").await;
+        let token = coord.token(&["--reusable"]);
+        let fp = coord.fingerprint();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..120u64 {
+            let req = register_request(&token, &format!("crash{i}"), 1000 + i);
+            let addr = coord.addr;
+            let answered = answered.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = ControlClient::connect(addr, fp).await.ok()?;
+                let r = c.call(&Request::Register(req)).await.ok()?;
+                answered.fetch_add(1, Ordering::SeqCst);
+                match r {
+                    Response::Registered { device, credential } => Some((device, credential)),
+                    _ => None,
+                }
+            }));
+        }
+        wait_for(
+            "some registrations to be answered",
+            Duration::from_secs(60),
+            || {
+                let n = answered.load(Ordering::SeqCst);
+                async move { (n >= 30).then_some(()) }
+            },
+        )
+        .await;
+        coord.kill();
+        let mut ok = Vec::new();
+        for t in tasks {
+            if let Some(r) = t.await.expect("task") {
+                ok.push(r);
+            }
+        }
+        assert!(ok.len() >= 30, "only {} answered", ok.len());
+        coord.spawn().await;
+        let c = coord.client().await;
+        for (device, credential) in &ok {
+            let resp = c
+                .call(&Request::Login {
+                    auth: Auth {
+                        device_id: device.id,
+                        credential: credential.clone(),
+                    },
+                    ipv6_supported: Some(true),
+                })
+                .await
+                .expect("answered registration survives the crash");
+            let Response::Device { device: after } = resp else {
+                panic!("unexpected {resp:?}")
+            };
+            assert_eq!(after.tunnel_ip, device.tunnel_ip);
+            assert_eq!(after.tunnel_ip_v6, device.tunnel_ip_v6);
+        }
+        let stored = listed(&coord);
+        assert!(stored.len() >= ok.len());
+        assert_unique(&stored);
+    })
+    .await
+    .expect("test deadline");
+}
+
+async fn next_delta(w: &mut nexodus::client::WatchStream) -> (Vec<Device>, Vec<i64>) {
+    match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+        Ok(Ok(Some(Response::Delta {
+            upserts, removed, ..
+        }))) => (upserts, removed),
+        other => panic!("expected a delta within 5 s, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_registration_and_admin_removal() {
+    tokio::time::timeout(DEADLINE, async {
+        let coord = Coordinator::start("127.42.0.3").await;
+        let token = coord.token(&["--reusable"]);
+        let c = coord.client().await;
+        let (a, a_cred) = register(&c, register_request(&token, "a", 1)).await;
+        let mut watch = c
+            .watch(Auth {
+                device_id: a.id,
+                credential: a_cred,
+            })
+            .await
+            .expect("watch");
+        match watch.next().await.expect("snapshot") {
+            Some(Response::Snapshot { devices, .. }) => {
+                assert_eq!(devices.iter().map(|d| d.id).collect::<Vec<_>>(), vec![a.id]);
+            }
+            other => panic!("expected snapshot, got {other:?}"),
+        }
+        let c2 = coord.client().await;
+        let (b, _) = register(&c2, register_request(&token, "b", 2)).await;
+        let (upserts, removed) = next_delta(&mut watch).await;
+        assert!(removed.is_empty());
+        assert_eq!(upserts.len(), 1);
+        assert_eq!(upserts[0].id, b.id);
+        assert_eq!(upserts[0].tunnel_ip_v6, b.tunnel_ip_v6);
+        // Removal through the admin command, a separate process on the same database.
+        coord
+            .admin(&["devices", "remove", &b.id.to_string()])
+            .expect("devices remove");
+        let (upserts, removed) = next_delta(&mut watch).await;
+        assert!(upserts.is_empty());
+        assert_eq!(removed, vec![b.id]);
+        // B's credential is dead now.
+        let err = c2
+            .call(&Request::Deregister {
+                auth: Auth {
+                    device_id: b.id,
+                    credential: "x".into(),
+                },
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            }
+        ));
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_service_continues() {
+    tokio::time::timeout(DEADLINE, async {
+        let coord = Coordinator::start("127.42.0.4").await;
+        let token = coord.token(&[]);
+        let c = coord.client().await;
+
+        // Random bytes on a control stream: an error answer, then the stream closes.
+        let (mut send, mut recv) = c.connection().open_bi().await.unwrap();
+        send.write_all(&[
+            0, 0, 0, 9, 1, 0xde, 0xad, 0xbe, 0xef, 0x00, 0xff, 0x13, 0x37,
+        ])
+        .await
+        .unwrap();
+        let _ = send.finish();
+        let answer = recv.read_to_end(1 << 20).await.unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("invalid_request"), "{text}");
+
+        // An oversized frame header is refused before its body is read.
+        let (mut send, mut recv) = c.connection().open_bi().await.unwrap();
+        send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let answer = recv.read_to_end(1 << 20).await.unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("exceeds the maximum"), "{text}");
+
+        // Garbage datagrams at the QUIC port and both STUN ports.
+        let udp = tokio::net::UdpSocket::bind((coord.ip, 0)).await.unwrap();
+        let mut x: u32 = 0x1234_5678;
+        let mut junk = [0u8; 1200];
+        for round in 0..200 {
+            for b in junk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            let len = 1 + (round * 7) % junk.len();
+            for port in [4443, 3478, 3479] {
+                udp.send_to(&junk[..len], SocketAddr::new(coord.ip, port))
+                    .await
+                    .unwrap();
+            }
+        }
+
+        // Both STUN ports still answer a real Binding request with our mapped address.
+        for port in [3478u16, 3479] {
+            let mapped = wait_for("a STUN answer", Duration::from_secs(10), || {
+                let udp = &udp;
+                let ip = coord.ip;
+                async move {
+                    let mut req = [0u8; 20];
+                    let txid = [port as u8; 12];
+                    let n = stun::encode_binding_request(&txid, &mut req).ok()?;
+                    udp.send_to(&req[..n], SocketAddr::new(ip, port))
+                        .await
+                        .ok()?;
+                    let mut buf = [0u8; 1500];
+                    loop {
+                        let (n, _) = tokio::time::timeout(
+                            Duration::from_millis(300),
+                            udp.recv_from(&mut buf),
+                        )
+                        .await
+                        .ok()?
+                        .ok()?;
+                        if let Ok((id, mapped)) = stun::parse_binding_response(&buf[..n]) {
+                            if id == txid {
+                                return Some(mapped);
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            assert_eq!(mapped, udp.local_addr().unwrap());
+        }
+
+        // Wrong token, malformed key: clear refusals.
+        let mut bad = register_request(&token, "bad", 7);
+        bad.token_secret = "nope".into();
+        let err = c.call(&Request::Register(bad)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Refused {
+                    code: ErrorCode::InvalidToken,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut bad = register_request(&token, "bad", 7);
+        bad.public_key = "AAAA".into();
+        let err = c.call(&Request::Register(bad)).await.unwrap_err();
+        assert!(err.to_string().contains("32 bytes"), "{err}");
+
+        // A certificate that is not the pinned one is refused by the client.
+        let err = match ControlClient::connect(coord.addr, [0u8; 32]).await {
+            Err(e) => e,
+            Ok(_) => panic!("connected to a coordinator with the wrong fingerprint"),
+        };
+        assert!(
+            format!("{err}").contains("fingerprint") || matches!(err, ClientError::Connection(_)),
+            "{err}"
+        );
+
+        // The coordinator still serves: a fresh client registers with the single-use token.
+        let fresh = coord.client().await;
+        let (d, _) = register(&fresh, register_request(&token, "good", 8)).await;
+        assert_eq!(d.tunnel_ip.to_string(), "100.64.0.1");
+        // The single-use token is now spent.
+        let err = fresh
+            .call(&Request::Register(register_request(&token, "again", 9)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Refused {
+                    code: ErrorCode::TokenUsed,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_validate_input() {
+    tokio::time::timeout(DEADLINE, async {
+        let coord = Coordinator::start("127.42.0.5").await;
+        // token create prints only the token.
+        let out = coord
+            .admin(&["token", "create", "--expires", "1h"])
+            .unwrap();
+        assert_eq!(out.lines().count(), 1);
+        assert!(out.starts_with("nx1."));
+        let err = coord
+            .admin(&["token", "create", "--org", "nope"])
+            .unwrap_err();
+        assert!(err.contains("\"nope\" not found"), "{err}");
+        let err = coord
+            .admin(&["org", "create", "lab", "--cidr", "10.1.2.3/33"])
+            .unwrap_err();
+        assert!(err.contains("invalid value"), "{err}");
+        let err = coord
+            .admin(&["org", "create", "lab", "--cidr", "10.1.2.3/24"])
+            .unwrap_err();
+        assert!(err.contains("did you mean 10.1.2.0/24"), "{err}");
+        coord
+            .admin(&[
+                "org",
+                "create",
+                "lab",
+                "--cidr",
+                "192.0.2.0/29",
+                "--cidr-v6",
+                "2001:db8:42::/64",
+            ])
+            .unwrap();
+        let lab = coord.token(&["--org", "lab", "--reusable"]);
+        let c = coord.client().await;
+        let mut req = register_request(&lab, "lab1", 77);
+        req.request_ip = Some("192.0.2.5".parse().unwrap());
+        req.request_ip_v6 = Some("2001:db8:42::5".parse().unwrap());
+        let (d, _) = register(&c, req).await;
+        assert_eq!(IpAddr::V4(d.tunnel_ip).to_string(), "192.0.2.5");
+        assert_eq!(d.tunnel_ip_v6.unwrap().to_string(), "2001:db8:42::5");
+        let mut req = register_request(&lab, "lab2", 78);
+        req.request_ip = Some("192.0.2.5".parse().unwrap());
+        let err = c.call(&Request::Register(req)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Refused {
+                    code: ErrorCode::AddressUnavailable,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = coord.admin(&["devices", "remove", "999"]).unwrap_err();
+        assert!(err.contains("device 999 not found"), "{err}");
+    })
+    .await
+    .expect("test deadline");
+}

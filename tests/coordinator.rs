@@ -1,6 +1,8 @@
 //! End-to-end tests of `nexodus serve` with the real binary on loopback. Each test has
 //! a loopback address of its own (127.42.0.N), so tests run in parallel.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashSet;
@@ -281,10 +283,10 @@ async fn bad_input_is_refused_and_service_continues() {
                         .await
                         .ok()?
                         .ok()?;
-                        if let Ok((id, mapped)) = stun::parse_binding_response(&buf[..n]) {
-                            if id == txid {
-                                return Some(mapped);
-                            }
+                        if let Ok((id, mapped)) = stun::parse_binding_response(&buf[..n])
+                            && id == txid
+                        {
+                            return Some(mapped);
                         }
                     }
                 }

@@ -101,11 +101,11 @@ impl Hub {
 
     fn publish(&self, organization_id: i64, delta: Arc<OrgDelta>) {
         let mut orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = orgs.get(&organization_id) {
-            if tx.send(delta).is_err() {
-                // Nobody listens any more.
-                orgs.remove(&organization_id);
-            }
+        if let Some(tx) = orgs.get(&organization_id)
+            && tx.send(delta).is_err()
+        {
+            // Nobody listens any more.
+            orgs.remove(&organization_id);
         }
     }
 

@@ -64,6 +64,44 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Join this host to the mesh: register (first time) or reconnect, then run the
+    /// WireGuard data plane on a TUN interface until stopped (SIGINT/SIGTERM removes the
+    /// interface; the device stays registered).
+    Join {
+        /// Coordinator address(es), HOST[:PORT] (default port 4443), comma separated.
+        #[arg(required = true, value_delimiter = ',', env = "NEXODUS_COORDINATOR")]
+        coordinator: Vec<String>,
+        /// Join token from `nexodus serve` or `nexodus token create`. Needed the first
+        /// time only: afterwards the device credential in the state dir is used.
+        #[arg(long, env = "NEXODUS_TOKEN")]
+        token: Option<String>,
+        /// TUN interface name.
+        #[arg(long, env = "NEXODUS_INTERFACE", default_value = "nx0")]
+        interface: String,
+        /// Name shown to peers and in `nexodus devices` (default: the host name).
+        #[arg(long, env = "NEXODUS_HOSTNAME")]
+        hostname: Option<String>,
+        /// WireGuard UDP port (default 51820, then the one kept in the state dir).
+        #[arg(long, env = "NEXODUS_LISTEN_PORT")]
+        listen_port: Option<u16>,
+        /// Prefixes behind this node to route to it, v4 and v6 mixed, comma separated
+        /// (e.g. 198.51.100.0/24,2001:db8:100::/64).
+        #[arg(long, env = "NEXODUS_ADVERTISE_CIDR", value_delimiter = ',')]
+        advertise_cidr: Vec<ipnet::IpNet>,
+        /// Ask for a specific tunnel address (v4 and/or v6; repeatable); refused if taken.
+        #[arg(long, env = "NEXODUS_REQUEST_IP", value_delimiter = ',')]
+        request_ip: Vec<std::net::IpAddr>,
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
+    /// Show this node's peers, paths, handshakes and traffic (asks the running node).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
     /// Manage join tokens (admin, on the coordinator host).
     Token {
         #[command(subcommand)]
@@ -87,6 +125,23 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+}
+
+/// Where a node keeps its key, credential and status socket.
+#[derive(Debug, Args, Clone)]
+pub struct NodeStateArgs {
+    /// Node state directory (private key, device credential, listen port; 0600).
+    /// Default: /var/lib/nexodus as root, else $XDG_STATE_HOME/nexodus.
+    #[arg(long, env = "NEXODUS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl NodeStateArgs {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(crate::fsutil::default_state_dir)
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -48,6 +48,47 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })
         }
+        Command::Join {
+            coordinator,
+            token,
+            interface,
+            hostname,
+            listen_port,
+            advertise_cidr,
+            request_ip,
+            state,
+        } => {
+            for cidr in &advertise_cidr {
+                nexodus::coord::ipam::validate_advertised(*cidr)
+                    .with_context(|| format!("--advertise-cidr {cidr}"))?;
+            }
+            let cfg = nexodus::join::JoinConfig {
+                coordinators: coordinator,
+                token,
+                state_dir: state.state_dir(),
+                interface,
+                hostname,
+                listen_port,
+                advertise_cidrs: advertise_cidr,
+                request_ips: request_ip,
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(nexodus::join::run(cfg, shutdown_signal()))
+                .context("node failed")
+        }
+        Command::Status { json, state } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let status = rt.block_on(nexodus::join::status::query(&state.state_dir()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", nexodus::join::status::render(&status));
+            }
+            Ok(())
+        }
         Command::Token {
             action:
                 TokenAction::Create {

@@ -12,6 +12,8 @@ use nexodus::client::ControlClient;
 use nexodus::coord::token::JoinToken;
 use nexodus::wire::control::{RegisterRequest, Request, Response};
 
+pub mod netns;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");
 
 /// Retries `f` until it returns Some or `timeout` passes.

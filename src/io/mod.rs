@@ -1,0 +1,8 @@
+//! The node's I/O shell: TUN device, UDP socket, kernel routes, host facts.
+//!
+//! Thin wrappers only; decisions live in [`crate::node`].
+
+pub mod route;
+pub mod sysinfo;
+pub mod tun;
+pub mod udp;

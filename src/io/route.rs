@@ -1,0 +1,55 @@
+//! Kernel routes through the node's interface, set with iproute2's `ip`.
+//!
+//! Routes change only when peers change (never per packet), so running `ip` costs
+//! nothing that matters and keeps the output identical to what an operator types.
+
+use std::process::Command;
+
+use ipnet::IpNet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("cannot run `ip` (is iproute2 installed?): {0}")]
+    Spawn(std::io::Error),
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+fn ip(args: &[&str]) -> Result<(), RouteError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(RouteError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RouteError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn family(net: &IpNet) -> &'static str {
+    if net.addr().is_ipv4() { "-4" } else { "-6" }
+}
+
+/// Routes `net` to `dev` (replacing any route for the same prefix).
+pub fn add(dev: &str, net: IpNet) -> Result<(), RouteError> {
+    ip(&[
+        family(&net),
+        "route",
+        "replace",
+        &net.to_string(),
+        "dev",
+        dev,
+    ])
+}
+
+/// Removes the route for `net` through `dev`; a route already gone is not an error.
+pub fn remove(dev: &str, net: IpNet) -> Result<(), RouteError> {
+    match ip(&[family(&net), "route", "del", &net.to_string(), "dev", dev]) {
+        Err(RouteError::Failed { stderr, .. }) if stderr.contains("No such process") => Ok(()),
+        other => other,
+    }
+}

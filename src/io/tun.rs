@@ -1,0 +1,49 @@
+//! The node's TUN interface (tun-rs): created with its v4 address as /32 and its v6
+//! address as /64 (which gives the kernel route for the organization's v6 prefix).
+//! Closing the device removes the interface and every route through it.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub use tun_rs::SyncDevice;
+
+/// Default interface MTU: 1500 minus IPv4 (20), UDP (8), WireGuard (32) overheads,
+/// with room for an IPv6 outer header.
+pub const DEFAULT_MTU: u16 = 1420;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error(
+        "cannot create TUN interface {name}: {source} (needs root or CAP_NET_ADMIN and /dev/net/tun)"
+    )]
+    Create {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Creates and brings up the interface.
+pub fn create(
+    name: &str,
+    mtu: u16,
+    v4: Ipv4Addr,
+    v6: Option<(Ipv6Addr, u8)>,
+) -> Result<SyncDevice, TunError> {
+    let mut builder = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .ipv4(v4, 32u8, None);
+    if let Some((addr, prefix)) = v6 {
+        builder = builder.ipv6(addr, prefix);
+    }
+    let dev = builder.build_sync().map_err(|source| TunError::Create {
+        name: name.into(),
+        source,
+    })?;
+    dev.set_nonblocking(true)
+        .map_err(|source| TunError::Create {
+            name: name.into(),
+            source,
+        })?;
+    Ok(dev)
+}

@@ -1,0 +1,639 @@
+//! `nexodus join`: the node shell.
+//!
+//! Enrolls with the coordinator (register with the join token, or log in with the
+//! stored credential), creates the TUN interface and the UDP socket, starts the
+//! data-path thread, then follows the coordinator's watch stream: every snapshot or
+//! delta goes through [`MeshState`], and only the resulting changes reach the data
+//! plane and the kernel routes. If the coordinator goes away the data path keeps
+//! running on the last known peers while the control loop reconnects with backoff.
+
+pub mod datapath;
+pub mod state;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rand::RngCore;
+use thiserror::Error;
+
+use crate::client::{ClientError, ControlClient};
+use crate::coord::keys;
+use crate::coord::token::{JoinToken, TokenError, hex};
+use crate::io::{route, sysinfo, tun, udp};
+use crate::node::dataplane::{DataPlane, PeerConfig};
+use crate::node::mesh::{Action, KEEPALIVE_SECS, LocalView, MeshState};
+use crate::wire::control::{
+    Auth, Device, DeviceUpdate, ErrorCode, RegisterRequest, Request, Response,
+};
+use datapath::{Command, DataPath};
+use state::{NodeState, StateError};
+
+/// Default WireGuard listen port.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// Default coordinator control port, used when an address has none.
+pub const DEFAULT_COORDINATOR_PORT: u16 = 4443;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum JoinError {
+    #[error("bad coordinator address {0:?}: expected HOST:PORT or HOST")]
+    BadAddress(String),
+    #[error("bad join token: {0}")]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "no join token: pass --token for the first join (the state dir has no coordinator yet)"
+    )]
+    NoToken,
+    #[error("the coordinator refused to enroll this device: {0}")]
+    Refused(String),
+    #[error(
+        "the coordinator no longer knows this device (was it removed?); join again with --token"
+    )]
+    Forgotten,
+    #[error("this device was removed from its organization by an administrator")]
+    Removed,
+    #[error(transparent)]
+    Tun(#[from] tun::TunError),
+    #[error("cannot open UDP port {port}: {source}")]
+    Udp {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the data path: {0}")]
+    DataPath(std::io::Error),
+    #[error("cannot open the status socket: {0}")]
+    StatusSocket(std::io::Error),
+}
+
+pub struct JoinConfig {
+    pub coordinators: Vec<String>,
+    pub token: Option<String>,
+    pub state_dir: PathBuf,
+    pub interface: String,
+    /// Name shown to peers and admins (default: the kernel hostname).
+    pub hostname: Option<String>,
+    pub listen_port: Option<u16>,
+    pub advertise_cidrs: Vec<IpNet>,
+    pub request_ips: Vec<IpAddr>,
+}
+
+/// Resolves `HOST[:PORT]` entries (default port 4443).
+pub fn resolve(entries: &[String]) -> Result<Vec<SocketAddr>, JoinError> {
+    let mut out = Vec::new();
+    for e in entries.iter().flat_map(|e| e.split(',')).map(str::trim) {
+        if e.is_empty() {
+            continue;
+        }
+        let resolved: Vec<SocketAddr> = match e.to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(_) => (e, DEFAULT_COORDINATOR_PORT)
+                .to_socket_addrs()
+                .map_err(|_| JoinError::BadAddress(e.into()))?
+                .collect(),
+        };
+        if resolved.is_empty() {
+            return Err(JoinError::BadAddress(e.into()));
+        }
+        out.extend(resolved);
+    }
+    if out.is_empty() {
+        return Err(JoinError::BadAddress(entries.join(",")));
+    }
+    Ok(out)
+}
+
+/// What the status socket reports and the control loop maintains.
+struct Shared {
+    device: Device,
+    mesh: MeshState,
+    connected: bool,
+    listen_port: u16,
+}
+
+struct Enrolled {
+    client: ControlClient,
+    device: Device,
+    auth: Auth,
+}
+
+/// Connects to the first coordinator that answers.
+async fn connect(addrs: &[SocketAddr], fp: [u8; 32]) -> Result<ControlClient, ClientError> {
+    let mut last = None;
+    for &a in addrs {
+        match ControlClient::connect(a, fp).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::debug!(coordinator = %a, error = %e, "coordinator unreachable");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(ClientError::NoAnswer))
+}
+
+/// What the node knows before it enrolls.
+struct Ctx<'a> {
+    cfg: &'a JoinConfig,
+    addrs: Vec<SocketAddr>,
+    token: Option<JoinToken>,
+    fp: [u8; 32],
+    ipv6: bool,
+    endpoints: Vec<SocketAddr>,
+    public_key: String,
+}
+
+/// Registers or logs in. Transport failures are `Ok(Err(_))` (retry); refusals that
+/// no retry can fix are `Err(_)`.
+async fn enroll(
+    ctx: &Ctx<'_>,
+    state: &mut NodeState,
+) -> Result<Result<Enrolled, ClientError>, JoinError> {
+    let Ctx {
+        cfg,
+        ref addrs,
+        ref token,
+        fp,
+        ipv6,
+        ref endpoints,
+        ref public_key,
+    } = *ctx;
+    let client = match connect(addrs, fp).await {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let (Some(device_id), Some(credential)) = (state.device_id, state.credential.clone()) {
+        let auth = Auth {
+            device_id,
+            credential,
+        };
+        match client
+            .call(&Request::Login {
+                auth: auth.clone(),
+                ipv6_supported: Some(ipv6),
+            })
+            .await
+        {
+            Ok(Response::Device { device }) => {
+                return Ok(Ok(Enrolled {
+                    client,
+                    device,
+                    auth,
+                }));
+            }
+            Ok(other) => return Ok(Err(ClientError::Unexpected(format!("{other:?}")))),
+            Err(ClientError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            }) => {
+                if token.is_none() {
+                    return Err(JoinError::Forgotten);
+                }
+                tracing::warn!(
+                    "the coordinator no longer knows this device; registering again with the token"
+                );
+                state.device_id = None;
+                state.credential = None;
+                state.save(&cfg.state_dir)?;
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    let token = token.as_ref().ok_or(JoinError::NoToken)?;
+    let hostname = cfg.hostname.clone().unwrap_or_else(hostname);
+    let req = RegisterRequest {
+        token_secret: token.secret_text(),
+        public_key: public_key.clone(),
+        hostname,
+        os: std::env::consts::OS.into(),
+        ipv6_supported: ipv6,
+        endpoints: endpoints.clone(),
+        advertise_cidrs: cfg.advertise_cidrs.clone(),
+        relay: false,
+        relay_only: false,
+        symmetric_nat: false,
+        request_ip: cfg.request_ips.iter().find_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            IpAddr::V6(_) => None,
+        }),
+        request_ip_v6: cfg.request_ips.iter().find_map(|a| match a {
+            IpAddr::V6(v) => Some(*v),
+            IpAddr::V4(_) => None,
+        }),
+    };
+    match client.call(&Request::Register(req)).await {
+        Ok(Response::Registered { device, credential }) => {
+            state.device_id = Some(device.id);
+            state.credential = Some(credential.clone());
+            state.save(&cfg.state_dir)?;
+            tracing::info!(
+                id = device.id,
+                tunnel_ip = %device.tunnel_ip,
+                tunnel_ip_v6 = ?device.tunnel_ip_v6,
+                "registered with the coordinator"
+            );
+            let auth = Auth {
+                device_id: device.id,
+                credential,
+            };
+            Ok(Ok(Enrolled {
+                client,
+                device,
+                auth,
+            }))
+        }
+        Ok(other) => Ok(Err(ClientError::Unexpected(format!("{other:?}")))),
+        Err(ClientError::Refused { message, .. }) => Err(JoinError::Refused(message)),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+/// Runs the node until `shutdown` resolves or an unrecoverable error.
+pub async fn run(
+    cfg: JoinConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), JoinError> {
+    let addrs = resolve(&cfg.coordinators)?;
+    let token = cfg.token.as_deref().map(JoinToken::parse).transpose()?;
+    let mut state = match NodeState::load(&cfg.state_dir)? {
+        Some(s) => s,
+        None => {
+            let mut key = [0u8; 32];
+            rand::rng().fill_bytes(&mut key);
+            NodeState::new(key, cfg.listen_port.unwrap_or(DEFAULT_LISTEN_PORT))
+        }
+    };
+    if let Some(port) = cfg.listen_port {
+        state.listen_port = port;
+    }
+    let fp = token
+        .as_ref()
+        .map(|t| t.fingerprint)
+        .or_else(|| state.fingerprint_bytes())
+        .ok_or(JoinError::NoToken)?;
+    state.coordinator_fingerprint = Some(hex(&fp));
+    // The key is on disk before any coordinator hears of it.
+    state.save(&cfg.state_dir)?;
+    let private = state
+        .private_key_bytes()
+        .ok_or_else(|| StateError::Corrupt {
+            path: cfg.state_dir.join(state::STATE_FILE),
+            reason: "private key".into(),
+        })?;
+    let public =
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(private));
+    let public_key = keys::encode_key(public.as_bytes());
+
+    let ipv6 = sysinfo::ipv6_supported(Some(&cfg.interface));
+    let endpoints: Vec<SocketAddr> = udp::local_address_towards(addrs[0])
+        .map(|ip| SocketAddr::new(ip, state.listen_port))
+        .into_iter()
+        .collect();
+    tracing::info!(ipv6, ?endpoints, "host checked");
+
+    let ctx = Ctx {
+        cfg: &cfg,
+        addrs,
+        token,
+        fp,
+        ipv6,
+        endpoints,
+        public_key,
+    };
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(250);
+    let enrolled = loop {
+        let attempt = enroll(&ctx, &mut state);
+        tokio::select! {
+            r = attempt => match r? {
+                Ok(e) => break e,
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the coordinator"),
+            },
+            () = &mut shutdown => return Ok(()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    };
+    let Enrolled {
+        client,
+        mut device,
+        auth,
+    } = enrolled;
+
+    // Keep the coordinator's view of our endpoints and advertised prefixes current.
+    if device.endpoints != ctx.endpoints || device.advertise_cidrs != cfg.advertise_cidrs {
+        let update = DeviceUpdate {
+            endpoints: Some(ctx.endpoints.clone()),
+            advertise_cidrs: Some(cfg.advertise_cidrs.clone()),
+            ..Default::default()
+        };
+        match client
+            .call(&Request::Update {
+                auth: auth.clone(),
+                update,
+            })
+            .await
+        {
+            Ok(Response::Device { device: d }) => device = d,
+            Ok(_) => {}
+            Err(ClientError::Refused { message, .. }) => return Err(JoinError::Refused(message)),
+            Err(e) => tracing::warn!(error = %e, "could not update endpoints"),
+        }
+    }
+
+    let v6 = device
+        .tunnel_ip_v6
+        .filter(|_| ipv6)
+        .map(|a| (a, device.organization_prefix_v6.prefix_len()));
+    let tun_dev = tun::create(&cfg.interface, tun::DEFAULT_MTU, device.tunnel_ip, v6)?;
+    let socket = udp::bind(state.listen_port).map_err(|source| JoinError::Udp {
+        port: state.listen_port,
+        source,
+    })?;
+    let datapath =
+        DataPath::spawn(DataPlane::new(private), tun_dev, socket).map_err(JoinError::DataPath)?;
+    tracing::info!(
+        interface = %cfg.interface,
+        tunnel_ip = %device.tunnel_ip,
+        tunnel_ip_v6 = ?v6.map(|(a, _)| a),
+        listen_port = state.listen_port,
+        "interface up"
+    );
+
+    let shared = Arc::new(Mutex::new(Shared {
+        mesh: MeshState::new(LocalView {
+            device_id: device.id,
+            ipv6: v6.is_some(),
+        }),
+        device,
+        connected: true,
+        listen_port: state.listen_port,
+    }));
+    let datapath = Arc::new(datapath);
+    let listener = status::bind(&cfg.state_dir).map_err(JoinError::StatusSocket)?;
+    let status_task = tokio::spawn(serve_status(listener, shared.clone(), datapath.clone()));
+
+    let control = control_loop(&ctx, client, auth, shared.clone(), datapath.clone());
+    let result = tokio::select! {
+        r = control => r,
+        () = &mut shutdown => Ok(()),
+    };
+    status_task.abort();
+    let _ = std::fs::remove_file(status::socket_path(&cfg.state_dir));
+    // Dropping the last handle stops the data-path thread, which closes the TUN
+    // device: the interface and all its routes disappear.
+    drop(datapath);
+    tracing::info!(interface = %cfg.interface, "interface removed; device stays registered");
+    result
+}
+
+async fn serve_status(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Mutex<Shared>>,
+    datapath: Arc<DataPath>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let dp = datapath.status().await;
+        let report = {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            build_status(&s, dp.as_ref())
+        };
+        if let Err(e) = status::answer(stream, &report).await {
+            tracing::debug!(error = %e, "status client went away");
+        }
+    }
+}
+
+fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::Status {
+    let stats: BTreeMap<i64, _> = dp
+        .map(|d| d.peers.iter().copied().collect())
+        .unwrap_or_default();
+    let peers = s
+        .mesh
+        .peers()
+        .map(|(d, plan)| {
+            let st = stats.get(&d.id);
+            status::PeerStatus {
+                id: d.id,
+                hostname: d.hostname.clone(),
+                public_key: d.public_key.clone(),
+                tunnel_ip: d.tunnel_ip,
+                tunnel_ip_v6: d.tunnel_ip_v6,
+                allowed_ips: plan.allowed_ips.clone(),
+                endpoint: st.and_then(|s| s.endpoint).or(plan.endpoint),
+                path: "direct".into(),
+                last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
+                rx_bytes: st.map_or(0, |s| s.rx_bytes),
+                tx_bytes: st.map_or(0, |s| s.tx_bytes),
+            }
+        })
+        .collect();
+    let mut drops = BTreeMap::new();
+    if let Some(d) = dp {
+        let c = &d.counters;
+        for (name, v) in [
+            ("no_route", c.no_route),
+            ("no_endpoint", c.no_endpoint),
+            ("malformed", c.malformed),
+            ("bad_source", c.bad_source),
+            ("unknown_peer", c.unknown_peer),
+            ("decrypt", c.decrypt),
+            ("replay", c.replay),
+            ("bad_mac", c.bad_mac),
+            ("handshake", c.handshake),
+            ("io", d.io_drops),
+        ] {
+            if v > 0 {
+                drops.insert(name.to_string(), v);
+            }
+        }
+    }
+    status::Status {
+        device: status::DeviceStatus {
+            id: s.device.id,
+            hostname: s.device.hostname.clone(),
+            public_key: s.device.public_key.clone(),
+            tunnel_ip: s.device.tunnel_ip,
+            tunnel_ip_v6: s.device.tunnel_ip_v6.filter(|_| s.device.ipv6_supported),
+            ipv6_supported: s.device.ipv6_supported,
+            listen_port: s.listen_port,
+        },
+        coordinator_connected: s.connected,
+        peers,
+        drops,
+    }
+}
+
+/// Applies mesh changes to the data plane and the kernel.
+async fn apply(actions: Vec<Action>, interface: &str, datapath: &DataPath) {
+    let mut routes = Vec::new();
+    for a in actions {
+        match a {
+            Action::UpsertPeer(plan) => {
+                tracing::info!(peer = plan.id, hostname = %plan.hostname, endpoint = ?plan.endpoint, allowed_ips = ?plan.allowed_ips, "peer installed");
+                datapath.send(Command::Upsert(
+                    plan.id,
+                    PeerConfig {
+                        public_key: plan.public_key,
+                        endpoint: plan.endpoint,
+                        allowed_ips: plan.allowed_ips,
+                        persistent_keepalive: Some(KEEPALIVE_SECS),
+                    },
+                ));
+            }
+            Action::RemovePeer(id) => {
+                tracing::info!(peer = id, "peer removed");
+                datapath.send(Command::Remove(id));
+            }
+            other => routes.push(other),
+        }
+    }
+    if routes.is_empty() {
+        return;
+    }
+    let interface = interface.to_string();
+    let _ = tokio::task::spawn_blocking(move || {
+        for r in routes {
+            let result = match r {
+                Action::AddRoute(net) => route::add(&interface, net),
+                Action::RemoveRoute(net) => route::remove(&interface, net),
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "route change failed");
+            }
+        }
+    })
+    .await;
+}
+
+enum WatchEnd {
+    Lost(ClientError),
+    Removed,
+}
+
+async fn watch(
+    client: &ControlClient,
+    auth: &Auth,
+    interface: &str,
+    shared: &Mutex<Shared>,
+    datapath: &DataPath,
+) -> WatchEnd {
+    let mut w = match client.watch(auth.clone()).await {
+        Ok(w) => w,
+        Err(e) => return WatchEnd::Lost(e),
+    };
+    loop {
+        let msg = match w.next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return WatchEnd::Lost(ClientError::NoAnswer),
+            Err(e) => return WatchEnd::Lost(e),
+        };
+        let actions = {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            s.connected = true;
+            match msg {
+                Response::Snapshot { devices, revision } => {
+                    tracing::info!(revision, devices = devices.len(), "peer snapshot");
+                    if let Some(me) = devices.iter().find(|d| d.id == s.device.id) {
+                        s.device = me.clone();
+                    }
+                    s.mesh.apply_snapshot(&devices)
+                }
+                Response::Delta {
+                    upserts, removed, ..
+                } => {
+                    if removed.contains(&s.device.id) {
+                        return WatchEnd::Removed;
+                    }
+                    if let Some(me) = upserts.iter().find(|d| d.id == s.device.id) {
+                        s.device = me.clone();
+                    }
+                    s.mesh.apply_delta(&upserts, &removed)
+                }
+                other => {
+                    tracing::warn!(?other, "unexpected message on the watch stream");
+                    Vec::new()
+                }
+            }
+        };
+        apply(actions, interface, datapath).await;
+    }
+}
+
+async fn control_loop(
+    ctx: &Ctx<'_>,
+    first: ControlClient,
+    auth: Auth,
+    shared: Arc<Mutex<Shared>>,
+    datapath: Arc<DataPath>,
+) -> Result<(), JoinError> {
+    let mut client = Some(first);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let c = match client.take() {
+            Some(c) => c,
+            None => match connect(&ctx.addrs, ctx.fp).await {
+                Ok(c) => {
+                    match c
+                        .call(&Request::Login {
+                            auth: auth.clone(),
+                            ipv6_supported: Some(ctx.ipv6),
+                        })
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!("reconnected to the coordinator");
+                            backoff = Duration::from_millis(250);
+                            c
+                        }
+                        Err(ClientError::Refused {
+                            code: ErrorCode::Unauthorized,
+                            ..
+                        }) => return Err(JoinError::Forgotten),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "login failed");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, retry_in = ?backoff, "coordinator still unreachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+        };
+        match watch(&c, &auth, &ctx.cfg.interface, &shared, &datapath).await {
+            WatchEnd::Removed => return Err(JoinError::Removed),
+            WatchEnd::Lost(e) => {
+                shared.lock().unwrap_or_else(|e| e.into_inner()).connected = false;
+                tracing::warn!(error = %e, "lost the coordinator; tunnels keep running, reconnecting");
+            }
+        }
+    }
+}

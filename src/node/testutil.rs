@@ -1,0 +1,337 @@
+//! Test support for the data plane (hidden from docs, not a stable API).
+//!
+//! Deterministic keys, minimal but valid IPv4/IPv6 ICMP echo packets, and
+//! [`Pair`]: two [`DataPlane`]s that exchange datagrams in memory. Used by the
+//! unit tests, `tests/alloc_free.rs` and `benches/dataplane.rs`.
+//!
+//! This module allocates freely and panics on broken invariants; it must not
+//! be used on production paths. It does no I/O and reads no clock.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+use super::dataplane::{DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId};
+
+/// Buffer size used for every `buf` and `out` in this module.
+pub const BUF_LEN: usize = 2048;
+
+/// A's inner addresses (and B's).
+pub const A_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+pub const B_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+pub const A_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+pub const B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+
+/// Peer id of A in B's table, and of B in A's table.
+pub const A_ID: PeerId = 1;
+pub const B_ID: PeerId = 2;
+
+/// A deterministic private key derived from `seed` (splitmix64 output).
+pub fn secret_key(seed: u64) -> [u8; 32] {
+    let mut state = seed;
+    let mut key = [0u8; 32];
+    for chunk in key.chunks_exact_mut(8) {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes());
+    }
+    key
+}
+
+/// The public key of `secret`.
+pub fn public_key(secret: &[u8; 32]) -> [u8; 32] {
+    DataPlane::new(*secret).public_key()
+}
+
+/// Internet checksum (RFC 1071) of `data`, starting from `initial`.
+fn checksum(initial: u32, data: &[u8]) -> u16 {
+    let mut sum = initial;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP(v6) echo request of `len` bytes (at least 8), checksum left zero.
+fn echo_payload(kind: u8, len: usize) -> Vec<u8> {
+    let len = len.max(8);
+    let mut p = vec![0u8; len];
+    p[0] = kind;
+    p[4..6].copy_from_slice(&0x4e58u16.to_be_bytes()); // identifier
+    p[6..8].copy_from_slice(&1u16.to_be_bytes()); // sequence
+    for (i, b) in p.iter_mut().enumerate().skip(8) {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    p
+}
+
+/// A valid IPv4 ICMP echo request from `src` to `dst` with `payload_len`
+/// ICMP bytes (at least 8): total length `20 + payload_len`.
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
+    let mut icmp = echo_payload(8, payload_len);
+    let c = checksum(0, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = 20 + icmp.len();
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, 1, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = checksum(0, &p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// A valid IPv6 ICMPv6 echo request from `src` to `dst` with `payload_len`
+/// ICMPv6 bytes (at least 8): total length `40 + payload_len`.
+pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload_len: usize) -> Vec<u8> {
+    let mut icmp = echo_payload(128, payload_len);
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    let mut sum = 0u32;
+    for c in pseudo.chunks_exact(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    let c = checksum(sum, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut p = Vec::with_capacity(40 + icmp.len());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[58, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// One side of a [`Pair`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+/// Everything that happened while a [`Pair`] ran to quiescence.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    /// Datagrams sent: (sender, destination, bytes).
+    pub wire: Vec<(Side, SocketAddr, Vec<u8>)>,
+    /// Packets written to TUN: (receiver, sending peer, bytes).
+    pub tun: Vec<(Side, PeerId, Vec<u8>)>,
+    /// Drops reported: (side, reason).
+    pub drops: Vec<(Side, DropReason)>,
+    /// Datagrams addressed to neither side's current address.
+    pub lost: usize,
+}
+
+impl Transcript {
+    /// Packets written to `side`'s TUN.
+    pub fn tun_at(&self, side: Side) -> Vec<&[u8]> {
+        self.tun
+            .iter()
+            .filter(|(s, ..)| *s == side)
+            .map(|(_, _, p)| p.as_slice())
+            .collect()
+    }
+
+    /// Data messages (type 4) sent by `side`.
+    pub fn data_from(&self, side: Side) -> Vec<&[u8]> {
+        self.wire
+            .iter()
+            .filter(|(s, _, d)| *s == side && d.first() == Some(&4))
+            .map(|(_, _, d)| d.as_slice())
+            .collect()
+    }
+}
+
+/// Two data planes, A (peer id [`A_ID`] at B, inner [`A_V4`]/[`A_V6`]) and
+/// B (peer id [`B_ID`] at A, inner [`B_V4`]/[`B_V6`]). A is configured with
+/// B's endpoint; B learns A's from A's handshake.
+pub struct Pair {
+    pub a: DataPlane,
+    pub b: DataPlane,
+    /// Where A's datagrams appear to come from (change it to simulate roaming).
+    pub a_addr: SocketAddr,
+    pub b_addr: SocketAddr,
+}
+
+/// Allowed IPs of a host with these addresses.
+pub fn host_nets(v4: Ipv4Addr, v6: Ipv6Addr) -> Vec<IpNet> {
+    vec![IpNet::from(IpAddr::V4(v4)), IpNet::from(IpAddr::V6(v6))]
+}
+
+/// A configured, not yet connected pair.
+pub fn pair() -> Pair {
+    let a_secret = secret_key(0xa);
+    let b_secret = secret_key(0xb);
+    let mut a = DataPlane::new(a_secret);
+    let mut b = DataPlane::new(b_secret);
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().expect("addr");
+    let b_addr: SocketAddr = "198.51.100.2:51820".parse().expect("addr");
+    a.upsert_peer(
+        B_ID,
+        PeerConfig {
+            public_key: b.public_key(),
+            endpoint: Some(b_addr),
+            allowed_ips: host_nets(B_V4, B_V6),
+            persistent_keepalive: None,
+        },
+    )
+    .expect("configure B at A");
+    b.upsert_peer(
+        A_ID,
+        PeerConfig {
+            public_key: a.public_key(),
+            endpoint: None,
+            allowed_ips: host_nets(A_V4, A_V6),
+            persistent_keepalive: None,
+        },
+    )
+    .expect("configure A at B");
+    Pair {
+        a,
+        b,
+        a_addr,
+        b_addr,
+    }
+}
+
+/// A pair with an established session used in both directions.
+pub fn connected_pair() -> Pair {
+    let mut p = pair();
+    let ping = ipv4_packet(A_V4, B_V4, 56);
+    let t = p.send_packet(Side::A, &ping);
+    assert_eq!(t.tun_at(Side::B), vec![ping.as_slice()], "A→B: {t:?}");
+    let pong = ipv4_packet(B_V4, A_V4, 56);
+    let t = p.send_packet(Side::B, &pong);
+    assert_eq!(t.tun_at(Side::A), vec![pong.as_slice()], "B→A: {t:?}");
+    p
+}
+
+impl Pair {
+    /// The data plane of `side`.
+    pub fn dp(&mut self, side: Side) -> &mut DataPlane {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    /// The current address of `side`.
+    pub fn addr(&self, side: Side) -> SocketAddr {
+        match side {
+            Side::A => self.a_addr,
+            Side::B => self.b_addr,
+        }
+    }
+
+    fn side_at(&self, addr: SocketAddr) -> Option<Side> {
+        if addr == self.a_addr {
+            Some(Side::A)
+        } else if addr == self.b_addr {
+            Some(Side::B)
+        } else {
+            None
+        }
+    }
+
+    /// `side` reads `packet` from its TUN; everything then runs to quiescence.
+    pub fn send_packet(&mut self, side: Side, packet: &[u8]) -> Transcript {
+        let mut t = Transcript::default();
+        let mut queue = VecDeque::new();
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut out = vec![0u8; BUF_LEN];
+        buf[..packet.len()].copy_from_slice(packet);
+        match self
+            .dp(side)
+            .handle_tun_packet(&mut buf, packet.len(), &mut out)
+        {
+            Outgoing::Send { to, data } => queue.push_back((side, to, data.to_vec())),
+            Outgoing::Drop(r) => t.drops.push((side, r)),
+            Outgoing::Nothing => {}
+        }
+        self.flush(side, &mut queue);
+        self.pump(&mut t, queue);
+        t
+    }
+
+    /// `to` receives `datagram` from the other side's current address.
+    pub fn deliver(&mut self, to: Side, datagram: &[u8]) -> Transcript {
+        let mut t = Transcript::default();
+        let mut queue = VecDeque::new();
+        queue.push_back((to.other(), self.addr(to), datagram.to_vec()));
+        self.pump(&mut t, queue);
+        t
+    }
+
+    /// Runs `side`'s timers at `now`, then everything to quiescence.
+    pub fn tick(&mut self, side: Side, now: std::time::Instant) -> Transcript {
+        let mut t = Transcript::default();
+        let mut queue = VecDeque::new();
+        self.dp(side).handle_timeout(now);
+        self.flush(side, &mut queue);
+        self.pump(&mut t, queue);
+        t
+    }
+
+    fn flush(&mut self, side: Side, queue: &mut VecDeque<(Side, SocketAddr, Vec<u8>)>) {
+        let mut out = vec![0u8; BUF_LEN];
+        for _ in 0..10_000 {
+            match self.dp(side).poll_transmit(&mut out) {
+                Some((to, data)) => queue.push_back((side, to, data.to_vec())),
+                None => return,
+            }
+        }
+        panic!("poll_transmit never returned None");
+    }
+
+    fn pump(&mut self, t: &mut Transcript, mut queue: VecDeque<(Side, SocketAddr, Vec<u8>)>) {
+        let mut out = vec![0u8; BUF_LEN];
+        let mut steps = 0;
+        while let Some((sender, to, data)) = queue.pop_front() {
+            steps += 1;
+            assert!(steps < 10_000, "pair never went quiet");
+            t.wire.push((sender, to, data.clone()));
+            let Some(receiver) = self.side_at(to) else {
+                t.lost += 1;
+                continue;
+            };
+            let from = self.addr(sender);
+            match self.dp(receiver).handle_datagram(from, &data, &mut out) {
+                Incoming::WriteTun { peer, packet } => {
+                    t.tun.push((receiver, peer, packet.to_vec()))
+                }
+                Incoming::Send { to, data } => queue.push_back((receiver, to, data.to_vec())),
+                Incoming::Drop(r) => t.drops.push((receiver, r)),
+                Incoming::Nothing => {}
+            }
+            self.flush(receiver, &mut queue);
+        }
+    }
+}

@@ -88,6 +88,13 @@ pub enum Command {
         /// (e.g. 198.51.100.0/24,2001:db8:100::/64).
         #[arg(long, env = "NEXODUS_ADVERTISE_CIDR", value_delimiter = ',')]
         advertise_cidr: Vec<ipnet::IpNet>,
+        /// Relay for the organization: forward between spokes (behind symmetric NAT or
+        /// --relay-only) inside this process. Needs a publicly reachable UDP port.
+        #[arg(long, env = "NEXODUS_RELAY")]
+        relay: bool,
+        /// Reach the organization only through its relay (no direct peering).
+        #[arg(long, env = "NEXODUS_RELAY_ONLY", conflicts_with = "relay")]
+        relay_only: bool,
         /// Ask for a specific tunnel address (v4 and/or v6; repeatable); refused if taken.
         #[arg(long, env = "NEXODUS_REQUEST_IP", value_delimiter = ',')]
         request_ip: Vec<std::net::IpAddr>,

@@ -80,6 +80,11 @@ impl ControlClient {
         })
     }
 
+    /// The coordinator's address on this connection.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
     /// The underlying connection, for callers that speak the frame protocol by hand.
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn

@@ -56,6 +56,8 @@ fn run(cli: Cli) -> Result<()> {
             listen_port,
             advertise_cidr,
             request_ip,
+            relay,
+            relay_only,
             state,
         } => {
             for cidr in &advertise_cidr {
@@ -71,6 +73,8 @@ fn run(cli: Cli) -> Result<()> {
                 listen_port,
                 advertise_cidrs: advertise_cidr,
                 request_ips: request_ip,
+                relay,
+                relay_only,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))

@@ -18,6 +18,7 @@ use crate::io::udp;
 use crate::node::dataplane::{
     Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId, PeerStats,
 };
+use crate::wire::{ip, stun};
 
 /// Packets taken from one source per loop turn before looking at the others.
 pub const BATCH: usize = 64;
@@ -31,11 +32,27 @@ pub struct DataPathStatus {
     pub counters: Counters,
     /// Datagrams or packets the kernel refused (full buffers).
     pub io_drops: u64,
+    /// Packets this node forwarded between two peers (relay mode).
+    pub relayed_packets: u64,
+    pub relayed_bytes: u64,
+}
+
+/// A STUN answer that arrived on the WireGuard socket: (transaction, mapped address).
+pub type StunAnswer = (stun::TransactionId, SocketAddr);
+
+/// How the thread is set up.
+pub struct DataPathConfig {
+    /// Forward packets between peers inside this process (`--relay`).
+    pub relay: bool,
+    /// Where STUN answers go.
+    pub stun_answers: tokio::sync::mpsc::UnboundedSender<StunAnswer>,
 }
 
 pub enum Command {
     Upsert(PeerId, PeerConfig),
     Remove(PeerId),
+    /// Send a datagram from the WireGuard port (STUN requests).
+    SendRaw(SocketAddr, Vec<u8>),
     Status(tokio::sync::oneshot::Sender<DataPathStatus>),
     Shutdown,
 }
@@ -71,7 +88,12 @@ fn drain(fd: &OwnedFd) {
 
 impl DataPath {
     /// Starts the thread.
-    pub fn spawn(dp: DataPlane, tun: SyncDevice, socket: UdpSocket) -> std::io::Result<Self> {
+    pub fn spawn(
+        dp: DataPlane,
+        tun: SyncDevice,
+        socket: UdpSocket,
+        config: DataPathConfig,
+    ) -> std::io::Result<Self> {
         let wake = eventfd()?;
         let thread_wake = wake.try_clone()?;
         let (tx, rx) = mpsc::channel();
@@ -83,7 +105,10 @@ impl DataPath {
                     tun,
                     local_v6: socket.local_addr().is_ok_and(|a| a.is_ipv6()),
                     socket,
+                    config,
                     io_drops: 0,
+                    relayed_packets: 0,
+                    relayed_bytes: 0,
                 };
                 lp.run(&rx, &thread_wake);
             })?;
@@ -123,7 +148,16 @@ struct Loop {
     tun: SyncDevice,
     socket: UdpSocket,
     local_v6: bool,
+    config: DataPathConfig,
     io_drops: u64,
+    relayed_packets: u64,
+    relayed_bytes: u64,
+}
+
+/// A STUN message rather than WireGuard: WireGuard's first four bytes are a type 1-4
+/// and three zeros, a Binding response starts 0x01 0x01.
+fn is_stun_answer(datagram: &[u8]) -> bool {
+    datagram.get(1..4).is_some_and(|b| b != [0, 0, 0]) && stun::is_stun(datagram)
 }
 
 fn would_block(e: &std::io::Error) -> bool {
@@ -139,6 +173,15 @@ impl Loop {
                 tracing::trace!(%to, error = %e, "UDP send failed");
             }
         }
+    }
+
+    /// True when a packet decrypted from `from` is for another peer (not for this
+    /// host and not back to its sender).
+    fn forwardable(&self, from: PeerId, packet: &[u8]) -> bool {
+        let Some((_, dst)) = ip::addresses(packet) else {
+            return false;
+        };
+        matches!(self.dp.routes().lookup(dst), Some(to) if to != from)
     }
 
     fn flush(&mut self, out: &mut [u8]) {
@@ -204,6 +247,7 @@ impl Loop {
                         Command::Remove(id) => {
                             self.dp.remove_peer(id);
                         }
+                        Command::SendRaw(to, data) => self.send_udp(to, &data),
                         Command::Status(reply) => {
                             let peers = self
                                 .dp
@@ -214,6 +258,8 @@ impl Loop {
                                 peers,
                                 counters: *self.dp.counters(),
                                 io_drops: self.io_drops,
+                                relayed_packets: self.relayed_packets,
+                                relayed_bytes: self.relayed_bytes,
                             });
                         }
                         Command::Shutdown => return,
@@ -254,9 +300,28 @@ impl Loop {
                     let Some(datagram) = udp_buf.get(..len) else {
                         continue;
                     };
+                    if is_stun_answer(datagram) {
+                        if let Ok(answer) = stun::parse_binding_response(datagram) {
+                            let _ = self.config.stun_answers.send(answer);
+                        }
+                        continue;
+                    }
                     match self.dp.handle_datagram(from, datagram, &mut out) {
-                        Incoming::WriteTun { packet, .. } => {
-                            if self.tun.send(packet).is_err() {
+                        Incoming::WriteTun { peer, packet } => {
+                            let len = packet.len();
+                            if self.config.relay && self.forwardable(peer, packet) {
+                                // Decrypted from one peer, for another: re-encrypt here.
+                                if let Some(dst) = tun_buf.get_mut(..len) {
+                                    dst.copy_from_slice(packet);
+                                    if let Outgoing::Send { to, data } =
+                                        self.dp.handle_tun_packet(&mut tun_buf, len, &mut out)
+                                    {
+                                        self.relayed_packets += 1;
+                                        self.relayed_bytes += len as u64;
+                                        self.send_udp(to, data);
+                                    }
+                                }
+                            } else if self.tun.send(packet).is_err() {
                                 self.io_drops += 1;
                             }
                         }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use rand::RngCore;
@@ -26,11 +26,12 @@ use crate::coord::keys;
 use crate::coord::token::{JoinToken, TokenError, hex};
 use crate::io::{route, sysinfo, tun, udp};
 use crate::node::dataplane::{DataPlane, PeerConfig};
-use crate::node::mesh::{Action, KEEPALIVE_SECS, LocalView, MeshState};
+use crate::node::mesh::{Action, KEEPALIVE_SECS, LocalView, MeshState, Path};
+use crate::node::nat;
 use crate::wire::control::{
     Auth, Device, DeviceUpdate, ErrorCode, RegisterRequest, Request, Response,
 };
-use datapath::{Command, DataPath};
+use datapath::{Command, DataPath, DataPathConfig, StunAnswer};
 use state::{NodeState, StateError};
 
 /// Default WireGuard listen port.
@@ -83,6 +84,10 @@ pub struct JoinConfig {
     pub listen_port: Option<u16>,
     pub advertise_cidrs: Vec<IpNet>,
     pub request_ips: Vec<IpAddr>,
+    /// Forward between spokes inside this process.
+    pub relay: bool,
+    /// Reach the organization only through the relay.
+    pub relay_only: bool,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443).
@@ -116,6 +121,12 @@ struct Shared {
     mesh: MeshState,
     connected: bool,
     listen_port: u16,
+    /// The coordinator's STUN port, from the last snapshot.
+    stun_port: Option<u16>,
+    /// The coordinator address the control connection uses (STUN goes there too).
+    coordinator: SocketAddr,
+    /// The NAT mapping last learned by STUN.
+    mapping: Option<nat::Mapping>,
 }
 
 struct Enrolled {
@@ -216,8 +227,8 @@ async fn enroll(
         ipv6_supported: ipv6,
         endpoints: endpoints.clone(),
         advertise_cidrs: cfg.advertise_cidrs.clone(),
-        relay: false,
-        relay_only: false,
+        relay: cfg.relay,
+        relay_only: cfg.relay_only,
         symmetric_nat: false,
         request_ip: cfg.request_ips.iter().find_map(|a| match a {
             IpAddr::V4(v) => Some(*v),
@@ -338,11 +349,17 @@ pub async fn run(
         auth,
     } = enrolled;
 
-    // Keep the coordinator's view of our endpoints and advertised prefixes current.
-    if device.endpoints != ctx.endpoints || device.advertise_cidrs != cfg.advertise_cidrs {
+    // Keep the coordinator's view of our endpoints, prefixes and roles current.
+    if device.endpoints != ctx.endpoints
+        || device.advertise_cidrs != cfg.advertise_cidrs
+        || device.relay != cfg.relay
+        || device.relay_only != cfg.relay_only
+    {
         let update = DeviceUpdate {
             endpoints: Some(ctx.endpoints.clone()),
             advertise_cidrs: Some(cfg.advertise_cidrs.clone()),
+            relay: Some(cfg.relay),
+            relay_only: Some(cfg.relay_only),
             ..Default::default()
         };
         match client
@@ -368,8 +385,17 @@ pub async fn run(
         port: state.listen_port,
         source,
     })?;
-    let datapath =
-        DataPath::spawn(DataPlane::new(private), tun_dev, socket).map_err(JoinError::DataPath)?;
+    let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
+    let datapath = DataPath::spawn(
+        DataPlane::new(private),
+        tun_dev,
+        socket,
+        DataPathConfig {
+            relay: cfg.relay,
+            stun_answers: stun_tx,
+        },
+    )
+    .map_err(JoinError::DataPath)?;
     tracing::info!(
         interface = %cfg.interface,
         tunnel_ip = %device.tunnel_ip,
@@ -382,21 +408,55 @@ pub async fn run(
         mesh: MeshState::new(LocalView {
             device_id: device.id,
             ipv6: v6.is_some(),
+            relay: cfg.relay,
+            spoke: cfg.relay_only,
+            reflexive: None,
+            org_v4: device.organization_prefix,
+            org_v6: device.organization_prefix_v6,
         }),
         device,
         connected: true,
         listen_port: state.listen_port,
+        stun_port: None,
+        coordinator: client.remote_address(),
+        mapping: None,
     }));
     let datapath = Arc::new(datapath);
     let listener = status::bind(&cfg.state_dir).map_err(JoinError::StatusSocket)?;
-    let status_task = tokio::spawn(serve_status(listener, shared.clone(), datapath.clone()));
+    let mapping_changed = Arc::new(tokio::sync::Notify::new());
+    let tasks = [
+        tokio::spawn(serve_status(listener, shared.clone(), datapath.clone())),
+        tokio::spawn(watch_paths(
+            shared.clone(),
+            datapath.clone(),
+            cfg.interface.clone(),
+        )),
+        tokio::spawn(probe_nat(
+            shared.clone(),
+            datapath.clone(),
+            stun_rx,
+            mapping_changed.clone(),
+            cfg.interface.clone(),
+            cfg.relay_only,
+        )),
+    ];
 
-    let control = control_loop(&ctx, client, auth, shared.clone(), datapath.clone());
+    let control = control_loop(
+        &ctx,
+        client,
+        auth,
+        shared.clone(),
+        datapath.clone(),
+        mapping_changed,
+    );
     let result = tokio::select! {
         r = control => r,
         () = &mut shutdown => Ok(()),
     };
-    status_task.abort();
+    for t in tasks {
+        t.abort();
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(status::socket_path(&cfg.state_dir));
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
@@ -429,23 +489,39 @@ fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::St
     let stats: BTreeMap<i64, _> = dp
         .map(|d| d.peers.iter().copied().collect())
         .unwrap_or_default();
+    let relay = s.mesh.relay_id().and_then(|r| stats.get(&r));
     let peers = s
         .mesh
-        .peers()
-        .map(|(d, plan)| {
-            let st = stats.get(&d.id);
+        .paths()
+        .into_iter()
+        .map(|(d, path)| {
+            let plan = s.mesh.plan(d.id);
+            let (st, path_name) = match path {
+                Path::Direct => (stats.get(&d.id), "direct"),
+                Path::Relay => (relay, "relay"),
+                Path::None => (None, "none"),
+            };
+            let allowed_ips = match plan {
+                Some(p) if path == Path::Direct => p.allowed_ips.clone(),
+                _ => std::iter::once(IpNet::V4(d.tunnel_ip.into()))
+                    .chain(d.tunnel_ip_v6.map(|a| IpNet::V6(a.into())))
+                    .collect(),
+            };
+            let own_bytes = path == Path::Direct;
             status::PeerStatus {
                 id: d.id,
                 hostname: d.hostname.clone(),
                 public_key: d.public_key.clone(),
                 tunnel_ip: d.tunnel_ip,
                 tunnel_ip_v6: d.tunnel_ip_v6,
-                allowed_ips: plan.allowed_ips.clone(),
-                endpoint: st.and_then(|s| s.endpoint).or(plan.endpoint),
-                path: "direct".into(),
+                allowed_ips,
+                endpoint: st
+                    .and_then(|s| s.endpoint)
+                    .or(plan.and_then(|p| p.endpoint)),
+                path: path_name.into(),
                 last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
-                rx_bytes: st.map_or(0, |s| s.rx_bytes),
-                tx_bytes: st.map_or(0, |s| s.tx_bytes),
+                rx_bytes: st.filter(|_| own_bytes).map_or(0, |s| s.rx_bytes),
+                tx_bytes: st.filter(|_| own_bytes).map_or(0, |s| s.tx_bytes),
             }
         })
         .collect();
@@ -480,6 +556,9 @@ fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::St
             listen_port: s.listen_port,
         },
         coordinator_connected: s.connected,
+        relay: s.mesh.local().relay,
+        relayed_packets: dp.map_or(0, |d| d.relayed_packets),
+        relayed_bytes: dp.map_or(0, |d| d.relayed_bytes),
         peers,
         drops,
     }
@@ -539,6 +618,7 @@ async fn watch(
     interface: &str,
     shared: &Mutex<Shared>,
     datapath: &DataPath,
+    mapping_changed: &tokio::sync::Notify,
 ) -> WatchEnd {
     let mut w = match client.watch(auth.clone()).await {
         Ok(w) => w,
@@ -554,12 +634,20 @@ async fn watch(
             let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
             s.connected = true;
             match msg {
-                Response::Snapshot { devices, revision } => {
+                Response::Snapshot {
+                    devices,
+                    revision,
+                    stun_port,
+                } => {
                     tracing::info!(revision, devices = devices.len(), "peer snapshot");
                     if let Some(me) = devices.iter().find(|d| d.id == s.device.id) {
                         s.device = me.clone();
                     }
-                    s.mesh.apply_snapshot(&devices)
+                    s.stun_port = stun_port;
+                    s.coordinator = client.remote_address();
+                    // The coordinator may have missed our last mapping while we were away.
+                    mapping_changed.notify_one();
+                    s.mesh.apply_snapshot(&devices, Instant::now())
                 }
                 Response::Delta {
                     upserts, removed, ..
@@ -570,7 +658,7 @@ async fn watch(
                     if let Some(me) = upserts.iter().find(|d| d.id == s.device.id) {
                         s.device = me.clone();
                     }
-                    s.mesh.apply_delta(&upserts, &removed)
+                    s.mesh.apply_delta(&upserts, &removed, Instant::now())
                 }
                 other => {
                     tracing::warn!(?other, "unexpected message on the watch stream");
@@ -582,12 +670,137 @@ async fn watch(
     }
 }
 
+/// Tells the coordinator our NAT mapping whenever it differs from what it has.
+async fn push_mapping(
+    client: &ControlClient,
+    auth: &Auth,
+    shared: &Mutex<Shared>,
+    mapping_changed: &tokio::sync::Notify,
+) {
+    loop {
+        mapping_changed.notified().await;
+        let update = {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(m) = s.mapping else { continue };
+            if s.device.reflexive_endpoint == Some(m.reflexive)
+                && s.device.symmetric_nat == m.symmetric
+            {
+                continue;
+            }
+            DeviceUpdate {
+                reflexive_endpoint: Some(m.reflexive),
+                symmetric_nat: Some(m.symmetric),
+                ..Default::default()
+            }
+        };
+        let req = Request::Update {
+            auth: auth.clone(),
+            update,
+        };
+        match client.call(&req).await {
+            Ok(Response::Device { device }) => {
+                shared.lock().unwrap_or_else(|e| e.into_inner()).device = device;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not report the NAT mapping"),
+        }
+    }
+}
+
+/// Learns the NAT mapping of the WireGuard port by STUN, at start and every
+/// [`nat::PROBE_INTERVAL_SECS`], and reacts when it changes.
+async fn probe_nat(
+    shared: Arc<Mutex<Shared>>,
+    datapath: Arc<DataPath>,
+    mut answers: tokio::sync::mpsc::UnboundedReceiver<StunAnswer>,
+    mapping_changed: Arc<tokio::sync::Notify>,
+    interface: String,
+    relay_only: bool,
+) {
+    loop {
+        let (coordinator, stun_port) = {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            (s.coordinator, s.stun_port)
+        };
+        let Some(port) = stun_port else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut random = [0u8; 24];
+        rand::rng().fill_bytes(&mut random);
+        let mut probe = nat::Probe::new(nat::servers(coordinator, port), random);
+        for _ in 0..3 {
+            for (to, data) in probe.requests() {
+                datapath.send(Command::SendRaw(to, data));
+            }
+            let deadline = tokio::time::sleep(Duration::from_secs(1));
+            tokio::pin!(deadline);
+            while !probe.complete() {
+                tokio::select! {
+                    a = answers.recv() => match a {
+                        Some((txid, mapped)) => { probe.handle_response(txid, mapped); }
+                        None => return,
+                    },
+                    () = &mut deadline => break,
+                }
+            }
+            if probe.complete() {
+                break;
+            }
+        }
+        let actions = match probe.result() {
+            Some(m) => {
+                let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if s.mapping == Some(m) {
+                    Vec::new()
+                } else {
+                    tracing::info!(reflexive = %m.reflexive, symmetric = m.symmetric, "NAT mapping learned");
+                    s.mapping = Some(m);
+                    mapping_changed.notify_one();
+                    let local = s.mesh.local();
+                    s.mesh.set_local(LocalView {
+                        reflexive: Some(m.reflexive),
+                        spoke: relay_only || (m.symmetric && !local.relay),
+                        ..local
+                    })
+                }
+            }
+            None => {
+                tracing::warn!(%coordinator, port, "no STUN answer; NAT mapping unknown");
+                Vec::new()
+            }
+        };
+        apply(actions, &interface, &datapath).await;
+        tokio::time::sleep(Duration::from_secs(nat::PROBE_INTERVAL_SECS)).await;
+    }
+}
+
+/// Moves peers between the direct path and the relay as handshakes succeed or fail.
+async fn watch_paths(shared: Arc<Mutex<Shared>>, datapath: Arc<DataPath>, interface: String) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(st) = datapath.status().await else {
+            continue;
+        };
+        let actions = {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            s.mesh.handle_handshakes(
+                Instant::now(),
+                st.peers.iter().map(|(id, p)| (*id, p.last_handshake)),
+            )
+        };
+        apply(actions, &interface, &datapath).await;
+    }
+}
+
 async fn control_loop(
     ctx: &Ctx<'_>,
     first: ControlClient,
     auth: Auth,
     shared: Arc<Mutex<Shared>>,
     datapath: Arc<DataPath>,
+    mapping_changed: Arc<tokio::sync::Notify>,
 ) -> Result<(), JoinError> {
     let mut client = Some(first);
     let mut backoff = Duration::from_millis(250);
@@ -628,7 +841,19 @@ async fn control_loop(
                 }
             },
         };
-        match watch(&c, &auth, &ctx.cfg.interface, &shared, &datapath).await {
+        let watching = watch(
+            &c,
+            &auth,
+            &ctx.cfg.interface,
+            &shared,
+            &datapath,
+            &mapping_changed,
+        );
+        let end = tokio::select! {
+            end = watching => end,
+            () = push_mapping(&c, &auth, &shared, &mapping_changed) => WatchEnd::Lost(ClientError::NoAnswer),
+        };
+        match end {
             WatchEnd::Removed => return Err(JoinError::Removed),
             WatchEnd::Lost(e) => {
                 shared.lock().unwrap_or_else(|e| e.into_inner()).connected = false;

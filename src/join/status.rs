@@ -42,6 +42,14 @@ pub struct Status {
     pub device: DeviceStatus,
     /// Whether the control connection to the coordinator is up.
     pub coordinator_connected: bool,
+    /// This node relays for spokes (`--relay`).
+    #[serde(default)]
+    pub relay: bool,
+    /// Packets and bytes forwarded between peers by this node (relay mode).
+    #[serde(default)]
+    pub relayed_packets: u64,
+    #[serde(default)]
+    pub relayed_bytes: u64,
     pub peers: Vec<PeerStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: std::collections::BTreeMap<String, u64>,
@@ -139,6 +147,13 @@ pub fn render(s: &Status) -> String {
             p.endpoint.map_or_else(|| "-".into(), |e| e.to_string()),
             ago(p.last_handshake_secs),
             format!("{} / {}", p.rx_bytes, p.tx_bytes),
+        );
+    }
+    if s.relay {
+        let _ = writeln!(
+            out,
+            "\nrelay: forwarded {} packets, {} bytes",
+            s.relayed_packets, s.relayed_bytes
         );
     }
     if !s.drops.is_empty() {

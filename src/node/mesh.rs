@@ -1,12 +1,27 @@
-//! What a node should install for each peer, derived from the coordinator's device
-//! records: allowed IPs, routes and the endpoint to send to.
+//! What a node installs for each peer: allowed IPs, routes, the endpoint to send to,
+//! and which peers are reached directly or through a relay.
 //!
-//! Pure: fed device records, returns plans; the shell applies them to the data plane
-//! and the kernel routing table. A node without IPv6, or a peer without it, gets no
-//! IPv6 allowed IP or route for that peer.
+//! Pure: fed the coordinator's device records, path observations and `now`, it
+//! returns the changes to make ([`Action`]); the shell applies them to the data plane
+//! and the kernel routing table.
+//!
+//! Rules:
+//! - A node without IPv6, or a peer without it, gets no IPv6 allowed IP or route for
+//!   that peer.
+//! - The relay of the organization is the relay device with the lowest id, so every
+//!   node picks the same one, and a spoke moves to the next if its relay is removed.
+//! - A spoke (`--relay-only`, or behind a symmetric NAT) peers only with the relay,
+//!   whose allowed IPs are the organization supernets (longest prefix match keeps any
+//!   more specific route as it is).
+//! - Other nodes reach spokes through the relay: the spoke's addresses are added to
+//!   the relay's allowed IPs.
+//! - A direct peer that completes no handshake within [`DIRECT_TIMEOUT`] falls back to
+//!   the relay; it stays configured (without allowed IPs) so the direct path keeps
+//!   being probed, and moves back as soon as a handshake there succeeds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -15,6 +30,12 @@ use crate::wire::control::Device;
 
 /// Persistent keepalive towards every peer (keeps NAT mappings open).
 pub const KEEPALIVE_SECS: u16 = 20;
+/// How long a direct path may go without a handshake before the relay carries it.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// A handshake this recent on a fallen-back peer proves the direct path works again.
+pub const FRESH_HANDSHAKE: Duration = Duration::from_secs(25);
 
 /// What to install for one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,40 +48,28 @@ pub struct PeerPlan {
     pub allowed_ips: Vec<IpNet>,
 }
 
-/// The local node's view that shapes plans.
-#[derive(Debug, Clone, Copy)]
+/// The local node's facts that shape plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalView {
     pub device_id: i64,
     pub ipv6: bool,
+    /// This node forwards between spokes (`--relay`).
+    pub relay: bool,
+    /// This node reaches the organization only through the relay.
+    pub spoke: bool,
+    /// Our address as seen from outside our NAT (STUN).
+    pub reflexive: Option<SocketAddr>,
+    pub org_v4: Ipv4Net,
+    pub org_v6: Ipv6Net,
 }
 
-/// The plan for one peer, or `None` if it must not be a peer (ourselves, or a record
-/// with an unusable key).
-pub fn plan_peer(local: LocalView, peer: &Device) -> Option<PeerPlan> {
-    if peer.id == local.device_id {
-        return None;
-    }
-    let public_key = keys::parse_public_key(&peer.public_key).ok()?;
-    let mut allowed_ips = vec![IpNet::V4(Ipv4Net::from(peer.tunnel_ip))];
-    if local.ipv6
-        && let Some(v6) = peer.tunnel_ip_v6
-    {
-        allowed_ips.push(IpNet::V6(Ipv6Net::from(v6)));
-    }
-    for cidr in &peer.advertise_cidrs {
-        if cidr.addr().is_ipv4() || (local.ipv6 && peer.ipv6_supported) {
-            allowed_ips.push(*cidr);
-        }
-    }
-    Some(PeerPlan {
-        id: peer.id,
-        hostname: peer.hostname.clone(),
-        public_key,
-        endpoint: peer
-            .reflexive_endpoint
-            .or_else(|| peer.endpoints.first().copied()),
-        allowed_ips,
-    })
+/// How a device is reached from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Direct,
+    Relay,
+    /// Not reachable now (a spoke while the organization has no relay).
+    None,
 }
 
 /// A change the shell must make.
@@ -72,252 +81,316 @@ pub enum Action {
     RemoveRoute(IpNet),
 }
 
-/// The node's view of its mesh: the peers it has installed and the routes they need.
-/// Fed snapshots and deltas, it returns only what changed, so a delta costs what it
-/// carries, not the size of the organization.
+fn is_spoke(d: &Device) -> bool {
+    !d.relay && (d.relay_only || d.symmetric_nat)
+}
+
+/// The node's view of its mesh.
 #[derive(Debug)]
 pub struct MeshState {
     local: LocalView,
-    peers: BTreeMap<i64, (Device, PeerPlan)>,
-    /// Route → number of peers that need it.
-    routes: BTreeMap<IpNet, usize>,
+    devices: BTreeMap<i64, Device>,
+    /// Direct peers whose path failed: carried by the relay, still probed directly.
+    fallback: BTreeSet<i64>,
+    /// Since when each direct peer has been tried without a handshake.
+    trying_since: BTreeMap<i64, Instant>,
+    installed: BTreeMap<i64, PeerPlan>,
+    routes: BTreeSet<IpNet>,
 }
 
 impl MeshState {
     pub fn new(local: LocalView) -> Self {
         Self {
             local,
-            peers: BTreeMap::new(),
-            routes: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            fallback: BTreeSet::new(),
+            trying_since: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            routes: BTreeSet::new(),
         }
     }
 
-    pub fn peers(&self) -> impl Iterator<Item = (&Device, &PeerPlan)> {
-        self.peers.values().map(|(d, p)| (d, p))
+    pub fn local(&self) -> LocalView {
+        self.local
     }
 
-    pub fn peer(&self, id: i64) -> Option<&(Device, PeerPlan)> {
-        self.peers.get(&id)
-    }
-
-    /// Routes currently needed.
+    /// Routes currently installed.
     pub fn routes(&self) -> impl Iterator<Item = &IpNet> {
-        self.routes.keys()
+        self.routes.iter()
     }
 
-    fn release_routes(&mut self, nets: &[IpNet], out: &mut Vec<Action>) {
-        for net in nets {
-            if let Some(n) = self.routes.get_mut(net) {
-                *n -= 1;
-                if *n == 0 {
-                    self.routes.remove(net);
-                    out.push(Action::RemoveRoute(*net));
+    /// The installed plan of a peer.
+    pub fn plan(&self, id: i64) -> Option<&PeerPlan> {
+        self.installed.get(&id)
+    }
+
+    /// The relay every node of the organization uses: the lowest-id relay device.
+    pub fn relay_id(&self) -> Option<i64> {
+        let others = self.devices.values().filter(|d| d.relay).map(|d| d.id);
+        let me = self.local.relay.then_some(self.local.device_id);
+        others.chain(me).min()
+    }
+
+    /// Every other device with how it is reached. A spoke sees only its relay.
+    pub fn paths(&self) -> Vec<(&Device, Path)> {
+        self.devices
+            .values()
+            .filter_map(|d| {
+                let path = self.path_of(d);
+                if self.local.spoke && !self.local.relay && path != Path::Direct {
+                    return None;
                 }
+                Some((d, path))
+            })
+            .collect()
+    }
+
+    fn path_of(&self, d: &Device) -> Path {
+        let relay = self.relay_id();
+        let i_am_relay = relay == Some(self.local.device_id);
+        if self
+            .installed
+            .get(&d.id)
+            .is_some_and(|p| !p.allowed_ips.is_empty())
+        {
+            return Path::Direct;
+        }
+        if relay.is_some() && !i_am_relay {
+            Path::Relay
+        } else {
+            Path::None
+        }
+    }
+
+    /// Inner addresses of a device this node may route to it.
+    fn host_ips(&self, d: &Device) -> Vec<IpNet> {
+        let mut ips = vec![IpNet::V4(Ipv4Net::from(d.tunnel_ip))];
+        if self.local.ipv6
+            && let Some(v6) = d.tunnel_ip_v6
+        {
+            ips.push(IpNet::V6(Ipv6Net::from(v6)));
+        }
+        for cidr in &d.advertise_cidrs {
+            if cidr.addr().is_ipv4() || (self.local.ipv6 && d.ipv6_supported) {
+                ips.push(*cidr);
             }
         }
+        ips
     }
 
-    fn take_routes(&mut self, nets: &[IpNet], out: &mut Vec<Action>) {
-        for net in nets {
-            let n = self.routes.entry(*net).or_insert(0);
-            *n += 1;
-            if *n == 1 {
-                out.push(Action::AddRoute(*net));
+    /// Where to send to a peer: its LAN address if it is behind our own NAT, else
+    /// its reflexive address, else what it reported.
+    fn endpoint(&self, d: &Device) -> Option<SocketAddr> {
+        let first = d.endpoints.first().copied();
+        match (d.reflexive_endpoint, self.local.reflexive) {
+            (Some(theirs), Some(ours)) if theirs.ip() == ours.ip() => first.or(Some(theirs)),
+            (Some(theirs), _) => Some(theirs),
+            (None, _) => first,
+        }
+    }
+
+    fn make_plan(&self, d: &Device, allowed_ips: Vec<IpNet>) -> Option<PeerPlan> {
+        Some(PeerPlan {
+            id: d.id,
+            hostname: d.hostname.clone(),
+            public_key: keys::parse_public_key(&d.public_key).ok()?,
+            endpoint: self.endpoint(d),
+            allowed_ips,
+        })
+    }
+
+    /// What should be installed now.
+    fn desired(&self) -> BTreeMap<i64, PeerPlan> {
+        let mut out = BTreeMap::new();
+        let relay = self.relay_id();
+        let me = self.local.device_id;
+        let i_am_relay = relay == Some(me);
+        if self.local.spoke && !self.local.relay {
+            let Some(relay) = relay.and_then(|r| self.devices.get(&r)) else {
+                return out;
+            };
+            let mut allowed = vec![IpNet::V4(self.local.org_v4)];
+            if self.local.ipv6 {
+                allowed.push(IpNet::V6(self.local.org_v6));
+            }
+            // Everyone's advertised prefixes are behind the relay too.
+            for d in self.devices.values() {
+                allowed.extend(
+                    d.advertise_cidrs
+                        .iter()
+                        .filter(|c| c.addr().is_ipv4() || (self.local.ipv6 && d.ipv6_supported)),
+                );
+            }
+            if let Some(p) = self.make_plan(relay, allowed) {
+                out.insert(p.id, p);
+            }
+            return out;
+        }
+        let mut via_relay = Vec::new();
+        for d in self.devices.values() {
+            let hosts = self.host_ips(d);
+            let direct = if is_spoke(d) {
+                i_am_relay
+            } else {
+                Some(d.id) == relay
+                    || i_am_relay
+                    || relay.is_none()
+                    || !self.fallback.contains(&d.id)
+            };
+            if direct {
+                if let Some(p) = self.make_plan(d, hosts) {
+                    out.insert(p.id, p);
+                }
+            } else {
+                if !is_spoke(d)
+                    && let Some(p) = self.make_plan(d, Vec::new())
+                {
+                    // Fallen back: keep probing the direct path.
+                    out.insert(p.id, p);
+                }
+                via_relay.extend(hosts);
             }
         }
-    }
-
-    fn remove(&mut self, id: i64, out: &mut Vec<Action>) {
-        if let Some((_, plan)) = self.peers.remove(&id) {
-            out.push(Action::RemovePeer(id));
-            self.release_routes(&plan.allowed_ips, out);
-        }
-    }
-
-    fn upsert(&mut self, device: &Device, out: &mut Vec<Action>) {
-        let Some(plan) = plan_peer(self.local, device) else {
-            // Ourselves, or a peer that became unusable.
-            self.remove(device.id, out);
-            return;
-        };
-        let old = self.peers.get(&device.id).map(|(_, p)| p.clone());
-        if old.as_ref() == Some(&plan) {
-            self.peers.insert(device.id, (device.clone(), plan));
-            return;
-        }
-        // Peer first, so a new route never points at nothing; new routes are taken
-        // before old ones are released, so a route kept across the change never blinks.
-        out.push(Action::UpsertPeer(plan.clone()));
-        self.take_routes(&plan.allowed_ips, out);
-        if let Some(old) = &old {
-            self.release_routes(&old.allowed_ips, out);
-        }
-        self.peers.insert(device.id, (device.clone(), plan));
-    }
-
-    /// Replaces everything with a full snapshot.
-    pub fn apply_snapshot(&mut self, devices: &[Device]) -> Vec<Action> {
-        let mut out = Vec::new();
-        let keep: BTreeSet<i64> = devices.iter().map(|d| d.id).collect();
-        let gone: Vec<i64> = self
-            .peers
-            .keys()
-            .filter(|id| !keep.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.remove(id, &mut out);
-        }
-        for d in devices {
-            self.upsert(d, &mut out);
+        if let Some(p) = relay.and_then(|r| out.get_mut(&r)) {
+            p.allowed_ips.extend(via_relay);
         }
         out
+    }
+
+    /// Installs what [`Self::desired`] says and returns the difference.
+    fn reconcile(&mut self) -> Vec<Action> {
+        let desired = self.desired();
+        let mut out = Vec::new();
+        for (id, plan) in &desired {
+            if self.installed.get(id) != Some(plan) {
+                out.push(Action::UpsertPeer(plan.clone()));
+            }
+        }
+        let routes: BTreeSet<IpNet> = desired
+            .values()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            // The interface's own /64 already routes the org v6 prefix.
+            .filter(|n| !(self.local.ipv6 && *n == IpNet::V6(self.local.org_v6)))
+            .collect();
+        out.extend(
+            routes
+                .difference(&self.routes)
+                .map(|n| Action::AddRoute(*n)),
+        );
+        out.extend(
+            self.routes
+                .difference(&routes)
+                .map(|n| Action::RemoveRoute(*n)),
+        );
+        out.extend(
+            self.installed
+                .keys()
+                .filter(|id| !desired.contains_key(id))
+                .map(|id| Action::RemovePeer(*id)),
+        );
+        self.installed = desired;
+        self.routes = routes;
+        out
+    }
+
+    /// Replaces every device with a full snapshot (our own record is skipped).
+    pub fn apply_snapshot(&mut self, devices: &[Device], now: Instant) -> Vec<Action> {
+        self.devices = devices
+            .iter()
+            .filter(|d| d.id != self.local.device_id)
+            .map(|d| (d.id, d.clone()))
+            .collect();
+        self.fallback.retain(|id| self.devices.contains_key(id));
+        self.trying_since
+            .retain(|id, _| self.devices.contains_key(id));
+        for id in self.devices.keys() {
+            self.trying_since.entry(*id).or_insert(now);
+        }
+        self.reconcile()
     }
 
     /// Applies a delta.
-    pub fn apply_delta(&mut self, upserts: &[Device], removed: &[i64]) -> Vec<Action> {
-        let mut out = Vec::new();
+    pub fn apply_delta(
+        &mut self,
+        upserts: &[Device],
+        removed: &[i64],
+        now: Instant,
+    ) -> Vec<Action> {
         for id in removed {
-            self.remove(*id, &mut out);
+            self.devices.remove(id);
+            self.fallback.remove(id);
+            self.trying_since.remove(id);
         }
-        for d in upserts {
-            self.upsert(d, &mut out);
+        for d in upserts.iter().filter(|d| d.id != self.local.device_id) {
+            let moved = self.devices.get(&d.id).is_none_or(|old| {
+                old.endpoints != d.endpoints || old.reflexive_endpoint != d.reflexive_endpoint
+            });
+            if moved {
+                // A new endpoint deserves a fresh direct attempt.
+                self.trying_since.insert(d.id, now);
+            }
+            self.devices.insert(d.id, d.clone());
         }
-        out
+        self.reconcile()
+    }
+
+    /// Our own facts changed (STUN result, flags).
+    pub fn set_local(&mut self, local: LocalView) -> Vec<Action> {
+        if local == self.local {
+            return Vec::new();
+        }
+        self.local = local;
+        self.reconcile()
+    }
+
+    /// Feeds the age of each peer's last handshake; moves peers between the direct
+    /// path and the relay.
+    pub fn handle_handshakes(
+        &mut self,
+        now: Instant,
+        ages: impl IntoIterator<Item = (i64, Option<Duration>)>,
+    ) -> Vec<Action> {
+        let relay = self.relay_id();
+        if relay.is_none() || relay == Some(self.local.device_id) || self.local.spoke {
+            return Vec::new();
+        }
+        let mut changed = false;
+        for (id, age) in ages {
+            let Some(d) = self.devices.get(&id) else {
+                continue;
+            };
+            if Some(id) == relay || is_spoke(d) {
+                continue;
+            }
+            if self.fallback.contains(&id) {
+                if age.is_some_and(|a| a < FRESH_HANDSHAKE) {
+                    tracing::info!(peer = id, "direct path works again; leaving the relay");
+                    self.fallback.remove(&id);
+                    self.trying_since.insert(id, now);
+                    changed = true;
+                }
+            } else if age.is_some_and(|a| a < SESSION_LIFETIME) {
+                self.trying_since.insert(id, now);
+            } else if self
+                .trying_since
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t) >= DIRECT_TIMEOUT)
+            {
+                tracing::info!(
+                    peer = id,
+                    "no handshake on the direct path; using the relay"
+                );
+                self.fallback.insert(id);
+                changed = true;
+            }
+        }
+        if changed {
+            self.reconcile()
+        } else {
+            Vec::new()
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn device(id: i64, v6: bool) -> Device {
-        let secret = boringtun::x25519::StaticSecret::from([id as u8 + 1; 32]);
-        let public = boringtun::x25519::PublicKey::from(&secret);
-        Device {
-            id,
-            organization_id: 1,
-            public_key: keys::encode_key(public.as_bytes()),
-            hostname: format!("d{id}"),
-            os: "linux".into(),
-            tunnel_ip: format!("100.64.0.{id}").parse().unwrap(),
-            tunnel_ip_v6: v6.then(|| format!("200::{id}").parse().unwrap()),
-            organization_prefix: "100.64.0.0/10".parse().unwrap(),
-            organization_prefix_v6: "200::/64".parse().unwrap(),
-            local_ip: None,
-            local_ip_v6: None,
-            endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
-            reflexive_endpoint: None,
-            symmetric_nat: false,
-            relay: false,
-            relay_only: false,
-            ipv6_supported: v6,
-            advertise_cidrs: vec![
-                "198.51.100.0/24".parse().unwrap(),
-                "2001:db8:100::/64".parse().unwrap(),
-            ],
-            revision: 1,
-            last_seen: 0,
-        }
-    }
-
-    #[test]
-    fn dual_stack_peer_gets_both_host_routes() {
-        let p = plan_peer(
-            LocalView {
-                device_id: 1,
-                ipv6: true,
-            },
-            &device(2, true),
-        )
-        .unwrap();
-        let s: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            s,
-            [
-                "100.64.0.2/32",
-                "200::2/128",
-                "198.51.100.0/24",
-                "2001:db8:100::/64"
-            ]
-        );
-        assert_eq!(p.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
-    }
-
-    #[test]
-    fn v4_only_on_either_side_means_no_v6() {
-        let p = plan_peer(
-            LocalView {
-                device_id: 1,
-                ipv6: false,
-            },
-            &device(2, true),
-        )
-        .unwrap();
-        assert!(p.allowed_ips.iter().all(|n| n.addr().is_ipv4()));
-        let p = plan_peer(
-            LocalView {
-                device_id: 1,
-                ipv6: true,
-            },
-            &device(3, false),
-        )
-        .unwrap();
-        assert!(p.allowed_ips.iter().all(|n| n.addr().is_ipv4()));
-    }
-
-    #[test]
-    fn self_and_bad_keys_skipped() {
-        assert!(
-            plan_peer(
-                LocalView {
-                    device_id: 2,
-                    ipv6: true
-                },
-                &device(2, true)
-            )
-            .is_none()
-        );
-        let mut d = device(3, true);
-        d.public_key = keys::encode_key(&[0; 32]);
-        assert!(
-            plan_peer(
-                LocalView {
-                    device_id: 1,
-                    ipv6: true
-                },
-                &d
-            )
-            .is_none()
-        );
-    }
-
-    #[test]
-    fn mesh_state_emits_only_changes() {
-        let mut m = MeshState::new(LocalView {
-            device_id: 1,
-            ipv6: true,
-        });
-        let acts = m.apply_snapshot(&[device(1, true), device(2, true), device(3, false)]);
-        let peers = acts
-            .iter()
-            .filter(|a| matches!(a, Action::UpsertPeer(_)))
-            .count();
-        assert_eq!(peers, 2);
-        let routes: BTreeSet<String> = m.routes().map(ToString::to_string).collect();
-        assert!(routes.contains("100.64.0.2/32") && routes.contains("200::2/128"));
-        assert!(routes.contains("100.64.0.3/32") && !routes.contains("200::3/128"));
-        // The shared advertised prefix is routed once and stays while anyone needs it.
-        let acts = m.apply_delta(&[], &[2]);
-        assert!(acts.contains(&Action::RemovePeer(2)));
-        assert!(acts.contains(&Action::RemoveRoute("200::2/128".parse().unwrap())));
-        assert!(!acts.contains(&Action::RemoveRoute("198.51.100.0/24".parse().unwrap())));
-        // Same record again: nothing to do.
-        assert!(m.apply_delta(&[device(3, false)], &[]).is_empty());
-        // A new snapshot without 3 removes it and its routes.
-        let acts = m.apply_snapshot(&[device(1, true)]);
-        assert!(acts.contains(&Action::RemovePeer(3)));
-        assert!(acts.contains(&Action::RemoveRoute("198.51.100.0/24".parse().unwrap())));
-        assert_eq!(m.routes().count(), 0);
-    }
-}
+mod tests;

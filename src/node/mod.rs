@@ -11,6 +11,7 @@
 
 pub mod dataplane;
 pub mod mesh;
+pub mod nat;
 pub mod routing;
 #[doc(hidden)]
 pub mod testutil;

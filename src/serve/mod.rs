@@ -151,13 +151,14 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         db = %cfg.db.display(),
         "coordinator running"
     );
+    let stun_port = (cfg.stun_listen.port() != 0).then_some(cfg.stun_listen.port());
     while let Some(incoming) = endpoint.accept().await {
         let store = store.clone();
         let hub = hub.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve_connection(conn, store, hub).await,
+                Ok(conn) => serve_connection(conn, store, hub, stun_port).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
             }
         });
@@ -165,7 +166,12 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn serve_connection(conn: quinn::Connection, store: Arc<Mutex<Store>>, hub: Arc<Hub>) {
+async fn serve_connection(
+    conn: quinn::Connection,
+    store: Arc<Mutex<Store>>,
+    hub: Arc<Hub>,
+    stun_port: Option<u16>,
+) {
     let remote = conn.remote_address();
     loop {
         match conn.accept_bi().await {
@@ -173,7 +179,7 @@ async fn serve_connection(conn: quinn::Connection, store: Arc<Mutex<Store>>, hub
                 let store = store.clone();
                 let hub = hub.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, store, hub, remote).await {
+                    if let Err(e) = serve_stream(send, recv, store, hub, remote, stun_port).await {
                         tracing::debug!(%remote, error = %e, "control stream ended");
                     }
                 });
@@ -215,6 +221,7 @@ async fn serve_stream(
     store: Arc<Mutex<Store>>,
     hub: Arc<Hub>,
     remote: SocketAddr,
+    stun_port: Option<u16>,
 ) -> Result<(), FrameIoError> {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(
@@ -243,7 +250,7 @@ async fn serve_stream(
         }
     };
     if let Request::Watch { auth } = req {
-        return serve_watch(send, store, hub, remote, auth).await;
+        return serve_watch(send, store, hub, remote, auth, stun_port).await;
     }
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
@@ -269,6 +276,7 @@ async fn send_snapshot(
     send: &mut quinn::SendStream,
     store: &Arc<Mutex<Store>>,
     organization_id: i64,
+    stun_port: Option<u16>,
 ) -> Result<i64, FrameIoError> {
     let snapshot = with_store(store, move |s| s.snapshot(organization_id)).await;
     let (revision, devices) = match snapshot {
@@ -282,7 +290,11 @@ async fn send_snapshot(
     };
     quicio::write_message(
         send,
-        &Response::Snapshot { revision, devices },
+        &Response::Snapshot {
+            revision,
+            devices,
+            stun_port,
+        },
         MAX_RESPONSE_LEN,
     )
     .await?;
@@ -295,6 +307,7 @@ async fn serve_watch(
     hub: Arc<Hub>,
     remote: SocketAddr,
     auth: Auth,
+    stun_port: Option<u16>,
 ) -> Result<(), FrameIoError> {
     let me = match with_store(&store, move |s| handler::authenticate(s, &auth)).await {
         Ok(d) => d,
@@ -308,7 +321,7 @@ async fn serve_watch(
     };
     // Subscribe before reading the snapshot so that no change falls in between.
     let mut rx = hub.subscribe(me.organization_id);
-    let mut revision = send_snapshot(&mut send, &store, me.organization_id).await?;
+    let mut revision = send_snapshot(&mut send, &store, me.organization_id, stun_port).await?;
     tracing::info!(id = me.id, hostname = %me.hostname, %remote, revision, "watch started");
     loop {
         let delta = tokio::select! {
@@ -334,7 +347,7 @@ async fn serve_watch(
                     missed = n,
                     "watcher fell behind; resending snapshot"
                 );
-                revision = send_snapshot(&mut send, &store, me.organization_id).await?;
+                revision = send_snapshot(&mut send, &store, me.organization_id, stun_port).await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }

@@ -154,6 +154,10 @@ pub enum Response {
     Snapshot {
         revision: i64,
         devices: Vec<Device>,
+        /// The coordinator's first STUN port (the next one answers too), on the
+        /// address the node connected to.
+        #[serde(default)]
+        stun_port: Option<u16>,
     },
     /// What changed since the previous message, up to `revision`. A watcher whose own id
     /// is in `removed` has been removed from the organization.

@@ -5,4 +5,5 @@
 
 pub mod control;
 pub mod frame;
+pub mod ip;
 pub mod stun;

@@ -1,0 +1,247 @@
+use super::*;
+
+fn device(id: i64, v6: bool) -> Device {
+    let secret = boringtun::x25519::StaticSecret::from([id as u8 + 1; 32]);
+    let public = boringtun::x25519::PublicKey::from(&secret);
+    Device {
+        id,
+        organization_id: 1,
+        public_key: keys::encode_key(public.as_bytes()),
+        hostname: format!("d{id}"),
+        os: "linux".into(),
+        tunnel_ip: format!("100.64.0.{id}").parse().unwrap(),
+        tunnel_ip_v6: v6.then(|| format!("200::{id}").parse().unwrap()),
+        organization_prefix: "100.64.0.0/10".parse().unwrap(),
+        organization_prefix_v6: "200::/64".parse().unwrap(),
+        local_ip: None,
+        local_ip_v6: None,
+        endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
+        reflexive_endpoint: None,
+        symmetric_nat: false,
+        relay: false,
+        relay_only: false,
+        ipv6_supported: v6,
+        advertise_cidrs: vec![],
+        revision: 1,
+        last_seen: 0,
+    }
+}
+
+fn local(id: i64, ipv6: bool) -> LocalView {
+    LocalView {
+        device_id: id,
+        ipv6,
+        relay: false,
+        spoke: false,
+        reflexive: None,
+        org_v4: "100.64.0.0/10".parse().unwrap(),
+        org_v6: "200::/64".parse().unwrap(),
+    }
+}
+
+fn nets(p: &PeerPlan) -> Vec<String> {
+    p.allowed_ips.iter().map(ToString::to_string).collect()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+#[test]
+fn dual_stack_peer_gets_both_host_routes() {
+    let now = Instant::now();
+    let mut m = MeshState::new(local(1, true));
+    let mut d2 = device(2, true);
+    d2.advertise_cidrs = vec![net("198.51.100.0/24"), net("2001:db8:100::/64")];
+    m.apply_snapshot(&[device(1, true), d2], now);
+    let p = m.plan(2).unwrap();
+    assert_eq!(
+        nets(p),
+        [
+            "100.64.0.2/32",
+            "200::2/128",
+            "198.51.100.0/24",
+            "2001:db8:100::/64"
+        ]
+    );
+    assert_eq!(p.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+    assert!(m.plan(1).is_none(), "never peer with ourselves");
+}
+
+#[test]
+fn v4_only_on_either_side_means_no_v6() {
+    let now = Instant::now();
+    let mut m = MeshState::new(local(1, false));
+    m.apply_snapshot(&[device(2, true)], now);
+    assert!(
+        m.plan(2)
+            .unwrap()
+            .allowed_ips
+            .iter()
+            .all(|n| n.addr().is_ipv4())
+    );
+    let mut m = MeshState::new(local(1, true));
+    m.apply_snapshot(&[device(3, false)], now);
+    assert!(
+        m.plan(3)
+            .unwrap()
+            .allowed_ips
+            .iter()
+            .all(|n| n.addr().is_ipv4())
+    );
+}
+
+#[test]
+fn bad_keys_skipped() {
+    let mut d = device(3, true);
+    d.public_key = keys::encode_key(&[0; 32]);
+    let mut m = MeshState::new(local(1, true));
+    m.apply_snapshot(&[d], Instant::now());
+    assert!(m.plan(3).is_none());
+}
+
+#[test]
+fn only_changes_are_emitted() {
+    let now = Instant::now();
+    let mut m = MeshState::new(local(1, true));
+    let acts = m.apply_snapshot(&[device(2, true), device(3, false)], now);
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::UpsertPeer(_)))
+            .count(),
+        2
+    );
+    assert!(acts.contains(&Action::AddRoute(net("200::2/128"))));
+    assert!(!acts.contains(&Action::AddRoute(net("200::3/128"))));
+    assert!(m.apply_delta(&[device(3, false)], &[], now).is_empty());
+    let acts = m.apply_delta(&[], &[2], now);
+    assert!(acts.contains(&Action::RemovePeer(2)));
+    assert!(acts.contains(&Action::RemoveRoute(net("200::2/128"))));
+    let acts = m.apply_snapshot(&[], now);
+    assert!(acts.contains(&Action::RemovePeer(3)));
+    assert_eq!(m.routes().count(), 0);
+}
+
+#[test]
+fn same_nat_uses_the_lan_address() {
+    let now = Instant::now();
+    let mut me = local(1, true);
+    me.reflexive = Some("203.0.113.5:40000".parse().unwrap());
+    let mut m = MeshState::new(me);
+    let mut same = device(2, true);
+    same.reflexive_endpoint = Some("203.0.113.5:40001".parse().unwrap());
+    let mut other = device(3, true);
+    other.reflexive_endpoint = Some("203.0.113.6:40002".parse().unwrap());
+    m.apply_snapshot(&[same, other], now);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("192.0.2.2:51820".parse().unwrap())
+    );
+    assert_eq!(
+        m.plan(3).unwrap().endpoint,
+        Some("203.0.113.6:40002".parse().unwrap())
+    );
+}
+
+#[test]
+fn spoke_peers_only_with_the_lowest_id_relay() {
+    let now = Instant::now();
+    let mut me = local(1, true);
+    me.spoke = true;
+    let mut m = MeshState::new(me);
+    let mut r5 = device(5, true);
+    r5.relay = true;
+    let mut r4 = device(4, true);
+    r4.relay = true;
+    let mut lan = device(2, true);
+    lan.advertise_cidrs = vec![net("198.51.100.0/24")];
+    m.apply_snapshot(&[lan, device(3, true), r4, r5.clone()], now);
+    assert!(m.plan(2).is_none() && m.plan(3).is_none() && m.plan(5).is_none());
+    let relay = m.plan(4).unwrap();
+    assert_eq!(
+        nets(relay),
+        ["100.64.0.0/10", "200::/64", "198.51.100.0/24"]
+    );
+    assert_eq!(m.paths().len(), 1);
+    // The v6 supernet is the interface's own connected route: not added again.
+    assert!(m.routes().any(|n| *n == net("100.64.0.0/10")));
+    assert!(!m.routes().any(|n| *n == net("200::/64")));
+    // Relay 4 is removed: the spoke moves to relay 5.
+    let acts = m.apply_delta(&[], &[4], now);
+    assert!(acts.contains(&Action::RemovePeer(4)));
+    assert!(m.plan(5).is_some());
+}
+
+#[test]
+fn others_reach_spokes_through_the_relay() {
+    let now = Instant::now();
+    let mut relay = device(4, true);
+    relay.relay = true;
+    let mut spoke = device(6, true);
+    spoke.symmetric_nat = true;
+    let mut m = MeshState::new(local(1, true));
+    m.apply_snapshot(&[device(2, true), relay.clone(), spoke.clone()], now);
+    assert!(m.plan(6).is_none());
+    assert_eq!(
+        nets(m.plan(4).unwrap()),
+        ["100.64.0.4/32", "200::4/128", "100.64.0.6/32", "200::6/128"]
+    );
+    let paths: BTreeMap<i64, Path> = m.paths().into_iter().map(|(d, p)| (d.id, p)).collect();
+    assert_eq!(paths[&6], Path::Relay);
+    assert_eq!(paths[&2], Path::Direct);
+    // The relay itself peers directly with the spoke.
+    let mut me = local(4, true);
+    me.relay = true;
+    let mut r = MeshState::new(me);
+    r.apply_snapshot(&[device(1, true), relay, spoke], now);
+    assert_eq!(nets(r.plan(6).unwrap()), ["100.64.0.6/32", "200::6/128"]);
+}
+
+#[test]
+fn failed_direct_path_falls_back_and_recovers() {
+    let t0 = Instant::now();
+    let mut relay = device(4, true);
+    relay.relay = true;
+    let mut m = MeshState::new(local(1, true));
+    m.apply_snapshot(&[device(2, true), relay], t0);
+    // No handshake, but not yet timed out.
+    assert!(
+        m.handle_handshakes(t0 + Duration::from_secs(5), [(2, None)])
+            .is_empty()
+    );
+    // Timed out: 2's addresses move to the relay; 2 stays installed without any.
+    let acts = m.handle_handshakes(t0 + DIRECT_TIMEOUT, [(2, None)]);
+    assert!(!acts.is_empty());
+    assert!(m.plan(2).unwrap().allowed_ips.is_empty());
+    assert!(nets(m.plan(4).unwrap()).contains(&"100.64.0.2/32".to_string()));
+    assert!(
+        m.routes().any(|n| *n == net("100.64.0.2/32")),
+        "route kept, via the relay"
+    );
+    // A fresh handshake on the direct path moves it back.
+    let acts = m.handle_handshakes(
+        t0 + Duration::from_secs(40),
+        [(2, Some(Duration::from_secs(1)))],
+    );
+    assert!(!acts.is_empty());
+    assert_eq!(nets(m.plan(2).unwrap()), ["100.64.0.2/32", "200::2/128"]);
+    assert_eq!(nets(m.plan(4).unwrap()), ["100.64.0.4/32", "200::4/128"]);
+    // A healthy path never falls back.
+    let later = t0 + Duration::from_secs(400);
+    assert!(
+        m.handle_handshakes(later, [(2, Some(Duration::from_secs(100)))])
+            .is_empty()
+    );
+}
+
+#[test]
+fn without_a_relay_nothing_falls_back() {
+    let t0 = Instant::now();
+    let mut m = MeshState::new(local(1, true));
+    m.apply_snapshot(&[device(2, true)], t0);
+    assert!(
+        m.handle_handshakes(t0 + Duration::from_secs(100), [(2, None)])
+            .is_empty()
+    );
+    assert_eq!(m.plan(2).unwrap().allowed_ips.len(), 2);
+}

@@ -95,6 +95,10 @@ pub enum Command {
         /// Reach the organization only through its relay (no direct peering).
         #[arg(long, env = "NEXODUS_RELAY_ONLY", conflicts_with = "relay")]
         relay_only: bool,
+        /// With --advertise-cidr: masquerade mesh traffic to the advertised LANs (for
+        /// LANs without a route back to the mesh; uses nftables).
+        #[arg(long, env = "NEXODUS_MASQUERADE", requires = "advertise_cidr")]
+        masquerade: bool,
         /// Ask for a specific tunnel address (v4 and/or v6; repeatable); refused if taken.
         #[arg(long, env = "NEXODUS_REQUEST_IP", value_delimiter = ',')]
         request_ip: Vec<std::net::IpAddr>,

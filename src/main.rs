@@ -58,6 +58,7 @@ fn run(cli: Cli) -> Result<()> {
             request_ip,
             relay,
             relay_only,
+            masquerade,
             state,
         } => {
             for cidr in &advertise_cidr {
@@ -75,6 +76,7 @@ fn run(cli: Cli) -> Result<()> {
                 request_ips: request_ip,
                 relay,
                 relay_only,
+                masquerade,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))

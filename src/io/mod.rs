@@ -2,6 +2,7 @@
 //!
 //! Thin wrappers only; decisions live in [`crate::node`].
 
+pub mod nft;
 pub mod route;
 pub mod sysinfo;
 pub mod tun;

@@ -38,6 +38,46 @@ pub fn read_sysctl(path: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot enable {family} forwarding ({path}: {source}); a subnet router needs it: set it on the host (in a container: sysctl {sysctl}=1 at start)"
+)]
+pub struct ForwardingError {
+    family: &'static str,
+    path: String,
+    sysctl: &'static str,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Turns on forwarding for the given families, reading `/proc` first so nothing is
+/// written when it is already on (containers often mount it read-only).
+pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
+    let wanted = [
+        (v4, "IPv4", "net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        (
+            v6,
+            "IPv6",
+            "net/ipv6/conf/all/forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ];
+    for (on, family, path, sysctl) in wanted {
+        if !on || read_sysctl(path).as_deref() == Some("1") {
+            continue;
+        }
+        let full = Path::new("/proc/sys").join(path);
+        std::fs::write(&full, "1").map_err(|source| ForwardingError {
+            family,
+            path: full.display().to_string(),
+            sysctl,
+            source,
+        })?;
+        tracing::info!(family, "enabled forwarding for the advertised prefixes");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::client::{ClientError, ControlClient};
 use crate::coord::keys;
 use crate::coord::token::{JoinToken, TokenError, hex};
-use crate::io::{route, sysinfo, tun, udp};
+use crate::io::{nft, route, sysinfo, tun, udp};
 use crate::node::dataplane::{DataPlane, PeerConfig};
 use crate::node::mesh::{Action, KEEPALIVE_SECS, LocalView, MeshState, Path};
 use crate::node::nat;
@@ -72,6 +72,10 @@ pub enum JoinError {
     DataPath(std::io::Error),
     #[error("cannot open the status socket: {0}")]
     StatusSocket(std::io::Error),
+    #[error(transparent)]
+    Forwarding(#[from] sysinfo::ForwardingError),
+    #[error(transparent)]
+    Masquerade(#[from] nft::NftError),
 }
 
 pub struct JoinConfig {
@@ -88,6 +92,8 @@ pub struct JoinConfig {
     pub relay: bool,
     /// Reach the organization only through the relay.
     pub relay_only: bool,
+    /// Masquerade mesh traffic leaving to the advertised LANs.
+    pub masquerade: bool,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443).
@@ -316,6 +322,12 @@ pub async fn run(
         .into_iter()
         .collect();
     tracing::info!(ipv6, ?endpoints, "host checked");
+    // A subnet router forwards; find out before telling anyone about the prefixes.
+    if !cfg.advertise_cidrs.is_empty() {
+        let fwd_v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
+        let fwd_v6 = ipv6 && cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
+        sysinfo::enable_forwarding(fwd_v4, fwd_v6)?;
+    }
 
     let ctx = Ctx {
         cfg: &cfg,
@@ -380,6 +392,14 @@ pub async fn run(
         .tunnel_ip_v6
         .filter(|_| ipv6)
         .map(|a| (a, device.organization_prefix_v6.prefix_len()));
+    if cfg.masquerade {
+        nft::install_masquerade(
+            &cfg.interface,
+            device.organization_prefix,
+            v6.map(|_| device.organization_prefix_v6),
+        )?;
+        tracing::info!("masquerading mesh traffic to the advertised prefixes");
+    }
     let tun_dev = tun::create(&cfg.interface, tun::DEFAULT_MTU, device.tunnel_ip, v6)?;
     let socket = udp::bind(state.listen_port).map_err(|source| JoinError::Udp {
         port: state.listen_port,
@@ -461,6 +481,11 @@ pub async fn run(
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);
+    if cfg.masquerade
+        && let Err(e) = nft::remove_masquerade(&cfg.interface)
+    {
+        tracing::warn!(error = %e, "could not remove the masquerade table");
+    }
     tracing::info!(interface = %cfg.interface, "interface removed; device stays registered");
     result
 }

@@ -64,3 +64,9 @@ CREATE TABLE changes (
     kind             TEXT    NOT NULL,  -- 'upsert' or 'remove'
     created_at       INTEGER NOT NULL
 );
+
+-- migration: 2
+
+-- Devices that run stock WireGuard (wg-quick export): relay-only spokes that
+-- never talk to the coordinator themselves.
+ALTER TABLE devices ADD COLUMN unmanaged INTEGER NOT NULL DEFAULT 0;

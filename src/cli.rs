@@ -191,6 +191,24 @@ pub enum OrgAction {
 
 #[derive(Debug, Subcommand)]
 pub enum DevicesAction {
+    /// Register a device that runs stock WireGuard and print its wg-quick config. It
+    /// reaches the mesh through the organization's relay.
+    Add {
+        /// Name shown in `nexodus devices` and to peers.
+        #[arg(long)]
+        hostname: String,
+        /// The device's WireGuard public key (base64, as `wg pubkey` prints it).
+        #[arg(
+            long,
+            required_unless_present = "generate_key",
+            conflicts_with = "generate_key"
+        )]
+        public_key: Option<String>,
+        /// Make the key pair here and print the private key once in the config (it is
+        /// never stored).
+        #[arg(long)]
+        generate_key: bool,
+    },
     /// Remove a device: its peers drop it and its addresses return to the pool.
     Remove {
         /// Device id, as `nexodus devices` lists it.

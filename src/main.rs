@@ -136,6 +136,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut st = serve::open_state(&state.db(), &state.state_dir())?;
             match action {
+                Some(DevicesAction::Add {
+                    hostname,
+                    public_key,
+                    generate_key: _,
+                }) => {
+                    let (device, config) =
+                        serve::add_unmanaged(&mut st, &org, &hostname, public_key.as_deref())?;
+                    eprintln!(
+                        "added device {} (id {}) as a stock WireGuard spoke; its wg-quick config:",
+                        device.hostname, device.id
+                    );
+                    print!("{config}");
+                }
                 Some(DevicesAction::Remove { id }) => {
                     st.store.remove_device(id, serve::unix_now())?;
                     println!("removed device {id}");
@@ -161,7 +174,9 @@ fn print_devices(devices: &[Device], now: i64) {
         "ID", "HOSTNAME", "TUNNEL IP", "TUNNEL IPV6", "ROLE", "ENDPOINT"
     );
     for d in devices {
-        let role = if d.relay {
+        let role = if d.unmanaged {
+            "stock"
+        } else if d.relay {
             "relay"
         } else if d.relay_only {
             "spoke"

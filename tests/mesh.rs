@@ -4,236 +4,27 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::BIN;
-use common::netns::{Lan, Netns, state_dir};
+use common::cluster::{Cluster, wait_until};
+use common::netns::Netns;
 use nexodus::join::status::Status;
 
 const PING_WAIT: Duration = Duration::from_secs(30);
 
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Prints every log file of the test if it fails.
-struct Logs(Vec<PathBuf>);
-
-impl Drop for Logs {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for p in &self.0 {
-                eprintln!("===== {} =====", p.display());
-                eprintln!("{}", std::fs::read_to_string(p).unwrap_or_default());
-            }
-        }
-    }
-}
-
-struct Coord {
-    ns: Netns,
-    dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Coord {
-    fn start(&mut self) {
-        let n = std::fs::read_to_string(&self.log)
-            .map(|s| s.matches("coordinator running").count())
-            .unwrap_or(0);
-        let log = self.log.with_extension(format!("{n}.log"));
-        self.child = Some(self.ns.spawn_nexodus(
-            &[
-                "serve",
-                "--listen",
-                "192.0.2.1:4443",
-                "--stun-listen",
-                "192.0.2.1:3478",
-                "--state-dir",
-                self.dir.to_str().unwrap(),
-            ],
-            &log,
-        ));
-        wait_until("coordinator to start", Duration::from_secs(20), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|s| s.contains("coordinator running"))
-                .map(|_| ())
-        });
-        let _ = std::fs::copy(&log, &self.log);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+/// Coordinator at 192.0.2.1 and nodes n0, n1, ... at 192.0.2.11, .12, ... (`v6[i]`:
+/// node i has IPv6). Nodes are created but not started.
+fn mesh(tag: &str, v6: &[bool]) -> Cluster {
+    let mut c = Cluster::new(tag, "192.0.2.1/24");
+    for (i, &has_v6) in v6.iter().enumerate() {
+        c.add_node(
+            &format!("n{i}"),
+            &format!("192.0.2.{}/24", 11 + i),
+            has_v6,
+            &[],
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-struct Node {
-    ns: Netns,
-    dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(&mut self, token: Option<&str>) {
-        let mut args = vec![
-            "join",
-            "192.0.2.1:4443",
-            "--state-dir",
-            self.dir.to_str().unwrap(),
-        ];
-        if let Some(t) = token {
-            args.extend(["--token", t]);
-        }
-        let n = std::fs::read_dir(self.log.parent().unwrap())
-            .map(|d| d.count())
-            .unwrap_or(0);
-        let log = self.log.with_extension(format!("{n}.log"));
-        self.child = Some(self.ns.spawn_nexodus(&args, &log));
-        self.log = log;
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-
-    fn status(&self) -> Option<Status> {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--state-dir"])
-            .arg(&self.dir)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    /// Waits until the node is up with `peers` peers installed.
-    fn wait_peers(&self, peers: usize) -> Status {
-        wait_until(
-            &format!("{} to have {peers} peers", self.ns.name),
-            Duration::from_secs(30),
-            || self.status().filter(|s| s.peers.len() == peers),
-        )
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Fields drop in order: logs are printed first, then processes stop, then the
-/// namespaces and files go.
-struct Mesh {
-    logs: Logs,
-    nodes: Vec<Node>,
-    coord: Coord,
-    lan: Lan,
-    token: String,
-    _tmp: tempfile::TempDir,
-}
-
-impl Mesh {
-    /// Coordinator at 192.0.2.1 and nodes at 192.0.2.11, .12, ... (`v6[i]` = node i has
-    /// IPv6). Nodes are created but not started.
-    fn new(tag: &str, v6: &[bool]) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut lan = Lan::new(tag);
-        let cns = lan.host("c", "192.0.2.1/24", true);
-        let mut logs = Logs(Vec::new());
-        let mut coord = Coord {
-            ns: cns,
-            dir: state_dir(tmp.path(), "coord"),
-            log: tmp.path().join("coord.log"),
-            child: None,
-        };
-        logs.0.push(coord.log.clone());
-        coord.start();
-        let token = coord
-            .admin(&["token", "create", "--reusable"])
-            .trim()
-            .to_string();
-        let mut nodes = Vec::new();
-        for (i, &has_v6) in v6.iter().enumerate() {
-            let name = format!("n{i}");
-            let ns = lan.host(&name, &format!("192.0.2.{}/24", 11 + i), has_v6);
-            let logdir = state_dir(tmp.path(), &format!("{name}-logs"));
-            let node = Node {
-                ns,
-                dir: state_dir(tmp.path(), &name),
-                log: logdir.join("join"),
-                child: None,
-            };
-            nodes.push(node);
-        }
-        Self {
-            lan,
-            coord,
-            nodes,
-            token,
-            _tmp: tmp,
-            logs,
-        }
-    }
-
-    fn start_all(&mut self) {
-        for n in &mut self.nodes {
-            n.start(Some(&self.token.clone()));
-        }
-        self.refresh_logs();
-    }
-
-    fn refresh_logs(&mut self) {
-        for n in &self.nodes {
-            if !self.logs.0.contains(&n.log) {
-                self.logs.0.push(n.log.clone());
-            }
-        }
-    }
+    c
 }
 
 fn has_line(text: &str, needle: &str) -> bool {
@@ -246,8 +37,10 @@ fn link_exists(ns: &Netns, dev: &str) -> bool {
 
 #[test]
 fn dual_stack_mesh_with_a_v4_only_node() {
-    let mut mesh = Mesh::new("ds", &[true, true, true, false]);
-    mesh.start_all();
+    let mut mesh = mesh("ds", &[true, true, true, false]);
+    for i in 0..mesh.nodes.len() {
+        mesh.start(i);
+    }
     let statuses: Vec<Status> = mesh.nodes.iter().map(|n| n.wait_peers(3)).collect();
     let v4_only = &statuses[3];
     assert!(!v4_only.device.ipv6_supported);
@@ -331,11 +124,9 @@ fn dual_stack_mesh_with_a_v4_only_node() {
 
 #[test]
 fn restart_outage_and_removal() {
-    let mut mesh = Mesh::new("ro", &[true, true, true]);
-    let (first, rest) = mesh.nodes.split_at_mut(1);
-    first[0].start(Some(&mesh.token));
-    rest[0].start(Some(&mesh.token));
-    mesh.refresh_logs();
+    let mut mesh = mesh("ro", &[true, true, true]);
+    mesh.start(0);
+    mesh.start(1);
     let a0 = mesh.nodes[0].wait_peers(1);
     let b0 = mesh.nodes[1].wait_peers(1);
     let b_v6 = b0.device.tunnel_ip_v6.unwrap().to_string();
@@ -348,7 +139,6 @@ fn restart_outage_and_removal() {
         "nx0 left behind after SIGTERM"
     );
     mesh.nodes[0].start(None);
-    mesh.refresh_logs();
     let a1 = mesh.nodes[0].wait_peers(1);
     assert_eq!(a1.device.public_key, a0.device.public_key);
     assert_eq!(a1.device.tunnel_ip, a0.device.tunnel_ip);
@@ -370,9 +160,7 @@ fn restart_outage_and_removal() {
     });
     // Coordinator back: a new node joins and is reached.
     mesh.coord.start();
-    let token = mesh.token.clone();
-    mesh.nodes[2].start(Some(&token));
-    mesh.refresh_logs();
+    mesh.start(2);
     let c = mesh.nodes[2].wait_peers(2);
     mesh.nodes[0].wait_peers(2);
     let c_v6 = c.device.tunnel_ip_v6.unwrap().to_string();
@@ -397,6 +185,4 @@ fn restart_outage_and_removal() {
     assert!(!code.success());
     let log = std::fs::read_to_string(&b.log).unwrap();
     assert!(log.contains("removed from its organization"), "{log}");
-    let _ = &mesh.lan;
-    let _ = Path::new("");
 }

@@ -6,3 +6,4 @@
 pub mod ipam;
 pub mod keys;
 pub mod token;
+pub mod wgquick;

@@ -10,6 +10,7 @@
 pub mod datapath;
 pub mod state;
 pub mod status;
+pub mod uapi;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -444,7 +445,14 @@ pub async fn run(
     let datapath = Arc::new(datapath);
     let listener = status::bind(&cfg.state_dir).map_err(JoinError::StatusSocket)?;
     let mapping_changed = Arc::new(tokio::sync::Notify::new());
-    let tasks = [
+    let uapi_listener = match uapi::bind(&cfg.interface).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "no WireGuard UAPI socket; `wg show` will not see this node");
+            None
+        }
+    };
+    let mut tasks = vec![
         tokio::spawn(serve_status(listener, shared.clone(), datapath.clone())),
         tokio::spawn(watch_paths(
             shared.clone(),
@@ -460,6 +468,15 @@ pub async fn run(
             cfg.relay_only,
         )),
     ];
+    let uapi_bound = uapi_listener.is_some();
+    if let Some(l) = uapi_listener {
+        tasks.push(tokio::spawn(serve_uapi(
+            l,
+            shared.clone(),
+            datapath.clone(),
+            private,
+        )));
+    }
 
     let control = control_loop(
         &ctx,
@@ -478,6 +495,9 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = std::fs::remove_file(status::socket_path(&cfg.state_dir));
+    if uapi_bound {
+        let _ = std::fs::remove_file(uapi::socket_path(&cfg.interface));
+    }
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);
@@ -488,6 +508,48 @@ pub async fn run(
     }
     tracing::info!(interface = %cfg.interface, "interface removed; device stays registered");
     result
+}
+
+async fn serve_uapi(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Mutex<Shared>>,
+    datapath: Arc<DataPath>,
+    private_key: [u8; 32],
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let dp = datapath.status().await;
+        let answer = {
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let peers: Vec<uapi::UapiPeer> = dp
+                .iter()
+                .flat_map(|d| d.peers.iter())
+                .filter_map(|(id, st)| {
+                    let plan = s.mesh.plan(*id)?;
+                    Some(uapi::UapiPeer {
+                        public_key: plan.public_key,
+                        endpoint: st.endpoint,
+                        allowed_ips: plan.allowed_ips.clone(),
+                        last_handshake: st.last_handshake,
+                        rx_bytes: st.rx_bytes,
+                        tx_bytes: st.tx_bytes,
+                        persistent_keepalive: KEEPALIVE_SECS,
+                    })
+                })
+                .collect();
+            uapi::render_get(
+                &private_key,
+                s.listen_port,
+                &peers,
+                std::time::SystemTime::now(),
+            )
+        };
+        if let Err(e) = uapi::serve_one(stream, || answer).await {
+            tracing::debug!(error = %e, "UAPI client went away");
+        }
+    }
 }
 
 async fn serve_status(

@@ -20,7 +20,7 @@ use crate::coord::token::{JoinToken, hash_secret};
 use crate::identity::{Identity, IdentityError};
 use crate::quicio::{self, FrameIoError};
 use crate::store::{DEFAULT_ORG, Store, StoreError};
-use crate::wire::control::{Auth, ErrorCode, Request, Response};
+use crate::wire::control::{Auth, Device, ErrorCode, Request, Response};
 use crate::wire::frame::{MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
 use hub::Hub;
 
@@ -111,6 +111,58 @@ pub fn create_token(
         now,
     )?;
     Ok(token.to_string())
+}
+
+/// Registers a stock WireGuard device and returns its wg-quick config. With no
+/// public key, a key pair is made and the private key appears in the config only.
+pub fn add_unmanaged(
+    state: &mut CoordinatorState,
+    org: &str,
+    hostname: &str,
+    public_key: Option<&str>,
+) -> Result<(Device, String), ServeError> {
+    let org = state.store.org_by_name(org)?;
+    let relay = state
+        .store
+        .devices(org.id)?
+        .into_iter()
+        .filter(|d| d.relay)
+        .min_by_key(|d| d.id)
+        .ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "organization {:?} has no relay; start a node with `nexodus join --relay` first: a stock WireGuard device reaches the mesh only through it",
+                org.name
+            ))
+        })?;
+    let (public, private) = match public_key {
+        Some(k) => {
+            let key = crate::coord::keys::parse_public_key(k)
+                .map_err(|e| StoreError::Invalid(format!("--public-key: {e}")))?;
+            (crate::coord::keys::encode_key(&key), None)
+        }
+        None => {
+            let mut secret = [0u8; 32];
+            rand::rng().fill_bytes(&mut secret);
+            let secret = boringtun::x25519::StaticSecret::from(secret);
+            let public = boringtun::x25519::PublicKey::from(&secret);
+            (
+                crate::coord::keys::encode_key(public.as_bytes()),
+                Some(crate::coord::keys::encode_key(&secret.to_bytes())),
+            )
+        }
+    };
+    // It never logs in: its credential is random and forgotten.
+    let mut unusable = [0u8; 32];
+    rand::rng().fill_bytes(&mut unusable);
+    let device = state.store.add_unmanaged(
+        org.id,
+        hostname,
+        &public,
+        &hash_secret(&crate::coord::token::encode_secret(&unusable)),
+        unix_now(),
+    )?;
+    let config = crate::coord::wgquick::render(&device, private.as_deref(), &relay);
+    Ok((device, config))
 }
 
 /// Runs the coordinator until the process is stopped.

@@ -74,7 +74,7 @@ pub const DEFAULT_ORG: &str = "default";
 const DEVICE_COLUMNS: &str = "id, organization_id, public_key, hostname, os, tunnel_ip, \
     tunnel_ip_v6, organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, \
     endpoints, reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
-    advertise_cidrs, revision, last_seen";
+    advertise_cidrs, revision, last_seen, unmanaged";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -136,6 +136,7 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<Device> {
         advertise_cidrs: parse_json(row, 17, "advertise_cidrs")?,
         revision: row.get(18)?,
         last_seen: row.get(19)?,
+        unmanaged: row.get(20)?,
     })
 }
 
@@ -232,6 +233,84 @@ fn check_hostname(hostname: &str) -> Result<(), StoreError> {
         ));
     }
     Ok(())
+}
+
+/// Allocates both addresses, checks advertised prefixes and inserts a device, logging
+/// the change; returns its id. Runs inside the caller's write transaction.
+fn insert_device(
+    tx: &Connection,
+    org_id: i64,
+    req: &RegisterRequest,
+    credential_hash: &str,
+    unmanaged: bool,
+    now: i64,
+) -> Result<i64, StoreError> {
+    let existing: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM devices WHERE public_key = ?1",
+            [&req.public_key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(id) = existing {
+        return Err(StoreError::DuplicateKey(id));
+    }
+    let org = load_org(&tx, org_id)?;
+    let devices = org_devices(&tx, org_id)?;
+    let used = used_addresses(&devices);
+    let v4 = match ipam::allocate(
+        IpNet::V4(org.ip_cidr),
+        req.request_ip.map(IpAddr::V4),
+        &used,
+    )? {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => unreachable!("a v4 prefix yields v4 addresses"),
+    };
+    let v6: Option<Ipv6Addr> = if req.ipv6_supported {
+        match ipam::allocate(
+            IpNet::V6(org.ip_cidr_v6),
+            req.request_ip_v6.map(IpAddr::V6),
+            &used,
+        )? {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => unreachable!("a v6 prefix yields v6 addresses"),
+        }
+    } else {
+        None
+    };
+    check_advertised_in_org(&org, &devices, None, &req.advertise_cidrs)?;
+    tx.execute(
+            "INSERT INTO devices (organization_id, public_key, hostname, os, tunnel_ip, tunnel_ip_v6, \
+             organization_prefix, organization_prefix_v6, endpoints, symmetric_nat, relay, relay_only, \
+             ipv6_supported, advertise_cidrs, revision, last_seen, created_at, credential_hash, unmanaged) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?15, ?16, ?17)",
+            params![
+                org_id,
+                req.public_key,
+                req.hostname,
+                req.os,
+                v4.to_string(),
+                v6.map(|a| a.to_string()),
+                org.ip_cidr.to_string(),
+                org.ip_cidr_v6.to_string(),
+                to_json(&req.endpoints)?,
+                req.symmetric_nat,
+                req.relay,
+                req.relay_only,
+                req.ipv6_supported,
+                to_json(&req.advertise_cidrs)?,
+                now,
+                credential_hash,
+                unmanaged,
+            ],
+        )?;
+    let id = tx.last_insert_rowid();
+    let revision = record_change(&tx, org_id, id, "upsert", now)?;
+    tx.execute(
+        "UPDATE devices SET revision = ?1 WHERE id = ?2",
+        params![revision, id],
+    )?;
+    Ok(id)
 }
 
 /// The SQLite store.
@@ -398,74 +477,46 @@ impl Store {
         if !reusable && uses > 0 {
             return Err(StoreError::TokenUsed);
         }
-        let existing: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM devices WHERE public_key = ?1",
-                [&req.public_key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(id) = existing {
-            return Err(StoreError::DuplicateKey(id));
-        }
-        let org = load_org(&tx, org_id)?;
-        let devices = org_devices(&tx, org_id)?;
-        let used = used_addresses(&devices);
-        let v4 = match ipam::allocate(
-            IpNet::V4(org.ip_cidr),
-            req.request_ip.map(IpAddr::V4),
-            &used,
-        )? {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(_) => unreachable!("a v4 prefix yields v4 addresses"),
-        };
-        let v6: Option<Ipv6Addr> = if req.ipv6_supported {
-            match ipam::allocate(
-                IpNet::V6(org.ip_cidr_v6),
-                req.request_ip_v6.map(IpAddr::V6),
-                &used,
-            )? {
-                IpAddr::V6(a) => Some(a),
-                IpAddr::V4(_) => unreachable!("a v6 prefix yields v6 addresses"),
-            }
-        } else {
-            None
-        };
-        check_advertised_in_org(&org, &devices, None, &req.advertise_cidrs)?;
-        tx.execute(
-            "INSERT INTO devices (organization_id, public_key, hostname, os, tunnel_ip, tunnel_ip_v6, \
-             organization_prefix, organization_prefix_v6, endpoints, symmetric_nat, relay, relay_only, \
-             ipv6_supported, advertise_cidrs, revision, last_seen, created_at, credential_hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?15, ?16)",
-            params![
-                org_id,
-                req.public_key,
-                req.hostname,
-                req.os,
-                v4.to_string(),
-                v6.map(|a| a.to_string()),
-                org.ip_cidr.to_string(),
-                org.ip_cidr_v6.to_string(),
-                to_json(&req.endpoints)?,
-                req.symmetric_nat,
-                req.relay,
-                req.relay_only,
-                req.ipv6_supported,
-                to_json(&req.advertise_cidrs)?,
-                now,
-                credential_hash,
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        let revision = record_change(&tx, org_id, id, "upsert", now)?;
-        tx.execute(
-            "UPDATE devices SET revision = ?1 WHERE id = ?2",
-            params![revision, id],
-        )?;
+        let id = insert_device(&tx, org_id, req, credential_hash, false, now)?;
         tx.execute(
             "UPDATE tokens SET uses = uses + 1 WHERE id = ?1",
             [token_id],
         )?;
+        let device = load_device(&tx, id)?.ok_or(StoreError::DeviceNotFound(id))?;
+        tx.commit()?;
+        Ok(device)
+    }
+
+    /// Registers a device that runs stock WireGuard (admin only, no token): a
+    /// relay-only spoke with both addresses, which never logs in.
+    pub fn add_unmanaged(
+        &mut self,
+        organization_id: i64,
+        hostname: &str,
+        public_key: &str,
+        credential_hash: &str,
+        now: i64,
+    ) -> Result<Device, StoreError> {
+        check_hostname(hostname)?;
+        let req = RegisterRequest {
+            token_secret: String::new(),
+            public_key: public_key.into(),
+            hostname: hostname.into(),
+            os: "wireguard".into(),
+            ipv6_supported: true,
+            endpoints: Vec::new(),
+            advertise_cidrs: Vec::new(),
+            relay: false,
+            relay_only: true,
+            symmetric_nat: false,
+            request_ip: None,
+            request_ip_v6: None,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        load_org(&tx, organization_id)?;
+        let id = insert_device(&tx, organization_id, &req, credential_hash, true, now)?;
         let device = load_device(&tx, id)?.ok_or(StoreError::DeviceNotFound(id))?;
         tx.commit()?;
         Ok(device)

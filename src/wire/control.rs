@@ -120,6 +120,9 @@ pub struct Device {
     pub advertise_cidrs: Vec<IpNet>,
     pub revision: i64,
     pub last_seen: i64,
+    /// Runs stock WireGuard from an exported config (reached through the relay).
+    #[serde(default)]
+    pub unmanaged: bool,
 }
 
 /// Machine-readable error kinds, so a client can react without parsing text.

@@ -12,6 +12,7 @@ use nexodus::client::ControlClient;
 use nexodus::coord::token::JoinToken;
 use nexodus::wire::control::{RegisterRequest, Request, Response};
 
+pub mod cluster;
 pub mod netns;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");

@@ -24,6 +24,7 @@ fn device(id: i64, v6: bool) -> Device {
         advertise_cidrs: vec![],
         revision: 1,
         last_seen: 0,
+        unmanaged: false,
     }
 }
 

@@ -255,8 +255,8 @@ fn insert_device(
     if let Some(id) = existing {
         return Err(StoreError::DuplicateKey(id));
     }
-    let org = load_org(&tx, org_id)?;
-    let devices = org_devices(&tx, org_id)?;
+    let org = load_org(tx, org_id)?;
+    let devices = org_devices(tx, org_id)?;
     let used = used_addresses(&devices);
     let v4 = match ipam::allocate(
         IpNet::V4(org.ip_cidr),
@@ -305,7 +305,7 @@ fn insert_device(
             ],
         )?;
     let id = tx.last_insert_rowid();
-    let revision = record_change(&tx, org_id, id, "upsert", now)?;
+    let revision = record_change(tx, org_id, id, "upsert", now)?;
     tx.execute(
         "UPDATE devices SET revision = ?1 WHERE id = ?2",
         params![revision, id],

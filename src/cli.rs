@@ -95,6 +95,10 @@ pub enum Command {
         /// Reach the organization only through its relay (no direct peering).
         #[arg(long, env = "NEXODUS_RELAY_ONLY", conflicts_with = "relay")]
         relay_only: bool,
+        /// Persistent keepalive towards every peer, in seconds (0: off). Keeps NAT
+        /// mappings open; lower it for NATs that forget UDP flows quickly.
+        #[arg(long, env = "NEXODUS_KEEPALIVE", default_value_t = crate::node::mesh::KEEPALIVE_SECS)]
+        keepalive: u16,
         /// With --advertise-cidr: masquerade mesh traffic to the advertised LANs (for
         /// LANs without a route back to the mesh; uses nftables).
         #[arg(long, env = "NEXODUS_MASQUERADE", requires = "advertise_cidr")]

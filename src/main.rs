@@ -59,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
             relay,
             relay_only,
             masquerade,
+            keepalive,
             state,
         } => {
             for cidr in &advertise_cidr {
@@ -77,6 +78,7 @@ fn run(cli: Cli) -> Result<()> {
                 relay,
                 relay_only,
                 masquerade,
+                keepalive,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))

@@ -27,7 +27,7 @@ use crate::coord::keys;
 use crate::coord::token::{JoinToken, TokenError, hex};
 use crate::io::{nft, route, sysinfo, tun, udp};
 use crate::node::dataplane::{DataPlane, PeerConfig};
-use crate::node::mesh::{Action, KEEPALIVE_SECS, LocalView, MeshState, Path};
+use crate::node::mesh::{Action, LocalView, MeshState, Path};
 use crate::node::nat;
 use crate::wire::control::{
     Auth, Device, DeviceUpdate, ErrorCode, RegisterRequest, Request, Response,
@@ -95,6 +95,8 @@ pub struct JoinConfig {
     pub relay_only: bool,
     /// Masquerade mesh traffic leaving to the advertised LANs.
     pub masquerade: bool,
+    /// Persistent keepalive towards every peer, seconds (0: off).
+    pub keepalive: u16,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443).
@@ -166,6 +168,7 @@ struct Ctx<'a> {
     ipv6: bool,
     endpoints: Vec<SocketAddr>,
     public_key: String,
+    iface: Iface,
 }
 
 /// Registers or logs in. Transport failures are `Ok(Err(_))` (retry); refusals that
@@ -182,6 +185,7 @@ async fn enroll(
         ipv6,
         ref endpoints,
         ref public_key,
+        ..
     } = *ctx;
     let client = match connect(addrs, fp).await {
         Ok(c) => c,
@@ -338,6 +342,10 @@ pub async fn run(
         ipv6,
         endpoints,
         public_key,
+        iface: Iface {
+            name: cfg.interface.clone(),
+            keepalive: cfg.keepalive,
+        },
     };
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(250);
@@ -457,14 +465,14 @@ pub async fn run(
         tokio::spawn(watch_paths(
             shared.clone(),
             datapath.clone(),
-            cfg.interface.clone(),
+            ctx.iface.clone(),
         )),
         tokio::spawn(probe_nat(
             shared.clone(),
             datapath.clone(),
             stun_rx,
             mapping_changed.clone(),
-            cfg.interface.clone(),
+            ctx.iface.clone(),
             cfg.relay_only,
         )),
     ];
@@ -475,6 +483,7 @@ pub async fn run(
             shared.clone(),
             datapath.clone(),
             private,
+            cfg.keepalive,
         )));
     }
 
@@ -515,6 +524,7 @@ async fn serve_uapi(
     shared: Arc<Mutex<Shared>>,
     datapath: Arc<DataPath>,
     private_key: [u8; 32],
+    keepalive: u16,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -535,7 +545,7 @@ async fn serve_uapi(
                         last_handshake: st.last_handshake,
                         rx_bytes: st.rx_bytes,
                         tx_bytes: st.tx_bytes,
-                        persistent_keepalive: KEEPALIVE_SECS,
+                        persistent_keepalive: keepalive,
                     })
                 })
                 .collect();
@@ -652,7 +662,14 @@ fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::St
 }
 
 /// Applies mesh changes to the data plane and the kernel.
-async fn apply(actions: Vec<Action>, interface: &str, datapath: &DataPath) {
+/// The interface name and settings peers are installed with.
+#[derive(Debug, Clone)]
+struct Iface {
+    name: String,
+    keepalive: u16,
+}
+
+async fn apply(actions: Vec<Action>, iface: &Iface, datapath: &DataPath) {
     let mut routes = Vec::new();
     for a in actions {
         match a {
@@ -664,7 +681,7 @@ async fn apply(actions: Vec<Action>, interface: &str, datapath: &DataPath) {
                         public_key: plan.public_key,
                         endpoint: plan.endpoint,
                         allowed_ips: plan.allowed_ips,
-                        persistent_keepalive: Some(KEEPALIVE_SECS),
+                        persistent_keepalive: Some(iface.keepalive),
                     },
                 ));
             }
@@ -678,7 +695,7 @@ async fn apply(actions: Vec<Action>, interface: &str, datapath: &DataPath) {
     if routes.is_empty() {
         return;
     }
-    let interface = interface.to_string();
+    let interface = iface.name.clone();
     let _ = tokio::task::spawn_blocking(move || {
         for r in routes {
             let result = match r {
@@ -702,7 +719,7 @@ enum WatchEnd {
 async fn watch(
     client: &ControlClient,
     auth: &Auth,
-    interface: &str,
+    iface: &Iface,
     shared: &Mutex<Shared>,
     datapath: &DataPath,
     mapping_changed: &tokio::sync::Notify,
@@ -753,7 +770,7 @@ async fn watch(
                 }
             }
         };
-        apply(actions, interface, datapath).await;
+        apply(actions, iface, datapath).await;
     }
 }
 
@@ -801,7 +818,7 @@ async fn probe_nat(
     datapath: Arc<DataPath>,
     mut answers: tokio::sync::mpsc::UnboundedReceiver<StunAnswer>,
     mapping_changed: Arc<tokio::sync::Notify>,
-    interface: String,
+    iface: Iface,
     relay_only: bool,
 ) {
     loop {
@@ -857,13 +874,13 @@ async fn probe_nat(
                 Vec::new()
             }
         };
-        apply(actions, &interface, &datapath).await;
+        apply(actions, &iface, &datapath).await;
         tokio::time::sleep(Duration::from_secs(nat::PROBE_INTERVAL_SECS)).await;
     }
 }
 
 /// Moves peers between the direct path and the relay as handshakes succeed or fail.
-async fn watch_paths(shared: Arc<Mutex<Shared>>, datapath: Arc<DataPath>, interface: String) {
+async fn watch_paths(shared: Arc<Mutex<Shared>>, datapath: Arc<DataPath>, iface: Iface) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -877,7 +894,7 @@ async fn watch_paths(shared: Arc<Mutex<Shared>>, datapath: Arc<DataPath>, interf
                 st.peers.iter().map(|(id, p)| (*id, p.last_handshake)),
             )
         };
-        apply(actions, &interface, &datapath).await;
+        apply(actions, &iface, &datapath).await;
     }
 }
 
@@ -928,14 +945,7 @@ async fn control_loop(
                 }
             },
         };
-        let watching = watch(
-            &c,
-            &auth,
-            &ctx.cfg.interface,
-            &shared,
-            &datapath,
-            &mapping_changed,
-        );
+        let watching = watch(&c, &auth, &ctx.iface, &shared, &datapath, &mapping_changed);
         let end = tokio::select! {
             end = watching => end,
             () = push_mapping(&c, &auth, &shared, &mapping_changed) => WatchEnd::Lost(ClientError::NoAnswer),

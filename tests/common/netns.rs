@@ -1,6 +1,7 @@
 //! Network namespaces for end-to-end tests: made by the test, deleted on drop (every
 //! exit path), named after the test so tests run in parallel. Underlay addresses come
-//! from 192.0.2.0/24; nothing routes out of the namespaces.
+//! from the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24);
+//! nothing routes out of the namespaces.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -164,4 +165,139 @@ pub fn state_dir(base: &Path, name: &str) -> PathBuf {
     let d = base.join(name);
     std::fs::create_dir_all(&d).expect("state dir");
     d
+}
+
+/// How a NAT router maps the UDP flows of its LAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// nftables `masquerade`: one local port keeps one public port whatever the
+    /// destination (endpoint-independent mapping), so hole punching works.
+    EndpointIndependent,
+    /// nftables `masquerade fully-random`: a new random public port for every
+    /// destination (symmetric NAT), so hole punching cannot work.
+    Symmetric,
+}
+
+/// A site behind a NAT router: `router` has its WAN `eth0` on the internet bridge and
+/// its LAN `lan0`; `node` has `eth0` on that LAN and its default route via the router.
+/// The router forwards, masquerades on the WAN and, like a home router, drops
+/// unsolicited packets from the WAN (so they leave no conntrack entry behind).
+/// Fields drop in order: the node, then the router.
+pub struct NatSite {
+    pub node: Netns,
+    pub router: Netns,
+    /// The node's LAN address.
+    pub node_ip: std::net::Ipv4Addr,
+    /// The router's public (WAN) address.
+    pub wan_ip: std::net::Ipv4Addr,
+}
+
+fn nft_ruleset(nat: Nat) -> String {
+    let masquerade = match nat {
+        Nat::EndpointIndependent => "masquerade",
+        Nat::Symmetric => "masquerade fully-random",
+    };
+    format!(
+        "table ip nxnat {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname \"eth0\" {masquerade}\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"eth0\" ct state new drop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"eth0\" ct state new drop\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+impl Netns {
+    /// Runs a command in the namespace with `input` on its stdin; panics if it fails.
+    pub fn ok_with_stdin(&self, args: &[&str], input: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn command");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("wait command");
+        assert!(
+            out.status.success(),
+            "{args:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Lan {
+    /// A NAT site `name`: router `nx-<tag>-<name>gw` with WAN address `wan` (CIDR) on
+    /// the bridge, and node `nx-<tag>-<name>` on the LAN `lan` (an IPv4 prefix such as
+    /// 192.0.2.0/26: router on its first host address, node on the second). The node
+    /// keeps IPv6 (for tunnel addresses); the underlay is IPv4 only.
+    pub fn nat_site(&mut self, name: &str, wan: &str, lan: &str, nat: Nat) -> NatSite {
+        let lan: ipnet::Ipv4Net = lan.parse().expect("LAN prefix");
+        let wan_ip: std::net::Ipv4Addr = wan
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("WAN address");
+        let mut hosts = lan.hosts();
+        let router_ip = hosts.next().expect("router address");
+        let node_ip = hosts.next().expect("node address");
+        let router = self.host(&format!("{name}gw"), wan, false);
+        let node = Netns::new(&format!("nx-{}-{name}", self.tag));
+        router.ok(&[
+            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns",
+            &node.name,
+        ]);
+        let plen = lan.prefix_len();
+        router.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{router_ip}/{plen}"),
+            "dev",
+            "lan0",
+        ]);
+        router.ok(&["ip", "link", "set", "lan0", "up"]);
+        router.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        router.ok_with_stdin(&["nft", "-f", "-"], &nft_ruleset(nat));
+        node.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{node_ip}/{plen}"),
+            "dev",
+            "eth0",
+        ]);
+        node.ok(&["ip", "link", "set", "eth0", "up"]);
+        node.ok(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &router_ip.to_string(),
+        ]);
+        NatSite {
+            node,
+            router,
+            node_ip,
+            wan_ip,
+        }
+    }
 }

@@ -22,24 +22,35 @@ pub enum TunError {
     },
 }
 
-/// Creates and brings up the interface.
+/// Creates and brings up the interface, with TUN offload (virtio header, TSO/GRO)
+/// when the kernel has it.
 pub fn create(
     name: &str,
     mtu: u16,
     v4: Ipv4Addr,
     v6: Option<(Ipv6Addr, u8)>,
 ) -> Result<SyncDevice, TunError> {
-    let mut builder = tun_rs::DeviceBuilder::new()
-        .name(name)
-        .mtu(mtu)
-        .ipv4(v4, 32u8, None);
-    if let Some((addr, prefix)) = v6 {
-        builder = builder.ipv6(addr, prefix);
-    }
-    let dev = builder.build_sync().map_err(|source| TunError::Create {
-        name: name.into(),
-        source,
-    })?;
+    let build = |offload: bool| {
+        let mut builder = tun_rs::DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .offload(offload)
+            .ipv4(v4, 32u8, None);
+        if let Some((addr, prefix)) = v6 {
+            builder = builder.ipv6(addr, prefix);
+        }
+        builder.build_sync()
+    };
+    let dev = match build(true) {
+        Ok(dev) => dev,
+        Err(e) => {
+            tracing::warn!(error = %e, "TUN offload unavailable; using plain packet I/O");
+            build(false).map_err(|source| TunError::Create {
+                name: name.into(),
+                source,
+            })?
+        }
+    };
     dev.set_nonblocking(true)
         .map_err(|source| TunError::Create {
             name: name.into(),

@@ -22,8 +22,6 @@ use crate::wire::{ip, stun};
 
 /// Packets taken from one source per loop turn before looking at the others.
 pub const BATCH: usize = 64;
-/// Room for one TUN packet plus padding, and for one datagram.
-const BUF_LEN: usize = 65_536;
 
 /// What the data-path reports for `nexodus status`.
 #[derive(Debug, Clone)]
@@ -100,10 +98,18 @@ impl DataPath {
         let thread = std::thread::Builder::new()
             .name("nexodus-datapath".into())
             .spawn(move || {
+                let udp_state = match quinn_udp::UdpSocketState::new((&socket).into()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot set up the UDP socket; data path stops");
+                        return;
+                    }
+                };
                 let mut lp = Loop {
                     dp,
                     tun,
                     local_v6: socket.local_addr().is_ok_and(|a| a.is_ipv6()),
+                    udp_state,
                     socket,
                     config,
                     io_drops: 0,
@@ -147,6 +153,7 @@ struct Loop {
     dp: DataPlane,
     tun: SyncDevice,
     socket: UdpSocket,
+    udp_state: quinn_udp::UdpSocketState,
     local_v6: bool,
     config: DataPathConfig,
     io_drops: u64,
@@ -164,6 +171,96 @@ fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
 
+/// Datagrams received per `recvmmsg` (each buffer may hold a GRO train).
+const UDP_BATCH: usize = 8;
+/// Largest UDP payload, and so the size of one GRO train.
+const MAX_UDP: usize = 65_535;
+/// Room for one TUN packet (MTU 1420 plus padding, with margin).
+const TUN_PACKET: usize = 4096;
+/// Batches taken from one source per loop turn before looking at the others.
+const ROUNDS: usize = 4;
+
+/// Every buffer of the loop, allocated once.
+struct Buffers {
+    /// Whole read from TUN (virtio header + a GSO super-packet when offload is on).
+    tun_original: Vec<u8>,
+    /// TUN packets after segmentation.
+    tun_in: Vec<Vec<u8>>,
+    tun_sizes: Vec<usize>,
+    /// Encrypted datagrams, back to back, sent as one GSO train per destination.
+    gso: Vec<u8>,
+    /// Decrypted packets waiting for one batched TUN write (GRO-coalesced).
+    tun_out: Vec<Vec<u8>>,
+    gro: tun_rs::GROTable,
+    /// Handshakes, relayed packets, timer output.
+    scratch: Vec<u8>,
+    scratch_in: Vec<u8>,
+    /// Virtio header room before each TUN write (0 without offload).
+    tun_offset: usize,
+}
+
+impl Buffers {
+    fn new(tun_offset: usize) -> Self {
+        let tun_out_len = tun_offset + TUN_PACKET;
+        Self {
+            tun_original: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + MAX_UDP],
+            tun_in: (0..tun_rs::IDEAL_BATCH_SIZE)
+                .map(|_| vec![0; TUN_PACKET])
+                .collect(),
+            tun_sizes: vec![0; tun_rs::IDEAL_BATCH_SIZE],
+            gso: vec![0; MAX_UDP],
+            // Capacity for a whole coalesced train, so GRO never reallocates.
+            tun_out: (0..tun_rs::IDEAL_BATCH_SIZE)
+                .map(|_| {
+                    let mut v = Vec::with_capacity(tun_offset + MAX_UDP);
+                    v.resize(tun_out_len, 0);
+                    v
+                })
+                .collect(),
+            gro: tun_rs::GROTable::default(),
+            scratch: vec![0; MAX_UDP + 64],
+            scratch_in: vec![0; MAX_UDP + 64],
+            tun_offset,
+        }
+    }
+}
+
+/// UDP receive buffers, one GRO train each (apart from [`Buffers`], which the
+/// receive loop borrows while these are borrowed).
+struct UdpIn {
+    data: Vec<u8>,
+    meta: Vec<quinn_udp::RecvMeta>,
+}
+
+impl UdpIn {
+    fn new() -> Self {
+        Self {
+            data: vec![0; UDP_BATCH * MAX_UDP],
+            meta: vec![quinn_udp::RecvMeta::default(); UDP_BATCH],
+        }
+    }
+}
+
+/// Encrypted datagrams to one destination, back to back in `Buffers::gso`: all of
+/// `segment` bytes but possibly the last, which closes the train.
+struct Train {
+    to: SocketAddr,
+    segment: usize,
+    count: usize,
+    len: usize,
+    closed: bool,
+}
+
+impl Train {
+    fn accepts(&self, to: SocketAddr, len: usize, max_segments: usize) -> bool {
+        !self.closed
+            && self.to == to
+            && len <= self.segment
+            && self.count < max_segments
+            && self.len + len <= MAX_UDP
+    }
+}
+
 impl Loop {
     fn send_udp(&mut self, to: SocketAddr, data: &[u8]) {
         let to = udp::to_socket_family(self.local_v6, to);
@@ -171,6 +268,26 @@ impl Loop {
             self.io_drops += 1;
             if !would_block(&e) {
                 tracing::trace!(%to, error = %e, "UDP send failed");
+            }
+        }
+    }
+
+    /// Sends a train with one `sendmsg` (UDP GSO when it has several datagrams).
+    fn send_train(&mut self, train: &Train, gso: &[u8]) {
+        let Some(contents) = gso.get(..train.len) else {
+            return;
+        };
+        let transmit = quinn_udp::Transmit {
+            destination: udp::to_socket_family(self.local_v6, train.to),
+            ecn: None,
+            contents,
+            segment_size: (train.count > 1).then_some(train.segment),
+            src_ip: None,
+        };
+        if let Err(e) = self.udp_state.try_send((&self.socket).into(), &transmit) {
+            self.io_drops += train.count as u64;
+            if !would_block(&e) {
+                tracing::trace!(to = %train.to, error = %e, "UDP send failed");
             }
         }
     }
@@ -190,10 +307,196 @@ impl Loop {
         }
     }
 
+    /// TUN → encrypt → UDP, in batches: a TSO super-packet is split by tun-rs, each
+    /// segment encrypted straight into the GSO buffer, and runs of datagrams to the
+    /// same peer leave in one `sendmsg`.
+    fn drain_tun(&mut self, b: &mut Buffers) {
+        let max_segments = self.udp_state.max_gso_segments().max(1);
+        for _ in 0..ROUNDS {
+            let n = match self.tun.recv_multiple(
+                &mut b.tun_original,
+                &mut b.tun_in,
+                &mut b.tun_sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if would_block(&e) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "TUN read failed");
+                    return;
+                }
+            };
+            let mut train: Option<Train> = None;
+            for i in 0..n {
+                let (Some(buf), Some(&len)) = (b.tun_in.get_mut(i), b.tun_sizes.get(i)) else {
+                    break;
+                };
+                let pos = train.as_ref().map_or(0, |t| t.len);
+                let Some(out) = b.gso.get_mut(pos..) else {
+                    break;
+                };
+                let out_ptr = out.as_ptr();
+                let (to, dlen) = match self.dp.handle_tun_packet(buf, len, out) {
+                    Outgoing::Send { to, data } if data.as_ptr() == out_ptr => (to, data.len()),
+                    Outgoing::Send { to, data } => {
+                        // Not where a train continues (e.g. a handshake): on its own.
+                        let data = data.to_vec();
+                        self.send_udp(to, &data);
+                        continue;
+                    }
+                    Outgoing::Drop(_) | Outgoing::Nothing => continue,
+                };
+                match &mut train {
+                    Some(t) if t.accepts(to, dlen, max_segments) => {
+                        t.closed = dlen < t.segment;
+                        t.count += 1;
+                        t.len += dlen;
+                    }
+                    _ => {
+                        if let Some(t) = train.take() {
+                            self.send_train(&t, &b.gso);
+                            // The new datagram was written after the old train: move it
+                            // to the front.
+                            b.gso.copy_within(pos..pos + dlen, 0);
+                        }
+                        train = Some(Train {
+                            to,
+                            segment: dlen,
+                            count: 1,
+                            len: dlen,
+                            closed: false,
+                        });
+                    }
+                }
+                if train
+                    .as_ref()
+                    .is_some_and(|t| t.len + TUN_PACKET > MAX_UDP || t.count >= max_segments)
+                    && let Some(t) = train.take()
+                {
+                    self.send_train(&t, &b.gso);
+                }
+            }
+            if let Some(t) = train.take() {
+                self.send_train(&t, &b.gso);
+            }
+            self.flush(&mut b.scratch);
+        }
+    }
+
+    /// Writes the decrypted packets collected in `tun_out[..k]` with one batched,
+    /// GRO-coalescing TUN write, then restores the buffers' lengths.
+    fn write_tun(&mut self, b: &mut Buffers, k: usize) {
+        if k == 0 {
+            return;
+        }
+        let Some(bufs) = b.tun_out.get_mut(..k) else {
+            return;
+        };
+        if let Err(e) = self.tun.send_multiple(&mut b.gro, bufs, b.tun_offset) {
+            self.io_drops += k as u64;
+            tracing::trace!(error = %e, "TUN write failed");
+        }
+        for buf in bufs {
+            buf.resize(b.tun_offset + TUN_PACKET, 0);
+        }
+    }
+
+    /// A packet decrypted from `peer` goes to another peer: re-encrypt and send.
+    fn forward(&mut self, b: &mut Buffers, len: usize) {
+        if let Outgoing::Send { to, data } =
+            self.dp
+                .handle_tun_packet(&mut b.scratch_in, len, &mut b.scratch)
+        {
+            self.relayed_packets += 1;
+            self.relayed_bytes += len as u64;
+            let to = udp::to_socket_family(self.local_v6, to);
+            if self.socket.send_to(data, to).is_err() {
+                self.io_drops += 1;
+            }
+        }
+    }
+
+    /// UDP → decrypt → TUN, in batches: `recvmmsg` with GRO trains, each datagram
+    /// decrypted straight into a TUN buffer, all written with one batched write.
+    fn drain_udp(&mut self, b: &mut Buffers, udp_in: &mut UdpIn) {
+        for _ in 0..ROUNDS {
+            let mut chunks = udp_in.data.chunks_mut(MAX_UDP);
+            let mut iovs: [std::io::IoSliceMut<'_>; UDP_BATCH] = std::array::from_fn(|_| {
+                std::io::IoSliceMut::new(chunks.next().unwrap_or_default())
+            });
+            let n = match self
+                .udp_state
+                .recv((&self.socket).into(), &mut iovs, &mut udp_in.meta)
+            {
+                Ok(n) => n,
+                Err(e) if would_block(&e) => return,
+                Err(e) => {
+                    tracing::trace!(error = %e, "UDP receive failed");
+                    return;
+                }
+            };
+            let mut k = 0;
+            for (iov, meta) in iovs.iter().zip(&udp_in.meta).take(n) {
+                let from = udp::canonical(meta.addr);
+                let Some(data) = iov.get(..meta.len) else {
+                    continue;
+                };
+                for datagram in data.chunks(meta.stride.max(1)) {
+                    if is_stun_answer(datagram) {
+                        if let Ok(answer) = stun::parse_binding_response(datagram) {
+                            let _ = self.config.stun_answers.send(answer);
+                        }
+                        continue;
+                    }
+                    let Some(out) = b.tun_out.get_mut(k).and_then(|o| o.get_mut(b.tun_offset..))
+                    else {
+                        break;
+                    };
+                    match self.dp.handle_datagram(from, datagram, out) {
+                        Incoming::WriteTun { peer, packet } => {
+                            let len = packet.len();
+                            if self.config.relay && self.forwardable(peer, packet) {
+                                if let Some(dst) = b.scratch_in.get_mut(..len) {
+                                    dst.copy_from_slice(packet);
+                                    self.forward(b, len);
+                                }
+                            } else if let Some(buf) = b.tun_out.get_mut(k) {
+                                buf.truncate(b.tun_offset + len);
+                                k += 1;
+                                if k == b.tun_out.len() {
+                                    self.write_tun(b, k);
+                                    k = 0;
+                                }
+                            }
+                        }
+                        Incoming::Send { to, data } => {
+                            let to = udp::to_socket_family(self.local_v6, to);
+                            if self.socket.send_to(data, to).is_err() {
+                                self.io_drops += 1;
+                            }
+                        }
+                        Incoming::Drop(_) | Incoming::Nothing => {}
+                    }
+                    self.flush(&mut b.scratch);
+                }
+            }
+            self.write_tun(b, k);
+        }
+    }
+
     fn run(&mut self, rx: &mpsc::Receiver<Command>, wake: &OwnedFd) {
-        let mut tun_buf = vec![0u8; BUF_LEN];
-        let mut udp_buf = vec![0u8; BUF_LEN];
-        let mut out = vec![0u8; BUF_LEN + 64];
+        let mut b = Buffers::new(if self.tun.tcp_gso() {
+            tun_rs::VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        });
+        let mut udp_in = UdpIn::new();
+        tracing::info!(
+            tun_offload = self.tun.tcp_gso(),
+            udp_gso_segments = self.udp_state.max_gso_segments(),
+            udp_gro_segments = self.udp_state.gro_segments(),
+            "data path started"
+        );
         let mut fds = [
             libc::pollfd {
                 fd: self.tun.as_raw_fd(),
@@ -216,7 +519,7 @@ impl Loop {
             let now = Instant::now();
             if now >= next_timer {
                 self.dp.handle_timeout(now);
-                self.flush(&mut out);
+                self.flush(&mut b.scratch);
                 next_timer = self
                     .dp
                     .poll_timeout()
@@ -266,70 +569,13 @@ impl Loop {
                     }
                 }
                 // Peer changes may have produced handshakes.
-                self.flush(&mut out);
+                self.flush(&mut b.scratch);
             }
             if fds[0].revents != 0 {
-                for _ in 0..BATCH {
-                    let len = match self.tun.recv(&mut tun_buf) {
-                        Ok(len) => len,
-                        Err(e) if would_block(&e) => break,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TUN read failed");
-                            break;
-                        }
-                    };
-                    if let Outgoing::Send { to, data } =
-                        self.dp.handle_tun_packet(&mut tun_buf, len, &mut out)
-                    {
-                        self.send_udp(to, data);
-                    }
-                }
-                self.flush(&mut out);
+                self.drain_tun(&mut b);
             }
             if fds[1].revents != 0 {
-                for _ in 0..BATCH {
-                    let (len, from) = match self.socket.recv_from(&mut udp_buf) {
-                        Ok(r) => r,
-                        Err(e) if would_block(&e) => break,
-                        Err(e) => {
-                            tracing::trace!(error = %e, "UDP receive failed");
-                            break;
-                        }
-                    };
-                    let from = udp::canonical(from);
-                    let Some(datagram) = udp_buf.get(..len) else {
-                        continue;
-                    };
-                    if is_stun_answer(datagram) {
-                        if let Ok(answer) = stun::parse_binding_response(datagram) {
-                            let _ = self.config.stun_answers.send(answer);
-                        }
-                        continue;
-                    }
-                    match self.dp.handle_datagram(from, datagram, &mut out) {
-                        Incoming::WriteTun { peer, packet } => {
-                            let len = packet.len();
-                            if self.config.relay && self.forwardable(peer, packet) {
-                                // Decrypted from one peer, for another: re-encrypt here.
-                                if let Some(dst) = tun_buf.get_mut(..len) {
-                                    dst.copy_from_slice(packet);
-                                    if let Outgoing::Send { to, data } =
-                                        self.dp.handle_tun_packet(&mut tun_buf, len, &mut out)
-                                    {
-                                        self.relayed_packets += 1;
-                                        self.relayed_bytes += len as u64;
-                                        self.send_udp(to, data);
-                                    }
-                                }
-                            } else if self.tun.send(packet).is_err() {
-                                self.io_drops += 1;
-                            }
-                        }
-                        Incoming::Send { to, data } => self.send_udp(to, data),
-                        Incoming::Drop(_) | Incoming::Nothing => {}
-                    }
-                    self.flush(&mut out);
-                }
+                self.drain_udp(&mut b, &mut udp_in);
             }
         }
     }

@@ -70,3 +70,9 @@ CREATE TABLE changes (
 -- Devices that run stock WireGuard (wg-quick export): relay-only spokes that
 -- never talk to the coordinator themselves.
 ALTER TABLE devices ADD COLUMN unmanaged INTEGER NOT NULL DEFAULT 0;
+
+-- migration: 3
+
+-- A device is online while it holds a watch stream to a coordinator. Nodes pick
+-- their relay among online relays, so a dead relay's spokes move to another.
+ALTER TABLE devices ADD COLUMN online INTEGER NOT NULL DEFAULT 0;

@@ -172,8 +172,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn print_devices(devices: &[Device], now: i64) {
     println!(
-        "{:<5} {:<20} {:<15} {:<24} {:<6} {:<22} LAST SEEN",
-        "ID", "HOSTNAME", "TUNNEL IP", "TUNNEL IPV6", "ROLE", "ENDPOINT"
+        "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} LAST SEEN",
+        "ID", "HOSTNAME", "TUNNEL IP", "TUNNEL IPV6", "ROLE", "STATE", "ENDPOINT"
     );
     for d in devices {
         let role = if d.unmanaged {
@@ -190,13 +190,14 @@ fn print_devices(devices: &[Device], now: i64) {
             .or_else(|| d.endpoints.first().copied())
             .map_or_else(|| "-".to_string(), |e| e.to_string());
         println!(
-            "{:<5} {:<20} {:<15} {:<24} {:<6} {:<22} {}s ago",
+            "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} {}s ago",
             d.id,
             d.hostname,
             d.tunnel_ip,
             d.tunnel_ip_v6
                 .map_or_else(|| "-".to_string(), |a| a.to_string()),
             role,
+            if d.online { "online" } else { "offline" },
             endpoint,
             (now - d.last_seen).max(0)
         );

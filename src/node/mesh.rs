@@ -8,8 +8,8 @@
 //! Rules:
 //! - A node without IPv6, or a peer without it, gets no IPv6 allowed IP or route for
 //!   that peer.
-//! - The relay of the organization is the relay device with the lowest id, so every
-//!   node picks the same one, and a spoke moves to the next if its relay is removed.
+//! - The relay of the organization is the online relay device with the lowest id, so
+//!   every node picks the same one, and a spoke moves to the next if its relay dies.
 //! - A spoke (`--relay-only`, or behind a symmetric NAT) peers only with the relay,
 //!   whose allowed IPs are the organization supernets (longest prefix match keeps any
 //!   more specific route as it is).
@@ -124,9 +124,14 @@ impl MeshState {
         self.installed.get(&id)
     }
 
-    /// The relay every node of the organization uses: the lowest-id relay device.
+    /// The relay every node of the organization uses: the lowest-id relay that is
+    /// online (holds a watch stream), so a dead relay's spokes move to the next.
     pub fn relay_id(&self) -> Option<i64> {
-        let others = self.devices.values().filter(|d| d.relay).map(|d| d.id);
+        let others = self
+            .devices
+            .values()
+            .filter(|d| d.relay && d.online)
+            .map(|d| d.id);
         let me = self.local.relay.then_some(self.local.device_id);
         others.chain(me).min()
     }

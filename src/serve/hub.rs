@@ -36,6 +36,8 @@ pub struct Hub {
     store: Arc<Mutex<Store>>,
     orgs: Mutex<HashMap<i64, broadcast::Sender<Arc<OrgDelta>>>>,
     poke: Notify,
+    /// Open watch streams per device (a reconnecting node briefly has two).
+    watches: Mutex<HashMap<i64, usize>>,
 }
 
 /// Groups changes by organization; per device the latest state wins.
@@ -83,7 +85,31 @@ impl Hub {
             store,
             orgs: Mutex::new(HashMap::new()),
             poke: Notify::new(),
+            watches: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Counts a new watch stream of a device; true if it is its only one.
+    pub fn watch_started(&self, device_id: i64) -> bool {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(device_id).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Counts a watch stream's end; true if the device has none left.
+    pub fn watch_ended(&self, device_id: i64) -> bool {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        match w.get_mut(&device_id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                w.remove(&device_id);
+                true
+            }
+        }
     }
 
     /// Tells the hub a change was committed.

@@ -179,6 +179,13 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         println!("{token}");
     }
     let server_config = state.identity.server_config()?;
+    let reset = state.store.reset_online(unix_now())?;
+    if reset > 0 {
+        tracing::info!(
+            devices = reset,
+            "marked devices offline until they reconnect"
+        );
+    }
     let revision = state.store.current_revision()?;
     let store = Arc::new(Mutex::new(state.store));
     let hub = Hub::new(store.clone());
@@ -373,8 +380,37 @@ async fn serve_watch(
     };
     // Subscribe before reading the snapshot so that no change falls in between.
     let mut rx = hub.subscribe(me.organization_id);
-    let mut revision = send_snapshot(&mut send, &store, me.organization_id, stun_port).await?;
+    let revision = send_snapshot(&mut send, &store, me.organization_id, stun_port).await?;
     tracing::info!(id = me.id, hostname = %me.hostname, %remote, revision, "watch started");
+    let id = me.id;
+    if hub.watch_started(id) {
+        set_online(&store, &hub, id, true).await;
+    }
+    let result = forward_deltas(&mut send, &store, &mut rx, &me, revision, stun_port).await;
+    if hub.watch_ended(id) {
+        set_online(&store, &hub, id, false).await;
+    }
+    tracing::info!(id, %remote, "watch ended");
+    result
+}
+
+async fn set_online(store: &Arc<Mutex<Store>>, hub: &Hub, id: i64, online: bool) {
+    let now = unix_now();
+    match with_store(store, move |s| s.set_online(id, online, now)).await {
+        Ok(()) => hub.poke(),
+        Err(e) => tracing::warn!(id, error = %e, "could not record online state"),
+    }
+}
+
+/// Sends every delta newer than `revision` until the stream or the device ends.
+async fn forward_deltas(
+    send: &mut quinn::SendStream,
+    store: &Arc<Mutex<Store>>,
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<hub::OrgDelta>>,
+    me: &Device,
+    mut revision: i64,
+    stun_port: Option<u16>,
+) -> Result<(), FrameIoError> {
     loop {
         let delta = tokio::select! {
             r = rx.recv() => r,
@@ -399,7 +435,7 @@ async fn serve_watch(
                     missed = n,
                     "watcher fell behind; resending snapshot"
                 );
-                revision = send_snapshot(&mut send, &store, me.organization_id, stun_port).await?;
+                revision = send_snapshot(send, store, me.organization_id, stun_port).await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }

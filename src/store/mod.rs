@@ -74,7 +74,7 @@ pub const DEFAULT_ORG: &str = "default";
 const DEVICE_COLUMNS: &str = "id, organization_id, public_key, hostname, os, tunnel_ip, \
     tunnel_ip_v6, organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, \
     endpoints, reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
-    advertise_cidrs, revision, last_seen, unmanaged";
+    advertise_cidrs, revision, last_seen, unmanaged, online";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -137,6 +137,7 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<Device> {
         revision: row.get(18)?,
         last_seen: row.get(19)?,
         unmanaged: row.get(20)?,
+        online: row.get(21)?,
     })
 }
 
@@ -643,6 +644,52 @@ impl Store {
         let d = load_device(&tx, device_id)?.ok_or(StoreError::DeviceNotFound(device_id))?;
         tx.commit()?;
         Ok(d)
+    }
+
+    /// Marks a device online or offline; records a change only if it changed.
+    pub fn set_online(&mut self, device_id: i64, online: bool, now: i64) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: Option<(i64, bool)> = tx
+            .query_row(
+                "SELECT organization_id, online FROM devices WHERE id = ?1",
+                [device_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((org, was)) = current else {
+            return Ok(());
+        };
+        if was != online {
+            let revision = record_change(&tx, org, device_id, "upsert", now)?;
+            tx.execute(
+                "UPDATE devices SET online = ?1, revision = ?2, last_seen = ?3 WHERE id = ?4",
+                params![online, revision, now, device_id],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE devices SET last_seen = ?1 WHERE id = ?2",
+                params![now, device_id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks every device offline (a coordinator starting knows of no live watch).
+    pub fn reset_online(&mut self, now: i64) -> Result<usize, StoreError> {
+        let ids: Vec<i64> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id FROM devices WHERE online = 1")?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            self.set_online(*id, false, now)?;
+        }
+        Ok(ids.len())
     }
 
     /// Removes a device; its addresses return to the pool.

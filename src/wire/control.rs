@@ -123,6 +123,9 @@ pub struct Device {
     /// Runs stock WireGuard from an exported config (reached through the relay).
     #[serde(default)]
     pub unmanaged: bool,
+    /// Holds a watch stream to a coordinator right now.
+    #[serde(default)]
+    pub online: bool,
 }
 
 /// Machine-readable error kinds, so a client can react without parsing text.

@@ -25,6 +25,7 @@ fn device(id: i64, v6: bool) -> Device {
         revision: 1,
         last_seen: 0,
         unmanaged: false,
+        online: true,
     }
 }
 
@@ -167,6 +168,17 @@ fn spoke_peers_only_with_the_lowest_id_relay() {
     // The v6 supernet is the interface's own connected route: not added again.
     assert!(m.routes().any(|n| *n == net("100.64.0.0/10")));
     assert!(!m.routes().any(|n| *n == net("200::/64")));
+    // Relay 4 goes offline: the spoke moves to relay 5, and back when 4 returns.
+    let mut r4_off = device(4, true);
+    r4_off.relay = true;
+    r4_off.online = false;
+    let acts = m.apply_delta(&[r4_off], &[], now);
+    assert!(acts.contains(&Action::RemovePeer(4)));
+    assert!(m.plan(5).is_some());
+    let mut r4_on = device(4, true);
+    r4_on.relay = true;
+    m.apply_delta(&[r4_on], &[], now);
+    assert!(m.plan(4).is_some() && m.plan(5).is_none());
     // Relay 4 is removed: the spoke moves to relay 5.
     let acts = m.apply_delta(&[], &[4], now);
     assert!(acts.contains(&Action::RemovePeer(4)));

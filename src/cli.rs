@@ -103,6 +103,34 @@ pub enum Command {
         /// LANs without a route back to the mesh; uses nftables).
         #[arg(long, env = "NEXODUS_MASQUERADE", requires = "advertise_cidr")]
         masquerade: bool,
+        /// Rootless mode: no TUN device and no privileges; the tunnel ends in a
+        /// userspace TCP/IP stack, reached through --ingress, --egress and --socks5.
+        #[arg(long, env = "NEXODUS_USERSPACE", conflicts_with_all = ["advertise_cidr", "masquerade"])]
+        userspace: bool,
+        /// With --userspace: PROTO:PORT:HOST:HOSTPORT — connections to this node's mesh
+        /// addresses on PORT go to HOST:HOSTPORT here (e.g. tcp:443:127.0.0.1:8443).
+        /// Repeatable.
+        #[arg(
+            long,
+            env = "NEXODUS_INGRESS",
+            requires = "userspace",
+            value_delimiter = ','
+        )]
+        ingress: Vec<String>,
+        /// With --userspace: PROTO:LOCALPORT:MESHHOST:PORT — a local listener carrying
+        /// connections to a mesh host (e.g. tcp:5432:100.64.0.5:5432, udp:5353:[200::5]:53).
+        /// Repeatable.
+        #[arg(
+            long,
+            env = "NEXODUS_EGRESS",
+            requires = "userspace",
+            value_delimiter = ','
+        )]
+        egress: Vec<String>,
+        /// With --userspace: a SOCKS5 proxy into the mesh on this address
+        /// (e.g. 127.0.0.1:1080).
+        #[arg(long, env = "NEXODUS_SOCKS5", requires = "userspace")]
+        socks5: Option<std::net::SocketAddr>,
         /// Ask for a specific tunnel address (v4 and/or v6; repeatable); refused if taken.
         #[arg(long, env = "NEXODUS_REQUEST_IP", value_delimiter = ',')]
         request_ip: Vec<std::net::IpAddr>,

@@ -11,4 +11,5 @@ pub mod node;
 pub mod quicio;
 pub mod serve;
 pub mod store;
+pub mod userspace;
 pub mod wire;

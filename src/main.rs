@@ -60,8 +60,23 @@ fn run(cli: Cli) -> Result<()> {
             relay_only,
             masquerade,
             keepalive,
+            userspace,
+            ingress,
+            egress,
+            socks5,
             state,
         } => {
+            let userspace = if userspace {
+                Some(nexodus::userspace::UserspaceConfig::parse(
+                    nexodus::userspace::UserspaceArgs {
+                        ingress,
+                        egress,
+                        socks5,
+                    },
+                )?)
+            } else {
+                None
+            };
             for cidr in &advertise_cidr {
                 nexodus::coord::ipam::validate_advertised(*cidr)
                     .with_context(|| format!("--advertise-cidr {cidr}"))?;
@@ -79,6 +94,7 @@ fn run(cli: Cli) -> Result<()> {
                 relay_only,
                 masquerade,
                 keepalive,
+                userspace,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))

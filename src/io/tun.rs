@@ -58,3 +58,74 @@ pub fn create(
         })?;
     Ok(dev)
 }
+
+/// Where the data path reads and writes IP packets: the kernel's TUN device, or one
+/// end of a datagram socket pair whose other end is a userspace TCP/IP stack (rootless
+/// mode: no TUN, no capabilities).
+pub enum PacketDevice {
+    Tun(SyncDevice),
+    Pipe(std::os::unix::net::UnixDatagram),
+}
+
+impl PacketDevice {
+    /// Packets carry a virtio header (TUN offload on).
+    pub fn offload(&self) -> bool {
+        match self {
+            Self::Tun(t) => t.tcp_gso(),
+            Self::Pipe(_) => false,
+        }
+    }
+
+    /// Reads a batch: with offload one read may yield many segments in `bufs`.
+    pub fn recv_multiple(
+        &self,
+        original: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        offset: usize,
+    ) -> std::io::Result<usize> {
+        match self {
+            Self::Tun(t) => t.recv_multiple(original, bufs, sizes, offset),
+            Self::Pipe(p) => {
+                let (Some(buf), Some(size)) = (bufs.first_mut(), sizes.first_mut()) else {
+                    return Ok(0);
+                };
+                let Some(room) = buf.get_mut(offset..) else {
+                    return Ok(0);
+                };
+                *size = p.recv(room)?;
+                Ok(1)
+            }
+        }
+    }
+
+    /// Writes a batch (GRO-coalesced on a TUN with offload).
+    pub fn send_multiple(
+        &self,
+        gro: &mut tun_rs::GROTable,
+        bufs: &mut [Vec<u8>],
+        offset: usize,
+    ) -> std::io::Result<usize> {
+        match self {
+            Self::Tun(t) => t.send_multiple(gro, bufs, offset),
+            Self::Pipe(p) => {
+                let mut sent = 0;
+                for b in bufs.iter() {
+                    if let Some(packet) = b.get(offset..) {
+                        sent += p.send(packet)?;
+                    }
+                }
+                Ok(sent)
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for PacketDevice {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Self::Tun(t) => t.as_raw_fd(),
+            Self::Pipe(p) => p.as_raw_fd(),
+        }
+    }
+}

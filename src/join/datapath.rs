@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::io::tun::SyncDevice;
+use crate::io::tun::PacketDevice;
 use crate::io::udp;
 use crate::node::dataplane::{
     Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId, PeerStats,
@@ -88,7 +88,7 @@ impl DataPath {
     /// Starts the thread.
     pub fn spawn(
         dp: DataPlane,
-        tun: SyncDevice,
+        tun: PacketDevice,
         socket: UdpSocket,
         config: DataPathConfig,
     ) -> std::io::Result<Self> {
@@ -151,7 +151,7 @@ impl Drop for DataPath {
 
 struct Loop {
     dp: DataPlane,
-    tun: SyncDevice,
+    tun: PacketDevice,
     socket: UdpSocket,
     udp_state: quinn_udp::UdpSocketState,
     local_v6: bool,
@@ -485,14 +485,14 @@ impl Loop {
     }
 
     fn run(&mut self, rx: &mpsc::Receiver<Command>, wake: &OwnedFd) {
-        let mut b = Buffers::new(if self.tun.tcp_gso() {
+        let mut b = Buffers::new(if self.tun.offload() {
             tun_rs::VIRTIO_NET_HDR_LEN
         } else {
             0
         });
         let mut udp_in = UdpIn::new();
         tracing::info!(
-            tun_offload = self.tun.tcp_gso(),
+            tun_offload = self.tun.offload(),
             udp_gso_segments = self.udp_state.max_gso_segments(),
             udp_gro_segments = self.udp_state.gro_segments(),
             "data path started"

@@ -77,6 +77,8 @@ pub enum JoinError {
     Forwarding(#[from] sysinfo::ForwardingError),
     #[error(transparent)]
     Masquerade(#[from] nft::NftError),
+    #[error(transparent)]
+    Userspace(#[from] crate::userspace::UserspaceError),
 }
 
 pub struct JoinConfig {
@@ -97,6 +99,8 @@ pub struct JoinConfig {
     pub masquerade: bool,
     /// Persistent keepalive towards every peer, seconds (0: off).
     pub keepalive: u16,
+    /// Rootless mode: a userspace TCP/IP stack instead of a TUN device.
+    pub userspace: Option<crate::userspace::UserspaceConfig>,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443).
@@ -136,6 +140,8 @@ struct Shared {
     coordinator: SocketAddr,
     /// The NAT mapping last learned by STUN.
     mapping: Option<nat::Mapping>,
+    /// The userspace stack in rootless mode.
+    stack: Option<Arc<crate::userspace::Stack>>,
 }
 
 struct Enrolled {
@@ -321,7 +327,8 @@ pub async fn run(
         boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(private));
     let public_key = keys::encode_key(public.as_bytes());
 
-    let ipv6 = sysinfo::ipv6_supported(Some(&cfg.interface));
+    // The userspace stack speaks IPv6 whatever the host has.
+    let ipv6 = cfg.userspace.is_some() || sysinfo::ipv6_supported(Some(&cfg.interface));
     let endpoints: Vec<SocketAddr> = udp::local_address_towards(addrs[0])
         .map(|ip| SocketAddr::new(ip, state.listen_port))
         .into_iter()
@@ -345,6 +352,7 @@ pub async fn run(
         iface: Iface {
             name: cfg.interface.clone(),
             keepalive: cfg.keepalive,
+            kernel_routes: cfg.userspace.is_none(),
         },
     };
     tokio::pin!(shutdown);
@@ -409,7 +417,25 @@ pub async fn run(
         )?;
         tracing::info!("masquerading mesh traffic to the advertised prefixes");
     }
-    let tun_dev = tun::create(&cfg.interface, tun::DEFAULT_MTU, device.tunnel_ip, v6)?;
+    let (packets, stack) = match &cfg.userspace {
+        None => {
+            let dev = tun::create(&cfg.interface, tun::DEFAULT_MTU, device.tunnel_ip, v6)?;
+            (tun::PacketDevice::Tun(dev), None)
+        }
+        Some(us) => {
+            let (ours, theirs) =
+                std::os::unix::net::UnixDatagram::pair().map_err(JoinError::DataPath)?;
+            ours.set_nonblocking(true).map_err(JoinError::DataPath)?;
+            let stack = crate::userspace::Stack::start(
+                us.clone(),
+                theirs,
+                device.tunnel_ip,
+                v6.map(|(a, _)| a),
+                tun::DEFAULT_MTU,
+            )?;
+            (tun::PacketDevice::Pipe(ours), Some(Arc::new(stack)))
+        }
+    };
     let socket = udp::bind(state.listen_port).map_err(|source| JoinError::Udp {
         port: state.listen_port,
         source,
@@ -417,7 +443,7 @@ pub async fn run(
     let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
     let datapath = DataPath::spawn(
         DataPlane::new(private),
-        tun_dev,
+        packets,
         socket,
         DataPathConfig {
             relay: cfg.relay,
@@ -426,7 +452,7 @@ pub async fn run(
     )
     .map_err(JoinError::DataPath)?;
     tracing::info!(
-        interface = %cfg.interface,
+        interface = %if stack.is_some() { "userspace" } else { &cfg.interface },
         tunnel_ip = %device.tunnel_ip,
         tunnel_ip_v6 = ?v6.map(|(a, _)| a),
         listen_port = state.listen_port,
@@ -449,11 +475,13 @@ pub async fn run(
         stun_port: None,
         coordinator: client.remote_address(),
         mapping: None,
+        stack: stack.clone(),
     }));
     let datapath = Arc::new(datapath);
     let listener = status::bind(&cfg.state_dir).map_err(JoinError::StatusSocket)?;
     let mapping_changed = Arc::new(tokio::sync::Notify::new());
     let uapi_listener = match uapi::bind(&cfg.interface).await {
+        _ if stack.is_some() => None,
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "no WireGuard UAPI socket; `wg show` will not see this node");
@@ -656,6 +684,7 @@ fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::St
         relay: s.mesh.local().relay,
         relayed_packets: dp.map_or(0, |d| d.relayed_packets),
         relayed_bytes: dp.map_or(0, |d| d.relayed_bytes),
+        userspace: s.stack.as_ref().map(|st| st.status()),
         peers,
         drops,
     }
@@ -667,6 +696,9 @@ fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::St
 struct Iface {
     name: String,
     keepalive: u16,
+    /// Routes go into the kernel (not in rootless mode, where the data path's own
+    /// table is the only one).
+    kernel_routes: bool,
 }
 
 async fn apply(actions: Vec<Action>, iface: &Iface, datapath: &DataPath) {
@@ -692,7 +724,7 @@ async fn apply(actions: Vec<Action>, iface: &Iface, datapath: &DataPath) {
             other => routes.push(other),
         }
     }
-    if routes.is_empty() {
+    if routes.is_empty() || !iface.kernel_routes {
         return;
     }
     let interface = iface.name.clone();

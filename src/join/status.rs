@@ -50,6 +50,9 @@ pub struct Status {
     pub relayed_packets: u64,
     #[serde(default)]
     pub relayed_bytes: u64,
+    /// Rootless mode: rules and open flows.
+    #[serde(default)]
+    pub userspace: Option<crate::userspace::UserspaceStatus>,
     pub peers: Vec<PeerStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: std::collections::BTreeMap<String, u64>,

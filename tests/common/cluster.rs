@@ -264,6 +264,24 @@ impl Cluster {
         self.nodes.len() - 1
     }
 
+    /// Adds a (not yet started) node that runs in a namespace made elsewhere (e.g. the
+    /// `node` of a [`super::netns::NatSite`]); returns its index.
+    pub fn add_node_in(&mut self, name: &str, ns: Netns, flags: &[&str]) -> usize {
+        let node = Node {
+            name: name.into(),
+            ns,
+            dir: state_dir(self.tmp.path(), name),
+            flags: flags.iter().map(ToString::to_string).collect(),
+            coordinator: format!("{}:4443", self.coord.ip),
+            log: PathBuf::new(),
+            logdir: self.logs.0[0].clone(),
+            starts: 0,
+            child: None,
+        };
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
     /// Starts a node with the cluster's token.
     pub fn start(&mut self, i: usize) {
         let token = self.token.clone();

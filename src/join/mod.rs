@@ -441,8 +441,10 @@ pub async fn run(
         source,
     })?;
     let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut dataplane = DataPlane::new(private);
+    dataplane.set_mtu(usize::from(tun::DEFAULT_MTU));
     let datapath = DataPath::spawn(
-        DataPlane::new(private),
+        dataplane,
         packets,
         socket,
         DataPathConfig {

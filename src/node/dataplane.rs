@@ -82,6 +82,9 @@ const PADDING: usize = 16;
 const INDEX_SPACE: u32 = 1 << 24;
 
 /// WireGuard message types (first byte; the next three are zero).
+/// Interface MTU assumed until [`DataPlane::set_mtu`].
+pub const DEFAULT_MTU: usize = 1420;
+
 const MSG_HANDSHAKE_INIT: u8 = 1;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
@@ -325,6 +328,8 @@ impl TxSlot {
 
 /// The WireGuard data plane of a node. See the [module docs](self).
 pub struct DataPlane {
+    /// Interface MTU: the padding limit.
+    mtu: usize,
     secret: StaticSecret,
     public: PublicKey,
     /// Shared by every `Tunn` and by our own pre-check of initiations.
@@ -432,6 +437,11 @@ fn parse_destination(packet: &[u8]) -> Option<(IpAddr, usize)> {
 }
 
 impl DataPlane {
+    /// Sets the interface MTU: plaintext padding never goes past it.
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.mtu = mtu;
+    }
+
     /// A data plane with our static private key and no peers.
     pub fn new(private_key: [u8; 32]) -> Self {
         let secret = StaticSecret::from(private_key);
@@ -445,6 +455,7 @@ impl DataPlane {
             by_index: MixMap::default(),
             by_key: MixMap::default(),
             routes: RoutingTable::new(),
+            mtu: DEFAULT_MTU,
             next_index: 1,
             counters: Counters::default(),
             timer_q: Vec::new(),
@@ -655,7 +666,11 @@ impl DataPlane {
         let Some(to) = peer.endpoint else {
             return drop_out(&mut self.counters, DropReason::NoEndpoint);
         };
-        let padded = packet_len.next_multiple_of(PADDING).min(buf.len());
+        // Pad to 16 bytes, but never past the MTU (a full-size packet stays full size).
+        let padded = packet_len
+            .next_multiple_of(PADDING)
+            .min(buf.len())
+            .min(packet_len.max(self.mtu));
         if out.len() < (padded + DATA_OVERHEAD).max(MIN_OUT_LEN) {
             return drop_out(&mut self.counters, DropReason::BufferTooSmall);
         }
@@ -1309,6 +1324,29 @@ mod tests {
         };
         assert_eq!(data.len(), 32 + good4.len().next_multiple_of(16));
         assert_eq!(p.deliver(Side::B, &data).tun_at(Side::B), vec![&good4[..]]);
+    }
+
+    #[test]
+    fn padding_stops_at_the_mtu() {
+        let mut p = connected_pair();
+        p.dp(Side::A).set_mtu(1420);
+        let mut out = vec![0u8; 4096];
+        for len in [1408usize, 1409, 1415, 1420] {
+            let pkt = ipv4_packet(A_V4, B_V4, 64);
+            let pkt = ipv4_packet(A_V4, B_V4, 64 + len - pkt.len());
+            assert_eq!(pkt.len(), len);
+            let mut buf = vec![0u8; 4096];
+            buf[..pkt.len()].copy_from_slice(&pkt);
+            match p
+                .dp(Side::A)
+                .handle_tun_packet(&mut buf, pkt.len(), &mut out)
+            {
+                Outgoing::Send { data, .. } => {
+                    assert_eq!(data.len(), 32 + len.next_multiple_of(16).min(1420), "{len}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -740,18 +740,20 @@ fn routing_loop() {
         ss.device.tunnel_ip.to_string(),
         ss.device.public_key.clone(),
     );
-    // A installed the loop to S itself; without it A and S have a session.
+    // A refuses to route S's advertised prefix: it holds S's own endpoint, so the
+    // route would loop. S's allowed IPs keep it; A and S have a session.
     let routes = wait_until(
-        "A to route S's advertised prefix",
+        "A to route S's tunnel address",
         d.left(Duration::from_secs(10)),
         || {
             let r = c.nodes[a].ns.ok(&["ip", "-4", "route"]);
-            r.contains("203.0.113.5 dev rploopa0").then_some(r)
+            r.contains(&format!("{s_ip} dev rploopa0")).then_some(r)
         },
     );
-    c.nodes[a]
-        .ns
-        .ok(&["ip", "route", "del", "203.0.113.5/32", "dev", "rploopa0"]);
+    assert!(
+        !routes.contains("203.0.113.5 dev rploopa0"),
+        "A routed a prefix over S's endpoint: {routes}"
+    );
     for (from, to) in [(a, &b_ip), (b, &a_ip), (a, &s_ip)] {
         assert!(
             c.nodes[from].ns.ping_until(to, d.left(PING_WAIT)),

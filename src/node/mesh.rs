@@ -271,11 +271,25 @@ impl MeshState {
                 out.push(Action::UpsertPeer(plan.clone()));
             }
         }
+        // A route over a peer's own endpoint would send the tunnel into itself.
+        let endpoints: Vec<std::net::IpAddr> = self
+            .devices
+            .values()
+            .flat_map(|d| d.endpoints.iter().chain(d.reflexive_endpoint.iter()))
+            .map(|e| e.ip())
+            .collect();
         let routes: BTreeSet<IpNet> = desired
             .values()
             .flat_map(|p| p.allowed_ips.iter().copied())
             // The interface's own /64 already routes the org v6 prefix.
             .filter(|n| !(self.local.ipv6 && *n == IpNet::V6(self.local.org_v6)))
+            .filter(|n| {
+                let loops = endpoints.iter().any(|e| n.contains(e));
+                if loops && !self.routes.contains(n) {
+                    tracing::warn!(prefix = %n, "not routing a prefix that contains a peer's endpoint (it would loop)");
+                }
+                !loops
+            })
             .collect();
         out.extend(
             routes

@@ -258,3 +258,16 @@ fn without_a_relay_nothing_falls_back() {
     );
     assert_eq!(m.plan(2).unwrap().allowed_ips.len(), 2);
 }
+
+#[test]
+fn no_route_over_a_peer_endpoint() {
+    let now = Instant::now();
+    let mut m = MeshState::new(local(1, true));
+    let mut router = device(2, true);
+    // Advertises the underlay that holds peer 3's endpoint (192.0.2.3).
+    router.advertise_cidrs = vec![net("192.0.2.0/24")];
+    m.apply_snapshot(&[router, device(3, true)], now);
+    assert!(nets(m.plan(2).unwrap()).contains(&"192.0.2.0/24".to_string()));
+    assert!(!m.routes().any(|n| *n == net("192.0.2.0/24")));
+    assert!(m.routes().any(|n| *n == net("100.64.0.3/32")));
+}

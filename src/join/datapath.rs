@@ -187,8 +187,10 @@ struct Buffers {
     /// TUN packets after segmentation.
     tun_in: Vec<Vec<u8>>,
     tun_sizes: Vec<usize>,
-    /// Encrypted datagrams, back to back, sent as one GSO train per destination.
-    gso: Vec<u8>,
+    /// Encrypted datagrams from TUN, sent as GSO trains.
+    gso: Trains,
+    /// Re-encrypted datagrams a relay forwards, sent as GSO trains.
+    fwd: Trains,
     /// Decrypted packets waiting for one batched TUN write (GRO-coalesced).
     tun_out: Vec<Vec<u8>>,
     gro: tun_rs::GROTable,
@@ -208,7 +210,8 @@ impl Buffers {
                 .map(|_| vec![0; TUN_PACKET])
                 .collect(),
             tun_sizes: vec![0; tun_rs::IDEAL_BATCH_SIZE],
-            gso: vec![0; MAX_UDP],
+            gso: Trains::new(),
+            fwd: Trains::new(),
             // Capacity for a whole coalesced train, so GRO never reallocates.
             tun_out: (0..tun_rs::IDEAL_BATCH_SIZE)
                 .map(|_| {
@@ -249,6 +252,27 @@ struct Train {
     count: usize,
     len: usize,
     closed: bool,
+}
+
+/// A GSO buffer and the train being built in it.
+struct Trains {
+    buf: Vec<u8>,
+    train: Option<Train>,
+}
+
+impl Trains {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; MAX_UDP],
+            train: None,
+        }
+    }
+
+    /// Where the next datagram is encrypted to (right after the current train).
+    fn spare(&mut self) -> Option<&mut [u8]> {
+        let pos = self.train.as_ref().map_or(0, |t| t.len);
+        self.buf.get_mut(pos..)
+    }
 }
 
 impl Train {
@@ -292,6 +316,48 @@ impl Loop {
         }
     }
 
+    /// Adds the datagram of `dlen` bytes just encrypted at [`Trains::spare`] to the
+    /// current train, sending the train first if the datagram cannot join it.
+    fn push_datagram(&mut self, t: &mut Trains, to: SocketAddr, dlen: usize) {
+        let max_segments = self.udp_state.max_gso_segments().max(1);
+        let pos = t.train.as_ref().map_or(0, |t| t.len);
+        match &mut t.train {
+            Some(train) if train.accepts(to, dlen, max_segments) => {
+                train.closed = dlen < train.segment;
+                train.count += 1;
+                train.len += dlen;
+            }
+            _ => {
+                if let Some(old) = t.train.take() {
+                    self.send_train(&old, &t.buf);
+                    // The new datagram was written after the old train: move it to
+                    // the front.
+                    t.buf.copy_within(pos..pos + dlen, 0);
+                }
+                t.train = Some(Train {
+                    to,
+                    segment: dlen,
+                    count: 1,
+                    len: dlen,
+                    closed: false,
+                });
+            }
+        }
+        let full = t
+            .train
+            .as_ref()
+            .is_some_and(|tr| tr.len + TUN_PACKET > MAX_UDP || tr.count >= max_segments);
+        if full {
+            self.flush_train(t);
+        }
+    }
+
+    fn flush_train(&mut self, t: &mut Trains) {
+        if let Some(train) = t.train.take() {
+            self.send_train(&train, &t.buf);
+        }
+    }
+
     /// True when a packet decrypted from `from` is for another peer (not for this
     /// host and not back to its sender).
     fn forwardable(&self, from: PeerId, packet: &[u8]) -> bool {
@@ -311,7 +377,6 @@ impl Loop {
     /// segment encrypted straight into the GSO buffer, and runs of datagrams to the
     /// same peer leave in one `sendmsg`.
     fn drain_tun(&mut self, b: &mut Buffers) {
-        let max_segments = self.udp_state.max_gso_segments().max(1);
         for _ in 0..ROUNDS {
             let n = match self.tun.recv_multiple(
                 &mut b.tun_original,
@@ -326,59 +391,28 @@ impl Loop {
                     return;
                 }
             };
-            let mut train: Option<Train> = None;
             for i in 0..n {
                 let (Some(buf), Some(&len)) = (b.tun_in.get_mut(i), b.tun_sizes.get(i)) else {
                     break;
                 };
-                let pos = train.as_ref().map_or(0, |t| t.len);
-                let Some(out) = b.gso.get_mut(pos..) else {
+                let Some(out) = b.gso.spare() else {
                     break;
                 };
                 let out_ptr = out.as_ptr();
-                let (to, dlen) = match self.dp.handle_tun_packet(buf, len, out) {
-                    Outgoing::Send { to, data } if data.as_ptr() == out_ptr => (to, data.len()),
+                match self.dp.handle_tun_packet(buf, len, out) {
+                    Outgoing::Send { to, data } if data.as_ptr() == out_ptr => {
+                        let dlen = data.len();
+                        self.push_datagram(&mut b.gso, to, dlen);
+                    }
                     Outgoing::Send { to, data } => {
                         // Not where a train continues (e.g. a handshake): on its own.
                         let data = data.to_vec();
                         self.send_udp(to, &data);
-                        continue;
                     }
-                    Outgoing::Drop(_) | Outgoing::Nothing => continue,
-                };
-                match &mut train {
-                    Some(t) if t.accepts(to, dlen, max_segments) => {
-                        t.closed = dlen < t.segment;
-                        t.count += 1;
-                        t.len += dlen;
-                    }
-                    _ => {
-                        if let Some(t) = train.take() {
-                            self.send_train(&t, &b.gso);
-                            // The new datagram was written after the old train: move it
-                            // to the front.
-                            b.gso.copy_within(pos..pos + dlen, 0);
-                        }
-                        train = Some(Train {
-                            to,
-                            segment: dlen,
-                            count: 1,
-                            len: dlen,
-                            closed: false,
-                        });
-                    }
-                }
-                if train
-                    .as_ref()
-                    .is_some_and(|t| t.len + TUN_PACKET > MAX_UDP || t.count >= max_segments)
-                    && let Some(t) = train.take()
-                {
-                    self.send_train(&t, &b.gso);
+                    Outgoing::Drop(_) | Outgoing::Nothing => {}
                 }
             }
-            if let Some(t) = train.take() {
-                self.send_train(&t, &b.gso);
-            }
+            self.flush_train(&mut b.gso);
             self.flush(&mut b.scratch);
         }
     }
@@ -401,18 +435,26 @@ impl Loop {
         }
     }
 
-    /// A packet decrypted from `peer` goes to another peer: re-encrypt and send.
+    /// A packet decrypted from one peer for another (relay): re-encrypt it into the
+    /// forwarding train. `b.scratch_in[..len]` holds it.
     fn forward(&mut self, b: &mut Buffers, len: usize) {
-        if let Outgoing::Send { to, data } =
-            self.dp
-                .handle_tun_packet(&mut b.scratch_in, len, &mut b.scratch)
-        {
-            self.relayed_packets += 1;
-            self.relayed_bytes += len as u64;
-            let to = udp::to_socket_family(self.local_v6, to);
-            if self.socket.send_to(data, to).is_err() {
-                self.io_drops += 1;
+        let Some(out) = b.fwd.spare() else {
+            return;
+        };
+        let out_ptr = out.as_ptr();
+        match self.dp.handle_tun_packet(&mut b.scratch_in, len, out) {
+            Outgoing::Send { to, data } => {
+                self.relayed_packets += 1;
+                self.relayed_bytes += len as u64;
+                let dlen = data.len();
+                if data.as_ptr() == out_ptr {
+                    self.push_datagram(&mut b.fwd, to, dlen);
+                } else {
+                    let data = data.to_vec();
+                    self.send_udp(to, &data);
+                }
             }
+            Outgoing::Drop(_) | Outgoing::Nothing => {}
         }
     }
 
@@ -481,6 +523,7 @@ impl Loop {
                 }
             }
             self.write_tun(b, k);
+            self.flush_train(&mut b.fwd);
         }
     }
 

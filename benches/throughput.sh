@@ -1,0 +1,552 @@
+#!/usr/bin/env bash
+# Data-plane throughput of nexodus against stock userspace WireGuard (wireguard-go and
+# boringtun-cli), between two network namespaces joined by a veth pair.
+#
+#   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--no-install]
+#
+# Per round, in alternation (bare veth, nexodus, boringtun-cli, wireguard-go), each
+# tunnel set up fresh and torn down after its run: ping RTT A->B (20 pings, 50 ms apart)
+# and one TCP stream of iperf3 A->B for --seconds over the inner IPv4 and the inner IPv6
+# address. Prints the medians over the rounds and the ratios nexodus/boringtun-cli and
+# nexodus/wireguard-go. --relay adds a third namespace running `nexodus join --relay`
+# and compares nexodus relayed (A --relay-only) with nexodus direct on that topology.
+# Installs what is missing (apt: iperf3 wireguard-go wireguard-tools iproute2
+# iputils-ping jq; cargo: boringtun-cli 0.7) and builds nexodus in release mode.
+# Everything it creates (namespaces nxb-*, processes, UAPI sockets, temp dir) goes on
+# every exit path, Ctrl-C included. See benches/README.md.
+set -euo pipefail
+
+usage() {
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    echo
+    echo "Options:"
+    echo "  --rounds N      rounds of the alternation (default 3)"
+    echo "  --seconds N     iperf3 duration per stream, after 1 s of warm-up (default 10)"
+    echo "  --relay         also measure nexodus through a relay node"
+    echo "  --no-install    do not install packages or boringtun-cli, do not build"
+    echo "  --keep-logs     keep the logs directory (its path is printed)"
+    echo "Environment: NEXODUS_BIN (default target/release/nexodus),"
+    echo "  BORINGTUN_CLI (default: PATH, then ~/.cargo/bin/boringtun-cli)"
+}
+
+ROUNDS=3
+DUR=10
+RELAY=0
+INSTALL=1
+KEEP_LOGS=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --rounds) ROUNDS="${2:?--rounds needs a number}"; shift 2 ;;
+    --seconds) DUR="${2:?--seconds needs a number}"; shift 2 ;;
+    --relay) RELAY=1; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    --keep-logs) KEEP_LOGS=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds: positive integer" >&2; exit 2; }
+[[ "$DUR" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds: positive integer" >&2; exit 2; }
+if [ "$(id -u)" -ne 0 ]; then
+    echo "needs root (network namespaces, TUN): sudo $0 $*" >&2
+    exit 1
+fi
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+export PATH="$PATH:/usr/sbin:/sbin"
+
+# ---------------------------------------------------------------- names and addresses
+NS_A=nxb-a
+NS_B=nxb-b
+NS_R=nxb-r
+VETH_A=nxb-va          # in A, peer of VETH_B
+VETH_B=nxb-vb          # in B
+VETH_RA=nxb-vra        # in A (relay phase), peer of VETH_R
+VETH_R=nxb-vr          # in R
+BRIDGE=nxb-br          # in A (relay phase)
+UNDER_A=198.51.100.1
+UNDER_B=198.51.100.2
+UNDER_R=198.51.100.3
+UNDER6_A=2001:db8:5100::1
+UNDER6_B=2001:db8:5100::2
+IN_A=100.64.0.1
+IN_B=100.64.0.2
+IN6_A=200::1
+IN6_B=200::2
+TUN_MTU=1420
+WG_PORT=51820
+IPERF_PORT=5201
+# Interface names are per namespace, but the UAPI sockets (/var/run/wireguard/IF.sock)
+# are not: every tunnel interface gets a name of its own.
+declare -A IFNAME=(
+    [nexodus.a]=nxbna [nexodus.b]=nxbnb [nexodus.r]=nxbnr
+    [boringtun-cli.a]=nxbta [boringtun-cli.b]=nxbtb
+    [wireguard-go.a]=nxbwa [wireguard-go.b]=nxbwb
+)
+ALL_NS=("$NS_A" "$NS_B" "$NS_R")
+
+WORK=""
+PIDS=()
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- cleanup
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    local pid ns ifn i
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for i in $(seq 30); do # up to 3 s for a clean exit
+        any_alive "${PIDS[@]}" || break
+        sleep 0.1
+    done
+    for ns in "${ALL_NS[@]}"; do
+        if ip netns list 2>/dev/null | grep -qw "^$ns"; then
+            for pid in $(ip netns pids "$ns" 2>/dev/null); do
+                kill -KILL "$pid" 2>/dev/null
+            done
+            ip netns del "$ns" 2>/dev/null
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    for ifn in "${IFNAME[@]}"; do
+        rm -f "/var/run/wireguard/$ifn.sock" "/var/run/wireguard/$ifn.name"
+    done
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if [ "$KEEP_LOGS" = 1 ] || [ "$rc" -ne 0 ]; then
+            log "logs kept in $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# ---------------------------------------------------------------- helpers
+# wait_until SECONDS WHAT CMD...: polls CMD every 100 ms until it succeeds.
+wait_until() {
+    local secs=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            log "timed out after ${secs}s waiting for $what"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+# spawn NS LOG CMD...: starts CMD in NS in the background; sets SPAWNED to its pid
+# (`ip netns exec` execs, so that is the pid of CMD itself).
+spawn() {
+    local ns=$1 logf=$2
+    shift 2
+    ip netns exec "$ns" "$@" </dev/null >"$logf" 2>&1 &
+    SPAWNED=$!
+    PIDS+=("$SPAWNED")
+}
+
+alive() { kill -0 "$1" 2>/dev/null; }
+any_alive() { local p; for p in "$@"; do alive "$p" && return 0; done; return 1; }
+
+# stop PID: SIGTERM, bounded wait, then SIGKILL.
+stop() {
+    local pid=$1 i
+    alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 100); do
+        alive "$pid" || break
+        sleep 0.1
+    done
+    if alive "$pid"; then
+        log "pid $pid ignored SIGTERM for 10 s: SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    local keep=()
+    for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+show_log() {
+    local f
+    for f in "$@"; do
+        [ -f "$f" ] || continue
+        echo "===== $f (last 40 lines) =====" >&2
+        tail -n 40 "$f" >&2
+    done
+}
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# ---------------------------------------------------------------- install and build
+# Cargo of the user who ran sudo if they have one (so target/ stays theirs), else root's.
+find_cargo() {
+    local home
+    if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+        home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+        if [ -x "$home/.cargo/bin/cargo" ]; then
+            CARGO=(sudo -u "$SUDO_USER" -H env "PATH=$home/.cargo/bin:$PATH" cargo)
+            CARGO_BIN_DIR="$home/.cargo/bin"
+            return
+        fi
+    fi
+    command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
+    CARGO=(cargo)
+    CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
+}
+
+install_deps() {
+    local need=()
+    command -v ip >/dev/null || need+=(iproute2)
+    command -v ping >/dev/null || need+=(iputils-ping)
+    command -v iperf3 >/dev/null || need+=(iperf3)
+    command -v wg >/dev/null || need+=(wireguard-tools)
+    command -v wireguard-go >/dev/null || need+=(wireguard-go)
+    command -v jq >/dev/null || need+=(jq)
+    if [ "${#need[@]}" -gt 0 ]; then
+        [ "$INSTALL" = 1 ] || die "missing ${need[*]} (run without --no-install)"
+        log "apt-get install ${need[*]}"
+        apt-get update -qq
+        # iperf3's postinst asks whether to start a daemon: no.
+        echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+    [ "$INSTALL" = 1 ] && find_cargo
+    BTCLI="${BORINGTUN_CLI:-}"
+    if [ -z "$BTCLI" ]; then
+        BTCLI="$(command -v boringtun-cli || true)"
+        [ -n "$BTCLI" ] || BTCLI="${CARGO_BIN_DIR:-${CARGO_HOME:-$HOME/.cargo}/bin}/boringtun-cli"
+    fi
+    if ! "$BTCLI" --version 2>/dev/null | grep -q ' 0\.7\.'; then
+        [ "$INSTALL" = 1 ] || die "boringtun-cli 0.7 not found at $BTCLI"
+        log "cargo install boringtun-cli --locked --version ^0.7"
+        "${CARGO[@]}" install boringtun-cli --locked --version '^0.7' --quiet
+        BTCLI="$CARGO_BIN_DIR/boringtun-cli"
+    fi
+    "$BTCLI" --version >/dev/null || die "no working boringtun-cli"
+    NX="${NEXODUS_BIN:-$REPO/target/release/nexodus}"
+    if [ "$INSTALL" = 1 ] && [ -z "${NEXODUS_BIN:-}" ]; then
+        log "cargo build --release"
+        (cd "$REPO" && "${CARGO[@]}" build --release --quiet --bin nexodus)
+    fi
+    [ -x "$NX" ] || die "no nexodus binary at $NX"
+}
+
+# ---------------------------------------------------------------- topology
+del_ns() {
+    local ns=$1 pid
+    ip netns list | grep -qw "^$ns" || return 0
+    for pid in $(ip netns pids "$ns"); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns"
+}
+
+make_ns() {
+    del_ns "$1" # left over by a crashed run
+    ip netns add "$1"
+    nsx "$1" ip link set lo up
+    nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0
+}
+
+setup_topology() {
+    make_ns "$NS_A"
+    make_ns "$NS_B"
+    ip link add "$VETH_A" mtu 1500 netns "$NS_A" type veth peer name "$VETH_B" mtu 1500 netns "$NS_B"
+    nsx "$NS_A" ip addr add "$UNDER_A/24" dev "$VETH_A"
+    nsx "$NS_B" ip addr add "$UNDER_B/24" dev "$VETH_B"
+    nsx "$NS_A" ip -6 addr add "$UNDER6_A/64" dev "$VETH_A" nodad
+    nsx "$NS_B" ip -6 addr add "$UNDER6_B/64" dev "$VETH_B" nodad
+    nsx "$NS_A" ip link set "$VETH_A" up
+    nsx "$NS_B" ip link set "$VETH_B" up
+    wait_until 10 "the veth pair" nsx "$NS_A" ping -c 1 -W 1 "$UNDER_B"
+    wait_until 10 "the veth pair (IPv6)" nsx "$NS_A" ping -6 -c 1 -W 1 "$UNDER6_B"
+    # One iperf3 server in B for the whole run (wildcard: every tunnel address).
+    spawn "$NS_B" "$WORK/iperf3-server.log" iperf3 -s -p "$IPERF_PORT"
+    wait_until 10 "the iperf3 server" \
+        bash -c "ip netns exec $NS_B ss -Hltn 'sport = :$IPERF_PORT' | grep -q LISTEN"
+}
+
+# Relay phase: A's veth and a new veth to R on a bridge in A; all on 198.51.100.0/24.
+setup_relay_topology() {
+    make_ns "$NS_R"
+    ip link add "$VETH_RA" mtu 1500 netns "$NS_A" type veth peer name "$VETH_R" mtu 1500 netns "$NS_R"
+    nsx "$NS_A" ip link add "$BRIDGE" mtu 1500 type bridge
+    nsx "$NS_A" ip addr flush dev "$VETH_A"
+    nsx "$NS_A" ip link set "$VETH_A" master "$BRIDGE"
+    nsx "$NS_A" ip link set "$VETH_RA" master "$BRIDGE"
+    nsx "$NS_A" ip addr add "$UNDER_A/24" dev "$BRIDGE"
+    nsx "$NS_A" ip link set "$VETH_RA" up
+    nsx "$NS_A" ip link set "$BRIDGE" up
+    nsx "$NS_R" ip addr add "$UNDER_R/24" dev "$VETH_R"
+    nsx "$NS_R" ip link set "$VETH_R" up
+    wait_until 15 "the bridge (A to B)" nsx "$NS_A" ping -c 1 -W 1 "$UNDER_B"
+    wait_until 15 "the bridge (R to B)" nsx "$NS_R" ping -c 1 -W 1 "$UNDER_B"
+    wait_until 15 "the bridge (R to A)" nsx "$NS_R" ping -c 1 -W 1 "$UNDER_A"
+}
+
+# ---------------------------------------------------------------- measurements
+RESULTS=""  # file: "IMPL METRIC ROUND VALUE" lines
+
+record() { echo "$*" >>"$RESULTS"; }
+
+# measure IMPL ROUND ADDR4 ADDR6: ping RTT then iperf3 over v4 and v6.
+measure() {
+    local impl=$1 round=$2 a4=$3 a6=$4 out rtt fam addr json bps
+    out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
+    rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
+    record "$impl rtt_ms $round $rtt"
+    for fam in v4 v6; do
+        if [ "$fam" = v4 ]; then addr=$a4; else addr=$a6; fi
+        json="$WORK/iperf.$impl.$fam.$round.json"
+        # --foreground: Ctrl-C reaches iperf3 at once.
+        if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
+            iperf3 -c "$addr" -p "$IPERF_PORT" -t "$DUR" -O 1 -J --connect-timeout 5000 >"$json" 2>&1; then
+            log "$impl $fam round $round: iperf3 failed: $(jq -r '.error // empty' "$json" 2>/dev/null || tail -n 3 "$json")"
+            record "$impl $fam $round nan"
+            continue
+        fi
+        bps=$(jq -r '.end.sum_received.bits_per_second' "$json")
+        record "$impl $fam $round $(awk -v b="$bps" 'BEGIN {printf "%.3f", b / 1e9}')"
+        log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
+    done
+    log "  $impl rtt: $rtt ms"
+}
+
+# ---------------------------------------------------------------- implementations
+# Each start_X sets TUN_A4/TUN_A6 (addresses of B to target), TPIDS (pids to stop)
+# and MEM_PID (the process in A whose RSS is recorded).
+
+start_bare() {
+    TUN_A4=$UNDER_B TUN_A6=$UNDER6_B TPIDS=() MEM_PID=""
+}
+
+# Stock WireGuard daemons: KIND is wireguard-go or boringtun-cli.
+start_stock() {
+    local kind=$1 round=$2 side ns ifn pid
+    local d="$WORK/$kind.$round"
+    mkdir -p "$d"
+    TPIDS=()
+    for side in a b; do
+        ns=nxb-$side
+        ifn=${IFNAME[$kind.$side]}
+        rm -f "/var/run/wireguard/$ifn.sock"
+        if [ "$kind" = wireguard-go ]; then
+            spawn "$ns" "$d/$side.log" wireguard-go -f "$ifn"
+        else
+            spawn "$ns" "$d/$side.log" env WG_LOG_FILE="$d/$side.bt.log" \
+                "$BTCLI" --foreground --disable-drop-privileges "$ifn"
+        fi
+        pid=$SPAWNED
+        TPIDS+=("$pid")
+        [ "$side" = a ] && MEM_PID=$pid
+        wait_until 10 "$kind to create $ifn" \
+            bash -c "[ -S /var/run/wireguard/$ifn.sock ] && ip -n $ns link show $ifn" ||
+            { show_log "$d/$side.log"; die "$kind did not start"; }
+        (umask 077 && wg genkey >"$d/$side.key")
+        wg pubkey <"$d/$side.key" >"$d/$side.pub"
+    done
+    local ifa=${IFNAME[$kind.a]} ifb=${IFNAME[$kind.b]}
+    nsx "$NS_A" wg set "$ifa" private-key "$d/a.key" listen-port "$WG_PORT" \
+        peer "$(cat "$d/b.pub")" endpoint "$UNDER_B:$WG_PORT" allowed-ips "$IN_B/32,$IN6_B/128"
+    nsx "$NS_B" wg set "$ifb" private-key "$d/b.key" listen-port "$WG_PORT" \
+        peer "$(cat "$d/a.pub")" endpoint "$UNDER_A:$WG_PORT" allowed-ips "$IN_A/32,$IN6_A/128"
+    nsx "$NS_A" ip addr add "$IN_A/24" dev "$ifa"
+    nsx "$NS_A" ip -6 addr add "$IN6_A/64" dev "$ifa" nodad
+    nsx "$NS_B" ip addr add "$IN_B/24" dev "$ifb"
+    nsx "$NS_B" ip -6 addr add "$IN6_B/64" dev "$ifb" nodad
+    nsx "$NS_A" ip link set "$ifa" mtu "$TUN_MTU" up
+    nsx "$NS_B" ip link set "$ifb" mtu "$TUN_MTU" up
+    TUN_A4=$IN_B TUN_A6=$IN6_B
+    if ! { wait_until 20 "$kind tunnel (v4)" nsx "$NS_A" ping -c 1 -W 1 "$IN_B" &&
+        wait_until 20 "$kind tunnel (v6)" nsx "$NS_A" ping -6 -c 1 -W 1 "$IN6_B"; }; then
+        show_log "$d"/*.log
+        die "$kind tunnel did not come up"
+    fi
+}
+
+# status_of DIR: the node's status JSON (empty if not up yet).
+status_of() { "$NX" status --json --state-dir "$1" 2>/dev/null; }
+
+# peer_ready DIR HOSTNAME PATH: the node lists HOSTNAME on PATH with a handshake.
+peer_ready() {
+    status_of "$1" | jq -e --arg h "$2" --arg p "$3" \
+        '.peers[] | select(.hostname == $h and .path == $p and .last_handshake_secs != null)' >/dev/null
+}
+
+peer_listed() {
+    status_of "$1" | jq -e --arg h "$2" '.peers[] | select(.hostname == $h)' >/dev/null
+}
+
+# start_nexodus ROUND MODE: MODE is direct (A, B), mesh3 (A, B and relay R, A and B
+# direct) or relayed (A --relay-only through R).
+start_nexodus() {
+    local round=$1 mode=$2 token
+    local d="$WORK/nexodus.$mode.$round"
+    mkdir -p "$d"/{coord,a,b,r}
+    TPIDS=()
+    spawn "$NS_A" "$d/coord.log" env RUST_LOG=info "$NX" serve \
+        --listen "$UNDER_A:4443" --stun-listen "$UNDER_A:3478" --state-dir "$d/coord"
+    TPIDS+=("$SPAWNED")
+    wait_until 20 "the coordinator" grep -q "coordinator running" "$d/coord.log" ||
+        { show_log "$d/coord.log"; die "coordinator did not start"; }
+    token=$("$NX" token create --reusable --state-dir "$d/coord" | tr -d '[:space:]')
+    local common=(--token "$token")
+    if [ "$mode" != direct ]; then
+        spawn "$NS_R" "$d/r.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
+            --hostname nxb-r --state-dir "$d/r" --interface "${IFNAME[nexodus.r]}" \
+            --listen-port "$WG_PORT" --request-ip 100.64.0.3,200::3 --relay
+        RELAY_PID=$SPAWNED
+        TPIDS+=("$SPAWNED")
+        wait_until 30 "relay node to run" status_of "$d/r" ||
+            { show_log "$d"/*.log; die "relay node did not start"; }
+    fi
+    local aflags=()
+    [ "$mode" = relayed ] && aflags=(--relay-only)
+    spawn "$NS_A" "$d/a.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
+        --hostname nxb-a --state-dir "$d/a" --interface "${IFNAME[nexodus.a]}" \
+        --listen-port "$WG_PORT" --request-ip "$IN_A,$IN6_A" "${aflags[@]}"
+    MEM_PID=$SPAWNED
+    TPIDS+=("$SPAWNED")
+    spawn "$NS_B" "$d/b.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
+        --hostname nxb-b --state-dir "$d/b" --interface "${IFNAME[nexodus.b]}" \
+        --listen-port "$WG_PORT" --request-ip "$IN_B,$IN6_B"
+    TPIDS+=("$SPAWNED")
+    TUN_A4=$IN_B TUN_A6=$IN6_B
+    # Ping first: the first packet starts the handshake. Direct: A and B list each
+    # other on the direct path. Relayed: A and B list only the relay (which carries the
+    # other's addresses).
+    local pa=(nxb-b direct) pb=(nxb-a direct)
+    [ "$mode" = relayed ] && pa=(nxb-r direct) pb=(nxb-r direct)
+    if ! { wait_until 45 "nexodus tunnel (v4)" nsx "$NS_A" ping -c 1 -W 1 "$IN_B" &&
+        wait_until 20 "nexodus tunnel (v6)" nsx "$NS_A" ping -6 -c 1 -W 1 "$IN6_B" &&
+        wait_until 20 "A to list ${pa[0]} with a handshake" peer_ready "$d/a" "${pa[@]}" &&
+        wait_until 20 "B to list ${pb[0]} with a handshake" peer_ready "$d/b" "${pb[@]}" &&
+        { [ "$mode" != relayed ] || ! peer_listed "$d/a" nxb-b; }; }; then
+        show_log "$d"/*.log
+        status_of "$d/a" >&2 || true
+        die "nexodus tunnel did not come up"
+    fi
+    NX_DIR=$d
+    local mtu
+    mtu=$(ip -n "$NS_A" -j link show "${IFNAME[nexodus.a]}" | jq '.[0].mtu')
+    [ "$mtu" = "$TUN_MTU" ] || log "WARNING: nexodus interface MTU is $mtu, not $TUN_MTU"
+    if [ "$mode" = relayed ]; then
+        RELAYED_BEFORE=$(status_of "$d/r" | jq '.relayed_bytes')
+    fi
+}
+
+stop_tunnel() {
+    local pid i
+    # Nodes before the coordinator: stop in reverse start order.
+    for ((i = ${#TPIDS[@]} - 1; i >= 0; i--)); do
+        stop "${TPIDS[$i]}"
+    done
+    TPIDS=()
+}
+
+# run_one IMPL ROUND
+run_one() {
+    local impl=$1 round=$2 rss
+    log "round $round: $impl"
+    case "$impl" in
+    bare) start_bare ;;
+    nexodus) start_nexodus "$round" direct ;;
+    nexodus-mesh3) start_nexodus "$round" mesh3 ;;
+    nexodus-relayed) start_nexodus "$round" relayed ;;
+    boringtun-cli | wireguard-go) start_stock "$impl" "$round" ;;
+    esac
+    measure "$impl" "$round" "$TUN_A4" "$TUN_A6"
+    if [ -n "$MEM_PID" ]; then
+        rss=$(rss_kb "$MEM_PID")
+        record "$impl rss_kb $round $rss"
+        log "  $impl RSS of the A side after the run: $((rss / 1024)) MiB"
+    fi
+    if [ "$impl" = nexodus-relayed ]; then
+        local after
+        after=$(status_of "$NX_DIR/r" | jq '.relayed_bytes')
+        record "$impl relayed_mb $round $(((after - RELAYED_BEFORE) / 1000000))"
+        log "  relay forwarded $(((after - RELAYED_BEFORE) / 1000000)) MB"
+        record "$impl relay_rss_kb $round $(rss_kb "$RELAY_PID")"
+    fi
+    stop_tunnel
+}
+
+# ---------------------------------------------------------------- report
+median() { # IMPL METRIC -> median of the numeric values, or "-"
+    awk -v i="$1" -v m="$2" '$1 == i && $2 == m && $4 != "nan" {print $4}' "$RESULTS" |
+        sort -g | awk '{v[NR] = $1} END {
+            if (NR == 0) { print "-"; exit }
+            if (NR % 2) printf "%.3f\n", v[(NR + 1) / 2];
+            else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
+
+report() {
+    local impl v4 v6 rtt rss
+    echo
+    echo "Throughput A->B, 1 TCP stream, ${DUR} s (+1 s warm-up), median of $ROUNDS round(s); veth MTU 1500, tunnel MTU $TUN_MTU; $(nproc) CPUs"
+    printf '%-16s %10s %10s %9s %11s\n' implementation "v4 Gbit/s" "v6 Gbit/s" "RTT ms" "RSS(A) MiB"
+    for impl in "$@"; do
+        v4=$(median "$impl" v4) v6=$(median "$impl" v6) rtt=$(median "$impl" rtt_ms) rss=$(median "$impl" rss_kb)
+        [ "$rss" = - ] || rss=$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')
+        printf '%-16s %10s %10s %9s %11s\n' "$impl" "$v4" "$v6" "$rtt" "$rss"
+    done
+}
+
+# ---------------------------------------------------------------- main
+install_deps
+WORK=$(mktemp -d /tmp/nxb-bench.XXXXXX)
+RESULTS="$WORK/results.txt"
+: >"$RESULTS"
+log "nexodus: $NX ($("$NX" --version)); $("$BTCLI" --version); wireguard-go $(wireguard-go --version 2>/dev/null | awk '{print $2; exit}')"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+setup_topology
+
+IMPLS=(bare nexodus boringtun-cli wireguard-go)
+for round in $(seq "$ROUNDS"); do
+    for impl in "${IMPLS[@]}"; do
+        run_one "$impl" "$round"
+    done
+done
+
+report "${IMPLS[@]}"
+echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
+echo
+for fam in v4 v6; do
+    echo "nexodus/boringtun-cli $fam: $(ratio "$(median nexodus "$fam")" "$(median boringtun-cli "$fam")")" \
+        "   nexodus/wireguard-go $fam: $(ratio "$(median nexodus "$fam")" "$(median wireguard-go "$fam")")"
+done
+
+if [ "$RELAY" = 1 ]; then
+    log "relay phase: third namespace $NS_R, underlay on a bridge in $NS_A"
+    setup_relay_topology
+    for round in $(seq "$ROUNDS"); do
+        for impl in nexodus-mesh3 nexodus-relayed; do
+            run_one "$impl" "$round"
+        done
+    done
+    report nexodus-mesh3 nexodus-relayed
+    echo "(nexodus-mesh3: A and B direct with a relay node present; nexodus-relayed: A --relay-only, through the relay in $NS_R;"
+    echo " relay forwarded $(median nexodus-relayed relayed_mb | cut -d. -f1) MB per round and had an RSS of" \
+        "$(awk -v k="$(median nexodus-relayed relay_rss_kb)" 'BEGIN {printf "%.1f", k / 1024}') MiB, medians)"
+    for fam in v4 v6; do
+        echo "relayed/direct $fam: $(ratio "$(median nexodus-relayed "$fam")" "$(median nexodus-mesh3 "$fam")")"
+    done
+fi
+echo
+echo "raw results (implementation metric round value):"
+cat "$RESULTS"

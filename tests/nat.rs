@@ -15,6 +15,7 @@ use common::BIN;
 use common::netns::{Lan, Nat, NatSite, Netns, state_dir};
 use ipnet::IpNet;
 use nexodus::join::status::{PeerStatus, Status};
+use nexodus::wire::control::Device;
 
 const COORD: &str = "203.0.113.1";
 const RELAY: &str = "relay";
@@ -423,12 +424,17 @@ impl Node {
 
     /// Waits until the node lists exactly one peer, the relay.
     fn wait_relay_only(&self, timeout: Duration) -> Status {
+        self.wait_only_peer(RELAY, timeout)
+    }
+
+    /// Waits until the node lists exactly one peer, `name`.
+    fn wait_only_peer(&self, name: &str, timeout: Duration) -> Status {
         wait_until(
-            &format!("{} to list the relay as its only peer", self.name),
+            &format!("{} to list {name} as its only peer", self.name),
             timeout,
             || {
                 self.status()
-                    .filter(|s| s.peers.len() == 1 && s.peers[0].hostname == RELAY)
+                    .filter(|s| s.peers.len() == 1 && s.peers[0].hostname == name)
             },
         )
     }
@@ -486,6 +492,11 @@ fn assert_relay_carries_org(spoke: &Status) {
 /// `viewer` reaches `spoke` through the relay: either it lists the spoke with path
 /// "relay", or not at all and the relay peer's allowed IPs cover the spoke's addresses.
 fn assert_reaches_via_relay(viewer: &Status, spoke: &Status) {
+    assert_reaches_via(viewer, spoke, RELAY);
+}
+
+/// [`assert_reaches_via_relay`] with the relay named `relay`.
+fn assert_reaches_via(viewer: &Status, spoke: &Status, relay: &str) {
     let d = &spoke.device;
     if let Some(p) = viewer.peers.iter().find(|p| p.public_key == d.public_key) {
         assert_eq!(
@@ -498,8 +509,8 @@ fn assert_reaches_via_relay(viewer: &Status, spoke: &Status) {
     let relay = viewer
         .peers
         .iter()
-        .find(|p| p.hostname == RELAY)
-        .unwrap_or_else(|| panic!("{} has no relay peer", viewer.device.hostname));
+        .find(|p| p.hostname == relay)
+        .unwrap_or_else(|| panic!("{} has no peer {relay}", viewer.device.hostname));
     let mut addrs = vec![IpAddr::V4(d.tunnel_ip)];
     if viewer.device.tunnel_ip_v6.is_some() {
         addrs.extend(d.tunnel_ip_v6.map(IpAddr::V6));
@@ -652,6 +663,95 @@ fn assert_pings_pass_relay(spoke: &Node, targets: &[&Status], deadline: Deadline
     );
 }
 
+/// `count` pings 100 ms apart from `ns` to `addr` (one burst); how many were answered.
+fn burst(ns: &Netns, addr: &str, count: u32) -> u32 {
+    let out = ns
+        .cmd(&[
+            "ping",
+            "-q",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.1",
+            "-W",
+            "2",
+            addr,
+        ])
+        .output()
+        .expect("spawn ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "5 packets transmitted, 5 received, 0% packet loss, time 404ms"
+    text.lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once("transmitted, ")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("ping {addr} from {}: no summary: {text}", ns.name))
+}
+
+/// The tunnel address of a node's status, v4 or v6.
+fn tunnel_addr(s: &Status, v6: bool) -> String {
+    if v6 {
+        s.device.tunnel_ip_v6.unwrap().to_string()
+    } else {
+        s.device.tunnel_ip.to_string()
+    }
+}
+
+/// Bytes of one ICMP echo at the inner layer (`ping`'s 56 bytes of data): 84 (v4),
+/// 104 (v6).
+fn echo_bytes(v6: bool) -> u64 {
+    if v6 { 104 } else { 84 }
+}
+
+/// What a relay has forwarded so far: (packets, bytes).
+fn relayed(relay: &Node) -> (u64, u64) {
+    let s = relay.current();
+    assert!(s.relay, "{} does not report itself a relay", relay.name);
+    (s.relayed_packets, s.relayed_bytes)
+}
+
+/// Waits until `a` lists the peer `b_key` on a direct path with a handshake.
+fn wait_direct(a: &Node, b_key: &str, b_name: &str, timeout: Duration) -> PeerStatus {
+    wait_until(
+        &format!("{} to reach {b_name} directly", a.name),
+        timeout,
+        || {
+            let s = a.status()?;
+            let p = s.peers.into_iter().find(|p| p.public_key == b_key)?;
+            (p.path == "direct" && p.last_handshake_secs.is_some()).then_some(p)
+        },
+    )
+}
+
+/// `nexodus devices --json` on the coordinator's state.
+fn devices(coord: &Coord) -> Vec<Device> {
+    let json = coord.admin(&["devices", "--json"]);
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("devices --json ({e}): {json}"))
+}
+
+fn device<'a>(list: &'a [Device], hostname: &str) -> &'a Device {
+    list.iter()
+        .find(|d| d.hostname == hostname)
+        .unwrap_or_else(|| panic!("no device {hostname} in {list:#?}"))
+}
+
+/// The relay's namespace forwards nothing by itself: relaying happens in the process,
+/// not by kernel forwarding or nftables rules.
+fn assert_no_kernel_forwarding(relay: &Node) {
+    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+        let v = relay.ns.ok(&["sysctl", "-n", key]);
+        assert_eq!(v.trim(), "0", "{}: {key} = {}", relay.name, v.trim());
+    }
+    let rules = relay.ns.ok(&["nft", "list", "ruleset"]);
+    assert!(
+        rules.trim().is_empty(),
+        "{}: nftables rules in the relay's namespace:\n{rules}",
+        relay.name
+    );
+}
+
 #[test]
 fn nat_traversal_and_relay() {
     let deadline = Deadline::after(Duration::from_secs(180));
@@ -700,20 +800,21 @@ fn nat_traversal_and_relay() {
 
     ping_all(&w, &st, deadline);
 
-    // The two endpoint-independent sites punched through to each other.
+    // The two endpoint-independent sites punched through to each other, and both reach
+    // the public node directly.
     for (a, b, b_wan) in [
         (s1, s2, Ipv4Addr::new(203, 0, 113, 12)),
         (s2, s1, Ipv4Addr::new(203, 0, 113, 11)),
+        (s1, public, Ipv4Addr::new(203, 0, 113, 3)),
+        (public, s1, Ipv4Addr::new(203, 0, 113, 11)),
+        (s2, public, Ipv4Addr::new(203, 0, 113, 3)),
+        (public, s2, Ipv4Addr::new(203, 0, 113, 12)),
     ] {
-        let b_key = st[b].device.public_key.clone();
-        let peer = wait_until(
-            &format!("{} to reach {} directly", w.nodes[a].name, w.nodes[b].name),
+        let peer = wait_direct(
+            &w.nodes[a],
+            &st[b].device.public_key,
+            &w.nodes[b].name,
             deadline.left(Duration::from_secs(30)),
-            || {
-                let s = w.nodes[a].status()?;
-                let p = s.peers.into_iter().find(|p| p.public_key == b_key)?;
-                (p.path == "direct").then_some(p)
-            },
         );
         assert_eq!(
             peer.endpoint.map(|e| e.ip()),
@@ -723,6 +824,87 @@ fn nat_traversal_and_relay() {
             w.nodes[b].name
         );
     }
+
+    // The coordinator sees every node online, with the mapping its STUN probes found.
+    let list = wait_until(
+        "the coordinator to list every node online with its NAT mapping",
+        deadline.left(Duration::from_secs(40)),
+        || {
+            let list = devices(&w.coord);
+            let ready = w.nodes.iter().all(|n| {
+                list.iter()
+                    .any(|d| d.hostname == n.name && d.online && d.reflexive_endpoint.is_some())
+            });
+            ready.then_some(list)
+        },
+    );
+    for (i, wan, symmetric) in [
+        (relay, Ipv4Addr::new(203, 0, 113, 2), false),
+        (public, Ipv4Addr::new(203, 0, 113, 3), false),
+        (s1, Ipv4Addr::new(203, 0, 113, 11), false),
+        (s2, Ipv4Addr::new(203, 0, 113, 12), false),
+        (sym, Ipv4Addr::new(203, 0, 113, 13), true),
+    ] {
+        let d = device(&list, &w.nodes[i].name);
+        assert_eq!(d.relay, i == relay, "{d:?}");
+        assert_eq!(d.symmetric_nat, symmetric, "{d:?}");
+        assert_eq!(
+            d.reflexive_endpoint.map(|e| e.ip()),
+            Some(IpAddr::V4(wan)),
+            "{d:?}"
+        );
+    }
+
+    // Direct traffic does not pass the relay: cone <-> cone, cone <-> public (and to
+    // the relay itself) leave its forwarding counters as they are.
+    let before = relayed(&w.nodes[relay]);
+    let mut answered = 0;
+    for (a, b) in [
+        (s1, s2),
+        (s2, s1),
+        (s1, public),
+        (public, s1),
+        (s2, public),
+        (public, s2),
+        (s1, relay),
+        (relay, s2),
+    ] {
+        for v6 in [false, true] {
+            let addr = tunnel_addr(&st[b], v6);
+            let n = burst(&w.nodes[a].ns, &addr, 5);
+            assert!(n > 0, "{} -> {addr}: no answer", w.nodes[a].name);
+            answered += n;
+        }
+    }
+    let after = relayed(&w.nodes[relay]);
+    assert_eq!(
+        after, before,
+        "direct pings ({answered} answered) moved the relay's (packets, bytes) counters"
+    );
+
+    // The symmetric node's pings do: each request and each reply is forwarded.
+    let (mut packets, mut bytes) = (0, 0);
+    for t in [s1, public] {
+        for v6 in [false, true] {
+            let addr = tunnel_addr(&st[t], v6);
+            let n = u64::from(burst(&w.nodes[sym].ns, &addr, 5));
+            assert!(n > 0, "sym -> {addr}: no answer");
+            packets += 2 * n;
+            bytes += 2 * n * echo_bytes(v6);
+        }
+    }
+    let moved = relayed(&w.nodes[relay]);
+    assert!(
+        moved.0 >= after.0 + packets && moved.1 >= after.1 + bytes,
+        "the symmetric node's pings did not pass the relay: (packets, bytes) {after:?} -> \
+         {moved:?}, expected at least +({packets}, {bytes})"
+    );
+    eprintln!(
+        "relay counters: {before:?} before {answered} direct echoes, {after:?} after; \
+         {moved:?} after the symmetric node's"
+    );
+    // ...by itself, not through kernel forwarding.
+    assert_no_kernel_forwarding(&w.nodes[relay]);
 
     // The symmetric node peers only with the relay, and its traffic passes it.
     assert_pings_pass_relay(&w.nodes[sym], &[&st[s1], &st[public]], deadline);
@@ -784,4 +966,248 @@ fn relay_only_spoke() {
     assert_pings_pass_relay(&w.nodes[spoke], &[&st_pub, &st_relay], deadline);
     assert_relay_carries_org(&w.nodes[spoke].current());
     assert_reaches_via_relay(&w.nodes[public].current(), &st_spoke);
+}
+
+/// Two relays: the spoke uses the lowest-id online one (relay1). When relay1 dies the
+/// coordinator marks it offline once its QUIC connection times out, and everyone moves
+/// to relay2; when relay1 comes back everyone moves back to it.
+#[test]
+fn second_relay_takes_over() {
+    let deadline = Deadline::after(Duration::from_secs(170));
+    let mut w = World::new("srt");
+    let r1 = w.public("relay1", "203.0.113.2/24", &["--relay"]);
+    let r2 = w.public("relay2", "203.0.113.4/24", &["--relay"]);
+    let public = w.public("pub", "203.0.113.3/24", &[]);
+    let spoke = w.behind_nat("sym", "203.0.113.13/24", "192.0.2.128/26", Nat::Symmetric);
+
+    // relay1 registers first, so it has the lower device id.
+    let running = |w: &World, i: usize| {
+        wait_until(
+            &format!("{} to run", w.nodes[i].name),
+            deadline.left(Duration::from_secs(30)),
+            || w.nodes[i].status(),
+        )
+    };
+    w.start(r1, true);
+    let id1 = running(&w, r1).device.id;
+    w.start(r2, true);
+    let id2 = running(&w, r2).device.id;
+    assert!(id1 < id2, "relay1 has id {id1}, relay2 {id2}");
+    w.start(public, true);
+    w.start(spoke, true);
+
+    let st_pub = w.nodes[public].wait_peers(
+        &["relay1", "relay2"],
+        deadline.left(Duration::from_secs(40)),
+    );
+    let st_spoke = w.nodes[spoke].wait_only_peer("relay1", deadline.left(Duration::from_secs(40)));
+    assert!(st_spoke.device.tunnel_ip_v6.is_some() && st_pub.device.tunnel_ip_v6.is_some());
+    let both_ways = |w: &World, bound: Duration| {
+        for v6 in [false, true] {
+            w.nodes[spoke].ping(&st_pub, v6, deadline.left(bound));
+        }
+        for v6 in [false, true] {
+            w.nodes[public].ping(&st_spoke, v6, deadline.left(bound));
+        }
+    };
+    both_ways(&w, Duration::from_secs(30));
+    assert_reaches_via(&w.nodes[public].current(), &st_spoke, "relay1");
+    let list = devices(&w.coord);
+    for (name, relay) in [
+        ("relay1", true),
+        ("relay2", true),
+        ("pub", false),
+        ("sym", false),
+    ] {
+        let d = device(&list, name);
+        assert!(d.online, "{d:?}");
+        assert_eq!(d.relay, relay, "{d:?}");
+    }
+    let d = device(&list, "sym");
+    assert!(d.symmetric_nat, "{d:?}");
+    assert_eq!(
+        d.reflexive_endpoint.map(|e| e.ip()),
+        Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 13))),
+        "{d:?}"
+    );
+    // relay2 is on standby: the spoke's traffic passes relay1 only.
+    assert_eq!(relayed(&w.nodes[r2]), (0, 0), "relay2 forwarded traffic");
+    assert!(relayed(&w.nodes[r1]).0 > 0, "relay1 forwarded nothing");
+
+    // relay1 dies without a word: the coordinator notices when its connection times
+    // out, and the spoke moves to relay2.
+    let killed = Instant::now();
+    w.nodes[r1].kill();
+    w.nodes[spoke].wait_only_peer("relay2", deadline.left(Duration::from_secs(60)));
+    let switched = killed.elapsed();
+    let list = devices(&w.coord);
+    assert!(!device(&list, "relay1").online, "{list:#?}");
+    assert!(device(&list, "relay2").online, "{list:#?}");
+    for v6 in [false, true] {
+        w.nodes[spoke].ping(&st_pub, v6, deadline.left(Duration::from_secs(30)));
+    }
+    let reached = killed.elapsed();
+    for v6 in [false, true] {
+        w.nodes[public].ping(&st_spoke, v6, deadline.left(Duration::from_secs(30)));
+    }
+    assert_reaches_via(&w.nodes[public].current(), &st_spoke, "relay2");
+    let via2 = relayed(&w.nodes[r2]);
+    assert!(via2.0 >= 8, "relay2 did not carry the pings: {via2:?}");
+
+    // relay1 comes back on its state (no token): everyone moves back to it.
+    let restarted = Instant::now();
+    w.start(r1, false);
+    w.nodes[spoke].wait_only_peer("relay1", deadline.left(Duration::from_secs(60)));
+    let back = restarted.elapsed();
+    let again = running(&w, r1);
+    assert_eq!(again.device.id, id1, "relay1 came back as another device");
+    assert!(device(&devices(&w.coord), "relay1").online);
+    both_ways(&w, Duration::from_secs(30));
+    let reached_back = restarted.elapsed();
+    assert_reaches_via(&w.nodes[public].current(), &st_spoke, "relay1");
+    let via1 = relayed(&w.nodes[r1]);
+    assert!(
+        via1.0 >= 8,
+        "the restarted relay1 did not carry the pings: {via1:?}"
+    );
+    eprintln!(
+        "second_relay_takes_over: kill -> spoke on relay2 {switched:?}, -> pings again \
+         {reached:?}; restart -> spoke on relay1 {back:?}, -> pings both ways {reached_back:?}"
+    );
+}
+
+/// Runs `ping` from `ns` to `addr` every 200 ms until dropped.
+fn ping_forever(ns: &Netns, addr: &str) -> Proc {
+    use common::DieWithParent;
+    let child = ns
+        .cmd(&["ping", "-q", "-n", "-i", "0.2", addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .die_with_parent()
+        .spawn()
+        .expect("spawn ping");
+    Proc(Some(child))
+}
+
+/// The public port `router` maps `node_ip`'s UDP flow to `dst_ip` on, if it has one.
+fn mapped_port(router: &Netns, node_ip: Ipv4Addr, dst_ip: Ipv4Addr) -> Option<u16> {
+    let out = router.ok(&["conntrack", "-L", "-p", "udp", "-s", &node_ip.to_string()]);
+    // udp 17 29 src=192.0.2.2 dst=203.0.113.12 sport=51820 dport=40123 src=203.0.113.12
+    //   dst=203.0.113.11 sport=40123 dport=51820 [ASSURED] mark=0 use=1
+    out.lines()
+        .filter(|l| l.contains(&format!(" dst={dst_ip} ")))
+        .find_map(|l| {
+            let dports: Vec<&str> = l
+                .split_whitespace()
+                .filter_map(|f| f.strip_prefix("dport="))
+                .collect();
+            dports.get(1)?.parse().ok()
+        })
+}
+
+/// Two endpoint-independent sites meshed directly; their routers forget every
+/// connection (`conntrack -F`) while pings run both ways: the pings recover and the
+/// path stays direct.
+#[test]
+fn conntrack_flush_recovers() {
+    let deadline = Deadline::after(Duration::from_secs(170));
+    let mut w = World::new("ctf");
+    let relay = w.public(RELAY, "203.0.113.2/24", &["--relay"]);
+    let s1 = w.behind_nat(
+        "site1",
+        "203.0.113.11/24",
+        "192.0.2.0/26",
+        Nat::EndpointIndependent,
+    );
+    let s2 = w.behind_nat(
+        "site2",
+        "203.0.113.12/24",
+        "192.0.2.64/26",
+        Nat::EndpointIndependent,
+    );
+    for i in 0..w.nodes.len() {
+        w.start(i, true);
+    }
+    let st1 = w.nodes[s1].wait_peers(&["site2"], deadline.left(Duration::from_secs(40)));
+    let st2 = w.nodes[s2].wait_peers(&["site1"], deadline.left(Duration::from_secs(40)));
+    let wan1 = Ipv4Addr::new(203, 0, 113, 11);
+    let wan2 = Ipv4Addr::new(203, 0, 113, 12);
+    let node1 = Ipv4Addr::new(192, 0, 2, 2);
+    let assert_direct = |w: &World, bound: Duration| {
+        for (a, b, b_st, b_wan) in [(s1, s2, &st2, wan2), (s2, s1, &st1, wan1)] {
+            let p = wait_direct(
+                &w.nodes[a],
+                &b_st.device.public_key,
+                &w.nodes[b].name,
+                deadline.left(bound),
+            );
+            assert_eq!(
+                p.endpoint.map(|e| e.ip()),
+                Some(IpAddr::V4(b_wan)),
+                "{}: {p:?}",
+                w.nodes[a].name
+            );
+        }
+    };
+    w.nodes[s1].ping(&st2, false, deadline.left(Duration::from_secs(30)));
+    w.nodes[s2].ping(&st1, false, deadline.left(Duration::from_secs(30)));
+    assert_direct(&w, Duration::from_secs(30));
+
+    // Pings run both ways through the flushes.
+    let _pings = [
+        ping_forever(&w.nodes[s1].ns, &tunnel_addr(&st2, false)),
+        ping_forever(&w.nodes[s2].ns, &tunnel_addr(&st1, false)),
+        ping_forever(&w.nodes[s1].ns, &tunnel_addr(&st2, true)),
+        ping_forever(&w.nodes[s2].ns, &tunnel_addr(&st1, true)),
+    ];
+    let relay_before = relayed(&w.nodes[relay]);
+    let (gw1, gw2) = (&w.routers[0], &w.routers[1]);
+    let port_before = wait_until(
+        "site1's router to track the flow to site2",
+        deadline.left(Duration::from_secs(10)),
+        || mapped_port(gw1, node1, wan2),
+    );
+
+    let mut report = Vec::new();
+    for (what, routers) in [
+        ("site1's router", vec![gw1]),
+        ("both routers", vec![gw1, gw2]),
+    ] {
+        let flushed = Instant::now();
+        for r in &routers {
+            r.ok(&["conntrack", "-F"]);
+        }
+        let bound = Duration::from_secs(60);
+        for (a, b_st) in [(s2, &st1), (s1, &st2)] {
+            for v6 in [false, true] {
+                w.nodes[a].ping(b_st, v6, deadline.left(bound));
+            }
+        }
+        let recovered = flushed.elapsed();
+        assert!(recovered <= bound, "recovery took {recovered:?}");
+        let port = wait_until(
+            "site1's router to track the flow to site2 again",
+            deadline.left(Duration::from_secs(10)),
+            || mapped_port(gw1, node1, wan2),
+        );
+        assert_direct(&w, Duration::from_secs(10));
+        report.push(format!(
+            "{what}: recovered in {recovered:?}, site1 mapped port {port_before} -> {port}"
+        ));
+    }
+    // Nothing took the relay meanwhile, and both still hold their coordinator link.
+    assert_eq!(
+        relayed(&w.nodes[relay]),
+        relay_before,
+        "the relay carried traffic"
+    );
+    for i in [s1, s2] {
+        assert!(
+            w.nodes[i].current().coordinator_connected,
+            "{} lost the coordinator",
+            w.nodes[i].name
+        );
+    }
+    eprintln!("conntrack_flush_recovers: {}", report.join("; "));
 }

@@ -480,6 +480,12 @@ impl DataPlane {
     /// (and fresh byte counters). Each allowed-IPs prefix is assigned to this
     /// peer even if another peer had it (last writer wins).
     pub fn upsert_peer(&mut self, id: PeerId, cfg: PeerConfig) -> Result<(), DataPlaneError> {
+        // The prefixes this peer held, to drop exactly those (no scan of the table).
+        let old_allowed: Vec<IpNet> = self
+            .peers
+            .get(&id)
+            .map(|p| p.allowed_ips.clone())
+            .unwrap_or_default();
         let peer_public = PublicKey::from(cfg.public_key);
         if !self.secret.diffie_hellman(&peer_public).was_contributory() {
             return Err(DataPlaneError::LowOrderKey(id));
@@ -546,7 +552,11 @@ impl DataPlane {
             }
         }
 
-        self.routes.remove_value(id);
+        for net in &old_allowed {
+            if self.routes.get(net.trunc()) == Some(id) {
+                self.routes.remove(net.trunc());
+            }
+        }
         if let Some(peer) = self.peers.get(&id) {
             for net in &peer.allowed_ips {
                 if let Some(prev) = self.routes.insert(net.trunc(), id)
@@ -569,7 +579,11 @@ impl DataPlane {
         };
         self.by_index.remove(&old.index);
         self.by_key.remove(&old.public_key);
-        self.routes.remove_value(id);
+        for net in &old.allowed_ips {
+            if self.routes.get(net.trunc()) == Some(id) {
+                self.routes.remove(net.trunc());
+            }
+        }
         self.flush.retain(|&p| p != id);
         debug!(peer = id, "peer removed");
         true

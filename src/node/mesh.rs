@@ -96,6 +96,9 @@ pub struct MeshState {
     trying_since: BTreeMap<i64, Instant>,
     installed: BTreeMap<i64, PeerPlan>,
     routes: BTreeSet<IpNet>,
+    /// Each device's checked public key (None: unusable), parsed once per change
+    /// since the low-order check costs a scalar multiplication.
+    keys: BTreeMap<i64, Option<[u8; 32]>>,
 }
 
 impl MeshState {
@@ -107,6 +110,7 @@ impl MeshState {
             trying_since: BTreeMap::new(),
             installed: BTreeMap::new(),
             routes: BTreeSet::new(),
+            keys: BTreeMap::new(),
         }
     }
 
@@ -198,7 +202,7 @@ impl MeshState {
         Some(PeerPlan {
             id: d.id,
             hostname: d.hostname.clone(),
-            public_key: keys::parse_public_key(&d.public_key).ok()?,
+            public_key: self.keys.get(&d.id).copied().flatten()?,
             endpoint: self.endpoint(d),
             allowed_ips,
         })
@@ -325,6 +329,20 @@ impl MeshState {
         for id in self.devices.keys() {
             self.trying_since.entry(*id).or_insert(now);
         }
+        // Keep parsed keys that did not change; parse the rest.
+        let old_keys = std::mem::take(&mut self.keys);
+        for d in self.devices.values() {
+            let unchanged = old_keys.get(&d.id).filter(|_| {
+                self.installed
+                    .get(&d.id)
+                    .is_some_and(|p| keys::encode_key(&p.public_key) == d.public_key)
+            });
+            let key = match unchanged {
+                Some(k) => *k,
+                None => keys::parse_public_key(&d.public_key).ok(),
+            };
+            self.keys.insert(d.id, key);
+        }
         self.reconcile()
     }
 
@@ -337,6 +355,7 @@ impl MeshState {
     ) -> Vec<Action> {
         for id in removed {
             self.devices.remove(id);
+            self.keys.remove(id);
             self.fallback.remove(id);
             self.trying_since.remove(id);
         }
@@ -347,6 +366,14 @@ impl MeshState {
             if moved {
                 // A new endpoint deserves a fresh direct attempt.
                 self.trying_since.insert(d.id, now);
+            }
+            if self
+                .devices
+                .get(&d.id)
+                .is_none_or(|old| old.public_key != d.public_key)
+            {
+                self.keys
+                    .insert(d.id, keys::parse_public_key(&d.public_key).ok());
             }
             self.devices.insert(d.id, d.clone());
         }

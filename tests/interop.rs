@@ -7,47 +7,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::DieWithParent;
 use common::cluster::{Cluster, wait_until};
+use common::stock::StockPeer;
 use nexodus::join::status::Status;
 
 const PING_WAIT: Duration = Duration::from_secs(30);
-
-/// Splits a wg-quick config into its Address values and a `wg setconf` config
-/// (wg-quick-only keys removed), as wg-quick itself does.
-fn split_wg_quick(config: &str) -> (Vec<String>, String) {
-    let mut addresses = Vec::new();
-    let mut conf = String::new();
-    for line in config.lines() {
-        let trimmed = line.trim();
-        if let Some(v) = trimmed.strip_prefix("Address") {
-            let v = v.trim_start().trim_start_matches('=').trim();
-            addresses.extend(v.split(',').map(|a| a.trim().to_string()));
-            continue;
-        }
-        if [
-            "DNS",
-            "MTU",
-            "Table",
-            "PreUp",
-            "PostUp",
-            "PreDown",
-            "PostDown",
-            "SaveConfig",
-        ]
-        .iter()
-        .any(|k| trimmed.starts_with(k))
-        {
-            continue;
-        }
-        conf.push_str(line);
-        conf.push('\n');
-    }
-    (addresses, conf)
-}
 
 /// `wg show IFACE dump` peers: public key → (endpoint, allowed ips, rx, tx).
 fn wg_dump(iface: &str) -> Vec<(String, String, BTreeSet<String>, u64, u64)> {
@@ -136,39 +103,19 @@ fn stock_wireguard_peer_through_the_relay_and_wg_show() {
         config.contains("AllowedIPs = 100.64.0.0/10, 200::/64"),
         "{config}"
     );
-    let (addresses, conf) = split_wg_quick(&config);
-    assert_eq!(addresses.len(), 2, "{config}");
-    let conf_path = c.scratch("stock").join("wg.conf");
-    std::fs::write(&conf_path, conf).unwrap();
     let listed = c.coord.admin(&["devices", "--json"]);
     assert!(listed.contains("\"unmanaged\": true"), "{listed}");
 
     let stock = c.lan.host("stock", "203.0.113.5/24", true);
-    let log = std::fs::File::create(c.scratch("logs").join("wireguard-go.log")).unwrap();
-    let mut wggo = stock
-        .cmd(&["wireguard-go", "-f", "wis0"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .die_with_parent()
-        .spawn()
-        .expect("wireguard-go (apt install wireguard-go)");
-    wait_until(
-        "wireguard-go to create wis0",
+    let wggo = StockPeer::start(
+        &stock,
+        "wis0",
+        &config,
+        &c.scratch("stock"),
+        &c.scratch("logs").join("wireguard-go.log"),
         Duration::from_secs(10),
-        || stock.try_run(&["ip", "link", "show", "wis0"]).then_some(()),
     );
-    stock.ok(&["wg", "setconf", "wis0", conf_path.to_str().unwrap()]);
-    for addr in &addresses {
-        if addr.contains(':') {
-            stock.ok(&["ip", "-6", "addr", "add", addr, "dev", "wis0", "nodad"]);
-        } else {
-            stock.ok(&["ip", "addr", "add", addr, "dev", "wis0"]);
-        }
-    }
-    stock.ok(&["ip", "link", "set", "wis0", "up"]);
-    stock.ok(&["ip", "route", "add", "100.64.0.0/10", "dev", "wis0"]);
-    stock.ok(&["ip", "-6", "route", "add", "200::/64", "dev", "wis0"]);
+    assert_eq!(wggo.addresses.len(), 2, "{config}");
 
     // Managed nodes see the new device (through the relay) and everyone pings.
     let sa = wait_until(
@@ -240,6 +187,5 @@ fn stock_wireguard_peer_through_the_relay_and_wg_show() {
         .unwrap();
     c.coord.admin(&["devices", "remove", &id.to_string()]);
     c.nodes[a].wait_peers(2);
-    let _ = wggo.kill();
-    let _ = wggo.wait();
+    drop(wggo);
 }

@@ -11,43 +11,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::BIN;
 use common::netns::{Lan, Nat, NatSite, Netns, state_dir};
+use common::{BIN, Deadline, wait_until};
 use ipnet::IpNet;
 use nexodus::join::status::{PeerStatus, Status};
 use nexodus::wire::control::Device;
 
 const COORD: &str = "203.0.113.1";
 const RELAY: &str = "relay";
-
-/// A bound for one wait, never past the test's own deadline.
-#[derive(Clone, Copy)]
-struct Deadline(Instant);
-
-impl Deadline {
-    fn after(d: Duration) -> Self {
-        Self(Instant::now() + d)
-    }
-
-    /// `cap`, or what is left of the test's time if that is less.
-    fn left(self, cap: Duration) -> Duration {
-        cap.min(self.0.saturating_duration_since(Instant::now()))
-    }
-}
-
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A child process killed (SIGKILL) and reaped on drop.
 struct Proc(Option<Child>);

@@ -15,32 +15,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::cluster::{Cluster, Node, wait_until};
 use common::netns::{Nat, Netns};
-use common::{BIN, DieWithParent};
+use common::stock::StockPeer;
+use common::{BIN, Deadline, DieWithParent};
 use nexodus::join::status::{PeerStatus, Status};
 
 const PING_WAIT: Duration = Duration::from_secs(30);
-
-/// A bound for one wait, never past the test's own deadline.
-#[derive(Clone, Copy)]
-struct Deadline(Instant);
-
-impl Deadline {
-    fn after(d: Duration) -> Self {
-        Self(Instant::now() + d)
-    }
-
-    /// `cap`, or what is left of the test's time if that is less.
-    fn left(self, cap: Duration) -> Duration {
-        cap.min(self.0.saturating_duration_since(Instant::now()))
-    }
-
-    fn check(self, what: &str) {
-        assert!(
-            Instant::now() < self.0,
-            "test deadline passed during {what}"
-        );
-    }
-}
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -470,54 +449,6 @@ fn nat_keepalive() {
 // ---------------------------------------------------------------------------------------
 // 3. Inner source check against a stock WireGuard peer.
 
-/// Splits a wg-quick config into its Address values and a `wg setconf` config.
-fn wg_quick_to_setconf(config: &str) -> (Vec<String>, String) {
-    const QUICK_ONLY: [&str; 8] = [
-        "DNS",
-        "MTU",
-        "Table",
-        "PreUp",
-        "PostUp",
-        "PreDown",
-        "PostDown",
-        "SaveConfig",
-    ];
-    let mut addresses = Vec::new();
-    let mut conf = String::new();
-    for line in config.lines() {
-        let t = line.trim();
-        let key = t.split('=').next().unwrap_or("").trim();
-        if key == "Address" {
-            let v = t.split_once('=').map_or("", |(_, v)| v);
-            addresses.extend(v.split(',').map(|a| a.trim().to_string()));
-        } else if !QUICK_ONLY.contains(&key) {
-            conf.push_str(line);
-            conf.push('\n');
-        }
-    }
-    (addresses, conf)
-}
-
-/// wireguard-go in a namespace; asked to stop (SIGTERM, which removes its UAPI
-/// socket) and reaped on drop.
-struct WgGo(Option<Child>);
-
-impl Drop for WgGo {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn reverse_path_filter() {
     let d = Deadline::after(Duration::from_secs(170));
@@ -534,42 +465,16 @@ fn reverse_path_filter() {
     let config = c
         .coord
         .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
-    let (addresses, conf) = wg_quick_to_setconf(&config);
-    assert_eq!(addresses.len(), 2, "{config}");
-    let conf_path = c.scratch("stock").join("wg.conf");
-    std::fs::write(&conf_path, conf).unwrap();
     let stock = c.lan.host("stock", "203.0.113.5/24", true);
-    let log = std::fs::File::create(c.scratch("logs").join("wireguard-go.log")).unwrap();
-    let _wggo = WgGo(Some(
-        stock
-            .cmd(&["wireguard-go", "-f", "rprpfs0"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .die_with_parent()
-            .spawn()
-            .expect("wireguard-go (apt install wireguard-go)"),
-    ));
-    wait_until(
-        "wireguard-go to create its interface",
+    let wggo = StockPeer::start(
+        &stock,
+        "rprpfs0",
+        &config,
+        &c.scratch("stock"),
+        &c.scratch("logs").join("wireguard-go.log"),
         d.left(Duration::from_secs(10)),
-        || {
-            stock
-                .try_run(&["ip", "link", "show", "rprpfs0"])
-                .then_some(())
-        },
     );
-    stock.ok(&["wg", "setconf", "rprpfs0", conf_path.to_str().unwrap()]);
-    for addr in &addresses {
-        if addr.contains(':') {
-            stock.ok(&["ip", "-6", "addr", "add", addr, "dev", "rprpfs0", "nodad"]);
-        } else {
-            stock.ok(&["ip", "addr", "add", addr, "dev", "rprpfs0"]);
-        }
-    }
-    stock.ok(&["ip", "link", "set", "rprpfs0", "up"]);
-    stock.ok(&["ip", "route", "add", "100.64.0.0/10", "dev", "rprpfs0"]);
-    stock.ok(&["ip", "-6", "route", "add", "200::/64", "dev", "rprpfs0"]);
+    assert_eq!(wggo.addresses.len(), 2, "{config}");
 
     let sr = wait_peers(&c.nodes[relay], 1, d.left(PING_WAIT));
     let relay_v4 = sr.device.tunnel_ip.to_string();

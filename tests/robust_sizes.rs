@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::DieWithParent;
 use common::cluster::{Cluster, wait_until};
 use common::netns::Netns;
+use common::stock::StockPeer;
+use common::{Deadline, DieWithParent};
 use nexodus::join::status::Status;
 
 /// The TUN MTU nexodus sets (and wireguard-go's default).
@@ -26,20 +27,6 @@ const MTU: usize = 1420;
 const OVERHEAD: usize = 32;
 const WG_PORT: &str = "51820";
 const PING_WAIT: Duration = Duration::from_secs(30);
-
-/// A bound for one wait, never past the test's own deadline.
-#[derive(Clone, Copy)]
-struct Deadline(Instant);
-
-impl Deadline {
-    fn after(d: Duration) -> Self {
-        Self(Instant::now() + d)
-    }
-
-    fn left(self, cap: Duration) -> Duration {
-        cap.min(self.0.saturating_duration_since(Instant::now()))
-    }
-}
 
 /// A child process with its stdout in a file; killed and reaped on drop.
 struct Proc {
@@ -561,25 +548,6 @@ fn sizes_and_mtu() {
     eprintln!("underlay capture: {} datagrams; {summary}", caps.len());
 }
 
-/// Splits a wg-quick config into its Address values and the rest for `wg setconf`.
-fn wg_quick(config: &str) -> (Vec<String>, String) {
-    let mut addrs = Vec::new();
-    let mut conf = String::new();
-    for line in config.lines() {
-        match line.split_once('=') {
-            Some((k, v)) if k.trim() == "Address" => {
-                addrs.extend(v.split(',').map(|a| a.trim().to_string()));
-            }
-            Some((k, _)) if ["DNS", "MTU", "Table"].contains(&k.trim()) => {}
-            _ => {
-                conf.push_str(line);
-                conf.push('\n');
-            }
-        }
-    }
-    (addrs, conf)
-}
-
 #[test]
 fn stock_peer_accepts_our_padding() {
     let deadline = Deadline::after(Duration::from_secs(170));
@@ -600,38 +568,19 @@ fn stock_peer_accepts_our_padding() {
     let config = c
         .coord
         .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
-    let (addresses, conf) = wg_quick(&config);
-    assert_eq!(addresses.len(), 2, "{config}");
     let scratch = c.scratch("stock");
-    let conf_path = scratch.join("wg.conf");
-    std::fs::write(&conf_path, conf).unwrap();
     let stock = c.lan.host("stock", stock_cidr, true);
-    let _wggo = Proc::spawn(
-        stock.cmd(&["wireguard-go", "-f", "sizps0"]),
-        c.scratch("logs").join("wireguard-go.log"),
-    );
-    wait_until(
-        "wireguard-go to create sizps0",
+    let wggo = StockPeer::start(
+        &stock,
+        "sizps0",
+        &config,
+        &scratch,
+        &c.scratch("logs").join("wireguard-go.log"),
         Duration::from_secs(10),
-        || {
-            stock
-                .try_run(&["ip", "link", "show", "sizps0"])
-                .then_some(())
-        },
     );
-    stock.ok(&["wg", "setconf", "sizps0", conf_path.to_str().unwrap()]);
-    for addr in &addresses {
-        if addr.contains(':') {
-            stock.ok(&["ip", "-6", "addr", "add", addr, "dev", "sizps0", "nodad"]);
-        } else {
-            stock.ok(&["ip", "addr", "add", addr, "dev", "sizps0"]);
-        }
-    }
-    stock.ok(&["ip", "link", "set", "sizps0", "up"]);
+    assert_eq!(wggo.addresses.len(), 2, "{config}");
     let link = stock.ok(&["ip", "-o", "link", "show", "sizps0"]);
     assert!(link.contains(&format!("mtu {MTU} ")), "{link}");
-    stock.ok(&["ip", "route", "add", "100.64.0.0/10", "dev", "sizps0"]);
-    stock.ok(&["ip", "-6", "route", "add", "200::/64", "dev", "sizps0"]);
 
     let sa = wait_until(
         "a to list the stock device",

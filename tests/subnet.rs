@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{Lan, Netns, state_dir};
-use common::{BIN, DieWithParent};
+use common::{BIN, Deadline, DieWithParent, wait_until};
 use ipnet::IpNet;
 use nexodus::join::status::{PeerStatus, Status};
 use nexodus::wire::control::Device;
@@ -32,36 +32,6 @@ const RELAY: &str = "relay";
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
-}
-
-/// The test's own time limit; every wait is bounded by what is left of it.
-#[derive(Clone, Copy)]
-struct Deadline(Instant);
-
-impl Deadline {
-    fn after(d: Duration) -> Self {
-        Self(Instant::now() + d)
-    }
-
-    /// `cap`, or what is left of the test's time if that is less.
-    fn left(self, cap: Duration) -> Duration {
-        cap.min(self.0.saturating_duration_since(Instant::now()))
-    }
-}
-
-/// Polls `f` every 100 ms until it returns Some; fails the test after `timeout`.
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Waits at most `timeout` for `child` to exit; None if it still runs.

@@ -12,17 +12,7 @@ use nexodus::join::status::Status;
 use super::BIN;
 use super::netns::{Lan, Netns, state_dir};
 
-/// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub use super::wait_until;
 
 pub struct Coord {
     pub ns: Netns,

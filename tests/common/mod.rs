@@ -14,6 +14,7 @@ use nexodus::wire::control::{RegisterRequest, Request, Response};
 
 pub mod cluster;
 pub mod netns;
+pub mod stock;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");
 
@@ -32,6 +33,44 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// A test's own time limit; every wait is bounded by what is left of it.
+#[derive(Clone, Copy)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    pub fn after(d: Duration) -> Self {
+        Self(Instant::now() + d)
+    }
+
+    /// `cap`, or what is left of the test's time if that is less.
+    pub fn left(self, cap: Duration) -> Duration {
+        cap.min(self.0.saturating_duration_since(Instant::now()))
+    }
+
+    /// Fails the test if its deadline has passed.
+    pub fn check(self, what: &str) {
+        assert!(
+            Instant::now() < self.0,
+            "test deadline passed during {what}"
+        );
+    }
+}
+
+/// Polls `f` every 100 ms until it returns Some; fails the test after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

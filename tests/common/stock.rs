@@ -1,0 +1,117 @@
+//! A stock WireGuard peer: Debian's `wireguard-go` + `wg`, configured by hand from the
+//! wg-quick file `nexodus devices add` prints, as wg-quick itself would.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::DieWithParent;
+use super::netns::Netns;
+use super::wait_until;
+
+/// Splits a wg-quick config into its Address values and a `wg setconf` config
+/// (wg-quick-only keys removed).
+pub fn split_wg_quick(config: &str) -> (Vec<String>, String) {
+    const QUICK_ONLY: [&str; 8] = [
+        "DNS",
+        "MTU",
+        "Table",
+        "PreUp",
+        "PostUp",
+        "PreDown",
+        "PostDown",
+        "SaveConfig",
+    ];
+    let mut addresses = Vec::new();
+    let mut conf = String::new();
+    for line in config.lines() {
+        let t = line.trim();
+        let key = t.split('=').next().unwrap_or("").trim();
+        if key == "Address" {
+            let v = t.split_once('=').map_or("", |(_, v)| v);
+            addresses.extend(v.split(',').map(|a| a.trim().to_string()));
+        } else if !QUICK_ONLY.contains(&key) {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+    }
+    (addresses, conf)
+}
+
+/// wireguard-go on interface `iface` in a namespace, configured from a wg-quick file;
+/// asked to stop (SIGTERM, which removes its UAPI socket) and reaped on drop.
+pub struct StockPeer {
+    pub iface: String,
+    /// The Address values of the wg-quick file.
+    pub addresses: Vec<String>,
+    child: Option<Child>,
+}
+
+impl StockPeer {
+    /// Starts wireguard-go (output to `log`), waits at most `timeout` for `iface`,
+    /// applies the config (written to `dir`/wg.conf), the addresses, and routes to the
+    /// mesh prefixes (100.64.0.0/10, 200::/64) through it.
+    pub fn start(
+        ns: &Netns,
+        iface: &str,
+        config: &str,
+        dir: &Path,
+        log: &Path,
+        timeout: Duration,
+    ) -> Self {
+        let (addresses, conf) = split_wg_quick(config);
+        let conf_path = dir.join("wg.conf");
+        std::fs::write(&conf_path, conf).expect("write wg.conf");
+        let log = std::fs::File::create(log).expect("wireguard-go log");
+        let child = ns
+            .cmd(&["wireguard-go", "-f", iface])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .die_with_parent()
+            .spawn()
+            .expect("wireguard-go (apt install wireguard-go)");
+        let peer = Self {
+            iface: iface.into(),
+            addresses,
+            child: Some(child),
+        };
+        wait_until(&format!("wireguard-go to create {iface}"), timeout, || {
+            ns.try_run(&["ip", "link", "show", iface]).then_some(())
+        });
+        ns.ok(&[
+            "wg",
+            "setconf",
+            iface,
+            conf_path.to_str().expect("utf-8 path"),
+        ]);
+        for addr in &peer.addresses {
+            if addr.contains(':') {
+                ns.ok(&["ip", "-6", "addr", "add", addr, "dev", iface, "nodad"]);
+            } else {
+                ns.ok(&["ip", "addr", "add", addr, "dev", iface]);
+            }
+        }
+        ns.ok(&["ip", "link", "set", iface, "up"]);
+        ns.ok(&["ip", "route", "add", "100.64.0.0/10", "dev", iface]);
+        ns.ok(&["ip", "-6", "route", "add", "200::/64", "dev", iface]);
+        peer
+    }
+}
+
+impl Drop for StockPeer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

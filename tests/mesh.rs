@@ -173,10 +173,14 @@ fn restart_outage_and_removal() {
     mesh.coord
         .admin(&["devices", "remove", &b0.device.id.to_string()]);
     mesh.nodes[0].wait_peers(1);
-    let routes = mesh.nodes[0].ns.ok(&["ip", "-6", "route"]);
-    assert!(!has_line(&routes, &format!("{b_v6} dev nx0")), "{routes}");
-    let routes = mesh.nodes[0].ns.ok(&["ip", "-4", "route"]);
-    assert!(!has_line(&routes, &format!("{b_v4} dev nx0")), "{routes}");
+    // Routes follow the peer change (applied right after it).
+    let a = &mesh.nodes[0];
+    wait_until("A's routes to B to go", Duration::from_secs(10), || {
+        let v6 = a.ns.ok(&["ip", "-6", "route"]);
+        let v4 = a.ns.ok(&["ip", "-4", "route"]);
+        (!has_line(&v6, &format!("{b_v6} dev nx0")) && !has_line(&v4, &format!("{b_v4} dev nx0")))
+            .then_some(())
+    });
     // B learns it was removed and exits with an error.
     let b = &mut mesh.nodes[1];
     let code = wait_until("B to exit", Duration::from_secs(20), || {

@@ -426,6 +426,8 @@ pub async fn run(
             let (ours, theirs) =
                 std::os::unix::net::UnixDatagram::pair().map_err(JoinError::DataPath)?;
             ours.set_nonblocking(true).map_err(JoinError::DataPath)?;
+            // Room for bursts towards the stack (capped by net.core.wmem_max).
+            let _ = socket2::SockRef::from(&ours).set_send_buffer_size(4 << 20);
             let stack = crate::userspace::Stack::start(
                 us.clone(),
                 theirs,

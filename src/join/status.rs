@@ -159,6 +159,30 @@ pub fn render(s: &Status) -> String {
             s.relayed_packets, s.relayed_bytes
         );
     }
+    if let Some(u) = &s.userspace {
+        let _ = writeln!(out, "\nuserspace stack (rootless): {} rules", u.rules.len());
+        for r in &u.rules {
+            let _ = writeln!(out, "  {:<52} {} open", r.rule, r.open_flows);
+        }
+        if !u.open_flows.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:<4} {:<46} {:<46} {:>12}  RULE",
+                "FLOW", "FROM", "TO", "OUT / IN"
+            );
+        }
+        for f in &u.open_flows {
+            let _ = writeln!(
+                out,
+                "{:<4} {:<46} {:<46} {:>12}  {}",
+                f.proto,
+                f.from,
+                f.to,
+                format!("{} / {}", f.to_mesh_bytes, f.from_mesh_bytes),
+                f.rule
+            );
+        }
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "\ndropped: {:?}", s.drops);
     }

@@ -1,0 +1,209 @@
+//! Bookkeeping without I/O: UDP flows that expire when idle, and the ephemeral ports
+//! the stack's own connections use. Time is passed in.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// UDP flows keyed by `K` (e.g. the client's address): each remembers when it last
+/// carried a datagram and goes after `idle` without one. At most `max` flows: a new
+/// one past that is refused (the datagram is dropped), so a flood cannot grow the
+/// table without bound.
+#[derive(Debug)]
+pub struct FlowTable<K, V> {
+    flows: HashMap<K, (V, Instant)>,
+    idle: Duration,
+    max: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many flows ({0})")]
+pub struct Full(pub usize);
+
+impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
+    pub fn new(idle: Duration, max: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            idle,
+            max,
+        }
+    }
+
+    /// The flow of `key`, marked active at `now`.
+    pub fn touch(&mut self, key: &K, now: Instant) -> Option<&mut V> {
+        let (v, last) = self.flows.get_mut(key)?;
+        *last = now;
+        Some(v)
+    }
+
+    /// The flow of `key` without marking it active.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.flows.get_mut(key).map(|(v, _)| v)
+    }
+
+    /// Adds a flow active at `now`.
+    pub fn insert(&mut self, key: K, value: V, now: Instant) -> Result<&mut V, Full> {
+        if self.flows.len() >= self.max && !self.flows.contains_key(&key) {
+            return Err(Full(self.max));
+        }
+        let slot = self.flows.entry(key).insert_entry((value, now));
+        Ok(&mut slot.into_mut().0)
+    }
+
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.flows.remove(key).map(|(v, _)| v)
+    }
+
+    /// Removes and returns the flows idle since `now - idle` or longer.
+    pub fn expire(&mut self, now: Instant) -> Vec<(K, V)> {
+        let idle = self.idle;
+        let gone: Vec<K> = self
+            .flows
+            .iter()
+            .filter(|(_, (_, last))| now.saturating_duration_since(*last) >= idle)
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|k| self.flows.remove(&k).map(|(v, _)| (k, v)))
+            .collect()
+    }
+
+    /// When the next flow expires, if any.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.flows.values().map(|(_, last)| *last + self.idle).min()
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.flows.iter().map(|(k, (v, _))| (k, v))
+    }
+
+    /// Calls `f` on every flow; those for which it returns true were active at `now`.
+    pub fn visit(&mut self, now: Instant, mut f: impl FnMut(&K, &mut V) -> bool) {
+        for (k, (v, last)) in self.flows.iter_mut() {
+            if f(k, v) {
+                *last = now;
+            }
+        }
+    }
+}
+
+/// First ephemeral port (IANA dynamic range).
+pub const EPHEMERAL_FIRST: u16 = 49152;
+
+/// Hands out local ports for the stack's own connections and UDP flows, round robin
+/// over the dynamic range, never one still in use or reserved (a rule's port).
+#[derive(Debug)]
+pub struct PortAllocator {
+    next: u16,
+    used: HashSet<u16>,
+    reserved: HashSet<u16>,
+}
+
+impl PortAllocator {
+    /// `seed` picks where the round starts.
+    pub fn new(seed: u16, reserved: impl IntoIterator<Item = u16>) -> Self {
+        let span = u16::MAX - EPHEMERAL_FIRST + 1;
+        Self {
+            next: EPHEMERAL_FIRST + seed % span,
+            used: HashSet::new(),
+            reserved: reserved.into_iter().collect(),
+        }
+    }
+
+    pub fn alloc(&mut self) -> Option<u16> {
+        let span = usize::from(u16::MAX - EPHEMERAL_FIRST) + 1;
+        for _ in 0..span {
+            let p = self.next;
+            self.next = if p == u16::MAX {
+                EPHEMERAL_FIRST
+            } else {
+                p + 1
+            };
+            if !self.reserved.contains(&p) && self.used.insert(p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    pub fn release(&mut self, port: u16) {
+        self.used.remove(&port);
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn idle_flows_expire_and_active_ones_stay() {
+        let t0 = Instant::now();
+        let mut t: FlowTable<u16, &str> = FlowTable::new(Duration::from_secs(30), 10);
+        t.insert(1, "a", t0).unwrap();
+        t.insert(2, "b", t0).unwrap();
+        assert_eq!(t.next_expiry(), Some(t0 + Duration::from_secs(30)));
+        assert!(t.touch(&2, t0 + Duration::from_secs(20)).is_some());
+        assert!(t.expire(t0 + Duration::from_secs(29)).is_empty());
+        let gone = t.expire(t0 + Duration::from_secs(30));
+        assert_eq!(gone, vec![(1, "a")]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.next_expiry(), Some(t0 + Duration::from_secs(50)));
+        assert_eq!(t.expire(t0 + Duration::from_secs(50)), vec![(2, "b")]);
+        assert!(t.is_empty());
+        assert_eq!(t.next_expiry(), None);
+        // A clock that goes backwards expires nothing.
+        t.insert(3, "c", t0 + Duration::from_secs(60)).unwrap();
+        assert!(t.expire(t0).is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut t: FlowTable<u16, u16> = FlowTable::new(Duration::from_secs(1), 2);
+        t.insert(1, 1, t0).unwrap();
+        t.insert(2, 2, t0).unwrap();
+        assert_eq!(t.insert(3, 3, t0), Err(Full(2)));
+        // Replacing an existing flow is fine.
+        *t.insert(2, 20, t0).unwrap() += 1;
+        assert_eq!(t.get_mut(&2), Some(&mut 21));
+        assert_eq!(t.remove(&1), Some(1));
+        let later = t0 + Duration::from_secs(5);
+        t.visit(later, |k, v| {
+            *v += 1;
+            *k == 2
+        });
+        assert_eq!(t.expire(later), vec![]);
+        assert_eq!(t.get_mut(&2), Some(&mut 22));
+        assert!(t.insert(3, 3, t0).is_ok());
+    }
+
+    #[test]
+    fn ports_are_unique_and_skip_reserved() {
+        let mut p = PortAllocator::new(u16::MAX - EPHEMERAL_FIRST, [EPHEMERAL_FIRST]);
+        assert_eq!(p.alloc(), Some(u16::MAX));
+        // Wraps, skipping the reserved port.
+        assert_eq!(p.alloc(), Some(EPHEMERAL_FIRST + 1));
+        let mut all = HashSet::new();
+        while let Some(port) = p.alloc() {
+            assert!(port >= EPHEMERAL_FIRST);
+            assert!(all.insert(port), "{port} twice");
+        }
+        assert_eq!(p.in_use(), usize::from(u16::MAX - EPHEMERAL_FIRST));
+        p.release(50000);
+        assert_eq!(p.alloc(), Some(50000));
+        assert_eq!(p.alloc(), None);
+    }
+}

@@ -519,6 +519,8 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
         "tcp:8080:127.0.0.1:9000",
         "--ingress",
         "udp:8053:127.0.0.1:9053",
+        "--ingress",
+        "tcp:8082:127.0.0.1:9099",
         "--egress",
         &format!("tcp:17000:{t0_v4}:7000"),
         "--egress",
@@ -570,12 +572,15 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     wait_echo(&t_ns, SocketAddr::new(r_v6, 8080), "ingress v6");
     wait_udp_echo(&t_ns, SocketAddr::new(r_v4, 8053), "ingress udp v4");
     wait_udp_echo(&t_ns, SocketAddr::new(r_v6, 8053), "ingress udp v6");
-    // A port without a rule is refused, not left hanging.
-    let refused = in_ns(&t_ns, move || connect(SocketAddr::new(r_v4, 8081)).err());
-    assert!(
-        refused.as_deref().is_some_and(|e| e.contains("refused")),
-        "{refused:?}"
-    );
+    // A port without a rule is refused, not left hanging; so is a rule whose local
+    // service is not there.
+    for port in [8081, 8082] {
+        let refused = in_ns(&t_ns, move || connect(SocketAddr::new(r_v4, port)).err());
+        assert!(
+            refused.as_deref().is_some_and(|e| e.contains("refused")),
+            "{port}: {refused:?}"
+        );
+    }
 
     // Egress: the rootless host reaches the TUN node's services, v4 and v6, TCP and UDP.
     wait_echo(&r_ns, "127.0.0.1:17000".parse().unwrap(), "egress v4");

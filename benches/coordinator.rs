@@ -8,7 +8,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use nexodus::coord::keys::encode_key;
 use nexodus::coord::token::hash_secret;
 use nexodus::serve::hub::{OrgDelta, encode_delta};
-use nexodus::store::{DEFAULT_ORG, Store};
+use nexodus::store::{DEFAULT_ORG, SqliteStore, Store};
 use nexodus::wire::control::RegisterRequest;
 use sha2::Digest;
 
@@ -33,7 +33,7 @@ fn request(n: u64) -> RegisterRequest {
 
 fn registrations(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = Store::open(&dir.path().join("bench.db")).expect("open");
+    let mut store = SqliteStore::open(&dir.path().join("bench.db")).expect("open");
     store.ensure_default_org(0).expect("org");
     let org = store.org_by_name(DEFAULT_ORG).expect("org");
     store
@@ -65,7 +65,7 @@ fn registrations(c: &mut Criterion) {
 
 fn delta_fanout(c: &mut Criterion) {
     let device = {
-        let mut store = Store::open_in_memory().expect("store");
+        let mut store = SqliteStore::open_in_memory().expect("store");
         store.ensure_default_org(0).expect("org");
         let org = store.org_by_name(DEFAULT_ORG).expect("org");
         store

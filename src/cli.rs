@@ -35,6 +35,12 @@ pub struct StateArgs {
     /// SQLite database file. Default: nexodus.db in the state directory.
     #[arg(long, global = true, env = "NEXODUS_DB", value_name = "FILE")]
     pub db: Option<PathBuf>,
+    /// PostgreSQL instead of SQLite (postgres://USER[:PASSWORD]@HOST[:PORT]/DB), shared
+    /// by any number of coordinator replicas. The TLS identity is kept in the database
+    /// too, so one join token works with every replica. Plain TCP: keep the database
+    /// on the host or a trusted network.
+    #[arg(long, global = true, env = "NEXODUS_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 impl StateArgs {
@@ -48,6 +54,14 @@ impl StateArgs {
         self.db
             .clone()
             .unwrap_or_else(|| self.state_dir().join("nexodus.db"))
+    }
+
+    /// PostgreSQL if a URL is given, else the SQLite file.
+    pub fn database(&self) -> crate::store::Database {
+        match &self.database_url {
+            Some(url) => crate::store::Database::Postgres(url.clone()),
+            None => crate::store::Database::Sqlite(self.db()),
+        }
     }
 }
 
@@ -168,6 +182,10 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Benchmark: simulate many nodes against a running coordinator over real QUIC
+    /// connections and report registrations/s, change fan-out latency and memory.
+    #[command(hide = true)]
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 /// Where a node keeps its key, credential and status socket.

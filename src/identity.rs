@@ -1,7 +1,8 @@
 //! The coordinator's TLS identity and the pinned-certificate QUIC configs.
 //!
 //! The coordinator makes a self-signed certificate on first start and keeps it (DER,
-//! 0600) in its state dir. Join tokens carry the certificate's SHA-256 fingerprint; a
+//! 0600) in its state dir, or, with PostgreSQL, in the database, so that every replica
+//! presents the same one. Join tokens carry the certificate's SHA-256 fingerprint; a
 //! node accepts exactly that certificate and no other, so no CA is involved.
 
 use std::path::Path;
@@ -66,16 +67,32 @@ impl Identity {
             });
         }
         fsutil::ensure_private_dir(state_dir).map_err(io(state_dir))?;
-        let made = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
-        let id = Self {
-            cert_der: made.cert.der().to_vec(),
-            key_der: made.signing_key.serialize_der(),
-        };
+        let id = Self::generate()?;
         // Key first: a cert without its key would be unusable.
         fsutil::write_private_atomic(&key_path, &id.key_der).map_err(io(&key_path))?;
         fsutil::write_private_atomic(&cert_path, &id.cert_der).map_err(io(&cert_path))?;
         tracing::info!(dir = %state_dir.display(), "created coordinator TLS identity");
         Ok(id)
+    }
+
+    /// A new self-signed identity (kept nowhere yet).
+    pub fn generate() -> Result<Self, IdentityError> {
+        let made = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
+        Ok(Self {
+            cert_der: made.cert.der().to_vec(),
+            key_der: made.signing_key.serialize_der(),
+        })
+    }
+
+    /// An identity as stored: DER certificate and PKCS#8 key. A mismatched pair is
+    /// refused when the server config is built.
+    pub fn from_der(cert_der: Vec<u8>, key_der: Vec<u8>) -> Self {
+        Self { cert_der, key_der }
+    }
+
+    /// The private key, PKCS#8 DER (to store it for other replicas).
+    pub fn key_der(&self) -> &[u8] {
+        &self.key_der
     }
 
     pub fn fingerprint(&self) -> [u8; 32] {

@@ -7,6 +7,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod io;
 pub mod join;
+pub mod loadgen;
 pub mod node;
 pub mod quicio;
 pub mod serve;

@@ -34,7 +34,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = ServeConfig {
                 listen,
                 stun_listen,
-                db: state.db(),
+                database: state.database(),
                 state_dir: state.state_dir(),
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -122,7 +122,7 @@ fn run(cli: Cli) -> Result<()> {
                     state,
                 },
         } => {
-            let mut st = serve::open_state(&state.db(), &state.state_dir())?;
+            let mut st = serve::open_state(&state.database(), &state.state_dir())?;
             let token = serve::create_token(&mut st, &org, reusable, expires)?;
             println!("{token}");
             Ok(())
@@ -136,7 +136,7 @@ fn run(cli: Cli) -> Result<()> {
                     state,
                 },
         } => {
-            let mut st = serve::open_state(&state.db(), &state.state_dir())?;
+            let mut st = serve::open_state(&state.database(), &state.state_dir())?;
             let org = st
                 .store
                 .create_org(&name, cidr, cidr_v6, serve::unix_now())?;
@@ -152,7 +152,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             state,
         } => {
-            let mut st = serve::open_state(&state.db(), &state.state_dir())?;
+            let mut st = serve::open_state(&state.database(), &state.state_dir())?;
             match action {
                 Some(DevicesAction::Add {
                     hostname,
@@ -181,6 +181,12 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Loadgen(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let report = rt.block_on(nexodus::loadgen::run(args))?;
+            println!("{report}");
             Ok(())
         }
     }

@@ -7,7 +7,7 @@
 use crate::coord::keys;
 use crate::coord::token::{encode_secret, hash_secret};
 use crate::store::{Store, StoreError};
-use crate::wire::control::{Auth, Device, ErrorCode, Request, Response};
+use crate::wire::control::{Auth, Device, ErrorCode, RegisterRequest, Request, Response};
 
 /// Maps a store error to what the caller is told. Internal failures are not described
 /// to the caller; the shell logs them.
@@ -27,7 +27,11 @@ pub fn error_response(err: &StoreError) -> Response {
         },
         StoreError::DuplicateKey(_) | StoreError::OrgExists(_) => ErrorCode::Conflict,
         StoreError::OrgNotFound(_) | StoreError::DeviceNotFound(_) => ErrorCode::NotFound,
-        StoreError::Sqlite(_) | StoreError::Schema(_) | StoreError::Corrupt(_) => {
+        StoreError::Sqlite(_)
+        | StoreError::Postgres(_)
+        | StoreError::Schema(_)
+        | StoreError::Corrupt(_)
+        | StoreError::Unavailable(_) => {
             return Response::Error {
                 code: ErrorCode::Internal,
                 message: "internal coordinator error".into(),
@@ -40,15 +44,50 @@ pub fn error_response(err: &StoreError) -> Response {
     }
 }
 
+/// A registration checked and ready for the store, with the device's new credential.
+pub struct PreparedRegistration {
+    pub req: RegisterRequest,
+    pub token_hash: String,
+    pub credential: String,
+    pub credential_hash: String,
+}
+
+/// Checks a registration's key and makes its credential from `random`.
+pub fn prepare_registration(
+    req: RegisterRequest,
+    random: [u8; 32],
+) -> Result<PreparedRegistration, StoreError> {
+    keys::parse_public_key(&req.public_key).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let credential = encode_secret(&random);
+    Ok(PreparedRegistration {
+        token_hash: hash_secret(&req.token_secret),
+        credential_hash: hash_secret(&credential),
+        credential,
+        req,
+    })
+}
+
+/// The answer to a registration the store accepted.
+pub fn registered(device: Device, credential: String) -> Response {
+    tracing::info!(
+        id = device.id,
+        hostname = %device.hostname,
+        tunnel_ip = %device.tunnel_ip,
+        tunnel_ip_v6 = ?device.tunnel_ip_v6,
+        "device registered"
+    );
+    Response::Registered { device, credential }
+}
+
 /// Authenticates a device by its credential.
-pub fn authenticate(store: &Store, auth: &Auth) -> Result<Device, StoreError> {
+pub fn authenticate(store: &mut dyn Store, auth: &Auth) -> Result<Device, StoreError> {
     store.authenticate(auth.device_id, &hash_secret(&auth.credential))
 }
 
 /// Handles one request. `now` is unix seconds; `random` supplies a fresh device
 /// credential on registration. Watch requests are answered by the shell.
 pub fn handle(
-    store: &mut Store,
+    store: &mut dyn Store,
     req: Request,
     now: i64,
     random: [u8; 32],
@@ -56,23 +95,9 @@ pub fn handle(
     match req {
         Request::Ping => Ok(Response::Pong),
         Request::Register(r) => {
-            keys::parse_public_key(&r.public_key)
-                .map_err(|e| StoreError::Invalid(e.to_string()))?;
-            let credential = encode_secret(&random);
-            let device = store.register_device(
-                &r,
-                &hash_secret(&r.token_secret),
-                &hash_secret(&credential),
-                now,
-            )?;
-            tracing::info!(
-                id = device.id,
-                hostname = %device.hostname,
-                tunnel_ip = %device.tunnel_ip,
-                tunnel_ip_v6 = ?device.tunnel_ip_v6,
-                "device registered"
-            );
-            Ok(Response::Registered { device, credential })
+            let p = prepare_registration(r, random)?;
+            let device = store.register_device(&p.req, &p.token_hash, &p.credential_hash, now)?;
+            Ok(registered(device, p.credential))
         }
         Request::Login {
             auth,
@@ -106,12 +131,12 @@ pub fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DEFAULT_ORG;
+    use crate::store::{DEFAULT_ORG, SqliteStore};
     use crate::wire::control::{DeviceUpdate, RegisterRequest};
 
-    fn setup() -> (tempfile::TempDir, Store) {
+    fn setup() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("c.db")).unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("c.db")).unwrap();
         s.ensure_default_org(0).unwrap();
         let org = s.org_by_name(DEFAULT_ORG).unwrap();
         s.create_token(org.id, &hash_secret("tok"), true, None, 0)
@@ -119,7 +144,7 @@ mod tests {
         (dir, s)
     }
 
-    fn register(s: &mut Store, n: u8, token: &str) -> Result<Response, StoreError> {
+    fn register(s: &mut SqliteStore, n: u8, token: &str) -> Result<Response, StoreError> {
         let secret = boringtun::x25519::StaticSecret::from([n; 32]);
         let public = boringtun::x25519::PublicKey::from(&secret);
         handle(

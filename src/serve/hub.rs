@@ -2,27 +2,52 @@
 //!
 //! The hub tails the store's change log: right away when this process commits a change
 //! (it is poked), and every [`POLL`] to catch changes committed by other processes
-//! (admin commands on the same database file). Each batch is grouped by organization,
-//! coalesced per device, encoded once as a [`Response::Delta`] frame and broadcast to
-//! that organization's watchers, so a change costs what changed plus one write per
-//! watcher, whatever the size of the organization.
+//! (admin commands on the same database file). With PostgreSQL every commit is also
+//! announced (NOTIFY) and [`Hub::listen`] pokes the hub when one arrives, so a change
+//! made through any replica reaches this replica's watchers at once; polling is then
+//! only a slow fallback ([`FALLBACK_POLL`]). Either way the change log is the only
+//! source of deltas. Each batch is grouped by organization, coalesced per device,
+//! encoded once as a [`Response::Delta`] frame and broadcast to that organization's
+//! watchers, so a change costs what changed plus one write per watcher, whatever the
+//! size of the organization.
+//!
+//! The hub also keeps every organization's devices in memory, each already encoded,
+//! as of the last batch it processed (loaded once at start, then kept by the same
+//! batches). A watch stream's snapshot is taken from there together with its
+//! subscription, under one lock: no change falls in between, and a snapshot costs a
+//! copy of bytes instead of a database read and an encoding of the whole organization
+//! (what makes thousands of nodes reconnecting at once, e.g. after a replica died,
+//! affordable).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
-use crate::store::{Change, Store};
+use crate::serve::SharedStore;
+use crate::store::{Change, StoreError};
 use crate::wire::control::{Device, Response};
 use crate::wire::frame::{self, MAX_RESPONSE_LEN};
 
 /// How often the change log is checked for changes made by other processes.
 pub const POLL: Duration = Duration::from_millis(500);
+/// The same when commits are announced by the database (a safety net only).
+pub const FALLBACK_POLL: Duration = Duration::from_secs(10);
+/// Wait before listening again after the notification connection failed.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 /// Largest batch read from the change log at once.
 const BATCH: usize = 10_000;
 /// Deltas a slow watcher may fall behind before it is sent a fresh snapshot.
 const CHANNEL_DEPTH: usize = 256;
+/// Least time between two batches of deltas (see [`Hub::run`]): per watcher held by
+/// this process (each batch costs a packet per watcher), between the bounds below. A
+/// lone change is never held back.
+const COALESCE_PER_WATCHER: Duration = Duration::from_micros(50);
+const COALESCE_MIN: Duration = Duration::from_millis(100);
+const COALESCE_MAX: Duration = Duration::from_millis(500);
+/// Snapshots being built and written at once (each holds a copy of its organization).
+const SNAPSHOTS_AT_ONCE: usize = 8;
 
 /// One organization's delta, encoded once for all its watchers.
 #[derive(Debug)]
@@ -32,10 +57,75 @@ pub struct OrgDelta {
     pub frame: Vec<u8>,
 }
 
+/// An organization's devices (each JSON-encoded) and its watchers' channel.
+struct OrgView {
+    devices: BTreeMap<i64, Arc<[u8]>>,
+    tx: broadcast::Sender<Arc<OrgDelta>>,
+}
+
+impl OrgView {
+    fn new() -> Self {
+        Self {
+            devices: BTreeMap::new(),
+            tx: broadcast::channel(CHANNEL_DEPTH).0,
+        }
+    }
+}
+
+struct State {
+    /// The newest revision applied to the views.
+    revision: i64,
+    orgs: HashMap<i64, OrgView>,
+}
+
+/// What a new watcher starts from: the organization's devices as of `revision`.
+pub struct Snapshot {
+    pub revision: i64,
+    pub devices: Vec<Arc<[u8]>>,
+}
+
+impl Snapshot {
+    /// The `Response::Snapshot` frame, assembled from the encoded devices.
+    pub fn frame(&self, stun_port: Option<u16>) -> Result<Vec<u8>, frame::FrameError> {
+        let head = format!(
+            "{{\"type\":\"snapshot\",\"revision\":{},\"stun_port\":{},\"devices\":[",
+            self.revision,
+            stun_port.map_or_else(|| "null".to_string(), |p| p.to_string())
+        );
+        let commas = self.devices.len().saturating_sub(1);
+        let body_len =
+            head.len() + self.devices.iter().map(|d| d.len()).sum::<usize>() + commas + 2;
+        let len = body_len + 1; // the version byte
+        if len > MAX_RESPONSE_LEN {
+            return Err(frame::FrameError::TooLarge {
+                len,
+                max: MAX_RESPONSE_LEN,
+            });
+        }
+        let mut out = Vec::with_capacity(frame::HEADER_LEN + body_len);
+        out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+        out.push(frame::VERSION);
+        out.extend_from_slice(head.as_bytes());
+        for (i, d) in self.devices.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(d);
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
+}
+
 pub struct Hub {
-    store: Arc<Mutex<Store>>,
-    orgs: Mutex<HashMap<i64, broadcast::Sender<Arc<OrgDelta>>>>,
+    store: SharedStore,
+    poll: Duration,
+    state: Mutex<State>,
+    /// The revision the views are at, for watchers that must wait for their own
+    /// change to be applied.
+    applied: watch::Sender<i64>,
     poke: Notify,
+    snapshots: Semaphore,
     /// Open watch streams per device (a reconnecting node briefly has two).
     watches: Mutex<HashMap<i64, usize>>,
 }
@@ -79,14 +169,64 @@ pub fn encode_delta(
     })
 }
 
+fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
+    serde_json::to_vec(d)
+        .map(Arc::from)
+        .map_err(|e| StoreError::Corrupt(format!("encoding device {}: {e}", d.id)))
+}
+
+/// One organization's part of a batch, prepared outside the lock.
+struct Prepared {
+    org: i64,
+    devices: Vec<(i64, Option<Arc<[u8]>>)>,
+    delta: Option<Arc<OrgDelta>>,
+}
+
 impl Hub {
-    pub fn new(store: Arc<Mutex<Store>>) -> Arc<Self> {
+    /// A hub that checks the change log when poked and every `poll`. Call
+    /// [`Hub::load`] before serving watchers.
+    pub fn new(store: SharedStore, poll: Duration) -> Arc<Self> {
         Arc::new(Self {
             store,
-            orgs: Mutex::new(HashMap::new()),
+            poll,
+            state: Mutex::new(State {
+                revision: 0,
+                orgs: HashMap::new(),
+            }),
+            applied: watch::channel(0).0,
             poke: Notify::new(),
+            snapshots: Semaphore::new(SNAPSHOTS_AT_ONCE),
             watches: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Reads every organization's devices into the views; returns the revision to
+    /// tail the change log from. Changes between that revision and the read are
+    /// applied again by the first batch, which is harmless: a change carries the
+    /// device's state now.
+    pub async fn load(&self) -> Result<i64, StoreError> {
+        let store = self.store.clone();
+        let (revision, orgs) = tokio::task::spawn_blocking(move || {
+            let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
+            let revision = s.current_revision()?;
+            let mut orgs = HashMap::new();
+            for org in s.orgs()? {
+                let mut view = OrgView::new();
+                for d in s.devices(org.id)? {
+                    view.devices.insert(d.id, encode_device(&d)?);
+                }
+                orgs.insert(org.id, view);
+            }
+            Ok::<_, StoreError>((revision, orgs))
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("loading devices: {e}")))??;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.revision = revision;
+        state.orgs = orgs;
+        drop(state);
+        self.applied.send_replace(revision);
+        Ok(revision)
     }
 
     /// Counts a new watch stream of a device; true if it is its only one.
@@ -112,41 +252,152 @@ impl Hub {
         }
     }
 
+    /// Devices with at least one watch stream on this process.
+    pub fn watched(&self) -> Vec<i64> {
+        let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        w.keys().copied().collect()
+    }
+
     /// Tells the hub a change was committed.
     pub fn poke(&self) {
         self.poke.notify_one();
     }
 
+    /// Waits (at most `limit`) until the views include `revision`, poking the hub.
+    pub async fn caught_up(&self, revision: i64, limit: Duration) -> bool {
+        if *self.applied.borrow() >= revision {
+            return true;
+        }
+        self.poke();
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Receives every delta of `organization_id` from now on.
     pub fn subscribe(&self, organization_id: i64) -> broadcast::Receiver<Arc<OrgDelta>> {
-        let mut orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
-        orgs.entry(organization_id)
-            .or_insert_with(|| broadcast::channel(CHANNEL_DEPTH).0)
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .orgs
+            .entry(organization_id)
+            .or_insert_with(OrgView::new)
+            .tx
             .subscribe()
     }
 
-    fn publish(&self, organization_id: i64, delta: Arc<OrgDelta>) {
-        let mut orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = orgs.get(&organization_id)
-            && tx.send(delta).is_err()
-        {
-            // Nobody listens any more.
-            orgs.remove(&organization_id);
+    /// Subscribes to `organization_id` and takes its snapshot at the same instant.
+    pub fn subscribe_with_snapshot(
+        &self,
+        organization_id: i64,
+    ) -> (broadcast::Receiver<Arc<OrgDelta>>, Snapshot) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let revision = state.revision;
+        let view = state
+            .orgs
+            .entry(organization_id)
+            .or_insert_with(OrgView::new);
+        let rx = view.tx.subscribe();
+        let devices = view.devices.values().cloned().collect();
+        (rx, Snapshot { revision, devices })
+    }
+
+    /// The current snapshot of `organization_id` (a watcher that fell behind).
+    pub fn snapshot(&self, organization_id: i64) -> Snapshot {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Snapshot {
+            revision: state.revision,
+            devices: state
+                .orgs
+                .get(&organization_id)
+                .map(|v| v.devices.values().cloned().collect())
+                .unwrap_or_default(),
         }
+    }
+
+    /// How long changes gather after a batch (see [`COALESCE_PER_WATCHER`]).
+    fn coalesce(&self) -> Duration {
+        let watchers: usize = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.orgs.values().map(|v| v.tx.receiver_count()).sum()
+        };
+        let per = COALESCE_PER_WATCHER.saturating_mul(u32::try_from(watchers).unwrap_or(u32::MAX));
+        per.clamp(COALESCE_MIN, COALESCE_MAX)
+    }
+
+    /// Bounds the snapshots being assembled and written at once.
+    pub async fn snapshot_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.snapshots.acquire().await.ok()
+    }
+
+    /// Applies one batch of the change log to the views and broadcasts its deltas.
+    fn apply(&self, last: i64, changes: Vec<Change>) {
+        let mut prepared = Vec::new();
+        for (org, (rev, devices)) in group_changes(changes) {
+            let mut encoded = Vec::with_capacity(devices.len());
+            let mut ok = true;
+            for (id, d) in &devices {
+                match d.as_ref().map(encode_device).transpose() {
+                    Ok(e) => encoded.push((*id, e)),
+                    Err(e) => {
+                        tracing::error!(error = %e, org, "encoding a device failed");
+                        ok = false;
+                    }
+                }
+            }
+            let delta = match encode_delta(rev, devices) {
+                Ok(d) if ok => Some(Arc::new(d)),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, org, "encoding a delta failed");
+                    None
+                }
+            };
+            prepared.push(Prepared {
+                org,
+                devices: encoded,
+                delta,
+            });
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for p in prepared {
+            let view = state.orgs.entry(p.org).or_insert_with(OrgView::new);
+            for (id, d) in p.devices {
+                match d {
+                    Some(d) => view.devices.insert(id, d),
+                    None => view.devices.remove(&id),
+                };
+            }
+            if let Some(delta) = p.delta {
+                // An error only means nobody watches this organization now.
+                let _ = view.tx.send(delta);
+            }
+        }
+        state.revision = last;
+        drop(state);
+        self.applied.send_replace(last);
     }
 
     /// Runs forever: tails the change log from `revision` and broadcasts deltas.
     pub async fn run(self: Arc<Self>, mut revision: i64) {
+        let mut last_batch: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = self.poke.notified() => {}
-                () = tokio::time::sleep(POLL) => {}
+                () = tokio::time::sleep(self.poll) => {}
             }
+            // Right after a batch, let changes gather for a moment: under a stream of
+            // changes every watcher then gets one frame per COALESCE carrying them all
+            // (instead of one per change), while a lone change goes out at once.
+            if let Some(at) = last_batch {
+                tokio::time::sleep_until(at + self.coalesce()).await;
+            }
+            last_batch = None;
             loop {
                 let store = self.store.clone();
                 let from = revision;
                 let read = tokio::task::spawn_blocking(move || {
-                    let s = store.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
                     s.changes_since(from, BATCH)
                 })
                 .await;
@@ -166,15 +417,64 @@ impl Hub {
                     break;
                 };
                 revision = last;
-                for (org, (rev, devices)) in group_changes(changes) {
-                    match encode_delta(rev, devices) {
-                        Ok(delta) => self.publish(org, Arc::new(delta)),
-                        Err(e) => tracing::error!(error = %e, org, "encoding a delta failed"),
-                    }
-                }
+                self.apply(last, changes);
+                last_batch = Some(tokio::time::Instant::now());
                 if !full {
                     break;
                 }
+            }
+        }
+    }
+
+    /// Runs forever: holds a PostgreSQL connection that LISTENs on the change channel
+    /// and pokes the hub for every notification (and once after each (re)connect, for
+    /// commits made while it was away).
+    pub async fn listen(self: Arc<Self>, config: tokio_postgres::Config) {
+        let mut logged = false;
+        loop {
+            match self.listen_once(&config).await {
+                Ok(()) => tracing::warn!("change notifications ended; listening again"),
+                Err(e) if !logged => {
+                    tracing::warn!(error = ?e, "change notifications lost; listening again");
+                    logged = true;
+                }
+                Err(e) => tracing::debug!(error = ?e, "listening for changes failed"),
+            }
+            tokio::time::sleep(LISTEN_RETRY).await;
+        }
+    }
+
+    async fn listen_once(
+        self: &Arc<Self>,
+        config: &tokio_postgres::Config,
+    ) -> Result<(), tokio_postgres::Error> {
+        use tokio_postgres::AsyncMessage;
+        tracing::debug!("connecting for change notifications");
+        let (client, mut conn) = config.connect(tokio_postgres::NoTls).await?;
+        tracing::debug!("connected for change notifications");
+        let hub = self.clone();
+        let driver = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => hub.poke(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", crate::store::pg::CHANNEL))
+            .await?;
+        tracing::info!("listening for changes committed by any replica");
+        self.poke();
+        let end = driver.await;
+        drop(client);
+        match end {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "notification task failed");
+                Ok(())
             }
         }
     }
@@ -214,5 +514,57 @@ mod tests {
         assert_eq!(d.removed, vec![10]);
         let resp: Response = frame::decode_payload(&d.frame[4..]).unwrap();
         assert!(matches!(resp, Response::Delta { revision: 3, .. }));
+    }
+
+    fn device(id: i64) -> Device {
+        Device {
+            id,
+            organization_id: 1,
+            public_key: format!("key{id}"),
+            hostname: format!("h\"{id}\u{e9}"),
+            os: "linux".into(),
+            tunnel_ip: "100.64.0.1".parse().unwrap(),
+            tunnel_ip_v6: (id % 2 == 0).then(|| "200::1".parse().unwrap()),
+            organization_prefix: "100.64.0.0/10".parse().unwrap(),
+            organization_prefix_v6: "200::/64".parse().unwrap(),
+            local_ip: None,
+            local_ip_v6: None,
+            endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
+            reflexive_endpoint: None,
+            symmetric_nat: false,
+            relay: id == 1,
+            relay_only: false,
+            ipv6_supported: true,
+            advertise_cidrs: vec!["198.51.100.0/24".parse().unwrap()],
+            revision: id,
+            last_seen: 5,
+            unmanaged: false,
+            online: true,
+        }
+    }
+
+    #[test]
+    fn assembled_snapshot_is_the_serialized_snapshot() {
+        for (devices, stun_port) in [
+            (vec![device(1), device(2), device(3)], Some(3478)),
+            (vec![], None),
+        ] {
+            let snap = Snapshot {
+                revision: 7,
+                devices: devices.iter().map(|d| encode_device(d).unwrap()).collect(),
+            };
+            let bytes = snap.frame(stun_port).unwrap();
+            let (_, used) = frame::decode(&bytes, MAX_RESPONSE_LEN).unwrap().unwrap();
+            assert_eq!(used, bytes.len());
+            let resp: Response = frame::decode_payload(&bytes[4..]).unwrap();
+            assert_eq!(
+                resp,
+                Response::Snapshot {
+                    revision: 7,
+                    devices,
+                    stun_port
+                }
+            );
+        }
     }
 }

@@ -1,8 +1,12 @@
 //! `nexodus serve`: the coordinator shell.
 //!
-//! Owns the QUIC endpoint, the STUN sockets, the SQLite store (behind a mutex, used
-//! from blocking threads) and the [`hub::Hub`] that pushes deltas. Request logic lives
-//! in [`handler`], which has no sockets.
+//! Owns the QUIC endpoint, the STUN sockets, the store (SQLite or PostgreSQL, behind a
+//! mutex, used from blocking threads) and the [`hub::Hub`] that pushes deltas. Request
+//! logic lives in [`handler`], which has no sockets.
+//!
+//! Several `serve` processes may share one PostgreSQL database (replicas): they share
+//! the TLS identity kept in it, each runs its own STUN responders, and each hub hears
+//! every commit through LISTEN/NOTIFY.
 
 pub mod handler;
 pub mod hub;
@@ -19,15 +23,24 @@ use thiserror::Error;
 use crate::coord::token::{JoinToken, hash_secret};
 use crate::identity::{Identity, IdentityError};
 use crate::quicio::{self, FrameIoError};
-use crate::store::{DEFAULT_ORG, Store, StoreError};
+use crate::store::{DEFAULT_ORG, Database, PgStore, Registration, SqliteStore, Store, StoreError};
 use crate::wire::control::{Auth, Device, ErrorCode, Request, Response};
 use crate::wire::frame::{MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
 use hub::Hub;
+
+/// The store as the shell shares it between tasks.
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
 
 /// How long a client may take to send its request on a new stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Validity of the join token printed on first start.
 const FIRST_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often a replica proves itself alive (PostgreSQL).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a new watch waits for the hub to apply the device's own latest change.
+const CATCH_UP: Duration = Duration::from_secs(5);
+/// Most registrations committed together (see [`registrar`]).
+const REGISTER_BATCH: usize = 128;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -40,12 +53,16 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("startup task failed: {0}")]
+    Task(String),
 }
 
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub stun_listen: SocketAddr,
-    pub db: PathBuf,
+    pub database: Database,
+    /// TLS identity files (SQLite only: with PostgreSQL the identity is in the
+    /// database, shared by the replicas).
     pub state_dir: PathBuf,
 }
 
@@ -58,27 +75,37 @@ pub fn unix_now() -> i64 {
 
 /// The coordinator's durable state, as the admin commands and `serve` open it.
 pub struct CoordinatorState {
-    pub store: Store,
+    pub store: Box<dyn Store>,
     pub identity: Identity,
     /// True when this open created the default organization (a first start).
     pub first_start: bool,
 }
 
 /// Opens the database (creating it, with the default organization) and the TLS
-/// identity (creating it) under the given paths.
-pub fn open_state(db: &Path, state_dir: &Path) -> Result<CoordinatorState, ServeError> {
-    crate::fsutil::ensure_private_dir(state_dir).map_err(|source| IdentityError::Io {
-        path: state_dir.display().to_string(),
-        source,
-    })?;
-    if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty()) {
-        crate::fsutil::ensure_private_dir(parent).map_err(|source| IdentityError::Io {
-            path: parent.display().to_string(),
-            source,
-        })?;
-    }
-    let identity = Identity::load_or_create(state_dir)?;
-    let mut store = Store::open(db)?;
+/// identity (creating it): files in `state_dir` next to an SQLite database, a row of
+/// the database itself with PostgreSQL. Blocking: call it off the async threads.
+pub fn open_state(db: &Database, state_dir: &Path) -> Result<CoordinatorState, ServeError> {
+    let (identity, mut store): (Identity, Box<dyn Store>) = match db {
+        Database::Sqlite(path) => {
+            crate::fsutil::ensure_private_dir(state_dir).map_err(|source| IdentityError::Io {
+                path: state_dir.display().to_string(),
+                source,
+            })?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                crate::fsutil::ensure_private_dir(parent).map_err(|source| IdentityError::Io {
+                    path: parent.display().to_string(),
+                    source,
+                })?;
+            }
+            let identity = Identity::load_or_create(state_dir)?;
+            (identity, Box::new(SqliteStore::open(path)?))
+        }
+        Database::Postgres(url) => {
+            let mut store = PgStore::connect(url)?;
+            let identity = shared_identity(&mut store)?;
+            (identity, Box::new(store))
+        }
+    };
     let first_start = store.ensure_default_org(unix_now())?;
     Ok(CoordinatorState {
         store,
@@ -165,31 +192,85 @@ pub fn add_unmanaged(
     Ok((device, config))
 }
 
+/// The identity every replica on this database presents: made by the first one.
+fn shared_identity(store: &mut PgStore) -> Result<Identity, ServeError> {
+    if let Some((cert, key)) = store.identity()? {
+        return Ok(Identity::from_der(cert, key));
+    }
+    let made = Identity::generate()?;
+    let (cert, key) = store.insert_identity(&made.cert_der, made.key_der(), unix_now())?;
+    if cert == made.cert_der {
+        tracing::info!("created the coordinator TLS identity in the database");
+    }
+    Ok(Identity::from_der(cert, key))
+}
+
+/// Runs blocking startup work (the database) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServeError> + Send + 'static,
+) -> Result<T, ServeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServeError::Task(e.to_string()))?
+}
+
 /// Runs the coordinator until the process is stopped.
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
-    let mut state = open_state(&cfg.db, &cfg.state_dir)?;
-    if state.first_start {
-        let token = create_token(&mut state, DEFAULT_ORG, true, Some(FIRST_TOKEN_TTL))?;
+    let (database, state_dir) = (cfg.database.clone(), cfg.state_dir.clone());
+    let mut state = blocking(move || {
+        let mut state = open_state(&database, &state_dir)?;
+        if state.first_start {
+            let token = create_token(&mut state, DEFAULT_ORG, true, Some(FIRST_TOKEN_TTL))?;
+            Ok((state, Some(token)))
+        } else {
+            Ok((state, None))
+        }
+    })
+    .await?;
+    if let Some(token) = state.1.take() {
         tracing::info!(
             "first start: created database {}, TLS identity and organization {DEFAULT_ORG:?}; \
              the join token below is reusable and valid for 24 hours \
              (more with `nexodus token create`)",
-            cfg.db.display()
+            cfg.database.describe()
         );
         println!("{token}");
     }
+    let state = state.0;
     let server_config = state.identity.server_config()?;
-    let reset = state.store.reset_online(unix_now())?;
-    if reset > 0 {
-        tracing::info!(
-            devices = reset,
-            "marked devices offline until they reconnect"
-        );
-    }
-    let revision = state.store.current_revision()?;
-    let store = Arc::new(Mutex::new(state.store));
-    let hub = Hub::new(store.clone());
-    tokio::spawn(hub.clone().run(revision));
+    let listen_config = match &cfg.database {
+        Database::Postgres(url) => Some(crate::store::pg::parse_config(url)?),
+        Database::Sqlite(_) => None,
+    };
+    let mut store = state.store;
+    let (store, revision) = blocking(move || {
+        let reset = store.reset_online(unix_now())?;
+        if reset > 0 {
+            tracing::info!(
+                devices = reset,
+                "marked devices offline until they reconnect"
+            );
+        }
+        let revision = store.current_revision()?;
+        Ok((store, revision))
+    })
+    .await?;
+    let store: SharedStore = Arc::new(Mutex::new(store));
+    let hub = match listen_config {
+        Some(config) => {
+            // Every replica's commits arrive as notifications; polling is a fallback.
+            let hub = Hub::new(store.clone(), hub::FALLBACK_POLL);
+            tokio::spawn(hub.clone().listen(config));
+            tokio::spawn(heartbeat(store.clone(), hub.clone()));
+            hub
+        }
+        None => Hub::new(store.clone(), hub::POLL),
+    };
+    // Tail from before the devices were read (replaying a few changes is harmless).
+    let loaded = hub.load().await?;
+    tokio::spawn(hub.clone().run(revision.min(loaded)));
+    let (register_tx, register_rx) = tokio::sync::mpsc::channel(4 * REGISTER_BATCH);
+    tokio::spawn(registrar(store.clone(), hub.clone(), register_rx));
 
     for addr in stun::ports(cfg.stun_listen) {
         let socket = tokio::net::UdpSocket::bind(addr)
@@ -198,26 +279,26 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         tokio::spawn(stun::serve(socket));
     }
 
-    let endpoint = quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| {
-        ServeError::Listen {
+    let endpoint =
+        quic_endpoint(server_config, cfg.listen).map_err(|source| ServeError::Listen {
             addr: cfg.listen,
             source,
-        }
-    })?;
+        })?;
     tracing::info!(
         listen = %cfg.listen,
         stun = %cfg.stun_listen,
-        db = %cfg.db.display(),
+        db = %cfg.database.describe(),
         "coordinator running"
     );
     let stun_port = (cfg.stun_listen.port() != 0).then_some(cfg.stun_listen.port());
     while let Some(incoming) = endpoint.accept().await {
         let store = store.clone();
         let hub = hub.clone();
+        let registrations = register_tx.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve_connection(conn, store, hub, stun_port).await,
+                Ok(conn) => serve_connection(conn, store, hub, registrations, stun_port).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
             }
         });
@@ -225,10 +306,111 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Socket buffers of the QUIC endpoint: thousands of nodes' keepalives and a burst of
+/// handshakes must not overflow the kernel's default (~200 KiB) while a busy process
+/// is not reading. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
+pub const QUIC_SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with [`QUIC_SOCKET_BUFFER`]-sized buffers.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// The coordinator's QUIC endpoint on a socket with large buffers.
+fn quic_endpoint(
+    config: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(addr)?,
+        runtime,
+    )
+}
+
+/// Keeps this replica alive in the database; if it had been expired (a long database
+/// outage), records its watches again.
+async fn heartbeat(store: SharedStore, hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match with_store(&store, |s| s.heartbeat()).await {
+            Ok(false) => {}
+            Ok(true) => {
+                for id in hub.watched() {
+                    set_online(&store, &hub, id, true).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
+        }
+    }
+}
+
+/// A registration waiting for the [`registrar`].
+struct RegisterJob {
+    registration: handler::PreparedRegistration,
+    done: tokio::sync::oneshot::Sender<Result<Device, StoreError>>,
+}
+
+type Registrations = tokio::sync::mpsc::Sender<RegisterJob>;
+
+/// Commits registrations in batches: whatever arrived while the previous batch was
+/// being committed goes into the next one (one transaction, one disk flush). Alone, a
+/// registration is committed at once; under load, the flush is shared.
+async fn registrar(
+    store: SharedStore,
+    hub: Arc<Hub>,
+    mut rx: tokio::sync::mpsc::Receiver<RegisterJob>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < REGISTER_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let n = jobs.len();
+        let (regs, dones): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.registration, j.done)).unzip();
+        let now = unix_now();
+        let results = with_store(&store, move |s| {
+            let batch: Vec<Registration<'_>> = regs
+                .iter()
+                .map(|r| Registration {
+                    req: &r.req,
+                    token_hash: &r.token_hash,
+                    credential_hash: &r.credential_hash,
+                })
+                .collect();
+            Ok(s.register_devices(&batch, now))
+        })
+        .await
+        .unwrap_or_else(|e| crate::store::fail_all(e, n));
+        if results.iter().any(Result::is_ok) {
+            hub.poke();
+        }
+        for (done, result) in dones.into_iter().zip(results) {
+            let _ = done.send(result);
+        }
+    }
+}
+
 async fn serve_connection(
     conn: quinn::Connection,
-    store: Arc<Mutex<Store>>,
+    store: SharedStore,
     hub: Arc<Hub>,
+    registrations: Registrations,
     stun_port: Option<u16>,
 ) {
     let remote = conn.remote_address();
@@ -237,8 +419,15 @@ async fn serve_connection(
             Ok((send, recv)) => {
                 let store = store.clone();
                 let hub = hub.clone();
+                let registrations = registrations.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, store, hub, remote, stun_port).await {
+                    let shell = Shell {
+                        store,
+                        hub,
+                        registrations,
+                        stun_port,
+                    };
+                    if let Err(e) = serve_stream(send, recv, shell, remote).await {
                         tracing::debug!(%remote, error = %e, "control stream ended");
                     }
                 });
@@ -252,36 +441,47 @@ async fn serve_connection(
 }
 
 /// Runs a blocking store operation off the async threads.
-async fn with_store<T: Send + 'static>(
-    store: &Arc<Mutex<Store>>,
-    f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+pub async fn with_store<T: Send + 'static>(
+    store: &SharedStore,
+    f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut s)
+        f(s.as_mut())
     })
     .await
     .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}"))))
 }
 
 fn log_refusal(remote: SocketAddr, err: &StoreError) {
-    match err {
-        StoreError::Sqlite(_) | StoreError::Schema(_) | StoreError::Corrupt(_) => {
-            tracing::error!(%remote, error = %err, "request failed");
-        }
-        _ => tracing::warn!(%remote, error = %err, "request refused"),
+    if err.is_internal() {
+        tracing::error!(%remote, error = %err, "request failed");
+    } else {
+        tracing::warn!(%remote, error = %err, "request refused");
     }
+}
+
+/// What a control stream's handler reaches.
+struct Shell {
+    store: SharedStore,
+    hub: Arc<Hub>,
+    registrations: Registrations,
+    stun_port: Option<u16>,
 }
 
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    store: Arc<Mutex<Store>>,
-    hub: Arc<Hub>,
+    shell: Shell,
     remote: SocketAddr,
-    stun_port: Option<u16>,
 ) -> Result<(), FrameIoError> {
+    let Shell {
+        store,
+        hub,
+        registrations,
+        stun_port,
+    } = shell;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(
         REQUEST_TIMEOUT,
@@ -313,6 +513,18 @@ async fn serve_stream(
     }
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
+    if let Request::Register(r) = req {
+        let resp = match register(&registrations, r, random).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                log_refusal(remote, &e);
+                handler::error_response(&e)
+            }
+        };
+        quicio::write_message(&mut send, &resp, MAX_RESPONSE_LEN).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     let now = unix_now();
     let resp = match with_store(&store, move |s| handler::handle(s, req, now, random)).await {
         Ok(resp) => {
@@ -331,38 +543,45 @@ async fn serve_stream(
     Ok(())
 }
 
+/// Writes a snapshot taken from the hub (a few at a time: each is a copy of its
+/// organization); returns its revision.
+/// Registers through the [`registrar`].
+async fn register(
+    registrations: &Registrations,
+    req: crate::wire::control::RegisterRequest,
+    random: [u8; 32],
+) -> Result<Response, StoreError> {
+    let p = handler::prepare_registration(req, random)?;
+    let credential = p.credential.clone();
+    let (done, answer) = tokio::sync::oneshot::channel();
+    registrations
+        .send(RegisterJob {
+            registration: p,
+            done,
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("registrations stopped".into()))?;
+    let device = answer
+        .await
+        .map_err(|_| StoreError::Unavailable("registration dropped".into()))??;
+    Ok(handler::registered(device, credential))
+}
+
 async fn send_snapshot(
     send: &mut quinn::SendStream,
-    store: &Arc<Mutex<Store>>,
-    organization_id: i64,
+    hub: &Hub,
+    snapshot: hub::Snapshot,
     stun_port: Option<u16>,
 ) -> Result<i64, FrameIoError> {
-    let snapshot = with_store(store, move |s| s.snapshot(organization_id)).await;
-    let (revision, devices) = match snapshot {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "reading a snapshot failed");
-            let resp = handler::error_response(&e);
-            quicio::write_message(send, &resp, MAX_RESPONSE_LEN).await?;
-            return Err(FrameIoError::Truncated);
-        }
-    };
-    quicio::write_message(
-        send,
-        &Response::Snapshot {
-            revision,
-            devices,
-            stun_port,
-        },
-        MAX_RESPONSE_LEN,
-    )
-    .await?;
-    Ok(revision)
+    let _permit = hub.snapshot_permit().await;
+    let frame = snapshot.frame(stun_port)?;
+    send.write_all(&frame).await?;
+    Ok(snapshot.revision)
 }
 
 async fn serve_watch(
     mut send: quinn::SendStream,
-    store: Arc<Mutex<Store>>,
+    store: SharedStore,
     hub: Arc<Hub>,
     remote: SocketAddr,
     auth: Auth,
@@ -378,15 +597,20 @@ async fn serve_watch(
             return Ok(());
         }
     };
-    // Subscribe before reading the snapshot so that no change falls in between.
-    let mut rx = hub.subscribe(me.organization_id);
-    let revision = send_snapshot(&mut send, &store, me.organization_id, stun_port).await?;
+    // The snapshot includes the device's own latest change (a node that just
+    // registered finds itself), and is taken with the subscription: nothing falls in
+    // between.
+    if !hub.caught_up(me.revision, CATCH_UP).await {
+        tracing::warn!(id = me.id, "change log behind; the snapshot may lag");
+    }
+    let (mut rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id);
+    let revision = send_snapshot(&mut send, &hub, snapshot, stun_port).await?;
     tracing::info!(id = me.id, hostname = %me.hostname, %remote, revision, "watch started");
     let id = me.id;
     if hub.watch_started(id) {
         set_online(&store, &hub, id, true).await;
     }
-    let result = forward_deltas(&mut send, &store, &mut rx, &me, revision, stun_port).await;
+    let result = forward_deltas(&mut send, &hub, &mut rx, &me, revision, stun_port).await;
     if hub.watch_ended(id) {
         set_online(&store, &hub, id, false).await;
     }
@@ -394,7 +618,7 @@ async fn serve_watch(
     result
 }
 
-async fn set_online(store: &Arc<Mutex<Store>>, hub: &Hub, id: i64, online: bool) {
+async fn set_online(store: &SharedStore, hub: &Hub, id: i64, online: bool) {
     let now = unix_now();
     match with_store(store, move |s| s.set_online(id, online, now)).await {
         Ok(()) => hub.poke(),
@@ -405,7 +629,7 @@ async fn set_online(store: &Arc<Mutex<Store>>, hub: &Hub, id: i64, online: bool)
 /// Sends every delta newer than `revision` until the stream or the device ends.
 async fn forward_deltas(
     send: &mut quinn::SendStream,
-    store: &Arc<Mutex<Store>>,
+    hub: &Hub,
     rx: &mut tokio::sync::broadcast::Receiver<Arc<hub::OrgDelta>>,
     me: &Device,
     mut revision: i64,
@@ -435,7 +659,8 @@ async fn forward_deltas(
                     missed = n,
                     "watcher fell behind; resending snapshot"
                 );
-                revision = send_snapshot(send, store, me.organization_id, stun_port).await?;
+                let snapshot = hub.snapshot(me.organization_id);
+                revision = send_snapshot(send, hub, snapshot, stun_port).await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }

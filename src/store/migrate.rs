@@ -1,16 +1,28 @@
-//! Schema migrations from `schema.sql`, keyed on `PRAGMA user_version`.
+//! Schema migrations: `schema.sql` (SQLite, keyed on `PRAGMA user_version`) and
+//! `schema.pg.sql` (PostgreSQL, applied by [`super::pg`]). Both files are lists of
+//! migrations introduced by `-- migration: N` lines, numbered alike.
 
 use rusqlite::Connection;
 
 use super::StoreError;
 
 const SCHEMA: &str = include_str!("../../schema.sql");
+const PG_SCHEMA: &str = include_str!("../../schema.pg.sql");
 const MARKER: &str = "-- migration: ";
 
 /// The migrations of `schema.sql`, in order: (version, SQL).
 pub(crate) fn migrations() -> Result<Vec<(i64, String)>, StoreError> {
+    parse(SCHEMA)
+}
+
+/// The migrations of `schema.pg.sql`, in order: (version, SQL).
+pub(crate) fn pg_migrations() -> Result<Vec<(i64, String)>, StoreError> {
+    parse(PG_SCHEMA)
+}
+
+fn parse(schema: &str) -> Result<Vec<(i64, String)>, StoreError> {
     let mut out: Vec<(i64, String)> = Vec::new();
-    for line in SCHEMA.lines() {
+    for line in schema.lines() {
         if let Some(n) = line.strip_prefix(MARKER) {
             let version: i64 = n
                 .trim()

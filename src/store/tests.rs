@@ -1,27 +1,140 @@
-use std::collections::HashSet;
+//! The store's contract, run against both backends: every case below is one test
+//! for SQLite (`sqlite::…`) and one for PostgreSQL (`postgres::…`, each in a fresh
+//! database of one throwaway server per test process). Cases that only make sense
+//! with several processes on one database (replicas) are PostgreSQL only.
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use super::testpg::TempPostgres;
 use super::*;
 use crate::coord::token::hash_secret;
 
-fn store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::open(&dir.path().join("t.db")).unwrap();
-    s.ensure_default_org(0).unwrap();
-    (dir, s)
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
 }
 
-fn token(s: &mut Store, secret: &str, reusable: bool, expires: Option<i64>) {
+static SERVER: OnceLock<Mutex<TempPostgres>> = OnceLock::new();
+
+/// The PostgreSQL server shared by this test process. It is started by a thread that
+/// never ends (the postmaster dies with the thread that started it), and stopped and
+/// removed by an `atexit` handler when the test process exits.
+fn server() -> &'static Mutex<TempPostgres> {
+    SERVER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(TempPostgres::start());
+            loop {
+                std::thread::park();
+            }
+        });
+        let pg = rx
+            .recv()
+            .expect("server thread")
+            .unwrap_or_else(|e| panic!("starting PostgreSQL for the store tests: {e}"));
+        extern "C" fn cleanup() {
+            if let Some(pg) = SERVER.get() {
+                pg.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+            }
+        }
+        // SAFETY: registers a plain function that captures nothing.
+        unsafe { libc::atexit(cleanup) };
+        Mutex::new(pg)
+    })
+}
+
+/// A fresh database URL on the shared server.
+fn fresh_url() -> String {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("store_test_{n}");
+    let pg = server().lock().unwrap_or_else(|e| e.into_inner());
+    pg.fresh_database(&name).unwrap()
+}
+
+/// A store of `backend` in an empty database, with the default organization.
+struct Fresh {
+    backend: Backend,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    url: String,
+    store: Box<dyn Store>,
+}
+
+impl Fresh {
+    fn new(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let url = match backend {
+            Backend::Sqlite => String::new(),
+            Backend::Postgres => fresh_url(),
+        };
+        let mut f = Self {
+            backend,
+            store: open_db(backend, &path, &url),
+            _dir: dir,
+            path,
+            url,
+        };
+        f.store.ensure_default_org(0).unwrap();
+        f
+    }
+
+    /// Another connection to the same database (a restart, or a second replica).
+    fn reopen(&self) -> Box<dyn Store> {
+        open_db(self.backend, &self.path, &self.url)
+    }
+
+    /// The newest applied migration.
+    fn schema_version(&self) -> i64 {
+        match self.backend {
+            Backend::Sqlite => rusqlite::Connection::open(&self.path)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap(),
+            Backend::Postgres => {
+                let name = self.url.rsplit('/').next().unwrap();
+                let pg = server().lock().unwrap_or_else(|e| e.into_inner());
+                pg.query(name, "SELECT MAX(version) FROM schema_migrations")
+                    .unwrap()[0]
+                    .parse()
+                    .unwrap()
+            }
+        }
+    }
+}
+
+fn open_db(backend: Backend, path: &std::path::Path, url: &str) -> Box<dyn Store> {
+    match backend {
+        Backend::Sqlite => Box::new(SqliteStore::open(path).unwrap()),
+        Backend::Postgres => Box::new(PgStore::connect(url).unwrap()),
+    }
+}
+
+fn token(s: &mut dyn Store, secret: &str, reusable: bool, expires: Option<i64>) {
     let org = s.org_by_name(DEFAULT_ORG).unwrap();
     s.create_token(org.id, &hash_secret(secret), reusable, expires, 0)
         .unwrap();
 }
 
-fn req(n: u8, v6: bool) -> RegisterRequest {
-    let secret = boringtun::x25519::StaticSecret::from([n.max(1); 32]);
+fn key(n: u32) -> String {
+    use sha2::Digest;
+    let bytes: [u8; 32] = sha2::Sha256::digest(n.to_le_bytes()).into();
+    let secret = boringtun::x25519::StaticSecret::from(bytes);
     let public = boringtun::x25519::PublicKey::from(&secret);
+    crate::coord::keys::encode_key(public.as_bytes())
+}
+
+fn req(n: u8, v6: bool) -> RegisterRequest {
+    req_n(u32::from(n), v6)
+}
+
+fn req_n(n: u32, v6: bool) -> RegisterRequest {
     RegisterRequest {
         token_secret: String::new(),
-        public_key: crate::coord::keys::encode_key(public.as_bytes()),
+        public_key: key(n),
         hostname: format!("host{n}"),
         os: "linux".into(),
         ipv6_supported: v6,
@@ -35,10 +148,39 @@ fn req(n: u8, v6: bool) -> RegisterRequest {
     }
 }
 
-#[test]
-fn registers_dual_stack_in_order() {
-    let (_d, mut s) = store();
-    token(&mut s, "t", true, None);
+/// Declares each case once per backend.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(super::Backend::Sqlite) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(super::Backend::Postgres) } )*
+        }
+    };
+}
+
+both_backends!(
+    registers_dual_stack_in_order,
+    tokens_checked,
+    failed_registration_changes_nothing,
+    request_ip_and_duplicate_key,
+    removal_returns_addresses_and_logs,
+    auth_update_and_overlap,
+    login_tracks_ipv6_support,
+    reopen_keeps_everything_and_schema_version,
+    other_org_prefixes,
+    unmanaged_devices_are_relay_only_spokes,
+    online_state_is_recorded_once,
+    changes_carry_current_state,
+    allocation_sees_changes_from_another_connection,
+    a_batch_is_registrations_one_after_the_other,
+);
+
+fn registers_dual_stack_in_order(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
     let a = s
         .register_device(&req(1, true), &hash_secret("t"), "c1", 5)
         .unwrap();
@@ -57,11 +199,11 @@ fn registers_dual_stack_in_order() {
     assert_eq!(s.current_revision().unwrap(), c.revision);
 }
 
-#[test]
-fn tokens_checked() {
-    let (_d, mut s) = store();
-    token(&mut s, "once", false, None);
-    token(&mut s, "old", true, Some(10));
+fn tokens_checked(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "once", false, None);
+    token(s, "old", true, Some(10));
     assert!(matches!(
         s.register_device(&req(1, true), &hash_secret("nope"), "c", 5),
         Err(StoreError::InvalidToken)
@@ -78,10 +220,10 @@ fn tokens_checked() {
     ));
 }
 
-#[test]
-fn failed_registration_changes_nothing() {
-    let (_d, mut s) = store();
-    token(&mut s, "t", false, None);
+fn failed_registration_changes_nothing(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", false, None);
     let mut r = req(1, true);
     r.request_ip = Some("10.0.0.1".parse().unwrap());
     assert!(matches!(
@@ -94,10 +236,10 @@ fn failed_registration_changes_nothing() {
         .unwrap();
 }
 
-#[test]
-fn request_ip_and_duplicate_key() {
-    let (_d, mut s) = store();
-    token(&mut s, "t", true, None);
+fn request_ip_and_duplicate_key(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
     let mut r = req(1, true);
     r.request_ip = Some("100.64.0.50".parse().unwrap());
     r.request_ip_v6 = Some("200::50".parse().unwrap());
@@ -116,10 +258,10 @@ fn request_ip_and_duplicate_key() {
     assert!(matches!(err, StoreError::DuplicateKey(id) if id == a.id));
 }
 
-#[test]
-fn removal_returns_addresses_and_logs() {
-    let (_d, mut s) = store();
-    token(&mut s, "t", true, None);
+fn removal_returns_addresses_and_logs(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
     let a = s
         .register_device(&req(1, true), &hash_secret("t"), "c", 5)
         .unwrap();
@@ -143,10 +285,10 @@ fn removal_returns_addresses_and_logs() {
     ));
 }
 
-#[test]
-fn auth_update_and_overlap() {
-    let (_d, mut s) = store();
-    token(&mut s, "t", true, None);
+fn auth_update_and_overlap(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
     let a = s
         .register_device(&req(1, true), &hash_secret("t"), "ca", 5)
         .unwrap();
@@ -182,12 +324,33 @@ fn auth_update_and_overlap() {
     );
     // A device may re-advertise its own prefix.
     s.update_device(a.id, &upd, 8).unwrap();
+    // A new device may not take an advertised prefix either.
+    let mut r = req(3, true);
+    r.advertise_cidrs = vec!["198.51.100.128/25".parse().unwrap()];
+    let err = s
+        .register_device(&r, &hash_secret("t"), "cc", 9)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Ipam(IpamError::Overlap { .. })),
+        "{err}"
+    );
+    let err = s
+        .update_device(
+            b.id,
+            &DeviceUpdate {
+                endpoints: Some(vec!["192.0.2.1:1".parse().unwrap(); 17]),
+                ..Default::default()
+            },
+            10,
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
 }
 
-#[test]
-fn login_tracks_ipv6_support() {
-    let (_d, mut s) = store();
-    token(&mut s, "t", true, None);
+fn login_tracks_ipv6_support(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
     let a = s
         .register_device(&req(1, false), &hash_secret("t"), "ca", 5)
         .unwrap();
@@ -205,14 +368,11 @@ fn login_tracks_ipv6_support() {
     ));
 }
 
-#[test]
-fn reopen_keeps_everything_and_schema_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
+fn reopen_keeps_everything_and_schema_version(b: Backend) {
+    let mut f = Fresh::new(b);
     let ids: HashSet<i64> = {
-        let mut s = Store::open(&path).unwrap();
-        s.ensure_default_org(0).unwrap();
-        token(&mut s, "t", true, None);
+        let s = f.store.as_mut();
+        token(s, "t", true, None);
         (1..=5)
             .map(|n| {
                 s.register_device(&req(n, true), &hash_secret("t"), "c", 5)
@@ -221,23 +381,26 @@ fn reopen_keeps_everything_and_schema_version() {
             })
             .collect()
     };
-    let mut s = Store::open(&path).unwrap();
+    let mut s = f.reopen();
     assert!(!s.ensure_default_org(1).unwrap());
     let org = s.org_by_name(DEFAULT_ORG).unwrap();
     let (rev, devices) = s.snapshot(org.id).unwrap();
     assert_eq!(rev, 5);
     assert_eq!(devices.iter().map(|d| d.id).collect::<HashSet<_>>(), ids);
-    let migrations = migrate::migrations().unwrap();
-    let version: i64 = s
-        .conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, migrations.last().unwrap().0);
+    let newest = match b {
+        Backend::Sqlite => migrate::migrations(),
+        Backend::Postgres => migrate::pg_migrations(),
+    }
+    .unwrap()
+    .last()
+    .unwrap()
+    .0;
+    assert_eq!(f.schema_version(), newest);
 }
 
-#[test]
-fn other_org_prefixes() {
-    let (_d, mut s) = store();
+fn other_org_prefixes(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
     let org = s
         .create_org(
             "lab",
@@ -246,6 +409,7 @@ fn other_org_prefixes() {
             0,
         )
         .unwrap();
+    assert_eq!(s.orgs().unwrap().len(), 2);
     s.create_token(org.id, &hash_secret("lab"), true, None, 0)
         .unwrap();
     let a = s
@@ -268,4 +432,476 @@ fn other_org_prefixes() {
         ),
         Err(StoreError::OrgExists(_))
     ));
+    assert!(matches!(
+        s.create_org(
+            "bits",
+            "10.0.0.1/8".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+            0
+        ),
+        Err(StoreError::Invalid(_))
+    ));
+    // The default organization's pool is its own.
+    token(s, "t", true, None);
+    let d = s
+        .register_device(&req(4, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    assert_eq!(d.tunnel_ip.to_string(), "100.64.0.1");
+}
+
+fn unmanaged_devices_are_relay_only_spokes(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    let org = s.org_by_name(DEFAULT_ORG).unwrap();
+    let d = s.add_unmanaged(org.id, "phone", &key(9), "x", 3).unwrap();
+    assert!(d.unmanaged && d.relay_only && !d.relay);
+    assert_eq!(d.tunnel_ip.to_string(), "100.64.0.1");
+    assert_eq!(d.tunnel_ip_v6.unwrap().to_string(), "200::1");
+    assert!(matches!(
+        s.add_unmanaged(org.id, "phone2", &key(9), "x", 3),
+        Err(StoreError::DuplicateKey(id)) if id == d.id
+    ));
+    assert!(matches!(
+        s.add_unmanaged(org.id, "", &key(10), "x", 3),
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(s.devices(org.id).unwrap(), vec![d.clone()]);
+    assert_eq!(s.device(d.id).unwrap(), Some(d));
+}
+
+fn online_state_is_recorded_once(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    s.reset_online(1).unwrap();
+    token(s, "t", true, None);
+    let a = s
+        .register_device(&req(1, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    assert!(!a.online);
+    let rev = s.current_revision().unwrap();
+    s.set_online(a.id, true, 2).unwrap();
+    assert!(s.device(a.id).unwrap().unwrap().online);
+    let after = s.current_revision().unwrap();
+    assert_eq!(after, rev + 1);
+    s.set_online(a.id, true, 3).unwrap();
+    assert_eq!(
+        s.current_revision().unwrap(),
+        after,
+        "no change, no revision"
+    );
+    s.set_online(a.id, false, 4).unwrap();
+    let d = s.device(a.id).unwrap().unwrap();
+    assert!(!d.online);
+    assert_eq!(d.revision, after + 1);
+    // Unknown devices are ignored.
+    s.set_online(9999, true, 5).unwrap();
+    s.set_online(a.id, true, 6).unwrap();
+    // A fresh start of the (only) coordinator: nobody is watched any more. With
+    // PostgreSQL that is a new replica; the old one's watches go when it expires
+    // (see `postgres_only::a_dead_replica_expires`).
+    let mut s2 = f.reopen();
+    if matches!(b, Backend::Sqlite) {
+        assert_eq!(s2.reset_online(7).unwrap(), 1);
+        assert!(!s2.device(a.id).unwrap().unwrap().online);
+    } else {
+        assert_eq!(s2.reset_online(7).unwrap(), 0);
+        assert!(s2.device(a.id).unwrap().unwrap().online);
+    }
+}
+
+fn changes_carry_current_state(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    let a = s
+        .register_device(&req(1, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    let b2 = s
+        .register_device(&req(2, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    let upd = DeviceUpdate {
+        hostname: Some("renamed".into()),
+        ..Default::default()
+    };
+    s.update_device(a.id, &upd, 2).unwrap();
+    s.remove_device(b2.id, 3).unwrap();
+    let changes = s.changes_since(0, 100).unwrap();
+    let revs: Vec<i64> = changes.iter().map(|c| c.revision).collect();
+    let mut sorted = revs.clone();
+    sorted.sort_unstable();
+    assert_eq!(revs, sorted);
+    assert_eq!(changes.len(), 4);
+    // Each entry carries the device as it is now.
+    assert_eq!(
+        changes[0].device.as_ref().unwrap().hostname,
+        "renamed",
+        "{changes:?}"
+    );
+    assert_eq!(changes[1].device, None);
+    assert_eq!(s.changes_since(0, 2).unwrap().len(), 2);
+    assert_eq!(s.changes_since(revs[3], 10).unwrap().len(), 0);
+}
+
+/// A second connection (another process, or another replica) registers, removes and
+/// changes devices: the first connection's address index follows.
+fn allocation_sees_changes_from_another_connection(b: Backend) {
+    let mut f = Fresh::new(b);
+    let mut other = f.reopen();
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    let a = s
+        .register_device(&req(1, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    let b2 = other
+        .register_device(&req(2, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    assert_eq!(b2.tunnel_ip.to_string(), "100.64.0.2");
+    let c = s
+        .register_device(&req(3, true), &hash_secret("t"), "c", 1)
+        .unwrap();
+    assert_eq!(c.tunnel_ip.to_string(), "100.64.0.3");
+    other.remove_device(a.id, 2).unwrap();
+    let d = s
+        .register_device(&req(4, false), &hash_secret("t"), "c", 3)
+        .unwrap();
+    assert_eq!(d.tunnel_ip, a.tunnel_ip, "a removed address is free again");
+    // v6 given back by the other connection, then taken again here.
+    other.login(b2.id, "c", Some(false), 4).unwrap();
+    let e = s
+        .register_device(&req(5, true), &hash_secret("t"), "c", 5)
+        .unwrap();
+    assert_eq!(e.tunnel_ip_v6, a.tunnel_ip_v6);
+    let e2 = s
+        .register_device(&req(6, true), &hash_secret("t"), "c", 5)
+        .unwrap();
+    assert_eq!(e2.tunnel_ip_v6, b2.tunnel_ip_v6);
+}
+
+/// A batch: one transaction, but each registration gets what it would have got alone,
+/// in order; refusals stay with their own registration.
+fn a_batch_is_registrations_one_after_the_other(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    token(s, "once", false, None);
+    let (t, once, bad) = (hash_secret("t"), hash_secret("once"), hash_secret("nope"));
+    let mut asks_50 = req(3, true);
+    asks_50.request_ip = Some("100.64.0.50".parse().unwrap());
+    let mut also_50 = req(4, true);
+    also_50.request_ip = Some("100.64.0.50".parse().unwrap());
+    let reqs = [
+        (req(1, true), &t),
+        (req(2, false), &once),
+        (req(9, true), &once),
+        (req(1, true), &t),
+        (asks_50, &t),
+        (also_50, &t),
+        (req(5, true), &bad),
+        (req(6, true), &t),
+    ];
+    let batch: Vec<Registration<'_>> = reqs
+        .iter()
+        .map(|(r, tok)| Registration {
+            req: r,
+            token_hash: tok,
+            credential_hash: "c",
+        })
+        .collect();
+    let before = s.current_revision().unwrap();
+    let out = s.register_devices(&batch, 5);
+    assert_eq!(out.len(), 8);
+    let ok: Vec<&Device> = out.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(ok.len(), 4, "{out:?}");
+    assert_eq!(out[0].as_ref().unwrap().tunnel_ip.to_string(), "100.64.0.1");
+    assert_eq!(out[1].as_ref().unwrap().tunnel_ip.to_string(), "100.64.0.2");
+    assert_eq!(out[1].as_ref().unwrap().tunnel_ip_v6, None);
+    assert!(matches!(out[2], Err(StoreError::TokenUsed)), "{:?}", out[2]);
+    let first = out[0].as_ref().unwrap().id;
+    assert!(matches!(out[3], Err(StoreError::DuplicateKey(id)) if id == first));
+    assert_eq!(
+        out[4].as_ref().unwrap().tunnel_ip.to_string(),
+        "100.64.0.50"
+    );
+    assert!(
+        matches!(out[5], Err(StoreError::Ipam(IpamError::Taken(_)))),
+        "{:?}",
+        out[5]
+    );
+    assert!(matches!(out[6], Err(StoreError::InvalidToken)));
+    let last = out[7].as_ref().unwrap();
+    assert_eq!(last.tunnel_ip.to_string(), "100.64.0.3");
+    assert_eq!(last.tunnel_ip_v6.unwrap().to_string(), "200::3");
+    // One change each, all logged, each device stamped with its own revision.
+    let log = s.changes_since(before, 100).unwrap();
+    assert_eq!(log.len(), 4);
+    for d in ok {
+        assert!(
+            log.iter()
+                .any(|c| c.device_id == d.id && c.revision == d.revision)
+        );
+        assert_eq!(s.device(d.id).unwrap().as_ref(), Some(d));
+    }
+    // The next batch (and a single registration) continue from there.
+    let d = s
+        .register_device(&req(7, true), &hash_secret("t"), "c", 6)
+        .unwrap();
+    assert_eq!(d.tunnel_ip.to_string(), "100.64.0.4");
+    assert!(s.register_devices(&[], 7).is_empty());
+}
+
+mod postgres_only {
+    use super::*;
+
+    fn pg() -> Fresh {
+        Fresh::new(Backend::Postgres)
+    }
+
+    /// Two replicas on one database register 200 devices from 8 threads each: every
+    /// address is given once, and the change log holds every revision in order.
+    #[test]
+    fn concurrent_replicas_never_share_an_address() {
+        let mut f = pg();
+        token(f.store.as_mut(), "t", true, None);
+        let results: Vec<Device> = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for t in 0..16u32 {
+                let url = &f.url;
+                handles.push(scope.spawn(move || {
+                    let mut s = PgStore::connect(url).unwrap();
+                    (0..25u32)
+                        .map(|i| {
+                            let n = 100 + t * 25 + i;
+                            s.register_device(&req_n(n, n % 5 != 0), &hash_secret("t"), "c", 1)
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                }));
+            }
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(results.len(), 400);
+        let v4: HashSet<_> = results.iter().map(|d| d.tunnel_ip).collect();
+        let v6: Vec<_> = results.iter().filter_map(|d| d.tunnel_ip_v6).collect();
+        assert_eq!(v4.len(), 400, "a v4 address was given twice");
+        assert_eq!(v6.iter().collect::<HashSet<_>>().len(), v6.len());
+        // The lowest addresses: no holes left by the retried transactions.
+        let max = v4.iter().max().unwrap();
+        assert_eq!(
+            max.to_string(),
+            "100.64.1.144",
+            "400th host of 100.64.0.0/10"
+        );
+        let s = f.store.as_mut();
+        let log = s.changes_since(0, 10_000).unwrap();
+        assert_eq!(log.len(), 400);
+        assert!(log.windows(2).all(|w| w[0].revision < w[1].revision));
+    }
+
+    /// A single-use token is spent once even when replicas race for it.
+    #[test]
+    fn single_use_token_spent_once_across_replicas() {
+        let f = pg();
+        let mut s = f.reopen();
+        token(s.as_mut(), "once", false, None);
+        let ok = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..6u32)
+                .map(|t| {
+                    let url = &f.url;
+                    scope.spawn(move || {
+                        PgStore::connect(url)
+                            .unwrap()
+                            .register_device(&req_n(t, true), &hash_secret("once"), "c", 1)
+                            .is_ok()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|ok| *ok)
+                .count()
+        });
+        assert_eq!(ok, 1);
+    }
+
+    /// A device is online while any replica watches it; a replica that stops
+    /// heartbeating loses its watches.
+    #[test]
+    fn online_across_replicas_and_a_dead_replica_expires() {
+        let f = pg();
+        let mut r1 = PgStore::connect(&f.url).unwrap();
+        let mut r2 = PgStore::connect(&f.url).unwrap();
+        r1.reset_online(1).unwrap();
+        r2.reset_online(1).unwrap();
+        token(&mut r1, "t", true, None);
+        let a = r1
+            .register_device(&req(1, true), &hash_secret("t"), "c", 1)
+            .unwrap();
+        let b = r1
+            .register_device(&req(2, true), &hash_secret("t"), "c", 1)
+            .unwrap();
+        r1.set_online(a.id, true, 2).unwrap();
+        r2.set_online(a.id, true, 2).unwrap();
+        r1.set_online(b.id, true, 2).unwrap();
+        r1.set_online(a.id, false, 3).unwrap();
+        assert!(r1.device(a.id).unwrap().unwrap().online, "r2 still watches");
+        // r1 dies: its heartbeat gets old.
+        let db = f.url.rsplit('/').next().unwrap();
+        server()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .query(
+                db,
+                &format!(
+                    "UPDATE cluster_replicas SET heartbeat = heartbeat - 100 WHERE id = '{}'",
+                    r1.replica_id()
+                ),
+            )
+            .unwrap();
+        let rev = r2.current_revision().unwrap();
+        assert!(!r2.heartbeat().unwrap());
+        assert!(
+            !r2.device(b.id).unwrap().unwrap().online,
+            "b was only on r1"
+        );
+        assert!(r2.device(a.id).unwrap().unwrap().online);
+        assert_eq!(r2.current_revision().unwrap(), rev + 1);
+        // r1 comes back: it learns it was expired and must record its watches again.
+        assert!(r1.heartbeat().unwrap());
+        r1.set_online(b.id, true, 9).unwrap();
+        assert!(r2.device(b.id).unwrap().unwrap().online);
+    }
+
+    /// The shared TLS identity: the first replica's stays.
+    #[test]
+    fn identity_is_stored_once() {
+        let f = pg();
+        let mut a = PgStore::connect(&f.url).unwrap();
+        let mut b = PgStore::connect(&f.url).unwrap();
+        assert_eq!(a.identity().unwrap(), None);
+        let first = a.insert_identity(b"cert1", b"key1", 1).unwrap();
+        let second = b.insert_identity(b"cert2", b"key2", 2).unwrap();
+        assert_eq!(first, (b"cert1".to_vec(), b"key1".to_vec()));
+        assert_eq!(second, first);
+        assert_eq!(b.identity().unwrap(), Some(first));
+    }
+
+    /// The PostgreSQL DDL describes the same tables and columns as schema.sql: names,
+    /// order, nullability, defaults, types (INTEGER → BIGINT or BOOLEAN, TEXT → TEXT).
+    #[test]
+    fn pg_schema_matches_sqlite_schema() {
+        let f = pg();
+        let sqlite = rusqlite::Connection::open(&f.path).unwrap();
+        SqliteStore::open(&f.path).unwrap();
+        let mut tables: Vec<String> = sqlite
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        tables.sort();
+        let db = f.url.rsplit('/').next().unwrap();
+        let pgsrv = server().lock().unwrap_or_else(|e| e.into_inner());
+        let mut pg_tables = pgsrv
+            .query(
+                db,
+                "SELECT table_name FROM information_schema.tables \
+                 WHERE table_schema = 'public' ORDER BY table_name",
+            )
+            .unwrap();
+        pg_tables.sort();
+        // Only in PostgreSQL: what replicas share, and the migration bookkeeping that
+        // SQLite keeps in PRAGMA user_version.
+        let pg_only = [
+            "cluster_identity",
+            "cluster_replicas",
+            "cluster_watches",
+            "schema_migrations",
+        ];
+        let common: Vec<String> = pg_tables
+            .iter()
+            .filter(|t| !pg_only.contains(&t.as_str()))
+            .cloned()
+            .collect();
+        assert_eq!(common, tables, "tables differ");
+        for table in &tables {
+            let lite: Vec<String> = sqlite
+                .prepare(&format!("PRAGMA table_info({table})"))
+                .unwrap()
+                .query_map([], |r| {
+                    let name: String = r.get(1)?;
+                    let ty: String = r.get(2)?;
+                    let notnull: bool = r.get(3)?;
+                    let default: Option<String> = r.get(4)?;
+                    let pk: i64 = r.get(5)?;
+                    Ok(format!(
+                        "{name} {} null={} default={} pk={}",
+                        ty.to_uppercase(),
+                        !notnull && pk == 0,
+                        default.map_or("-".into(), |d| normalize_default(&d)),
+                        pk > 0
+                    ))
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let pg: Vec<String> = pgsrv
+                .query(
+                    db,
+                    &format!(
+                        "SELECT c.column_name || ' ' || c.data_type || ' ' || c.is_nullable || ' ' \
+                         || COALESCE(c.column_default, '-') || ' ' || c.is_identity || ' ' || \
+                         EXISTS (SELECT 1 FROM information_schema.table_constraints tc \
+                           JOIN information_schema.key_column_usage k \
+                           ON k.constraint_name = tc.constraint_name AND k.table_name = tc.table_name \
+                           WHERE tc.table_name = c.table_name AND tc.constraint_type = 'PRIMARY KEY' \
+                           AND k.column_name = c.column_name) \
+                         FROM information_schema.columns c \
+                         WHERE c.table_schema = 'public' AND c.table_name = '{table}' \
+                         ORDER BY c.ordinal_position"
+                    ),
+                )
+                .unwrap()
+                .into_iter()
+                .map(|row| {
+                    let p: Vec<&str> = row.split(' ').collect();
+                    let (name, ty) = (p[0], p[1]);
+                    // data_type may be two words ("character varying"): not used here.
+                    let ty = match ty {
+                        "bigint" | "boolean" => "INTEGER",
+                        "text" => "TEXT",
+                        other => panic!("{table}.{name}: unexpected type {other}"),
+                    };
+                    let n = p.len();
+                    let pk = p[n - 1] == "true";
+                    let nullable = p[2] == "YES";
+                    let default = p[3..n - 2].join(" ");
+                    format!(
+                        "{name} {ty} null={nullable} default={} pk={pk}",
+                        normalize_default(&default)
+                    )
+                })
+                .collect();
+            assert_eq!(pg, lite, "columns of {table} differ");
+        }
+    }
+
+    /// Defaults compared across dialects: `'[]'` and `'[]'::text`, `0`/`FALSE`,
+    /// `1`/`TRUE`; "-" for none.
+    fn normalize_default(d: &str) -> String {
+        let d = d.trim();
+        let d = d.strip_suffix("::text").unwrap_or(d);
+        match d {
+            "false" | "FALSE" => "0".into(),
+            "true" | "TRUE" => "1".into(),
+            other => other.to_string(),
+        }
+    }
 }

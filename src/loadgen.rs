@@ -1,0 +1,628 @@
+//! `nexodus loadgen` (hidden): simulates many nodes against running coordinators.
+//!
+//! Every simulated node is a real QUIC connection (the nodes share a few UDP sockets)
+//! that speaks the control protocol like `nexodus join` does: register with the token,
+//! update its endpoints, hold a watch stream. Phases, each timed:
+//!
+//! 1. **register** N nodes, `--concurrency` at a time (connect + register);
+//! 2. **update**: every node sets its endpoints once;
+//! 3. **watch**: every node opens its watch stream and reads its snapshot
+//!    (`--concurrency` snapshots in flight at once); then wait until no frame has
+//!    arrived for a second (the online deltas have drained);
+//! 4. **probes**: `--probes` times, one node changes its endpoints and every watcher
+//!    notes when a frame carrying that change arrives. Reported: per watcher latency
+//!    (p50/p99 over all watchers and probes) and the time until the last watcher had
+//!    it (p50/p99 over probes).
+//!
+//! With `--coordinator-pid`, the coordinators' RSS (`/proc/PID/status`) is read before
+//! and after, and divided by N. Nodes are spread round robin over the `--coordinator`
+//! addresses (several replicas: a change then crosses replicas to reach everyone).
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+
+use crate::coord::token::JoinToken;
+use crate::identity;
+use crate::quicio;
+use crate::wire::control::{Auth, DeviceUpdate, RegisterRequest, Request, Response, SERVER_NAME};
+use crate::wire::frame::{self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
+
+#[derive(Debug, clap::Args)]
+pub struct LoadgenArgs {
+    /// Coordinator address(es), IP:PORT, comma separated; nodes are spread over them.
+    #[arg(
+        long,
+        required = true,
+        value_delimiter = ',',
+        env = "NEXODUS_LOADGEN_COORDINATOR"
+    )]
+    pub coordinator: Vec<SocketAddr>,
+    /// A reusable join token.
+    #[arg(long, env = "NEXODUS_TOKEN")]
+    pub token: String,
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 1000, env = "NEXODUS_LOADGEN_NODES")]
+    pub nodes: usize,
+    /// Requests in flight at once while registering and updating.
+    #[arg(long, default_value_t = 64, env = "NEXODUS_LOADGEN_CONCURRENCY")]
+    pub concurrency: usize,
+    /// Changes timed from one node to every watcher.
+    #[arg(long, default_value_t = 20, env = "NEXODUS_LOADGEN_PROBES")]
+    pub probes: usize,
+    /// Coordinator process id(s) whose memory to report, comma separated.
+    #[arg(long, value_delimiter = ',', env = "NEXODUS_LOADGEN_PID")]
+    pub coordinator_pid: Vec<u32>,
+    /// UDP sockets (QUIC endpoints) the simulated nodes share.
+    #[arg(long, default_value_t = 32, env = "NEXODUS_LOADGEN_SOCKETS")]
+    pub sockets: usize,
+    /// Name printed with the figures (e.g. the backend).
+    #[arg(long, default_value = "", env = "NEXODUS_LOADGEN_LABEL")]
+    pub label: String,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum LoadgenError {
+    #[error("bad join token: {0}")]
+    Token(#[from] crate::coord::token::TokenError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("QUIC endpoint: {0}")]
+    Bind(std::io::Error),
+    #[error("node {node}: {what}")]
+    Node { node: usize, what: String },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub label: String,
+    pub nodes: usize,
+    pub coordinators: usize,
+    pub registrations_per_sec: f64,
+    pub updates_per_sec: f64,
+    pub watch_setup_secs: f64,
+    pub settle_secs: f64,
+    pub probes: usize,
+    /// Per watcher and probe: commit request sent → frame received, milliseconds.
+    pub watcher_p50_ms: f64,
+    pub watcher_p99_ms: f64,
+    /// Per probe: until the last watcher had it, milliseconds.
+    pub all_p50_ms: f64,
+    pub all_p99_ms: f64,
+    pub all_max_ms: f64,
+    /// Watchers that missed a probe within the timeout.
+    pub missed: usize,
+    /// Failed attempts (registrations retried, updates, watches).
+    pub errors: usize,
+    pub first_error: Option<String>,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    #[serde(skip)]
+    pub json: bool,
+}
+
+impl Report {
+    pub fn rss_per_device_kib(&self) -> f64 {
+        self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64 / self.nodes.max(1) as f64
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.json {
+            let mut v = serde_json::to_value(self).map_err(|_| fmt::Error)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "rss_per_device_kib".into(),
+                    serde_json::json!(self.rss_per_device_kib()),
+                );
+            }
+            return write!(f, "{v}");
+        }
+        writeln!(
+            f,
+            "loadgen {}: {} nodes over {} coordinator(s)",
+            self.label, self.nodes, self.coordinators
+        )?;
+        writeln!(
+            f,
+            "  registrations/s      {:.0}",
+            self.registrations_per_sec
+        )?;
+        writeln!(f, "  endpoint updates/s   {:.0}", self.updates_per_sec)?;
+        writeln!(
+            f,
+            "  watch setup          {:.1} s (+ {:.1} s until deltas drained)",
+            self.watch_setup_secs, self.settle_secs
+        )?;
+        writeln!(
+            f,
+            "  change → watcher     p50 {:.1} ms  p99 {:.1} ms  ({} probes, {} missed)",
+            self.watcher_p50_ms, self.watcher_p99_ms, self.probes, self.missed
+        )?;
+        writeln!(
+            f,
+            "  change → all N       p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            self.all_p50_ms, self.all_p99_ms, self.all_max_ms
+        )?;
+        write!(
+            f,
+            "  coordinator RSS      {:.1} MiB → {:.1} MiB ({:.2} KiB per device)",
+            self.rss_before_kib as f64 / 1024.0,
+            self.rss_after_kib as f64 / 1024.0,
+            self.rss_per_device_kib()
+        )?;
+        if let Some(e) = &self.first_error {
+            write!(f, "\n  errors               {} (first: {e})", self.errors)?;
+        }
+        Ok(())
+    }
+}
+
+/// VmRSS of a process in KiB (0 if unreadable).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// One simulated node.
+struct Node {
+    conn: quinn::Connection,
+    auth: Auth,
+}
+
+/// What the watchers share with the probe driver.
+struct Probe {
+    active: AtomicBool,
+    /// The bytes that mark the current probe's change in a frame.
+    marker: Mutex<Vec<u8>>,
+    started: Mutex<Instant>,
+    seq: AtomicU64,
+    /// (watcher, latency) for the current probe.
+    seen: Mutex<Vec<Duration>>,
+    seen_count: AtomicUsize,
+    snapshots: AtomicUsize,
+    last_frame: Mutex<Instant>,
+    errors: Mutex<Vec<String>>,
+}
+
+async fn call(conn: &quinn::Connection, req: &Request) -> Result<Response, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    quicio::write_message(&mut send, req, MAX_REQUEST_LEN)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut buf = Vec::new();
+    match quicio::read_message(&mut recv, MAX_RESPONSE_LEN, &mut buf).await {
+        Ok(Some(Response::Error { code, message })) => Err(format!("{code:?}: {message}")),
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err("no answer".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn register_node(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    req: &Request,
+) -> Result<Node, String> {
+    let conn = ep
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    match call(&conn, req)
+        .await
+        .map_err(|e| format!("register: {e}"))?
+    {
+        Response::Registered { device, credential } => Ok(Node {
+            conn,
+            auth: Auth {
+                device_id: device.id,
+                credential,
+            },
+        }),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+fn register_request(token: &JoinToken, n: usize) -> RegisterRequest {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let public = boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(secret));
+    RegisterRequest {
+        token_secret: token.secret_text(),
+        public_key: crate::coord::keys::encode_key(public.as_bytes()),
+        hostname: format!("loadgen-{n}"),
+        os: "loadgen".into(),
+        ipv6_supported: true,
+        endpoints: Vec::new(),
+        advertise_cidrs: Vec::new(),
+        relay: false,
+        relay_only: false,
+        symmetric_nat: false,
+        request_ip: None,
+        request_ip_v6: None,
+    }
+}
+
+fn endpoint_of(n: usize, port: u16) -> SocketAddr {
+    let host = u8::try_from(n % 250 + 1).unwrap_or(1);
+    SocketAddr::new(Ipv4Addr::new(192, 0, 2, host).into(), port)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return false;
+    };
+    // Compare only where the first byte matches.
+    haystack
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == first)
+        .any(|(i, _)| haystack.get(i + 1..i + needle.len()) == Some(rest))
+}
+
+/// Reads a watch stream's frames (raw: only the probe's marker is looked for).
+async fn watch_loop(
+    mut recv: quinn::RecvStream,
+    probe: Arc<Probe>,
+    mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let mut buf = Vec::new();
+    let mut first = true;
+    let mut last_probe = 0u64;
+    loop {
+        let mut prefix = [0u8; 4];
+        if let Err(e) = recv.read_exact(&mut prefix).await {
+            if first {
+                probe
+                    .errors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("watch: {e}"));
+            }
+            return;
+        }
+        let Ok(len) = frame::parse_length(prefix, MAX_RESPONSE_LEN) else {
+            return;
+        };
+        buf.resize(len, 0);
+        if recv.read_exact(&mut buf).await.is_err() {
+            return;
+        }
+        let now = Instant::now();
+        *probe.last_frame.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        if first {
+            first = false;
+            permit.take();
+            // The version byte, then the message with its type first.
+            if buf
+                .get(1..)
+                .is_some_and(|b| b.starts_with(b"{\"type\":\"error\""))
+            {
+                probe
+                    .errors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(String::from_utf8_lossy(&buf).into_owned());
+                return;
+            }
+            probe.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+        if probe.active.load(Ordering::Acquire) {
+            let seq = probe.seq.load(Ordering::Acquire);
+            if seq != last_probe {
+                let marker = probe
+                    .marker
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if contains(&buf, &marker) {
+                    last_probe = seq;
+                    let started = *probe.started.lock().unwrap_or_else(|e| e.into_inner());
+                    probe
+                        .seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(now.duration_since(started));
+                    probe.seen_count.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+        // Deltas are small: keep no snapshot-sized buffer per watcher.
+        if buf.capacity() > 64 * 1024 {
+            buf = Vec::new();
+        }
+    }
+}
+
+/// Waits until `done` or `limit` passes; false on timeout.
+async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
+    let token = JoinToken::parse(&args.token)?;
+    let n = args.nodes.max(1);
+    let mut endpoints = Vec::new();
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| LoadgenError::Bind(std::io::Error::other("no async runtime")))?;
+    for _ in 0..args.sockets.max(1) {
+        let socket = crate::serve::udp_socket((Ipv4Addr::UNSPECIFIED, 0).into())
+            .map_err(LoadgenError::Bind)?;
+        let mut ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            runtime.clone(),
+        )
+        .map_err(LoadgenError::Bind)?;
+        ep.set_default_client_config(identity::client_config(token.fingerprint)?);
+        endpoints.push(ep);
+    }
+    let rss = |pids: &[u32]| pids.iter().map(|&p| rss_kib(p)).sum::<u64>();
+    let rss_before = rss(&args.coordinator_pid);
+    let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
+
+    // 1. Register.
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let addr = args.coordinator[i % args.coordinator.len()];
+        let req = Request::Register(register_request(&token, i));
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+            // A node retries like `nexodus join` would (a lost handshake, a refusal
+            // while the database reconnects); every failed attempt is counted.
+            let mut failures = Vec::new();
+            for _ in 0..3 {
+                match register_node(&ep, addr, &req).await {
+                    Ok(node) => return Ok((node, failures)),
+                    Err(e) => failures.push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(failures.join("; "))
+        }));
+    }
+    let mut nodes = Vec::with_capacity(n);
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok((node, failures))) => {
+                nodes.push(Arc::new(node));
+                errors.extend(failures);
+            }
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if nodes.is_empty() {
+        return Err(LoadgenError::Node {
+            node: 0,
+            what: format!("no node registered: {errors:?}"),
+        });
+    }
+    let registrations_per_sec = nodes.len() as f64 / started.elapsed().as_secs_f64();
+    let n = nodes.len();
+    tracing::info!(registrations_per_sec, "registered");
+
+    // 2. Update endpoints.
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, node) in nodes.iter().enumerate() {
+        let node = node.clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.map_err(|e| e.to_string())?;
+            let update = DeviceUpdate {
+                endpoints: Some(vec![endpoint_of(i, 51820)]),
+                ..Default::default()
+            };
+            call(
+                &node.conn,
+                &Request::Update {
+                    auth: node.auth.clone(),
+                    update,
+                },
+            )
+            .await
+            .map(|_| ())
+        }));
+    }
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let updates_per_sec = n as f64 / started.elapsed().as_secs_f64();
+    tracing::info!(updates_per_sec, "endpoints updated");
+
+    // 3. Watch.
+    let probe = Arc::new(Probe {
+        active: AtomicBool::new(false),
+        marker: Mutex::new(Vec::new()),
+        started: Mutex::new(Instant::now()),
+        seq: AtomicU64::new(0),
+        seen: Mutex::new(Vec::new()),
+        seen_count: AtomicUsize::new(0),
+        snapshots: AtomicUsize::new(0),
+        last_frame: Mutex::new(Instant::now()),
+        errors: Mutex::new(Vec::new()),
+    });
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(n);
+    for node in &nodes {
+        // At most --concurrency snapshots on their way at once.
+        let permit = sem.clone().acquire_owned().await.ok();
+        let opened = async {
+            let (mut send, recv) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
+            let req = Request::Watch {
+                auth: node.auth.clone(),
+            };
+            quicio::write_message(&mut send, &req, MAX_REQUEST_LEN)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((send, recv))
+        };
+        match opened.await {
+            Ok((send, recv)) => {
+                streams.push(send);
+                tokio::spawn(watch_loop(recv, probe.clone(), permit));
+            }
+            Err(e) => probe
+                .errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("watch: {e}")),
+        }
+    }
+    let limit = Duration::from_secs(600);
+    let failed = || probe.errors.lock().unwrap_or_else(|e| e.into_inner()).len();
+    if !wait_until(limit, || {
+        probe.snapshots.load(Ordering::Relaxed) + failed() >= n
+    })
+    .await
+    {
+        return Err(LoadgenError::Timeout(format!(
+            "only {} of {n} watches got a snapshot within {limit:?}",
+            probe.snapshots.load(Ordering::Relaxed)
+        )));
+    }
+    errors.extend(
+        probe
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..),
+    );
+    let watch_setup_secs = started.elapsed().as_secs_f64();
+    tracing::info!(watch_setup_secs, "all nodes watching");
+    let settle = Instant::now();
+    let quiet = Duration::from_secs(1);
+    wait_until(limit, || {
+        probe
+            .last_frame
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            > quiet
+    })
+    .await;
+    let settle_secs = settle.elapsed().as_secs_f64() - quiet.as_secs_f64();
+    let rss_after = rss(&args.coordinator_pid);
+
+    // 4. Probes.
+    let mut per_watcher: Vec<f64> = Vec::new();
+    let mut all: Vec<f64> = Vec::new();
+    let mut missed = 0;
+    for k in 0..args.probes {
+        let i = (k * 7919) % n;
+        let node = &nodes[i];
+        let port = 40_000 + u16::try_from(k % 20_000).unwrap_or(0);
+        let ep = endpoint_of(i, port);
+        *probe.marker.lock().unwrap_or_else(|e| e.into_inner()) = format!("\"{ep}\"").into_bytes();
+        probe.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        probe.seen_count.store(0, Ordering::Release);
+        probe.seq.store(k as u64 + 1, Ordering::Release);
+        let t0 = Instant::now();
+        *probe.started.lock().unwrap_or_else(|e| e.into_inner()) = t0;
+        probe.active.store(true, Ordering::Release);
+        call(
+            &node.conn,
+            &Request::Update {
+                auth: node.auth.clone(),
+                update: DeviceUpdate {
+                    endpoints: Some(vec![ep]),
+                    ..Default::default()
+                },
+            },
+        )
+        .await
+        .map_err(|what| LoadgenError::Node { node: i, what })?;
+        let everyone = wait_until(Duration::from_secs(10), || {
+            probe.seen_count.load(Ordering::Acquire) >= n
+        })
+        .await;
+        probe.active.store(false, Ordering::Release);
+        let seen = std::mem::take(&mut *probe.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        missed += n.saturating_sub(seen.len());
+        let ms: Vec<f64> = seen.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        if everyone {
+            all.push(ms.iter().copied().fold(0.0, f64::max));
+        }
+        per_watcher.extend(ms);
+        // Let stragglers' frames of this probe pass before the next one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    per_watcher.sort_by(f64::total_cmp);
+    all.sort_by(f64::total_cmp);
+    for s in &mut streams {
+        let _ = s.finish();
+    }
+    for node in &nodes {
+        node.conn.close(0u32.into(), b"loadgen done");
+    }
+    for ep in &endpoints {
+        ep.wait_idle().await;
+    }
+    Ok(Report {
+        label: args.label,
+        nodes: n,
+        coordinators: args.coordinator.len(),
+        registrations_per_sec,
+        updates_per_sec,
+        watch_setup_secs,
+        settle_secs,
+        probes: args.probes,
+        watcher_p50_ms: percentile(&per_watcher, 0.5),
+        watcher_p99_ms: percentile(&per_watcher, 0.99),
+        all_p50_ms: percentile(&all, 0.5),
+        all_p99_ms: percentile(&all, 0.99),
+        all_max_ms: all.last().copied().unwrap_or(f64::NAN),
+        missed,
+        errors: errors.len(),
+        first_error: errors.first().cloned(),
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        json: args.json,
+    })
+}

@@ -1,0 +1,556 @@
+//! Coordinator replicas on one PostgreSQL database, with the real binary.
+//!
+//! Every test starts its own PostgreSQL (Debian's package; initdb into a temp dir, the
+//! server a child of the test on a loopback address and a port of its own, stopped
+//! and removed on every exit path; see `nexodus::store::testpg`). The store's own
+//! contract against PostgreSQL is in `src/store/tests.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, wait_until};
+use common::{BIN, DieWithParent, register_request, wait_for};
+use nexodus::client::ControlClient;
+use nexodus::coord::token::JoinToken;
+use nexodus::store::testpg::TempPostgres;
+use nexodus::wire::control::{Auth, Device, Request, Response};
+
+const DEADLINE: Duration = Duration::from_secs(170);
+
+/// One `nexodus serve --database-url` process.
+struct Replica {
+    addr: SocketAddr,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Replica {
+    /// Starts a replica on `ip` (QUIC 4443, STUN 3478/3479) and waits until it runs.
+    fn start(ip: &str, url: &str, logdir: &Path) -> Self {
+        let log = logdir.join(format!("replica-{ip}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("{ip}:4443")])
+            .args(["--stun-listen", &format!("{ip}:3478")])
+            .args(["--database-url", url])
+            // Must not be used: the identity lives in the database.
+            .args(["--state-dir", "/nonexistent/nexodus-test"])
+            .env("RUST_LOG", "info,nexodus=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .die_with_parent()
+            .spawn()
+            .unwrap();
+        let r = Self {
+            addr: format!("{ip}:4443").parse().unwrap(),
+            log,
+            child: Some(child),
+        };
+        wait_until("replica to start", Duration::from_secs(30), || {
+            r.log_text().contains("coordinator running").then_some(())
+        });
+        r
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Prints the replicas' and the database's logs if the test fails.
+struct LogsOnFailure<'a>(Vec<&'a Replica>, &'a TempPostgres);
+
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for r in &self.0 {
+                eprintln!("===== {} =====\n{}", r.log.display(), r.log_text());
+            }
+            eprintln!("===== postgres =====\n{}", self.1.log_text());
+        }
+    }
+}
+
+/// An admin command against the database; returns stdout.
+fn admin(url: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--database-url", url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn listed(url: &str) -> Vec<Device> {
+    serde_json::from_str(&admin(url, &["devices", "--json"])).unwrap()
+}
+
+async fn register(addr: SocketAddr, token: &JoinToken, name: &str, seed: u64) -> (Device, Auth) {
+    let c = ControlClient::connect(addr, token.fingerprint)
+        .await
+        .unwrap();
+    let req = register_request(token, name, seed);
+    let resp = c.call(&Request::Register(req)).await;
+    c.close().await;
+    match resp {
+        Ok(Response::Registered { device, credential }) => {
+            let auth = Auth {
+                device_id: device.id,
+                credential,
+            };
+            (device, auth)
+        }
+        other => panic!("registration through {addr} failed: {other:?}"),
+    }
+}
+
+/// A watch stream held on one replica, with every device id it has heard of.
+struct Watcher {
+    _client: ControlClient,
+    stream: nexodus::client::WatchStream,
+    known: HashMap<i64, Device>,
+}
+
+impl Watcher {
+    async fn open(addr: SocketAddr, token: &JoinToken, auth: Auth) -> Self {
+        let client = ControlClient::connect(addr, token.fingerprint)
+            .await
+            .unwrap();
+        let mut stream = client.watch(auth).await.unwrap();
+        let mut known = HashMap::new();
+        match stream.next().await.unwrap() {
+            Some(Response::Snapshot { devices, .. }) => {
+                for d in devices {
+                    known.insert(d.id, d);
+                }
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        Self {
+            _client: client,
+            stream,
+            known,
+        }
+    }
+
+    /// Reads deltas until `id` is known; the time it took, or None after `limit`.
+    async fn until_known(&mut self, id: i64, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while !self.known.contains_key(&id) {
+            let left = limit.checked_sub(started.elapsed())?;
+            match tokio::time::timeout(left, self.stream.next()).await {
+                Ok(Ok(Some(Response::Delta { upserts, .. }))) => {
+                    for d in upserts {
+                        self.known.insert(d.id, d);
+                    }
+                }
+                Ok(Ok(Some(Response::Snapshot { devices, .. }))) => {
+                    for d in devices {
+                        self.known.insert(d.id, d);
+                    }
+                }
+                Ok(other) => panic!("watch stream: {other:?}"),
+                Err(_) => return None,
+            }
+        }
+        Some(started.elapsed())
+    }
+}
+
+fn assert_unique(devices: &[Device]) {
+    let v4: HashSet<_> = devices.iter().map(|d| d.tunnel_ip).collect();
+    let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
+    assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
+    assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
+}
+
+/// Two replicas on one database: one token (one pinned fingerprint) for both, 200
+/// concurrent registrations spread over both get distinct addresses, and what is
+/// committed through replica 1 reaches a watch held on replica 2 within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_addresses_identity_and_changes() {
+    tokio::time::timeout(DEADLINE, async {
+        let pg = TempPostgres::start().unwrap();
+        let url = pg.fresh_database("nx").unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let r1 = Replica::start("127.43.0.1", &url, logs.path());
+        let r2 = Replica::start("127.43.0.2", &url, logs.path());
+        let _logs = LogsOnFailure(vec![&r1, &r2], &pg);
+        let token =
+            JoinToken::parse(admin(&url, &["token", "create", "--reusable"]).trim()).unwrap();
+        // Both present the certificate pinned in the token.
+        for addr in [r1.addr, r2.addr] {
+            let c = ControlClient::connect(addr, token.fingerprint)
+                .await
+                .unwrap();
+            assert_eq!(c.call(&Request::Ping).await.unwrap(), Response::Pong);
+            c.close().await;
+        }
+        assert!(
+            !r1.log_text()
+                .contains("created the coordinator TLS identity")
+                || !r2
+                    .log_text()
+                    .contains("created the coordinator TLS identity"),
+            "only the first replica makes the identity"
+        );
+
+        let (_, watcher_auth) = register(r2.addr, &token, "watcher", 1_000_000).await;
+        let mut watcher = Watcher::open(r2.addr, &token, watcher_auth).await;
+
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let addr = if i % 2 == 0 { r1.addr } else { r2.addr };
+            let token = token.clone();
+            tasks.push(tokio::spawn(async move {
+                register(addr, &token, &format!("node{i}"), i).await.0
+            }));
+        }
+        let mut devices = Vec::new();
+        for t in tasks {
+            devices.push(t.await.unwrap());
+        }
+        assert_eq!(devices.len(), 200);
+        assert_unique(&devices);
+        // What the database holds: the same 201 devices and addresses.
+        let stored = listed(&url);
+        assert_eq!(stored.len(), 201);
+        assert_unique(&stored);
+        let answered: HashSet<_> = devices
+            .iter()
+            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
+            .collect();
+        let persisted: HashSet<_> = stored
+            .iter()
+            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
+            .collect();
+        assert!(answered.is_subset(&persisted));
+        // The watcher on replica 2 heard of all of them, half committed on replica 1.
+        for d in &devices {
+            assert!(
+                watcher
+                    .until_known(d.id, Duration::from_secs(30))
+                    .await
+                    .is_some(),
+                "watcher on replica 2 never heard of device {}",
+                d.id
+            );
+        }
+        // One more through replica 1, timed: it is pushed, not polled for.
+        let sent = Instant::now();
+        let (late, _) = register(r1.addr, &token, "late", 2_000_000).await;
+        let waited = watcher
+            .until_known(late.id, Duration::from_secs(10))
+            .await
+            .expect("registration on replica 1 never reached replica 2's watcher");
+        let total = sent.elapsed();
+        eprintln!("replica 1 → replica 2 watcher: {total:?} (after the answer: {waited:?})");
+        assert!(
+            total < Duration::from_secs(1),
+            "took {total:?}: notifications are not reaching the other replica"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
+
+/// The database restarts under two replicas: they reconnect (requests and the
+/// notification channel), keep their watch streams, and nothing committed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_restart_loses_nothing() {
+    tokio::time::timeout(DEADLINE, async {
+        let mut pg = TempPostgres::start().unwrap();
+        let url = pg.fresh_database("nx").unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let r1 = Replica::start("127.43.0.11", &url, logs.path());
+        let r2 = Replica::start("127.43.0.12", &url, logs.path());
+        let token =
+            JoinToken::parse(admin(&url, &["token", "create", "--reusable"]).trim()).unwrap();
+        let mut before = Vec::new();
+        for i in 0..20u64 {
+            let addr = if i % 2 == 0 { r1.addr } else { r2.addr };
+            before.push(register(addr, &token, &format!("b{i}"), i).await.0);
+        }
+        let (_, auth) = register(r2.addr, &token, "watcher", 99).await;
+        let mut watcher = Watcher::open(r2.addr, &token, auth).await;
+
+        pg.restart().unwrap();
+        {
+            let _logs = LogsOnFailure(vec![&r1, &r2], &pg);
+            // Requests work again (the first may land while a replica reconnects).
+            let fp = token.fingerprint;
+            let req = register_request(&token, "after", 1234);
+            let after: Device = wait_for(
+                "a registration through replica 1 after the restart",
+                Duration::from_secs(60),
+                || {
+                    let req = req.clone();
+                    async move {
+                        let c = ControlClient::connect(r1.addr, fp).await.ok()?;
+                        match c.call(&Request::Register(req)).await {
+                            Ok(Response::Registered { device, .. }) => Some(device),
+                            _ => None,
+                        }
+                    }
+                },
+            )
+            .await;
+            // Replica 2's watch stream (still the same) gets it.
+            assert!(
+                watcher
+                    .until_known(after.id, Duration::from_secs(15))
+                    .await
+                    .is_some(),
+                "replica 2's watcher did not hear of a change after the restart"
+            );
+            // Both LISTEN again; then a change through replica 1 is pushed to replica 2
+            // at once, not found by its fallback poll (every 10 s).
+            for r in [&r1, &r2] {
+                wait_for(
+                    "the replica to LISTEN again",
+                    Duration::from_secs(20),
+                    || {
+                        let n = r
+                            .log_text()
+                            .matches("listening for changes committed by any replica")
+                            .count();
+                        async move { (n >= 2).then_some(()) }
+                    },
+                )
+                .await;
+            }
+            let (pushed, _) = register(r1.addr, &token, "pushed", 5678).await;
+            let waited = watcher.until_known(pushed.id, Duration::from_secs(5)).await;
+            assert!(
+                waited.is_some(),
+                "replica 2 did not hear of replica 1's commit: notifications not restored"
+            );
+            // Every committed registration is there, with its addresses.
+            let stored: HashMap<i64, Device> =
+                listed(&url).into_iter().map(|d| (d.id, d)).collect();
+            for d in &before {
+                let s = stored.get(&d.id).expect("device lost");
+                assert_eq!((s.tunnel_ip, s.tunnel_ip_v6), (d.tunnel_ip, d.tunnel_ip_v6));
+            }
+            assert_eq!(stored.len(), before.len() + 3);
+            // And replica 2 takes registrations too.
+            let (d, _) = register(r2.addr, &token, "after2", 4321).await;
+            assert!(!before.iter().any(|b| b.tunnel_ip == d.tunnel_ip));
+        }
+    })
+    .await
+    .expect("test deadline");
+}
+
+/// A ping running in a namespace until stopped; reports (sent, received).
+struct Pinger {
+    child: Option<Child>,
+}
+
+impl Pinger {
+    fn start(ns: &str, target: &str) -> Self {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "ping", "-n", "-i", "0.2", "-W", "1", target,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .die_with_parent()
+            .spawn()
+            .unwrap();
+        Self { child: Some(child) }
+    }
+
+    fn stop(&mut self) -> (u32, u32) {
+        let child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary in {text}"));
+        let nums: Vec<u32> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Kill (SIGKILL) the replica two nodes are connected to while they ping each other:
+/// the pings go on, both nodes reconnect to the other replica and resync, and a node
+/// joining afterwards is reached by the others.
+#[test]
+fn node_fails_over_to_another_replica() {
+    let started = Instant::now();
+    let mut cl = Cluster::new("pgfo", "203.0.113.1/24");
+    // The cluster's own (SQLite) coordinator is not used here.
+    cl.coord.kill();
+    let ns = cl.coord.ns.name.clone();
+    cl.coord
+        .ns
+        .ok(&["ip", "addr", "add", "203.0.113.2/24", "dev", "eth0"]);
+    cl.coord
+        .ns
+        .ok(&["ip", "addr", "add", "203.0.113.3/24", "dev", "eth0"]);
+    // PostgreSQL on the coordinators' loopback, inside their namespace.
+    let pg = TempPostgres::start_with("127.0.0.1", Some(&ns)).unwrap();
+    pg.create_database("nx").unwrap();
+    let url = pg.url("nx");
+    let logs = cl.scratch("logs");
+    let spawn_replica = |ip: &str| {
+        let log = logs.join(format!("replica-{ip}.log"));
+        let child = cl.coord.ns.spawn_nexodus(
+            &[
+                "serve",
+                "--listen",
+                &format!("{ip}:4443"),
+                "--stun-listen",
+                &format!("{ip}:3478"),
+                "--database-url",
+                &url,
+            ],
+            &log,
+        );
+        wait_until("replica to start", Duration::from_secs(30), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|s| s.contains("coordinator running"))
+                .map(|_| ())
+        });
+        (child, log)
+    };
+    let (mut a, _a_log) = spawn_replica("203.0.113.2");
+    let (mut b, b_log) = spawn_replica("203.0.113.3");
+    // Admin commands from outside the namespace reach the database over its socket.
+    let socket_url = format!(
+        "host={} port={} user={} dbname=nx",
+        pg.socket_dir().display(),
+        pg.port,
+        nexodus::store::testpg::USER
+    );
+    let token = admin(&socket_url, &["token", "create", "--reusable"])
+        .trim()
+        .to_string();
+    let coordinators = "203.0.113.2:4443,203.0.113.3:4443";
+    let n1 = cl.add_node("n1", "203.0.113.11/24", true, &["--interface", "nxfo1"]);
+    let n2 = cl.add_node("n2", "203.0.113.12/24", true, &["--interface", "nxfo2"]);
+    let n3 = cl.add_node("n3", "203.0.113.13/24", true, &["--interface", "nxfo3"]);
+    for i in [n1, n2, n3] {
+        cl.nodes[i].coordinator = coordinators.into();
+    }
+    cl.nodes[n1].start(Some(&token));
+    cl.nodes[n2].start(Some(&token));
+    let s1 = cl.nodes[n1].wait_peers(1);
+    let s2 = cl.nodes[n2].wait_peers(1);
+    let ip2 = s2.device.tunnel_ip.to_string();
+    let ns1 = cl.nodes[n1].ns.name.clone();
+    assert!(
+        cl.nodes[n1].ns.ping_until(&ip2, Duration::from_secs(20)),
+        "n1 cannot reach n2 before the failover"
+    );
+    let mut pinger = Pinger::start(&ns1, &ip2);
+
+    // Replica A (first in the nodes' list, so they are on it) dies.
+    let _ = a.kill();
+    let _ = a.wait();
+    for (i, id) in [(n1, s1.device.id), (n2, s2.device.id)] {
+        let node = &cl.nodes[i];
+        wait_until(
+            &format!("{} to watch through replica B", node.name),
+            Duration::from_secs(90),
+            || {
+                let log = std::fs::read_to_string(&b_log).ok()?;
+                let reconnected = std::fs::read_to_string(&node.log)
+                    .ok()?
+                    .contains("reconnected to the coordinator");
+                (reconnected && log.contains(&format!("watch started id={id} "))).then_some(())
+            },
+        );
+        wait_until(
+            &format!("{} to report the coordinator connected", node.name),
+            Duration::from_secs(30),
+            || {
+                node.status()
+                    .filter(|s| s.coordinator_connected)
+                    .map(|_| ())
+            },
+        );
+    }
+
+    // A node joining now reaches the others, and they it, through replica B.
+    cl.nodes[n3].start(Some(&token));
+    let s3 = cl.nodes[n3].wait_peers(2);
+    cl.nodes[n1].wait_peers(2);
+    cl.nodes[n2].wait_peers(2);
+    let ip1 = s1.device.tunnel_ip.to_string();
+    let ip3 = s3.device.tunnel_ip.to_string();
+    assert!(
+        cl.nodes[n1].ns.ping_until(&ip3, Duration::from_secs(20)),
+        "n1 cannot reach the new node"
+    );
+    assert!(
+        cl.nodes[n3].ns.ping_until(&ip1, Duration::from_secs(20)),
+        "the new node cannot reach n1"
+    );
+    let v6 = s3.device.tunnel_ip_v6.unwrap().to_string();
+    assert!(
+        cl.nodes[n2].ns.ping_until(&v6, Duration::from_secs(20)),
+        "n2 cannot reach the new node over IPv6"
+    );
+
+    let (sent, received) = pinger.stop();
+    eprintln!("pings during the failover: {received}/{sent}");
+    assert!(sent >= 50, "ping ran too briefly: {sent}");
+    assert!(
+        sent - received <= 1,
+        "tunnel lost {} of {sent} pings while the coordinator failed over",
+        sent - received
+    );
+    // The database says all three are online (watched through replica B).
+    let devices: Vec<Device> =
+        serde_json::from_str(&admin(&socket_url, &["devices", "--json"])).unwrap();
+    assert_eq!(devices.len(), 3);
+    assert!(devices.iter().all(|d| d.online), "{devices:?}");
+    let _ = b.kill();
+    let _ = b.wait();
+    eprintln!("failover test took {:?}", started.elapsed());
+}

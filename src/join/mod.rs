@@ -688,6 +688,7 @@ fn build_status(s: &Shared, dp: Option<&datapath::DataPathStatus>) -> status::St
         relay: s.mesh.local().relay,
         relayed_packets: dp.map_or(0, |d| d.relayed_packets),
         relayed_bytes: dp.map_or(0, |d| d.relayed_bytes),
+        cookie_replies: dp.map_or(0, |d| d.counters.cookie_replies),
         userspace: s.stack.as_ref().map(|st| st.status()),
         peers,
         drops,

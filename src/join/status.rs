@@ -50,6 +50,10 @@ pub struct Status {
     pub relayed_packets: u64,
     #[serde(default)]
     pub relayed_bytes: u64,
+    /// Handshake initiations answered with a cookie reply instead of being processed
+    /// (more than the rate limit allows per second arrived: under load or attack).
+    #[serde(default)]
+    pub cookie_replies: u64,
     /// Rootless mode: rules and open flows.
     #[serde(default)]
     pub userspace: Option<crate::userspace::UserspaceStatus>,
@@ -157,6 +161,13 @@ pub fn render(s: &Status) -> String {
             out,
             "\nrelay: forwarded {} packets, {} bytes",
             s.relayed_packets, s.relayed_bytes
+        );
+    }
+    if s.cookie_replies > 0 {
+        let _ = writeln!(
+            out,
+            "\nunder load: answered {} handshake initiations with cookie replies",
+            s.cookie_replies
         );
     }
     if let Some(u) = &s.userspace {

@@ -2,7 +2,8 @@
 # Data-plane throughput of nexodus against stock userspace WireGuard (wireguard-go and
 # boringtun-cli), between two network namespaces joined by a veth pair.
 #
-#   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--no-install]
+#   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--userspace]
+#                              [--no-install]
 #
 # Per round, in alternation (bare veth, nexodus, boringtun-cli, wireguard-go), each
 # tunnel set up fresh and torn down after its run: ping RTT A->B (20 pings, 50 ms apart)
@@ -10,6 +11,8 @@
 # address. Prints the medians over the rounds and the ratios nexodus/boringtun-cli and
 # nexodus/wireguard-go. --relay adds a third namespace running `nexodus join --relay`
 # and compares nexodus relayed (A --relay-only) with nexodus direct on that topology.
+# --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
+# listener on A's loopback to B's TUN address) with TUN mode, in alternation.
 # Installs what is missing (apt: iperf3 wireguard-go wireguard-tools iproute2
 # iputils-ping jq; cargo: boringtun-cli 0.7) and builds nexodus in release mode.
 # Everything it creates (namespaces nxb-*, processes, UAPI sockets, temp dir) goes on
@@ -17,12 +20,13 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     echo
     echo "Options:"
     echo "  --rounds N      rounds of the alternation (default 3)"
     echo "  --seconds N     iperf3 duration per stream, after 1 s of warm-up (default 10)"
     echo "  --relay         also measure nexodus through a relay node"
+    echo "  --userspace     also measure rootless mode (--userspace) against TUN mode"
     echo "  --no-install    do not install packages or boringtun-cli, do not build"
     echo "  --keep-logs     keep the logs directory (its path is printed)"
     echo "Environment: NEXODUS_BIN (default target/release/nexodus),"
@@ -32,6 +36,7 @@ usage() {
 ROUNDS=3
 DUR=10
 RELAY=0
+USERSPACE=0
 INSTALL=1
 KEEP_LOGS=0
 while [ $# -gt 0 ]; do
@@ -39,6 +44,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="${2:?--rounds needs a number}"; shift 2 ;;
     --seconds) DUR="${2:?--seconds needs a number}"; shift 2 ;;
     --relay) RELAY=1; shift ;;
+    --userspace) USERSPACE=1; shift ;;
     --no-install) INSTALL=0; shift ;;
     --keep-logs) KEEP_LOGS=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -76,6 +82,8 @@ IN6_B=200::2
 TUN_MTU=1420
 WG_PORT=51820
 IPERF_PORT=5201
+EGRESS4=15201          # userspace phase: A's egress listeners (loopback) to B's iperf3
+EGRESS6=15202
 # Interface names are per namespace, but the UAPI sockets (/var/run/wireguard/IF.sock)
 # are not: every tunnel interface gets a name of its own.
 declare -A IFNAME=(
@@ -304,16 +312,24 @@ record() { echo "$*" >>"$RESULTS"; }
 
 # measure IMPL ROUND ADDR4 ADDR6: ping RTT then iperf3 over v4 and v6.
 measure() {
-    local impl=$1 round=$2 a4=$3 a6=$4 out rtt fam addr json bps
-    out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
-    rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
-    record "$impl rtt_ms $round $rtt"
+    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" fam addr port json bps
+    if [ "$impl" != nexodus-userspace ]; then
+        out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
+        rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
+        record "$impl rtt_ms $round $rtt"
+    fi
     for fam in v4 v6; do
         if [ "$fam" = v4 ]; then addr=$a4; else addr=$a6; fi
+        port=$IPERF_PORT
+        if [ "$impl" = nexodus-userspace ]; then
+            # Through A's egress listeners (loopback), which carry it to B's iperf3.
+            if [ "$fam" = v4 ]; then port=$EGRESS4; else port=$EGRESS6; fi
+            addr=127.0.0.1
+        fi
         json="$WORK/iperf.$impl.$fam.$round.json"
         # --foreground: Ctrl-C reaches iperf3 at once.
         if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
-            iperf3 -c "$addr" -p "$IPERF_PORT" -t "$DUR" -O 1 -J --connect-timeout 5000 >"$json" 2>&1; then
+            iperf3 -c "$addr" -p "$port" -t "$DUR" -O 1 -J --connect-timeout 5000 >"$json" 2>&1; then
             log "$impl $fam round $round: iperf3 failed: $(jq -r '.error // empty' "$json" 2>/dev/null || tail -n 3 "$json")"
             record "$impl $fam $round nan"
             continue
@@ -322,7 +338,7 @@ measure() {
         record "$impl $fam $round $(awk -v b="$bps" 'BEGIN {printf "%.3f", b / 1e9}')"
         log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
     done
-    log "  $impl rtt: $rtt ms"
+    [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms"
 }
 
 # ---------------------------------------------------------------- implementations
@@ -391,7 +407,8 @@ peer_listed() {
 }
 
 # start_nexodus ROUND MODE: MODE is direct (A, B), mesh3 (A, B and relay R, A and B
-# direct) or relayed (A --relay-only through R).
+# direct), relayed (A --relay-only through R) or userspace (A rootless: --userspace
+# with egress listeners on its loopback to B's iperf3, as an unprivileged user).
 start_nexodus() {
     local round=$1 mode=$2 token
     local d="$WORK/nexodus.$mode.$round"
@@ -414,8 +431,17 @@ start_nexodus() {
             { show_log "$d"/*.log; die "relay node did not start"; }
     fi
     local aflags=()
+    local arun=()
     [ "$mode" = relayed ] && aflags=(--relay-only)
-    spawn "$NS_A" "$d/a.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
+    if [ "$mode" = userspace ]; then
+        aflags=(--userspace --egress "tcp:$EGRESS4:$IN_B:$IPERF_PORT"
+            --egress "tcp:$EGRESS6:[$IN6_B]:$IPERF_PORT")
+        # As nobody with no capabilities, the way a rootless container runs it.
+        chmod 755 "$WORK" "$d"
+        chown nobody "$d/a"
+        arun=(setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all)
+    fi
+    spawn "$NS_A" "$d/a.log" env RUST_LOG=info "${arun[@]}" "$NX" join "$UNDER_A:4443" "${common[@]}" \
         --hostname nxb-a --state-dir "$d/a" --interface "${IFNAME[nexodus.a]}" \
         --listen-port "$WG_PORT" --request-ip "$IN_A,$IN6_A" "${aflags[@]}"
     MEM_PID=$SPAWNED
@@ -430,6 +456,17 @@ start_nexodus() {
     # other's addresses).
     local pa=(nxb-b direct) pb=(nxb-a direct)
     [ "$mode" = relayed ] && pa=(nxb-r direct) pb=(nxb-r direct)
+    if [ "$mode" = userspace ]; then
+        # No ICMP from the host into the userspace stack: B pings A's stack instead.
+        if ! { wait_until 45 "nexodus tunnel (v4, from B)" nsx "$NS_B" ping -c 1 -W 1 "$IN_A" &&
+            wait_until 20 "nexodus tunnel (v6, from B)" nsx "$NS_B" ping -6 -c 1 -W 1 "$IN6_A" &&
+            wait_until 20 "A to list nxb-b with a handshake" peer_ready "$d/a" nxb-b direct; }; then
+            show_log "$d"/*.log
+            die "nexodus userspace tunnel did not come up"
+        fi
+        NX_DIR=$d
+        return
+    fi
     if ! { wait_until 45 "nexodus tunnel (v4)" nsx "$NS_A" ping -c 1 -W 1 "$IN_B" &&
         wait_until 20 "nexodus tunnel (v6)" nsx "$NS_A" ping -6 -c 1 -W 1 "$IN6_B" &&
         wait_until 20 "A to list ${pa[0]} with a handshake" peer_ready "$d/a" "${pa[@]}" &&
@@ -466,6 +503,8 @@ run_one() {
     nexodus) start_nexodus "$round" direct ;;
     nexodus-mesh3) start_nexodus "$round" mesh3 ;;
     nexodus-relayed) start_nexodus "$round" relayed ;;
+    nexodus-tun) start_nexodus "$round" direct ;;
+    nexodus-userspace) start_nexodus "$round" userspace ;;
     boringtun-cli | wireguard-go) start_stock "$impl" "$round" ;;
     esac
     measure "$impl" "$round" "$TUN_A4" "$TUN_A6"
@@ -545,6 +584,20 @@ if [ "$RELAY" = 1 ]; then
         "$(awk -v k="$(median nexodus-relayed relay_rss_kb)" 'BEGIN {printf "%.1f", k / 1024}') MiB, medians)"
     for fam in v4 v6; do
         echo "relayed/direct $fam: $(ratio "$(median nexodus-relayed "$fam")" "$(median nexodus-mesh3 "$fam")")"
+    done
+fi
+if [ "$USERSPACE" = 1 ]; then
+    log "userspace phase: A rootless (--userspace, as nobody), B on TUN"
+    for round in $(seq "$ROUNDS"); do
+        for impl in nexodus-tun nexodus-userspace; do
+            run_one "$impl" "$round"
+        done
+    done
+    report nexodus-tun nexodus-userspace
+    echo "(nexodus-userspace: iperf3 in A connects to A's --egress listener on 127.0.0.1, which A's"
+    echo " userspace stack carries through the tunnel to iperf3 on B's TUN address; no ping there)"
+    for fam in v4 v6; do
+        echo "userspace/TUN $fam: $(ratio "$(median nexodus-userspace "$fam")" "$(median nexodus-tun "$fam")")"
     done
 fi
 echo

@@ -87,14 +87,23 @@ impl PacketDevice {
         match self {
             Self::Tun(t) => t.recv_multiple(original, bufs, sizes, offset),
             Self::Pipe(p) => {
-                let (Some(buf), Some(size)) = (bufs.first_mut(), sizes.first_mut()) else {
-                    return Ok(0);
-                };
-                let Some(room) = buf.get_mut(offset..) else {
-                    return Ok(0);
-                };
-                *size = p.recv(room)?;
-                Ok(1)
+                // One packet per datagram: read until the socket is empty or the
+                // batch is full, so one wakeup carries a whole batch.
+                let mut n = 0;
+                for (buf, size) in bufs.iter_mut().zip(sizes.iter_mut()) {
+                    let Some(room) = buf.get_mut(offset..) else {
+                        break;
+                    };
+                    match p.recv(room) {
+                        Ok(len) => {
+                            *size = len;
+                            n += 1;
+                        }
+                        Err(e) if n > 0 && e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(n)
             }
         }
     }

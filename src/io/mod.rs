@@ -2,6 +2,7 @@
 //!
 //! Thin wrappers only; decisions live in [`crate::node`].
 
+pub mod mmsg;
 pub mod nft;
 pub mod route;
 pub mod sysinfo;

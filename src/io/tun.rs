@@ -86,24 +86,10 @@ impl PacketDevice {
     ) -> std::io::Result<usize> {
         match self {
             Self::Tun(t) => t.recv_multiple(original, bufs, sizes, offset),
+            // One packet per datagram, a batch per system call.
             Self::Pipe(p) => {
-                // One packet per datagram: read until the socket is empty or the
-                // batch is full, so one wakeup carries a whole batch.
-                let mut n = 0;
-                for (buf, size) in bufs.iter_mut().zip(sizes.iter_mut()) {
-                    let Some(room) = buf.get_mut(offset..) else {
-                        break;
-                    };
-                    match p.recv(room) {
-                        Ok(len) => {
-                            *size = len;
-                            n += 1;
-                        }
-                        Err(e) if n > 0 && e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(n)
+                use std::os::fd::AsRawFd;
+                crate::io::mmsg::recv_batch(p.as_raw_fd(), bufs, sizes, offset)
             }
         }
     }
@@ -118,11 +104,17 @@ impl PacketDevice {
         match self {
             Self::Tun(t) => t.send_multiple(gro, bufs, offset),
             Self::Pipe(p) => {
+                use std::os::fd::AsRawFd;
+                let mut rest: &[Vec<u8>] = bufs;
                 let mut sent = 0;
-                for b in bufs.iter() {
-                    if let Some(packet) = b.get(offset..) {
-                        sent += p.send(packet)?;
+                while !rest.is_empty() {
+                    let packets = rest.iter().map(|b| b.get(offset..).unwrap_or_default());
+                    let n = crate::io::mmsg::send_batch(p.as_raw_fd(), packets)?;
+                    if n == 0 {
+                        break;
                     }
+                    sent += n;
+                    rest = rest.get(n..).unwrap_or_default();
                 }
                 Ok(sent)
             }

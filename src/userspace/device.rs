@@ -15,6 +15,8 @@ use smoltcp::time::Instant;
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 
+use crate::io::mmsg;
+
 /// Packets per system call.
 const BATCH: usize = 64;
 /// Packets waiting to be sent (the stack stops emitting when they are this many).
@@ -176,62 +178,21 @@ impl PipeDevice {
 /// `recvmmsg` into the ring's buffers from slot 0; returns how many arrived.
 fn recv_batch(fd: std::os::fd::RawFd, rx: &mut Ring) -> std::io::Result<usize> {
     let n = rx.bufs.len().min(BATCH);
-    // SAFETY: zeroed iovec/mmsghdr are valid (null pointers, zero lengths).
-    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-    for ((v, m), b) in iov.iter_mut().zip(msgs.iter_mut()).zip(rx.bufs.iter_mut()) {
-        v.iov_base = b.as_mut_ptr().cast();
-        v.iov_len = b.len();
-        m.msg_hdr.msg_iov = v;
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: `msgs[..n]` point at `n` live iovecs, each over a live buffer of its
-    // length; the kernel writes at most that much into each.
-    let r = unsafe {
-        libc::recvmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            n as libc::c_uint,
-            libc::MSG_DONTWAIT,
-            std::ptr::null_mut(),
-        )
+    let (Some(bufs), Some(sizes)) = (rx.bufs.get_mut(..n), rx.sizes.get_mut(..n)) else {
+        return Ok(0);
     };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let got = usize::try_from(r).unwrap_or(0).min(n);
-    for (size, m) in rx.sizes.iter_mut().zip(msgs.iter()).take(got) {
-        *size = (m.msg_len as usize).min(PACKET);
-    }
-    Ok(got)
+    mmsg::recv_batch(fd, bufs, sizes, 0)
 }
 
 /// `sendmmsg` of the queued packets (up to [`BATCH`], in order, not past the end of
 /// the ring); returns how many left.
 fn send_batch(fd: std::os::fd::RawFd, tx: &Ring) -> std::io::Result<usize> {
     let n = tx.len.min(BATCH).min(tx.bufs.len() - tx.head);
-    // SAFETY: zeroed iovec/mmsghdr are valid (null pointers, zero lengths).
-    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-    for (k, (v, m)) in iov.iter_mut().zip(msgs.iter_mut()).take(n).enumerate() {
-        let i = tx.head + k;
-        let (Some(b), Some(&len)) = (tx.bufs.get(i), tx.sizes.get(i)) else {
-            break;
-        };
-        v.iov_base = b.as_ptr().cast_mut().cast();
-        v.iov_len = len.min(b.len());
-        m.msg_hdr.msg_iov = v;
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: `msgs[..n]` point at `n` live iovecs over live buffers; the kernel only
-    // reads them.
-    let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(usize::try_from(r).unwrap_or(0))
+    let packets = (tx.head..tx.head + n).map_while(|i| {
+        let (b, &len) = (tx.bufs.get(i)?, tx.sizes.get(i)?);
+        b.get(..len.min(b.len()))
+    });
+    mmsg::send_batch(fd, packets)
 }
 
 pub struct RxToken<'a>(&'a [u8]);

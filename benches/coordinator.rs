@@ -16,18 +16,12 @@ fn request(n: u64) -> RegisterRequest {
     let bytes: [u8; 32] = sha2::Sha256::digest(n.to_le_bytes()).into();
     let public = boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(bytes));
     RegisterRequest {
-        token_secret: String::new(),
         public_key: encode_key(public.as_bytes()),
         hostname: format!("bench{n}"),
         os: "linux".into(),
         ipv6_supported: true,
         endpoints: vec!["192.0.2.1:51820".parse().expect("literal")],
-        advertise_cidrs: vec![],
-        relay: false,
-        relay_only: false,
-        symmetric_nat: false,
-        request_ip: None,
-        request_ip_v6: None,
+        ..Default::default()
     }
 }
 

@@ -262,13 +262,7 @@ fn register_request(token: &JoinToken, n: usize) -> RegisterRequest {
         hostname: format!("loadgen-{n}"),
         os: "loadgen".into(),
         ipv6_supported: true,
-        endpoints: Vec::new(),
-        advertise_cidrs: Vec::new(),
-        relay: false,
-        relay_only: false,
-        symmetric_nat: false,
-        request_ip: None,
-        request_ip_v6: None,
+        ..Default::default()
     }
 }
 

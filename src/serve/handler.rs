@@ -155,13 +155,7 @@ mod tests {
                 hostname: format!("n{n}"),
                 os: "linux".into(),
                 ipv6_supported: true,
-                endpoints: vec![],
-                advertise_cidrs: vec![],
-                relay: false,
-                relay_only: false,
-                symmetric_nat: false,
-                request_ip: None,
-                request_ip_v6: None,
+                ..Default::default()
             }),
             1,
             [n; 32],
@@ -238,15 +232,8 @@ mod tests {
             token_secret: "tok".into(),
             public_key: keys::encode_key(&[0; 32]),
             hostname: "x".into(),
-            os: String::new(),
             ipv6_supported: true,
-            endpoints: vec![],
-            advertise_cidrs: vec![],
-            relay: false,
-            relay_only: false,
-            symmetric_nat: false,
-            request_ip: None,
-            request_ip_v6: None,
+            ..Default::default()
         };
         let err = handle(&mut s, Request::Register(r.clone()), 1, [0; 32]).unwrap_err();
         assert!(err.to_string().contains("low-order"), "{err}");

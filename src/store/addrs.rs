@@ -304,18 +304,9 @@ mod tests {
 
     fn request(v6: bool) -> RegisterRequest {
         RegisterRequest {
-            token_secret: String::new(),
-            public_key: String::new(),
             hostname: "h".into(),
-            os: String::new(),
             ipv6_supported: v6,
-            endpoints: vec![],
-            advertise_cidrs: vec![],
-            relay: false,
-            relay_only: false,
-            symmetric_nat: false,
-            request_ip: None,
-            request_ip_v6: None,
+            ..Default::default()
         }
     }
 

@@ -340,18 +340,12 @@ pub(crate) fn check_register(req: &RegisterRequest) -> Result<(), StoreError> {
 /// The registration of a stock WireGuard device.
 pub(crate) fn unmanaged_request(hostname: &str, public_key: &str) -> RegisterRequest {
     RegisterRequest {
-        token_secret: String::new(),
         public_key: public_key.into(),
         hostname: hostname.into(),
         os: "wireguard".into(),
         ipv6_supported: true,
-        endpoints: Vec::new(),
-        advertise_cidrs: Vec::new(),
-        relay: false,
         relay_only: true,
-        symmetric_nat: false,
-        request_ip: None,
-        request_ip_v6: None,
+        ..Default::default()
     }
 }
 

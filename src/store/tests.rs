@@ -133,18 +133,11 @@ fn req(n: u8, v6: bool) -> RegisterRequest {
 
 fn req_n(n: u32, v6: bool) -> RegisterRequest {
     RegisterRequest {
-        token_secret: String::new(),
         public_key: key(n),
         hostname: format!("host{n}"),
         os: "linux".into(),
         ipv6_supported: v6,
-        endpoints: vec![],
-        advertise_cidrs: vec![],
-        relay: false,
-        relay_only: false,
-        symmetric_nat: false,
-        request_ip: None,
-        request_ip_v6: None,
+        ..Default::default()
     }
 }
 

@@ -23,7 +23,7 @@ pub struct Auth {
     pub credential: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     /// The join token's secret part (the fingerprint part stays with the client).
     pub token_secret: String,

@@ -219,12 +219,6 @@ pub fn register_request(token: &JoinToken, hostname: &str, seed: u64) -> Registe
         hostname: hostname.into(),
         os: "linux".into(),
         ipv6_supported: true,
-        endpoints: vec![],
-        advertise_cidrs: vec![],
-        relay: false,
-        relay_only: false,
-        symmetric_nat: false,
-        request_ip: None,
-        request_ip_v6: None,
+        ..Default::default()
     }
 }

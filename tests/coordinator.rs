@@ -33,13 +33,6 @@ fn listed(coord: &Coordinator) -> Vec<Device> {
     serde_json::from_str(&out).expect("devices json")
 }
 
-fn assert_unique(devices: &[Device]) {
-    let v4: HashSet<_> = devices.iter().map(|d| d.tunnel_ip).collect();
-    let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
-    assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
-    assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_registrations_get_distinct_addresses() {
     tokio::time::timeout(DEADLINE, async {
@@ -62,7 +55,7 @@ async fn concurrent_registrations_get_distinct_addresses() {
             devices.push(t.await.expect("task"));
         }
         assert_eq!(devices.len(), 200);
-        assert_unique(&devices);
+        common::assert_unique_addresses(&devices);
         // The lowest addresses, in both families.
         let v6: HashSet<String> = devices
             .iter()
@@ -146,7 +139,7 @@ async fn sigkill_loses_no_answered_registration() {
         }
         let stored = listed(&coord);
         assert!(stored.len() >= ok.len());
-        assert_unique(&stored);
+        common::assert_unique_addresses(&stored);
     })
     .await
     .expect("test deadline");

@@ -94,17 +94,8 @@ impl Drop for LogsOnFailure<'_> {
 
 /// An admin command against the database; returns stdout.
 fn admin(url: &str, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .args(["--database-url", url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::admin_command(args, &["--database-url", url])
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
 fn listed(url: &str) -> Vec<Device> {
@@ -183,13 +174,6 @@ impl Watcher {
     }
 }
 
-fn assert_unique(devices: &[Device]) {
-    let v4: HashSet<_> = devices.iter().map(|d| d.tunnel_ip).collect();
-    let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
-    assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
-    assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
-}
-
 /// Two replicas on one database: one token (one pinned fingerprint) for both, 200
 /// concurrent registrations spread over both get distinct addresses, and what is
 /// committed through replica 1 reaches a watch held on replica 2 within a second.
@@ -237,11 +221,11 @@ async fn two_replicas_share_addresses_identity_and_changes() {
             devices.push(t.await.unwrap());
         }
         assert_eq!(devices.len(), 200);
-        assert_unique(&devices);
+        common::assert_unique_addresses(&devices);
         // What the database holds: the same 201 devices and addresses.
         let stored = listed(&url);
         assert_eq!(stored.len(), 201);
-        assert_unique(&stored);
+        common::assert_unique_addresses(&stored);
         let answered: HashSet<_> = devices
             .iter()
             .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))

@@ -173,17 +173,8 @@ impl Coordinator {
 
     /// Runs an admin command against this coordinator's state; returns stdout.
     pub fn admin(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--state-dir")
-            .arg(self.dir.path())
-            .output()
-            .expect("run admin command");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let dir = self.dir.path().to_string_lossy();
+        admin_command(args, &["--state-dir", &dir])
     }
 
     pub fn token(&self, extra: &[&str]) -> JoinToken {
@@ -207,6 +198,30 @@ impl Drop for Coordinator {
 }
 
 /// A registration request with a fresh key.
+/// Runs `nexodus ARGS STORE_FLAGS` (an admin command; STORE_FLAGS say which state or
+/// database); returns stdout, or stderr if it failed.
+pub fn admin_command(args: &[&str], store_flags: &[&str]) -> Result<String, String> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(store_flags)
+        .output()
+        .expect("run admin command");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// No tunnel address, v4 or v6, is held by two of `devices`.
+pub fn assert_unique_addresses(devices: &[nexodus::wire::control::Device]) {
+    use std::collections::HashSet;
+    let v4: HashSet<_> = devices.iter().map(|d| d.tunnel_ip).collect();
+    let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
+    assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
+    assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
+}
+
 pub fn register_request(token: &JoinToken, hostname: &str, seed: u64) -> RegisterRequest {
     // Distinct seeds must give distinct keys: hash, since clamping drops low bits.
     use sha2::Digest;

@@ -14,7 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use nexodus::node::dataplane::{Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId};
+use nexodus::node::dataplane::{
+    Counters, DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId,
+};
 use nexodus::node::testutil::{
     self, A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, host_nets, ipv4_packet, ipv6_packet,
     public_key, secret_key,
@@ -199,11 +201,7 @@ impl Net {
                 }
             }
             Incoming::Drop(r) => {
-                assert_eq!(
-                    self.a.counters().get(r),
-                    before.get(r).saturating_add(1),
-                    "{r:?}"
-                );
+                check_counted(&before, self.a.counters(), r);
             }
             Incoming::Nothing => {}
         }
@@ -227,11 +225,7 @@ impl Net {
                 }
             }
             Outgoing::Drop(r) => {
-                assert_eq!(
-                    self.a.counters().get(r),
-                    before.get(r).saturating_add(1),
-                    "{r:?}"
-                );
+                check_counted(&before, self.a.counters(), r);
             }
             Outgoing::Nothing => {}
         }
@@ -483,6 +477,11 @@ impl Net {
             }
         }
     }
+}
+
+/// A `Drop(reason)` bumped exactly that counter by one.
+fn check_counted(before: &Counters, after: &Counters, r: DropReason) {
+    assert_eq!(after.get(r), before.get(r).saturating_add(1), "{r:?}");
 }
 
 fn check_monotone(before: &Counters, after: &Counters) {

@@ -88,29 +88,6 @@ fn drop_deltas(before: &Status, after: &Status) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    assert!(t > 0);
-    t as f64
-}
-
-fn pid_of(node: &common::cluster::Node) -> u32 {
-    let pid = node.child.as_ref().expect("node running").id();
-    // `ip netns exec` execs the command in place: the child is nexodus itself.
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
-    assert_eq!(comm.trim(), "nexodus", "pid {pid} is not the node");
-    pid
-}
-
 fn assert_running(node: &mut common::cluster::Node) {
     let exited = node
         .child
@@ -421,9 +398,9 @@ fn flood(
 ) -> FloodReport {
     let tick = Duration::from_millis(10);
     let per_tick = (rate / 100).max(1);
-    let hz = clock_ticks_per_sec();
+    let hz = common::clock_ticks_per_sec();
     let start = Instant::now();
-    let cpu_start = cpu_ticks(pid).expect("target alive");
+    let cpu_start = common::cpu_ticks(pid).expect("target alive");
     let (mut last_sample, mut last_ticks) = (start, cpu_start);
     let mut cpu_peak = 0f64;
     let mut sent = 0u64;
@@ -449,7 +426,7 @@ fn flood(
             }
         }
         if last_sample.elapsed() >= Duration::from_secs(1)
-            && let Some(t) = cpu_ticks(pid)
+            && let Some(t) = common::cpu_ticks(pid)
         {
             let cores = (t - last_ticks) as f64 / hz / last_sample.elapsed().as_secs_f64();
             cpu_peak = cpu_peak.max(cores);
@@ -463,7 +440,7 @@ fn flood(
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu_end = cpu_ticks(pid).expect("target alive after the flood");
+    let cpu_end = common::cpu_ticks(pid).expect("target alive after the flood");
     let stopped = Instant::now();
     let mut last_reply = stopped;
     while last_reply.elapsed() < Duration::from_secs(1)
@@ -510,7 +487,7 @@ fn handshake_flood_body() {
     let inits: Vec<Vec<u8>> = (0..256).map(|_| initiation_to(&a_key)).collect();
 
     let target = a_port(&s);
-    let a_pid = pid_of(&s.c.nodes[A]);
+    let a_pid = s.c.nodes[A].pid();
     let before = s.c.nodes[A].status().unwrap();
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let cookies = Arc::new(AtomicU64::new(0));

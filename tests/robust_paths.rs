@@ -100,10 +100,6 @@ fn status_text(node: &Node) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn pid_of(node: &Node) -> u32 {
-    node.child.as_ref().expect("node running").id()
-}
-
 fn alive(node: &mut Node) -> bool {
     node.child
         .as_mut()
@@ -186,21 +182,6 @@ fn usage(pid: u32) -> Usage {
         threads: field("Threads:") as usize,
         rss_kib: field("VmRSS:"),
     }
-}
-
-/// User + system CPU time of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // After "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -588,13 +569,15 @@ fn loop_run(a: &mut Node, iface: &str, underlay: &str, peer_key: &str, peer_ip: 
     let route = ["ip", "route", "add", underlay, "dev", iface];
     a.ns.ok(&route);
     let before = current(a);
-    let pid = pid_of(a);
-    let (cpu0, t0) = (cpu_ticks(pid), Instant::now());
+    let pid = a.pid();
+    let (cpu0, t0) = (common::cpu_ticks(pid).expect("node alive"), Instant::now());
     let count = LOOP_PINGS.to_string();
     // Bounded: 25 requests 0.2 s apart, one second for the last answer.
     let answered =
         a.ns.try_run(&["ping", "-c", &count, "-i", "0.2", "-W", "1", peer_ip]);
-    let cores = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks_per_sec() / t0.elapsed().as_secs_f64();
+    let cores = (common::cpu_ticks(pid).expect("node alive") - cpu0) as f64
+        / common::clock_ticks_per_sec()
+        / t0.elapsed().as_secs_f64();
     assert!(
         !answered,
         "{peer_ip} answered through a route into A's own tunnel"
@@ -759,7 +742,7 @@ fn churn_and_leaks() {
     let l_ip = sl.device.tunnel_ip.to_string();
     let c_ip = sc.device.tunnel_ip.to_string();
     assert!(c.nodes[ch].ns.ping_until(&l_ip, d.left(PING_WAIT)));
-    let l_pid = pid_of(&c.nodes[l]);
+    let l_pid = c.nodes[l].pid();
 
     let mut baseline = None;
     let started = Instant::now();

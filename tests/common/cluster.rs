@@ -100,6 +100,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// The running node's process id (`ip netns exec` execs in place, so the child is
+    /// nexodus itself; checked).
+    pub fn pid(&self) -> u32 {
+        let pid = self.child.as_ref().expect("node running").id();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "nexodus", "pid {pid} is not the node");
+        pid
+    }
+
     /// Starts `nexodus join` (with the token the first time).
     pub fn start(&mut self, token: Option<&str>) {
         assert!(self.child.is_none(), "{} already running", self.name);

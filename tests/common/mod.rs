@@ -213,6 +213,22 @@ pub fn admin_command(args: &[&str], store_flags: &[&str]) -> Result<String, Stri
     }
 }
 
+/// User + system CPU time of a process, in clock ticks (None once it is gone).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ": utime and stime are fields 14 and 15 of the line.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+pub fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(t > 0, "sysconf(_SC_CLK_TCK) failed");
+    t as f64
+}
+
 /// No tunnel address, v4 or v6, is held by two of `devices`.
 pub fn assert_unique_addresses(devices: &[nexodus::wire::control::Device]) {
     use std::collections::HashSet;

@@ -421,7 +421,7 @@ start_nexodus() {
         { show_log "$d/coord.log"; die "coordinator did not start"; }
     token=$("$NX" token create --reusable --state-dir "$d/coord" | tr -d '[:space:]')
     local common=(--token "$token")
-    if [ "$mode" != direct ]; then
+    if [ "$mode" = mesh3 ] || [ "$mode" = relayed ]; then
         spawn "$NS_R" "$d/r.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
             --hostname nxb-r --state-dir "$d/r" --interface "${IFNAME[nexodus.r]}" \
             --listen-port "$WG_PORT" --request-ip 100.64.0.3,200::3 --relay

@@ -167,6 +167,14 @@ fn is_stun_answer(datagram: &[u8]) -> bool {
     datagram.get(1..4).is_some_and(|b| b != [0, 0, 0]) && stun::is_stun(datagram)
 }
 
+/// `poll(2)` timeout for `wait`, rounded up to whole milliseconds (rounding down
+/// would spin with zero timeouts through the last millisecond before a timer),
+/// capped at one second.
+fn poll_timeout_ms(wait: Duration) -> libc::c_int {
+    let ms = wait.as_micros().div_ceil(1000).min(1000);
+    libc::c_int::try_from(ms).unwrap_or(1000)
+}
+
 fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
@@ -570,7 +578,7 @@ impl Loop {
                     .max(now + Duration::from_millis(10));
             }
             let wait = next_timer.saturating_duration_since(Instant::now());
-            let wait_ms = libc::c_int::try_from(wait.as_millis().min(1000)).unwrap_or(1000);
+            let wait_ms = poll_timeout_ms(wait);
             // SAFETY: fds is a live array of 3 pollfd.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
             if n < 0 {
@@ -621,5 +629,21 @@ impl Loop {
                 self.drain_udp(&mut b, &mut udp_in);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_timeout_rounds_up_and_caps() {
+        assert_eq!(poll_timeout_ms(Duration::ZERO), 0);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(1)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(999)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_millis(1)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(1001)), 2);
+        assert_eq!(poll_timeout_ms(Duration::from_millis(249)), 249);
+        assert_eq!(poll_timeout_ms(Duration::from_secs(60)), 1000);
     }
 }

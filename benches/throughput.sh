@@ -3,12 +3,14 @@
 # boringtun-cli), between two network namespaces joined by a veth pair.
 #
 #   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--userspace]
-#                              [--no-install]
+#                              [--cc cubic] [--no-install]
 #
 # Per round, in alternation (bare veth, nexodus, boringtun-cli, wireguard-go), each
-# tunnel set up fresh and torn down after its run: ping RTT A->B (20 pings, 50 ms apart)
-# and one TCP stream of iperf3 A->B for --seconds over the inner IPv4 and the inner IPv6
-# address. Prints the medians over the rounds and the ratios nexodus/boringtun-cli and
+# tunnel set up fresh and torn down after its run: ping RTT A->B (20 pings 50 ms apart,
+# an idle tunnel; then 200 pings 2 ms apart) and one TCP stream of iperf3 A->B for
+# --seconds over the inner IPv4 and the inner IPv6 address, with congestion control
+# --cc (default cubic, the kernel's default, whatever the host's sysctl says).
+# Prints the medians over the rounds and the ratios nexodus/boringtun-cli and
 # nexodus/wireguard-go. --relay adds a third namespace running `nexodus join --relay`
 # and compares nexodus relayed (A --relay-only) with nexodus direct on that topology.
 # --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
@@ -20,13 +22,14 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     echo
     echo "Options:"
     echo "  --rounds N      rounds of the alternation (default 3)"
     echo "  --seconds N     iperf3 duration per stream, after 1 s of warm-up (default 10)"
     echo "  --relay         also measure nexodus through a relay node"
     echo "  --userspace     also measure rootless mode (--userspace) against TUN mode"
+    echo "  --cc NAME       TCP congestion control of the iperf3 sender (default cubic)"
     echo "  --no-install    do not install packages or boringtun-cli, do not build"
     echo "  --keep-logs     keep the logs directory (its path is printed)"
     echo "Environment: NEXODUS_BIN (default target/release/nexodus),"
@@ -39,12 +42,14 @@ RELAY=0
 USERSPACE=0
 INSTALL=1
 KEEP_LOGS=0
+CC=cubic
 while [ $# -gt 0 ]; do
     case "$1" in
     --rounds) ROUNDS="${2:?--rounds needs a number}"; shift 2 ;;
     --seconds) DUR="${2:?--seconds needs a number}"; shift 2 ;;
     --relay) RELAY=1; shift ;;
     --userspace) USERSPACE=1; shift ;;
+    --cc) CC="${2:?--cc needs a name}"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --keep-logs) KEEP_LOGS=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -53,6 +58,7 @@ while [ $# -gt 0 ]; do
 done
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds: positive integer" >&2; exit 2; }
 [[ "$DUR" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds: positive integer" >&2; exit 2; }
+[[ "$CC" =~ ^[a-z0-9_]+$ ]] || { echo "--cc: a congestion control name, e.g. cubic" >&2; exit 2; }
 if [ "$(id -u)" -ne 0 ]; then
     echo "needs root (network namespaces, TUN): sudo $0 $*" >&2
     exit 1
@@ -312,11 +318,16 @@ record() { echo "$*" >>"$RESULTS"; }
 
 # measure IMPL ROUND ADDR4 ADDR6: ping RTT then iperf3 over v4 and v6.
 measure() {
-    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" fam addr port json bps
+    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps
     if [ "$impl" != nexodus-userspace ]; then
         out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
         rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
         record "$impl rtt_ms $round $rtt"
+        # 500 pings/s: the CPUs stay awake between pings, so this is the path's own
+        # latency without the cost of waking idle CPUs (large on VMs).
+        out=$(nsx "$NS_A" ping -q -c 200 -i 0.002 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
+        rtt500=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
+        record "$impl rtt500_ms $round $rtt500"
     fi
     for fam in v4 v6; do
         if [ "$fam" = v4 ]; then addr=$a4; else addr=$a6; fi
@@ -329,7 +340,7 @@ measure() {
         json="$WORK/iperf.$impl.$fam.$round.json"
         # --foreground: Ctrl-C reaches iperf3 at once.
         if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
-            iperf3 -c "$addr" -p "$port" -t "$DUR" -O 1 -J --connect-timeout 5000 >"$json" 2>&1; then
+            iperf3 -c "$addr" -p "$port" -t "$DUR" -O 1 -C "$CC" -J --connect-timeout 5000 >"$json" 2>&1; then
             log "$impl $fam round $round: iperf3 failed: $(jq -r '.error // empty' "$json" 2>/dev/null || tail -n 3 "$json")"
             record "$impl $fam $round nan"
             continue
@@ -338,7 +349,7 @@ measure() {
         record "$impl $fam $round $(awk -v b="$bps" 'BEGIN {printf "%.3f", b / 1e9}')"
         log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
     done
-    [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms"
+    [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms (idle), $rtt500 ms (500 pings/s)"
 }
 
 # ---------------------------------------------------------------- implementations
@@ -535,23 +546,41 @@ median() { # IMPL METRIC -> median of the numeric values, or "-"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
 
 report() {
-    local impl v4 v6 rtt rss
+    local impl v4 v6 rtt rtt500 rss
     echo
-    echo "Throughput A->B, 1 TCP stream, ${DUR} s (+1 s warm-up), median of $ROUNDS round(s); veth MTU 1500, tunnel MTU $TUN_MTU; $(nproc) CPUs"
-    printf '%-16s %10s %10s %9s %11s\n' implementation "v4 Gbit/s" "v6 Gbit/s" "RTT ms" "RSS(A) MiB"
+    echo "Throughput A->B, 1 TCP stream ($CC), ${DUR} s (+1 s warm-up), median of $ROUNDS round(s); veth MTU 1500, tunnel MTU $TUN_MTU; $(nproc) CPUs"
+    printf '%-16s %10s %10s %9s %11s %11s\n' implementation "v4 Gbit/s" "v6 Gbit/s" "RTT ms" "RTT@500/s" "RSS(A) MiB"
     for impl in "$@"; do
-        v4=$(median "$impl" v4) v6=$(median "$impl" v6) rtt=$(median "$impl" rtt_ms) rss=$(median "$impl" rss_kb)
+        v4=$(median "$impl" v4) v6=$(median "$impl" v6) rtt=$(median "$impl" rtt_ms)
+        rtt500=$(median "$impl" rtt500_ms) rss=$(median "$impl" rss_kb)
         [ "$rss" = - ] || rss=$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')
-        printf '%-16s %10s %10s %9s %11s\n' "$impl" "$v4" "$v6" "$rtt" "$rss"
+        printf '%-16s %10s %10s %9s %11s %11s\n' "$impl" "$v4" "$v6" "$rtt" "$rtt500" "$rss"
     done
+}
+
+# added_rtt IMPL: RTT over bare veth, idle and at 500 pings/s.
+added_rtt() {
+    local metric out=""
+    for metric in rtt_ms rtt500_ms; do
+        out+=$(awk -v a="$(median "$1" "$metric")" -v b="$(median bare "$metric")" \
+            'BEGIN { if (a == "-" || b == "-") printf "-"; else printf "%+.3f", a - b }')
+        [ "$metric" = rtt_ms ] && out+=" / "
+    done
+    echo "$out"
 }
 
 # ---------------------------------------------------------------- main
 install_deps
+CC_AVAIL=/proc/sys/net/ipv4/tcp_available_congestion_control
+if ! grep -qw "$CC" "$CC_AVAIL"; then
+    modprobe "tcp_$CC" 2>/dev/null || true
+    grep -qw "$CC" "$CC_AVAIL" || die "congestion control $CC not available (have: $(cat "$CC_AVAIL"))"
+fi
 WORK=$(mktemp -d /tmp/nxb-bench.XXXXXX)
 RESULTS="$WORK/results.txt"
 : >"$RESULTS"
 log "nexodus: $NX ($("$NX" --version)); $("$BTCLI" --version); wireguard-go $(wireguard-go --version 2>/dev/null | awk '{print $2; exit}')"
+log "iperf3 congestion control: $CC (host default: $(sysctl -n net.ipv4.tcp_congestion_control))"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 setup_topology
 
@@ -569,6 +598,8 @@ for fam in v4 v6; do
     echo "nexodus/boringtun-cli $fam: $(ratio "$(median nexodus "$fam")" "$(median boringtun-cli "$fam")")" \
         "   nexodus/wireguard-go $fam: $(ratio "$(median nexodus "$fam")" "$(median wireguard-go "$fam")")"
 done
+echo "added RTT over bare veth, ms (idle / 500 pings/s): nexodus $(added_rtt nexodus)," \
+    "boringtun-cli $(added_rtt boringtun-cli), wireguard-go $(added_rtt wireguard-go)"
 
 if [ "$RELAY" = 1 ]; then
     log "relay phase: third namespace $NS_R, underlay on a bridge in $NS_A"

@@ -5,7 +5,10 @@
 //! commands (peer changes, status requests). Readiness is drained in batches of up to
 //! [`BATCH`] packets per source per turn, so batched syscalls (recvmmsg, GSO/GRO, TUN
 //! offload) can replace the per-packet reads without changing the loop's shape. Buffers
-//! are allocated once; the hot path allocates nothing and takes no lock.
+//! are allocated once and no lock is taken per packet. Our code allocates nothing per
+//! packet; tun-rs's GRO-coalescing write (`send_multiple`) does, internally, copying
+//! each segment into a temporary `Vec` (a larger malloc cache made no measurable
+//! difference to throughput).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -6,9 +6,9 @@
 //! [`BATCH`] packets per source per turn, so batched syscalls (recvmmsg, GSO/GRO, TUN
 //! offload) can replace the per-packet reads without changing the loop's shape. Buffers
 //! are allocated once and no lock is taken per packet. Our code allocates nothing per
-//! packet; tun-rs's GRO-coalescing write (`send_multiple`) does, internally, copying
-//! each segment into a temporary `Vec` (a larger malloc cache made no measurable
-//! difference to throughput).
+//! packet; tun-rs's GRO-coalescing write (`send_multiple`) does: it copies each
+//! segment into a temporary `Vec` (a larger malloc cache made no measurable difference
+//! to throughput).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

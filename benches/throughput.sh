@@ -316,9 +316,13 @@ RESULTS=""  # file: "IMPL METRIC ROUND VALUE" lines
 
 record() { echo "$*" >>"$RESULTS"; }
 
+CLK_TCK=$(getconf CLK_TCK)
+# Jiffies all CPUs spent busy (user, nice, system, irq, softirq; not idle, iowait, steal).
+busy_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8; exit}' /proc/stat; }
+
 # measure IMPL ROUND ADDR4 ADDR6: ping RTT then iperf3 over v4 and v6.
 measure() {
-    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps
+    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps cpu0 cpu1 t0 t1
     if [ "$impl" != nexodus-userspace ]; then
         out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
         rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
@@ -338,6 +342,7 @@ measure() {
             addr=127.0.0.1
         fi
         json="$WORK/iperf.$impl.$fam.$round.json"
+        cpu0=$(busy_jiffies) t0=$(date +%s.%N)
         # --foreground: Ctrl-C reaches iperf3 at once.
         if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
             iperf3 -c "$addr" -p "$port" -t "$DUR" -O 1 -C "$CC" -J --connect-timeout 5000 >"$json" 2>&1; then
@@ -345,8 +350,12 @@ measure() {
             record "$impl $fam $round nan"
             continue
         fi
+        cpu1=$(busy_jiffies) t1=$(date +%s.%N)
         bps=$(jq -r '.end.sum_received.bits_per_second' "$json")
         record "$impl $fam $round $(awk -v b="$bps" 'BEGIN {printf "%.3f", b / 1e9}')"
+        # Whole machine (both ends, iperf3, softirq): CPUs busy per Gbit/s carried.
+        record "$impl cpu_$fam $round $(awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" \
+            -v hz="$CLK_TCK" -v b="$bps" 'BEGIN {printf "%.3f", (c1 - c0) / hz / (t1 - t0) / (b / 1e9)}')"
         log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
     done
     [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms (idle), $rtt500 ms (500 pings/s)"
@@ -546,16 +555,18 @@ median() { # IMPL METRIC -> median of the numeric values, or "-"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
 
 report() {
-    local impl v4 v6 rtt rtt500 rss
+    local impl v4 v6 rtt rtt500 cpu rss
     echo
     echo "Throughput A->B, 1 TCP stream ($CC), ${DUR} s (+1 s warm-up), median of $ROUNDS round(s); veth MTU 1500, tunnel MTU $TUN_MTU; $(nproc) CPUs"
-    printf '%-16s %10s %10s %9s %11s %11s\n' implementation "v4 Gbit/s" "v6 Gbit/s" "RTT ms" "RTT@500/s" "RSS(A) MiB"
+    printf '%-16s %10s %10s %9s %11s %11s %11s\n' implementation "v4 Gbit/s" "v6 Gbit/s" \
+        "RTT ms" "RTT@500/s" "CPU/Gbit v4" "RSS(A) MiB"
     for impl in "$@"; do
         v4=$(median "$impl" v4) v6=$(median "$impl" v6) rtt=$(median "$impl" rtt_ms)
-        rtt500=$(median "$impl" rtt500_ms) rss=$(median "$impl" rss_kb)
+        rtt500=$(median "$impl" rtt500_ms) cpu=$(median "$impl" cpu_v4) rss=$(median "$impl" rss_kb)
         [ "$rss" = - ] || rss=$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')
-        printf '%-16s %10s %10s %9s %11s %11s\n' "$impl" "$v4" "$v6" "$rtt" "$rtt500" "$rss"
+        printf '%-16s %10s %10s %9s %11s %11s %11s\n' "$impl" "$v4" "$v6" "$rtt" "$rtt500" "$cpu" "$rss"
     done
+    echo "(CPU/Gbit: CPUs busy across the whole machine, both ends and iperf3 included, per Gbit/s carried)"
 }
 
 # added_rtt IMPL: RTT over bare veth, idle and at 500 pings/s.
@@ -616,6 +627,9 @@ if [ "$RELAY" = 1 ]; then
     for fam in v4 v6; do
         echo "relayed/direct $fam: $(ratio "$(median nexodus-relayed "$fam")" "$(median nexodus-mesh3 "$fam")")"
     done
+    echo "CPU per Gbit/s, relayed/direct: v4 $(ratio "$(median nexodus-relayed cpu_v4)" "$(median nexodus-mesh3 cpu_v4)")," \
+        "v6 $(ratio "$(median nexodus-relayed cpu_v6)" "$(median nexodus-mesh3 cpu_v6)")" \
+        "(when the shared CPUs are the limit, relayed/direct throughput tends to its inverse)"
 fi
 if [ "$USERSPACE" = 1 ]; then
     log "userspace phase: A rootless (--userspace, as nobody), B on TUN"

@@ -9,9 +9,9 @@
 # tunnel set up fresh and torn down after its run: ping RTT A->B (20 pings 50 ms apart,
 # an idle tunnel; then 200 pings 2 ms apart) and one TCP stream of iperf3 A->B for
 # --seconds over the inner IPv4 and the inner IPv6 address, with congestion control
-# --cc (default cubic, the kernel's default, whatever the host's sysctl says).
-# Prints the medians over the rounds and the ratios nexodus/boringtun-cli and
-# nexodus/wireguard-go. --relay adds a third namespace running `nexodus join --relay`
+# --cc (default cubic, the kernel's default, whatever the host's sysctl says), and the
+# machine's busy CPU time per Gbit/s carried. Prints the medians over the rounds and
+# the ratios nexodus/boringtun-cli and nexodus/wireguard-go. --relay adds a third namespace running `nexodus join --relay`
 # and compares nexodus relayed (A --relay-only) with nexodus direct on that topology.
 # --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
 # listener on A's loopback to B's TUN address) with TUN mode, in alternation.

@@ -11,8 +11,9 @@
 # --seconds over the inner IPv4 and the inner IPv6 address, with congestion control
 # --cc (default cubic, the kernel's default, whatever the host's sysctl says), and the
 # machine's busy CPU time per Gbit/s carried. Prints the medians over the rounds and
-# the ratios nexodus/boringtun-cli and nexodus/wireguard-go. --relay adds a third namespace running `nexodus join --relay`
-# and compares nexodus relayed (A --relay-only) with nexodus direct on that topology.
+# the ratios nexodus/boringtun-cli and nexodus/wireguard-go. --relay adds a third
+# namespace running `nexodus join --relay` and compares nexodus relayed (A
+# --relay-only) with nexodus direct on that topology.
 # --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
 # listener on A's loopback to B's TUN address) with TUN mode, in alternation.
 # Installs what is missing (apt: iperf3 wireguard-go wireguard-tools iproute2
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     echo
     echo "Options:"
     echo "  --rounds N      rounds of the alternation (default 3)"

@@ -33,6 +33,16 @@ const OUT_LEN: usize = BUF_LEN + 64;
 const MAX_OPS: usize = 256;
 const MAX_QUEUE: usize = 64;
 
+/// Datagrams in flight between A and the remotes.
+type Queue = VecDeque<(SocketAddr, Vec<u8>)>;
+
+/// Queues a datagram unless the queue is full (bounded work per input).
+fn enqueue(queue: &mut Queue, to: SocketAddr, data: &[u8]) {
+    if queue.len() < MAX_QUEUE {
+        queue.push_back((to, data.to_vec()));
+    }
+}
+
 /// Reads the input front to back; running out yields zeros / empty slices.
 struct Input<'a>(&'a [u8]);
 
@@ -72,9 +82,9 @@ struct Net {
     b_addr: SocketAddr,
     c_addr: SocketAddr,
     /// Datagrams on their way to A: (from, bytes).
-    to_a: VecDeque<(SocketAddr, Vec<u8>)>,
+    to_a: Queue,
     /// Datagrams A sent: (to, bytes).
-    from_a: VecDeque<(SocketAddr, Vec<u8>)>,
+    from_a: Queue,
     /// The last datagram B or C sent towards A (for replays and mutations).
     last: Vec<u8>,
     now: Instant,
@@ -196,9 +206,7 @@ impl Net {
                 );
             }
             Incoming::Send { to, data } => {
-                if self.from_a.len() < MAX_QUEUE {
-                    self.from_a.push_back((to, data.to_vec()));
-                }
+                enqueue(&mut self.from_a, to, data);
             }
             Incoming::Drop(r) => {
                 check_counted(&before, self.a.counters(), r);
@@ -220,9 +228,7 @@ impl Net {
         let mut out = std::mem::take(&mut self.out);
         match self.a.handle_tun_packet(&mut buf, len, &mut out[..out_len]) {
             Outgoing::Send { to, data } => {
-                if self.from_a.len() < MAX_QUEUE {
-                    self.from_a.push_back((to, data.to_vec()));
-                }
+                enqueue(&mut self.from_a, to, data);
             }
             Outgoing::Drop(r) => {
                 check_counted(&before, self.a.counters(), r);
@@ -238,14 +244,10 @@ impl Net {
         let before = *self.a.counters();
         let mut out = std::mem::take(&mut self.out);
         for _ in 0..MAX_QUEUE {
-            match self.a.poll_transmit(&mut out[..out_len]) {
-                Some((to, data)) => {
-                    if self.from_a.len() < MAX_QUEUE {
-                        self.from_a.push_back((to, data.to_vec()));
-                    }
-                }
-                None => break,
-            }
+            let Some((to, data)) = self.a.poll_transmit(&mut out[..out_len]) else {
+                break;
+            };
+            enqueue(&mut self.from_a, to, data);
         }
         self.out = out;
         check_monotone(&before, self.a.counters());
@@ -264,17 +266,13 @@ impl Net {
         };
         if let Outgoing::Send { data, .. } = remote.handle_tun_packet(&mut buf, n, &mut out) {
             self.last = data.to_vec();
-            if self.to_a.len() < MAX_QUEUE {
-                self.to_a.push_back((from, data.to_vec()));
-            }
+            enqueue(&mut self.to_a, from, data);
         }
         for _ in 0..MAX_QUEUE {
             match remote.poll_transmit(&mut out) {
                 Some((_, data)) => {
                     self.last = data.to_vec();
-                    if self.to_a.len() < MAX_QUEUE {
-                        self.to_a.push_back((from, data.to_vec()));
-                    }
+                    enqueue(&mut self.to_a, from, data);
                 }
                 None => break,
             }
@@ -299,19 +297,14 @@ impl Net {
             };
             if let Incoming::Send { data, .. } =
                 remote.handle_datagram(self.a_addr, &data, &mut out)
-                && self.to_a.len() < MAX_QUEUE
             {
-                self.to_a.push_back((from, data.to_vec()));
+                enqueue(&mut self.to_a, from, data);
             }
             for _ in 0..MAX_QUEUE {
-                match remote.poll_transmit(&mut out) {
-                    Some((_, data)) => {
-                        if self.to_a.len() < MAX_QUEUE {
-                            self.to_a.push_back((from, data.to_vec()));
-                        }
-                    }
-                    None => break,
-                }
+                let Some((_, data)) = remote.poll_transmit(&mut out) else {
+                    break;
+                };
+                enqueue(&mut self.to_a, from, data);
             }
         }
         self.out = out;
@@ -338,14 +331,10 @@ impl Net {
         let mut out = std::mem::take(&mut self.out);
         for (remote, from) in [(&mut self.b, self.b_addr), (&mut self.c, self.c_addr)] {
             for _ in 0..MAX_QUEUE {
-                match remote.poll_transmit(&mut out) {
-                    Some((_, data)) => {
-                        if self.to_a.len() < MAX_QUEUE {
-                            self.to_a.push_back((from, data.to_vec()));
-                        }
-                    }
-                    None => break,
-                }
+                let Some((_, data)) = remote.poll_transmit(&mut out) else {
+                    break;
+                };
+                enqueue(&mut self.to_a, from, data);
             }
         }
         self.out = out;

@@ -61,17 +61,8 @@ impl Coord {
 
     /// Runs an admin command on the coordinator's state.
     pub fn admin_result(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.dir)
-            .output()
-            .expect("run admin command");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let dir = self.dir.to_str().expect("state dir is UTF-8");
+        super::admin_command(args, &["--state-dir", dir])
     }
 
     pub fn admin(&self, args: &[&str]) -> String {

@@ -544,6 +544,16 @@ run_one() {
     stop_tunnel
 }
 
+# run_rounds IMPL...: each round runs every IMPL once, in this order (alternation).
+run_rounds() {
+    local round impl
+    for round in $(seq "$ROUNDS"); do
+        for impl in "$@"; do
+            run_one "$impl" "$round"
+        done
+    done
+}
+
 # ---------------------------------------------------------------- report
 median() { # IMPL METRIC -> median of the numeric values, or "-"
     awk -v i="$1" -v m="$2" '$1 == i && $2 == m && $4 != "nan" {print $4}' "$RESULTS" |
@@ -597,11 +607,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 setup_topology
 
 IMPLS=(bare nexodus boringtun-cli wireguard-go)
-for round in $(seq "$ROUNDS"); do
-    for impl in "${IMPLS[@]}"; do
-        run_one "$impl" "$round"
-    done
-done
+run_rounds "${IMPLS[@]}"
 
 report "${IMPLS[@]}"
 echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
@@ -616,11 +622,7 @@ echo "added RTT over bare veth, ms (idle / 500 pings/s): nexodus $(added_rtt nex
 if [ "$RELAY" = 1 ]; then
     log "relay phase: third namespace $NS_R, underlay on a bridge in $NS_A"
     setup_relay_topology
-    for round in $(seq "$ROUNDS"); do
-        for impl in nexodus-mesh3 nexodus-relayed; do
-            run_one "$impl" "$round"
-        done
-    done
+    run_rounds nexodus-mesh3 nexodus-relayed
     report nexodus-mesh3 nexodus-relayed
     echo "(nexodus-mesh3: A and B direct with a relay node present; nexodus-relayed: A --relay-only, through the relay in $NS_R;"
     echo " relay forwarded $(median nexodus-relayed relayed_mb | cut -d. -f1) MB per round and had an RSS of" \
@@ -634,11 +636,7 @@ if [ "$RELAY" = 1 ]; then
 fi
 if [ "$USERSPACE" = 1 ]; then
     log "userspace phase: A rootless (--userspace, as nobody), B on TUN"
-    for round in $(seq "$ROUNDS"); do
-        for impl in nexodus-tun nexodus-userspace; do
-            run_one "$impl" "$round"
-        done
-    done
+    run_rounds nexodus-tun nexodus-userspace
     report nexodus-tun nexodus-userspace
     echo "(nexodus-userspace: iperf3 in A connects to A's --egress listener on 127.0.0.1, which A's"
     echo " userspace stack carries through the tunnel to iperf3 on B's TUN address; no ping there)"

@@ -1,12 +1,18 @@
 //! `nexodus status`: a unix socket (0600) in the node's state dir answers with the
-//! node's status as JSON; the CLI prints it as JSON or as a table.
+//! node's status as JSON; the CLI prints it as JSON or as a table. The status is
+//! built from the driver's published view and the data path's counters ([`build`]).
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::datapath::DataPathStatus;
+use crate::node::agent::NodeView;
+use crate::node::mesh::Path as MeshPath;
 
 pub const SOCKET_FILE: &str = "nexodus.sock";
 
@@ -59,7 +65,7 @@ pub struct Status {
     pub userspace: Option<crate::userspace::UserspaceStatus>,
     pub peers: Vec<PeerStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
-    pub drops: std::collections::BTreeMap<String, u64>,
+    pub drops: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +117,93 @@ pub async fn query(state_dir: &Path) -> Result<Status, StatusError> {
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     Ok(serde_json::from_slice(&buf)?)
+}
+
+/// The status of a node from the driver's view, the data path's counters, the
+/// listen port and (rootless mode) the userspace stack.
+pub(crate) fn build(
+    s: &NodeView,
+    dp: Option<&DataPathStatus>,
+    listen_port: u16,
+    stack: Option<&crate::userspace::Stack>,
+) -> Status {
+    let stats: BTreeMap<i64, _> = dp
+        .map(|d| d.peers.iter().copied().collect())
+        .unwrap_or_default();
+    let relay = s.relay_id.and_then(|r| stats.get(&r));
+    let peers = s
+        .peers
+        .iter()
+        .map(|&(ref d, path)| {
+            let plan = s.plans.get(&d.id);
+            let (st, path_name) = match path {
+                MeshPath::Direct => (stats.get(&d.id), "direct"),
+                MeshPath::Relay => (relay, "relay"),
+                MeshPath::None => (None, "none"),
+            };
+            let allowed_ips = match plan {
+                Some(p) if path == MeshPath::Direct => p.allowed_ips.clone(),
+                _ => std::iter::once(IpNet::V4(d.tunnel_ip.into()))
+                    .chain(d.tunnel_ip_v6.map(|a| IpNet::V6(a.into())))
+                    .collect(),
+            };
+            let own_bytes = path == MeshPath::Direct;
+            PeerStatus {
+                id: d.id,
+                hostname: d.hostname.clone(),
+                public_key: d.public_key.clone(),
+                tunnel_ip: d.tunnel_ip,
+                tunnel_ip_v6: d.tunnel_ip_v6,
+                allowed_ips,
+                endpoint: st
+                    .and_then(|s| s.endpoint)
+                    .or(plan.and_then(|p| p.endpoint)),
+                path: path_name.into(),
+                last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
+                rx_bytes: st.filter(|_| own_bytes).map_or(0, |s| s.rx_bytes),
+                tx_bytes: st.filter(|_| own_bytes).map_or(0, |s| s.tx_bytes),
+            }
+        })
+        .collect();
+    let mut drops = BTreeMap::new();
+    if let Some(d) = dp {
+        let c = &d.counters;
+        for (name, v) in [
+            ("no_route", c.no_route),
+            ("no_endpoint", c.no_endpoint),
+            ("malformed", c.malformed),
+            ("bad_source", c.bad_source),
+            ("unknown_peer", c.unknown_peer),
+            ("decrypt", c.decrypt),
+            ("replay", c.replay),
+            ("bad_mac", c.bad_mac),
+            ("handshake", c.handshake),
+            ("io", d.io_drops),
+        ] {
+            if v > 0 {
+                drops.insert(name.to_string(), v);
+            }
+        }
+    }
+    Status {
+        device: DeviceStatus {
+            id: s.device.id,
+            hostname: s.device.hostname.clone(),
+            public_key: s.device.public_key.clone(),
+            tunnel_ip: s.device.tunnel_ip,
+            tunnel_ip_v6: s.device.tunnel_ip_v6.filter(|_| s.device.ipv6_supported),
+            ipv6_supported: s.device.ipv6_supported,
+            listen_port,
+        },
+        coordinator_connected: s.connected,
+        relay: s.relay,
+        relayed_packets: dp.map_or(0, |d| d.relayed_packets),
+        relayed_bytes: dp.map_or(0, |d| d.relayed_bytes),
+        cookie_replies: dp.map_or(0, |d| d.counters.cookie_replies),
+        userspace: stack.map(crate::userspace::Stack::status),
+        peers,
+        drops,
+    }
 }
 
 fn ago(secs: Option<u64>) -> String {

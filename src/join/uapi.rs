@@ -8,12 +8,15 @@
 //! it alone and says so.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::datapath::DataPathStatus;
+use crate::node::agent::NodeView;
+use crate::node::dataplane::PeerStats;
 
 /// Where `wg` looks for userspace interfaces.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
@@ -22,12 +25,26 @@ pub const SOCKET_DIR: &str = "/var/run/wireguard";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UapiPeer {
     pub public_key: [u8; 32],
-    pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
-    pub last_handshake: Option<Duration>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
     pub persistent_keepalive: u16,
+    /// Endpoint, handshake age and byte counts from the data plane.
+    pub stats: PeerStats,
+}
+
+/// The data plane's peers with what the driver installed for them.
+pub(crate) fn peers(view: &NodeView, dp: Option<&DataPathStatus>, keepalive: u16) -> Vec<UapiPeer> {
+    dp.iter()
+        .flat_map(|d| d.peers.iter())
+        .filter_map(|(id, stats)| {
+            let plan = view.plans.get(id)?;
+            Some(UapiPeer {
+                public_key: plan.public_key,
+                allowed_ips: plan.allowed_ips.clone(),
+                persistent_keepalive: keepalive,
+                stats: *stats,
+            })
+        })
+        .collect()
 }
 
 fn hex32(k: &[u8; 32]) -> String {
@@ -46,18 +63,19 @@ pub fn render_get(
     let _ = writeln!(out, "listen_port={listen_port}");
     for p in peers {
         let _ = writeln!(out, "public_key={}", hex32(&p.public_key));
-        if let Some(e) = p.endpoint {
+        if let Some(e) = p.stats.endpoint {
             let _ = writeln!(out, "endpoint={e}");
         }
         let (sec, nsec) = p
+            .stats
             .last_handshake
             .and_then(|age| now.checked_sub(age))
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
         let _ = writeln!(out, "last_handshake_time_sec={sec}");
         let _ = writeln!(out, "last_handshake_time_nsec={nsec}");
-        let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);
-        let _ = writeln!(out, "rx_bytes={}", p.rx_bytes);
+        let _ = writeln!(out, "tx_bytes={}", p.stats.tx_bytes);
+        let _ = writeln!(out, "rx_bytes={}", p.stats.rx_bytes);
         let _ = writeln!(
             out,
             "persistent_keepalive_interval={}",
@@ -122,6 +140,7 @@ pub async fn serve_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn get_answer_has_wg_keys() {
@@ -131,15 +150,17 @@ mod tests {
             51820,
             &[UapiPeer {
                 public_key: [2; 32],
-                endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                 allowed_ips: vec![
                     "100.64.0.2/32".parse().unwrap(),
                     "200::2/128".parse().unwrap(),
                 ],
-                last_handshake: Some(Duration::from_secs(10)),
-                rx_bytes: 5,
-                tx_bytes: 6,
                 persistent_keepalive: 20,
+                stats: PeerStats {
+                    endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+                    last_handshake: Some(Duration::from_secs(10)),
+                    rx_bytes: 5,
+                    tx_bytes: 6,
+                },
             }],
             now,
         );

@@ -17,7 +17,9 @@
 //!   the relay's allowed IPs.
 //! - A direct peer that completes no handshake within [`DIRECT_TIMEOUT`] falls back to
 //!   the relay; it stays configured (without allowed IPs) so the direct path keeps
-//!   being probed, and moves back as soon as a handshake there succeeds.
+//!   being probed, and moves back as soon as a handshake there succeeds. Handshake
+//!   ages are looked at every [`PATH_CHECK_INTERVAL`] while a relay could take over
+//!   ([`MeshState::poll_timeout`] says when the shell should feed them next).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -36,6 +38,8 @@ pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// A handshake this recent on a fallen-back peer proves the direct path works again.
 pub const FRESH_HANDSHAKE: Duration = Duration::from_secs(25);
+/// How often handshake ages are checked for direct/relay fallback.
+pub const PATH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What to install for one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +103,8 @@ pub struct MeshState {
     /// Each device's checked public key (None: unusable), parsed once per change
     /// since the low-order check costs a scalar multiplication.
     keys: BTreeMap<i64, Option<[u8; 32]>>,
+    /// When handshake ages were last fed in.
+    last_check: Option<Instant>,
 }
 
 impl MeshState {
@@ -111,6 +117,7 @@ impl MeshState {
             installed: BTreeMap::new(),
             routes: BTreeSet::new(),
             keys: BTreeMap::new(),
+            last_check: None,
         }
     }
 
@@ -126,6 +133,31 @@ impl MeshState {
     /// The installed plan of a peer.
     pub fn plan(&self, id: i64) -> Option<&PeerPlan> {
         self.installed.get(&id)
+    }
+
+    /// Every installed plan, by peer id.
+    pub fn plans(&self) -> impl Iterator<Item = &PeerPlan> {
+        self.installed.values()
+    }
+
+    /// Whether handshake ages can move a peer: a relay other than us exists and we
+    /// are not a spoke.
+    fn falls_back(&self) -> bool {
+        let relay = self.relay_id();
+        relay.is_some() && relay != Some(self.local.device_id) && !self.local.spoke
+    }
+
+    /// When [`Self::handle_handshakes`] should be fed next: [`PATH_CHECK_INTERVAL`]
+    /// after the last time (at once the first time), or never while no peer can fall
+    /// back.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.falls_back() {
+            return None;
+        }
+        match self.last_check {
+            Some(t) => Some(t + PATH_CHECK_INTERVAL),
+            None => self.trying_since.values().min().copied(),
+        }
     }
 
     /// The relay every node of the organization uses: the lowest-id relay that is
@@ -396,10 +428,11 @@ impl MeshState {
         now: Instant,
         ages: impl IntoIterator<Item = (i64, Option<Duration>)>,
     ) -> Vec<Action> {
-        let relay = self.relay_id();
-        if relay.is_none() || relay == Some(self.local.device_id) || self.local.spoke {
+        self.last_check = Some(now);
+        if !self.falls_back() {
             return Vec::new();
         }
+        let relay = self.relay_id();
         let mut changed = false;
         for (id, age) in ages {
             let Some(d) = self.devices.get(&id) else {
@@ -439,4 +472,4 @@ impl MeshState {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

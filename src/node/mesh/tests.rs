@@ -1,6 +1,6 @@
 use super::*;
 
-fn device(id: i64, v6: bool) -> Device {
+pub(crate) fn device(id: i64, v6: bool) -> Device {
     let secret = boringtun::x25519::StaticSecret::from([id as u8 + 1; 32]);
     let public = boringtun::x25519::PublicKey::from(&secret);
     Device {
@@ -29,7 +29,7 @@ fn device(id: i64, v6: bool) -> Device {
     }
 }
 
-fn local(id: i64, ipv6: bool) -> LocalView {
+pub(crate) fn local(id: i64, ipv6: bool) -> LocalView {
     LocalView {
         device_id: id,
         ipv6,

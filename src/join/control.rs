@@ -1,0 +1,159 @@
+//! The control connection after enrollment: follows the coordinator's watch stream
+//! and hands every snapshot and delta to the driver as a [`ControlEvent`], tells
+//! the coordinator what the driver asks it to (our NAT mapping), and reconnects
+//! with backoff when the connection drops.
+//!
+//! It holds no node state: the driver owns it. The only decision taken here is
+//! that a delta removing this very device ends the node ([`JoinError::Removed`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::client::{ClientError, ControlClient};
+use crate::wire::control::{Auth, Device, DeviceUpdate, Request, Response};
+
+use super::enroll::{Ctx, relogin};
+use super::{JoinError, MAX_BACKOFF};
+
+/// What the control connection tells the driver.
+#[derive(Debug)]
+pub(super) enum ControlEvent {
+    Snapshot {
+        devices: Vec<Device>,
+        stun_port: Option<u16>,
+        /// The coordinator that sent it (STUN goes there too).
+        coordinator: SocketAddr,
+    },
+    Delta {
+        upserts: Vec<Device>,
+        removed: Vec<i64>,
+    },
+    /// The coordinator's answer to an update: our record.
+    Device(Device),
+    /// The connection dropped; a reconnect is under way.
+    Lost,
+}
+
+enum WatchEnd {
+    Lost(ClientError),
+    Removed,
+}
+
+/// Runs until this device is removed or forgotten. `updates` carries the latest
+/// [`DeviceUpdate`] the driver wants the coordinator to have.
+pub(super) async fn run(
+    ctx: &Ctx<'_>,
+    first: ControlClient,
+    auth: Auth,
+    events: mpsc::Sender<ControlEvent>,
+    mut updates: watch::Receiver<Option<DeviceUpdate>>,
+) -> Result<(), JoinError> {
+    let mut client = Some(first);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let c = match client.take() {
+            Some(c) => c,
+            None => match relogin(ctx, &auth).await? {
+                Ok(c) => {
+                    tracing::info!("reconnected to the coordinator");
+                    backoff = Duration::from_millis(250);
+                    c
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, retry_in = ?backoff, "coordinator still unreachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+        };
+        // Two halves on one connection; neither cancels the other mid-message.
+        let end = tokio::select! {
+            end = follow(&c, &auth, &events) => end,
+            () = push_updates(&c, &auth, &events, &mut updates) => WatchEnd::Lost(ClientError::NoAnswer),
+        };
+        match end {
+            WatchEnd::Removed => return Err(JoinError::Removed),
+            WatchEnd::Lost(e) => {
+                let _ = events.send(ControlEvent::Lost).await;
+                tracing::warn!(error = %e, "lost the coordinator; tunnels keep running, reconnecting");
+            }
+        }
+    }
+}
+
+/// Reads the watch stream and forwards it to the driver.
+async fn follow(
+    client: &ControlClient,
+    auth: &Auth,
+    events: &mpsc::Sender<ControlEvent>,
+) -> WatchEnd {
+    let mut w = match client.watch(auth.clone()).await {
+        Ok(w) => w,
+        Err(e) => return WatchEnd::Lost(e),
+    };
+    loop {
+        let event = match w.next().await {
+            Ok(Some(Response::Snapshot {
+                devices,
+                revision,
+                stun_port,
+            })) => {
+                tracing::info!(revision, devices = devices.len(), "peer snapshot");
+                ControlEvent::Snapshot {
+                    devices,
+                    stun_port,
+                    coordinator: client.remote_address(),
+                }
+            }
+            Ok(Some(Response::Delta {
+                upserts, removed, ..
+            })) => {
+                if removed.contains(&auth.device_id) {
+                    return WatchEnd::Removed;
+                }
+                ControlEvent::Delta { upserts, removed }
+            }
+            Ok(Some(other)) => {
+                tracing::warn!(?other, "unexpected message on the watch stream");
+                continue;
+            }
+            Ok(None) => return WatchEnd::Lost(ClientError::NoAnswer),
+            Err(e) => return WatchEnd::Lost(e),
+        };
+        if events.send(event).await.is_err() {
+            // The driver is gone: the node is shutting down.
+            return WatchEnd::Lost(ClientError::NoAnswer);
+        }
+    }
+}
+
+/// Sends the coordinator each update the driver publishes; returns when the driver
+/// is gone.
+async fn push_updates(
+    client: &ControlClient,
+    auth: &Auth,
+    events: &mpsc::Sender<ControlEvent>,
+    updates: &mut watch::Receiver<Option<DeviceUpdate>>,
+) {
+    while updates.changed().await.is_ok() {
+        let Some(update) = updates.borrow_and_update().clone() else {
+            continue;
+        };
+        let req = Request::Update {
+            auth: auth.clone(),
+            update,
+        };
+        match client.call(&req).await {
+            Ok(Response::Device { device }) => {
+                if events.send(ControlEvent::Device(device)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not report the NAT mapping"),
+        }
+    }
+}

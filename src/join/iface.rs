@@ -1,0 +1,102 @@
+//! The node's packet side: masquerade rules, the TUN interface (or the rootless
+//! stack's socket pair), the WireGuard UDP socket and the data-path thread over them.
+//!
+//! It only sets things up; what flows through them is the data path's business and
+//! which peers exist is the driver's.
+
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::io::{nft, tun, udp};
+use crate::node::dataplane::DataPlane;
+use crate::wire::control::Device;
+
+use super::datapath::{DataPath, DataPathConfig, StunAnswer};
+use super::{JoinConfig, JoinError};
+
+/// What [`start`] brought up.
+pub(super) struct Up {
+    pub datapath: DataPath,
+    /// The userspace stack in rootless mode.
+    pub stack: Option<Arc<crate::userspace::Stack>>,
+    /// Our IPv6 tunnel address and prefix length, if the mesh uses IPv6 here.
+    pub v6: Option<(Ipv6Addr, u8)>,
+    /// STUN answers the data path hands back.
+    pub stun_answers: mpsc::UnboundedReceiver<StunAnswer>,
+}
+
+/// Installs masquerading if asked, creates the packet device and the UDP socket on
+/// `listen_port`, and starts the data-path thread with `private` as our key.
+pub(super) fn start(
+    cfg: &JoinConfig,
+    device: &Device,
+    ipv6: bool,
+    listen_port: u16,
+    private: [u8; 32],
+) -> Result<Up, JoinError> {
+    let v6 = device
+        .tunnel_ip_v6
+        .filter(|_| ipv6)
+        .map(|a| (a, device.organization_prefix_v6.prefix_len()));
+    if cfg.masquerade {
+        nft::install_masquerade(
+            &cfg.interface,
+            device.organization_prefix,
+            v6.map(|_| device.organization_prefix_v6),
+        )?;
+        tracing::info!("masquerading mesh traffic to the advertised prefixes");
+    }
+    let (packets, stack) = match &cfg.userspace {
+        None => {
+            let dev = tun::create(&cfg.interface, tun::DEFAULT_MTU, device.tunnel_ip, v6)?;
+            (tun::PacketDevice::Tun(dev), None)
+        }
+        Some(us) => {
+            let (ours, theirs) =
+                std::os::unix::net::UnixDatagram::pair().map_err(JoinError::DataPath)?;
+            ours.set_nonblocking(true).map_err(JoinError::DataPath)?;
+            // Room for bursts towards the stack (capped by net.core.wmem_max).
+            let _ = socket2::SockRef::from(&ours).set_send_buffer_size(4 << 20);
+            let stack = crate::userspace::Stack::start(
+                us.clone(),
+                theirs,
+                device.tunnel_ip,
+                v6.map(|(a, _)| a),
+                tun::DEFAULT_MTU,
+            )?;
+            (tun::PacketDevice::Pipe(ours), Some(Arc::new(stack)))
+        }
+    };
+    let socket = udp::bind(listen_port).map_err(|source| JoinError::Udp {
+        port: listen_port,
+        source,
+    })?;
+    let (stun_tx, stun_answers) = mpsc::unbounded_channel();
+    let mut dataplane = DataPlane::new(private);
+    dataplane.set_mtu(usize::from(tun::DEFAULT_MTU));
+    let datapath = DataPath::spawn(
+        dataplane,
+        packets,
+        socket,
+        DataPathConfig {
+            relay: cfg.relay,
+            stun_answers: stun_tx,
+        },
+    )
+    .map_err(JoinError::DataPath)?;
+    tracing::info!(
+        interface = %if stack.is_some() { "userspace" } else { &cfg.interface },
+        tunnel_ip = %device.tunnel_ip,
+        tunnel_ip_v6 = ?v6.map(|(a, _)| a),
+        listen_port,
+        "interface up"
+    );
+    Ok(Up {
+        datapath,
+        stack,
+        v6,
+        stun_answers,
+    })
+}

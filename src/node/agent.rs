@@ -1,0 +1,260 @@
+//! The node's control core: everything `nexodus join` decides after enrolling,
+//! as one state machine with one owner.
+//!
+//! [`Agent`] owns the [`MeshState`] (peers, routes, direct/relay fallback), the NAT
+//! [`Prober`] and the node's own device record. The shell feeds it the coordinator's
+//! snapshots and deltas, STUN answers, handshake ages and timeouts, each with `now`,
+//! and drains what to do in the order it was decided: [`Agent::poll_action`] (peer
+//! and route changes), [`Agent::poll_transmit`] (STUN requests from the WireGuard
+//! port), [`Agent::poll_update`] (what to tell the coordinator about our NAT mapping)
+//! and [`Agent::poll_view`] (a fresh view for `nexodus status` and `wg show`).
+//! [`Agent::poll_timeout`] says when it next needs the shell, and why.
+//!
+//! It does not talk to the coordinator, the data plane or the kernel, read the
+//! clock or draw random numbers: the shell does, and passes results and `now` in.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::node::mesh::{Action, LocalView, MeshState, Path, PeerPlan};
+use crate::node::nat::{self, Mapping, ProbeEvent, Prober};
+use crate::wire::control::{Device, DeviceUpdate};
+use crate::wire::stun::TransactionId;
+
+/// Why [`Agent::poll_timeout`] wants the shell back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// Feed the peers' handshake ages to [`Agent::handle_handshakes`].
+    PathCheck,
+    /// Call [`Agent::handle_timeout`] (NAT probing).
+    Probe,
+}
+
+/// What `nexodus status` and the WireGuard UAPI show of the control state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Our own record as the coordinator last sent it.
+    pub device: Device,
+    /// The control connection is up.
+    pub connected: bool,
+    /// This node relays for spokes.
+    pub relay: bool,
+    /// The relay of the organization.
+    pub relay_id: Option<i64>,
+    /// Every other device with how it is reached (a spoke sees only its relay).
+    pub peers: Vec<(Device, Path)>,
+    /// What is installed for each peer of the data plane.
+    pub plans: BTreeMap<i64, PeerPlan>,
+}
+
+/// The node's control state; see the module docs.
+#[derive(Debug)]
+pub struct Agent {
+    device: Device,
+    mesh: MeshState,
+    prober: Prober,
+    /// The NAT mapping last learned by STUN.
+    mapping: Option<Mapping>,
+    /// `--relay-only`: a spoke whatever the NAT.
+    relay_only: bool,
+    connected: bool,
+    /// The coordinator the control connection uses (STUN goes there too).
+    coordinator: SocketAddr,
+    actions: VecDeque<Action>,
+    update: Option<DeviceUpdate>,
+    view_changed: bool,
+}
+
+impl Agent {
+    /// An enrolled, connected node: `device` is our record, `local` our facts.
+    pub fn new(
+        device: Device,
+        local: LocalView,
+        relay_only: bool,
+        coordinator: SocketAddr,
+    ) -> Self {
+        Self {
+            device,
+            mesh: MeshState::new(local),
+            prober: Prober::new(),
+            mapping: None,
+            relay_only,
+            connected: true,
+            coordinator,
+            actions: VecDeque::new(),
+            update: None,
+            view_changed: true,
+        }
+    }
+
+    pub fn mesh(&self) -> &MeshState {
+        &self.mesh
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn push_actions(&mut self, actions: Vec<Action>) {
+        self.view_changed |= !actions.is_empty();
+        self.actions.extend(actions);
+    }
+
+    /// Asks for the coordinator to be told our mapping if its record differs.
+    fn report_mapping(&mut self) {
+        let Some(m) = self.mapping else { return };
+        if self.device.reflexive_endpoint == Some(m.reflexive)
+            && self.device.symmetric_nat == m.symmetric
+        {
+            return;
+        }
+        self.update = Some(DeviceUpdate {
+            reflexive_endpoint: Some(m.reflexive),
+            symmetric_nat: Some(m.symmetric),
+            ..Default::default()
+        });
+    }
+
+    fn take_own(&mut self, devices: &[Device]) {
+        if let Some(me) = devices.iter().find(|d| d.id == self.device.id) {
+            self.device = me.clone();
+        }
+    }
+
+    /// A full snapshot from the coordinator at `coordinator`, whose STUN port it names.
+    pub fn handle_snapshot(
+        &mut self,
+        devices: &[Device],
+        stun_port: Option<u16>,
+        coordinator: SocketAddr,
+        now: Instant,
+    ) {
+        self.connected = true;
+        self.view_changed = true;
+        self.take_own(devices);
+        self.coordinator = coordinator;
+        self.prober
+            .handle_servers(stun_port.map(|p| nat::servers(coordinator, p)), now);
+        // The coordinator may have missed our last mapping while we were away.
+        self.report_mapping();
+        let actions = self.mesh.apply_snapshot(devices, now);
+        self.push_actions(actions);
+    }
+
+    /// A delta from the coordinator.
+    pub fn handle_delta(&mut self, upserts: &[Device], removed: &[i64], now: Instant) {
+        self.connected = true;
+        self.view_changed = true;
+        self.take_own(upserts);
+        let actions = self.mesh.apply_delta(upserts, removed, now);
+        self.push_actions(actions);
+    }
+
+    /// The coordinator answered an update with our record.
+    pub fn handle_device(&mut self, device: Device) {
+        self.device = device;
+        self.view_changed = true;
+    }
+
+    /// The control connection is down (the data plane keeps running).
+    pub fn handle_disconnected(&mut self) {
+        self.connected = false;
+        self.view_changed = true;
+    }
+
+    /// A STUN answer that arrived on the WireGuard port.
+    pub fn handle_stun_answer(&mut self, txid: TransactionId, mapped: SocketAddr, now: Instant) {
+        self.prober.handle_response(txid, mapped, now);
+        self.handle_probe_events();
+    }
+
+    /// Each peer's handshake age from the data plane.
+    pub fn handle_handshakes(
+        &mut self,
+        now: Instant,
+        ages: impl IntoIterator<Item = (i64, Option<Duration>)>,
+    ) {
+        let actions = self.mesh.handle_handshakes(now, ages);
+        self.push_actions(actions);
+    }
+
+    /// NAT probing timers; `random` gives a new round its transaction ids.
+    pub fn handle_timeout(&mut self, now: Instant, random: [u8; 24]) {
+        self.prober.handle_timeout(now, random);
+        self.handle_probe_events();
+    }
+
+    fn handle_probe_events(&mut self) {
+        while let Some(event) = self.prober.poll_event() {
+            match event {
+                ProbeEvent::Mapping(m) if self.mapping != Some(m) => {
+                    tracing::info!(reflexive = %m.reflexive, symmetric = m.symmetric, "NAT mapping learned");
+                    self.mapping = Some(m);
+                    self.report_mapping();
+                    let local = self.mesh.local();
+                    let actions = self.mesh.set_local(LocalView {
+                        reflexive: Some(m.reflexive),
+                        spoke: self.relay_only || (m.symmetric && !local.relay),
+                        ..local
+                    });
+                    self.push_actions(actions);
+                }
+                ProbeEvent::Mapping(_) => {}
+                ProbeEvent::NoAnswer { servers } => {
+                    tracing::warn!(coordinator = %self.coordinator, port = servers[0].port(), "no STUN answer; NAT mapping unknown");
+                }
+            }
+        }
+    }
+
+    /// When the shell must come back, and for what.
+    pub fn poll_timeout(&self) -> Option<(Instant, Timer)> {
+        let path = self.mesh.poll_timeout().map(|t| (t, Timer::PathCheck));
+        let probe = self.prober.poll_timeout().map(|t| (t, Timer::Probe));
+        match (path, probe) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next peer or route change, in the order they were decided.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next datagram to send from the WireGuard port: (destination, bytes).
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.prober.poll_transmit()
+    }
+
+    /// What to tell the coordinator about ourselves (only the latest counts).
+    pub fn poll_update(&mut self) -> Option<DeviceUpdate> {
+        self.update.take()
+    }
+
+    /// A new view if anything shown changed since the last one.
+    pub fn poll_view(&mut self) -> Option<NodeView> {
+        std::mem::take(&mut self.view_changed).then(|| self.view())
+    }
+
+    /// What is shown now.
+    pub fn view(&self) -> NodeView {
+        NodeView {
+            device: self.device.clone(),
+            connected: self.connected,
+            relay: self.mesh.local().relay,
+            relay_id: self.mesh.relay_id(),
+            peers: self
+                .mesh
+                .paths()
+                .into_iter()
+                .map(|(d, p)| (d.clone(), p))
+                .collect(),
+            plans: self.mesh.plans().map(|p| (p.id, p.clone())).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

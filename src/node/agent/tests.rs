@@ -1,0 +1,134 @@
+use super::*;
+use crate::node::mesh::PATH_CHECK_INTERVAL;
+use crate::node::mesh::tests::{device, local};
+use crate::wire::stun;
+
+fn coordinator() -> SocketAddr {
+    "198.51.100.1:4443".parse().unwrap()
+}
+
+fn agent(relay_only: bool) -> Agent {
+    Agent::new(device(1, true), local(1, true), relay_only, coordinator())
+}
+
+fn actions(a: &mut Agent) -> Vec<Action> {
+    std::iter::from_fn(|| a.poll_action()).collect()
+}
+
+fn route(s: &str) -> Action {
+    Action::AddRoute(s.parse().unwrap())
+}
+
+#[test]
+fn actions_leave_in_the_order_of_the_events() {
+    let now = Instant::now();
+    let mut a = agent(false);
+    a.handle_snapshot(
+        &[device(1, true), device(2, false)],
+        None,
+        coordinator(),
+        now,
+    );
+    a.handle_delta(&[], &[2], now);
+    a.handle_delta(&[device(2, false)], &[], now);
+    let acts = actions(&mut a);
+    let routes: Vec<&Action> = acts
+        .iter()
+        .filter(|x| matches!(x, Action::AddRoute(_) | Action::RemoveRoute(_)))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            &route("100.64.0.2/32"),
+            &Action::RemoveRoute("100.64.0.2/32".parse().unwrap()),
+            &route("100.64.0.2/32"),
+        ]
+    );
+    assert!(matches!(acts[0], Action::UpsertPeer(ref p) if p.id == 2));
+    assert_eq!(a.poll_action(), None);
+}
+
+#[test]
+fn no_timer_without_a_relay_or_stun() {
+    let now = Instant::now();
+    let mut a = agent(false);
+    a.handle_snapshot(&[device(2, true)], None, coordinator(), now);
+    assert_eq!(a.poll_timeout(), None);
+}
+
+#[test]
+fn path_checks_come_every_interval_while_a_relay_exists() {
+    let t0 = Instant::now();
+    let mut a = agent(false);
+    let mut relay = device(3, true);
+    relay.relay = true;
+    a.handle_snapshot(&[device(2, true), relay], None, coordinator(), t0);
+    assert_eq!(a.poll_timeout(), Some((t0, Timer::PathCheck)));
+    a.handle_handshakes(t0, [(2, None)]);
+    assert_eq!(
+        a.poll_timeout(),
+        Some((t0 + PATH_CHECK_INTERVAL, Timer::PathCheck))
+    );
+}
+
+#[test]
+fn stun_mapping_is_reported_and_reshapes_the_mesh() {
+    let t0 = Instant::now();
+    let mut a = agent(false);
+    let mut relay = device(3, true);
+    relay.relay = true;
+    a.handle_snapshot(
+        &[device(1, true), device(2, true), relay],
+        Some(3478),
+        coordinator(),
+        t0,
+    );
+    actions(&mut a);
+    assert!(a.poll_view().is_some());
+    assert_eq!(a.poll_view(), None);
+    // The first STUN round is due at once.
+    let (when, why) = a.poll_timeout().unwrap();
+    assert_eq!((when, why), (t0, Timer::PathCheck));
+    a.handle_handshakes(t0, [(2, Some(Duration::from_secs(1)))]);
+    assert_eq!(a.poll_timeout(), Some((t0, Timer::Probe)));
+    a.handle_timeout(t0, std::array::from_fn(|i| i as u8));
+    let reqs: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert_eq!(
+        reqs.iter().map(|(to, _)| to.port()).collect::<Vec<_>>(),
+        [3478, 3479]
+    );
+    // Two different mappings: a symmetric NAT makes us a spoke of the relay.
+    for (i, (_, data)) in reqs.iter().enumerate() {
+        let txid = stun::parse_binding_request(data).unwrap();
+        let mapped = SocketAddr::new("203.0.113.7".parse().unwrap(), 40000 + i as u16);
+        a.handle_stun_answer(txid, mapped, t0);
+    }
+    assert_eq!(
+        a.poll_update(),
+        Some(DeviceUpdate {
+            reflexive_endpoint: Some("203.0.113.7:40000".parse().unwrap()),
+            symmetric_nat: Some(true),
+            ..Default::default()
+        })
+    );
+    assert!(a.mesh().local().spoke);
+    assert!(actions(&mut a).contains(&Action::RemovePeer(2)));
+    // Once the coordinator has it, nothing more to report.
+    let mut me = a.device().clone();
+    me.reflexive_endpoint = Some("203.0.113.7:40000".parse().unwrap());
+    me.symmetric_nat = true;
+    a.handle_device(me.clone());
+    a.handle_snapshot(&[me], Some(3478), coordinator(), t0);
+    assert_eq!(a.poll_update(), None);
+    assert!(a.poll_view().is_some());
+}
+
+#[test]
+fn disconnect_shows_in_the_view() {
+    let mut a = agent(false);
+    assert!(a.poll_view().unwrap().connected);
+    a.handle_disconnected();
+    assert!(!a.poll_view().unwrap().connected);
+    a.handle_delta(&[], &[], Instant::now());
+    assert!(a.poll_view().unwrap().connected);
+}

@@ -249,39 +249,8 @@ pub async fn run(
     let (updates_tx, updates) = tokio::sync::watch::channel(None);
     let (events_tx, events) = tokio::sync::mpsc::channel(64);
 
-    let listener = status::bind(&cfg.state_dir).map_err(JoinError::StatusSocket)?;
-    let uapi_listener = match uapi::bind(&cfg.interface).await {
-        _ if stack.is_some() => None,
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "no WireGuard UAPI socket; `wg show` will not see this node");
-            None
-        }
-    };
-    let listen_port = state.listen_port;
-    let mut tasks = vec![tokio::spawn(local::serve(
-        listener,
-        datapath.clone(),
-        view.clone(),
-        "status",
-        move |v, dp| status::build(v, dp, listen_port, stack.as_deref()),
-        |stream, report| async move { status::answer(stream, &report).await },
-    ))];
-    let uapi_bound = uapi_listener.is_some();
-    if let Some(l) = uapi_listener {
-        let keepalive = cfg.keepalive;
-        tasks.push(tokio::spawn(local::serve(
-            l,
-            datapath.clone(),
-            view,
-            "uapi",
-            move |v, dp| {
-                let peers = uapi::peers(v, dp, keepalive);
-                uapi::render_get(&private, listen_port, &peers, std::time::SystemTime::now())
-            },
-            |stream, answer| uapi::serve_one(stream, move || answer),
-        )));
-    }
+    let sockets =
+        local::Sockets::start(&cfg, &datapath, view, stack, state.listen_port, private).await?;
 
     let driver = driver::Driver {
         agent,
@@ -298,14 +267,7 @@ pub async fn run(
         () = driver.run() => Ok(()),
         () = &mut shutdown => Ok(()),
     };
-    for t in tasks {
-        t.abort();
-        let _ = t.await;
-    }
-    let _ = std::fs::remove_file(status::socket_path(&cfg.state_dir));
-    if uapi_bound {
-        let _ = std::fs::remove_file(uapi::socket_path(&cfg.interface));
-    }
+    sockets.stop(&cfg).await;
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);

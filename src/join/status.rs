@@ -276,15 +276,9 @@ pub fn render(s: &Status) -> String {
             );
         }
         for f in &u.open_flows {
-            let _ = writeln!(
-                out,
-                "{:<4} {:<46} {:<46} {:>12}  {}",
-                f.proto,
-                f.from,
-                f.to,
-                format!("{} / {}", f.to_mesh_bytes, f.from_mesh_bytes),
-                f.rule
-            );
+            let bytes = format!("{} / {}", f.to_mesh_bytes, f.from_mesh_bytes);
+            let (proto, from, to, rule) = (&f.proto, &f.from, &f.to, &f.rule);
+            let _ = writeln!(out, "{proto:<4} {from:<46} {to:<46} {bytes:>12}  {rule}");
         }
     }
     if !s.drops.is_empty() {

@@ -7,6 +7,13 @@ fn coordinator() -> SocketAddr {
     "198.51.100.1:4443".parse().unwrap()
 }
 
+/// Peer 2, and relay 3.
+fn with_relay() -> [Device; 2] {
+    let mut relay = device(3, true);
+    relay.relay = true;
+    [device(2, true), relay]
+}
+
 fn agent(relay_only: bool) -> Agent {
     Agent::new(device(1, true), local(1, true), relay_only, coordinator())
 }
@@ -60,9 +67,7 @@ fn no_timer_without_a_relay_or_stun() {
 fn path_checks_come_every_interval_while_a_relay_exists() {
     let t0 = Instant::now();
     let mut a = agent(false);
-    let mut relay = device(3, true);
-    relay.relay = true;
-    a.handle_snapshot(&[device(2, true), relay], None, coordinator(), t0);
+    a.handle_snapshot(&with_relay(), None, coordinator(), t0);
     assert_eq!(a.poll_timeout(), Some((t0, Timer::PathCheck)));
     a.handle_handshakes(t0, [(2, None)]);
     assert_eq!(
@@ -75,10 +80,9 @@ fn path_checks_come_every_interval_while_a_relay_exists() {
 fn stun_mapping_is_reported_and_reshapes_the_mesh() {
     let t0 = Instant::now();
     let mut a = agent(false);
-    let mut relay = device(3, true);
-    relay.relay = true;
+    let [two, relay] = with_relay();
     a.handle_snapshot(
-        &[device(1, true), device(2, true), relay],
+        &[device(1, true), two, relay],
         Some(3478),
         coordinator(),
         t0,

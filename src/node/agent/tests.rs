@@ -14,8 +14,8 @@ fn with_relay() -> [Device; 2] {
     [device(2, true), relay]
 }
 
-fn agent(relay_only: bool) -> Agent {
-    Agent::new(device(1, true), local(1, true), relay_only, coordinator())
+fn agent() -> Agent {
+    Agent::new(device(1, true), local(1, true), false, coordinator())
 }
 
 fn actions(a: &mut Agent) -> Vec<Action> {
@@ -29,7 +29,7 @@ fn route(s: &str) -> Action {
 #[test]
 fn actions_leave_in_the_order_of_the_events() {
     let now = Instant::now();
-    let mut a = agent(false);
+    let mut a = agent();
     a.handle_snapshot(
         &[device(1, true), device(2, false)],
         None,
@@ -58,7 +58,7 @@ fn actions_leave_in_the_order_of_the_events() {
 #[test]
 fn no_timer_without_a_relay_or_stun() {
     let now = Instant::now();
-    let mut a = agent(false);
+    let mut a = agent();
     a.handle_snapshot(&[device(2, true)], None, coordinator(), now);
     assert_eq!(a.poll_timeout(), None);
 }
@@ -66,7 +66,7 @@ fn no_timer_without_a_relay_or_stun() {
 #[test]
 fn path_checks_come_every_interval_while_a_relay_exists() {
     let t0 = Instant::now();
-    let mut a = agent(false);
+    let mut a = agent();
     a.handle_snapshot(&with_relay(), None, coordinator(), t0);
     assert_eq!(a.poll_timeout(), Some((t0, Timer::PathCheck)));
     a.handle_handshakes(t0, [(2, None)]);
@@ -79,7 +79,7 @@ fn path_checks_come_every_interval_while_a_relay_exists() {
 #[test]
 fn stun_mapping_is_reported_and_reshapes_the_mesh() {
     let t0 = Instant::now();
-    let mut a = agent(false);
+    let mut a = agent();
     let [two, relay] = with_relay();
     a.handle_snapshot(
         &[device(1, true), two, relay],
@@ -129,7 +129,7 @@ fn stun_mapping_is_reported_and_reshapes_the_mesh() {
 
 #[test]
 fn disconnect_shows_in_the_view() {
-    let mut a = agent(false);
+    let mut a = agent();
     assert!(a.poll_view().unwrap().connected);
     a.handle_disconnected();
     assert!(!a.poll_view().unwrap().connected);

@@ -1,9 +1,21 @@
-//! Bookkeeping without I/O: UDP flows that expire when idle, and the ephemeral ports
-//! the stack's own connections use. Time is passed in.
+//! Bookkeeping without I/O: UDP flows that expire when idle, the ephemeral ports the
+//! stack's own connections use, the client a SOCKS5 UDP association admits, and which
+//! mesh destinations the stack can reach. Time is passed in.
+//!
+//! Not here: sockets (the driver in `stack` keeps them in the tables as values), TCP
+//! (`tcp_flows`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use super::socks::Reply;
+
+/// A UDP flow without a datagram for this long is forgotten.
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+/// UDP flows per rule.
+pub const MAX_UDP_FLOWS: usize = 1024;
 
 /// UDP flows keyed by `K` (e.g. the client's address): each remembers when it last
 /// carried a datagram and goes after `idle` without one. At most `max` flows: a new
@@ -143,10 +155,140 @@ impl PortAllocator {
     }
 }
 
+/// The node's mesh addresses: which destinations are ours and which the stack can
+/// reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshAddrs {
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl MeshAddrs {
+    /// `None` unless every address is unicast.
+    pub fn new(v4: Ipv4Addr, v6: Option<Ipv6Addr>) -> Option<Self> {
+        let unicast4 = !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast());
+        let unicast6 = v6.is_none_or(|a| !(a.is_unspecified() || a.is_multicast()));
+        (unicast4 && unicast6).then_some(Self { v4, v6 })
+    }
+
+    pub fn ours(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => a == self.v4,
+            IpAddr::V6(a) => Some(a) == self.v6,
+        }
+    }
+
+    /// Whether the stack has an address of `ip`'s family.
+    pub fn has_family(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() || self.v6.is_some()
+    }
+
+    /// Why a mesh destination cannot be reached from here, if it cannot.
+    pub fn unreachable(&self, target: SocketAddr) -> Option<Reply> {
+        if !self.has_family(target.ip()) {
+            return Some(Reply::NetworkUnreachable);
+        }
+        let ip = target.ip();
+        if self.ours(ip) || ip.is_unspecified() || ip.is_multicast() {
+            return Some(Reply::HostUnreachable);
+        }
+        None
+    }
+}
+
+/// The client of a SOCKS5 UDP association: only it may use the relay. It asked from
+/// `ip`; the address it sends from is the one it named in its request (zeros mean
+/// "unknown") or else the first one a datagram came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayClient {
+    ip: IpAddr,
+    addr: Option<SocketAddr>,
+}
+
+impl RelayClient {
+    pub fn new(control_peer: IpAddr, named: SocketAddr) -> Self {
+        Self {
+            ip: control_peer,
+            addr: Some(named).filter(|t| !t.ip().is_unspecified() && t.port() != 0),
+        }
+    }
+
+    /// Whether a datagram from `from` is the client's (the first one fixes its port).
+    pub fn admit(&mut self, from: SocketAddr) -> bool {
+        if from.ip() != self.ip || self.addr.is_some_and(|c| c != from) {
+            return false;
+        }
+        self.addr = Some(from);
+        true
+    }
+
+    /// Where datagrams from the mesh go, once known.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// For the status: the address, or the host with port 0.
+    pub fn shown(&self) -> SocketAddr {
+        self.addr.unwrap_or(SocketAddr::new(self.ip, 0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_relay_admits_only_its_client() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut c = RelayClient::new(a("127.0.0.1:1").ip(), a("0.0.0.0:0"));
+        assert_eq!((c.addr(), c.shown()), (None, a("127.0.0.1:0")));
+        assert!(!c.admit(a("127.0.0.2:5000")), "another host");
+        assert!(c.admit(a("127.0.0.1:5000")));
+        assert_eq!(c.addr(), Some(a("127.0.0.1:5000")));
+        assert!(
+            !c.admit(a("127.0.0.1:5001")),
+            "the first port is the client's"
+        );
+        assert!(c.admit(a("127.0.0.1:5000")));
+
+        let mut named = RelayClient::new(a("127.0.0.1:1").ip(), a("127.0.0.1:6000"));
+        assert_eq!(named.addr(), Some(a("127.0.0.1:6000")));
+        assert!(!named.admit(a("127.0.0.1:5000")));
+        assert!(named.admit(a("127.0.0.1:6000")));
+        // A named port on a zero address is unknown too.
+        let c = RelayClient::new(a("127.0.0.1:1").ip(), a("0.0.0.0:6000"));
+        assert_eq!(c.addr(), None);
+    }
+
+    #[test]
+    fn mesh_destinations_are_checked() {
+        let v4 = Ipv4Addr::new(100, 64, 0, 1);
+        let v6: Ipv6Addr = "200::1".parse().unwrap();
+        assert!(MeshAddrs::new(Ipv4Addr::UNSPECIFIED, None).is_none());
+        assert!(MeshAddrs::new(Ipv4Addr::BROADCAST, None).is_none());
+        assert!(MeshAddrs::new(v4, Some("ff02::1".parse().unwrap())).is_none());
+        let only4 = MeshAddrs::new(v4, None).unwrap();
+        let both = MeshAddrs::new(v4, Some(v6)).unwrap();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(only4.unreachable(a("100.64.0.2:80")), None);
+        assert_eq!(
+            only4.unreachable(a("[200::2]:80")),
+            Some(Reply::NetworkUnreachable)
+        );
+        assert_eq!(both.unreachable(a("[200::2]:80")), None);
+        for t in [
+            "100.64.0.1:80",
+            "[200::1]:80",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "[ff02::1]:80",
+        ] {
+            assert_eq!(both.unreachable(a(t)), Some(Reply::HostUnreachable), "{t}");
+        }
+        assert!(both.ours(v6.into()) && !only4.ours(v6.into()));
+        assert!(only4.has_family(v4.into()) && !only4.has_family(v6.into()));
+    }
 
     #[test]
     fn idle_flows_expire_and_active_ones_stay() {

@@ -5,6 +5,7 @@
 //! Not here: sockets (the driver in `stack` keeps them in the tables as values), TCP
 //! (`tcp_flows`).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -31,6 +32,14 @@ pub struct FlowTable<K, V> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("too many flows ({0})")]
 pub struct Full(pub usize);
+
+/// Why [`FlowTable::touch_or_open`] has no flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused<E> {
+    Full(Full),
+    /// Opening the flow failed.
+    Open(E),
+}
 
 impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
     pub fn new(idle: Duration, max: usize) -> Self {
@@ -60,6 +69,29 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
         }
         let slot = self.flows.entry(key).insert_entry((value, now));
         Ok(&mut slot.into_mut().0)
+    }
+
+    /// The flow of `key` marked active at `now`, or else a new one that `open` makes
+    /// (only when there is room); `true` when new.
+    pub fn touch_or_open<E>(
+        &mut self,
+        key: K,
+        now: Instant,
+        open: impl FnOnce() -> Result<V, E>,
+    ) -> Result<(&mut V, bool), Refused<E>> {
+        let full = self.flows.len() >= self.max;
+        match self.flows.entry(key) {
+            Entry::Occupied(o) => {
+                let (v, last) = o.into_mut();
+                *last = now;
+                Ok((v, false))
+            }
+            Entry::Vacant(_) if full => Err(Refused::Full(Full(self.max))),
+            Entry::Vacant(e) => {
+                let v = open().map_err(Refused::Open)?;
+                Ok((&mut e.insert((v, now)).0, true))
+            }
+        }
     }
 
     pub fn remove(&mut self, key: &K) -> Option<V> {
@@ -330,6 +362,37 @@ mod tests {
         assert_eq!(t.expire(later), vec![]);
         assert_eq!(t.get_mut(&2), Some(&mut 22));
         assert!(t.insert(3, 3, t0).is_ok());
+    }
+
+    #[test]
+    fn flows_open_only_when_new_and_with_room() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(40);
+        let mut t: FlowTable<u16, u16> = FlowTable::new(Duration::from_secs(60), 2);
+        let never = || -> Result<u16, &str> { panic!("opened an existing flow") };
+        assert_eq!(
+            t.touch_or_open(1, t0, || Ok::<_, &str>(10)),
+            Ok((&mut 10, true))
+        );
+        assert_eq!(t.touch_or_open(1, t1, never), Ok((&mut 10, false)));
+        assert_eq!(
+            t.touch_or_open(2, t0, || Err("no socket")),
+            Err(Refused::Open("no socket"))
+        );
+        assert_eq!(t.len(), 1, "a failed open leaves nothing");
+        assert_eq!(
+            t.touch_or_open(2, t0, || Ok::<_, &str>(20)),
+            Ok((&mut 20, true))
+        );
+        let full = || -> Result<u16, &str> { panic!("opened past the bound") };
+        assert_eq!(t.touch_or_open(3, t0, full), Err(Refused::Full(Full(2))));
+        // Flow 1 was active at t1: only flow 2 expires at t0 + 60 s.
+        assert_eq!(t.expire(t0 + Duration::from_secs(60)), vec![(2, 20)]);
+        assert_eq!(
+            t.touch_or_open(3, t1, || Ok::<_, &str>(30)),
+            Ok((&mut 30, true))
+        );
+        assert_eq!(t.next_expiry(), Some(t1 + Duration::from_secs(60)));
     }
 
     #[test]

@@ -229,6 +229,33 @@ impl Driver {
     }
 }
 
+/// What a smoltcp `recv` or `send` that wrote into or read from the local socket did.
+enum Moved {
+    Bytes(usize),
+    /// The local socket would block.
+    Blocked,
+    LocalError,
+    /// The smoltcp socket cannot move bytes (any more).
+    Stop,
+}
+
+fn moved<E>(r: Result<std::io::Result<usize>, E>) -> Moved {
+    match r {
+        Ok(Ok(n)) => Moved::Bytes(n),
+        Ok(Err(e)) if would_block(&e) => Moved::Blocked,
+        Ok(Err(_)) => Moved::LocalError,
+        Err(_) => Moved::Stop,
+    }
+}
+
+/// How much of a smoltcp buffer a local read or write took, and the result.
+fn taken(r: std::io::Result<usize>) -> (usize, std::io::Result<usize>) {
+    match r {
+        Ok(n) => (n, Ok(n)),
+        Err(e) => (0, Err(e)),
+    }
+}
+
 /// One TCP flow: opening, bytes both ways, closes passed on.
 fn step(
     flow: &mut TcpFlow<Local>,
@@ -306,19 +333,14 @@ fn step(
             }
             continue;
         }
-        let r = s.recv(|data| match stream.try_write(data) {
-            Ok(n) => (n, Ok(n)),
-            Err(e) => (0, Err(e)),
-        });
-        match r {
-            Ok(Ok(n)) => {
-                flow.from_mesh_bytes += n as u64;
-                progress = true;
-            }
-            Ok(Err(e)) if would_block(&e) => {}
-            Ok(Err(_)) => return Step::End(End::Abort),
-            Err(_) => break,
-        }
+        let n = match moved(s.recv(|data| taken(stream.try_write(data)))) {
+            Moved::Bytes(n) => n,
+            Moved::Blocked => continue,
+            Moved::LocalError => return Step::End(End::Abort),
+            Moved::Stop => break,
+        };
+        flow.from_mesh_bytes += n as u64;
+        progress = true;
     }
     if !flow.mesh_fin() {
         if s.state() == tcp::State::TimeWait && s.can_recv() {
@@ -380,25 +402,22 @@ fn step(
                 if buf.is_empty() {
                     return (0, Err(ErrorKind::WouldBlock.into()));
                 }
-                match stream.try_read(buf) {
-                    Ok(n) => (n, Ok(n)),
-                    Err(e) => (0, Err(e)),
-                }
+                taken(stream.try_read(buf))
             });
-            match r {
-                Ok(Ok(0)) => {
+            match moved(r) {
+                Moved::Bytes(0) => {
                     flow.local_finished();
                     s.close();
                     progress = true;
                     break;
                 }
-                Ok(Ok(n)) => {
+                Moved::Bytes(n) => {
                     flow.to_mesh_bytes += n as u64;
                     progress = true;
                 }
-                Ok(Err(e)) if would_block(&e) => {}
-                Ok(Err(_)) => return Step::End(End::Abort),
-                Err(_) => break,
+                Moved::Blocked => {}
+                Moved::LocalError => return Step::End(End::Abort),
+                Moved::Stop => break,
             }
         }
     }

@@ -12,6 +12,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::udp;
 use tokio::net::{TcpStream, UdpSocket};
 
+use super::super::flows::Refused;
 use super::super::socks::{self, Reply};
 use super::super::socks_session::{self, SocksJob};
 use super::super::status::Snapshot;
@@ -23,6 +24,16 @@ pub struct UdpLocal {
     sock: UdpSocket,
     to_mesh_bytes: u64,
     from_mesh_bytes: u64,
+}
+
+impl UdpLocal {
+    fn new(sock: UdpSocket) -> Self {
+        Self {
+            sock,
+            to_mesh_bytes: 0,
+            from_mesh_bytes: 0,
+        }
+    }
 }
 
 pub struct IngressUdp {
@@ -39,6 +50,17 @@ pub struct MeshUdp {
     port: u16,
     to_mesh_bytes: u64,
     from_mesh_bytes: u64,
+}
+
+impl MeshUdp {
+    fn new(handle: SocketHandle, port: u16) -> Self {
+        Self {
+            handle,
+            port,
+            to_mesh_bytes: 0,
+            from_mesh_bytes: 0,
+        }
+    }
 }
 
 pub struct EgressUdp {
@@ -205,31 +227,22 @@ impl Driver {
                     continue;
                 };
                 let key = (SocketAddr::from(meta.endpoint), IpAddr::from(local));
-                let flow = match rule.flows.touch(&key, now) {
-                    Some(f) => f,
-                    None => match udp_connected(rule.target) {
-                        Ok(sock) => {
-                            let f = UdpLocal {
-                                sock,
-                                to_mesh_bytes: 0,
-                                from_mesh_bytes: 0,
-                            };
-                            match rule.flows.insert(key, f, now) {
-                                Ok(f) => {
-                                    self.status_clock.changed();
-                                    f
-                                }
-                                Err(e) => {
-                                    tracing::debug!(error = %e, "UDP datagram dropped");
-                                    continue;
-                                }
-                            }
+                let open = || udp_connected(rule.target).map(UdpLocal::new);
+                let flow = match rule.flows.touch_or_open(key, now, open) {
+                    Ok((f, new)) => {
+                        if new {
+                            self.status_clock.changed();
                         }
-                        Err(e) => {
-                            tracing::warn!(target = %rule.target, error = %e, "cannot open a UDP socket");
-                            continue;
-                        }
-                    },
+                        f
+                    }
+                    Err(Refused::Full(e)) => {
+                        tracing::debug!(error = %e, "UDP datagram dropped");
+                        continue;
+                    }
+                    Err(Refused::Open(e)) => {
+                        tracing::warn!(target = %rule.target, error = %e, "cannot open a UDP socket");
+                        continue;
+                    }
                 };
                 flow.from_mesh_bytes += data.len() as u64;
                 let _ = flow.sock.try_send(data);
@@ -262,37 +275,27 @@ impl Driver {
                     break;
                 };
                 progress = true;
-                let flow = match rule.flows.touch(&client, now) {
-                    Some(f) => f,
-                    None => {
-                        let Some(port) = self.ports.alloc() else {
-                            continue;
-                        };
-                        let mut s = stack_socket(64, 128 * 1024);
-                        if s.bind(port).is_err() {
-                            self.ports.release(port);
-                            continue;
-                        }
-                        let handle = sockets.add(s);
-                        let f = MeshUdp {
-                            handle,
-                            port,
-                            to_mesh_bytes: 0,
-                            from_mesh_bytes: 0,
-                        };
-                        match rule.flows.insert(client, f, now) {
-                            Ok(f) => {
-                                self.status_clock.changed();
-                                f
-                            }
-                            Err(e) => {
-                                sockets.remove(handle);
-                                self.ports.release(port);
-                                tracing::debug!(error = %e, "UDP datagram dropped");
-                                continue;
-                            }
-                        }
+                let ports = &mut self.ports;
+                let open = || {
+                    let port = ports.alloc().ok_or(())?;
+                    let mut s = stack_socket(64, 128 * 1024);
+                    if s.bind(port).is_err() {
+                        ports.release(port);
+                        return Err(());
                     }
+                    Ok(MeshUdp::new(sockets.add(s), port))
+                };
+                let flow = match rule.flows.touch_or_open(client, now, open) {
+                    Ok((f, true)) => {
+                        self.status_clock.changed();
+                        f
+                    }
+                    Ok((f, false)) => f,
+                    Err(Refused::Full(e)) => {
+                        tracing::debug!(error = %e, "UDP datagram dropped");
+                        continue;
+                    }
+                    Err(Refused::Open(())) => continue,
                 };
                 flow.to_mesh_bytes += n as u64;
                 let s = sockets.get_mut::<udp::Socket>(flow.handle);

@@ -9,6 +9,20 @@ const PEER: &str = "100.64.0.2:40000";
 const OURS: &str = "100.64.0.1:443";
 const SERVICE: &str = "127.0.0.1:8443";
 
+/// An egress or SOCKS5 flow from PEER to OURS (no early bytes).
+fn flow<L>(rule: usize, origin: Origin, local: L, port: u16, t0: Instant) -> TcpFlow<L> {
+    TcpFlow::egress(
+        rule,
+        origin,
+        addr(PEER),
+        addr(OURS),
+        local,
+        vec![],
+        port,
+        t0,
+    )
+}
+
 /// A table with ingress port 443 (rule 0) and room for `max` sockets.
 fn table(max: usize) -> TcpTable<u32, &'static str> {
     let mut t = TcpTable::new(max);
@@ -61,21 +75,10 @@ fn sockets_are_bounded_listeners_and_closing_ones_included() {
     let t0 = Instant::now();
     let mut t = table(3);
     t.add_listener(443, 1);
-    let flow = |port| {
-        TcpFlow::egress(
-            1,
-            Origin::Egress,
-            addr(PEER),
-            addr(OURS),
-            "",
-            vec![],
-            port,
-            t0,
-        )
-    };
-    t.insert(2, flow(50000));
+    let egress = |port| flow(1, Origin::Egress, "", port, t0);
+    t.insert(2, egress(50000));
     assert!(t.has_room());
-    t.insert(3, flow(50001));
+    t.insert(3, egress(50001));
     assert!(!t.has_room());
     // A SYN while full: no listener is armed (one waits already, though).
     assert_eq!(t.arm(443), Arm::Ready);
@@ -96,16 +99,7 @@ fn sockets_are_bounded_listeners_and_closing_ones_included() {
 fn closing_sockets_go_when_finished_or_after_the_drain_timeout() {
     let t0 = Instant::now();
     let mut t = table(8);
-    let flow = TcpFlow::egress(
-        1,
-        Origin::Egress,
-        addr(PEER),
-        addr(OURS),
-        "",
-        vec![],
-        50000,
-        t0,
-    );
+    let flow = flow(1, Origin::Egress, "", 50000, t0);
     t.insert(1, flow);
     t.add_listener(443, 2);
     t.end(1, t0).unwrap();
@@ -136,16 +130,7 @@ fn closing_sockets_go_when_finished_or_after_the_drain_timeout() {
 #[test]
 fn opening_fails_at_the_deadline_or_on_refusal() {
     let t0 = Instant::now();
-    let mut f = TcpFlow::egress(
-        0,
-        Origin::Egress,
-        addr(PEER),
-        addr(OURS),
-        (),
-        vec![],
-        50000,
-        t0,
-    );
+    let mut f = flow(0, Origin::Egress, (), 50000, t0);
     assert_eq!(f.state.opening(State::SynSent, t0), Ok(Opening::Wait));
     let late = t0 + CONNECT_TIMEOUT;
     assert_eq!(
@@ -166,16 +151,7 @@ fn opening_fails_at_the_deadline_or_on_refusal() {
         f.state.local_close(End::Failed(Reply::HostUnreachable)),
         LocalClose::Reset
     );
-    let s = TcpFlow::egress(
-        0,
-        Origin::Socks,
-        addr(PEER),
-        addr(OURS),
-        (),
-        vec![],
-        50000,
-        t0,
-    );
+    let s = flow(0, Origin::Socks, (), 50000, t0);
     assert_eq!(
         s.state.local_close(End::Failed(Reply::ConnectionRefused)),
         LocalClose::Reply(Reply::ConnectionRefused)
@@ -210,16 +186,7 @@ fn established_owes_the_socks_reply_once_and_has_no_deadline() {
         LocalClose::Reset
     );
 
-    let mut e = TcpFlow::egress(
-        0,
-        Origin::Egress,
-        addr(PEER),
-        addr(OURS),
-        (),
-        vec![],
-        50000,
-        t0,
-    );
+    let mut e = flow(0, Origin::Egress, (), 50000, t0);
     assert_eq!(
         e.state.opening(State::CloseWait, t0),
         Ok(Opening::Established { socks_reply: false }),
@@ -230,16 +197,7 @@ fn established_owes_the_socks_reply_once_and_has_no_deadline() {
 #[test]
 fn fins_are_passed_on_after_the_data_and_both_end_the_flow() {
     let t0 = Instant::now();
-    let mut f = TcpFlow::egress(
-        0,
-        Origin::Egress,
-        addr(PEER),
-        addr(OURS),
-        (),
-        vec![],
-        50000,
-        t0,
-    );
+    let mut f = flow(0, Origin::Egress, (), 50000, t0);
     f.state.opening(State::Established, t0).unwrap();
     assert!(!f.state.take_fin_to_local(), "no FIN yet");
     f.state.to_local.push(b"tail");
@@ -273,16 +231,7 @@ fn fins_are_passed_on_after_the_data_and_both_end_the_flow() {
 #[test]
 fn a_reset_mesh_side_ends_the_flow_and_resets_the_local_one() {
     let t0 = Instant::now();
-    let mut f = TcpFlow::egress(
-        0,
-        Origin::Egress,
-        addr(PEER),
-        addr(OURS),
-        (),
-        vec![],
-        50000,
-        t0,
-    );
+    let mut f = flow(0, Origin::Egress, (), 50000, t0);
     f.state.opening(State::Established, t0).unwrap();
     assert_eq!(f.state.finished(State::Established, false), None);
     // Closed with unread data: the data goes to the local side first.

@@ -176,6 +176,18 @@ fn shape_error(f: &[(&str, bool)], shape: &'static str) -> RuleError {
     }
 }
 
+/// The `HOST:PORT` a rule sends to (`what`, in errors).
+fn target(
+    host: (&str, bool),
+    host_port: &str,
+    what: &'static str,
+) -> Result<SocketAddr, RuleError> {
+    let host = address(host)?;
+    let host_port = port(host_port)?;
+    check_target(host, what)?;
+    Ok(SocketAddr::new(host, host_port))
+}
+
 /// A unicast address something can be sent to.
 fn check_target(ip: IpAddr, what: &'static str) -> Result<(), RuleError> {
     let bad =
@@ -195,14 +207,12 @@ impl Rule {
         };
         let proto = proto(p)?;
         let mesh_port = port(mesh_port)?;
-        let host = address(host)?;
-        let host_port = port(host_port)?;
-        check_target(host, "local target")?;
+        let target = target(host, host_port, "local target")?;
         Ok(Self {
             direction: Direction::Ingress,
             proto,
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), mesh_port),
-            target: SocketAddr::new(host, host_port),
+            target,
         })
     }
 
@@ -223,14 +233,11 @@ impl Rule {
             return Err(RuleError::UnusableAddress(bind, "listen"));
         }
         let local_port = port(local_port)?;
-        let host = address(host)?;
-        let host_port = port(host_port)?;
-        check_target(host, "mesh host")?;
         Ok(Self {
             direction: Direction::Egress,
             proto,
             listen: SocketAddr::new(bind, local_port),
-            target: SocketAddr::new(host, host_port),
+            target: target(host, host_port, "mesh host")?,
         })
     }
 }

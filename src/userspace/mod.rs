@@ -5,9 +5,14 @@
 //! The data path exchanges IP packets with this stack over a datagram socket pair
 //! ([`crate::io::tun::PacketDevice::Pipe`]), so nothing here needs privileges.
 //!
-//! - [`rule`], [`socks`], [`flows`], [`packet`]: pure parts (rule syntax, SOCKS5
-//!   messages, UDP flow expiry and ports, a look at SYNs), unit tested;
-//! - `stack`: the driver thread (smoltcp interface, sockets, local sockets);
+//! - [`rule`], [`socks`], [`flows`], [`tcp_flows`], `status`, [`packet`]: pure parts
+//!   (rule syntax, SOCKS5 messages, UDP flow tables with idle expiry, ports, SOCKS5
+//!   relay clients and reachable destinations, TCP flow tables with their phases and
+//!   limits, the status snapshot and when to take it, a look at SYNs), given `now`
+//!   and unit tested without sockets;
+//! - `stack`: the driver thread (smoltcp interface, sockets, local sockets; one clock
+//!   read per turn), with `stack::tcp` and `stack::udp` moving the bytes;
+//! - `socks_session`: one SOCKS5 client's negotiation, in a task of its own;
 //! - `device`: the smoltcp device on the socket pair.
 //!
 //! Not here: name resolution (SOCKS5 clients give addresses; mesh hosts have no
@@ -18,7 +23,10 @@ pub mod flows;
 pub mod packet;
 pub mod rule;
 pub mod socks;
+mod socks_session;
 mod stack;
+mod status;
+pub mod tcp_flows;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,8 +34,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+pub use flows::UDP_IDLE;
 pub use rule::{Direction, Proto, Rule, RuleError};
-pub use stack::UDP_IDLE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserspaceError {

@@ -167,6 +167,27 @@ fn proto(s: &str) -> Result<Proto, RuleError> {
     }
 }
 
+/// A rule of the wrong shape: an unknown protocol in front says so first (`tcpx:1:2`),
+/// otherwise the expected `shape`.
+fn shape_error(f: &[(&str, bool)], shape: &'static str) -> RuleError {
+    match f {
+        [(p, false), _, ..] => proto(p).err().unwrap_or(RuleError::Shape(shape)),
+        _ => RuleError::Shape(shape),
+    }
+}
+
+/// The `HOST:PORT` a rule sends to (`what`, in errors).
+fn target(
+    host: (&str, bool),
+    host_port: &str,
+    what: &'static str,
+) -> Result<SocketAddr, RuleError> {
+    let host = address(host)?;
+    let host_port = port(host_port)?;
+    check_target(host, what)?;
+    Ok(SocketAddr::new(host, host_port))
+}
+
 /// A unicast address something can be sent to.
 fn check_target(ip: IpAddr, what: &'static str) -> Result<(), RuleError> {
     let bad =
@@ -182,21 +203,16 @@ impl Rule {
     pub fn ingress(s: &str) -> Result<Self, RuleError> {
         let f = fields(s.trim()).ok_or(RuleError::Shape(INGRESS_SHAPE))?;
         let [(p, false), (mesh_port, false), host, (host_port, false)] = f[..] else {
-            if let (Some(&(p, false)), true) = (f.first(), f.len() > 1) {
-                proto(p)?;
-            }
-            return Err(RuleError::Shape(INGRESS_SHAPE));
+            return Err(shape_error(&f, INGRESS_SHAPE));
         };
         let proto = proto(p)?;
         let mesh_port = port(mesh_port)?;
-        let host = address(host)?;
-        let host_port = port(host_port)?;
-        check_target(host, "local target")?;
+        let target = target(host, host_port, "local target")?;
         Ok(Self {
             direction: Direction::Ingress,
             proto,
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), mesh_port),
-            target: SocketAddr::new(host, host_port),
+            target,
         })
     }
 
@@ -206,12 +222,7 @@ impl Rule {
         let (p, bind, local_port, host, host_port) = match f[..] {
             [(p, false), (lp, false), host, (hp, false)] => (p, None, lp, host, hp),
             [(p, false), bind, (lp, false), host, (hp, false)] => (p, Some(bind), lp, host, hp),
-            _ => {
-                if let (Some(&(p, false)), true) = (f.first(), f.len() > 1) {
-                    proto(p)?;
-                }
-                return Err(RuleError::Shape(EGRESS_SHAPE));
-            }
+            _ => return Err(shape_error(&f, EGRESS_SHAPE)),
         };
         let proto = proto(p)?;
         let bind = bind
@@ -222,14 +233,11 @@ impl Rule {
             return Err(RuleError::UnusableAddress(bind, "listen"));
         }
         let local_port = port(local_port)?;
-        let host = address(host)?;
-        let host_port = port(host_port)?;
-        check_target(host, "mesh host")?;
         Ok(Self {
             direction: Direction::Egress,
             proto,
             listen: SocketAddr::new(bind, local_port),
-            target: SocketAddr::new(host, host_port),
+            target: target(host, host_port, "mesh host")?,
         })
     }
 }

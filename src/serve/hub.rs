@@ -78,7 +78,7 @@ impl OrgView {
     }
 
     /// Sets a device's encoded state (None: removed).
-    fn set(&mut self, id: i64, device: Option<(Arc<[u8]>, bool)>) {
+    fn set(&mut self, id: i64, device: Option<EncodedDevice>) {
         match device {
             Some((encoded, online)) => {
                 self.devices.insert(id, encoded);
@@ -203,10 +203,12 @@ fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
 }
 
 /// One organization's part of a batch, prepared outside the lock.
+/// A device's encoded state and its online flag.
+type EncodedDevice = (Arc<[u8]>, bool);
+
 struct Prepared {
     org: i64,
-    /// Each device's encoded state and online flag (None: removed).
-    devices: Vec<(i64, Option<(Arc<[u8]>, bool)>)>,
+    devices: Vec<(i64, Option<EncodedDevice>)>,
     delta: Option<Arc<OrgDelta>>,
 }
 

@@ -20,8 +20,43 @@ use crate::store::DEFAULT_ORG;
         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail."
 )]
 pub struct Cli {
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for
+    /// log shippers.
+    #[arg(
+        long,
+        global = true,
+        env = "NEXODUS_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Shells `nexodus completions` writes a script for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl From<CompletionShell> for clap_complete::Shell {
+    fn from(shell: CompletionShell) -> Self {
+        match shell {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        }
+    }
 }
 
 /// Where the coordinator keeps its state. `serve` and the admin commands share these
@@ -75,6 +110,10 @@ pub enum Command {
         /// STUN address; the next port answers STUN too (symmetric NAT detection).
         #[arg(long, env = "NEXODUS_STUN_LISTEN", default_value = "0.0.0.0:3478")]
         stun_listen: SocketAddr,
+        /// Serve Prometheus metrics on http://ADDR/metrics (off unless given), e.g.
+        /// 127.0.0.1:9101.
+        #[arg(long, env = "NEXODUS_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -181,6 +220,14 @@ pub enum Command {
         json: bool,
         #[command(flatten)]
         state: StateArgs,
+    },
+    /// Print a shell completion script on stdout, e.g.
+    /// `nexodus completions bash > /etc/bash_completion.d/nexodus`,
+    /// `nexodus completions zsh > "${fpath[1]}/_nexodus"`,
+    /// `nexodus completions fish > ~/.config/fish/completions/nexodus.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
     },
     /// Benchmark: simulate many nodes against a running coordinator over real QUIC
     /// connections and report registrations/s, change fan-out latency and memory.

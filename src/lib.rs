@@ -8,6 +8,7 @@ pub mod identity;
 pub mod io;
 pub mod join;
 pub mod loadgen;
+pub mod metrics;
 pub mod node;
 pub mod quicio;
 pub mod serve;

@@ -3,19 +3,14 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use nexodus::cli::{Cli, Command, DevicesAction, OrgAction, TokenAction};
+use nexodus::cli::{Cli, Command, DevicesAction, LogFormat, OrgAction, TokenAction};
 use nexodus::serve::{self, ServeConfig};
 use nexodus::wire::control::Device;
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -24,16 +19,54 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Logs go to stderr, filtered by RUST_LOG (default `info`), as text or JSON lines.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(
+                clap_complete::Shell::from(shell),
+                &mut cmd,
+                "nexodus",
+                &mut script,
+            );
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                // `nexodus completions bash | head` is not an error.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(e).context("writing the completion script")
+                }
+                _ => Ok(()),
+            }
+        }
         Command::Serve {
             listen,
             stun_listen,
+            metrics_listen,
             state,
         } => {
             let cfg = ServeConfig {
                 listen,
                 stun_listen,
+                metrics_listen,
                 database: state.database(),
                 state_dir: state.state_dir(),
             };

@@ -19,13 +19,14 @@
 //! (what makes thousands of nodes reconnecting at once, e.g. after a replica died,
 //! affordable).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
 use crate::serve::SharedStore;
+use crate::serve::metrics::CoordinatorMetrics;
 use crate::store::{Change, StoreError};
 use crate::wire::control::{Device, Response};
 use crate::wire::frame::{self, MAX_RESPONSE_LEN};
@@ -55,11 +56,15 @@ pub struct OrgDelta {
     pub revision: i64,
     pub removed: Vec<i64>,
     pub frame: Vec<u8>,
+    /// When it was encoded (the fan-out histogram measures from here).
+    pub created: std::time::Instant,
 }
 
 /// An organization's devices (each JSON-encoded) and its watchers' channel.
 struct OrgView {
     devices: BTreeMap<i64, Arc<[u8]>>,
+    /// The devices whose last state says online (for the metrics).
+    online: BTreeSet<i64>,
     tx: broadcast::Sender<Arc<OrgDelta>>,
 }
 
@@ -67,7 +72,26 @@ impl OrgView {
     fn new() -> Self {
         Self {
             devices: BTreeMap::new(),
+            online: BTreeSet::new(),
             tx: broadcast::channel(CHANNEL_DEPTH).0,
+        }
+    }
+
+    /// Sets a device's encoded state (None: removed).
+    fn set(&mut self, id: i64, device: Option<EncodedDevice>) {
+        match device {
+            Some((encoded, online)) => {
+                self.devices.insert(id, encoded);
+                if online {
+                    self.online.insert(id);
+                } else {
+                    self.online.remove(&id);
+                }
+            }
+            None => {
+                self.devices.remove(&id);
+                self.online.remove(&id);
+            }
         }
     }
 }
@@ -128,6 +152,8 @@ pub struct Hub {
     snapshots: Semaphore,
     /// Open watch streams per device (a reconnecting node briefly has two).
     watches: Mutex<HashMap<i64, usize>>,
+    /// Counters of what the shell does (registrations, fan-out latency).
+    pub metrics: CoordinatorMetrics,
 }
 
 /// Groups changes by organization; per device the latest state wins.
@@ -166,6 +192,7 @@ pub fn encode_delta(
         revision,
         removed,
         frame,
+        created: std::time::Instant::now(),
     })
 }
 
@@ -176,9 +203,12 @@ fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
 }
 
 /// One organization's part of a batch, prepared outside the lock.
+/// A device's encoded state and its online flag.
+type EncodedDevice = (Arc<[u8]>, bool);
+
 struct Prepared {
     org: i64,
-    devices: Vec<(i64, Option<Arc<[u8]>>)>,
+    devices: Vec<(i64, Option<EncodedDevice>)>,
     delta: Option<Arc<OrgDelta>>,
 }
 
@@ -197,7 +227,24 @@ impl Hub {
             poke: Notify::new(),
             snapshots: Semaphore::new(SNAPSHOTS_AT_ONCE),
             watches: Mutex::new(HashMap::new()),
+            metrics: CoordinatorMetrics::default(),
         })
+    }
+
+    /// Devices and online devices per organization id, as the views hold them now.
+    pub fn org_counts(&self) -> BTreeMap<i64, (usize, usize)> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .orgs
+            .iter()
+            .map(|(id, v)| (*id, (v.devices.len(), v.online.len())))
+            .collect()
+    }
+
+    /// Watch streams open on this process.
+    pub fn watcher_count(&self) -> usize {
+        let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        w.values().sum()
     }
 
     /// Reads every organization's devices into the views; returns the revision to
@@ -213,7 +260,7 @@ impl Hub {
             for org in s.orgs()? {
                 let mut view = OrgView::new();
                 for d in s.devices(org.id)? {
-                    view.devices.insert(d.id, encode_device(&d)?);
+                    view.set(d.id, Some((encode_device(&d)?, d.online)));
                 }
                 orgs.insert(org.id, view);
             }
@@ -337,7 +384,11 @@ impl Hub {
             let mut encoded = Vec::with_capacity(devices.len());
             let mut ok = true;
             for (id, d) in &devices {
-                match d.as_ref().map(encode_device).transpose() {
+                match d
+                    .as_ref()
+                    .map(|d| encode_device(d).map(|e| (e, d.online)))
+                    .transpose()
+                {
                     Ok(e) => encoded.push((*id, e)),
                     Err(e) => {
                         tracing::error!(error = %e, org, "encoding a device failed");
@@ -363,10 +414,7 @@ impl Hub {
         for p in prepared {
             let view = state.orgs.entry(p.org).or_insert_with(OrgView::new);
             for (id, d) in p.devices {
-                match d {
-                    Some(d) => view.devices.insert(id, d),
-                    None => view.devices.remove(&id),
-                };
+                view.set(id, d);
             }
             if let Some(delta) = p.delta {
                 // An error only means nobody watches this organization now.

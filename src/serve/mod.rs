@@ -10,6 +10,7 @@
 
 pub mod handler;
 pub mod hub;
+pub mod metrics;
 pub mod stun;
 
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ pub enum ServeError {
     },
     #[error("startup task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 pub struct ServeConfig {
@@ -64,6 +67,8 @@ pub struct ServeConfig {
     /// TLS identity files (SQLite only: with PostgreSQL the identity is in the
     /// database, shared by the replicas).
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus `/metrics` (off when None).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Unix seconds now.
@@ -269,6 +274,14 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     // Tail from before the devices were read (replaying a few changes is harmless).
     let loaded = hub.load().await?;
     tokio::spawn(hub.clone().run(revision.min(loaded)));
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = crate::metrics::bind(addr).await?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, {
+            let (store, hub) = (store.clone(), hub.clone());
+            move || render_metrics(store.clone(), hub.clone())
+        }));
+    }
     let (register_tx, register_rx) = tokio::sync::mpsc::channel(4 * REGISTER_BATCH);
     tokio::spawn(registrar(store.clone(), hub.clone(), register_rx));
 
@@ -304,6 +317,25 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         });
     }
     Ok(())
+}
+
+/// The coordinator's metrics: organization names from the store (a short query),
+/// everything else from the hub's memory.
+async fn render_metrics(store: SharedStore, hub: Arc<Hub>) -> String {
+    let names = with_store(&store, |s| s.orgs()).await.unwrap_or_default();
+    let counts = hub.org_counts();
+    let orgs: Vec<metrics::OrgFigures> = names
+        .into_iter()
+        .map(|o| {
+            let (devices, online) = counts.get(&o.id).copied().unwrap_or((0, 0));
+            metrics::OrgFigures {
+                org: o.name,
+                devices,
+                online,
+            }
+        })
+        .collect();
+    hub.metrics.render(&orgs, hub.watcher_count())
 }
 
 /// Socket buffers of the QUIC endpoint: thousands of nodes' keepalives and a burst of
@@ -397,7 +429,9 @@ async fn registrar(
         })
         .await
         .unwrap_or_else(|e| crate::store::fail_all(e, n));
-        if results.iter().any(Result::is_ok) {
+        let registered = results.iter().filter(|r| r.is_ok()).count();
+        if registered > 0 {
+            hub.metrics.registered(registered);
             hub.poke();
         }
         for (done, result) in dones.into_iter().zip(results) {
@@ -446,12 +480,16 @@ pub async fn with_store<T: Send + 'static>(
     f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || {
+    let result = tokio::task::spawn_blocking(move || {
         let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
         f(s.as_mut())
     })
     .await
-    .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}"))))
+    .unwrap_or_else(|e| Err(StoreError::Corrupt(format!("store task failed: {e}"))));
+    if matches!(&result, Err(e) if e.is_internal()) {
+        metrics::STORE_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    result
 }
 
 fn log_refusal(remote: SocketAddr, err: &StoreError) {
@@ -647,6 +685,7 @@ async fn forward_deltas(
                 }
                 revision = delta.revision;
                 send.write_all(&delta.frame).await?;
+                hub.metrics.fanned_out(delta.created.elapsed());
                 if delta.removed.contains(&me.id) {
                     tracing::info!(id = me.id, "device removed; ending its watch");
                     let _ = send.finish();

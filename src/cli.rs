@@ -184,6 +184,10 @@ pub enum Command {
         /// (e.g. 127.0.0.1:1080).
         #[arg(long, env = "NEXODUS_SOCKS5", requires = "userspace")]
         socks5: Option<std::net::SocketAddr>,
+        /// Serve Prometheus metrics (per-peer bytes and handshake age, drops) on
+        /// http://ADDR/metrics (off unless given), e.g. 127.0.0.1:9102.
+        #[arg(long, env = "NEXODUS_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         /// Ask for a specific tunnel address (v4 and/or v6; repeatable); refused if taken.
         #[arg(long, env = "NEXODUS_REQUEST_IP", value_delimiter = ',')]
         request_ip: Vec<std::net::IpAddr>,

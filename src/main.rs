@@ -97,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             ingress,
             egress,
             socks5,
+            metrics_listen,
             state,
         } => {
             let userspace = if userspace {
@@ -128,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
                 masquerade,
                 keepalive,
                 userspace,
+                metrics_listen,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))

@@ -41,6 +41,7 @@ impl Sockets {
                 None
             }
         };
+        let metrics_stack = stack.clone();
         let mut tasks = vec![tokio::spawn(serve(
             listener,
             datapath.clone(),
@@ -49,6 +50,20 @@ impl Sockets {
             move |v, dp| status::build(v, dp, listen_port, stack.as_deref()),
             |stream, report| async move { status::answer(stream, &report).await },
         ))];
+        if let Some(addr) = cfg.metrics_listen {
+            let listener = crate::metrics::bind(addr).await?;
+            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+            let (datapath, view, stack) = (datapath.clone(), view.clone(), metrics_stack);
+            tasks.push(tokio::spawn(crate::metrics::serve(listener, move || {
+                let (datapath, view, stack) = (datapath.clone(), view.clone(), stack.clone());
+                async move {
+                    let dp = datapath.status().await;
+                    let report =
+                        status::build(&view.borrow(), dp.as_ref(), listen_port, stack.as_deref());
+                    super::metrics::render(&report)
+                }
+            })));
+        }
         let uapi_bound = uapi_listener.is_some();
         if let Some(l) = uapi_listener {
             let keepalive = cfg.keepalive;

@@ -17,6 +17,7 @@ mod driver;
 mod enroll;
 mod iface;
 mod local;
+pub mod metrics;
 pub mod state;
 pub mod status;
 pub mod uapi;
@@ -84,6 +85,8 @@ pub enum JoinError {
     Masquerade(#[from] nft::NftError),
     #[error(transparent)]
     Userspace(#[from] crate::userspace::UserspaceError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 pub struct JoinConfig {
@@ -106,6 +109,8 @@ pub struct JoinConfig {
     pub keepalive: u16,
     /// Rootless mode: a userspace TCP/IP stack instead of a TUN device.
     pub userspace: Option<crate::userspace::UserspaceConfig>,
+    /// Where to serve Prometheus `/metrics` (off when None).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443).

@@ -19,6 +19,7 @@ mod addrs;
 mod migrate;
 pub mod pg;
 pub mod sqlite;
+#[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod testpg;
 

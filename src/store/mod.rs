@@ -14,6 +14,13 @@
 //! appended under a table lock held to commit). Address allocation runs inside the
 //! registering transaction, and the schema's UNIQUE constraints back it up: no address
 //! is ever live twice, even when two replicas allocate at once (the loser retries).
+//!
+//! The flows (register, log in, update, online state, …) are written once: the
+//! provided methods of [`Store`] and `flow`, over a narrow interface each backend
+//! implements (`flow::Engine`: transactions and the retry policy; `flow::Tx`: the
+//! queries in its SQL dialect). `rows` decodes rows of either driver. This module
+//! holds no SQL; each backend holds nothing but its connection, dialect and retries
+//! (and, for PostgreSQL, what replicas share).
 
 mod addrs;
 mod flow;

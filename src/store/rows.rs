@@ -30,6 +30,14 @@ macro_rules! device_columns {
 }
 pub(crate) use device_columns;
 
+/// `SELECT` the `device_columns!()` `FROM devices` and the rest of the query.
+macro_rules! select_devices {
+    ($rest:literal) => {
+        concat!("SELECT ", device_columns!(), " FROM devices ", $rest)
+    };
+}
+pub(crate) use select_devices;
+
 /// A column type both drivers read.
 pub trait Value: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a> {}
 impl Value for i64 {}

@@ -13,7 +13,7 @@ use rusqlite::{Connection, Params, TransactionBehavior, params, params_from_iter
 
 use super::addrs::{AddrCache, AddrChange, DeviceAddrs};
 use super::flow::{Engine, Read, ReadFn, Tx, WriteFn};
-use super::rows::{self, Encoded, Row as _, Token, device_columns};
+use super::rows::{self, Encoded, Row as _, Token, device_columns, select_devices};
 use super::{AdvertisedBy, Change, Organization, Store, StoreError, migrate};
 use crate::wire::control::Device;
 
@@ -150,7 +150,7 @@ impl Tx for Sql<'_> {
     }
 
     fn device(&mut self, id: i64) -> Result<Option<Device>, StoreError> {
-        const SQL: &str = concat!("SELECT ", device_columns!(), " FROM devices WHERE id = ?1");
+        const SQL: &str = select_devices!("WHERE id = ?1");
         self.opt(SQL, [id], |r| rows::device(r, 0))
     }
 
@@ -169,11 +169,7 @@ impl Tx for Sql<'_> {
     }
 
     fn devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
-        const SQL: &str = concat!(
-            "SELECT ",
-            device_columns!(),
-            " FROM devices WHERE organization_id = ?1 ORDER BY id"
-        );
+        const SQL: &str = select_devices!("WHERE organization_id = ?1 ORDER BY id");
         self.all(SQL, [organization_id], |r| rows::device(r, 0))
     }
 

@@ -13,7 +13,9 @@ use postgres::{GenericClient, Row, Statement};
 
 use super::super::addrs::{AddrChange, DeviceAddrs};
 use super::super::flow::Tx;
-use super::super::rows::{self, Encoded, Param, Row as _, Token, Value, device_columns};
+use super::super::rows::{
+    self, Encoded, Param, Row as _, Token, Value, device_columns, select_devices,
+};
 use super::super::{AdvertisedBy, Change, Organization, StoreError};
 use crate::wire::control::Device;
 
@@ -117,16 +119,12 @@ impl<C: GenericClient> Tx for Db<'_, C> {
     }
 
     fn device(&mut self, id: i64) -> Result<Option<Device>, StoreError> {
-        const SQL: &str = concat!("SELECT ", device_columns!(), " FROM devices WHERE id = $1");
+        const SQL: &str = select_devices!("WHERE id = $1");
         self.opt(SQL, &[&id], device)
     }
 
     fn lock_device(&mut self, id: i64) -> Result<Option<Device>, StoreError> {
-        const SQL: &str = concat!(
-            "SELECT ",
-            device_columns!(),
-            " FROM devices WHERE id = $1 FOR UPDATE"
-        );
+        const SQL: &str = select_devices!("WHERE id = $1 FOR UPDATE");
         self.opt(SQL, &[&id], device)
     }
 
@@ -140,11 +138,7 @@ impl<C: GenericClient> Tx for Db<'_, C> {
     }
 
     fn devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
-        const SQL: &str = concat!(
-            "SELECT ",
-            device_columns!(),
-            " FROM devices WHERE organization_id = $1 ORDER BY id"
-        );
+        const SQL: &str = select_devices!("WHERE organization_id = $1 ORDER BY id");
         self.all(SQL, &[&organization_id], device)
     }
 
@@ -355,11 +349,7 @@ impl<C: GenericClient> Tx for Db<'_, C> {
     /// One statement for the whole batch: the change-log lock, one revision per
     /// device in order, the revisions stamped; then one read of the devices.
     fn log_new_devices(&mut self, new: &[(i64, i64)], now: i64) -> Result<Vec<Device>, StoreError> {
-        const LOAD: &str = concat!(
-            "SELECT ",
-            device_columns!(),
-            " FROM devices WHERE id = ANY($1)"
-        );
+        const LOAD: &str = select_devices!("WHERE id = ANY($1)");
         if new.is_empty() {
             return Ok(Vec::new());
         }

@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod mesh;
 pub mod nat;
 pub mod routing;
+#[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod testutil;
 

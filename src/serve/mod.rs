@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::coord::token::{JoinToken, hash_secret};
 use crate::identity::{Identity, IdentityError};
 use crate::quicio::{self, FrameIoError};
-use crate::store::{DEFAULT_ORG, Database, PgStore, Registration, SqliteStore, Store, StoreError};
+use crate::store::{ClusterIdentity, DEFAULT_ORG, Database, Registration, Store, StoreError};
 use crate::wire::control::{Auth, Device, ErrorCode, Request, Response};
 use crate::wire::frame::{MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
 use hub::Hub;
@@ -90,26 +90,20 @@ pub struct CoordinatorState {
 /// identity (creating it): files in `state_dir` next to an SQLite database, a row of
 /// the database itself with PostgreSQL. Blocking: call it off the async threads.
 pub fn open_state(db: &Database, state_dir: &Path) -> Result<CoordinatorState, ServeError> {
-    let (identity, mut store): (Identity, Box<dyn Store>) = match db {
-        Database::Sqlite(path) => {
-            crate::fsutil::ensure_private_dir(state_dir).map_err(|source| IdentityError::Io {
-                path: state_dir.display().to_string(),
+    if let Database::Sqlite(path) = db {
+        // The identity's directory, and the database file's, both private.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        for dir in std::iter::once(state_dir).chain(parent) {
+            crate::fsutil::ensure_private_dir(dir).map_err(|source| IdentityError::Io {
+                path: dir.display().to_string(),
                 source,
             })?;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                crate::fsutil::ensure_private_dir(parent).map_err(|source| IdentityError::Io {
-                    path: parent.display().to_string(),
-                    source,
-                })?;
-            }
-            let identity = Identity::load_or_create(state_dir)?;
-            (identity, Box::new(SqliteStore::open(path)?))
         }
-        Database::Postgres(url) => {
-            let mut store = PgStore::connect(url)?;
-            let identity = shared_identity(&mut store)?;
-            (identity, Box::new(store))
-        }
+    }
+    let mut store = crate::store::open(db)?;
+    let identity = match store.cluster_identity() {
+        Some(shared) => shared_identity(shared)?,
+        None => Identity::load_or_create(state_dir)?,
     };
     let first_start = store.ensure_default_org(unix_now())?;
     Ok(CoordinatorState {
@@ -198,7 +192,7 @@ pub fn add_unmanaged(
 }
 
 /// The identity every replica on this database presents: made by the first one.
-fn shared_identity(store: &mut PgStore) -> Result<Identity, ServeError> {
+fn shared_identity(store: &mut dyn ClusterIdentity) -> Result<Identity, ServeError> {
     if let Some((cert, key)) = store.identity()? {
         return Ok(Identity::from_der(cert, key));
     }

@@ -22,28 +22,29 @@ const SYNC_LIMIT: usize = 5_000;
 
 /// One device's addresses as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct DeviceAddrs {
+pub struct DeviceAddrs {
     pub device_id: i64,
     pub organization_id: i64,
     pub v4: Ipv4Addr,
     pub v6: Option<Ipv6Addr>,
 }
 
+/// A log entry as the index reads it: (revision, device, its addresses now or `None`
+/// if it is gone).
+pub type AddrChange = (i64, i64, Option<DeviceAddrs>);
+
 /// Reads addresses from the database, inside the caller's transaction.
-pub(crate) trait AddrSource {
+pub trait AddrSource {
     /// The newest revision, then every device's addresses (read no earlier).
     fn load_all(&mut self) -> Result<(i64, Vec<DeviceAddrs>), StoreError>;
     /// Log entries after `revision`, oldest first, at most `limit`: (revision, device,
     /// its addresses now or `None` if it is gone).
-    fn changed_since(
-        &mut self,
-        revision: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, i64, Option<DeviceAddrs>)>, StoreError>;
+    fn changed_since(&mut self, revision: i64, limit: usize)
+    -> Result<Vec<AddrChange>, StoreError>;
 }
 
 #[derive(Default)]
-pub(crate) struct AddrCache {
+pub struct AddrCache {
     /// The revision the index reflects; `None` until loaded.
     revision: Option<i64>,
     used: HashMap<i64, HashSet<IpAddr>>,
@@ -80,7 +81,7 @@ impl AddrCache {
     #[cfg(test)]
     pub fn used(
         &mut self,
-        src: &mut impl AddrSource,
+        src: &mut (impl AddrSource + ?Sized),
         organization_id: i64,
     ) -> Result<&HashSet<IpAddr>, StoreError> {
         self.sync(src)?;
@@ -91,7 +92,7 @@ impl AddrCache {
     /// each prefix (none in v6 for a host without IPv6). As `coord::ipam::allocate`.
     pub fn allocate(
         &mut self,
-        src: &mut impl AddrSource,
+        src: &mut (impl AddrSource + ?Sized),
         org: &Organization,
         req: &RegisterRequest,
     ) -> Result<(Ipv4Addr, Option<Ipv6Addr>), StoreError> {
@@ -118,7 +119,7 @@ impl AddrCache {
     /// The lowest free v6 address (a device gaining IPv6 support).
     pub fn allocate_v6(
         &mut self,
-        src: &mut impl AddrSource,
+        src: &mut (impl AddrSource + ?Sized),
         org: &Organization,
     ) -> Result<Ipv6Addr, StoreError> {
         self.sync(src)?;
@@ -196,7 +197,7 @@ impl AddrCache {
         }
     }
 
-    fn sync(&mut self, src: &mut impl AddrSource) -> Result<(), StoreError> {
+    fn sync(&mut self, src: &mut (impl AddrSource + ?Sized)) -> Result<(), StoreError> {
         if let Some(revision) = self.revision {
             let changes = src.changed_since(revision, SYNC_LIMIT)?;
             if changes.len() < SYNC_LIMIT {

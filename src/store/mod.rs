@@ -14,11 +14,21 @@
 //! appended under a table lock held to commit). Address allocation runs inside the
 //! registering transaction, and the schema's UNIQUE constraints back it up: no address
 //! is ever live twice, even when two replicas allocate at once (the loser retries).
+//!
+//! The flows (register, log in, update, online state, …) are written once: the
+//! provided methods of [`Store`] and `flow`, over a narrow interface each backend
+//! implements (`flow::Engine`: transactions and the retry policy; `flow::Tx`: the
+//! queries in its SQL dialect). `rows` decodes rows of either driver. This module
+//! holds no SQL; each backend holds nothing but its connection, dialect and retries
+//! (and, for PostgreSQL, what replicas share).
 
 mod addrs;
+mod flow;
 mod migrate;
 pub mod pg;
+mod rows;
 pub mod sqlite;
+#[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod testpg;
 
@@ -29,6 +39,8 @@ use thiserror::Error;
 
 use crate::coord::ipam::{self, Advertiser, IpamError};
 use crate::wire::control::{Device, DeviceUpdate, RegisterRequest};
+use flow::{Engine, Read};
+use rows::Token;
 
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
@@ -153,12 +165,44 @@ pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
 /// Every mutation is one transaction: it changes everything or nothing. Methods take
 /// `&mut self` because a database connection is used by one caller at a time (the
 /// coordinator keeps one store per process behind a mutex).
+///
+/// A backend provides [`Store::engine`] (its connection, transactions and retry
+/// policy, over its SQL dialect) and what only it knows: how a coordinator process
+/// starts ([`Store::reset_online`]) and stays alive ([`Store::heartbeat`]). Every other
+/// method is provided here, once for both backends (see `flow`).
 pub trait Store: Send {
     /// "sqlite" or "postgres", for logs.
     fn backend(&self) -> &'static str;
 
+    /// The backend's transactions (not for use outside the store).
+    #[doc(hidden)]
+    fn engine(&mut self) -> &mut dyn Engine;
+
+    /// A coordinator process starts and knows of no live watch. SQLite (one process):
+    /// every device goes offline. PostgreSQL: this replica registers itself, and the
+    /// watches of replicas that stopped heartbeating are dropped. Returns how many
+    /// devices went offline.
+    fn reset_online(&mut self, now: i64) -> Result<usize, StoreError>;
+
+    /// The TLS identity kept in the database for every coordinator on it (PostgreSQL
+    /// replicas); `None` where the identity is not the database's (SQLite: files next
+    /// to it).
+    fn cluster_identity(&mut self) -> Option<&mut dyn ClusterIdentity> {
+        None
+    }
+
+    /// Called every few seconds by a running coordinator. PostgreSQL: proves this
+    /// replica alive and expires dead ones (their devices go offline unless another
+    /// replica watches them); returns true if this replica had itself been expired,
+    /// so the caller must record its watches again. SQLite: nothing to do.
+    fn heartbeat(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     /// The highest revision committed so far (0 for an empty log).
-    fn current_revision(&mut self) -> Result<i64, StoreError>;
+    fn current_revision(&mut self) -> Result<i64, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.current_revision())
+    }
 
     fn create_org(
         &mut self,
@@ -166,7 +210,22 @@ pub trait Store: Send {
         ip_cidr: Ipv4Net,
         ip_cidr_v6: Ipv6Net,
         now: i64,
-    ) -> Result<Organization, StoreError>;
+    ) -> Result<Organization, StoreError> {
+        check_new_org(name, ip_cidr, ip_cidr_v6)?;
+        let mut org = Organization {
+            id: 0,
+            name: name.into(),
+            ip_cidr,
+            ip_cidr_v6,
+        };
+        org.id = flow::write(self.engine(), |tx, _| {
+            if tx.org_by_name(name)?.is_some() {
+                return Err(StoreError::OrgExists(name.into()));
+            }
+            tx.insert_org(&org, now)
+        })?;
+        Ok(org)
+    }
 
     /// Creates the default organization unless it exists; true if it was created.
     fn ensure_default_org(&mut self, now: i64) -> Result<bool, StoreError> {
@@ -182,9 +241,14 @@ pub trait Store: Send {
         }
     }
 
-    fn org_by_name(&mut self, name: &str) -> Result<Organization, StoreError>;
+    fn org_by_name(&mut self, name: &str) -> Result<Organization, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.org_by_name(name))?
+            .ok_or_else(|| StoreError::OrgNotFound(name.into()))
+    }
 
-    fn orgs(&mut self) -> Result<Vec<Organization>, StoreError>;
+    fn orgs(&mut self) -> Result<Vec<Organization>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.orgs())
+    }
 
     /// Stores a join token by the hash of its secret.
     fn create_token(
@@ -194,7 +258,17 @@ pub trait Store: Send {
         reusable: bool,
         expires_at: Option<i64>,
         now: i64,
-    ) -> Result<i64, StoreError>;
+    ) -> Result<i64, StoreError> {
+        let token = Token {
+            id: 0,
+            organization_id,
+            reusable,
+            expires_at,
+        };
+        flow::write(self.engine(), |tx, _| {
+            tx.insert_token(&token, secret_hash, now)
+        })
+    }
 
     /// Registers a device with a join token: checks the token, allocates both
     /// addresses, checks advertised prefixes and inserts the device, all in one
@@ -225,7 +299,9 @@ pub trait Store: Send {
         &mut self,
         batch: &[Registration<'_>],
         now: i64,
-    ) -> Vec<Result<Device, StoreError>>;
+    ) -> Vec<Result<Device, StoreError>> {
+        flow::register_devices(self.engine(), batch, now)
+    }
 
     /// Registers a device that runs stock WireGuard (admin only, no token): a
     /// relay-only spoke with both addresses, which never logs in.
@@ -236,11 +312,30 @@ pub trait Store: Send {
         public_key: &str,
         credential_hash: &str,
         now: i64,
-    ) -> Result<Device, StoreError>;
+    ) -> Result<Device, StoreError> {
+        let req = unmanaged_request(hostname, public_key);
+        check_register(&req)?;
+        flow::write(self.engine(), |tx, addrs| {
+            let org = organization_id;
+            flow::load_org(tx, org)?;
+            let id = flow::insert_device(tx, addrs, org, &req, credential_hash, true, now)?;
+            tx.log_new_devices(&[(org, id)], now)?
+                .pop()
+                .ok_or(StoreError::DeviceNotFound(id))
+        })
+    }
 
     /// Checks a device credential; returns the device.
-    fn authenticate(&mut self, device_id: i64, credential_hash: &str)
-    -> Result<Device, StoreError>;
+    fn authenticate(
+        &mut self,
+        device_id: i64,
+        credential_hash: &str,
+    ) -> Result<Device, StoreError> {
+        match flow::read(self.engine(), Read::Plain, |tx| tx.credential(device_id))? {
+            Some((stored, device)) if stored == credential_hash => Ok(device),
+            _ => Err(StoreError::Unauthorized),
+        }
+    }
 
     /// Reconnect: checks the credential, refreshes `last_seen` and, if the host's IPv6
     /// support changed, gives or takes the v6 address (a recorded change).
@@ -250,7 +345,12 @@ pub trait Store: Send {
         credential_hash: &str,
         ipv6_supported: Option<bool>,
         now: i64,
-    ) -> Result<Device, StoreError>;
+    ) -> Result<Device, StoreError> {
+        let device = self.authenticate(device_id, credential_hash)?;
+        flow::write(self.engine(), |tx, addrs| {
+            flow::login(tx, addrs, &device, ipv6_supported, now)
+        })
+    }
 
     /// Applies a device's change to itself.
     fn update_device(
@@ -258,42 +358,88 @@ pub trait Store: Send {
         device_id: i64,
         update: &DeviceUpdate,
         now: i64,
-    ) -> Result<Device, StoreError>;
+    ) -> Result<Device, StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            let mut d = tx
+                .lock_device(device_id)?
+                .ok_or(StoreError::DeviceNotFound(device_id))?;
+            apply_update(&mut d, update)?;
+            if let Some(cidrs) = update.advertise_cidrs.as_ref().filter(|c| !c.is_empty()) {
+                let org = flow::load_org(tx, d.organization_id)?;
+                let others = tx.advertisers(d.organization_id)?;
+                check_advertised(&org, &others, Some(device_id), cidrs)?;
+            }
+            d.revision = tx.record_change(d.organization_id, device_id, flow::UPSERT, now)?;
+            d.last_seen = now;
+            tx.update_device(&rows::Encoded::new(&d)?)?;
+            tx.device(device_id)?
+                .ok_or(StoreError::DeviceNotFound(device_id))
+        })
+    }
 
     /// This coordinator process gained its first (`true`) or lost its last watch
     /// stream of a device. The device is online while any coordinator holds one;
     /// a change is recorded only if that changed.
-    fn set_online(&mut self, device_id: i64, online: bool, now: i64) -> Result<(), StoreError>;
-
-    /// A coordinator process starts and knows of no live watch. SQLite (one process):
-    /// every device goes offline. PostgreSQL: this replica registers itself, and the
-    /// watches of replicas that stopped heartbeating are dropped. Returns how many
-    /// devices went offline.
-    fn reset_online(&mut self, now: i64) -> Result<usize, StoreError>;
-
-    /// Called every few seconds by a running coordinator. PostgreSQL: proves this
-    /// replica alive and expires dead ones (their devices go offline unless another
-    /// replica watches them); returns true if this replica had itself been expired,
-    /// so the caller must record its watches again. SQLite: nothing to do.
-    fn heartbeat(&mut self) -> Result<bool, StoreError> {
-        Ok(false)
+    fn set_online(&mut self, device_id: i64, online: bool, now: i64) -> Result<(), StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            flow::set_online(tx, device_id, online, now)
+        })
     }
 
     /// Removes a device; its addresses return to the pool.
-    fn remove_device(&mut self, device_id: i64, now: i64) -> Result<(), StoreError>;
+    fn remove_device(&mut self, device_id: i64, now: i64) -> Result<(), StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            let org = tx
+                .delete_device(device_id)?
+                .ok_or(StoreError::DeviceNotFound(device_id))?;
+            tx.record_change(org, device_id, flow::REMOVE, now)?;
+            Ok(())
+        })
+    }
 
-    fn device(&mut self, device_id: i64) -> Result<Option<Device>, StoreError>;
+    fn device(&mut self, device_id: i64) -> Result<Option<Device>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.device(device_id))
+    }
 
     /// Every device of an organization.
-    fn devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError>;
+    fn devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.devices(organization_id))
+    }
 
     /// Every device of an organization and the revision they reflect, read
     /// consistently.
-    fn snapshot(&mut self, organization_id: i64) -> Result<(i64, Vec<Device>), StoreError>;
+    fn snapshot(&mut self, organization_id: i64) -> Result<(i64, Vec<Device>), StoreError> {
+        flow::read(self.engine(), Read::Snapshot, |tx| {
+            Ok((tx.current_revision()?, tx.devices(organization_id)?))
+        })
+    }
 
     /// Changes after `revision`, oldest first, at most `limit`, each with the device's
     /// current state.
-    fn changes_since(&mut self, revision: i64, limit: usize) -> Result<Vec<Change>, StoreError>;
+    fn changes_since(&mut self, revision: i64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        flow::read(self.engine(), Read::Plain, |tx| {
+            tx.changes_since(revision, limit)
+        })
+    }
+}
+
+/// A stored TLS identity: DER certificate, PKCS#8 DER key.
+pub type IdentityDer = (Vec<u8>, Vec<u8>);
+
+/// The TLS identity shared by the coordinators on one database.
+pub trait ClusterIdentity {
+    /// The stored identity, if there is one.
+    fn identity(&mut self) -> Result<Option<IdentityDer>, StoreError>;
+
+    /// Stores `cert` and `key` unless another coordinator stored an identity first;
+    /// returns the stored one.
+    fn insert_identity(
+        &mut self,
+        cert: &[u8],
+        key: &[u8],
+        now: i64,
+    ) -> Result<IdentityDer, StoreError>;
 }
 
 // Rules shared by the backends, so both refuse exactly the same requests.
@@ -381,7 +527,7 @@ pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), 
 }
 
 /// Another device's advertised prefixes, as read from the database.
-pub(crate) struct AdvertisedBy {
+pub struct AdvertisedBy {
     pub device_id: i64,
     pub hostname: String,
     pub cidrs: Vec<IpNet>,

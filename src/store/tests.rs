@@ -119,6 +119,22 @@ fn token(s: &mut dyn Store, secret: &str, reusable: bool, expires: Option<i64>) 
         .unwrap();
 }
 
+/// Creates an organization at time 0.
+fn create_org(
+    s: &mut dyn Store,
+    name: &str,
+    v4: &str,
+    v6: &str,
+) -> Result<Organization, StoreError> {
+    s.create_org(name, v4.parse().unwrap(), v6.parse().unwrap(), 0)
+}
+
+/// Registers device `n` with the token "t" (see [`token`]).
+fn register(s: &mut dyn Store, n: u8, v6: bool, credential: &str, now: i64) -> Device {
+    s.register_device(&req(n, v6), &hash_secret("t"), credential, now)
+        .unwrap()
+}
+
 fn key(n: u32) -> String {
     use sha2::Digest;
     let bytes: [u8; 32] = sha2::Sha256::digest(n.to_le_bytes()).into();
@@ -174,15 +190,9 @@ fn registers_dual_stack_in_order(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, true), &hash_secret("t"), "c1", 5)
-        .unwrap();
-    let b = s
-        .register_device(&req(2, true), &hash_secret("t"), "c2", 5)
-        .unwrap();
-    let c = s
-        .register_device(&req(3, false), &hash_secret("t"), "c3", 5)
-        .unwrap();
+    let a = register(s, 1, true, "c1", 5);
+    let b = register(s, 2, true, "c2", 5);
+    let c = register(s, 3, false, "c3", 5);
     assert_eq!(a.tunnel_ip.to_string(), "100.64.0.1");
     assert_eq!(a.tunnel_ip_v6.unwrap().to_string(), "200::1");
     assert_eq!(b.tunnel_ip_v6.unwrap().to_string(), "200::2");
@@ -225,8 +235,7 @@ fn failed_registration_changes_nothing(b: Backend) {
     ));
     // The single-use token was not consumed, and nothing was logged.
     assert_eq!(s.current_revision().unwrap(), 0);
-    s.register_device(&req(1, true), &hash_secret("t"), "c", 5)
-        .unwrap();
+    register(s, 1, true, "c", 5);
 }
 
 fn request_ip_and_duplicate_key(b: Backend) {
@@ -255,21 +264,15 @@ fn removal_returns_addresses_and_logs(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, true), &hash_secret("t"), "c", 5)
-        .unwrap();
-    let _b = s
-        .register_device(&req(2, true), &hash_secret("t"), "c", 5)
-        .unwrap();
+    let a = register(s, 1, true, "c", 5);
+    let _b = register(s, 2, true, "c", 5);
     let before = s.current_revision().unwrap();
     s.remove_device(a.id, 6).unwrap();
     let changes = s.changes_since(before, 100).unwrap();
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].device_id, a.id);
     assert_eq!(changes[0].device, None);
-    let c = s
-        .register_device(&req(3, true), &hash_secret("t"), "c", 7)
-        .unwrap();
+    let c = register(s, 3, true, "c", 7);
     assert_eq!(c.tunnel_ip, a.tunnel_ip);
     assert_eq!(c.tunnel_ip_v6, a.tunnel_ip_v6);
     assert!(matches!(
@@ -282,12 +285,8 @@ fn auth_update_and_overlap(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, true), &hash_secret("t"), "ca", 5)
-        .unwrap();
-    let b = s
-        .register_device(&req(2, true), &hash_secret("t"), "cb", 5)
-        .unwrap();
+    let a = register(s, 1, true, "ca", 5);
+    let b = register(s, 2, true, "cb", 5);
     assert!(matches!(
         s.authenticate(a.id, "cb"),
         Err(StoreError::Unauthorized)
@@ -344,9 +343,7 @@ fn login_tracks_ipv6_support(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, false), &hash_secret("t"), "ca", 5)
-        .unwrap();
+    let a = register(s, 1, false, "ca", 5);
     assert_eq!(a.tunnel_ip_v6, None);
     let a = s.login(a.id, "ca", Some(true), 6).unwrap();
     assert_eq!(a.tunnel_ip_v6.unwrap().to_string(), "200::1");
@@ -366,13 +363,7 @@ fn reopen_keeps_everything_and_schema_version(b: Backend) {
     let ids: HashSet<i64> = {
         let s = f.store.as_mut();
         token(s, "t", true, None);
-        (1..=5)
-            .map(|n| {
-                s.register_device(&req(n, true), &hash_secret("t"), "c", 5)
-                    .unwrap()
-                    .id
-            })
-            .collect()
+        (1..=5).map(|n| register(s, n, true, "c", 5).id).collect()
     };
     let mut s = f.reopen();
     assert!(!s.ensure_default_org(1).unwrap());
@@ -394,14 +385,7 @@ fn reopen_keeps_everything_and_schema_version(b: Backend) {
 fn other_org_prefixes(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
-    let org = s
-        .create_org(
-            "lab",
-            "192.0.2.0/30".parse().unwrap(),
-            "2001:db8::/126".parse().unwrap(),
-            0,
-        )
-        .unwrap();
+    let org = create_org(s, "lab", "192.0.2.0/30", "2001:db8::/126").unwrap();
     assert_eq!(s.orgs().unwrap().len(), 2);
     s.create_token(org.id, &hash_secret("lab"), true, None, 0)
         .unwrap();
@@ -417,28 +401,16 @@ fn other_org_prefixes(b: Backend) {
         .unwrap_err();
     assert!(err.to_string().contains("exhausted"), "{err}");
     assert!(matches!(
-        s.create_org(
-            "lab",
-            "10.0.0.0/8".parse().unwrap(),
-            "fd00::/64".parse().unwrap(),
-            0
-        ),
+        create_org(s, "lab", "10.0.0.0/8", "fd00::/64"),
         Err(StoreError::OrgExists(_))
     ));
     assert!(matches!(
-        s.create_org(
-            "bits",
-            "10.0.0.1/8".parse().unwrap(),
-            "fd00::/64".parse().unwrap(),
-            0
-        ),
+        create_org(s, "bits", "10.0.0.1/8", "fd00::/64"),
         Err(StoreError::Invalid(_))
     ));
     // The default organization's pool is its own.
     token(s, "t", true, None);
-    let d = s
-        .register_device(&req(4, true), &hash_secret("t"), "c", 1)
-        .unwrap();
+    let d = register(s, 4, true, "c", 1);
     assert_eq!(d.tunnel_ip.to_string(), "100.64.0.1");
 }
 
@@ -467,9 +439,7 @@ fn online_state_is_recorded_once(b: Backend) {
     let s = f.store.as_mut();
     s.reset_online(1).unwrap();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, true), &hash_secret("t"), "c", 1)
-        .unwrap();
+    let a = register(s, 1, true, "c", 1);
     assert!(!a.online);
     let rev = s.current_revision().unwrap();
     s.set_online(a.id, true, 2).unwrap();
@@ -506,12 +476,8 @@ fn changes_carry_current_state(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, true), &hash_secret("t"), "c", 1)
-        .unwrap();
-    let b2 = s
-        .register_device(&req(2, true), &hash_secret("t"), "c", 1)
-        .unwrap();
+    let a = register(s, 1, true, "c", 1);
+    let b2 = register(s, 2, true, "c", 1);
     let upd = DeviceUpdate {
         hostname: Some("renamed".into()),
         ..Default::default()
@@ -542,31 +508,19 @@ fn allocation_sees_changes_from_another_connection(b: Backend) {
     let mut other = f.reopen();
     let s = f.store.as_mut();
     token(s, "t", true, None);
-    let a = s
-        .register_device(&req(1, true), &hash_secret("t"), "c", 1)
-        .unwrap();
-    let b2 = other
-        .register_device(&req(2, true), &hash_secret("t"), "c", 1)
-        .unwrap();
+    let a = register(s, 1, true, "c", 1);
+    let b2 = register(other.as_mut(), 2, true, "c", 1);
     assert_eq!(b2.tunnel_ip.to_string(), "100.64.0.2");
-    let c = s
-        .register_device(&req(3, true), &hash_secret("t"), "c", 1)
-        .unwrap();
+    let c = register(s, 3, true, "c", 1);
     assert_eq!(c.tunnel_ip.to_string(), "100.64.0.3");
     other.remove_device(a.id, 2).unwrap();
-    let d = s
-        .register_device(&req(4, false), &hash_secret("t"), "c", 3)
-        .unwrap();
+    let d = register(s, 4, false, "c", 3);
     assert_eq!(d.tunnel_ip, a.tunnel_ip, "a removed address is free again");
     // v6 given back by the other connection, then taken again here.
     other.login(b2.id, "c", Some(false), 4).unwrap();
-    let e = s
-        .register_device(&req(5, true), &hash_secret("t"), "c", 5)
-        .unwrap();
+    let e = register(s, 5, true, "c", 5);
     assert_eq!(e.tunnel_ip_v6, a.tunnel_ip_v6);
-    let e2 = s
-        .register_device(&req(6, true), &hash_secret("t"), "c", 5)
-        .unwrap();
+    let e2 = register(s, 6, true, "c", 5);
     assert_eq!(e2.tunnel_ip_v6, b2.tunnel_ip_v6);
 }
 
@@ -635,9 +589,7 @@ fn a_batch_is_registrations_one_after_the_other(b: Backend) {
         assert_eq!(s.device(d.id).unwrap().as_ref(), Some(d));
     }
     // The next batch (and a single registration) continue from there.
-    let d = s
-        .register_device(&req(7, true), &hash_secret("t"), "c", 6)
-        .unwrap();
+    let d = register(s, 7, true, "c", 6);
     assert_eq!(d.tunnel_ip.to_string(), "100.64.0.4");
     assert!(s.register_devices(&[], 7).is_empty());
 }
@@ -730,12 +682,8 @@ mod postgres_only {
         r1.reset_online(1).unwrap();
         r2.reset_online(1).unwrap();
         token(&mut r1, "t", true, None);
-        let a = r1
-            .register_device(&req(1, true), &hash_secret("t"), "c", 1)
-            .unwrap();
-        let b = r1
-            .register_device(&req(2, true), &hash_secret("t"), "c", 1)
-            .unwrap();
+        let a = register(&mut r1, 1, true, "c", 1);
+        let b = register(&mut r1, 2, true, "c", 1);
         r1.set_online(a.id, true, 2).unwrap();
         r2.set_online(a.id, true, 2).unwrap();
         r1.set_online(b.id, true, 2).unwrap();

@@ -1,0 +1,329 @@
+//! The narrow interface a backend implements, and the store's multi-step flows
+//! written once over it.
+//!
+//! A backend supplies an [`Engine`]: transactions on its connection, with its retry
+//! policy. Inside one, the flows see a [`Tx`]: the few queries they need, in the
+//! backend's SQL dialect. Registration, login, updates and the online state are
+//! written here (and in the provided methods of [`super::Store`]) once, so both
+//! backends refuse and change exactly the same things.
+//!
+//! Lock order (what PostgreSQL replicas need, and harmless for SQLite's single
+//! writer): a flow takes every row lock it needs before it appends to the change log;
+//! a registration batch logs all its devices last ([`Tx::log_new_devices`]).
+//! Addresses taken by the transaction in progress are reserved in the [`AddrCache`]
+//! until its changes are logged, so the cache is only ever filled from committed rows.
+
+use std::net::IpAddr;
+
+use super::addrs::{AddrCache, AddrChange, AddrSource, DeviceAddrs};
+use super::rows::{Encoded, Token};
+use super::{
+    AdvertisedBy, Change, Organization, Registration, StoreError, check_advertised, check_register,
+    fail_all,
+};
+use crate::wire::control::{Device, RegisterRequest};
+
+/// The kind of a change-log entry.
+pub const UPSERT: &str = "upsert";
+pub const REMOVE: &str = "remove";
+
+/// Reads, with the consistency they need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Each query on its own (no transaction).
+    Plain,
+    /// Every query of the call sees the same committed state.
+    Snapshot,
+}
+
+/// The work of a write transaction.
+pub type WriteFn<'a> = dyn FnMut(&mut dyn Tx, &mut AddrCache) -> Result<(), StoreError> + 'a;
+/// The work of a read.
+pub type ReadFn<'a> = dyn FnMut(&mut dyn Tx) -> Result<(), StoreError> + 'a;
+
+/// A backend's connection and transactions.
+pub trait Engine {
+    /// Runs `f` in a write transaction and commits it, running it again as the
+    /// backend's retry policy says. Reservations in the cache are released when each
+    /// attempt ends; the cache is cleared where it may be behind the database.
+    fn write(&mut self, f: &mut WriteFn<'_>) -> Result<(), StoreError>;
+
+    /// Runs reads.
+    fn read(&mut self, mode: Read, f: &mut ReadFn<'_>) -> Result<(), StoreError>;
+}
+
+/// The queries of the flows, in one backend's dialect, on one connection or inside
+/// one transaction. Writes return how many rows they changed.
+pub trait Tx {
+    /// The highest revision committed so far (0 for an empty log).
+    fn current_revision(&mut self) -> Result<i64, StoreError>;
+    fn device(&mut self, id: i64) -> Result<Option<Device>, StoreError>;
+    /// The device, its row locked to the end of the transaction.
+    fn lock_device(&mut self, id: i64) -> Result<Option<Device>, StoreError>;
+    /// The device and its credential hash.
+    fn credential(&mut self, id: i64) -> Result<Option<(String, Device)>, StoreError>;
+    /// An organization's devices, by id.
+    fn devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError>;
+    /// The id of the device with this public key.
+    fn device_with_key(&mut self, public_key: &str) -> Result<Option<i64>, StoreError>;
+    fn org(&mut self, id: i64) -> Result<Option<Organization>, StoreError>;
+    fn org_by_name(&mut self, name: &str) -> Result<Option<Organization>, StoreError>;
+    fn orgs(&mut self) -> Result<Vec<Organization>, StoreError>;
+    /// The devices of an organization that advertise prefixes.
+    fn advertisers(&mut self, organization_id: i64) -> Result<Vec<AdvertisedBy>, StoreError>;
+    /// Log entries after `revision`, oldest first, each with the device now.
+    fn changes_since(&mut self, revision: i64, limit: i64) -> Result<Vec<Change>, StoreError>;
+    /// Every device's addresses.
+    fn addrs(&mut self) -> Result<Vec<DeviceAddrs>, StoreError>;
+    /// As [`Tx::changes_since`], with the device's addresses.
+    fn changed_addrs(&mut self, revision: i64, limit: i64) -> Result<Vec<AddrChange>, StoreError>;
+
+    fn insert_org(&mut self, org: &Organization, now: i64) -> Result<i64, StoreError>;
+    /// Stores a token (its `id` is ignored); returns its id.
+    fn insert_token(&mut self, t: &Token, secret_hash: &str, now: i64) -> Result<i64, StoreError>;
+    fn token(&mut self, secret_hash: &str) -> Result<Option<Token>, StoreError>;
+    /// How often a token was used, its row locked to the end of the transaction
+    /// (two replicas must not both spend a single-use token).
+    fn lock_token_uses(&mut self, id: i64) -> Result<i64, StoreError>;
+    fn spend_token(&mut self, id: i64) -> Result<u64, StoreError>;
+
+    /// Inserts a device (its `id`, `revision` and `online` are ignored; `last_seen`
+    /// is also its creation time) without logging it; returns its id.
+    fn insert_device(&mut self, e: &Encoded<'_>, credential_hash: &str) -> Result<i64, StoreError>;
+    /// Writes what a device may change about itself, its revision and `last_seen`.
+    fn update_device(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError>;
+    /// Sets `last_seen`.
+    fn touch(&mut self, id: i64, now: i64) -> Result<u64, StoreError>;
+    /// Writes a device's IPv6 support and address.
+    fn set_ipv6(&mut self, d: &Device) -> Result<u64, StoreError>;
+    /// (organization, online) of a device, its row locked to the end of the
+    /// transaction.
+    fn lock_online(&mut self, id: i64) -> Result<Option<(i64, bool)>, StoreError>;
+    /// Records that this coordinator process holds (or no longer holds) a watch
+    /// stream of the device; returns whether any coordinator holds one now.
+    fn watch(&mut self, id: i64, watching: bool) -> Result<bool, StoreError>;
+    /// Sets `online` and `last_seen`.
+    fn set_online(&mut self, id: i64, online: bool, now: i64) -> Result<u64, StoreError>;
+    /// Deletes a device; returns its organization, `None` if there was none.
+    fn delete_device(&mut self, id: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Appends a change and returns its revision. Called after every row lock the
+    /// transaction needs is taken.
+    fn record_change(&mut self, org: i64, id: i64, kind: &str, at: i64) -> Result<i64, StoreError>;
+    fn set_revision(&mut self, id: i64, revision: i64) -> Result<u64, StoreError>;
+
+    /// Logs new devices' changes (organization, device id; one revision each, in
+    /// order) and stamps their revisions; returns the devices as stored, in any order.
+    fn log_new_devices(&mut self, new: &[(i64, i64)], now: i64) -> Result<Vec<Device>, StoreError> {
+        new.iter()
+            .map(|&(org, id)| {
+                let revision = self.record_change(org, id, UPSERT, now)?;
+                self.set_revision(id, revision)?;
+                self.device(id)?.ok_or(StoreError::DeviceNotFound(id))
+            })
+            .collect()
+    }
+}
+
+impl<T: Tx + ?Sized> AddrSource for T {
+    fn load_all(&mut self) -> Result<(i64, Vec<DeviceAddrs>), StoreError> {
+        let revision = self.current_revision()?;
+        Ok((revision, self.addrs()?))
+    }
+
+    fn changed_since(
+        &mut self,
+        revision: i64,
+        limit: usize,
+    ) -> Result<Vec<AddrChange>, StoreError> {
+        self.changed_addrs(revision, i64::try_from(limit).unwrap_or(i64::MAX))
+    }
+}
+
+/// [`Engine::write`] returning what `f` returns.
+pub fn write<T>(
+    engine: &mut dyn Engine,
+    mut f: impl FnMut(&mut dyn Tx, &mut AddrCache) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut out = None;
+    engine.write(&mut |tx, addrs| {
+        out = Some(f(tx, addrs)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| StoreError::Unavailable("transaction ended without a result".into()))
+}
+
+/// [`Engine::read`] returning what `f` returns.
+pub fn read<T>(
+    engine: &mut dyn Engine,
+    mode: Read,
+    mut f: impl FnMut(&mut dyn Tx) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut out = None;
+    engine.read(mode, &mut |tx| {
+        out = Some(f(tx)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| StoreError::Unavailable("read ended without a result".into()))
+}
+
+pub fn load_org(tx: &mut dyn Tx, id: i64) -> Result<Organization, StoreError> {
+    tx.org(id)?
+        .ok_or_else(|| StoreError::OrgNotFound(id.to_string()))
+}
+
+/// See [`super::Store::register_devices`]: one transaction; each registration up to
+/// its device row, then the change log for all of them at once.
+pub fn register_devices(
+    engine: &mut dyn Engine,
+    batch: &[Registration<'_>],
+    now: i64,
+) -> Vec<Result<Device, StoreError>> {
+    let n = batch.len();
+    write(engine, |tx, addrs| {
+        let mut out = Vec::with_capacity(n);
+        let mut inserted = Vec::new();
+        let mut slots = Vec::new();
+        for r in batch {
+            match register_one(tx, addrs, r, now) {
+                Ok(new) => {
+                    slots.push(out.len());
+                    inserted.push(new);
+                    out.push(Err(StoreError::Unavailable("not logged".into())));
+                }
+                // Only the database fails after a registration wrote something:
+                // the whole attempt goes (and is retried where the backend retries).
+                Err(e) if e.is_internal() => return Err(e),
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        for device in tx.log_new_devices(&inserted, now)? {
+            if let Some(i) = inserted.iter().position(|&(_, id)| id == device.id) {
+                out[slots[i]] = Ok(device);
+            }
+        }
+        Ok(out)
+    })
+    .unwrap_or_else(|e| fail_all(e, n))
+}
+
+/// One registration of a batch, up to its device row (the change is logged by the
+/// caller, after every row lock is taken): returns (organization, device id). A
+/// refusal comes before the first write.
+fn register_one(
+    tx: &mut dyn Tx,
+    addrs: &mut AddrCache,
+    r: &Registration<'_>,
+    now: i64,
+) -> Result<(i64, i64), StoreError> {
+    check_register(r.req)?;
+    let token = tx.token(r.token_hash)?.ok_or(StoreError::InvalidToken)?;
+    if token.expires_at.is_some_and(|t| t <= now) {
+        return Err(StoreError::TokenExpired);
+    }
+    if !token.reusable && tx.lock_token_uses(token.id)? > 0 {
+        return Err(StoreError::TokenUsed);
+    }
+    let org = token.organization_id;
+    let id = insert_device(tx, addrs, org, r.req, r.credential_hash, false, now)?;
+    tx.spend_token(token.id)?;
+    Ok((org, id))
+}
+
+/// Checks the key, allocates both addresses, checks advertised prefixes and inserts
+/// a device (not logged yet: see [`Tx::log_new_devices`]); returns its id. Locks
+/// nothing but its own new row.
+pub fn insert_device(
+    tx: &mut dyn Tx,
+    addrs: &mut AddrCache,
+    org_id: i64,
+    req: &RegisterRequest,
+    credential_hash: &str,
+    unmanaged: bool,
+    now: i64,
+) -> Result<i64, StoreError> {
+    if let Some(id) = tx.device_with_key(&req.public_key)? {
+        return Err(StoreError::DuplicateKey(id));
+    }
+    let org = load_org(tx, org_id)?;
+    let (v4, v6) = addrs.allocate(tx, &org, req)?;
+    if !req.advertise_cidrs.is_empty() {
+        let others = tx.advertisers(org_id)?;
+        check_advertised(&org, &others, None, &req.advertise_cidrs)?;
+    }
+    // Taken from now on in this transaction (its change is logged later).
+    addrs.reserve(
+        org_id,
+        std::iter::once(IpAddr::V4(v4)).chain(v6.map(IpAddr::V6)),
+    );
+    let device = Device {
+        id: 0,
+        organization_id: org_id,
+        public_key: req.public_key.clone(),
+        hostname: req.hostname.clone(),
+        os: req.os.clone(),
+        tunnel_ip: v4,
+        tunnel_ip_v6: v6,
+        organization_prefix: org.ip_cidr,
+        organization_prefix_v6: org.ip_cidr_v6,
+        local_ip: None,
+        local_ip_v6: None,
+        endpoints: req.endpoints.clone(),
+        reflexive_endpoint: None,
+        symmetric_nat: req.symmetric_nat,
+        relay: req.relay,
+        relay_only: req.relay_only,
+        ipv6_supported: req.ipv6_supported,
+        advertise_cidrs: req.advertise_cidrs.clone(),
+        revision: 0,
+        last_seen: now,
+        unmanaged,
+        online: false,
+    };
+    tx.insert_device(&Encoded::new(&device)?, credential_hash)
+}
+
+/// See [`super::Store::login`]; the credential was checked.
+pub fn login(
+    tx: &mut dyn Tx,
+    addrs: &mut AddrCache,
+    device: &Device,
+    ipv6_supported: Option<bool>,
+    now: i64,
+) -> Result<Device, StoreError> {
+    let id = device.id;
+    // Locks the row before anything else.
+    if tx.touch(id, now)? == 0 {
+        return Err(StoreError::Unauthorized);
+    }
+    if let Some(v6) = ipv6_supported.filter(|&v6| v6 != device.ipv6_supported) {
+        let mut d = device.clone();
+        d.ipv6_supported = v6;
+        d.tunnel_ip_v6 = if v6 {
+            let org = load_org(tx, device.organization_id)?;
+            Some(addrs.allocate_v6(tx, &org)?)
+        } else {
+            None
+        };
+        tx.set_ipv6(&d)?;
+        let revision = tx.record_change(device.organization_id, id, UPSERT, now)?;
+        tx.set_revision(id, revision)?;
+    }
+    tx.device(id)?.ok_or(StoreError::Unauthorized)
+}
+
+/// See [`super::Store::set_online`].
+pub fn set_online(tx: &mut dyn Tx, id: i64, online: bool, now: i64) -> Result<(), StoreError> {
+    let Some((org, was)) = tx.lock_online(id)? else {
+        return Ok(());
+    };
+    let online = tx.watch(id, online)?;
+    if online == was {
+        tx.touch(id, now)?;
+        return Ok(());
+    }
+    tx.set_online(id, online, now)?;
+    let revision = tx.record_change(org, id, UPSERT, now)?;
+    tx.set_revision(id, revision)?;
+    Ok(())
+}

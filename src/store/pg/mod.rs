@@ -1,0 +1,134 @@
+//! The PostgreSQL store: several coordinator replicas on one database.
+//!
+//! Same semantics as [`super::SqliteStore`], with what concurrency across processes
+//! needs:
+//!
+//! - **Ordered change log.** Revisions come from an identity column, and a sequence
+//!   hands out numbers in call order, not commit order. So every change is appended
+//!   under `LOCK TABLE changes IN EXCLUSIVE MODE` (plain reads are not blocked), held to
+//!   commit: revisions become visible in order and tailing `revision > last` misses
+//!   nothing. The lock is taken last, after every row the transaction touches is
+//!   locked, so lock holders wait for nobody and cannot deadlock.
+//! - **Notifications.** The same transaction runs `pg_notify('nexodus_changes')`,
+//!   delivered at commit to every replica's hub (see `serve::hub`), which then tails the
+//!   log: a change reaches watchers on every replica without polling.
+//! - **Conflicts retry.** Transactions run at READ COMMITTED; two replicas allocating
+//!   the same address collide on the UNIQUE constraints, and the loser's transaction is
+//!   retried from the start (as are serialization failures and deadlocks). Single-use
+//!   tokens are locked (`FOR UPDATE`) before they are checked.
+//! - **Reconnects.** A lost connection (database restarted) is reopened and the
+//!   transaction retried, unless it was lost during COMMIT (the outcome is unknown;
+//!   the error goes to the caller).
+//! - **Online state across replicas.** `cluster_watches` has a row per (replica,
+//!   device) while that replica holds a watch stream of the device; replicas heartbeat
+//!   in `cluster_replicas` and expire each other after [`REPLICA_TIMEOUT_SECS`].
+//!
+//! The connection is plain TCP (`NoTls`): run the database on the same host or a
+//! trusted network. Errors never panic; a value that does not parse is `Corrupt`.
+
+//!
+//! Split by concern: `conn` (connecting, migrations, retries), `sql` (the queries of
+//! the store's flows in PostgreSQL's dialect), `cluster` (what replicas share: the TLS
+//! identity, heartbeats, watches). The flows themselves are the store's (`flow` and
+//! the [`Store`] trait), the same as SQLite's.
+
+mod cluster;
+mod conn;
+mod sql;
+
+use rand::RngCore;
+
+use super::addrs::AddrCache;
+use super::flow::{Engine, Read, ReadFn, WriteFn};
+use super::{ClusterIdentity, Store, StoreError};
+pub use conn::{parse_config, redact};
+
+/// The channel every change is announced on.
+pub const CHANNEL: &str = "nexodus_changes";
+/// A replica whose heartbeat is older than this is presumed dead: its watches go.
+pub const REPLICA_TIMEOUT_SECS: i64 = 30;
+
+/// The PostgreSQL store. One connection, reopened when lost.
+pub struct PgStore {
+    config: tokio_postgres::Config,
+    conn: Option<conn::Conn>,
+    /// This process's name in `cluster_replicas` (random per start).
+    replica: String,
+    addrs: AddrCache,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // The sync client closes its connection on a runtime of its own, which must not
+        // happen on an async thread: hand it to a plain thread there.
+        if let Some(conn) = self.conn.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            std::thread::spawn(move || drop(conn));
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects, and creates or migrates the schema.
+    pub fn connect(url: &str) -> Result<Self, StoreError> {
+        let config = parse_config(url)?;
+        let mut conn = conn::connect(&config)?;
+        conn::migrate(&mut conn.client)?;
+        let mut id = [0u8; 8];
+        rand::rng().fill_bytes(&mut id);
+        let replica = id.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self {
+            config,
+            conn: Some(conn),
+            replica,
+            addrs: AddrCache::default(),
+        })
+    }
+
+    /// The connection settings, for a second connection (the hub's LISTEN).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// This process's replica id.
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+}
+
+impl Engine for PgStore {
+    fn write(&mut self, f: &mut WriteFn<'_>) -> Result<(), StoreError> {
+        self.write_tx(|db, addrs| f(db, addrs))
+    }
+
+    fn read(&mut self, mode: Read, f: &mut ReadFn<'_>) -> Result<(), StoreError> {
+        match mode {
+            Read::Plain => self.read_plain(|db| f(db)),
+            Read::Snapshot => self.read_snapshot(|db| f(db)),
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn engine(&mut self) -> &mut dyn Engine {
+        self
+    }
+
+    fn cluster_identity(&mut self) -> Option<&mut dyn ClusterIdentity> {
+        Some(self)
+    }
+
+    fn reset_online(&mut self, now: i64) -> Result<usize, StoreError> {
+        self.start_replica()?;
+        self.expire_replicas(now)
+    }
+
+    fn heartbeat(&mut self) -> Result<bool, StoreError> {
+        self.beat()
+    }
+}

@@ -1,0 +1,289 @@
+//! Rows of either driver decoded into the store's values, and values encoded into
+//! columns, written once for both dialects.
+//!
+//! Addresses, prefixes and endpoints are stored as text, lists as JSON text. A value
+//! that does not parse is [`StoreError::Corrupt`]. No SQL here: each backend keeps its
+//! queries (see `sqlite` and `pg`); they select columns in the orders these decoders
+//! read.
+
+use std::str::FromStr;
+
+use super::addrs::DeviceAddrs;
+use super::{AdvertisedBy, Change, Organization, StoreError};
+use crate::wire::control::Device;
+
+/// The device columns in `Device` order (a macro, so `concat!` can build queries).
+macro_rules! device_columns {
+    () => {
+        "id, organization_id, public_key, hostname, os, tunnel_ip, tunnel_ip_v6, \
+         organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, endpoints, \
+         reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
+         advertise_cidrs, revision, last_seen, unmanaged, online"
+    };
+    (d) => {
+        "d.id, d.organization_id, d.public_key, d.hostname, d.os, d.tunnel_ip, \
+         d.tunnel_ip_v6, d.organization_prefix, d.organization_prefix_v6, d.local_ip, \
+         d.local_ip_v6, d.endpoints, d.reflexive_endpoint, d.symmetric_nat, d.relay, \
+         d.relay_only, d.ipv6_supported, d.advertise_cidrs, d.revision, d.last_seen, \
+         d.unmanaged, d.online"
+    };
+}
+pub(crate) use device_columns;
+
+/// `SELECT` the `device_columns!()` `FROM devices` and the rest of the query.
+macro_rules! select_devices {
+    ($rest:literal) => {
+        concat!("SELECT ", device_columns!(), " FROM devices ", $rest)
+    };
+}
+pub(crate) use select_devices;
+
+/// A column type both drivers read.
+pub trait Value: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a> {}
+impl Value for i64 {}
+impl Value for bool {}
+impl Value for String {}
+impl Value for Option<i64> {}
+impl Value for Option<String> {}
+
+/// One result row, of either driver.
+pub trait Row {
+    fn col<T: Value>(&self, idx: usize) -> Result<T, StoreError>;
+}
+
+impl Row for rusqlite::Row<'_> {
+    fn col<T: Value>(&self, idx: usize) -> Result<T, StoreError> {
+        Ok(self.get(idx)?)
+    }
+}
+
+impl Row for postgres::Row {
+    fn col<T: Value>(&self, idx: usize) -> Result<T, StoreError> {
+        Ok(self.try_get(idx)?)
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn parse<T: FromStr>(row: &impl Row, idx: usize, what: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: String = row.col(idx)?;
+    text.parse().map_err(|e| corrupt(what, e))
+}
+
+fn parse_opt<T: FromStr>(row: &impl Row, idx: usize, what: &str) -> Result<Option<T>, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: Option<String> = row.col(idx)?;
+    text.map(|t| t.parse().map_err(|e| corrupt(what, e)))
+        .transpose()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    row: &impl Row,
+    idx: usize,
+    what: &str,
+) -> Result<T, StoreError> {
+    let text: String = row.col(idx)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(what, e))
+}
+
+/// A device from the `device_columns!()` starting at column `at`.
+pub fn device(row: &impl Row, at: usize) -> Result<Device, StoreError> {
+    Ok(Device {
+        id: row.col(at)?,
+        organization_id: row.col(at + 1)?,
+        public_key: row.col(at + 2)?,
+        hostname: row.col(at + 3)?,
+        os: row.col(at + 4)?,
+        tunnel_ip: parse(row, at + 5, "tunnel_ip")?,
+        tunnel_ip_v6: parse_opt(row, at + 6, "tunnel_ip_v6")?,
+        organization_prefix: parse(row, at + 7, "organization_prefix")?,
+        organization_prefix_v6: parse(row, at + 8, "organization_prefix_v6")?,
+        local_ip: parse_opt(row, at + 9, "local_ip")?,
+        local_ip_v6: parse_opt(row, at + 10, "local_ip_v6")?,
+        endpoints: parse_json(row, at + 11, "endpoints")?,
+        reflexive_endpoint: parse_opt(row, at + 12, "reflexive_endpoint")?,
+        symmetric_nat: row.col(at + 13)?,
+        relay: row.col(at + 14)?,
+        relay_only: row.col(at + 15)?,
+        ipv6_supported: row.col(at + 16)?,
+        advertise_cidrs: parse_json(row, at + 17, "advertise_cidrs")?,
+        revision: row.col(at + 18)?,
+        last_seen: row.col(at + 19)?,
+        unmanaged: row.col(at + 20)?,
+        online: row.col(at + 21)?,
+    })
+}
+
+/// `credential_hash`, then the `device_columns!()`.
+pub fn credential(row: &impl Row) -> Result<(String, Device), StoreError> {
+    Ok((row.col(0)?, device(row, 1)?))
+}
+
+/// `id, name, ip_cidr, ip_cidr_v6`.
+pub fn org(row: &impl Row) -> Result<Organization, StoreError> {
+    Ok(Organization {
+        id: row.col(0)?,
+        name: row.col(1)?,
+        ip_cidr: parse(row, 2, "ip_cidr")?,
+        ip_cidr_v6: parse(row, 3, "ip_cidr_v6")?,
+    })
+}
+
+/// `id, hostname, advertise_cidrs`.
+pub fn advertised(row: &impl Row) -> Result<AdvertisedBy, StoreError> {
+    Ok(AdvertisedBy {
+        device_id: row.col(0)?,
+        hostname: row.col(1)?,
+        cidrs: parse_json(row, 2, "advertise_cidrs")?,
+    })
+}
+
+/// `c.revision, c.organization_id, c.device_id`, then the `device_columns!(d)` of a
+/// LEFT JOIN (NULL: removed).
+pub fn change(row: &impl Row) -> Result<Change, StoreError> {
+    let present: Option<i64> = row.col(3)?;
+    Ok(Change {
+        revision: row.col(0)?,
+        organization_id: row.col(1)?,
+        device_id: row.col(2)?,
+        device: present.map(|_| device(row, 3)).transpose()?,
+    })
+}
+
+/// `id, organization_id, tunnel_ip, tunnel_ip_v6` starting at column `at`.
+pub fn addrs(row: &impl Row, at: usize) -> Result<DeviceAddrs, StoreError> {
+    Ok(DeviceAddrs {
+        device_id: row.col(at)?,
+        organization_id: row.col(at + 1)?,
+        v4: parse(row, at + 2, "tunnel_ip")?,
+        v6: parse_opt(row, at + 3, "tunnel_ip_v6")?,
+    })
+}
+
+/// `c.revision, c.device_id`, then [`addrs`] of a LEFT JOIN (NULL: removed).
+pub fn changed_addrs(row: &impl Row) -> Result<(i64, i64, Option<DeviceAddrs>), StoreError> {
+    let present: Option<i64> = row.col(2)?;
+    Ok((
+        row.col(0)?,
+        row.col(1)?,
+        present.map(|_| addrs(row, 2)).transpose()?,
+    ))
+}
+
+/// A join token as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Token {
+    pub id: i64,
+    pub organization_id: i64,
+    pub reusable: bool,
+    pub expires_at: Option<i64>,
+}
+
+/// `id, organization_id, reusable, expires_at`.
+pub fn token(row: &impl Row) -> Result<Token, StoreError> {
+    Ok(Token {
+        id: row.col(0)?,
+        organization_id: row.col(1)?,
+        reusable: row.col(2)?,
+        expires_at: row.col(3)?,
+    })
+}
+
+/// Inserts a device; returns its id. The same text serves both dialects (SQLite binds
+/// `$n` parameters by position, as PostgreSQL does).
+pub const INSERT_DEVICE: &str = "INSERT INTO devices (organization_id, public_key, hostname, os, \
+    tunnel_ip, tunnel_ip_v6, organization_prefix, organization_prefix_v6, endpoints, symmetric_nat, \
+    relay, relay_only, ipv6_supported, advertise_cidrs, revision, last_seen, created_at, \
+    credential_hash, unmanaged) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15, $16, $17) \
+    RETURNING id";
+
+/// Writes what a device may change about itself (both dialects, as [`INSERT_DEVICE`]).
+pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $2, \
+    reflexive_endpoint = $3, symmetric_nat = $4, relay = $5, relay_only = $6, advertise_cidrs = $7, \
+    revision = $8, last_seen = $9 WHERE id = $10";
+
+/// A query parameter both drivers bind.
+pub trait Param: rusqlite::ToSql + postgres::types::ToSql + Sync {}
+impl<T: rusqlite::ToSql + postgres::types::ToSql + Sync> Param for T {}
+
+/// A device with its text columns encoded, for either dialect to bind.
+pub struct Encoded<'a> {
+    pub d: &'a Device,
+    pub tunnel_ip: String,
+    pub tunnel_ip_v6: Option<String>,
+    pub organization_prefix: String,
+    pub organization_prefix_v6: String,
+    pub endpoints: String,
+    pub reflexive_endpoint: Option<String>,
+    pub advertise_cidrs: String,
+}
+
+impl<'a> Encoded<'a> {
+    pub fn new(d: &'a Device) -> Result<Self, StoreError> {
+        Ok(Self {
+            d,
+            tunnel_ip: d.tunnel_ip.to_string(),
+            tunnel_ip_v6: d.tunnel_ip_v6.map(|a| a.to_string()),
+            organization_prefix: d.organization_prefix.to_string(),
+            organization_prefix_v6: d.organization_prefix_v6.to_string(),
+            endpoints: to_json(&d.endpoints)?,
+            reflexive_endpoint: d.reflexive_endpoint.map(|e| e.to_string()),
+            advertise_cidrs: to_json(&d.advertise_cidrs)?,
+        })
+    }
+}
+
+impl Encoded<'_> {
+    /// The parameters of [`INSERT_DEVICE`].
+    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 17] {
+        let d = self.d;
+        [
+            &d.organization_id,
+            &d.public_key,
+            &d.hostname,
+            &d.os,
+            &self.tunnel_ip,
+            &self.tunnel_ip_v6,
+            &self.organization_prefix,
+            &self.organization_prefix_v6,
+            &self.endpoints,
+            &d.symmetric_nat,
+            &d.relay,
+            &d.relay_only,
+            &d.ipv6_supported,
+            &self.advertise_cidrs,
+            &d.last_seen,
+            credential_hash,
+            &d.unmanaged,
+        ]
+    }
+
+    /// The parameters of [`UPDATE_DEVICE`].
+    pub fn update_params(&self) -> [&dyn Param; 10] {
+        let d = self.d;
+        [
+            &d.hostname,
+            &self.endpoints,
+            &self.reflexive_endpoint,
+            &d.symmetric_nat,
+            &d.relay,
+            &d.relay_only,
+            &self.advertise_cidrs,
+            &d.revision,
+            &d.last_seen,
+            &d.id,
+        ]
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}

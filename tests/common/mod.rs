@@ -14,6 +14,8 @@ use nexodus::wire::control::{RegisterRequest, Request, Response};
 
 pub mod cluster;
 pub mod netns;
+pub mod probe;
+pub mod proc;
 pub mod stock;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");

@@ -9,7 +9,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use common::cluster::{Cluster, wait_until};
-use common::netns::Netns;
+use common::netns::{Netns, in_ns};
 use common::{Coordinator, register_request};
 use nexodus::client::ClientError;
 use nexodus::coord::keys::{encode_key, parse_public_key};
@@ -57,21 +56,6 @@ fn with_deadline(name: &str, limit: Duration, body: impl FnOnce() + Send + 'stat
         }
         Err(_) => panic!("{name}: deadline of {limit:?} exceeded"),
     }
-}
-
-/// Runs `f` on a fresh thread that has entered network namespace `ns`: sockets it
-/// creates belong to that namespace for their whole life.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 fn drop_count(s: &Status, reason: &str) -> u64 {
@@ -194,7 +178,7 @@ struct Capture {
 
 impl Capture {
     fn start(ns: &str, src_ip: Ipv4Addr, dst_port: u16) -> Self {
-        let sock = in_netns(ns, || {
+        let sock = in_ns(ns, || {
             let proto = i32::from((libc::ETH_P_IP as u16).to_be());
             let s = socket2::Socket::new(
                 socket2::Domain::PACKET,
@@ -299,7 +283,7 @@ fn send_spoofed(
 }
 
 fn raw_socket(ns: &str) -> socket2::Socket {
-    in_netns(ns, || {
+    in_ns(ns, || {
         socket2::Socket::new(
             socket2::Domain::IPV4,
             socket2::Type::RAW,
@@ -310,7 +294,7 @@ fn raw_socket(ns: &str) -> socket2::Socket {
 }
 
 fn udp_socket(ns: &str, ip: Ipv4Addr) -> UdpSocket {
-    in_netns(ns, move || {
+    in_ns(ns, move || {
         let s = UdpSocket::bind((ip, 0)).expect("bind attacker socket");
         s.set_nonblocking(true).unwrap();
         s

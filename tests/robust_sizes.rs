@@ -12,11 +12,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, wait_until};
 use common::netns::Netns;
+use common::proc::Proc;
 use common::stock::StockPeer;
 use common::{Deadline, DieWithParent};
 use nexodus::join::status::Status;
@@ -27,61 +28,6 @@ const MTU: usize = 1420;
 const OVERHEAD: usize = 32;
 const WG_PORT: &str = "51820";
 const PING_WAIT: Duration = Duration::from_secs(30);
-
-/// A child process with its stdout in a file; killed and reaped on drop.
-struct Proc {
-    child: Option<Child>,
-    out: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, out: PathBuf) -> Self {
-        let file = std::fs::File::create(&out).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .die_with_parent()
-            .spawn()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        Self {
-            child: Some(child),
-            out,
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    /// Waits at most `timeout` for the exit (killing it then); returns whether it
-    /// exited successfully and its output.
-    fn finish(mut self, timeout: Duration) -> (bool, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + timeout;
-        let ok = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status.success();
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (ok, self.output())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Pings `addr` from `ns` once per size with DF set (`-M do`), each with a 1 s
 /// deadline and one retry with 2 s. The shell loop keeps it to one fork per ping.
@@ -297,10 +243,7 @@ impl Capture {
             .die_with_parent()
             .spawn()
             .expect("tcpdump (apt install tcpdump)");
-        let proc = Proc {
-            child: Some(child),
-            out: log,
-        };
+        let proc = Proc::adopt(child, Some(log));
         wait_until("tcpdump to listen", Duration::from_secs(10), || {
             proc.output().contains("listening on").then_some(())
         });

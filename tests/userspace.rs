@@ -10,13 +10,13 @@ mod common;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, wait_until};
+use common::netns::{enter, in_ns};
 use common::{BIN, DieWithParent};
 use nexodus::join::status::Status;
 use sha2::{Digest, Sha256};
@@ -27,26 +27,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---- namespaces from inside the test process ----
-
-/// Moves the calling thread into network namespace `ns`.
-fn enter(ns: &str) {
-    let path = format!("/var/run/netns/{ns}");
-    let file = std::fs::File::open(&path).unwrap();
-    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-}
-
-/// Runs `f` on a thread inside `ns` (sockets it makes stay in `ns`).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns);
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 /// Runs async `f` to completion on a current-thread runtime inside `ns`.
 fn block_in_ns<T, F, Fut>(ns: &str, f: F) -> T

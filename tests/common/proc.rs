@@ -68,14 +68,14 @@ impl Proc {
             .die_with_parent()
             .spawn()
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        Self::adopt(child)
+        Self::adopt(child, None)
     }
 
-    /// Takes over a child spawned elsewhere.
-    pub fn adopt(child: Child) -> Self {
+    /// Takes over a child spawned elsewhere, whose output (if any) goes to `out`.
+    pub fn adopt(child: Child, out: Option<PathBuf>) -> Self {
         Self {
             child: Some(child),
-            out: None,
+            out,
         }
     }
 

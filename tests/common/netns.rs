@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{BIN, DieWithParent};
+use super::{BIN, Deadline, DieWithParent};
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn command");
@@ -113,6 +113,18 @@ impl Netns {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Fails the test unless each of `addrs` answers a ping within `cap` (or what is
+    /// left of the test's `deadline`).
+    pub fn assert_pings(&self, addrs: &[&str], deadline: Deadline, cap: Duration) {
+        for addr in addrs {
+            assert!(
+                self.ping_until(addr, deadline.left(cap)),
+                "{} cannot ping {addr}",
+                self.name
+            );
         }
     }
 

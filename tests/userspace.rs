@@ -528,34 +528,63 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     let t_ns = c.nodes[0].ns.name.clone();
     assert_unprivileged(&c, r);
     assert!(rs.device.ipv6_supported, "the userspace stack speaks IPv6");
-    let r_v4 = IpAddr::V4(rs.device.tunnel_ip);
-    let r_v6 = IpAddr::V6(v6(&rs));
+    let e = Ends {
+        r_ns,
+        t_ns,
+        t0_v4,
+        t0_v6,
+        r_v4: IpAddr::V4(rs.device.tunnel_ip),
+        r_v6: IpAddr::V6(v6(&rs)),
+    };
 
     // Services: local ones on the rootless host, mesh ones on the TUN node.
-    let _local_tcp = tcp_echo(&r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
-    let _local_udp = udp_echo(&r_ns, "127.0.0.1:9053".parse().unwrap());
-    let _mesh_tcp = tcp_echo(&t_ns, vec!["[::]:7000".parse().unwrap()]);
-    let _mesh_udp = udp_echo(&t_ns, "[::]:7053".parse().unwrap());
+    let _local_tcp = tcp_echo(&e.r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
+    let _local_udp = udp_echo(&e.r_ns, "127.0.0.1:9053".parse().unwrap());
+    let _mesh_tcp = tcp_echo(&e.t_ns, vec!["[::]:7000".parse().unwrap()]);
+    let _mesh_udp = udp_echo(&e.t_ns, "[::]:7053".parse().unwrap());
 
     // The stack answers pings on both addresses.
     assert!(
-        c.nodes[0].ns.ping_until(&r_v4.to_string(), WAIT),
-        "ping {r_v4}"
+        c.nodes[0].ns.ping_until(&e.r_v4.to_string(), WAIT),
+        "ping {}",
+        e.r_v4
     );
     assert!(
-        c.nodes[0].ns.ping_until(&r_v6.to_string(), WAIT),
-        "ping {r_v6}"
+        c.nodes[0].ns.ping_until(&e.r_v6.to_string(), WAIT),
+        "ping {}",
+        e.r_v6
     );
 
+    ingress_and_egress(&e);
+    socks5(&e);
+    let (_observer, ends) = tcp_ends(&e);
+    reset_and_status(&c, r, &e, &ends);
+}
+
+/// The rootless node (`r_*`) and the TUN node t0 of
+/// `rootless_node_reaches_and_is_reached_over_v4_and_v6`: namespaces and tunnel
+/// addresses.
+struct Ends {
+    r_ns: String,
+    t_ns: String,
+    t0_v4: IpAddr,
+    t0_v6: IpAddr,
+    r_v4: IpAddr,
+    r_v6: IpAddr,
+}
+
+/// Ingress to the rootless node's local services and egress to the mesh, v4 and v6.
+fn ingress_and_egress(e: &Ends) {
     // Ingress: the TUN node reaches the rootless node's local service, v4 and v6.
-    wait_echo(&t_ns, SocketAddr::new(r_v4, 8080), "ingress v4");
-    wait_echo(&t_ns, SocketAddr::new(r_v6, 8080), "ingress v6");
-    wait_udp_echo(&t_ns, SocketAddr::new(r_v4, 8053), "ingress udp v4");
-    wait_udp_echo(&t_ns, SocketAddr::new(r_v6, 8053), "ingress udp v6");
+    wait_echo(&e.t_ns, SocketAddr::new(e.r_v4, 8080), "ingress v4");
+    wait_echo(&e.t_ns, SocketAddr::new(e.r_v6, 8080), "ingress v6");
+    wait_udp_echo(&e.t_ns, SocketAddr::new(e.r_v4, 8053), "ingress udp v4");
+    wait_udp_echo(&e.t_ns, SocketAddr::new(e.r_v6, 8053), "ingress udp v6");
     // A port without a rule is refused, not left hanging; so is a rule whose local
     // service is not there.
     for port in [8081, 8082] {
-        let refused = in_ns(&t_ns, move || connect(SocketAddr::new(r_v4, port)).err());
+        let to = SocketAddr::new(e.r_v4, port);
+        let refused = in_ns(&e.t_ns, move || connect(to).err());
         assert!(
             refused.as_deref().is_some_and(|e| e.contains("refused")),
             "{port}: {refused:?}"
@@ -563,26 +592,30 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     }
 
     // Egress: the rootless host reaches the TUN node's services, v4 and v6, TCP and UDP.
-    wait_echo(&r_ns, "127.0.0.1:17000".parse().unwrap(), "egress v4");
-    wait_echo(&r_ns, "127.0.0.1:17001".parse().unwrap(), "egress v6");
-    wait_udp_echo(&r_ns, "127.0.0.1:17053".parse().unwrap(), "egress udp v4");
-    wait_udp_echo(&r_ns, "[::1]:17054".parse().unwrap(), "egress udp v6");
+    wait_echo(&e.r_ns, "127.0.0.1:17000".parse().unwrap(), "egress v4");
+    wait_echo(&e.r_ns, "127.0.0.1:17001".parse().unwrap(), "egress v6");
+    wait_udp_echo(&e.r_ns, "127.0.0.1:17053".parse().unwrap(), "egress udp v4");
+    wait_udp_echo(&e.r_ns, "[::1]:17054".parse().unwrap(), "egress udp v6");
+}
 
+/// SOCKS5 CONNECT and UDP ASSOCIATE to mesh addresses.
+fn socks5(e: &Ends) {
+    let (r_ns, t0_v4, t0_v6) = (&e.r_ns, e.t0_v4, e.t0_v6);
     // SOCKS5 CONNECT to mesh addresses, v4 and v6.
     let proxy: SocketAddr = "127.0.0.1:1080".parse().unwrap();
-    wait_socks_echo(&r_ns, proxy, SocketAddr::new(t0_v4, 7000));
-    wait_socks_echo(&r_ns, proxy, SocketAddr::new(t0_v6, 7000));
+    wait_socks_echo(r_ns, proxy, SocketAddr::new(t0_v4, 7000));
+    wait_socks_echo(r_ns, proxy, SocketAddr::new(t0_v6, 7000));
     // Names are not resolved: "address type not supported"; a closed port: "refused".
-    let code = in_ns(&r_ns, move || {
+    let code = in_ns(r_ns, move || {
         socks_request(proxy, 1, &SocksTarget::Name("t0.mesh".into(), 7000)).map(|r| r.0)
     });
     assert_eq!(code, Ok(8));
-    let code = in_ns(&r_ns, move || {
+    let code = in_ns(r_ns, move || {
         socks_request(proxy, 1, &SocksTarget::Ip(SocketAddr::new(t0_v4, 7999))).map(|r| r.0)
     });
     assert_eq!(code, Ok(5));
     // SOCKS5 UDP ASSOCIATE: a datagram to the TUN node's UDP echo and back.
-    let echoed = in_ns(&r_ns, move || {
+    let echoed = in_ns(r_ns, move || {
         let (code, relay, control) =
             socks_request(proxy, 3, &SocksTarget::Ip("0.0.0.0:0".parse().unwrap()))?;
         if code != 0 {
@@ -611,10 +644,15 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     .unwrap();
     assert_eq!(&echoed[22..], b"via socks udp", "{echoed:?}");
     assert_eq!(&echoed[..4], &[0, 0, 0, 4]);
+}
 
+/// FINs pass both ways through the rootless stack.
+/// Returns the observer of the second (on port 7003) for [`reset_and_status`].
+fn tcp_ends(e: &Ends) -> (Service, mpsc::Receiver<Ended>) {
     // Closing: a FIN from the mesh side reaches the local client...
-    let (_closer, closer_ends) = observer(&t_ns, "[::]:7002".parse().unwrap(), Mode::CloseAfter(5));
-    let got = in_ns(&r_ns, || {
+    let (_closer, closer_ends) =
+        observer(&e.t_ns, "[::]:7002".parse().unwrap(), Mode::CloseAfter(5));
+    let got = in_ns(&e.r_ns, || {
         let mut s = wait_until("egress to the closing server", WAIT, || {
             connect("127.0.0.1:17002".parse().unwrap())
                 .ok()
@@ -631,21 +669,29 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     assert_eq!(got.as_deref(), Ok(&b"bye"[..]));
     assert_eq!(closer_ends.recv_timeout(IO_TIMEOUT).unwrap(), Ended::Eof(5));
     // ... a local FIN reaches the mesh side, and a local reset resets it.
-    let (_obs, ends) = observer(&t_ns, "[::]:7003".parse().unwrap(), Mode::Watch);
-    in_ns(&r_ns, || {
+    let (observer_7003, ends) = observer(&e.t_ns, "[::]:7003".parse().unwrap(), Mode::Watch);
+    in_ns(&e.r_ns, || {
         let mut s = connect("127.0.0.1:17003".parse().unwrap()).unwrap();
         s.write_all(b"12345678").unwrap();
         s.shutdown(Shutdown::Write).unwrap();
     });
     assert_eq!(ends.recv_timeout(IO_TIMEOUT).unwrap(), Ended::Eof(8));
-    let status_before_reset = in_ns(&r_ns, || {
+    (observer_7003, ends)
+}
+
+/// A local reset resets the mesh side (the open flow listed in the status meanwhile);
+/// a reset from the mesh side resets the local client.
+fn reset_and_status(c: &Cluster, r: usize, e: &Ends, ends: &mpsc::Receiver<Ended>) {
+    let t0_v4 = e.t0_v4;
+    let t0_v6 = e.t0_v6;
+    let status_before_reset = in_ns(&e.r_ns, || {
         let mut s = connect("127.0.0.1:17003".parse().unwrap()).unwrap();
         s.write_all(b"abc").unwrap();
         s
     });
     // While it is open, the status lists the flow under its rule.
     let rule = format!("egress tcp:17003:{t0_v4}:7003");
-    let target = SocketAddr::new(t0_v4, 7003);
+    let target = SocketAddr::new(e.t0_v4, 7003);
     let st = wait_until("the open flow in the status", WAIT, || {
         c.nodes[r].status().filter(|s| {
             userspace(s).open_flows.iter().any(|f| {
@@ -697,8 +743,8 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
             .filter(|s| !userspace(s).open_flows.iter().any(|f| f.to == target))
     });
     // A reset from the mesh side resets the local client.
-    let (_rst, rst_ends) = observer(&t_ns, "[::]:7004".parse().unwrap(), Mode::ResetAfter(1));
-    let end = in_ns(&r_ns, || {
+    let (_rst, rst_ends) = observer(&e.t_ns, "[::]:7004".parse().unwrap(), Mode::ResetAfter(1));
+    let end = in_ns(&e.r_ns, || {
         let mut s = connect("127.0.0.1:17004".parse().unwrap()).unwrap();
         s.write_all(b"x").unwrap();
         let mut buf = [0u8; 16];

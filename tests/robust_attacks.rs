@@ -657,27 +657,40 @@ fn parse_ping_received(out: &str) -> Option<(u32, u32)> {
 
 #[test]
 fn hostile_datagrams() {
-    with_deadline("hostile_datagrams", DEADLINE, hostile_datagrams_body);
+    with_deadline("hostile_datagrams", DEADLINE, || {
+        let mut s = site("rahd");
+        let a_key = key_bytes(&s.a.device.public_key);
+        assert_mac1_matches_boringtun(&a_key);
+        let (a_addr, b_addr) = (a_port(&s), b_port(&s));
+        let b_tip = s.b.device.tunnel_ip.to_string();
+
+        // Watch B's datagrams arrive at A: A's receiver index and a data message to
+        // replay.
+        let cap = Capture::start(&s.c.nodes[A].ns.name, *b_addr.ip(), a_addr.port());
+        assert!(s.c.nodes[A].ns.ping_until(&b_tip, PING_WAIT));
+        let data = cap.next("data message from B", Duration::from_secs(10), |d| {
+            d.payload.len() > 32 && d.payload[..4] == [4, 0, 0, 0] && d.src == b_addr
+        });
+        let real_idx = u32::from_le_bytes(data.payload[4..8].try_into().unwrap());
+        let blaster = udp_socket(&s.x.name, Ipv4Addr::new(203, 0, 113, 100));
+        blaster.set_nonblocking(false).unwrap();
+        blast_during_pings(&mut s, &blaster, &a_key, real_idx, &data.payload);
+        forged_response_races_handshake(&mut s, &cap, &blaster);
+    });
 }
 
-fn hostile_datagrams_body() {
-    let mut s = site("rahd");
-    let a_key = key_bytes(&s.a.device.public_key);
-    let b_key = key_bytes(&s.b.device.public_key);
-    assert_mac1_matches_boringtun(&a_key);
-    let (a_addr, b_addr) = (a_port(&s), b_port(&s));
+/// A ping flow A → B while the blaster sends garbage (and replays) to A's port: the
+/// tunnel keeps answering, every kind of garbage is counted, B's endpoint stays.
+fn blast_during_pings(
+    s: &mut Site,
+    blaster: &UdpSocket,
+    a_key: &[u8; 32],
+    real_idx: u32,
+    real_data: &[u8],
+) {
+    let (a_addr, b_addr) = (a_port(s), b_port(s));
     let b_tip = s.b.device.tunnel_ip.to_string();
-    let a_tip = s.a.device.tunnel_ip.to_string();
-
-    // Watch B's datagrams arrive at A: A's receiver index and a data message to replay.
-    let cap = Capture::start(&s.c.nodes[A].ns.name, *b_addr.ip(), a_addr.port());
-    assert!(s.c.nodes[A].ns.ping_until(&b_tip, PING_WAIT));
-    let data = cap.next("data message from B", Duration::from_secs(10), |d| {
-        d.payload.len() > 32 && d.payload[..4] == [4, 0, 0, 0] && d.src == b_addr
-    });
-    let real_idx = u32::from_le_bytes(data.payload[4..8].try_into().unwrap());
-
-    // Phase 1: a ping flow A → B while the blaster sends garbage to A's port.
+    // A ping flow A → B while the blaster sends garbage to A's port.
     let before = s.c.nodes[A].status().unwrap();
     let pings = s.c.nodes[A]
         .ns
@@ -686,12 +699,10 @@ fn hostile_datagrams_body() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let blaster = udp_socket(&s.x.name, Ipv4Addr::new(203, 0, 113, 100));
-    blaster.set_nonblocking(false).unwrap();
     let mut sent = 0usize;
     let blast_start = Instant::now();
     for _ in 0..6 {
-        for chunk in hostile_round(&a_key, real_idx, &data.payload).chunks(100) {
+        for chunk in hostile_round(a_key, real_idx, real_data).chunks(100) {
             for m in chunk {
                 if blaster.send_to(m, a_addr).is_ok() {
                     sent += 1;
@@ -733,8 +744,15 @@ fn hostile_datagrams_body() {
     // Nothing unauthenticated moved B's endpoint at A.
     let peer = after.peers.iter().find(|p| p.id == s.b.device.id).unwrap();
     assert_eq!(peer.endpoint, Some(SocketAddr::V4(b_addr)), "{peer:?}");
+}
 
-    // Phase 2: B has a handshake in flight and a forged response arrives first. A's
+/// B has a handshake in flight and a forged response (and cookie) arrives first: B
+/// refuses them and completes its own handshake.
+fn forged_response_races_handshake(s: &mut Site, cap: &Capture, blaster: &UdpSocket) {
+    let (a_addr, b_addr) = (a_port(s), b_port(s));
+    let b_key = key_bytes(&s.b.device.public_key);
+    let a_tip = s.a.device.tunnel_ip.to_string();
+    // B has a handshake in flight and a forged response arrives first. A's
     // firewall holds back B's own initiations (TTL 64) and A's to B; the test replays
     // the captured one (TTL 77) once the forgeries were processed, so only B's
     // original handshake can complete.

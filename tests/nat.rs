@@ -21,6 +21,12 @@ use nexodus::wire::control::Device;
 const COORD: &str = "203.0.113.1";
 const RELAY: &str = "relay";
 
+/// The two sites behind endpoint-independent NATs: name, WAN address, LAN.
+const CONE_SITES: [(&str, &str, &str); 2] = [
+    ("site1", "203.0.113.11/24", "192.0.2.0/26"),
+    ("site2", "203.0.113.12/24", "192.0.2.64/26"),
+];
+
 const PROBE_PORT: u16 = 40000;
 
 /// The public addresses one local port of `site` gets towards each of `servers`.
@@ -59,18 +65,8 @@ fn nat_sanity() {
     let mut lan = Lan::new("nts");
     let e1 = lan.host("e1", "203.0.113.3/24", false);
     let e2 = lan.host("e2", "203.0.113.4/24", false);
-    let s1 = lan.nat_site(
-        "s1",
-        "203.0.113.11/24",
-        "192.0.2.0/26",
-        Nat::EndpointIndependent,
-    );
-    let s2 = lan.nat_site(
-        "s2",
-        "203.0.113.12/24",
-        "192.0.2.64/26",
-        Nat::EndpointIndependent,
-    );
+    let [s1, s2] =
+        CONE_SITES.map(|(name, wan, net)| lan.nat_site(name, wan, net, Nat::EndpointIndependent));
     let sy = lan.nat_site("sy", "203.0.113.13/24", "192.0.2.128/26", Nat::Symmetric);
     let _echo1 = EchoServer::start(&e1, &["203.0.113.3:5001", "203.0.113.3:5002"]);
     let _echo2 = EchoServer::start(&e2, &["203.0.113.4:5001"]);
@@ -183,20 +179,10 @@ fn assert_reaches_via(viewer: &Status, spoke: &Status, relay: &str) {
     }
 }
 
-/// Nodes site1 and site2 behind endpoint-independent NATs (WAN 203.0.113.11 and .12).
+/// Nodes site1 and site2 behind endpoint-independent NATs ([`CONE_SITES`]).
 fn cone_sites(w: &mut Cluster) -> (usize, usize) {
-    let s1 = w.add_behind_nat(
-        "site1",
-        "203.0.113.11/24",
-        "192.0.2.0/26",
-        Nat::EndpointIndependent,
-    );
-    let s2 = w.add_behind_nat(
-        "site2",
-        "203.0.113.12/24",
-        "192.0.2.64/26",
-        Nat::EndpointIndependent,
-    );
+    let [s1, s2] = CONE_SITES
+        .map(|(name, wan, net)| w.add_behind_nat(name, wan, net, Nat::EndpointIndependent));
     (s1, s2)
 }
 

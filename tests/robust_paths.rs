@@ -17,7 +17,7 @@ use common::Deadline;
 use common::cluster::{Cluster, Node, wait_until};
 use common::netns::{Nat, Netns};
 use common::proc::Proc;
-use common::stock::StockPeer;
+use common::stock::stock_host;
 use nexodus::join::status::{PeerStatus, Status};
 
 const PING_WAIT: Duration = Duration::from_secs(30);
@@ -362,28 +362,16 @@ fn nat_keepalive() {
 fn reverse_path_filter() {
     let d = Deadline::after(Duration::from_secs(170));
     let mut c = Cluster::new("rprpf", "203.0.113.1/24");
-    let relay = c.add_node(
-        "relay",
-        "203.0.113.2/24",
-        true,
-        &["--relay", "--interface", "rprpfr0"],
-    );
+    let relay = c.add_relay("relay", "203.0.113.2/24", "rprpfr0");
     c.start(relay);
     c.nodes[relay].wait_peer_count(0, d.left(PING_WAIT));
 
-    let config = c
-        .coord
-        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
-    let stock = c.lan.host("stock", "203.0.113.5/24", true);
-    let wggo = StockPeer::start(
-        &stock,
+    let (_config, stock, _wggo) = stock_host(
+        &mut c,
+        "203.0.113.5/24",
         "rprpfs0",
-        &config,
-        &c.scratch("stock"),
-        &c.scratch("logs").join("wireguard-go.log"),
         d.left(Duration::from_secs(10)),
     );
-    assert_eq!(wggo.addresses.len(), 2, "{config}");
 
     let sr = c.nodes[relay].wait_peer_count(1, d.left(PING_WAIT));
     let relay_v4 = sr.device.tunnel_ip.to_string();

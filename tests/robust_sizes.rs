@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{Cluster, wait_until};
 use common::netns::Netns;
 use common::proc::Proc;
-use common::stock::StockPeer;
+use common::stock::stock_host;
 use common::{Deadline, DieWithParent};
 use nexodus::join::status::Status;
 
@@ -470,32 +470,15 @@ fn stock_peer_accepts_our_padding() {
     let deadline = Deadline::after(Duration::from_secs(170));
     let (relay_cidr, stock_cidr) = ("198.51.100.2/24", "198.51.100.5/24");
     let mut c = Cluster::new("sizp", "198.51.100.1/24");
-    let relay = c.add_node(
-        "relay",
-        relay_cidr,
-        true,
-        &["--relay", "--interface", "sizpr0"],
-    );
+    let relay = c.add_relay("relay", relay_cidr, "sizpr0");
     let a = c.add_node("a", "198.51.100.3/24", true, &["--interface", "sizpa0"]);
     c.start(relay);
     c.start(a);
     c.nodes[relay].wait_peers(1);
     c.nodes[a].wait_peers(1);
 
-    let config = c
-        .coord
-        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
+    let (_config, stock, _wggo) = stock_host(&mut c, stock_cidr, "sizps0", Duration::from_secs(10));
     let scratch = c.scratch("stock");
-    let stock = c.lan.host("stock", stock_cidr, true);
-    let wggo = StockPeer::start(
-        &stock,
-        "sizps0",
-        &config,
-        &scratch,
-        &c.scratch("logs").join("wireguard-go.log"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(wggo.addresses.len(), 2, "{config}");
     let link = stock.ok(&["ip", "-o", "link", "show", "sizps0"]);
     assert!(link.contains(&format!("mtu {MTU} ")), "{link}");
 

@@ -1070,12 +1070,7 @@ fn rootless_bad_rules_are_refused_at_start() {
 fn rootless_node_behind_symmetric_nat_goes_through_the_relay() {
     use common::netns::Nat;
     let mut c = Cluster::new("usn", "203.0.113.1/24");
-    let relay = c.add_node(
-        "rl",
-        "203.0.113.2/24",
-        true,
-        &["--relay", "--interface", "nxusnr"],
-    );
+    let relay = c.add_relay("rl", "203.0.113.2/24", "nxusnr");
     let t = c.add_node("t0", "203.0.113.11/24", true, &["--interface", "nxusn0"]);
     c.start(relay);
     c.start(t);

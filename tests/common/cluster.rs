@@ -448,6 +448,12 @@ impl Cluster {
         self.add_node_in(name, ns, flags)
     }
 
+    /// Adds a (not yet started) relay (`--relay`, interface `iface`) on the bridge at
+    /// `cidr`, IPv6 on; returns its index.
+    pub fn add_relay(&mut self, name: &str, cidr: &str, iface: &str) -> usize {
+        self.add_node(name, cidr, true, &["--relay", "--interface", iface])
+    }
+
     /// Adds a (not yet started) node that runs in a namespace made elsewhere (e.g. the
     /// `node` of a [`super::netns::NatSite`]); returns its index.
     pub fn add_node_in(&mut self, name: &str, ns: Netns, flags: &[&str]) -> usize {

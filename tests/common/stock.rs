@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::DieWithParent;
+use super::cluster::Cluster;
 use super::netns::Netns;
 use super::wait_until;
 
@@ -114,4 +115,31 @@ impl Drop for StockPeer {
             let _ = c.wait();
         }
     }
+}
+
+/// A stock device "stock" added to `c`'s coordinator (`devices add --generate-key`),
+/// run by wireguard-go on interface `iface` in a host "stock" at `cidr` on the bridge
+/// (waiting at most `timeout` for the interface; log in the cluster's logs). Returns
+/// the wg-quick config, the host and the peer (declare them in that order, so the
+/// peer stops before its namespace goes); the config has a v4 and a v6 address.
+pub fn stock_host(
+    c: &mut Cluster,
+    cidr: &str,
+    iface: &str,
+    timeout: Duration,
+) -> (String, Netns, StockPeer) {
+    let config = c
+        .coord
+        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
+    let ns = c.lan.host("stock", cidr, true);
+    let peer = StockPeer::start(
+        &ns,
+        iface,
+        &config,
+        &c.scratch("stock"),
+        &c.scratch("logs").join("wireguard-go.log"),
+        timeout,
+    );
+    assert_eq!(peer.addresses.len(), 2, "{config}");
+    (config, ns, peer)
 }

@@ -11,7 +11,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::cluster::{Cluster, has_peers};
+use common::cluster::{Cluster, Node, has_peers};
 use common::netns::Netns;
 use common::{BIN, Deadline, DieWithParent, proc, wait_until};
 use ipnet::IpNet;
@@ -345,6 +345,21 @@ fn assert_refused_locally(w: &Cluster, ns: &Netns, value: &str, message: &str) {
     );
 }
 
+/// `node` was started with a prefix overlapping the router's: the coordinator refuses
+/// it, naming the router, and the node exits without making its interface.
+fn assert_overlap_refused(node: &mut Node, deadline: Deadline) {
+    let code = node
+        .exit_within(deadline.left(Duration::from_secs(30)))
+        .expect("node with an overlapping prefix still running");
+    assert!(!code.success());
+    let log = node.log_text();
+    assert!(
+        log.contains("advertised by device") && log.contains(ROUTER),
+        "refusal does not name the router: {log}"
+    );
+    assert!(!link_names(&node.ns).iter().any(|l| l == "nx0"));
+}
+
 #[test]
 fn advertise_cidr_input_is_validated() {
     let deadline = Deadline::after(Duration::from_secs(120));
@@ -381,16 +396,7 @@ fn advertise_cidr_input_is_validated() {
 
     // A new device registering with an overlapping prefix.
     w.start_with(ovl, &["--advertise-cidr", "198.51.100.128/25"]);
-    let code = w.nodes[ovl]
-        .exit_within(deadline.left(Duration::from_secs(30)))
-        .expect("node with an overlapping prefix still running");
-    assert!(!code.success());
-    let log = w.nodes[ovl].log_text();
-    assert!(
-        log.contains("advertised by device") && log.contains(ROUTER),
-        "refusal does not name the router: {log}"
-    );
-    assert!(!link_names(&w.nodes[ovl].ns).iter().any(|l| l == "nx0"));
+    assert_overlap_refused(&mut w.nodes[ovl], deadline);
     assert!(w.coord.device("ovl").is_none());
 
     // A registered device that starts advertising an overlapping prefix.
@@ -402,16 +408,7 @@ fn advertise_cidr_input_is_validated() {
     );
     w.nodes[late].stop_within(deadline.left(Duration::from_secs(10)));
     w.nodes[late].start_with(None, &["--advertise-cidr", "2001:db8:100::/48"]);
-    let code = w.nodes[late]
-        .exit_within(deadline.left(Duration::from_secs(30)))
-        .expect("node with an overlapping prefix still running");
-    assert!(!code.success());
-    let log = w.nodes[late].log_text();
-    assert!(
-        log.contains("advertised by device") && log.contains(ROUTER),
-        "refusal does not name the router: {log}"
-    );
-    assert!(!link_names(&w.nodes[late].ns).iter().any(|l| l == "nx0"));
+    assert_overlap_refused(&mut w.nodes[late], deadline);
     let d = w.coord.device("late").unwrap();
     assert!(d.advertise_cidrs.is_empty(), "{:?}", d.advertise_cidrs);
     // The router keeps its prefixes.

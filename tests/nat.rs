@@ -186,6 +186,12 @@ fn cone_sites(w: &mut Cluster) -> (usize, usize) {
     (s1, s2)
 }
 
+/// The relay (203.0.113.2) and a public node "pub" (.3) on the internet.
+fn relay_and_public(w: &mut Cluster) -> (usize, usize) {
+    let relay = w.add_node(RELAY, "203.0.113.2/24", true, &["--relay"]);
+    (relay, w.add_node("pub", "203.0.113.3/24", true, &[]))
+}
+
 /// The internet bridge with the coordinator at 203.0.113.1.
 fn world(tag: &str) -> Cluster {
     Cluster::new(tag, &format!("{COORD}/24"))
@@ -330,8 +336,7 @@ struct Ntr {
 fn nat_traversal_and_relay() {
     let deadline = Deadline::after(Duration::from_secs(180));
     let mut w = world("ntr");
-    let relay = w.add_node(RELAY, "203.0.113.2/24", true, &["--relay"]);
-    let public = w.add_node("pub", "203.0.113.3/24", true, &[]);
+    let (relay, public) = relay_and_public(&mut w);
     let (s1, s2) = cone_sites(&mut w);
     let sym = w.add_behind_nat("sym", "203.0.113.13/24", "192.0.2.128/26", Nat::Symmetric);
     w.start_all();
@@ -535,8 +540,7 @@ fn ntr_relay_restart(w: &mut Cluster, n: Ntr, st: &[Status], deadline: Deadline)
 fn relay_only_spoke() {
     let deadline = Deadline::after(Duration::from_secs(120));
     let mut w = world("rlo");
-    let relay = w.add_node(RELAY, "203.0.113.2/24", true, &["--relay"]);
-    let public = w.add_node("pub", "203.0.113.3/24", true, &[]);
+    let (relay, public) = relay_and_public(&mut w);
     let spoke = w.add_node("spoke", "203.0.113.4/24", true, &["--relay-only"]);
     w.start_all();
     let st_relay =

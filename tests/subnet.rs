@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::cluster::{Cluster, Node, has_peers};
 use common::netns::Netns;
-use common::{BIN, Deadline, DieWithParent, proc, wait_until};
+use common::{BIN, Deadline, proc, wait_until};
 use ipnet::IpNet;
 use nexodus::join::status::{PeerStatus, Status};
 
@@ -39,6 +38,13 @@ fn routed_to_nx0(routes: &str, prefix: &str) -> bool {
     routes
         .lines()
         .any(|l| l == want || l.starts_with(&format!("{want} ")))
+}
+
+/// Waits until `node` routes both LAN prefixes into the tunnel.
+fn wait_lan_routes(node: &Node, timeout: Duration) {
+    node.wait_routes("routes for both LAN prefixes via nx0", timeout, |v4, v6| {
+        routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6)
+    });
 }
 
 fn link_names(ns: &Netns) -> Vec<String> {
@@ -154,22 +160,14 @@ fn subnet_router_dual_stack() {
         deadline.left(cap),
         |s| has_peers(s, &[RELAY, "v4only"]) && peer_carries(s, ROUTER, &[LAN_V4, LAN_V6]),
     );
-    w.nodes[direct].wait_routes(
-        "routes for both LAN prefixes via nx0",
-        deadline.left(cap),
-        |v4, v6| routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6),
-    );
+    wait_lan_routes(&w.nodes[direct], deadline.left(cap));
     let st_spoke = w.nodes[spoke].wait_status(
         "the relay as only peer, carrying both LAN prefixes",
         deadline.left(cap),
         |s| s.peers.len() == 1 && peer_carries(s, RELAY, &[LAN_V4, LAN_V6]),
     );
     assert!(st_spoke.device.tunnel_ip_v6.is_some());
-    w.nodes[spoke].wait_routes(
-        "routes for both LAN prefixes via nx0",
-        deadline.left(cap),
-        |v4, v6| routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6),
-    );
+    wait_lan_routes(&w.nodes[spoke], deadline.left(cap));
     let st_v4 = w.nodes[v4only].wait_status(
         "router peer carrying the v4 LAN prefix",
         deadline.left(cap),
@@ -282,11 +280,7 @@ fn subnet_router_masquerade() {
     lan_site(&mut w, router, false, deadline);
     w.start_with(router, &["--advertise-cidr", ADVERTISE, "--masquerade"]);
     w.start(direct);
-    w.nodes[direct].wait_routes(
-        "routes for both LAN prefixes via nx0",
-        deadline.left(Duration::from_secs(40)),
-        |v4, v6| routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6),
-    );
+    wait_lan_routes(&w.nodes[direct], deadline.left(Duration::from_secs(40)));
     let rns = &w.nodes[router].ns;
     wait_until(
         "an nftables masquerade rule on the router",
@@ -306,29 +300,12 @@ fn subnet_router_masquerade() {
 /// it must refuse within seconds, with `message` on stderr, having changed nothing.
 fn assert_refused_locally(w: &Cluster, ns: &Netns, value: &str, message: &str) {
     let dir = tempfile::tempdir_in(w.scratch("refused")).unwrap();
-    let mut child = ns
-        .cmd(&[BIN, "join", COORD, "--token", &w.token])
-        .args(["--hostname", "val", "--interface", "nxval0", "--state-dir"])
+    let mut cmd = ns.cmd(&[BIN, "join", COORD, "--token", &w.token]);
+    cmd.args(["--hostname", "val", "--interface", "nxval0", "--state-dir"])
         .arg(dir.path())
-        .args(["--advertise-cidr", value])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .die_with_parent()
-        .spawn()
-        .unwrap();
-    let code = proc::exit_within(&mut child, Duration::from_secs(10));
-    if code.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let code = code
-        .unwrap_or_else(|| panic!("--advertise-cidr {value}: still running after 10 s: {stderr}"));
-    assert!(
-        !code.success(),
-        "--advertise-cidr {value} was accepted: {stderr}"
-    );
+        .args(["--advertise-cidr", value]);
+    let what = format!("--advertise-cidr {value}");
+    let stderr = proc::assert_fails_within(cmd, Duration::from_secs(10), &what);
     assert!(
         stderr.contains(message),
         "--advertise-cidr {value}: expected {message:?} in: {stderr}"

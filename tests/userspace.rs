@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, wait_until};
 use common::netns::{enter, in_ns};
-use common::{BIN, DieWithParent};
+use common::{BIN, DieWithParent, proc};
 use nexodus::join::status::Status;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,6 +126,15 @@ fn tcp_echo(ns: &str, addrs: Vec<SocketAddr>) -> Service {
     });
     bound_rx.recv_timeout(IO_TIMEOUT).unwrap();
     s
+}
+
+/// TCP echoes on 127.0.0.1:9000 in `local_ns` (the rootless host's local service)
+/// and on [::]:7000 in `mesh_ns` (a TUN node's).
+fn tcp_echoes(local_ns: &str, mesh_ns: &str) -> [Service; 2] {
+    [
+        tcp_echo(local_ns, vec!["127.0.0.1:9000".parse().unwrap()]),
+        tcp_echo(mesh_ns, vec!["[::]:7000".parse().unwrap()]),
+    ]
 }
 
 /// UDP echo on `addr`.
@@ -538,9 +547,8 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     };
 
     // Services: local ones on the rootless host, mesh ones on the TUN node.
-    let _local_tcp = tcp_echo(&e.r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
+    let _tcp = tcp_echoes(&e.r_ns, &e.t_ns);
     let _local_udp = udp_echo(&e.r_ns, "127.0.0.1:9053".parse().unwrap());
-    let _mesh_tcp = tcp_echo(&e.t_ns, vec!["[::]:7000".parse().unwrap()]);
     let _mesh_udp = udp_echo(&e.t_ns, "[::]:7053".parse().unwrap());
 
     // The stack answers pings on both addresses.
@@ -906,8 +914,7 @@ fn rootless_parallel_transfers_arrive_intact() {
     c.nodes[t1].wait_peers(2);
     let (r_ns, t_ns) = (c.nodes[r].ns.name.clone(), c.nodes[0].ns.name.clone());
     let t1_ns = c.nodes[t1].ns.name.clone();
-    let _local = tcp_echo(&r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
-    let _mesh = tcp_echo(&t_ns, vec!["[::]:7000".parse().unwrap()]);
+    let _echoes = tcp_echoes(&r_ns, &t_ns);
     let _sink = sink(&t_ns, "[::]:7010".parse().unwrap());
     let egress: Vec<SocketAddr> = vec![
         "127.0.0.1:17000".parse().unwrap(),
@@ -958,42 +965,18 @@ fn rootless_parallel_transfers_arrive_intact() {
 /// Runs `join --userspace` with `rules`; it must refuse to start, saying `want`.
 fn refused(rules: &[&str], want: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "join",
-            "192.0.2.1:4443",
-            "--token",
-            "nx1.bogus",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .arg("--userspace")
-        .args(rules)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .die_with_parent()
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let code = loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            break code;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("{rules:?}: still running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(!code.success(), "{rules:?} accepted");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "join",
+        "192.0.2.1:4443",
+        "--token",
+        "nx1.bogus",
+        "--state-dir",
+    ])
+    .arg(dir.path())
+    .arg("--userspace")
+    .args(rules);
+    let err = proc::assert_fails_within(cmd, IO_TIMEOUT, &format!("{rules:?}"));
     for w in want {
         assert!(err.contains(w), "{rules:?}: {w:?} not in {err:?}");
     }
@@ -1095,18 +1078,9 @@ fn rootless_node_behind_symmetric_nat_goes_through_the_relay() {
         ]),
     );
     // Behind symmetric NAT the rootless node is a spoke: its one peer is the relay.
-    let rs = wait_until(
-        "the rootless node to use the relay only",
-        Duration::from_secs(60),
-        || {
-            c.nodes[r]
-                .status()
-                .filter(|s| s.peers.len() == 1 && s.peers[0].hostname == "rl")
-        },
-    );
+    let rs = c.nodes[r].wait_only_peer("rl", Duration::from_secs(60));
     let (r_ns, t_ns) = (c.nodes[r].ns.name.clone(), c.nodes[t].ns.name.clone());
-    let _local = tcp_echo(&r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
-    let _mesh = tcp_echo(&t_ns, vec!["[::]:7000".parse().unwrap()]);
+    let _echoes = tcp_echoes(&r_ns, &t_ns);
     let relayed = |c: &Cluster| c.nodes[relay].status().map_or(0, |s| s.relayed_bytes);
     let before = relayed(&c);
     wait_echo(

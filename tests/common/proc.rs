@@ -35,6 +35,27 @@ pub fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
+/// Runs `cmd` (stdin closed, stdout discarded), which must exit within `timeout` and
+/// fail; returns its stderr. `what` names it in the test's failures.
+pub fn assert_fails_within(mut cmd: Command, timeout: Duration, what: &str) -> String {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .die_with_parent()
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let code = exit_within(&mut child, timeout);
+    if code.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("wait for child");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let code = code.unwrap_or_else(|| panic!("{what}: still running after {timeout:?}: {stderr}"));
+    assert!(!code.success(), "{what} was accepted: {stderr}");
+    stderr
+}
+
 /// A child process killed and reaped on drop; its output (stdout and stderr) in a
 /// file, piped, or discarded.
 pub struct Proc {

@@ -867,10 +867,8 @@ fn low_order_points() -> [[u8; 32]; 7] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_order_keys() {
-    tokio::time::timeout(DEADLINE, async {
-        let coord = Coordinator::start("127.42.0.40").await;
-        let token = coord.token(&["--reusable"]);
-        let c = coord.client().await;
+    common::within(DEADLINE, async {
+        let (coord, token, c) = Coordinator::with_client("127.42.0.40", &["--reusable"]).await;
         // `devices add` needs a relay in the organization (stock peers reach the mesh
         // through it), so one is registered first.
         let mut relay = register_request(&token, "relay", 1);
@@ -930,6 +928,5 @@ async fn low_order_keys() {
         ));
         c.close().await;
     })
-    .await
-    .expect("low_order_keys deadline");
+    .await;
 }

@@ -38,6 +38,13 @@ where
     }
 }
 
+/// Runs an async test body; fails the test if it takes longer than `limit`.
+pub async fn within<F: std::future::Future>(limit: Duration, body: F) -> F::Output {
+    tokio::time::timeout(limit, body)
+        .await
+        .expect("test deadline")
+}
+
 /// A test's own time limit; every wait is bounded by what is left of it.
 #[derive(Clone, Copy)]
 pub struct Deadline(pub Instant);
@@ -234,6 +241,14 @@ impl Coordinator {
         JoinToken::parse(text.trim()).expect("token parses")
     }
 
+    /// [`Coordinator::start`], then a token made with `token_args` and a client.
+    pub async fn with_client(ip: &str, token_args: &[&str]) -> (Self, JoinToken, ControlClient) {
+        let coord = Self::start(ip).await;
+        let token = coord.token(token_args);
+        let client = coord.client().await;
+        (coord, token, client)
+    }
+
     pub async fn client(&self) -> ControlClient {
         ControlClient::connect(self.addr, self.fingerprint())
             .await
@@ -286,6 +301,16 @@ pub fn assert_unique_addresses(devices: &[nexodus::wire::control::Device]) {
     let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
     assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
     assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
+}
+
+/// (id, v4, v6) of each device: what answers and storage must agree on.
+pub fn address_set(
+    devices: &[nexodus::wire::control::Device],
+) -> std::collections::HashSet<(i64, std::net::Ipv4Addr, Option<std::net::Ipv6Addr>)> {
+    devices
+        .iter()
+        .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
+        .collect()
 }
 
 pub fn register_request(token: &JoinToken, hostname: &str, seed: u64) -> RegisterRequest {

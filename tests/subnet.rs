@@ -75,9 +75,12 @@ fn nobody_carries_lan(s: &Status) -> bool {
         .all(|p| !p.allowed_ips.contains(&net(LAN_V4)) && !p.allowed_ips.contains(&net(LAN_V6)))
 }
 
-/// The internet bridge with the coordinator at 203.0.113.1 and a reusable token.
-fn world(tag: &str) -> Cluster {
-    Cluster::new(tag, "203.0.113.1/24")
+/// The internet bridge with the coordinator at 203.0.113.1 and a reusable token, and
+/// the router's node (not started) at 203.0.113.3; with the router's index.
+fn world(tag: &str) -> (Cluster, usize) {
+    let mut w = Cluster::new(tag, "203.0.113.1/24");
+    let router = w.add_node(ROUTER, "203.0.113.3/24", true, &[]);
+    (w, router)
 }
 
 /// Gives node `router` a LAN: `lan0` (198.51.100.1/24, 2001:db8:100::1/64) to a
@@ -139,9 +142,8 @@ fn lan_site(w: &mut Cluster, router: usize, return_routes: bool, deadline: Deadl
 #[test]
 fn subnet_router_dual_stack() {
     let deadline = Deadline::after(Duration::from_secs(170));
-    let mut w = world("snr");
+    let (mut w, router) = world("snr");
     let relay = w.add_node(RELAY, "203.0.113.2/24", true, &[]);
-    let router = w.add_node(ROUTER, "203.0.113.3/24", true, &[]);
     let direct = w.add_node("direct", "203.0.113.4/24", true, &[]);
     let spoke = w.add_node("spoke", "203.0.113.5/24", true, &[]);
     let v4only = w.add_node("v4only", "203.0.113.6/24", false, &[]);
@@ -273,8 +275,7 @@ fn subnet_router_dual_stack() {
 #[test]
 fn subnet_router_masquerade() {
     let deadline = Deadline::after(Duration::from_secs(120));
-    let mut w = world("snm");
-    let router = w.add_node(ROUTER, "203.0.113.3/24", true, &[]);
+    let (mut w, router) = world("snm");
     let direct = w.add_node("direct", "203.0.113.4/24", true, &[]);
     // The LAN host has no route back to the mesh at all.
     lan_site(&mut w, router, false, deadline);
@@ -340,8 +341,7 @@ fn assert_overlap_refused(node: &mut Node, deadline: Deadline) {
 #[test]
 fn advertise_cidr_input_is_validated() {
     let deadline = Deadline::after(Duration::from_secs(120));
-    let mut w = world("snv");
-    let router = w.add_node(ROUTER, "203.0.113.3/24", true, &[]);
+    let (mut w, router) = world("snv");
     let ovl = w.add_node("ovl", "203.0.113.4/24", true, &[]);
     let late = w.add_node("late", "203.0.113.5/24", true, &[]);
     // Refused by the CLI itself, before any state or contact: run on the bridge with a

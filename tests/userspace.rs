@@ -173,13 +173,18 @@ enum Mode {
     ResetAfter(usize),
 }
 
+/// A tokio TCP listener on `addr` (called inside a [`service`]'s runtime).
+fn listen(addr: SocketAddr) -> tokio::net::TcpListener {
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    l.set_nonblocking(true).unwrap();
+    tokio::net::TcpListener::from_std(l).unwrap()
+}
+
 /// A server that reports how each connection ended.
 fn observer(ns: &str, addr: SocketAddr, mode: Mode) -> (Service, mpsc::Receiver<Ended>) {
     let (tx, rx) = mpsc::channel();
     let s = service(ns, move || {
-        let l = std::net::TcpListener::bind(addr).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let l = listen(addr);
         async move {
             loop {
                 let Ok((mut s, _)) = l.accept().await else {
@@ -430,6 +435,15 @@ fn start_rootless(c: &mut Cluster, i: usize, flags: &[String]) {
         .unwrap();
     node.log = log;
     node.child = Some(child);
+}
+
+/// Rules reaching [`tcp_echoes`]: ingress 8080 to the local echo, egress 17000 to the
+/// mesh echo at `t0`; then `more` flags.
+fn echo_rules(t0: IpAddr, more: &[&str]) -> Vec<String> {
+    let egress = format!("tcp:17000:{t0}:7000");
+    let mut flags = strings(&["--ingress", "tcp:8080:127.0.0.1:9000", "--egress", &egress]);
+    flags.extend(strings(more));
+    flags
 }
 
 fn strings(flags: &[&str]) -> Vec<String> {
@@ -840,9 +854,7 @@ fn parallel_echoes(
 /// A server that reads everything, then answers with the byte count (8 bytes).
 fn sink(ns: &str, addr: SocketAddr) -> Service {
     service(ns, move || {
-        let l = std::net::TcpListener::bind(addr).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let l = listen(addr);
         async move {
             loop {
                 let Ok((mut s, _)) = l.accept().await else {
@@ -899,16 +911,15 @@ fn rootless_parallel_transfers_arrive_intact() {
     start_rootless(
         &mut c,
         r,
-        &strings(&[
-            "--ingress",
-            "tcp:8080:127.0.0.1:9000",
-            "--egress",
-            &format!("tcp:17000:{t0_v4}:7000"),
-            "--egress",
-            &format!("tcp:17001:[{t0_v6}]:7000"),
-            "--egress",
-            &format!("tcp:17010:{t0_v4}:7010"),
-        ]),
+        &echo_rules(
+            t0_v4,
+            &[
+                "--egress",
+                &format!("tcp:17001:[{t0_v6}]:7000"),
+                "--egress",
+                &format!("tcp:17010:{t0_v4}:7010"),
+            ],
+        ),
     );
     let rs = c.nodes[r].wait_peers(2);
     c.nodes[t1].wait_peers(2);
@@ -1068,14 +1079,7 @@ fn rootless_node_behind_symmetric_nat_goes_through_the_relay() {
     start_rootless(
         &mut c,
         r,
-        &strings(&[
-            "--ingress",
-            "tcp:8080:127.0.0.1:9000",
-            "--egress",
-            &format!("tcp:17000:{t0_v4}:7000"),
-            "--socks5",
-            "127.0.0.1:1080",
-        ]),
+        &echo_rules(t0_v4, &["--socks5", "127.0.0.1:1080"]),
     );
     // Behind symmetric NAT the rootless node is a spoke: its one peer is the relay.
     let rs = c.nodes[r].wait_only_peer("rl", Duration::from_secs(60));

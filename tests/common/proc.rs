@@ -35,16 +35,20 @@ pub fn kill(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Runs `cmd` (stdin closed, stdout discarded), which must exit within `timeout` and
-/// fail; returns its stderr. `what` names it in the test's failures.
-pub fn assert_fails_within(mut cmd: Command, timeout: Duration, what: &str) -> String {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+/// Spawns `cmd` with stdin closed, dying with the test process.
+fn spawn(mut cmd: Command, stdout: Stdio, stderr: Stdio) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
         .die_with_parent()
         .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// Runs `cmd` (stdin closed, stdout discarded), which must exit within `timeout` and
+/// fail; returns its stderr. `what` names it in the test's failures.
+pub fn assert_fails_within(cmd: Command, timeout: Duration, what: &str) -> String {
+    let mut child = spawn(cmd, Stdio::null(), Stdio::piped());
     let code = exit_within(&mut child, timeout);
     if code.is_none() {
         let _ = child.kill();
@@ -65,31 +69,19 @@ pub struct Proc {
 
 impl Proc {
     /// Spawns `cmd` with its output in the file `out`.
-    pub fn spawn(mut cmd: Command, out: PathBuf) -> Self {
+    pub fn spawn(cmd: Command, out: PathBuf) -> Self {
         let file = std::fs::File::create(&out).expect("output file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("output fd"))
-            .stderr(file)
-            .die_with_parent()
-            .spawn()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        Self {
-            child: Some(child),
-            out: Some(out),
-        }
+        let child = spawn(
+            cmd,
+            file.try_clone().expect("output fd").into(),
+            file.into(),
+        );
+        Self::adopt(child, Some(out))
     }
 
     /// Spawns `cmd` with its output discarded.
-    pub fn quiet(mut cmd: Command) -> Self {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .die_with_parent()
-            .spawn()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        Self::adopt(child, None)
+    pub fn quiet(cmd: Command) -> Self {
+        Self::adopt(spawn(cmd, Stdio::null(), Stdio::null()), None)
     }
 
     /// Takes over a child spawned elsewhere, whose output (if any) goes to `out`.

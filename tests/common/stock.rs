@@ -3,13 +3,13 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
-use super::DieWithParent;
 use super::cluster::Cluster;
 use super::netns::Netns;
 use super::wait_until;
+use super::{DieWithParent, proc};
 
 /// Splits a wg-quick config into its Address values and a `wg setconf` config
 /// (wg-quick-only keys removed).
@@ -104,15 +104,9 @@ impl StockPeer {
 impl Drop for StockPeer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            proc::signal(&c, libc::SIGTERM);
+            let _ = proc::exit_within(&mut c, Duration::from_secs(5));
+            proc::kill(c);
         }
     }
 }

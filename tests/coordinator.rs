@@ -28,6 +28,14 @@ async fn register(
     }
 }
 
+/// `err` is a refusal with `code`.
+fn assert_refused(err: &ClientError, code: ErrorCode) {
+    assert!(
+        matches!(err, ClientError::Refused { code: c, .. } if *c == code),
+        "expected a refusal with {code:?}: {err}"
+    );
+}
+
 fn listed(coord: &Coordinator) -> Vec<Device> {
     let out = coord.admin(&["devices", "--json"]).expect("devices --json");
     serde_json::from_str(&out).expect("devices json")
@@ -35,7 +43,7 @@ fn listed(coord: &Coordinator) -> Vec<Device> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_registrations_get_distinct_addresses() {
-    tokio::time::timeout(DEADLINE, async {
+    common::within(DEADLINE, async {
         let coord = Coordinator::start("127.42.0.1").await;
         let token = coord.token(&["--reusable"]);
         let fp = coord.fingerprint();
@@ -65,23 +73,16 @@ async fn concurrent_registrations_get_distinct_addresses() {
         // All persisted, with the same addresses.
         let stored = listed(&coord);
         assert_eq!(stored.len(), 200);
-        let answered: HashSet<_> = devices
-            .iter()
-            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
-            .collect();
-        let persisted: HashSet<_> = stored
-            .iter()
-            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
-            .collect();
+        let answered = common::address_set(&devices);
+        let persisted = common::address_set(&stored);
         assert_eq!(answered, persisted);
     })
-    .await
-    .expect("test deadline");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_loses_no_answered_registration() {
-    tokio::time::timeout(DEADLINE, async {
+    common::within(DEADLINE, async {
         let mut coord = Coordinator::start("127.42.0.2").await;
         let token = coord.token(&["--reusable"]);
         let fp = coord.fingerprint();
@@ -141,8 +142,7 @@ async fn sigkill_loses_no_answered_registration() {
         assert!(stored.len() >= ok.len());
         common::assert_unique_addresses(&stored);
     })
-    .await
-    .expect("test deadline");
+    .await;
 }
 
 /// The next delta that mentions device `id` (others, such as the watcher going
@@ -165,10 +165,8 @@ async fn next_delta(w: &mut nexodus::client::WatchStream, id: i64) -> (Vec<Devic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_registration_and_admin_removal() {
-    tokio::time::timeout(DEADLINE, async {
-        let coord = Coordinator::start("127.42.0.3").await;
-        let token = coord.token(&["--reusable"]);
-        let c = coord.client().await;
+    common::within(DEADLINE, async {
+        let (coord, token, c) = Coordinator::with_client("127.42.0.3", &["--reusable"]).await;
         let (a, a_cred) = register(&c, register_request(&token, "a", 1)).await;
         let mut watch = c
             .watch(Auth {
@@ -206,24 +204,23 @@ async fn watch_sees_registration_and_admin_removal() {
             })
             .await
             .unwrap_err();
-        assert!(matches!(
-            err,
-            ClientError::Refused {
-                code: ErrorCode::Unauthorized,
-                ..
-            }
-        ));
+        assert_refused(&err, ErrorCode::Unauthorized);
     })
-    .await
-    .expect("test deadline");
+    .await;
+}
+
+/// The next xorshift32 value of `x` (garbage that is the same every run).
+fn xorshift(x: &mut u32) -> u32 {
+    *x ^= *x << 13;
+    *x ^= *x >> 17;
+    *x ^= *x << 5;
+    *x
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_service_continues() {
-    tokio::time::timeout(DEADLINE, async {
-        let coord = Coordinator::start("127.42.0.4").await;
-        let token = coord.token(&[]);
-        let c = coord.client().await;
+    common::within(DEADLINE, async {
+        let (coord, token, c) = Coordinator::with_client("127.42.0.4", &[]).await;
 
         // Random bytes on a control stream: an error answer, then the stream closes.
         let (mut send, mut recv) = c.connection().open_bi().await.unwrap();
@@ -249,12 +246,7 @@ async fn bad_input_is_refused_and_service_continues() {
         let mut x: u32 = 0x1234_5678;
         let mut junk = [0u8; 1200];
         for round in 0..200 {
-            for b in junk.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                *b = x as u8;
-            }
+            junk.fill_with(|| xorshift(&mut x) as u8);
             let len = 1 + (round * 7) % junk.len();
             for port in [4443, 3478, 3479] {
                 udp.send_to(&junk[..len], SocketAddr::new(coord.ip, port))
@@ -300,16 +292,7 @@ async fn bad_input_is_refused_and_service_continues() {
         let mut bad = register_request(&token, "bad", 7);
         bad.token_secret = "nope".into();
         let err = c.call(&Request::Register(bad)).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::Refused {
-                    code: ErrorCode::InvalidToken,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_refused(&err, ErrorCode::InvalidToken);
         let mut bad = register_request(&token, "bad", 7);
         bad.public_key = "AAAA".into();
         let err = c.call(&Request::Register(bad)).await.unwrap_err();
@@ -334,24 +317,14 @@ async fn bad_input_is_refused_and_service_continues() {
             .call(&Request::Register(register_request(&token, "again", 9)))
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::Refused {
-                    code: ErrorCode::TokenUsed,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_refused(&err, ErrorCode::TokenUsed);
     })
-    .await
-    .expect("test deadline");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_commands_validate_input() {
-    tokio::time::timeout(DEADLINE, async {
+    common::within(DEADLINE, async {
         let coord = Coordinator::start("127.42.0.5").await;
         // token create prints only the token.
         let out = coord
@@ -393,19 +366,9 @@ async fn admin_commands_validate_input() {
         let mut req = register_request(&lab, "lab2", 78);
         req.request_ip = Some("192.0.2.5".parse().unwrap());
         let err = c.call(&Request::Register(req)).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::Refused {
-                    code: ErrorCode::AddressUnavailable,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_refused(&err, ErrorCode::AddressUnavailable);
         let err = coord.admin(&["devices", "remove", "999"]).unwrap_err();
         assert!(err.contains("device 999 not found"), "{err}");
     })
-    .await
-    .expect("test deadline");
+    .await;
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::{Cluster, wait_until};
-use common::stock::StockPeer;
+use common::stock::stock_host;
 use nexodus::join::status::Status;
 
 const PING_WAIT: Duration = Duration::from_secs(30);
@@ -52,12 +52,7 @@ fn wg_dump(iface: &str) -> Vec<(String, String, BTreeSet<String>, u64, u64)> {
 #[test]
 fn stock_wireguard_peer_through_the_relay_and_wg_show() {
     let mut c = Cluster::new("wi", "203.0.113.1/24");
-    let relay = c.add_node(
-        "relay",
-        "203.0.113.2/24",
-        true,
-        &["--relay", "--interface", "wir0"],
-    );
+    let relay = c.add_relay("relay", "203.0.113.2/24", "wir0");
     let a = c.add_node("a", "203.0.113.3/24", true, &["--interface", "wia0"]);
     let b = c.add_node("b", "203.0.113.4/24", true, &["--interface", "wib0"]);
     for i in [relay, a, b] {
@@ -68,36 +63,28 @@ fn stock_wireguard_peer_through_the_relay_and_wg_show() {
     }
 
     // Refusals first: malformed and duplicate keys.
-    let err = c
-        .coord
-        .admin_result(&[
-            "devices",
-            "add",
-            "--hostname",
-            "bad",
-            "--public-key",
-            "not-a-key",
-        ])
-        .unwrap_err();
-    assert!(err.contains("public key"), "{err}");
     let relay_key = c.nodes[relay].status().unwrap().device.public_key;
-    let err = c
-        .coord
-        .admin_result(&[
-            "devices",
-            "add",
-            "--hostname",
-            "dup",
-            "--public-key",
-            &relay_key,
-        ])
-        .unwrap_err();
-    assert!(err.contains("already registered"), "{err}");
+    for (hostname, key, refusal) in [
+        ("bad", "not-a-key", "public key"),
+        ("dup", relay_key.as_str(), "already registered"),
+    ] {
+        let err = c
+            .coord
+            .admin_result(&[
+                "devices",
+                "add",
+                "--hostname",
+                hostname,
+                "--public-key",
+                key,
+            ])
+            .unwrap_err();
+        assert!(err.contains(refusal), "{err}");
+    }
 
     // The stock device: config from the coordinator, applied by hand.
-    let config = c
-        .coord
-        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
+    let (config, stock, wggo) =
+        stock_host(&mut c, "203.0.113.5/24", "wis0", Duration::from_secs(10));
     assert!(config.contains("PersistentKeepalive = 25"), "{config}");
     assert!(
         config.contains("AllowedIPs = 100.64.0.0/10, 200::/64"),
@@ -105,17 +92,6 @@ fn stock_wireguard_peer_through_the_relay_and_wg_show() {
     );
     let listed = c.coord.admin(&["devices", "--json"]);
     assert!(listed.contains("\"unmanaged\": true"), "{listed}");
-
-    let stock = c.lan.host("stock", "203.0.113.5/24", true);
-    let wggo = StockPeer::start(
-        &stock,
-        "wis0",
-        &config,
-        &c.scratch("stock"),
-        &c.scratch("logs").join("wireguard-go.log"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(wggo.addresses.len(), 2, "{config}");
 
     // Managed nodes see the new device (through the relay) and everyone pings.
     let sa = wait_until(

@@ -9,14 +9,13 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, wait_until};
-use common::{BIN, DieWithParent, register_request, wait_for};
+use common::{Coordinator, DieWithParent, register_request, wait_for};
 use nexodus::client::ControlClient;
 use nexodus::coord::token::JoinToken;
 use nexodus::store::testpg::TempPostgres;
@@ -24,68 +23,14 @@ use nexodus::wire::control::{Auth, Device, Request, Response};
 
 const DEADLINE: Duration = Duration::from_secs(170);
 
-/// One `nexodus serve --database-url` process.
-struct Replica {
-    addr: SocketAddr,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Replica {
-    /// Starts a replica on `ip` (QUIC 4443, STUN 3478/3479) and waits until it runs.
-    fn start(ip: &str, url: &str, logdir: &Path) -> Self {
-        let log = logdir.join(format!("replica-{ip}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("{ip}:4443")])
-            .args(["--stun-listen", &format!("{ip}:3478")])
-            .args(["--database-url", url])
-            // Must not be used: the identity lives in the database.
-            .args(["--state-dir", "/nonexistent/nexodus-test"])
-            .env("RUST_LOG", "info,nexodus=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .die_with_parent()
-            .spawn()
-            .unwrap();
-        let r = Self {
-            addr: format!("{ip}:4443").parse().unwrap(),
-            log,
-            child: Some(child),
-        };
-        wait_until("replica to start", Duration::from_secs(30), || {
-            r.log_text().contains("coordinator running").then_some(())
-        });
-        r
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Prints the replicas' and the database's logs if the test fails.
-struct LogsOnFailure<'a>(Vec<&'a Replica>, &'a TempPostgres);
+struct LogsOnFailure<'a>(Vec<&'a Coordinator>, &'a TempPostgres);
 
 impl Drop for LogsOnFailure<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for r in &self.0 {
-                eprintln!("===== {} =====\n{}", r.log.display(), r.log_text());
+                eprintln!("===== {} =====\n{}", r.addr, r.log_text());
             }
             eprintln!("===== postgres =====\n{}", self.1.log_text());
         }
@@ -179,12 +124,12 @@ impl Watcher {
 /// committed through replica 1 reaches a watch held on replica 2 within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_addresses_identity_and_changes() {
-    tokio::time::timeout(DEADLINE, async {
+    common::within(DEADLINE, async {
         let pg = TempPostgres::start().unwrap();
         let url = pg.fresh_database("nx").unwrap();
         let logs = tempfile::tempdir().unwrap();
-        let r1 = Replica::start("127.43.0.1", &url, logs.path());
-        let r2 = Replica::start("127.43.0.2", &url, logs.path());
+        let r1 = Coordinator::replica("127.43.0.1", &url, logs.path());
+        let r2 = Coordinator::replica("127.43.0.2", &url, logs.path());
         let _logs = LogsOnFailure(vec![&r1, &r2], &pg);
         let token =
             JoinToken::parse(admin(&url, &["token", "create", "--reusable"]).trim()).unwrap();
@@ -226,14 +171,8 @@ async fn two_replicas_share_addresses_identity_and_changes() {
         let stored = listed(&url);
         assert_eq!(stored.len(), 201);
         common::assert_unique_addresses(&stored);
-        let answered: HashSet<_> = devices
-            .iter()
-            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
-            .collect();
-        let persisted: HashSet<_> = stored
-            .iter()
-            .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
-            .collect();
+        let answered = common::address_set(&devices);
+        let persisted = common::address_set(&stored);
         assert!(answered.is_subset(&persisted));
         // The watcher on replica 2 heard of all of them, half committed on replica 1.
         for d in &devices {
@@ -260,20 +199,19 @@ async fn two_replicas_share_addresses_identity_and_changes() {
             "took {total:?}: notifications are not reaching the other replica"
         );
     })
-    .await
-    .expect("test deadline");
+    .await;
 }
 
 /// The database restarts under two replicas: they reconnect (requests and the
 /// notification channel), keep their watch streams, and nothing committed is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_restart_loses_nothing() {
-    tokio::time::timeout(DEADLINE, async {
+    common::within(DEADLINE, async {
         let mut pg = TempPostgres::start().unwrap();
         let url = pg.fresh_database("nx").unwrap();
         let logs = tempfile::tempdir().unwrap();
-        let r1 = Replica::start("127.43.0.11", &url, logs.path());
-        let r2 = Replica::start("127.43.0.12", &url, logs.path());
+        let r1 = Coordinator::replica("127.43.0.11", &url, logs.path());
+        let r2 = Coordinator::replica("127.43.0.12", &url, logs.path());
         let token =
             JoinToken::parse(admin(&url, &["token", "create", "--reusable"]).trim()).unwrap();
         let mut before = Vec::new();
@@ -348,8 +286,7 @@ async fn database_restart_loses_nothing() {
             assert!(!before.iter().any(|b| b.tunnel_ip == d.tunnel_ip));
         }
     })
-    .await
-    .expect("test deadline");
+    .await;
 }
 
 /// A ping running in a namespace until stopped; reports (sent, received).

@@ -10,13 +10,14 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::Deadline;
 use common::cluster::{Cluster, Node, wait_until};
 use common::netns::{Nat, Netns};
-use common::stock::StockPeer;
-use common::{BIN, Deadline, DieWithParent};
+use common::proc::Proc;
+use common::stock::stock_host;
 use nexodus::join::status::{PeerStatus, Status};
 
 const PING_WAIT: Duration = Duration::from_secs(30);
@@ -26,41 +27,6 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-/// `nexodus status --json`, bounded: a wedged node must not hang the test.
-fn status_of(node: &Node) -> Option<Status> {
-    let out = Command::new("timeout")
-        .args(["-s", "KILL", "10", BIN, "status", "--json", "--state-dir"])
-        .arg(&node.dir)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{}: status does not parse ({e}): {}",
-            node.name,
-            String::from_utf8_lossy(&out.stdout)
-        )
-    }))
-}
-
-/// The status now (waiting a little if the node is between two states).
-fn current(node: &Node) -> Status {
-    wait_until(
-        &format!("{} to answer status", node.name),
-        Duration::from_secs(15),
-        || status_of(node),
-    )
-}
-
-/// Waits (at most `timeout`) until `node` runs and lists exactly `n` peers.
-fn wait_peers(node: &Node, n: usize, timeout: Duration) -> Status {
-    wait_until(&format!("{} to list {n} peers", node.name), timeout, || {
-        status_of(node).filter(|s| s.peers.len() == n)
-    })
 }
 
 fn peer<'a>(s: &'a Status, key: &str) -> Option<&'a PeerStatus> {
@@ -80,42 +46,12 @@ fn wait_endpoint(viewer: &Node, key: &str, want: SocketAddr, timeout: Duration) 
     wait_until(
         &format!("{} to show the peer at {want}", viewer.name),
         timeout,
-        || status_of(viewer).filter(|s| peer(s, key).and_then(|p| p.endpoint) == Some(want)),
+        || {
+            viewer
+                .status()
+                .filter(|s| peer(s, key).and_then(|p| p.endpoint) == Some(want))
+        },
     )
-}
-
-/// The human `nexodus status` of a node.
-fn status_text(node: &Node) -> String {
-    let out = Command::new("timeout")
-        .args(["-s", "KILL", "10", BIN, "status", "--state-dir"])
-        .arg(&node.dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}: nexodus status failed: {}",
-        node.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn alive(node: &mut Node) -> bool {
-    node.child
-        .as_mut()
-        .is_some_and(|c| c.try_wait().unwrap().is_none())
-}
-
-/// A child process killed and reaped on drop.
-struct Proc(Option<Child>);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// `ping -D -i 0.2` running in a namespace, its output (receive times of the
@@ -127,19 +63,11 @@ struct PingFlow {
 
 impl PingFlow {
     fn start(ns: &Netns, addr: &str, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).unwrap();
-        let child = ns
-            .cmd(&["ping", "-D", "-n", "-i", "0.2", addr])
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(Stdio::null())
-            .die_with_parent()
-            .spawn()
-            .expect("spawn ping");
-        Self {
-            _proc: Proc(Some(child)),
-            log,
-        }
+        let proc = Proc::spawn(
+            ns.cmd(&["ping", "-D", "-n", "-i", "0.2", addr]),
+            log.clone(),
+        );
+        Self { _proc: proc, log }
     }
 
     /// Unix times at which echo replies arrived.
@@ -231,8 +159,8 @@ fn roaming() {
     let b = c.add_node("b", "203.0.113.4/24", true, &["--interface", "rproamb0"]);
     c.start(a);
     c.start(b);
-    let sa = wait_peers(&c.nodes[a], 1, d.left(PING_WAIT));
-    wait_peers(&c.nodes[b], 1, d.left(PING_WAIT));
+    let sa = c.nodes[a].wait_peer_count(1, d.left(PING_WAIT));
+    c.nodes[b].wait_peer_count(1, d.left(PING_WAIT));
     let a_ip = sa.device.tunnel_ip.to_string();
     let a_key = sa.device.public_key.clone();
     let port = sa.device.listen_port;
@@ -269,7 +197,7 @@ fn roaming() {
     let rec_addr = recovery(&flow, t0, changed, "A's address change", d);
     let moved: SocketAddr = format!("203.0.113.33:{port}").parse().unwrap();
     wait_endpoint(&c.nodes[b], &a_key, moved, d.left(Duration::from_secs(10)));
-    let text = status_text(&c.nodes[b]);
+    let text = c.nodes[b].status_text();
     assert!(text.contains(&moved.to_string()), "{text}");
 
     // A new source port as seen by B; the process keeps its listen port.
@@ -279,11 +207,11 @@ fn roaming() {
     let rec_port = recovery(&flow, t1, changed, "A's port change", d);
     let mapped: SocketAddr = format!("203.0.113.33:{ROAM_NAT_PORT}").parse().unwrap();
     wait_endpoint(&c.nodes[b], &a_key, mapped, d.left(Duration::from_secs(10)));
-    let text = status_text(&c.nodes[b]);
+    let text = c.nodes[b].status_text();
     assert!(text.contains(&mapped.to_string()), "{text}");
-    assert_eq!(current(&c.nodes[a]).device.listen_port, port);
+    assert_eq!(c.nodes[a].current().device.listen_port, port);
     // And both ways: A reaches B through its NAT.
-    let b_ip = current(&c.nodes[b]).device.tunnel_ip.to_string();
+    let b_ip = c.nodes[b].current().device.tunnel_ip.to_string();
     assert!(
         c.nodes[a]
             .ns
@@ -351,9 +279,9 @@ fn nat_keepalive() {
     for i in [p, k1, k0] {
         c.start(i);
     }
-    let sp = wait_peers(&c.nodes[p], 2, d.left(Duration::from_secs(40)));
-    let s_k1 = wait_peers(&c.nodes[k1], 2, d.left(Duration::from_secs(40)));
-    let s_k0 = wait_peers(&c.nodes[k0], 2, d.left(Duration::from_secs(40)));
+    let sp = c.nodes[p].wait_peer_count(2, d.left(Duration::from_secs(40)));
+    let s_k1 = c.nodes[k1].wait_peer_count(2, d.left(Duration::from_secs(40)));
+    let s_k0 = c.nodes[k0].wait_peer_count(2, d.left(Duration::from_secs(40)));
     let (p_ip, p_port) = (sp.device.tunnel_ip.to_string(), sp.device.listen_port);
     let k1_ip = s_k1.device.tunnel_ip.to_string();
     let k0_ip = s_k0.device.tunnel_ip.to_string();
@@ -369,7 +297,7 @@ fn nat_keepalive() {
         ping(p, &k0_ip, Duration::from_secs(10)),
         "P cannot reach k0 right after k0 spoke"
     );
-    let sp = current(&c.nodes[p]);
+    let sp = c.nodes[p].current();
     for (s, wan) in [(&s_k1, "203.0.113.11"), (&s_k0, "203.0.113.12")] {
         let ep = peer(&sp, &s.device.public_key).and_then(|x| x.endpoint);
         assert_eq!(
@@ -434,30 +362,18 @@ fn nat_keepalive() {
 fn reverse_path_filter() {
     let d = Deadline::after(Duration::from_secs(170));
     let mut c = Cluster::new("rprpf", "203.0.113.1/24");
-    let relay = c.add_node(
-        "relay",
-        "203.0.113.2/24",
-        true,
-        &["--relay", "--interface", "rprpfr0"],
-    );
+    let relay = c.add_relay("relay", "203.0.113.2/24", "rprpfr0");
     c.start(relay);
-    wait_peers(&c.nodes[relay], 0, d.left(PING_WAIT));
+    c.nodes[relay].wait_peer_count(0, d.left(PING_WAIT));
 
-    let config = c
-        .coord
-        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
-    let stock = c.lan.host("stock", "203.0.113.5/24", true);
-    let wggo = StockPeer::start(
-        &stock,
+    let (_config, stock, _wggo) = stock_host(
+        &mut c,
+        "203.0.113.5/24",
         "rprpfs0",
-        &config,
-        &c.scratch("stock"),
-        &c.scratch("logs").join("wireguard-go.log"),
         d.left(Duration::from_secs(10)),
     );
-    assert_eq!(wggo.addresses.len(), 2, "{config}");
 
-    let sr = wait_peers(&c.nodes[relay], 1, d.left(PING_WAIT));
+    let sr = c.nodes[relay].wait_peer_count(1, d.left(PING_WAIT));
     let relay_v4 = sr.device.tunnel_ip.to_string();
     let relay_v6 = sr.device.tunnel_ip_v6.unwrap().to_string();
     assert!(
@@ -468,7 +384,7 @@ fn reverse_path_filter() {
         stock.ping_until(&relay_v6, d.left(PING_WAIT)),
         "stock peer cannot ping the relay over v6"
     );
-    let before = current(&c.nodes[relay]);
+    let before = c.nodes[relay].current();
     let stock_peer = before
         .peers
         .iter()
@@ -521,7 +437,8 @@ fn reverse_path_filter() {
         "the relay to count the spoofed packets as bad_source",
         d.left(Duration::from_secs(10)),
         || {
-            status_of(&c.nodes[relay])
+            c.nodes[relay]
+                .status()
                 .filter(|s| drops(s, "bad_source") >= drops(&before, "bad_source") + 2 * SPOOFED)
         },
     );
@@ -534,7 +451,7 @@ fn reverse_path_filter() {
         stock.ping_until(&relay_v6, d.left(Duration::from_secs(10))),
         "stock peer lost the relay (v6) after spoofing"
     );
-    let again = current(&c.nodes[relay]);
+    let again = c.nodes[relay].current();
     assert_eq!(
         drops(&again, "bad_source"),
         drops(&after, "bad_source"),
@@ -568,7 +485,7 @@ const LOOP_PINGS: u64 = 25;
 fn loop_run(a: &mut Node, iface: &str, underlay: &str, peer_key: &str, peer_ip: &str) -> LoopRun {
     let route = ["ip", "route", "add", underlay, "dev", iface];
     a.ns.ok(&route);
-    let before = current(a);
+    let before = a.current();
     let pid = a.pid();
     let (cpu0, t0) = (common::cpu_ticks(pid).expect("node alive"), Instant::now());
     let count = LOOP_PINGS.to_string();
@@ -582,8 +499,8 @@ fn loop_run(a: &mut Node, iface: &str, underlay: &str, peer_key: &str, peer_ip: 
         !answered,
         "{peer_ip} answered through a route into A's own tunnel"
     );
-    assert!(alive(a), "A died with {underlay} routed into its tunnel");
-    let after = current(a);
+    assert!(a.alive(), "A died with {underlay} routed into its tunnel");
+    let after = a.current();
     a.ns.ok(&["ip", "route", "del", underlay, "dev", iface]);
     let tx = |s: &Status| peer(s, peer_key).map_or(0, |p| p.tx_bytes);
     LoopRun {
@@ -616,9 +533,9 @@ fn routing_loop() {
     for i in [a, b, s] {
         c.start(i);
     }
-    let sa = wait_peers(&c.nodes[a], 2, d.left(PING_WAIT));
-    let sb = wait_peers(&c.nodes[b], 2, d.left(PING_WAIT));
-    let ss = wait_peers(&c.nodes[s], 2, d.left(PING_WAIT));
+    let sa = c.nodes[a].wait_peer_count(2, d.left(PING_WAIT));
+    let sb = c.nodes[b].wait_peer_count(2, d.left(PING_WAIT));
+    let ss = c.nodes[s].wait_peer_count(2, d.left(PING_WAIT));
     let a_ip = sa.device.tunnel_ip.to_string();
     let (b_ip, b_key) = (
         sb.device.tunnel_ip.to_string(),
@@ -737,8 +654,8 @@ fn churn_and_leaks() {
     let ch = c.add_node("c", "203.0.113.4/24", true, &["--interface", "rpchurnc0"]);
     c.start(l);
     c.start(ch);
-    let sl = wait_peers(&c.nodes[l], 1, d.left(PING_WAIT));
-    let sc = wait_peers(&c.nodes[ch], 1, d.left(PING_WAIT));
+    let sl = c.nodes[l].wait_peer_count(1, d.left(PING_WAIT));
+    let sc = c.nodes[ch].wait_peer_count(1, d.left(PING_WAIT));
     let l_ip = sl.device.tunnel_ip.to_string();
     let c_ip = sc.device.tunnel_ip.to_string();
     assert!(c.nodes[ch].ns.ping_until(&l_ip, d.left(PING_WAIT)));
@@ -753,7 +670,7 @@ fn churn_and_leaks() {
         // Restart C (SIGTERM, then without the token).
         c.nodes[ch].stop();
         c.nodes[ch].start(None);
-        wait_peers(&c.nodes[ch], 1, d.left(PING_WAIT));
+        c.nodes[ch].wait_peer_count(1, d.left(PING_WAIT));
         assert!(
             c.nodes[ch]
                 .ns
@@ -770,7 +687,7 @@ fn churn_and_leaks() {
             "cycle {cycle}: L cannot ping C after its link flapped"
         );
         // L's status and UAPI sockets answer every cycle (and must not leak either).
-        let st = current(&c.nodes[l]);
+        let st = c.nodes[l].current();
         assert!(
             peer(&st, &sc.device.public_key).is_some_and(|p| p.last_handshake_secs.is_some()),
             "cycle {cycle}: L lost C: {:?}",
@@ -786,7 +703,7 @@ fn churn_and_leaks() {
             "cycle {cycle}: wg show on L: {}",
             String::from_utf8_lossy(&wg.stderr)
         );
-        assert!(alive(&mut c.nodes[l]), "cycle {cycle}: L died");
+        assert!(c.nodes[l].alive(), "cycle {cycle}: L died");
         slowest = slowest.max(t.elapsed());
         // Warm-up cycles first: lazily made buffers and threads are not leaks.
         if cycle == 2 {
@@ -845,14 +762,14 @@ fn churn_and_leaks() {
         || (bridge_ports(&c.lan.hub) == ports - 1).then_some(()),
     );
     // L keeps running and answering, C still listed (still registered), unreachable.
-    assert!(alive(&mut c.nodes[l]), "L died when C's namespace went");
-    let sl = current(&c.nodes[l]);
+    assert!(c.nodes[l].alive(), "L died when C's namespace went");
+    let sl = c.nodes[l].current();
     assert_eq!(sl.peers.len(), 1, "{:?}", sl.peers);
     assert!(
         !c.nodes[l].ns.ping(&c_ip),
         "C answered from a deleted namespace"
     );
-    assert!(alive(&mut c.nodes[l]), "L died pinging the vanished C");
+    assert!(c.nodes[l].alive(), "L died pinging the vanished C");
     let u = usage(l_pid);
     assert!(
         u.fds <= base.fds + 2 && u.threads <= base.threads + 2,

@@ -12,12 +12,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, wait_until};
 use common::netns::Netns;
-use common::stock::StockPeer;
+use common::proc::Proc;
+use common::stock::stock_host;
 use common::{Deadline, DieWithParent};
 use nexodus::join::status::Status;
 
@@ -27,61 +28,6 @@ const MTU: usize = 1420;
 const OVERHEAD: usize = 32;
 const WG_PORT: &str = "51820";
 const PING_WAIT: Duration = Duration::from_secs(30);
-
-/// A child process with its stdout in a file; killed and reaped on drop.
-struct Proc {
-    child: Option<Child>,
-    out: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, out: PathBuf) -> Self {
-        let file = std::fs::File::create(&out).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .die_with_parent()
-            .spawn()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        Self {
-            child: Some(child),
-            out,
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    /// Waits at most `timeout` for the exit (killing it then); returns whether it
-    /// exited successfully and its output.
-    fn finish(mut self, timeout: Duration) -> (bool, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + timeout;
-        let ok = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status.success();
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (ok, self.output())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Pings `addr` from `ns` once per size with DF set (`-M do`), each with a 1 s
 /// deadline and one retry with 2 s. The shell loop keeps it to one fork per ping.
@@ -297,10 +243,7 @@ impl Capture {
             .die_with_parent()
             .spawn()
             .expect("tcpdump (apt install tcpdump)");
-        let proc = Proc {
-            child: Some(child),
-            out: log,
-        };
+        let proc = Proc::adopt(child, Some(log));
         wait_until("tcpdump to listen", Duration::from_secs(10), || {
             proc.output().contains("listening on").then_some(())
         });
@@ -411,32 +354,44 @@ fn expect_pings(
     }
 }
 
+/// Routes `b4`/32 and `b6`/128 over `dev` in `ns`, with `extra` route attributes.
+fn host_routes(ns: &Netns, dev: &str, b4: &str, b6: &str, extra: &[&str]) {
+    for (fam, dst) in [("-4", format!("{b4}/32")), ("-6", format!("{b6}/128"))] {
+        let mut args = vec!["ip", fam, "route", "replace", &dst, "dev", dev];
+        args.extend_from_slice(extra);
+        ns.ok(&args);
+    }
+}
+
 fn underlay(cidr: &str) -> IpAddr {
     cidr.split('/').next().unwrap().parse().unwrap()
+}
+
+/// Underlay addresses of [`meshed_pair`]'s nodes a and b.
+const PAIR_CIDRS: [&str; 2] = ["198.51.100.11/24", "198.51.100.12/24"];
+
+/// A cluster of nodes a and b (indices 0 and 1, interfaces `<tag>a0` and `<tag>b0`,
+/// at [`PAIR_CIDRS`]) meshed, a reaching b over v4 and v6; with b's tunnel addresses.
+fn meshed_pair(tag: &str, deadline: Deadline) -> (Cluster, String, String) {
+    let mut c = Cluster::new(tag, "198.51.100.1/24");
+    for (name, cidr) in ["a", "b"].into_iter().zip(PAIR_CIDRS) {
+        let i = c.add_node(name, cidr, true, &["--interface", &format!("{tag}{name}0")]);
+        c.start(i);
+    }
+    c.nodes[0].wait_peers(1);
+    let sb = c.nodes[1].wait_peers(1);
+    let b4 = sb.device.tunnel_ip.to_string();
+    let b6 = sb.device.tunnel_ip_v6.unwrap().to_string();
+    c.nodes[0].ns.assert_pings(&[&b4, &b6], deadline, PING_WAIT);
+    (c, b4, b6)
 }
 
 #[test]
 fn sizes_and_mtu() {
     let deadline = Deadline::after(Duration::from_secs(170));
-    let (a_cidr, b_cidr) = ("198.51.100.11/24", "198.51.100.12/24");
-    let mut c = Cluster::new("sizm", "198.51.100.1/24");
-    let a = c.add_node("a", a_cidr, true, &["--interface", "sizma0"]);
-    let b = c.add_node("b", b_cidr, true, &["--interface", "sizmb0"]);
-    c.start(a);
-    c.start(b);
-    c.nodes[a].wait_peers(1);
-    let sb = c.nodes[b].wait_peers(1);
-    let b4 = sb.device.tunnel_ip.to_string();
-    let b6 = sb.device.tunnel_ip_v6.unwrap().to_string();
+    let (c, b4, b6) = meshed_pair("sizm", deadline);
+    let a = 0;
     let na = &c.nodes[a].ns;
-    assert!(
-        na.ping_until(&b4, deadline.left(PING_WAIT)),
-        "a cannot ping {b4}"
-    );
-    assert!(
-        na.ping_until(&b6, deadline.left(PING_WAIT)),
-        "a cannot ping {b6}"
-    );
     let link = na.ok(&["ip", "-o", "link", "show", "sizma0"]);
     assert!(link.contains(&format!("mtu {MTU} ")), "{link}");
 
@@ -455,28 +410,7 @@ fn sizes_and_mtu() {
     assert_too_big(na, &b6, max6 + 1);
 
     // A route MTU below the interface MTU.
-    na.ok(&[
-        "ip",
-        "-4",
-        "route",
-        "replace",
-        &format!("{b4}/32"),
-        "dev",
-        "sizma0",
-        "mtu",
-        "1280",
-    ]);
-    na.ok(&[
-        "ip",
-        "-6",
-        "route",
-        "replace",
-        &format!("{b6}/128"),
-        "dev",
-        "sizma0",
-        "mtu",
-        "1280",
-    ]);
+    host_routes(na, "sizma0", &b4, &b6, &["mtu", "1280"]);
     let route = na.ok(&["ip", "route", "get", &b4]);
     assert!(route.contains("mtu 1280"), "{route}");
     assert_too_big(na, &b4, 1280 - 28 + 1);
@@ -499,24 +433,7 @@ fn sizes_and_mtu() {
         &scratch,
         deadline.left(Duration::from_secs(60)),
     );
-    na.ok(&[
-        "ip",
-        "-4",
-        "route",
-        "replace",
-        &format!("{b4}/32"),
-        "dev",
-        "sizma0",
-    ]);
-    na.ok(&[
-        "ip",
-        "-6",
-        "route",
-        "replace",
-        &format!("{b6}/128"),
-        "dev",
-        "sizma0",
-    ]);
+    host_routes(na, "sizma0", &b4, &b6, &[]);
 
     // Outer datagrams on A's underlay: assorted sizes, including those whose padding
     // would pass the MTU (inner 1409..=1420 bytes).
@@ -539,7 +456,7 @@ fn sizes_and_mtu() {
         2 * (sizes4.len() + sizes6.len()),
         deadline.left(Duration::from_secs(10)),
     );
-    let (ua, ub) = (underlay(a_cidr), underlay(b_cidr));
+    let (ua, ub) = (underlay(PAIR_CIDRS[0]), underlay(PAIR_CIDRS[1]));
     let mut expected = BTreeSet::new();
     expect_pings(&mut expected, ua, ub, 28, &sizes4);
     expect_pings(&mut expected, ua, ub, 48, &sizes6);
@@ -553,32 +470,15 @@ fn stock_peer_accepts_our_padding() {
     let deadline = Deadline::after(Duration::from_secs(170));
     let (relay_cidr, stock_cidr) = ("198.51.100.2/24", "198.51.100.5/24");
     let mut c = Cluster::new("sizp", "198.51.100.1/24");
-    let relay = c.add_node(
-        "relay",
-        relay_cidr,
-        true,
-        &["--relay", "--interface", "sizpr0"],
-    );
+    let relay = c.add_relay("relay", relay_cidr, "sizpr0");
     let a = c.add_node("a", "198.51.100.3/24", true, &["--interface", "sizpa0"]);
     c.start(relay);
     c.start(a);
     c.nodes[relay].wait_peers(1);
     c.nodes[a].wait_peers(1);
 
-    let config = c
-        .coord
-        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
+    let (_config, stock, _wggo) = stock_host(&mut c, stock_cidr, "sizps0", Duration::from_secs(10));
     let scratch = c.scratch("stock");
-    let stock = c.lan.host("stock", stock_cidr, true);
-    let wggo = StockPeer::start(
-        &stock,
-        "sizps0",
-        &config,
-        &scratch,
-        &c.scratch("logs").join("wireguard-go.log"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(wggo.addresses.len(), 2, "{config}");
     let link = stock.ok(&["ip", "-o", "link", "show", "sizps0"]);
     assert!(link.contains(&format!("mtu {MTU} ")), "{link}");
 
@@ -651,24 +551,9 @@ fn replay_drops(s: &Status) -> u64 {
 #[test]
 fn reorder_and_duplicate() {
     let deadline = Deadline::after(Duration::from_secs(170));
-    let mut c = Cluster::new("rdup", "198.51.100.1/24");
-    let a = c.add_node("a", "198.51.100.11/24", true, &["--interface", "rdupa0"]);
-    let b = c.add_node("b", "198.51.100.12/24", true, &["--interface", "rdupb0"]);
-    c.start(a);
-    c.start(b);
-    c.nodes[a].wait_peers(1);
-    let sb = c.nodes[b].wait_peers(1);
-    let b4 = sb.device.tunnel_ip.to_string();
-    let b6 = sb.device.tunnel_ip_v6.unwrap().to_string();
+    let (c, b4, b6) = meshed_pair("rdup", deadline);
+    let (a, b) = (0, 1);
     let (na, nb) = (&c.nodes[a].ns, &c.nodes[b].ns);
-    assert!(
-        na.ping_until(&b4, deadline.left(PING_WAIT)),
-        "a cannot ping {b4}"
-    );
-    assert!(
-        na.ping_until(&b6, deadline.left(PING_WAIT)),
-        "a cannot ping {b6}"
-    );
     let before = [c.nodes[a].status().unwrap(), c.nodes[b].status().unwrap()];
 
     // The kernel may lack sch_netem, so the impairment is done in userspace: the hub

@@ -8,15 +8,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::netns::{Lan, Netns, state_dir};
-use common::{BIN, Deadline, DieWithParent, wait_until};
+use common::cluster::{Cluster, Node, has_peers};
+use common::netns::Netns;
+use common::{BIN, Deadline, proc, wait_until};
 use ipnet::IpNet;
 use nexodus::join::status::{PeerStatus, Status};
-use nexodus::wire::control::Device;
 
 const COORD: &str = "203.0.113.1:4443";
 const LAN_V4: &str = "198.51.100.0/24";
@@ -34,26 +32,19 @@ fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-/// Waits at most `timeout` for `child` to exit; None if it still runs.
-fn exit_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// True when `routes` (`ip route` output) routes `prefix` into the tunnel.
 fn routed_to_nx0(routes: &str, prefix: &str) -> bool {
     let want = format!("{prefix} dev nx0");
     routes
         .lines()
         .any(|l| l == want || l.starts_with(&format!("{want} ")))
+}
+
+/// Waits until `node` routes both LAN prefixes into the tunnel.
+fn wait_lan_routes(node: &Node, timeout: Duration) {
+    node.wait_routes("routes for both LAN prefixes via nx0", timeout, |v4, v6| {
+        routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6)
+    });
 }
 
 fn link_names(ns: &Netns) -> Vec<String> {
@@ -68,204 +59,8 @@ fn sysctl(ns: &Netns, key: &str) -> String {
     ns.ok(&["sysctl", "-n", key]).trim().to_string()
 }
 
-struct Coord {
-    ns: Netns,
-    dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Coord {
-    fn start(&mut self, timeout: Duration) {
-        self.child = Some(self.ns.spawn_nexodus(
-            &[
-                "serve",
-                "--listen",
-                COORD,
-                "--stun-listen",
-                "203.0.113.1:3478",
-                "--state-dir",
-                self.dir.to_str().unwrap(),
-            ],
-            &self.log,
-        ));
-        let log = self.log.clone();
-        wait_until("the coordinator to start", timeout, || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|s| s.contains("coordinator running"))
-                .map(|_| ())
-        });
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The organization's devices as the coordinator stores them.
-    fn devices(&self) -> Vec<Device> {
-        serde_json::from_str(&self.admin(&["devices", "--json"])).unwrap()
-    }
-
-    fn device(&self, hostname: &str) -> Option<Device> {
-        self.devices().into_iter().find(|d| d.hostname == hostname)
-    }
-}
-
-impl Drop for Coord {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct Node {
-    name: String,
-    ns: Netns,
-    dir: PathBuf,
-    logdir: PathBuf,
-    child: Option<Child>,
-    /// The log of the current (or last) run.
-    log: PathBuf,
-    starts: usize,
-}
-
-impl Node {
-    /// Starts `nexodus join` with `extra` flags; returns the log file of this run.
-    fn start(&mut self, token: Option<&str>, extra: &[&str]) -> PathBuf {
-        assert!(self.child.is_none(), "{} already running", self.name);
-        let mut args = vec![
-            "join",
-            COORD,
-            "--hostname",
-            &self.name,
-            "--state-dir",
-            self.dir.to_str().unwrap(),
-        ];
-        if let Some(t) = token {
-            args.extend(["--token", t]);
-        }
-        args.extend_from_slice(extra);
-        self.log = self
-            .logdir
-            .join(format!("{}.{}.log", self.name, self.starts));
-        self.starts += 1;
-        self.child = Some(self.ns.spawn_nexodus(&args, &self.log));
-        self.log.clone()
-    }
-
-    /// SIGTERM and a bounded wait for the exit.
-    fn stop(&mut self, timeout: Duration) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        let pid = libc::pid_t::try_from(c.id()).unwrap();
-        // SAFETY: kill has no memory effects; the pid is our unreaped child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let exited = exit_within(&mut c, timeout);
-        if exited.is_none() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        assert!(
-            exited.is_some(),
-            "{} did not stop within {timeout:?} of SIGTERM",
-            self.name
-        );
-    }
-
-    /// Waits for the process to exit on its own; None if it still runs after `timeout`.
-    fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let code = exit_within(self.child.as_mut().unwrap(), timeout);
-        if code.is_some() {
-            self.child = None;
-        }
-        code
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status_json(&self) -> Option<Vec<u8>> {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--state-dir"])
-            .arg(&self.dir)
-            .output()
-            .ok()?;
-        out.status.success().then_some(out.stdout)
-    }
-
-    fn status(&self) -> Option<Status> {
-        let json = self.status_json()?;
-        Some(serde_json::from_slice(&json).unwrap_or_else(|e| {
-            panic!(
-                "{}: status does not parse ({e}): {}",
-                self.name,
-                String::from_utf8_lossy(&json)
-            )
-        }))
-    }
-
-    /// Waits until the node runs and `ok` holds for its status.
-    fn wait_status(&self, what: &str, timeout: Duration, ok: impl Fn(&Status) -> bool) -> Status {
-        wait_until(&format!("{}: {what}", self.name), timeout, || {
-            self.status().filter(|s| ok(s))
-        })
-    }
-
-    /// `ip -4 route` and `ip -6 route` in the node's namespace.
-    fn routes(&self) -> (String, String) {
-        (
-            self.ns.ok(&["ip", "-4", "route"]),
-            self.ns.ok(&["ip", "-6", "route"]),
-        )
-    }
-
-    fn wait_routes(&self, what: &str, timeout: Duration, ok: impl Fn(&str, &str) -> bool) {
-        wait_until(&format!("{}: {what}", self.name), timeout, || {
-            let (v4, v6) = self.routes();
-            ok(&v4, &v6).then_some(())
-        });
-    }
-
-    fn ping(&self, addr: &str, timeout: Duration) {
-        assert!(
-            self.ns.ping_until(addr, timeout),
-            "{} cannot ping {addr} within {timeout:?}",
-            self.name
-        );
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn peer<'a>(s: &'a Status, hostname: &str) -> Option<&'a PeerStatus> {
     s.peers.iter().find(|p| p.hostname == hostname)
-}
-
-fn has_peers(s: &Status, names: &[&str]) -> bool {
-    names.iter().all(|n| peer(s, n).is_some())
 }
 
 /// The peer `hostname` lists every prefix of `nets` among its allowed IPs.
@@ -280,175 +75,85 @@ fn nobody_carries_lan(s: &Status) -> bool {
         .all(|p| !p.allowed_ips.contains(&net(LAN_V4)) && !p.allowed_ips.contains(&net(LAN_V6)))
 }
 
-/// Fields drop in order: node processes stop, then the coordinator, then the
-/// namespaces and files go. Statuses and logs print first if the test failed.
-struct World {
-    nodes: Vec<Node>,
-    coord: Coord,
-    lan_hosts: Vec<Netns>,
-    lan: Lan,
-    tag: String,
-    token: String,
-    logs: Vec<PathBuf>,
-    tmp: tempfile::TempDir,
+/// The internet bridge with the coordinator at 203.0.113.1 and a reusable token, and
+/// the router's node (not started) at 203.0.113.3; with the router's index.
+fn world(tag: &str) -> (Cluster, usize) {
+    let mut w = Cluster::new(tag, "203.0.113.1/24");
+    let router = w.add_node(ROUTER, "203.0.113.3/24", true, &[]);
+    (w, router)
 }
 
-impl World {
-    /// The internet bridge with the coordinator at 203.0.113.1 and a reusable token.
-    fn new(tag: &str, deadline: Deadline) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut lan = Lan::new(tag);
-        let ns = lan.host("c", "203.0.113.1/24", true);
-        let log = tmp.path().join("coordinator.log");
-        let coord = Coord {
-            ns,
-            dir: state_dir(tmp.path(), "coord"),
-            log: log.clone(),
-            child: None,
-        };
-        let mut w = Self {
-            nodes: Vec::new(),
-            coord,
-            lan_hosts: Vec::new(),
-            lan,
-            tag: tag.into(),
-            token: String::new(),
-            logs: vec![log],
-            tmp,
-        };
-        w.coord.start(deadline.left(Duration::from_secs(20)));
-        w.token = w
-            .coord
-            .admin(&["token", "create", "--reusable"])
-            .trim()
-            .to_string();
-        w
-    }
-
-    /// A node namespace on the bridge at `addr` (CIDR); not started.
-    fn node(&mut self, name: &str, addr: &str, ipv6: bool) -> usize {
-        let ns = self.lan.host(name, addr, ipv6);
-        let logdir = state_dir(self.tmp.path(), "logs");
-        self.nodes.push(Node {
-            name: name.into(),
-            ns,
-            dir: state_dir(self.tmp.path(), name),
-            log: logdir.join(format!("{name}.log")),
-            logdir,
-            child: None,
-            starts: 0,
-        });
-        self.nodes.len() - 1
-    }
-
-    fn start(&mut self, i: usize, with_token: bool, extra: &[&str]) {
-        let token = with_token.then(|| self.token.clone());
-        let log = self.nodes[i].start(token.as_deref(), extra);
-        self.logs.push(log);
-    }
-
-    /// Gives node `router` a LAN: `lan0` (198.51.100.1/24, 2001:db8:100::1/64) to a
-    /// host `nx-<tag>-lanh` (198.51.100.10/24, 2001:db8:100::10/64) with no default
-    /// route; with `return_routes` the host routes the mesh prefixes via the router.
-    fn lan_site(&mut self, router: usize, return_routes: bool, deadline: Deadline) -> usize {
-        let host = Netns::new(&format!("nx-{}-lanh", self.tag));
-        let r = &self.nodes[router].ns;
-        r.ok(&[
-            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns",
-            &host.name,
+/// Gives node `router` a LAN: `lan0` (198.51.100.1/24, 2001:db8:100::1/64) to a
+/// host `nx-<tag>-lanh` (198.51.100.10/24, 2001:db8:100::10/64) with no default
+/// route; with `return_routes` the host routes the mesh prefixes via the router.
+fn lan_site(w: &mut Cluster, router: usize, return_routes: bool, deadline: Deadline) -> usize {
+    let host = w.lan.netns("lanh");
+    let r = &w.nodes[router].ns;
+    r.ok(&[
+        "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+    ]);
+    // No duplicate address detection: the addresses are usable at once.
+    r.ok(&["sysctl", "-qw", "net.ipv6.conf.lan0.accept_dad=0"]);
+    host.ok(&["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
+    for (ns, dev, v4, v6) in [
+        (r, "lan0", ROUTER_LAN_V4, ROUTER_LAN_V6),
+        (&host, "eth0", LAN_HOST_V4, LAN_HOST_V6),
+    ] {
+        ns.ok(&["ip", "addr", "add", &format!("{v4}/24"), "dev", dev]);
+        ns.ok(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            dev,
+            "nodad",
         ]);
-        // No duplicate address detection: the addresses are usable at once.
-        r.ok(&["sysctl", "-qw", "net.ipv6.conf.lan0.accept_dad=0"]);
-        host.ok(&["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
-        for (ns, dev, v4, v6) in [
-            (r, "lan0", ROUTER_LAN_V4, ROUTER_LAN_V6),
-            (&host, "eth0", LAN_HOST_V4, LAN_HOST_V6),
-        ] {
-            ns.ok(&["ip", "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ns.ok(&[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ns.ok(&["ip", "link", "set", dev, "up"]);
-        }
-        if return_routes {
-            host.ok(&["ip", "route", "add", "100.64.0.0/10", "via", ROUTER_LAN_V4]);
-            host.ok(&["ip", "-6", "route", "add", "200::/64", "via", ROUTER_LAN_V6]);
-        }
-        for ns in [r, &host] {
-            wait_until(
-                &format!("IPv6 addresses of {} to leave tentative", ns.name),
-                deadline.left(Duration::from_secs(10)),
-                || {
-                    ns.ok(&["ip", "-6", "addr", "show", "tentative"])
-                        .trim()
-                        .is_empty()
-                        .then_some(())
-                },
-            );
-        }
-        // The LAN itself works, and leads nowhere else.
-        assert!(r.ping_until(LAN_HOST_V4, deadline.left(Duration::from_secs(10))));
-        assert!(r.ping_until(LAN_HOST_V6, deadline.left(Duration::from_secs(10))));
-        for fam in ["-4", "-6"] {
-            let routes = host.ok(&["ip", fam, "route"]);
-            assert!(!routes.contains("default"), "{routes}");
-        }
-        self.lan_hosts.push(host);
-        self.lan_hosts.len() - 1
+        ns.ok(&["ip", "link", "set", dev, "up"]);
     }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for n in &self.nodes {
-            let s = n
-                .status_json()
-                .map(|j| String::from_utf8_lossy(&j).into_owned());
-            eprintln!("===== status of {} =====\n{s:?}", n.name);
-            for fam in ["-4", "-6"] {
-                let out = n.ns.cmd(&["ip", fam, "route"]).output();
-                if let Ok(o) = out {
-                    eprintln!(
-                        "----- ip {fam} route in {} -----\n{}",
-                        n.ns.name,
-                        String::from_utf8_lossy(&o.stdout)
-                    );
-                }
-            }
-        }
-        for p in &self.logs {
-            eprintln!("===== {} =====", p.display());
-            eprintln!("{}", std::fs::read_to_string(p).unwrap_or_default());
-        }
+    if return_routes {
+        host.ok(&["ip", "route", "add", "100.64.0.0/10", "via", ROUTER_LAN_V4]);
+        host.ok(&["ip", "-6", "route", "add", "200::/64", "via", ROUTER_LAN_V6]);
     }
+    for ns in [r, &host] {
+        wait_until(
+            &format!("IPv6 addresses of {} to leave tentative", ns.name),
+            deadline.left(Duration::from_secs(10)),
+            || {
+                ns.ok(&["ip", "-6", "addr", "show", "tentative"])
+                    .trim()
+                    .is_empty()
+                    .then_some(())
+            },
+        );
+    }
+    // The LAN itself works, and leads nowhere else.
+    assert!(r.ping_until(LAN_HOST_V4, deadline.left(Duration::from_secs(10))));
+    assert!(r.ping_until(LAN_HOST_V6, deadline.left(Duration::from_secs(10))));
+    for fam in ["-4", "-6"] {
+        let routes = host.ok(&["ip", fam, "route"]);
+        assert!(!routes.contains("default"), "{routes}");
+    }
+    w.aux.push(host);
+    w.aux.len() - 1
 }
 
 #[test]
 fn subnet_router_dual_stack() {
     let deadline = Deadline::after(Duration::from_secs(170));
-    let mut w = World::new("snr", deadline);
-    let relay = w.node(RELAY, "203.0.113.2/24", true);
-    let router = w.node(ROUTER, "203.0.113.3/24", true);
-    let direct = w.node("direct", "203.0.113.4/24", true);
-    let spoke = w.node("spoke", "203.0.113.5/24", true);
-    let v4only = w.node("v4only", "203.0.113.6/24", false);
-    let lanh = w.lan_site(router, true, deadline);
+    let (mut w, router) = world("snr");
+    let relay = w.add_node(RELAY, "203.0.113.2/24", true, &[]);
+    let direct = w.add_node("direct", "203.0.113.4/24", true, &[]);
+    let spoke = w.add_node("spoke", "203.0.113.5/24", true, &[]);
+    let v4only = w.add_node("v4only", "203.0.113.6/24", false, &[]);
+    let lanh = lan_site(&mut w, router, true, deadline);
 
-    w.start(relay, true, &["--relay"]);
-    w.start(router, true, &["--advertise-cidr", ADVERTISE]);
-    w.start(direct, true, &[]);
-    w.start(spoke, true, &["--relay-only"]);
-    w.start(v4only, true, &[]);
+    w.start_with(relay, &["--relay"]);
+    w.start_with(router, &["--advertise-cidr", ADVERTISE]);
+    w.start(direct);
+    w.start_with(spoke, &["--relay-only"]);
+    w.start(v4only);
 
     // Every peer routes the advertised prefixes into the mesh (v4-only: the v4 one).
     let cap = Duration::from_secs(40);
@@ -457,22 +162,14 @@ fn subnet_router_dual_stack() {
         deadline.left(cap),
         |s| has_peers(s, &[RELAY, "v4only"]) && peer_carries(s, ROUTER, &[LAN_V4, LAN_V6]),
     );
-    w.nodes[direct].wait_routes(
-        "routes for both LAN prefixes via nx0",
-        deadline.left(cap),
-        |v4, v6| routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6),
-    );
+    wait_lan_routes(&w.nodes[direct], deadline.left(cap));
     let st_spoke = w.nodes[spoke].wait_status(
         "the relay as only peer, carrying both LAN prefixes",
         deadline.left(cap),
         |s| s.peers.len() == 1 && peer_carries(s, RELAY, &[LAN_V4, LAN_V6]),
     );
     assert!(st_spoke.device.tunnel_ip_v6.is_some());
-    w.nodes[spoke].wait_routes(
-        "routes for both LAN prefixes via nx0",
-        deadline.left(cap),
-        |v4, v6| routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6),
-    );
+    wait_lan_routes(&w.nodes[spoke], deadline.left(cap));
     let st_v4 = w.nodes[v4only].wait_status(
         "router peer carrying the v4 LAN prefix",
         deadline.left(cap),
@@ -526,7 +223,7 @@ fn subnet_router_dual_stack() {
     );
 
     // No masquerade without --masquerade: the LAN host needs its return route.
-    let host = &w.lan_hosts[lanh];
+    let host = &w.aux[lanh];
     host.ok(&["ip", "route", "del", "100.64.0.0/10"]);
     assert!(
         !w.nodes[direct].ns.ping(LAN_HOST_V4),
@@ -537,8 +234,8 @@ fn subnet_router_dual_stack() {
 
     // The router restarts without --advertise-cidr (no token: its state dir has the
     // credential): the prefixes are withdrawn everywhere.
-    w.nodes[router].stop(deadline.left(Duration::from_secs(10)));
-    w.start(router, false, &[]);
+    w.nodes[router].stop_within(deadline.left(Duration::from_secs(10)));
+    w.nodes[router].start(None);
     w.nodes[router].wait_status(
         "to run again",
         deadline.left(Duration::from_secs(30)),
@@ -578,22 +275,13 @@ fn subnet_router_dual_stack() {
 #[test]
 fn subnet_router_masquerade() {
     let deadline = Deadline::after(Duration::from_secs(120));
-    let mut w = World::new("snm", deadline);
-    let router = w.node(ROUTER, "203.0.113.3/24", true);
-    let direct = w.node("direct", "203.0.113.4/24", true);
+    let (mut w, router) = world("snm");
+    let direct = w.add_node("direct", "203.0.113.4/24", true, &[]);
     // The LAN host has no route back to the mesh at all.
-    w.lan_site(router, false, deadline);
-    w.start(
-        router,
-        true,
-        &["--advertise-cidr", ADVERTISE, "--masquerade"],
-    );
-    w.start(direct, true, &[]);
-    w.nodes[direct].wait_routes(
-        "routes for both LAN prefixes via nx0",
-        deadline.left(Duration::from_secs(40)),
-        |v4, v6| routed_to_nx0(v4, LAN_V4) && routed_to_nx0(v6, LAN_V6),
-    );
+    lan_site(&mut w, router, false, deadline);
+    w.start_with(router, &["--advertise-cidr", ADVERTISE, "--masquerade"]);
+    w.start(direct);
+    wait_lan_routes(&w.nodes[direct], deadline.left(Duration::from_secs(40)));
     let rns = &w.nodes[router].ns;
     wait_until(
         "an nftables masquerade rule on the router",
@@ -611,31 +299,14 @@ fn subnet_router_masquerade() {
 
 /// Runs `nexodus join` with `--advertise-cidr value` in `ns` with a fresh state dir;
 /// it must refuse within seconds, with `message` on stderr, having changed nothing.
-fn assert_refused_locally(w: &World, ns: &Netns, value: &str, message: &str) {
-    let dir = tempfile::tempdir_in(w.tmp.path()).unwrap();
-    let mut child = ns
-        .cmd(&[BIN, "join", COORD, "--token", &w.token])
-        .args(["--hostname", "val", "--interface", "nxval0", "--state-dir"])
+fn assert_refused_locally(w: &Cluster, ns: &Netns, value: &str, message: &str) {
+    let dir = tempfile::tempdir_in(w.scratch("refused")).unwrap();
+    let mut cmd = ns.cmd(&[BIN, "join", COORD, "--token", &w.token]);
+    cmd.args(["--hostname", "val", "--interface", "nxval0", "--state-dir"])
         .arg(dir.path())
-        .args(["--advertise-cidr", value])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .die_with_parent()
-        .spawn()
-        .unwrap();
-    let code = exit_within(&mut child, Duration::from_secs(10));
-    if code.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let code = code
-        .unwrap_or_else(|| panic!("--advertise-cidr {value}: still running after 10 s: {stderr}"));
-    assert!(
-        !code.success(),
-        "--advertise-cidr {value} was accepted: {stderr}"
-    );
+        .args(["--advertise-cidr", value]);
+    let what = format!("--advertise-cidr {value}");
+    let stderr = proc::assert_fails_within(cmd, Duration::from_secs(10), &what);
     assert!(
         stderr.contains(message),
         "--advertise-cidr {value}: expected {message:?} in: {stderr}"
@@ -652,13 +323,27 @@ fn assert_refused_locally(w: &World, ns: &Netns, value: &str, message: &str) {
     );
 }
 
+/// `node` was started with a prefix overlapping the router's: the coordinator refuses
+/// it, naming the router, and the node exits without making its interface.
+fn assert_overlap_refused(node: &mut Node, deadline: Deadline) {
+    let code = node
+        .exit_within(deadline.left(Duration::from_secs(30)))
+        .expect("node with an overlapping prefix still running");
+    assert!(!code.success());
+    let log = node.log_text();
+    assert!(
+        log.contains("advertised by device") && log.contains(ROUTER),
+        "refusal does not name the router: {log}"
+    );
+    assert!(!link_names(&node.ns).iter().any(|l| l == "nx0"));
+}
+
 #[test]
 fn advertise_cidr_input_is_validated() {
     let deadline = Deadline::after(Duration::from_secs(120));
-    let mut w = World::new("snv", deadline);
-    let router = w.node(ROUTER, "203.0.113.3/24", true);
-    let ovl = w.node("ovl", "203.0.113.4/24", true);
-    let late = w.node("late", "203.0.113.5/24", true);
+    let (mut w, router) = world("snv");
+    let ovl = w.add_node("ovl", "203.0.113.4/24", true, &[]);
+    let late = w.add_node("late", "203.0.113.5/24", true, &[]);
     // Refused by the CLI itself, before any state or contact: run on the bridge with a
     // real coordinator and token, so a missing check would show (state, interface).
     let val = w.lan.host("val", "203.0.113.9/24", true);
@@ -681,44 +366,26 @@ fn advertise_cidr_input_is_validated() {
     );
 
     // Overlap with another device's prefix: refused by the coordinator, naming it.
-    w.start(router, true, &["--advertise-cidr", ADVERTISE]);
+    w.start_with(router, &["--advertise-cidr", ADVERTISE]);
     w.nodes[router].wait_status("to run", deadline.left(Duration::from_secs(30)), |_| true);
     let d = w.coord.device(ROUTER).unwrap();
     assert_eq!(d.advertise_cidrs, vec![net(LAN_V4), net(LAN_V6)]);
 
     // A new device registering with an overlapping prefix.
-    w.start(ovl, true, &["--advertise-cidr", "198.51.100.128/25"]);
-    let code = w.nodes[ovl]
-        .exit_within(deadline.left(Duration::from_secs(30)))
-        .expect("node with an overlapping prefix still running");
-    assert!(!code.success());
-    let log = w.nodes[ovl].log_text();
-    assert!(
-        log.contains("advertised by device") && log.contains(ROUTER),
-        "refusal does not name the router: {log}"
-    );
-    assert!(!link_names(&w.nodes[ovl].ns).iter().any(|l| l == "nx0"));
+    w.start_with(ovl, &["--advertise-cidr", "198.51.100.128/25"]);
+    assert_overlap_refused(&mut w.nodes[ovl], deadline);
     assert!(w.coord.device("ovl").is_none());
 
     // A registered device that starts advertising an overlapping prefix.
-    w.start(late, true, &[]);
+    w.start(late);
     w.nodes[late].wait_status(
         "the router as peer",
         deadline.left(Duration::from_secs(30)),
         |s| has_peers(s, &[ROUTER]),
     );
-    w.nodes[late].stop(deadline.left(Duration::from_secs(10)));
-    w.start(late, false, &["--advertise-cidr", "2001:db8:100::/48"]);
-    let code = w.nodes[late]
-        .exit_within(deadline.left(Duration::from_secs(30)))
-        .expect("node with an overlapping prefix still running");
-    assert!(!code.success());
-    let log = w.nodes[late].log_text();
-    assert!(
-        log.contains("advertised by device") && log.contains(ROUTER),
-        "refusal does not name the router: {log}"
-    );
-    assert!(!link_names(&w.nodes[late].ns).iter().any(|l| l == "nx0"));
+    w.nodes[late].stop_within(deadline.left(Duration::from_secs(10)));
+    w.nodes[late].start_with(None, &["--advertise-cidr", "2001:db8:100::/48"]);
+    assert_overlap_refused(&mut w.nodes[late], deadline);
     let d = w.coord.device("late").unwrap();
     assert!(d.advertise_cidrs.is_empty(), "{:?}", d.advertise_cidrs);
     // The router keeps its prefixes.

@@ -10,14 +10,14 @@ mod common;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, wait_until};
-use common::{BIN, DieWithParent};
+use common::netns::{enter, in_ns};
+use common::{BIN, DieWithParent, proc};
 use nexodus::join::status::Status;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,26 +27,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---- namespaces from inside the test process ----
-
-/// Moves the calling thread into network namespace `ns`.
-fn enter(ns: &str) {
-    let path = format!("/var/run/netns/{ns}");
-    let file = std::fs::File::open(&path).unwrap();
-    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-}
-
-/// Runs `f` on a thread inside `ns` (sockets it makes stay in `ns`).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns);
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 /// Runs async `f` to completion on a current-thread runtime inside `ns`.
 fn block_in_ns<T, F, Fut>(ns: &str, f: F) -> T
@@ -148,6 +128,15 @@ fn tcp_echo(ns: &str, addrs: Vec<SocketAddr>) -> Service {
     s
 }
 
+/// TCP echoes on 127.0.0.1:9000 in `local_ns` (the rootless host's local service)
+/// and on [::]:7000 in `mesh_ns` (a TUN node's).
+fn tcp_echoes(local_ns: &str, mesh_ns: &str) -> [Service; 2] {
+    [
+        tcp_echo(local_ns, vec!["127.0.0.1:9000".parse().unwrap()]),
+        tcp_echo(mesh_ns, vec!["[::]:7000".parse().unwrap()]),
+    ]
+}
+
 /// UDP echo on `addr`.
 fn udp_echo(ns: &str, addr: SocketAddr) -> Service {
     service(ns, move || {
@@ -184,13 +173,18 @@ enum Mode {
     ResetAfter(usize),
 }
 
+/// A tokio TCP listener on `addr` (called inside a [`service`]'s runtime).
+fn listen(addr: SocketAddr) -> tokio::net::TcpListener {
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    l.set_nonblocking(true).unwrap();
+    tokio::net::TcpListener::from_std(l).unwrap()
+}
+
 /// A server that reports how each connection ended.
 fn observer(ns: &str, addr: SocketAddr, mode: Mode) -> (Service, mpsc::Receiver<Ended>) {
     let (tx, rx) = mpsc::channel();
     let s = service(ns, move || {
-        let l = std::net::TcpListener::bind(addr).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let l = listen(addr);
         async move {
             loop {
                 let Ok((mut s, _)) = l.accept().await else {
@@ -443,6 +437,15 @@ fn start_rootless(c: &mut Cluster, i: usize, flags: &[String]) {
     node.child = Some(child);
 }
 
+/// Rules reaching [`tcp_echoes`]: ingress 8080 to the local echo, egress 17000 to the
+/// mesh echo at `t0`; then `more` flags.
+fn echo_rules(t0: IpAddr, more: &[&str]) -> Vec<String> {
+    let egress = format!("tcp:17000:{t0}:7000");
+    let mut flags = strings(&["--ingress", "tcp:8080:127.0.0.1:9000", "--egress", &egress]);
+    flags.extend(strings(more));
+    flags
+}
+
 fn strings(flags: &[&str]) -> Vec<String> {
     flags.iter().map(ToString::to_string).collect()
 }
@@ -548,34 +551,62 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     let t_ns = c.nodes[0].ns.name.clone();
     assert_unprivileged(&c, r);
     assert!(rs.device.ipv6_supported, "the userspace stack speaks IPv6");
-    let r_v4 = IpAddr::V4(rs.device.tunnel_ip);
-    let r_v6 = IpAddr::V6(v6(&rs));
+    let e = Ends {
+        r_ns,
+        t_ns,
+        t0_v4,
+        t0_v6,
+        r_v4: IpAddr::V4(rs.device.tunnel_ip),
+        r_v6: IpAddr::V6(v6(&rs)),
+    };
 
     // Services: local ones on the rootless host, mesh ones on the TUN node.
-    let _local_tcp = tcp_echo(&r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
-    let _local_udp = udp_echo(&r_ns, "127.0.0.1:9053".parse().unwrap());
-    let _mesh_tcp = tcp_echo(&t_ns, vec!["[::]:7000".parse().unwrap()]);
-    let _mesh_udp = udp_echo(&t_ns, "[::]:7053".parse().unwrap());
+    let _tcp = tcp_echoes(&e.r_ns, &e.t_ns);
+    let _local_udp = udp_echo(&e.r_ns, "127.0.0.1:9053".parse().unwrap());
+    let _mesh_udp = udp_echo(&e.t_ns, "[::]:7053".parse().unwrap());
 
     // The stack answers pings on both addresses.
     assert!(
-        c.nodes[0].ns.ping_until(&r_v4.to_string(), WAIT),
-        "ping {r_v4}"
+        c.nodes[0].ns.ping_until(&e.r_v4.to_string(), WAIT),
+        "ping {}",
+        e.r_v4
     );
     assert!(
-        c.nodes[0].ns.ping_until(&r_v6.to_string(), WAIT),
-        "ping {r_v6}"
+        c.nodes[0].ns.ping_until(&e.r_v6.to_string(), WAIT),
+        "ping {}",
+        e.r_v6
     );
 
+    ingress_and_egress(&e);
+    socks5(&e);
+    let (_observer, ends) = tcp_ends(&e);
+    reset_and_status(&c, r, &e, &ends);
+}
+
+/// The rootless node (`r_*`) and the TUN node t0 of
+/// `rootless_node_reaches_and_is_reached_over_v4_and_v6`: namespaces and tunnel
+/// addresses.
+struct Ends {
+    r_ns: String,
+    t_ns: String,
+    t0_v4: IpAddr,
+    t0_v6: IpAddr,
+    r_v4: IpAddr,
+    r_v6: IpAddr,
+}
+
+/// Ingress to the rootless node's local services and egress to the mesh, v4 and v6.
+fn ingress_and_egress(e: &Ends) {
     // Ingress: the TUN node reaches the rootless node's local service, v4 and v6.
-    wait_echo(&t_ns, SocketAddr::new(r_v4, 8080), "ingress v4");
-    wait_echo(&t_ns, SocketAddr::new(r_v6, 8080), "ingress v6");
-    wait_udp_echo(&t_ns, SocketAddr::new(r_v4, 8053), "ingress udp v4");
-    wait_udp_echo(&t_ns, SocketAddr::new(r_v6, 8053), "ingress udp v6");
+    wait_echo(&e.t_ns, SocketAddr::new(e.r_v4, 8080), "ingress v4");
+    wait_echo(&e.t_ns, SocketAddr::new(e.r_v6, 8080), "ingress v6");
+    wait_udp_echo(&e.t_ns, SocketAddr::new(e.r_v4, 8053), "ingress udp v4");
+    wait_udp_echo(&e.t_ns, SocketAddr::new(e.r_v6, 8053), "ingress udp v6");
     // A port without a rule is refused, not left hanging; so is a rule whose local
     // service is not there.
     for port in [8081, 8082] {
-        let refused = in_ns(&t_ns, move || connect(SocketAddr::new(r_v4, port)).err());
+        let to = SocketAddr::new(e.r_v4, port);
+        let refused = in_ns(&e.t_ns, move || connect(to).err());
         assert!(
             refused.as_deref().is_some_and(|e| e.contains("refused")),
             "{port}: {refused:?}"
@@ -583,26 +614,30 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     }
 
     // Egress: the rootless host reaches the TUN node's services, v4 and v6, TCP and UDP.
-    wait_echo(&r_ns, "127.0.0.1:17000".parse().unwrap(), "egress v4");
-    wait_echo(&r_ns, "127.0.0.1:17001".parse().unwrap(), "egress v6");
-    wait_udp_echo(&r_ns, "127.0.0.1:17053".parse().unwrap(), "egress udp v4");
-    wait_udp_echo(&r_ns, "[::1]:17054".parse().unwrap(), "egress udp v6");
+    wait_echo(&e.r_ns, "127.0.0.1:17000".parse().unwrap(), "egress v4");
+    wait_echo(&e.r_ns, "127.0.0.1:17001".parse().unwrap(), "egress v6");
+    wait_udp_echo(&e.r_ns, "127.0.0.1:17053".parse().unwrap(), "egress udp v4");
+    wait_udp_echo(&e.r_ns, "[::1]:17054".parse().unwrap(), "egress udp v6");
+}
 
+/// SOCKS5 CONNECT and UDP ASSOCIATE to mesh addresses.
+fn socks5(e: &Ends) {
+    let (r_ns, t0_v4, t0_v6) = (&e.r_ns, e.t0_v4, e.t0_v6);
     // SOCKS5 CONNECT to mesh addresses, v4 and v6.
     let proxy: SocketAddr = "127.0.0.1:1080".parse().unwrap();
-    wait_socks_echo(&r_ns, proxy, SocketAddr::new(t0_v4, 7000));
-    wait_socks_echo(&r_ns, proxy, SocketAddr::new(t0_v6, 7000));
+    wait_socks_echo(r_ns, proxy, SocketAddr::new(t0_v4, 7000));
+    wait_socks_echo(r_ns, proxy, SocketAddr::new(t0_v6, 7000));
     // Names are not resolved: "address type not supported"; a closed port: "refused".
-    let code = in_ns(&r_ns, move || {
+    let code = in_ns(r_ns, move || {
         socks_request(proxy, 1, &SocksTarget::Name("t0.mesh".into(), 7000)).map(|r| r.0)
     });
     assert_eq!(code, Ok(8));
-    let code = in_ns(&r_ns, move || {
+    let code = in_ns(r_ns, move || {
         socks_request(proxy, 1, &SocksTarget::Ip(SocketAddr::new(t0_v4, 7999))).map(|r| r.0)
     });
     assert_eq!(code, Ok(5));
     // SOCKS5 UDP ASSOCIATE: a datagram to the TUN node's UDP echo and back.
-    let echoed = in_ns(&r_ns, move || {
+    let echoed = in_ns(r_ns, move || {
         let (code, relay, control) =
             socks_request(proxy, 3, &SocksTarget::Ip("0.0.0.0:0".parse().unwrap()))?;
         if code != 0 {
@@ -631,10 +666,15 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     .unwrap();
     assert_eq!(&echoed[22..], b"via socks udp", "{echoed:?}");
     assert_eq!(&echoed[..4], &[0, 0, 0, 4]);
+}
 
+/// FINs pass both ways through the rootless stack.
+/// Returns the observer of the second (on port 7003) for [`reset_and_status`].
+fn tcp_ends(e: &Ends) -> (Service, mpsc::Receiver<Ended>) {
     // Closing: a FIN from the mesh side reaches the local client...
-    let (_closer, closer_ends) = observer(&t_ns, "[::]:7002".parse().unwrap(), Mode::CloseAfter(5));
-    let got = in_ns(&r_ns, || {
+    let (_closer, closer_ends) =
+        observer(&e.t_ns, "[::]:7002".parse().unwrap(), Mode::CloseAfter(5));
+    let got = in_ns(&e.r_ns, || {
         let mut s = wait_until("egress to the closing server", WAIT, || {
             connect("127.0.0.1:17002".parse().unwrap())
                 .ok()
@@ -651,21 +691,29 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
     assert_eq!(got.as_deref(), Ok(&b"bye"[..]));
     assert_eq!(closer_ends.recv_timeout(IO_TIMEOUT).unwrap(), Ended::Eof(5));
     // ... a local FIN reaches the mesh side, and a local reset resets it.
-    let (_obs, ends) = observer(&t_ns, "[::]:7003".parse().unwrap(), Mode::Watch);
-    in_ns(&r_ns, || {
+    let (observer_7003, ends) = observer(&e.t_ns, "[::]:7003".parse().unwrap(), Mode::Watch);
+    in_ns(&e.r_ns, || {
         let mut s = connect("127.0.0.1:17003".parse().unwrap()).unwrap();
         s.write_all(b"12345678").unwrap();
         s.shutdown(Shutdown::Write).unwrap();
     });
     assert_eq!(ends.recv_timeout(IO_TIMEOUT).unwrap(), Ended::Eof(8));
-    let status_before_reset = in_ns(&r_ns, || {
+    (observer_7003, ends)
+}
+
+/// A local reset resets the mesh side (the open flow listed in the status meanwhile);
+/// a reset from the mesh side resets the local client.
+fn reset_and_status(c: &Cluster, r: usize, e: &Ends, ends: &mpsc::Receiver<Ended>) {
+    let t0_v4 = e.t0_v4;
+    let t0_v6 = e.t0_v6;
+    let status_before_reset = in_ns(&e.r_ns, || {
         let mut s = connect("127.0.0.1:17003".parse().unwrap()).unwrap();
         s.write_all(b"abc").unwrap();
         s
     });
     // While it is open, the status lists the flow under its rule.
     let rule = format!("egress tcp:17003:{t0_v4}:7003");
-    let target = SocketAddr::new(t0_v4, 7003);
+    let target = SocketAddr::new(e.t0_v4, 7003);
     let st = wait_until("the open flow in the status", WAIT, || {
         c.nodes[r].status().filter(|s| {
             userspace(s).open_flows.iter().any(|f| {
@@ -717,8 +765,8 @@ fn rootless_node_reaches_and_is_reached_over_v4_and_v6() {
             .filter(|s| !userspace(s).open_flows.iter().any(|f| f.to == target))
     });
     // A reset from the mesh side resets the local client.
-    let (_rst, rst_ends) = observer(&t_ns, "[::]:7004".parse().unwrap(), Mode::ResetAfter(1));
-    let end = in_ns(&r_ns, || {
+    let (_rst, rst_ends) = observer(&e.t_ns, "[::]:7004".parse().unwrap(), Mode::ResetAfter(1));
+    let end = in_ns(&e.r_ns, || {
         let mut s = connect("127.0.0.1:17004".parse().unwrap()).unwrap();
         s.write_all(b"x").unwrap();
         let mut buf = [0u8; 16];
@@ -806,9 +854,7 @@ fn parallel_echoes(
 /// A server that reads everything, then answers with the byte count (8 bytes).
 fn sink(ns: &str, addr: SocketAddr) -> Service {
     service(ns, move || {
-        let l = std::net::TcpListener::bind(addr).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let l = listen(addr);
         async move {
             loop {
                 let Ok((mut s, _)) = l.accept().await else {
@@ -865,23 +911,21 @@ fn rootless_parallel_transfers_arrive_intact() {
     start_rootless(
         &mut c,
         r,
-        &strings(&[
-            "--ingress",
-            "tcp:8080:127.0.0.1:9000",
-            "--egress",
-            &format!("tcp:17000:{t0_v4}:7000"),
-            "--egress",
-            &format!("tcp:17001:[{t0_v6}]:7000"),
-            "--egress",
-            &format!("tcp:17010:{t0_v4}:7010"),
-        ]),
+        &echo_rules(
+            t0_v4,
+            &[
+                "--egress",
+                &format!("tcp:17001:[{t0_v6}]:7000"),
+                "--egress",
+                &format!("tcp:17010:{t0_v4}:7010"),
+            ],
+        ),
     );
     let rs = c.nodes[r].wait_peers(2);
     c.nodes[t1].wait_peers(2);
     let (r_ns, t_ns) = (c.nodes[r].ns.name.clone(), c.nodes[0].ns.name.clone());
     let t1_ns = c.nodes[t1].ns.name.clone();
-    let _local = tcp_echo(&r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
-    let _mesh = tcp_echo(&t_ns, vec!["[::]:7000".parse().unwrap()]);
+    let _echoes = tcp_echoes(&r_ns, &t_ns);
     let _sink = sink(&t_ns, "[::]:7010".parse().unwrap());
     let egress: Vec<SocketAddr> = vec![
         "127.0.0.1:17000".parse().unwrap(),
@@ -932,42 +976,18 @@ fn rootless_parallel_transfers_arrive_intact() {
 /// Runs `join --userspace` with `rules`; it must refuse to start, saying `want`.
 fn refused(rules: &[&str], want: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "join",
-            "192.0.2.1:4443",
-            "--token",
-            "nx1.bogus",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .arg("--userspace")
-        .args(rules)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .die_with_parent()
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let code = loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            break code;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("{rules:?}: still running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(!code.success(), "{rules:?} accepted");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "join",
+        "192.0.2.1:4443",
+        "--token",
+        "nx1.bogus",
+        "--state-dir",
+    ])
+    .arg(dir.path())
+    .arg("--userspace")
+    .args(rules);
+    let err = proc::assert_fails_within(cmd, IO_TIMEOUT, &format!("{rules:?}"));
     for w in want {
         assert!(err.contains(w), "{rules:?}: {w:?} not in {err:?}");
     }
@@ -1044,12 +1064,7 @@ fn rootless_bad_rules_are_refused_at_start() {
 fn rootless_node_behind_symmetric_nat_goes_through_the_relay() {
     use common::netns::Nat;
     let mut c = Cluster::new("usn", "203.0.113.1/24");
-    let relay = c.add_node(
-        "rl",
-        "203.0.113.2/24",
-        true,
-        &["--relay", "--interface", "nxusnr"],
-    );
+    let relay = c.add_relay("rl", "203.0.113.2/24", "nxusnr");
     let t = c.add_node("t0", "203.0.113.11/24", true, &["--interface", "nxusn0"]);
     c.start(relay);
     c.start(t);
@@ -1064,28 +1079,12 @@ fn rootless_node_behind_symmetric_nat_goes_through_the_relay() {
     start_rootless(
         &mut c,
         r,
-        &strings(&[
-            "--ingress",
-            "tcp:8080:127.0.0.1:9000",
-            "--egress",
-            &format!("tcp:17000:{t0_v4}:7000"),
-            "--socks5",
-            "127.0.0.1:1080",
-        ]),
+        &echo_rules(t0_v4, &["--socks5", "127.0.0.1:1080"]),
     );
     // Behind symmetric NAT the rootless node is a spoke: its one peer is the relay.
-    let rs = wait_until(
-        "the rootless node to use the relay only",
-        Duration::from_secs(60),
-        || {
-            c.nodes[r]
-                .status()
-                .filter(|s| s.peers.len() == 1 && s.peers[0].hostname == "rl")
-        },
-    );
+    let rs = c.nodes[r].wait_only_peer("rl", Duration::from_secs(60));
     let (r_ns, t_ns) = (c.nodes[r].ns.name.clone(), c.nodes[t].ns.name.clone());
-    let _local = tcp_echo(&r_ns, vec!["127.0.0.1:9000".parse().unwrap()]);
-    let _mesh = tcp_echo(&t_ns, vec!["[::]:7000".parse().unwrap()]);
+    let _echoes = tcp_echoes(&r_ns, &t_ns);
     let relayed = |c: &Cluster| c.nodes[relay].status().map_or(0, |s| s.relayed_bytes);
     let before = relayed(&c);
     wait_echo(

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,8 @@ use nexodus::wire::control::{RegisterRequest, Request, Response};
 
 pub mod cluster;
 pub mod netns;
+pub mod probe;
+pub mod proc;
 pub mod stock;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");
@@ -34,6 +36,13 @@ where
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(250));
     }
+}
+
+/// Runs an async test body; fails the test if it takes longer than `limit`.
+pub async fn within<F: std::future::Future>(limit: Duration, body: F) -> F::Output {
+    tokio::time::timeout(limit, body)
+        .await
+        .expect("test deadline")
 }
 
 /// A test's own time limit; every wait is bounded by what is left of it.
@@ -93,28 +102,63 @@ impl DieWithParent for Command {
     }
 }
 
-/// A coordinator process on a loopback address of its own.
+/// A coordinator process on a loopback address of its own: on SQLite in a state
+/// directory of its own, or a replica on a PostgreSQL database.
 pub struct Coordinator {
     pub ip: IpAddr,
     pub addr: SocketAddr,
     pub stun: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The `serve` flags naming the store.
+    store: Vec<String>,
+    /// The process's log file; None: its stderr is the test's.
+    pub log: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Coordinator {
-    /// Starts `nexodus serve` on `ip` (a loopback address unique to the test).
-    pub async fn start(ip: &str) -> Self {
+    fn new(ip: &str, store: Option<Vec<String>>, log: Option<PathBuf>) -> Self {
         let ip: IpAddr = ip.parse().expect("test ip");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut c = Self {
+        let store = store.unwrap_or_else(|| {
+            vec![
+                "--state-dir".into(),
+                dir.path().to_string_lossy().into_owned(),
+            ]
+        });
+        Self {
             ip,
             addr: SocketAddr::new(ip, 4443),
             stun: SocketAddr::new(ip, 3478),
             dir,
+            store,
+            log,
             child: None,
-        };
+        }
+    }
+
+    /// Starts `nexodus serve` on `ip` (a loopback address unique to the test).
+    pub async fn start(ip: &str) -> Self {
+        let mut c = Self::new(ip, None, None);
         c.spawn().await;
+        c
+    }
+
+    /// Starts a replica on database `url` at `ip` (QUIC 4443, STUN 3478/3479), its log
+    /// in `logdir`, and waits until it runs.
+    pub fn replica(ip: &str, url: &str, logdir: &Path) -> Self {
+        let store = ["--database-url", url]
+            .into_iter()
+            // Must not be used: the identity lives in the database.
+            .chain(["--state-dir", "/nonexistent/nexodus-test"])
+            .map(String::from)
+            .collect();
+        let log = logdir.join(format!("replica-{ip}.log"));
+        let mut c = Self::new(ip, Some(store), Some(log));
+        c.spawn_process();
+        wait_until("replica to start", Duration::from_secs(30), || {
+            c.log_text().contains("coordinator running").then_some(())
+        });
         c
     }
 
@@ -122,22 +166,28 @@ impl Coordinator {
         self.dir.path()
     }
 
+    fn spawn_process(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", &self.addr.to_string()])
+            .args(["--stun-listen", &self.stun.to_string()])
+            .args(&self.store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some(log) = &self.log {
+            let file = std::fs::File::create(log).expect("log file");
+            cmd.env("RUST_LOG", "info,nexodus=debug")
+                .stdout(file.try_clone().expect("log fd"))
+                .stderr(file);
+        } else {
+            cmd.env("RUST_LOG", "info").stderr(Stdio::inherit());
+        }
+        self.child = Some(cmd.die_with_parent().spawn().expect("spawn nexodus serve"));
+    }
+
     /// (Re)starts the process on the same state and waits until it answers.
     pub async fn spawn(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &self.addr.to_string()])
-            .args(["--stun-listen", &self.stun.to_string()])
-            .arg("--state-dir")
-            .arg(self.dir.path())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .die_with_parent()
-            .spawn()
-            .expect("spawn nexodus serve");
-        self.child = Some(child);
+        self.spawn_process();
         let fp = self.fingerprint();
         let addr = self.addr;
         wait_for(
@@ -151,11 +201,18 @@ impl Coordinator {
         .await;
     }
 
+    /// The log so far (empty when it goes to the test's stderr).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            proc::kill(c);
         }
     }
 
@@ -171,7 +228,7 @@ impl Coordinator {
         }
     }
 
-    /// Runs an admin command against this coordinator's state; returns stdout.
+    /// Runs an admin command against this coordinator's SQLite state; returns stdout.
     pub fn admin(&self, args: &[&str]) -> Result<String, String> {
         let dir = self.dir.path().to_string_lossy();
         admin_command(args, &["--state-dir", &dir])
@@ -182,6 +239,14 @@ impl Coordinator {
         args.extend_from_slice(extra);
         let text = self.admin(&args).expect("token create");
         JoinToken::parse(text.trim()).expect("token parses")
+    }
+
+    /// [`Coordinator::start`], then a token made with `token_args` and a client.
+    pub async fn with_client(ip: &str, token_args: &[&str]) -> (Self, JoinToken, ControlClient) {
+        let coord = Self::start(ip).await;
+        let token = coord.token(token_args);
+        let client = coord.client().await;
+        (coord, token, client)
     }
 
     pub async fn client(&self) -> ControlClient {
@@ -236,6 +301,16 @@ pub fn assert_unique_addresses(devices: &[nexodus::wire::control::Device]) {
     let v6: HashSet<_> = devices.iter().filter_map(|d| d.tunnel_ip_v6).collect();
     assert_eq!(v4.len(), devices.len(), "a v4 address is live twice");
     assert_eq!(v6.len(), devices.len(), "a v6 address is live twice");
+}
+
+/// (id, v4, v6) of each device: what answers and storage must agree on.
+pub fn address_set(
+    devices: &[nexodus::wire::control::Device],
+) -> std::collections::HashSet<(i64, std::net::Ipv4Addr, Option<std::net::Ipv6Addr>)> {
+    devices
+        .iter()
+        .map(|d| (d.id, d.tunnel_ip, d.tunnel_ip_v6))
+        .collect()
 }
 
 pub fn register_request(token: &JoinToken, hostname: &str, seed: u64) -> RegisterRequest {

@@ -4,11 +4,13 @@
 //! nothing routes out of the namespaces.
 #![allow(dead_code)]
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{BIN, DieWithParent};
+use super::{BIN, Deadline, DieWithParent};
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn command");
@@ -27,6 +29,36 @@ pub fn require_root() {
         0,
         "end-to-end tests need root (network namespaces, TUN); run them with sudo"
     );
+}
+
+/// Moves the calling thread into network namespace `ns` (made by `ip netns add`).
+pub fn enter(ns: &str) {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// Starts `f` on a fresh thread that has entered namespace `ns`: sockets it creates
+/// belong to that namespace for their whole life (they may then be used anywhere).
+pub fn spawn_in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        f()
+    })
+}
+
+/// Runs `f` on a fresh thread inside namespace `ns` and returns its result.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    match spawn_in_ns(ns, f).join() {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
 }
 
 /// One namespace; deleted (with everything in it) on drop.
@@ -84,6 +116,18 @@ impl Netns {
         }
     }
 
+    /// Fails the test unless each of `addrs` answers a ping within `cap` (or what is
+    /// left of the test's `deadline`).
+    pub fn assert_pings(&self, addrs: &[&str], deadline: Deadline, cap: Duration) {
+        for addr in addrs {
+            assert!(
+                self.ping_until(addr, deadline.left(cap)),
+                "{} cannot ping {addr}",
+                self.name
+            );
+        }
+    }
+
     /// Starts the nexodus binary in the namespace with its log in `log`.
     pub fn spawn_nexodus(&self, args: &[&str], log: &Path) -> Child {
         let file = std::fs::File::create(log).expect("log file");
@@ -135,9 +179,14 @@ impl Lan {
         }
     }
 
+    /// A namespace `nx-<tag>-<name>`, not attached to the bridge.
+    pub fn netns(&self, name: &str) -> Netns {
+        Netns::new(&format!("nx-{}-{name}", self.tag))
+    }
+
     /// A host with `eth0` at `addr` (CIDR) on the bridge.
     pub fn host(&mut self, name: &str, addr: &str, ipv6: bool) -> Netns {
-        let ns = Netns::new(&format!("nx-{}-{name}", self.tag));
+        let ns = self.netns(name);
         if !ipv6 {
             for key in ["all", "default", "lo"] {
                 ns.ok(&[
@@ -259,7 +308,7 @@ impl Lan {
         let router_ip = hosts.next().expect("router address");
         let node_ip = hosts.next().expect("node address");
         let router = self.host(&format!("{name}gw"), wan, false);
-        let node = Netns::new(&format!("nx-{}-{name}", self.tag));
+        let node = self.netns(name);
         router.ok(&[
             "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns",
             &node.name,

@@ -3,12 +3,13 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
-use super::DieWithParent;
+use super::cluster::Cluster;
 use super::netns::Netns;
 use super::wait_until;
+use super::{DieWithParent, proc};
 
 /// Splits a wg-quick config into its Address values and a `wg setconf` config
 /// (wg-quick-only keys removed).
@@ -103,15 +104,36 @@ impl StockPeer {
 impl Drop for StockPeer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            proc::signal(&c, libc::SIGTERM);
+            let _ = proc::exit_within(&mut c, Duration::from_secs(5));
+            proc::kill(c);
         }
     }
+}
+
+/// A stock device "stock" added to `c`'s coordinator (`devices add --generate-key`),
+/// run by wireguard-go on interface `iface` in a host "stock" at `cidr` on the bridge
+/// (waiting at most `timeout` for the interface; log in the cluster's logs). Returns
+/// the wg-quick config, the host and the peer (declare them in that order, so the
+/// peer stops before its namespace goes); the config has a v4 and a v6 address.
+pub fn stock_host(
+    c: &mut Cluster,
+    cidr: &str,
+    iface: &str,
+    timeout: Duration,
+) -> (String, Netns, StockPeer) {
+    let config = c
+        .coord
+        .admin(&["devices", "add", "--hostname", "stock", "--generate-key"]);
+    let ns = c.lan.host("stock", cidr, true);
+    let peer = StockPeer::start(
+        &ns,
+        iface,
+        &config,
+        &c.scratch("stock"),
+        &c.scratch("logs").join("wireguard-go.log"),
+        timeout,
+    );
+    assert_eq!(peer.addresses.len(), 2, "{config}");
+    (config, ns, peer)
 }

@@ -1,6 +1,7 @@
-//! `--metrics-listen`: the coordinator's `/metrics`, scraped over HTTP as Prometheus
-//! does and checked by Prometheus's own `promtool check metrics`. Loopback only; this
-//! test's addresses are 127.42.9.x.
+//! `--metrics-listen`: the coordinator's and the nodes' `/metrics`, scraped over HTTP
+//! as Prometheus does and checked by Prometheus's own `promtool check metrics`. The
+//! coordinator test runs on loopback (127.42.9.x); the node test in namespaces
+//! (`nx-mx-*`, underlay 192.0.2.0/24), scraping each node's loopback from inside.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +12,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, register_request, wait_for};
+use common::cluster::Cluster;
+use common::netns::in_ns;
+use common::{BIN, register_request, wait_for, wait_until};
 use nexodus::client::ControlClient;
 use nexodus::coord::token::JoinToken;
 use nexodus::wire::control::{Auth, Request, Response};
@@ -193,4 +196,82 @@ async fn coordinator_metrics_follow_devices_and_watchers() {
     })
     .await
     .expect("test deadline");
+}
+
+/// Scrapes `addr` from inside namespace `ns`.
+fn scrape_in(ns: &str, addr: SocketAddr) -> Option<String> {
+    in_ns(ns, move || scrape(addr))
+}
+
+/// The sample of `metric` for `peer` (any path label), if present.
+fn peer_sample(body: &str, metric: &str, peer: &str) -> Option<f64> {
+    let label = format!("peer=\"{peer}\"");
+    body.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(&label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn node_metrics_count_a_ping_and_forget_a_removed_peer() {
+    let mut mesh = Cluster::new("mx", "192.0.2.1/24");
+    let metrics: SocketAddr = "127.0.0.1:9102".parse().unwrap();
+    for (i, name) in ["n0", "n1"].into_iter().enumerate() {
+        mesh.add_node(
+            name,
+            &format!("192.0.2.{}/24", 11 + i),
+            true,
+            &["--metrics-listen", "127.0.0.1:9102"],
+        );
+    }
+    mesh.start_all();
+    let a = mesh.nodes[0].wait_peers(1);
+    let b = mesh.nodes[1].wait_peers(1);
+    let (a_ns, b_ns) = (mesh.nodes[0].ns.name.clone(), mesh.nodes[1].ns.name.clone());
+    let b_v4 = b.device.tunnel_ip.to_string();
+    assert!(mesh.nodes[0].ns.ping_until(&b_v4, Duration::from_secs(30)));
+
+    let before = wait_until("n0's metrics", Duration::from_secs(20), || {
+        scrape_in(&a_ns, metrics)
+            .filter(|t| peer_sample(t, "nexodus_peer_tx_bytes_total", "n1").is_some())
+    });
+    promtool_check(&before);
+    let tx0 = peer_sample(&before, "nexodus_peer_tx_bytes_total", "n1").unwrap();
+    let rx0 = peer_sample(&before, "nexodus_peer_rx_bytes_total", "n1").unwrap();
+    assert!(
+        before.contains("nexodus_peer_tx_bytes_total{path=\"direct\",peer=\"n1\"}"),
+        "{before}"
+    );
+    assert!(peer_sample(&before, "nexodus_peer_last_handshake_seconds", "n1").is_some());
+
+    // Five pings of 84-byte IP packets: each is one WireGuard datagram of at least
+    // 84 + 32 bytes each way.
+    mesh.nodes[0]
+        .ns
+        .ok(&["ping", "-c", "5", "-i", "0.2", "-W", "2", &b_v4]);
+    let after = scrape_in(&a_ns, metrics).expect("scrape n0");
+    promtool_check(&after);
+    let sent = peer_sample(&after, "nexodus_peer_tx_bytes_total", "n1").unwrap() - tx0;
+    let received = peer_sample(&after, "nexodus_peer_rx_bytes_total", "n1").unwrap() - rx0;
+    let least = 5.0 * (84.0 + 32.0);
+    let most = 5.0 * (96.0 + 32.0) + 1024.0; // plus a keepalive or handshake at most
+    assert!(
+        (least..=most).contains(&sent),
+        "sent {sent} bytes for 5 pings"
+    );
+    assert!(
+        (least..=most).contains(&received),
+        "received {received} bytes for 5 pings"
+    );
+    let b_side = scrape_in(&b_ns, metrics).expect("scrape n1");
+    promtool_check(&b_side);
+    assert!(peer_sample(&b_side, "nexodus_peer_rx_bytes_total", "n0").is_some_and(|v| v >= least));
+
+    // The coordinator removes n1: its series vanish from n0's metrics.
+    mesh.coord
+        .admin(&["devices", "remove", &b.device.id.to_string()]);
+    let gone = wait_until("n1's series to vanish", Duration::from_secs(20), || {
+        scrape_in(&a_ns, metrics).filter(|t| !t.contains("peer=\"n1\""))
+    });
+    promtool_check(&gone);
+    assert_eq!(a.device.hostname, "n0");
 }

@@ -30,12 +30,12 @@ fn gather(status: &Status) -> prometheus::Result<String> {
     let labels = ["peer", "path"];
     let rx = counter_vec(
         "nexodus_peer_rx_bytes_total",
-        "Bytes received from the peer (decrypted payload)",
+        "Bytes of WireGuard datagrams received from the peer (as wg show counts)",
         &labels,
     )?;
     let tx = counter_vec(
         "nexodus_peer_tx_bytes_total",
-        "Bytes sent to the peer (before encryption)",
+        "Bytes of WireGuard datagrams sent to the peer (as wg show counts)",
         &labels,
     )?;
     let handshake = IntGaugeVec::new(

@@ -30,6 +30,7 @@ usage() {
     echo "  --seconds N     iperf3 duration per stream, after 1 s of warm-up (default 10)"
     echo "  --relay         also measure nexodus through a relay node"
     echo "  --userspace     also measure rootless mode (--userspace) against TUN mode"
+    echo "  --metrics       also measure TUN mode while /metrics is scraped 100 times per stream"
     echo "  --cc NAME       TCP congestion control of the iperf3 sender (default cubic)"
     echo "  --no-install    do not install packages or boringtun-cli, do not build"
     echo "  --keep-logs     keep the logs directory (its path is printed)"
@@ -41,6 +42,7 @@ ROUNDS=3
 DUR=10
 RELAY=0
 USERSPACE=0
+METRICS=0
 INSTALL=1
 KEEP_LOGS=0
 CC=cubic
@@ -50,6 +52,7 @@ while [ $# -gt 0 ]; do
     --seconds) DUR="${2:?--seconds needs a number}"; shift 2 ;;
     --relay) RELAY=1; shift ;;
     --userspace) USERSPACE=1; shift ;;
+    --metrics) METRICS=1; shift ;;
     --cc) CC="${2:?--cc needs a name}"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --keep-logs) KEEP_LOGS=1; shift ;;
@@ -343,6 +346,11 @@ measure() {
             addr=127.0.0.1
         fi
         json="$WORK/iperf.$impl.$fam.$round.json"
+        local scraper=""
+        if [ "$impl" = nexodus-scraped ]; then
+            scrape_metrics "$WORK/scrapes.$fam.$round" &
+            scraper=$!
+        fi
         cpu0=$(busy_jiffies) t0=$(date +%s.%N)
         # --foreground: Ctrl-C reaches iperf3 at once.
         if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
@@ -352,6 +360,10 @@ measure() {
             continue
         fi
         cpu1=$(busy_jiffies) t1=$(date +%s.%N)
+        if [ -n "$scraper" ]; then
+            wait "$scraper" || true
+            record "$impl scrapes_$fam $round $(grep -c '^nexodus_peer_rx_bytes_total' "$WORK/scrapes.$fam.$round" || true)"
+        fi
         bps=$(jq -r '.end.sum_received.bits_per_second' "$json")
         record "$impl $fam $round $(awk -v b="$bps" 'BEGIN {printf "%.3f", b / 1e9}')"
         # Whole machine (both ends, iperf3, softirq): CPUs busy per Gbit/s carried.
@@ -360,6 +372,22 @@ measure() {
         log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
     done
     [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms (idle), $rtt500 ms (500 pings/s)"
+}
+
+# scrape_metrics FILE: 100 scrapes of A's /metrics spread over one iperf3 stream (the
+# 1 s warm-up plus DUR seconds), as a Prometheus with a short interval would; each
+# answer is appended to FILE.
+scrape_metrics() {
+    local gap
+    gap=$(awk -v d="$DUR" 'BEGIN {printf "%.3f", (d + 1) / 100}')
+    nsx "$NS_A" bash -c '
+        for _ in $(seq 100); do
+            exec 3<>/dev/tcp/127.0.0.1/9102 || exit 1
+            printf "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" >&3
+            cat <&3
+            exec 3<&-
+            sleep "$1"
+        done' scrape "$gap" >>"$1" 2>/dev/null
 }
 
 # ---------------------------------------------------------------- implementations
@@ -453,7 +481,12 @@ start_nexodus() {
     fi
     local aflags=()
     local arun=()
+    local bflags=()
     [ "$mode" = relayed ] && aflags=(--relay-only)
+    if [ "$mode" = scraped ]; then
+        aflags=(--metrics-listen 127.0.0.1:9102)
+        bflags=(--metrics-listen 127.0.0.1:9102)
+    fi
     if [ "$mode" = userspace ]; then
         aflags=(--userspace --egress "tcp:$EGRESS4:$IN_B:$IPERF_PORT"
             --egress "tcp:$EGRESS6:[$IN6_B]:$IPERF_PORT")
@@ -469,7 +502,7 @@ start_nexodus() {
     TPIDS+=("$SPAWNED")
     spawn "$NS_B" "$d/b.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
         --hostname nxb-b --state-dir "$d/b" --interface "${IFNAME[nexodus.b]}" \
-        --listen-port "$WG_PORT" --request-ip "$IN_B,$IN6_B"
+        --listen-port "$WG_PORT" --request-ip "$IN_B,$IN6_B" "${bflags[@]}"
     TPIDS+=("$SPAWNED")
     TUN_A4=$IN_B TUN_A6=$IN6_B
     # Ping first: the first packet starts the handshake. Direct: A and B list each
@@ -526,6 +559,7 @@ run_one() {
     nexodus-relayed) start_nexodus "$round" relayed ;;
     nexodus-tun) start_nexodus "$round" direct ;;
     nexodus-userspace) start_nexodus "$round" userspace ;;
+    nexodus-scraped) start_nexodus "$round" scraped ;;
     boringtun-cli | wireguard-go) start_stock "$impl" "$round" ;;
     esac
     measure "$impl" "$round" "$TUN_A4" "$TUN_A6"
@@ -642,6 +676,15 @@ if [ "$USERSPACE" = 1 ]; then
     echo " userspace stack carries through the tunnel to iperf3 on B's TUN address; no ping there)"
     for fam in v4 v6; do
         echo "userspace/TUN $fam: $(ratio "$(median nexodus-userspace "$fam")" "$(median nexodus-tun "$fam")")"
+    done
+fi
+if [ "$METRICS" = 1 ]; then
+    log "metrics phase: TUN mode, A's /metrics scraped 100 times during each stream"
+    run_rounds nexodus-tun nexodus-scraped
+    report nexodus-tun nexodus-scraped
+    for fam in v4 v6; do
+        echo "scraped/unscraped $fam: $(ratio "$(median nexodus-scraped "$fam")" "$(median nexodus-tun "$fam")")" \
+            "($(median nexodus-scraped "scrapes_$fam" | cut -d. -f1) scrapes answered per stream, median)"
     done
 fi
 echo

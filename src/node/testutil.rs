@@ -327,7 +327,9 @@ impl Pair {
                 Incoming::WriteTun { peer, packet } => {
                     t.tun.push((receiver, peer, packet.to_vec()))
                 }
-                Incoming::Send { to, data } => queue.push_back((receiver, to, data.to_vec())),
+                Incoming::Send { to, data } | Incoming::Forward { to, data, .. } => {
+                    queue.push_back((receiver, to, data.to_vec()))
+                }
                 Incoming::Drop(r) => t.drops.push((receiver, r)),
                 Incoming::Nothing => {}
             }

@@ -3,8 +3,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::node::testutil::{
-    A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Side, connected_pair, ipv4_packet, ipv6_packet,
-    pair, public_key, secret_key,
+    A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Hop, R_V4, Side, connected_pair, ipv4_packet,
+    ipv6_packet, pair, public_key, relayed, secret_key,
 };
 
 fn is_padded_data_len(len: usize) -> bool {
@@ -724,4 +724,69 @@ fn parse_destination_checks_headers() {
     assert_eq!(parse_destination(&[]), None);
     assert_eq!(parse_destination(&[0x45]), None);
     assert_eq!(parse_destination(&[0x60; 39]), None);
+}
+
+#[test]
+fn relay_forwards_between_spokes_both_families() {
+    let mut net = relayed();
+    let mut bytes = 0;
+    for (hop, ping) in [
+        (Hop::A, ipv4_packet(A_V4, B_V4, 100)),
+        (Hop::B, ipv4_packet(B_V4, A_V4, 33)),
+        (Hop::A, ipv6_packet(A_V6, B_V6, 1000)),
+        (Hop::B, ipv6_packet(B_V6, A_V6, 8)),
+    ] {
+        let (from, to, dst) = match hop {
+            Hop::B => (B_ID, A_ID, Hop::A),
+            _ => (A_ID, B_ID, Hop::B),
+        };
+        let t = net.send_packet(hop, &ping);
+        assert_eq!(t.tun_at(dst), vec![ping.as_slice()], "{t:?}");
+        assert!(t.tun_at(Hop::R).is_empty(), "{t:?}");
+        assert_eq!(t.forwarded, vec![(Hop::R, from, to)]);
+        assert!(t.drops.is_empty(), "{t:?}");
+        bytes += ping.len() as u64;
+    }
+    let c = net.r.counters();
+    assert_eq!((c.relayed_packets, c.relayed_bytes), (4, bytes));
+    assert_eq!(c.total_drops(), 0);
+    // The relay's own address is for its TUN.
+    let t = net.send_packet(Hop::A, &ipv4_packet(A_V4, R_V4, 20));
+    assert_eq!(t.tun_at(Hop::R).len(), 1);
+    assert!(t.forwarded.is_empty());
+}
+
+#[test]
+fn only_a_relay_forwards_and_never_back_to_the_sender() {
+    let mut net = relayed();
+    net.r.set_relay(false);
+    let ping = ipv4_packet(A_V4, B_V4, 40);
+    let t = net.send_packet(Hop::A, &ping);
+    assert_eq!(t.tun_at(Hop::R), vec![ping.as_slice()]);
+    assert!(t.tun_at(Hop::B).is_empty() && t.forwarded.is_empty());
+    assert_eq!(net.r.counters().relayed_packets, 0);
+    net.r.set_relay(true);
+    let back = ipv4_packet(A_V4, A_V4, 40);
+    assert_eq!(net.r.forward_to(A_ID, &back), None);
+    assert_eq!(net.r.forward_to(B_ID, &back), Some(A_ID));
+    assert_eq!(net.r.forward_to(B_ID, &back[..19]), None);
+}
+
+#[test]
+fn relay_without_forward_room_drops_and_counts() {
+    let mut net = relayed();
+    let ping = ipv4_packet(A_V4, B_V4, 40);
+    let mut buf = vec![0u8; BUF_LEN];
+    buf[..ping.len()].copy_from_slice(&ping);
+    let mut out = vec![0u8; BUF_LEN];
+    let data = match net.a.handle_tun_packet(&mut buf, ping.len(), &mut out) {
+        Outgoing::Send { data, .. } => data.to_vec(),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        net.r.handle_datagram(net.a_addr, &data, &mut out),
+        Incoming::Drop(DropReason::BufferTooSmall)
+    );
+    assert_eq!(net.r.counters().buffer_too_small, 1);
+    assert_eq!(net.r.counters().relayed_packets, 0);
 }

@@ -243,42 +243,39 @@ mod tests {
     }
 
     #[test]
-    fn reads_a_valid_v4_header() {
-        let mut p = v4(1, 9);
-        p.extend_from_slice(&[0xaa; 3]); // trailing bytes past the total length
-        let ip = IpPacket::new_checked(&p[..]).unwrap();
-        assert_eq!(ip.version(), IpVersion::V4);
-        assert_eq!(ip.header_len(), 24);
-        assert_eq!(ip.total_len(), 33);
-        assert_eq!(ip.src(), "100.64.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!(ip.dst(), "100.64.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(ip.next_header(), protocol::TCP);
-        assert_eq!(ip.payload_offset(), 24);
-        assert_eq!(ip.payload(), &[0u8; 9][..]);
-        assert!(!ip.is_fragment());
-        assert_eq!(
-            ip.upper_layer(),
-            Some(UpperLayer {
-                protocol: protocol::TCP,
-                offset: 24
-            })
-        );
-        assert_eq!(ip.into_inner().len(), 36);
-    }
-
-    #[test]
-    fn reads_a_valid_v6_header() {
-        let p = v6(12);
-        let ip = IpPacket::new_checked(p.as_slice()).unwrap();
-        assert_eq!(ip.version(), IpVersion::V6);
-        assert_eq!(ip.header_len(), 40);
-        assert_eq!(ip.total_len(), 52);
-        assert_eq!(ip.src(), "::1".parse::<IpAddr>().unwrap());
-        assert_eq!(ip.dst(), "::2".parse::<IpAddr>().unwrap());
-        assert_eq!(ip.next_header(), protocol::UDP);
-        assert_eq!(ip.payload().len(), 12);
-        assert!(!ip.is_fragment());
-        assert_eq!(ip.upper_layer().map(|u| u.offset), Some(40));
+    fn reads_valid_headers() {
+        let mut v4 = v4(1, 9);
+        v4.extend_from_slice(&[0xaa; 3]); // trailing bytes past the total length
+        // (packet, version, header, total, src, dst, protocol)
+        let cases = [
+            (
+                v4,
+                IpVersion::V4,
+                24,
+                33,
+                "100.64.0.1",
+                "100.64.0.2",
+                protocol::TCP,
+            ),
+            (v6(12), IpVersion::V6, 40, 52, "::1", "::2", protocol::UDP),
+        ];
+        for (p, version, header, total, src, dst, proto) in cases {
+            let ip = IpPacket::new_checked(&p[..]).unwrap();
+            assert_eq!(ip.version(), version);
+            assert_eq!((ip.header_len(), ip.payload_offset()), (header, header));
+            assert_eq!(ip.total_len(), total);
+            assert_eq!(ip.src(), src.parse::<IpAddr>().unwrap());
+            assert_eq!(ip.dst(), dst.parse::<IpAddr>().unwrap());
+            assert_eq!(ip.next_header(), proto);
+            assert_eq!(ip.payload(), &vec![0u8; total - header][..]);
+            assert!(!ip.is_fragment());
+            let upper = UpperLayer {
+                protocol: proto,
+                offset: header,
+            };
+            assert_eq!(ip.upper_layer(), Some(upper));
+            assert_eq!(ip.into_inner().len(), p.len());
+        }
     }
 
     #[test]

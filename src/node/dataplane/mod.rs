@@ -98,16 +98,16 @@ const MSG_DATA: u8 = 4;
 /// Configuration of one peer, as pushed by the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
-    /// The peer's static Curve25519 public key.
-    pub public_key: [u8; 32],
+    /// Inner addresses the peer may use as source and that we route to it.
+    pub allowed_ips: Vec<IpNet>,
     /// Where to send to, if known. `None` keeps the current endpoint (which
     /// may have been learned from the peer's own authenticated packets).
     pub endpoint: Option<SocketAddr>,
-    /// Inner addresses the peer may use as source and that we route to it.
-    pub allowed_ips: Vec<IpNet>,
     /// Send a keepalive after this many seconds without traffic (`None` or
     /// `Some(0)`: off). Also makes us initiate a handshake proactively.
     pub persistent_keepalive: Option<u16>,
+    /// The peer's static Curve25519 public key.
+    pub public_key: [u8; 32],
 }
 
 /// Why [`DataPlane::upsert_peer`] refused a configuration.

@@ -208,10 +208,26 @@ impl DataPlane {
                 Some(data) => Incoming::Send { to: from, data },
                 None => drop_in(&mut self.counters, DropReason::BufferTooSmall),
             },
-            Decapsulated::Packet(ptr, len, src) => match span_in(out, ptr, len) {
-                Some(range) => self.accept_data(id, src, out, range, forward_out),
-                None => drop_in(&mut self.counters, DropReason::BufferTooSmall),
-            },
+            Decapsulated::Packet(ptr, len, src) => {
+                // A decrypted data packet: the source check, then the TUN device,
+                // or on a relay another peer.
+                let Some(range) = span_in(out, ptr, len) else {
+                    return drop_in(&mut self.counters, DropReason::BufferTooSmall);
+                };
+                if !self.routes.contains(src, id) {
+                    return drop_in(&mut self.counters, DropReason::BadSource);
+                }
+                if let Some(to_peer) =
+                    self.forward_to(id, out.get(range.clone()).unwrap_or_default())
+                {
+                    return self.forward(id, to_peer, out, range, forward_out);
+                }
+                let Some(packet) = out.get(range) else {
+                    return drop_in(&mut self.counters, DropReason::BufferTooSmall);
+                };
+                trace!(peer = id, len = packet.len(), "decapsulated");
+                Incoming::WriteTun { peer: id, packet }
+            }
         }
     }
 
@@ -275,29 +291,6 @@ impl DataPlane {
             self.flush.push(id);
         }
         Decapsulated::Packet(ptr, len, src)
-    }
-
-    /// Common tail of a decrypted data packet at `out[range]`: the source check,
-    /// then the TUN device, or on a relay another peer.
-    fn accept_data<'o>(
-        &mut self,
-        id: PeerId,
-        src: IpAddr,
-        out: &'o mut [u8],
-        range: Range<usize>,
-        forward_out: &'o mut [u8],
-    ) -> Incoming<'o> {
-        if !self.routes.contains(src, id) {
-            return drop_in(&mut self.counters, DropReason::BadSource);
-        }
-        if let Some(to_peer) = self.forward_to(id, out.get(range.clone()).unwrap_or_default()) {
-            return self.forward(id, to_peer, out, range, forward_out);
-        }
-        let Some(packet) = out.get(range) else {
-            return drop_in(&mut self.counters, DropReason::BufferTooSmall);
-        };
-        trace!(peer = id, len = packet.len(), "decapsulated");
-        Incoming::WriteTun { peer: id, packet }
     }
 }
 

@@ -7,6 +7,34 @@ use crate::node::testutil::{
     ipv6_packet, pair, public_key, relayed, secret_key,
 };
 
+/// `dp`'s datagram for `packet` read from TUN (a data message or a handshake
+/// initiation).
+fn encrypt(dp: &mut DataPlane, packet: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut out = vec![0u8; BUF_LEN];
+    buf[..packet.len()].copy_from_slice(packet);
+    match dp.handle_tun_packet(&mut buf, packet.len(), &mut out) {
+        Outgoing::Send { data, .. } => data.to_vec(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A peer with one host address per family at `endpoint`.
+fn host_peer(
+    public_key: [u8; 32],
+    endpoint: SocketAddr,
+    v4: std::net::Ipv4Addr,
+    v6: std::net::Ipv6Addr,
+    persistent_keepalive: Option<u16>,
+) -> PeerConfig {
+    PeerConfig {
+        public_key,
+        endpoint: Some(endpoint),
+        allowed_ips: crate::node::testutil::host_nets(v4, v6),
+        persistent_keepalive,
+    }
+}
+
 fn is_padded_data_len(len: usize) -> bool {
     len >= DATA_OVERHEAD && (len - DATA_OVERHEAD).is_multiple_of(PADDING)
 }
@@ -202,13 +230,8 @@ fn garbage_datagrams_never_panic_and_are_counted() {
     let mut p = connected_pair();
     // Real messages to truncate and corrupt.
     let mut out = vec![0u8; BUF_LEN];
-    let mut buf = vec![0u8; BUF_LEN];
     let pkt = ipv4_packet(A_V4, B_V4, 100);
-    buf[..pkt.len()].copy_from_slice(&pkt);
-    let data_msg = match p.a.handle_tun_packet(&mut buf, pkt.len(), &mut out) {
-        Outgoing::Send { data, .. } => data.to_vec(),
-        other => panic!("unexpected {other:?}"),
-    };
+    let data_msg = encrypt(&mut p.a, &pkt);
     let mut fresh = DataPlane::new(secret_key(0xa));
     fresh
         .upsert_peer(
@@ -216,10 +239,7 @@ fn garbage_datagrams_never_panic_and_are_counted() {
             peer_cfg(0xb, "198.51.100.2:51820", &["100.64.0.2/32"]),
         )
         .expect("peer");
-    let init_msg = match fresh.handle_tun_packet(&mut buf, pkt.len(), &mut out) {
-        Outgoing::Send { data, .. } => data.to_vec(),
-        other => panic!("unexpected {other:?}"),
-    };
+    let init_msg = encrypt(&mut fresh, &pkt);
 
     let mut rng = XorShift(0x5eed_1234_abcd_9876);
     let mut junk: Vec<Vec<u8>> = Vec::new();
@@ -508,10 +528,7 @@ fn small_output_buffers_are_refused() {
         Outgoing::Drop(DropReason::BufferTooSmall)
     );
     let mut out = vec![0u8; BUF_LEN];
-    let data = match p.a.handle_tun_packet(&mut buf, pkt.len(), &mut out) {
-        Outgoing::Send { data, .. } => data.to_vec(),
-        other => panic!("unexpected {other:?}"),
-    };
+    let data = encrypt(&mut p.a, &pkt);
     let from = p.a_addr;
     assert_eq!(
         p.b.handle_datagram(from, &data, &mut small),
@@ -557,14 +574,8 @@ fn endpoint_roams_on_authenticated_packets() {
 #[test]
 fn cookie_reply_under_load() {
     let mut p = pair();
-    let mut buf = vec![0u8; BUF_LEN];
     let mut out = vec![0u8; BUF_LEN];
-    let pkt = ipv4_packet(A_V4, B_V4, 30);
-    buf[..pkt.len()].copy_from_slice(&pkt);
-    let init = match p.a.handle_tun_packet(&mut buf, pkt.len(), &mut out) {
-        Outgoing::Send { data, .. } => data.to_vec(),
-        other => panic!("unexpected {other:?}"),
-    };
+    let init = encrypt(&mut p.a, &ipv4_packet(A_V4, B_V4, 30));
     let from = p.a_addr;
     let mut cookie = None;
     for _ in 0..(2 * HANDSHAKE_RATE_LIMIT + 10) {
@@ -590,17 +601,8 @@ fn cookie_reply_under_load() {
 fn timers_send_persistent_keepalives_and_handshakes() {
     let mut p = pair();
     let b_key = p.b.public_key();
-    let b_addr = p.b_addr;
-    p.a.upsert_peer(
-        B_ID,
-        PeerConfig {
-            public_key: b_key,
-            endpoint: Some(b_addr),
-            allowed_ips: crate::node::testutil::host_nets(B_V4, B_V6),
-            persistent_keepalive: Some(25),
-        },
-    )
-    .expect("keepalive");
+    let b_cfg = host_peer(b_key, p.b_addr, B_V4, B_V6, Some(25));
+    p.a.upsert_peer(B_ID, b_cfg).expect("keepalive");
     assert_eq!(p.a.poll_timeout(), None);
     let t0 = Instant::now();
     // First tick: no session yet, so the keepalive starts a handshake.
@@ -658,18 +660,8 @@ fn timers_send_persistent_keepalives_and_handshakes() {
 #[test]
 fn simultaneous_handshakes_deliver_both_queued_packets() {
     let mut p = pair();
-    let a_key = p.a.public_key();
-    let a_addr = p.a_addr;
-    p.b.upsert_peer(
-        A_ID,
-        PeerConfig {
-            public_key: a_key,
-            endpoint: Some(a_addr),
-            allowed_ips: crate::node::testutil::host_nets(A_V4, A_V6),
-            persistent_keepalive: None,
-        },
-    )
-    .expect("endpoint for A");
+    let a_cfg = host_peer(p.a.public_key(), p.a_addr, A_V4, A_V6, None);
+    p.b.upsert_peer(A_ID, a_cfg).expect("endpoint for A");
     let ping = ipv4_packet(A_V4, B_V4, 40);
     let pong = ipv6_packet(B_V6, A_V6, 40);
     let mut out = vec![0u8; BUF_LEN];
@@ -775,14 +767,8 @@ fn only_a_relay_forwards_and_never_back_to_the_sender() {
 #[test]
 fn relay_without_forward_room_drops_and_counts() {
     let mut net = relayed();
-    let ping = ipv4_packet(A_V4, B_V4, 40);
-    let mut buf = vec![0u8; BUF_LEN];
-    buf[..ping.len()].copy_from_slice(&ping);
+    let data = encrypt(&mut net.a, &ipv4_packet(A_V4, B_V4, 40));
     let mut out = vec![0u8; BUF_LEN];
-    let data = match net.a.handle_tun_packet(&mut buf, ping.len(), &mut out) {
-        Outgoing::Send { data, .. } => data.to_vec(),
-        other => panic!("unexpected {other:?}"),
-    };
     assert_eq!(
         net.r.handle_datagram(net.a_addr, &data, &mut out),
         Incoming::Drop(DropReason::BufferTooSmall)

@@ -7,7 +7,9 @@
 //! * an IP packet read from TUN → [`DataPlane::handle_tun_packet`] →
 //!   [`Outgoing`] (a datagram to send, or why it was dropped);
 //! * a UDP datagram → [`DataPlane::handle_datagram`] → [`Incoming`] (a packet
-//!   to write to TUN, a datagram to send back, or why it was dropped);
+//!   to write to TUN, a datagram to send back, or why it was dropped); a relay
+//!   ([`DataPlane::set_relay`]) calls [`DataPlane::handle_datagram_or_forward`],
+//!   which may also return a packet for another peer, re-encrypted for it;
 //! * after either of those, and after [`DataPlane::handle_timeout`], call
 //!   [`DataPlane::poll_transmit`] until it returns `None` (packets boringtun
 //!   queued during a handshake, handshake retries, keepalives);
@@ -21,7 +23,8 @@
 //! initiations), one shared handshake rate limiter with cookie replies under
 //! load, source-address checks of decrypted packets against the sender's
 //! allowed IPs, endpoint roaming on authenticated packets, persistent
-//! keepalives, per-peer byte counters and per-reason drop counters.
+//! keepalives, forwarding between peers on a relay, per-peer byte counters,
+//! per-reason drop counters and relay counters.
 //!
 //! What it does not do: any I/O, reading the clock (boringtun's `Tunn` reads
 //! its own monotonic clock internally; this module only uses the `Instant`s it
@@ -31,8 +34,12 @@
 //! [`DataPlane::upsert_peer`] and [`DataPlane::remove_peer`].
 //!
 //! Once a session is established, [`DataPlane::handle_tun_packet`] and
-//! [`DataPlane::handle_datagram`] do not allocate (see `tests/alloc_free.rs`).
-//! Nothing here logs per packet above `TRACE`.
+//! [`DataPlane::handle_datagram`] (forwarding included) do not allocate (see
+//! `tests/alloc_free.rs`). Nothing here logs per packet above `TRACE`.
+//!
+//! Layout: this file holds the API types and the state; `peers` configures
+//! peers, `packet` is the per-packet paths, `relay` the forwarding decision,
+//! `timers` the output not caused by a packet, `counters` the drop reasons.
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -3,8 +3,9 @@
 //! A counting global allocator (wrapping `System`) counts allocations made by
 //! the current thread while its (thread-local) flag is on; counts are
 //! per-thread too, so tests running in parallel do not disturb each other. Each test establishes a session
-//! between two data planes, warms up, then encrypts and decrypts 10 000
-//! packets in each direction with reused buffers and expects zero allocations.
+//! between two data planes (or two spokes and a relay), warms up, then encrypts and
+//! decrypts (and relays) 10 000 packets in each direction with reused buffers and
+//! expects zero allocations.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -13,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexodus::node::testutil::{
-    A_V4, A_V6, B_V4, B_V6, BUF_LEN, Pair, connected_pair, ipv4_packet, ipv6_packet,
+    A_V4, A_V6, B_V4, B_V6, BUF_LEN, Pair, Relayed, connected_pair, ipv4_packet, ipv6_packet,
+    relayed,
 };
 use nexodus::node::{DataPlane, Incoming, Outgoing};
 
@@ -74,40 +76,36 @@ fn allocations_during(f: impl FnOnce()) -> u64 {
 
 const ITERATIONS: usize = 10_000;
 
-/// Encrypts `packet` on `tx` and decrypts it on `rx` `n` times; returns how
-/// many round trips did not deliver the packet intact.
-fn shuttle(
-    tx: &mut DataPlane,
-    rx: &mut DataPlane,
-    from: SocketAddr,
-    packet: &[u8],
-    bufs: &mut Bufs,
-    n: usize,
-) -> usize {
+/// Runs `deliver` (one packet through, `true` if it arrived intact) 100 times to
+/// warm up, then `ITERATIONS` times counting allocations: none may fail or allocate.
+fn assert_allocation_free(what: &str, mut deliver: impl FnMut() -> bool) {
+    assert_eq!((0..100).filter(|_| !deliver()).count(), 0, "warm-up {what}");
     let mut failures = 0;
-    let len = packet.len();
-    for _ in 0..n {
-        match tx.handle_tun_packet(&mut bufs.tun, len, &mut bufs.wire) {
-            Outgoing::Send { data, .. } => match rx.handle_datagram(from, data, &mut bufs.plain) {
-                Incoming::WriteTun { packet: got, .. } if got == packet => {}
-                _ => failures += 1,
-            },
-            _ => failures += 1,
-        }
-        while rx.poll_transmit(&mut bufs.flush).is_some() {
-            failures += 1;
-        }
-        while tx.poll_transmit(&mut bufs.flush).is_some() {
-            failures += 1;
-        }
-    }
-    failures
+    let allocs = allocations_during(|| {
+        failures = (0..ITERATIONS).filter(|_| !deliver()).count();
+    });
+    assert_eq!(failures, 0, "{what} deliveries failed");
+    assert_eq!(
+        allocs, 0,
+        "{what} allocated {allocs} times in {ITERATIONS} packets"
+    );
 }
 
+/// Drains `dp`'s transmissions; `true` if there were none.
+fn quiet(dp: &mut DataPlane, out: &mut [u8]) -> bool {
+    let mut quiet = true;
+    while dp.poll_transmit(out).is_some() {
+        quiet = false;
+    }
+    quiet
+}
+
+/// Buffers reused by every packet.
 struct Bufs {
     tun: Vec<u8>,
     wire: Vec<u8>,
     plain: Vec<u8>,
+    forward: Vec<u8>,
     flush: Vec<u8>,
 }
 
@@ -119,9 +117,28 @@ impl Bufs {
             tun,
             wire: vec![0u8; BUF_LEN],
             plain: vec![0u8; BUF_LEN],
+            forward: vec![0u8; BUF_LEN],
             flush: vec![0u8; BUF_LEN],
         }
     }
+}
+
+/// Encrypts `packet` on `tx` and decrypts it on `rx`.
+fn shuttle(
+    tx: &mut DataPlane,
+    rx: &mut DataPlane,
+    from: SocketAddr,
+    packet: &[u8],
+    bufs: &mut Bufs,
+) -> bool {
+    let arrived = match tx.handle_tun_packet(&mut bufs.tun, packet.len(), &mut bufs.wire) {
+        Outgoing::Send { data, .. } => matches!(
+            rx.handle_datagram(from, data, &mut bufs.plain),
+            Incoming::WriteTun { packet: got, .. } if got == packet
+        ),
+        _ => false,
+    };
+    quiet(rx, &mut bufs.flush) & quiet(tx, &mut bufs.flush) & arrived
 }
 
 fn check_both_directions(a_to_b: &[u8], b_to_a: &[u8]) {
@@ -133,40 +150,55 @@ fn check_both_directions(a_to_b: &[u8], b_to_a: &[u8]) {
         b_addr,
         ..
     } = &mut pair;
-
     let mut bufs = Bufs::new(a_to_b);
-    assert_eq!(
-        shuttle(a, b, *a_addr, a_to_b, &mut bufs, 100),
-        0,
-        "warm-up A→B"
-    );
-    let mut failures = 0;
-    let allocs = allocations_during(|| {
-        failures = shuttle(a, b, *a_addr, a_to_b, &mut bufs, ITERATIONS);
-    });
-    assert_eq!(failures, 0, "A→B deliveries failed");
-    assert_eq!(
-        allocs, 0,
-        "A→B allocated {allocs} times in {ITERATIONS} packets"
-    );
-
+    assert_allocation_free("A→B", || shuttle(a, b, *a_addr, a_to_b, &mut bufs));
     let mut bufs = Bufs::new(b_to_a);
-    assert_eq!(
-        shuttle(b, a, *b_addr, b_to_a, &mut bufs, 100),
-        0,
-        "warm-up B→A"
-    );
-    let allocs = allocations_during(|| {
-        failures = shuttle(b, a, *b_addr, b_to_a, &mut bufs, ITERATIONS);
-    });
-    assert_eq!(failures, 0, "B→A deliveries failed");
-    assert_eq!(
-        allocs, 0,
-        "B→A allocated {allocs} times in {ITERATIONS} packets"
-    );
-
+    assert_allocation_free("B→A", || shuttle(b, a, *b_addr, b_to_a, &mut bufs));
     assert_eq!(a.counters().total_drops(), 0);
     assert_eq!(b.counters().total_drops(), 0);
+}
+
+/// Spoke A encrypts `packet` for the relay, the relay re-encrypts it for spoke B,
+/// B decrypts it.
+fn relay_once(net: &mut Relayed, packet: &[u8], bufs: &mut Bufs) -> bool {
+    let Relayed {
+        a,
+        r,
+        b,
+        a_addr,
+        r_addr,
+        ..
+    } = net;
+    let arrived = match a.handle_tun_packet(&mut bufs.tun, packet.len(), &mut bufs.wire) {
+        Outgoing::Send { data, .. } => {
+            match r.handle_datagram_or_forward(*a_addr, data, &mut bufs.plain, &mut bufs.forward) {
+                Incoming::Forward { data, .. } => matches!(
+                    b.handle_datagram(*r_addr, data, &mut bufs.wire),
+                    Incoming::WriteTun { packet: got, .. } if got == packet
+                ),
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    let flush = &mut bufs.flush;
+    quiet(a, flush) & quiet(r, flush) & quiet(b, flush) & arrived
+}
+
+#[test]
+fn relay_forwarding_is_allocation_free() {
+    let mut net = relayed();
+    for packet in [ipv4_packet(A_V4, B_V4, 1000), ipv6_packet(A_V6, B_V6, 1380)] {
+        let mut bufs = Bufs::new(&packet);
+        assert_allocation_free("A→R→B", || relay_once(&mut net, &packet, &mut bufs));
+    }
+    assert_eq!(
+        net.r.counters().relayed_packets,
+        2 * (100 + ITERATIONS as u64)
+    );
+    for dp in [&net.a, &net.r, &net.b] {
+        assert_eq!(dp.counters().total_drops(), 0);
+    }
 }
 
 #[test]

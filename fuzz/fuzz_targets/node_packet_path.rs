@@ -1,10 +1,12 @@
 //! The node's packet path under arbitrary input: one `DataPlane` (A) with two peers
 //! (B, established; C, not yet) is driven by a sequence of operations read from the
 //! input: datagrams from anywhere, TUN packets, timers, flushing, genuine traffic of
-//! the peers (delivered, replayed, mutated, from other addresses) and configuration
-//! changes. Nothing may panic, and the documented contracts hold: a `Drop(reason)`
-//! bumps that counter by one, counters never go down, and a packet written to TUN has
-//! a source inside the sending peer's allowed IPs. (boringtun's own timers read the
+//! the peers (delivered, replayed, mutated, from other addresses), configuration
+//! changes and switching A's relaying on and off (B routes C's addresses through A).
+//! Nothing may panic, and the documented contracts hold: a `Drop(reason)` bumps that
+//! counter by one, counters never go down, a packet written to TUN or relayed has a
+//! source inside the sending peer's allowed IPs, and a relayed packet goes to the
+//! other peer its destination routes to, counted once. (boringtun's own timers read the
 //! real clock, so rekey and session expiry are out of reach here; the `Instant`s
 //! given to `handle_timeout` drive our keepalives.)
 #![no_main]
@@ -21,6 +23,7 @@ use nexodus::node::testutil::{
     self, A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, host_nets, ipv4_packet, ipv6_packet,
     public_key, secret_key,
 };
+use nexodus::wire::ip::IpPacket;
 
 const C_ID: PeerId = 3;
 const D_ID: PeerId = 4;
@@ -89,6 +92,15 @@ struct Net {
     last: Vec<u8>,
     now: Instant,
     out: Vec<u8>,
+    /// Room for A's relayed datagrams.
+    forward: Vec<u8>,
+}
+
+/// What one call on A produced, for the checks common to every call.
+enum Outcome {
+    Send(SocketAddr, Vec<u8>),
+    Drop(DropReason),
+    Other,
 }
 
 fn c_config(endpoint: SocketAddr) -> PeerConfig {
@@ -105,7 +117,13 @@ fn c_config(endpoint: SocketAddr) -> PeerConfig {
 impl Net {
     fn new() -> Self {
         let p = testutil::connected_pair();
-        let (mut a, b) = (p.a, p.b);
+        let (mut a, mut b) = (p.a, p.b);
+        // B reaches C (and C's LAN) through A, should A relay.
+        let mut via_a = c_config(p.a_addr);
+        via_a.public_key = a.public_key();
+        via_a.allowed_ips.extend(host_nets(A_V4, A_V6));
+        via_a.persistent_keepalive = None;
+        b.upsert_peer(A_ID, via_a).expect("A at B");
         let c_addr: SocketAddr = "203.0.113.3:51820".parse().expect("addr");
         a.upsert_peer(C_ID, c_config(c_addr)).expect("C at A");
         let mut c = DataPlane::new(secret_key(0xc));
@@ -133,6 +151,7 @@ impl Net {
             last: Vec::new(),
             now,
             out: vec![0u8; OUT_LEN],
+            forward: vec![0u8; OUT_LEN],
         }
     }
 
@@ -195,27 +214,51 @@ impl Net {
 
     fn a_datagram(&mut self, from: SocketAddr, data: &[u8], out_len: usize) {
         let before = *self.a.counters();
-        let mut out = std::mem::take(&mut self.out);
-        match self.a.handle_datagram(from, data, &mut out[..out_len]) {
+        let (mut out, mut forward) = (
+            std::mem::take(&mut self.out),
+            std::mem::take(&mut self.forward),
+        );
+        let outcome = match self.a.handle_datagram_or_forward(
+            from,
+            data,
+            &mut out[..out_len],
+            &mut forward[..out_len],
+        ) {
             Incoming::WriteTun { peer, packet } => {
-                let (src, _) = nexodus::wire::ip::addresses(packet)
-                    .expect("A wrote a packet to TUN that is not IP");
+                let src = IpPacket::new_checked(packet)
+                    .expect("A wrote a packet to TUN that is not IP")
+                    .src();
                 assert!(
                     self.a.routes().contains(src, peer),
                     "A accepted source {src} from peer {peer} outside its allowed IPs"
                 );
+                Outcome::Other
             }
-            Incoming::Send { to, data } => {
-                enqueue(&mut self.from_a, to, data);
+            Incoming::Forward {
+                from_peer,
+                to_peer,
+                packet,
+                to,
+                data,
+            } => {
+                let ip = IpPacket::new_checked(packet).expect("A relayed a packet that is not IP");
+                let routes = self.a.routes();
+                assert!(
+                    routes.contains(ip.src(), from_peer),
+                    "relayed a spoofed source"
+                );
+                assert_eq!(routes.lookup(ip.dst()), Some(to_peer));
+                assert_ne!(from_peer, to_peer, "relayed back to the sender");
+                let relayed = self.a.counters().relayed_packets;
+                assert_eq!(relayed, before.relayed_packets + 1, "relay not counted");
+                Outcome::Send(to, data.to_vec())
             }
-            Incoming::Drop(r) => {
-                check_counted(&before, self.a.counters(), r);
-            }
-            Incoming::Nothing => {}
-        }
-        self.out = out;
-        check_monotone(&before, self.a.counters());
-        self.poll_a(OUT_LEN);
+            Incoming::Send { to, data } => Outcome::Send(to, data.to_vec()),
+            Incoming::Drop(r) => Outcome::Drop(r),
+            Incoming::Nothing => Outcome::Other,
+        };
+        (self.out, self.forward) = (out, forward);
+        self.after_a(&before, outcome);
     }
 
     fn a_tun(&mut self, packet: &[u8], extra: usize, out_len: usize) {
@@ -226,17 +269,23 @@ impl Net {
         // A length past the buffer's end must be refused, not trusted.
         let len = n + extra % 32;
         let mut out = std::mem::take(&mut self.out);
-        match self.a.handle_tun_packet(&mut buf, len, &mut out[..out_len]) {
-            Outgoing::Send { to, data } => {
-                enqueue(&mut self.from_a, to, data);
-            }
-            Outgoing::Drop(r) => {
-                check_counted(&before, self.a.counters(), r);
-            }
-            Outgoing::Nothing => {}
-        }
+        let outcome = match self.a.handle_tun_packet(&mut buf, len, &mut out[..out_len]) {
+            Outgoing::Send { to, data } => Outcome::Send(to, data.to_vec()),
+            Outgoing::Drop(r) => Outcome::Drop(r),
+            Outgoing::Nothing => Outcome::Other,
+        };
         self.out = out;
-        check_monotone(&before, self.a.counters());
+        self.after_a(&before, outcome);
+    }
+
+    /// The checks after every call on A, then A's pending output.
+    fn after_a(&mut self, before: &Counters, outcome: Outcome) {
+        match outcome {
+            Outcome::Send(to, data) => enqueue(&mut self.from_a, to, &data),
+            Outcome::Drop(r) => check_counted(before, self.a.counters(), r),
+            Outcome::Other => {}
+        }
+        check_monotone(before, self.a.counters());
         self.poll_a(OUT_LEN);
     }
 
@@ -392,7 +441,7 @@ impl Net {
     }
 
     fn step(&mut self, input: &mut Input) {
-        match input.u8() % 11 {
+        match input.u8() % 12 {
             0 => {
                 let from = self.addr(input);
                 let len = usize::from(input.u16()) % (BUF_LEN + 1);
@@ -455,6 +504,10 @@ impl Net {
                 self.a_datagram(from, &data, OUT_LEN);
             }
             9 => self.reconfigure(input),
+            10 => {
+                let relay = input.u8().is_multiple_of(2);
+                self.a.set_relay(relay);
+            }
             _ => {
                 // A well-formed WireGuard header of any type and length.
                 let ty = input.u8() % 5;
@@ -481,6 +534,11 @@ fn check_monotone(before: &Counters, after: &Counters) {
     assert!(
         after.cookie_replies >= before.cookie_replies,
         "cookie counter went down"
+    );
+    assert!(
+        after.relayed_packets >= before.relayed_packets
+            && after.relayed_bytes >= before.relayed_bytes,
+        "relay counters went down"
     );
 }
 

@@ -21,7 +21,7 @@ use crate::io::udp;
 use crate::node::dataplane::{
     Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId, PeerStats,
 };
-use crate::wire::{ip, stun};
+use crate::wire::stun;
 
 /// Packets taken from one source per loop turn before looking at the others.
 pub const BATCH: usize = 64;
@@ -101,6 +101,8 @@ impl DataPath {
         let thread = std::thread::Builder::new()
             .name("nexodus-datapath".into())
             .spawn(move || {
+                let mut dp = dp;
+                dp.set_relay(config.relay);
                 let udp_state = match quinn_udp::UdpSocketState::new((&socket).into()) {
                     Ok(s) => s,
                     Err(e) => {
@@ -116,8 +118,6 @@ impl DataPath {
                     socket,
                     config,
                     io_drops: 0,
-                    relayed_packets: 0,
-                    relayed_bytes: 0,
                 };
                 lp.run(&rx, &thread_wake);
             })?;
@@ -160,8 +160,6 @@ struct Loop {
     local_v6: bool,
     config: DataPathConfig,
     io_drops: u64,
-    relayed_packets: u64,
-    relayed_bytes: u64,
 }
 
 /// A STUN message rather than WireGuard: WireGuard's first four bytes are a type 1-4
@@ -205,9 +203,8 @@ struct Buffers {
     /// Decrypted packets waiting for one batched TUN write (GRO-coalesced).
     tun_out: Vec<Vec<u8>>,
     gro: tun_rs::GROTable,
-    /// Handshakes, relayed packets, timer output.
+    /// Handshakes and timer output.
     scratch: Vec<u8>,
-    scratch_in: Vec<u8>,
     /// Virtio header room before each TUN write (0 without offload).
     tun_offset: usize,
 }
@@ -233,7 +230,6 @@ impl Buffers {
                 .collect(),
             gro: tun_rs::GROTable::default(),
             scratch: vec![0; MAX_UDP + 64],
-            scratch_in: vec![0; MAX_UDP + 64],
             tun_offset,
         }
     }
@@ -369,15 +365,6 @@ impl Loop {
         }
     }
 
-    /// True when a packet decrypted from `from` is for another peer (not for this
-    /// host and not back to its sender).
-    fn forwardable(&self, from: PeerId, packet: &[u8]) -> bool {
-        let Some((_, dst)) = ip::addresses(packet) else {
-            return false;
-        };
-        matches!(self.dp.routes().lookup(dst), Some(to) if to != from)
-    }
-
     fn flush(&mut self, out: &mut [u8]) {
         while let Some((to, data)) = self.dp.poll_transmit(out) {
             self.send_udp(to, data);
@@ -446,31 +433,10 @@ impl Loop {
         }
     }
 
-    /// A packet decrypted from one peer for another (relay): re-encrypt it into the
-    /// forwarding train. `b.scratch_in[..len]` holds it.
-    fn forward(&mut self, b: &mut Buffers, len: usize) {
-        let Some(out) = b.fwd.spare() else {
-            return;
-        };
-        let out_ptr = out.as_ptr();
-        match self.dp.handle_tun_packet(&mut b.scratch_in, len, out) {
-            Outgoing::Send { to, data } => {
-                self.relayed_packets += 1;
-                self.relayed_bytes += len as u64;
-                let dlen = data.len();
-                if data.as_ptr() == out_ptr {
-                    self.push_datagram(&mut b.fwd, to, dlen);
-                } else {
-                    let data = data.to_vec();
-                    self.send_udp(to, &data);
-                }
-            }
-            Outgoing::Drop(_) | Outgoing::Nothing => {}
-        }
-    }
-
     /// UDP → decrypt → TUN, in batches: `recvmmsg` with GRO trains, each datagram
-    /// decrypted straight into a TUN buffer, all written with one batched write.
+    /// decrypted straight into a TUN buffer, all written with one batched write. On a
+    /// relay, packets the data plane forwards to another peer leave re-encrypted in
+    /// the forwarding train instead.
     fn drain_udp(&mut self, b: &mut Buffers, udp_in: &mut UdpIn) {
         for _ in 0..ROUNDS {
             let mut chunks = udp_in.data.chunks_mut(MAX_UDP);
@@ -505,21 +471,26 @@ impl Loop {
                     else {
                         break;
                     };
-                    match self.dp.handle_datagram(from, datagram, out) {
-                        Incoming::WriteTun { peer, packet } => {
+                    let fwd = b.fwd.spare().unwrap_or_default();
+                    let fwd_ptr = fwd.as_ptr();
+                    match self.dp.handle_datagram_or_forward(from, datagram, out, fwd) {
+                        Incoming::WriteTun { packet, .. } => {
                             let len = packet.len();
-                            if self.config.relay && self.forwardable(peer, packet) {
-                                if let Some(dst) = b.scratch_in.get_mut(..len) {
-                                    dst.copy_from_slice(packet);
-                                    self.forward(b, len);
-                                }
-                            } else if let Some(buf) = b.tun_out.get_mut(k) {
+                            if let Some(buf) = b.tun_out.get_mut(k) {
                                 buf.truncate(b.tun_offset + len);
                                 k += 1;
                                 if k == b.tun_out.len() {
                                     self.write_tun(b, k);
                                     k = 0;
                                 }
+                            }
+                        }
+                        Incoming::Forward { to, data, .. } => {
+                            if data.as_ptr() == fwd_ptr {
+                                let dlen = data.len();
+                                self.push_datagram(&mut b.fwd, to, dlen);
+                            } else {
+                                self.send_udp(to, data);
                             }
                         }
                         Incoming::Send { to, data } => {
@@ -615,8 +586,8 @@ impl Loop {
                                 peers,
                                 counters: *self.dp.counters(),
                                 io_drops: self.io_drops,
-                                relayed_packets: self.relayed_packets,
-                                relayed_bytes: self.relayed_bytes,
+                                relayed_packets: self.dp.counters().relayed_packets,
+                                relayed_bytes: self.dp.counters().relayed_bytes,
                             });
                         }
                         Command::Shutdown => return,

@@ -1,8 +1,9 @@
 //! Test support for the data plane (hidden from docs, not a stable API).
 //!
-//! Deterministic keys, minimal but valid IPv4/IPv6 ICMP echo packets, and
-//! [`Pair`]: two [`DataPlane`]s that exchange datagrams in memory. Used by the
-//! unit tests, `tests/alloc_free.rs` and `benches/dataplane.rs`.
+//! Deterministic keys, minimal but valid IPv4/IPv6 ICMP echo packets,
+//! [`Pair`]: two [`DataPlane`]s that exchange datagrams in memory, and
+//! [`Relayed`]: two spokes talking through a relay. Used by the unit tests,
+//! `tests/alloc_free.rs`, `benches/dataplane.rs` and the fuzz target.
 //!
 //! This module allocates freely and panics on broken invariants; it must not
 //! be used on production paths. It does no I/O and reads no clock.
@@ -137,22 +138,48 @@ impl Side {
     }
 }
 
-/// Everything that happened while a [`Pair`] ran to quiescence.
-#[derive(Debug, Default)]
-pub struct Transcript {
+/// A node of a [`Relayed`] network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Spoke A.
+    A,
+    /// The relay.
+    R,
+    /// Spoke B.
+    B,
+}
+
+/// Everything that happened while a [`Pair`] (nodes named by [`Side`]) or a
+/// [`Relayed`] network (nodes named by [`Hop`]) ran to quiescence.
+#[derive(Debug)]
+pub struct Transcript<S = Side> {
     /// Datagrams sent: (sender, destination, bytes).
-    pub wire: Vec<(Side, SocketAddr, Vec<u8>)>,
+    pub wire: Vec<(S, SocketAddr, Vec<u8>)>,
     /// Packets written to TUN: (receiver, sending peer, bytes).
-    pub tun: Vec<(Side, PeerId, Vec<u8>)>,
+    pub tun: Vec<(S, PeerId, Vec<u8>)>,
+    /// Packets relayed: (relay, from peer, to peer).
+    pub forwarded: Vec<(S, PeerId, PeerId)>,
     /// Drops reported: (side, reason).
-    pub drops: Vec<(Side, DropReason)>,
-    /// Datagrams addressed to neither side's current address.
+    pub drops: Vec<(S, DropReason)>,
+    /// Datagrams addressed to no node's current address.
     pub lost: usize,
 }
 
-impl Transcript {
+impl<S> Default for Transcript<S> {
+    fn default() -> Self {
+        Transcript {
+            wire: Vec::new(),
+            tun: Vec::new(),
+            forwarded: Vec::new(),
+            drops: Vec::new(),
+            lost: 0,
+        }
+    }
+}
+
+impl<S: Copy + PartialEq> Transcript<S> {
     /// Packets written to `side`'s TUN.
-    pub fn tun_at(&self, side: Side) -> Vec<&[u8]> {
+    pub fn tun_at(&self, side: S) -> Vec<&[u8]> {
         self.tun
             .iter()
             .filter(|(s, ..)| *s == side)
@@ -161,7 +188,7 @@ impl Transcript {
     }
 
     /// Data messages (type 4) sent by `side`.
-    pub fn data_from(&self, side: Side) -> Vec<&[u8]> {
+    pub fn data_from(&self, side: S) -> Vec<&[u8]> {
         self.wire
             .iter()
             .filter(|(s, _, d)| *s == side && d.first() == Some(&4))
@@ -251,42 +278,23 @@ impl Pair {
         }
     }
 
-    fn side_at(&self, addr: SocketAddr) -> Option<Side> {
-        if addr == self.a_addr {
-            Some(Side::A)
-        } else if addr == self.b_addr {
-            Some(Side::B)
-        } else {
-            None
-        }
+    fn nodes(&mut self) -> [Node<'_, Side>; 2] {
+        [
+            (Side::A, &mut self.a, self.a_addr),
+            (Side::B, &mut self.b, self.b_addr),
+        ]
     }
 
     /// `side` reads `packet` from its TUN; everything then runs to quiescence.
     pub fn send_packet(&mut self, side: Side, packet: &[u8]) -> Transcript {
-        let mut t = Transcript::default();
-        let mut queue = VecDeque::new();
-        let mut buf = vec![0u8; BUF_LEN];
-        let mut out = vec![0u8; BUF_LEN];
-        buf[..packet.len()].copy_from_slice(packet);
-        match self
-            .dp(side)
-            .handle_tun_packet(&mut buf, packet.len(), &mut out)
-        {
-            Outgoing::Send { to, data } => queue.push_back((side, to, data.to_vec())),
-            Outgoing::Drop(r) => t.drops.push((side, r)),
-            Outgoing::Nothing => {}
-        }
-        self.flush(side, &mut queue);
-        self.pump(&mut t, queue);
-        t
+        send_packet(&mut self.nodes(), side, packet)
     }
 
     /// `to` receives `datagram` from the other side's current address.
     pub fn deliver(&mut self, to: Side, datagram: &[u8]) -> Transcript {
         let mut t = Transcript::default();
-        let mut queue = VecDeque::new();
-        queue.push_back((to.other(), self.addr(to), datagram.to_vec()));
-        self.pump(&mut t, queue);
+        let queue = VecDeque::from([(to.other(), self.addr(to), datagram.to_vec())]);
+        pump(&mut self.nodes(), &mut t, queue);
         t
     }
 
@@ -294,44 +302,172 @@ impl Pair {
     pub fn tick(&mut self, side: Side, now: std::time::Instant) -> Transcript {
         let mut t = Transcript::default();
         let mut queue = VecDeque::new();
-        self.dp(side).handle_timeout(now);
-        self.flush(side, &mut queue);
-        self.pump(&mut t, queue);
+        let mut nodes = self.nodes();
+        for (s, dp, _) in nodes.iter_mut() {
+            if *s == side {
+                dp.handle_timeout(now);
+                flush(*s, dp, &mut queue);
+            }
+        }
+        pump(&mut nodes, &mut t, queue);
         t
     }
+}
 
-    fn flush(&mut self, side: Side, queue: &mut VecDeque<(Side, SocketAddr, Vec<u8>)>) {
-        let mut out = vec![0u8; BUF_LEN];
-        for _ in 0..10_000 {
-            match self.dp(side).poll_transmit(&mut out) {
-                Some((to, data)) => queue.push_back((side, to, data.to_vec())),
-                None => return,
-            }
-        }
-        panic!("poll_transmit never returned None");
+/// Peer id of the relay at each spoke of [`Relayed`].
+pub const R_ID: PeerId = 9;
+/// The relay's own inner addresses.
+pub const R_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 9);
+pub const R_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9);
+
+/// Spokes A and B (ids [`A_ID`] and [`B_ID`] at the relay) and relay R (id
+/// [`R_ID`] at both spokes, which route each other's addresses through it).
+pub struct Relayed {
+    pub a: DataPlane,
+    pub r: DataPlane,
+    pub b: DataPlane,
+    pub a_addr: SocketAddr,
+    pub r_addr: SocketAddr,
+    pub b_addr: SocketAddr,
+}
+
+/// A [`Relayed`] network whose relay has sessions with both spokes.
+pub fn relayed() -> Relayed {
+    let mut r = DataPlane::new(secret_key(0x9));
+    r.set_relay(true);
+    let r_addr: SocketAddr = "203.0.113.9:51820".parse().expect("addr");
+    let spoke = |seed: u64, v4: Ipv4Addr, v6: Ipv6Addr, other: &[IpNet]| {
+        let mut dp = DataPlane::new(secret_key(seed));
+        let mut allowed_ips = host_nets(R_V4, R_V6);
+        allowed_ips.extend_from_slice(other);
+        let relay = PeerConfig {
+            public_key: public_key(&secret_key(0x9)),
+            endpoint: Some(r_addr),
+            allowed_ips,
+            persistent_keepalive: None,
+        };
+        dp.upsert_peer(R_ID, relay).expect("relay at spoke");
+        let at_relay = PeerConfig {
+            public_key: dp.public_key(),
+            endpoint: None,
+            allowed_ips: host_nets(v4, v6),
+            persistent_keepalive: None,
+        };
+        (dp, at_relay)
+    };
+    let (a, a_at_r) = spoke(0xa, A_V4, A_V6, &host_nets(B_V4, B_V6));
+    let (b, b_at_r) = spoke(0xb, B_V4, B_V6, &host_nets(A_V4, A_V6));
+    r.upsert_peer(A_ID, a_at_r).expect("A at relay");
+    r.upsert_peer(B_ID, b_at_r).expect("B at relay");
+    let mut net = Relayed {
+        a,
+        r,
+        b,
+        a_addr: "192.0.2.1:51820".parse().expect("addr"),
+        r_addr,
+        b_addr: "198.51.100.2:51820".parse().expect("addr"),
+    };
+    for (hop, src, dst) in [(Hop::A, A_V4, R_V4), (Hop::B, B_V4, R_V4)] {
+        let ping = ipv4_packet(src, dst, 56);
+        let t = net.send_packet(hop, &ping);
+        assert_eq!(t.tun_at(Hop::R), vec![ping.as_slice()], "{hop:?}→R: {t:?}");
+    }
+    net
+}
+
+impl Relayed {
+    fn nodes(&mut self) -> [Node<'_, Hop>; 3] {
+        [
+            (Hop::A, &mut self.a, self.a_addr),
+            (Hop::R, &mut self.r, self.r_addr),
+            (Hop::B, &mut self.b, self.b_addr),
+        ]
     }
 
-    fn pump(&mut self, t: &mut Transcript, mut queue: VecDeque<(Side, SocketAddr, Vec<u8>)>) {
-        let mut out = vec![0u8; BUF_LEN];
-        let mut steps = 0;
-        while let Some((sender, to, data)) = queue.pop_front() {
-            steps += 1;
-            assert!(steps < 10_000, "pair never went quiet");
-            t.wire.push((sender, to, data.clone()));
-            let Some(receiver) = self.side_at(to) else {
-                t.lost += 1;
-                continue;
-            };
-            let from = self.addr(sender);
-            match self.dp(receiver).handle_datagram(from, &data, &mut out) {
-                Incoming::WriteTun { peer, packet } => {
-                    t.tun.push((receiver, peer, packet.to_vec()))
-                }
-                Incoming::Send { to, data } => queue.push_back((receiver, to, data.to_vec())),
-                Incoming::Drop(r) => t.drops.push((receiver, r)),
-                Incoming::Nothing => {}
-            }
-            self.flush(receiver, &mut queue);
+    /// `hop` reads `packet` from its TUN; everything then runs to quiescence.
+    pub fn send_packet(&mut self, hop: Hop, packet: &[u8]) -> Transcript<Hop> {
+        send_packet(&mut self.nodes(), hop, packet)
+    }
+}
+
+/// A node of an in-memory network: its name, data plane and current address.
+type Node<'a, S> = (S, &'a mut DataPlane, SocketAddr);
+
+/// Datagrams in flight: (sender, destination, bytes).
+type Queue<S> = VecDeque<(S, SocketAddr, Vec<u8>)>;
+
+/// `side` reads `packet` from its TUN; everything then runs to quiescence.
+fn send_packet<S: Copy + PartialEq>(
+    nodes: &mut [Node<'_, S>],
+    side: S,
+    packet: &[u8],
+) -> Transcript<S> {
+    let mut t = Transcript::default();
+    let mut queue = VecDeque::new();
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut out = vec![0u8; BUF_LEN];
+    buf[..packet.len()].copy_from_slice(packet);
+    for (s, dp, _) in nodes.iter_mut().filter(|n| n.0 == side) {
+        match dp.handle_tun_packet(&mut buf, packet.len(), &mut out) {
+            Outgoing::Send { to, data } => queue.push_back((*s, to, data.to_vec())),
+            Outgoing::Drop(r) => t.drops.push((*s, r)),
+            Outgoing::Nothing => {}
         }
+        flush(*s, dp, &mut queue);
+    }
+    pump(nodes, &mut t, queue);
+    t
+}
+
+/// Queues everything `dp` (node `side`) has to transmit.
+fn flush<S: Copy>(side: S, dp: &mut DataPlane, queue: &mut Queue<S>) {
+    let mut out = vec![0u8; BUF_LEN];
+    for _ in 0..10_000 {
+        match dp.poll_transmit(&mut out) {
+            Some((to, data)) => queue.push_back((side, to, data.to_vec())),
+            None => return,
+        }
+    }
+    panic!("poll_transmit never returned None");
+}
+
+/// Delivers every queued datagram to the node at its destination address, queues
+/// what comes out, until nothing is left.
+fn pump<S: Copy + PartialEq>(
+    nodes: &mut [Node<'_, S>],
+    t: &mut Transcript<S>,
+    mut queue: Queue<S>,
+) {
+    let mut out = vec![0u8; BUF_LEN];
+    let mut fwd = vec![0u8; BUF_LEN];
+    let mut steps = 0;
+    while let Some((sender, to, data)) = queue.pop_front() {
+        steps += 1;
+        assert!(steps < 10_000, "network never went quiet");
+        t.wire.push((sender, to, data.clone()));
+        let from = nodes.iter().find(|n| n.0 == sender).map(|n| n.2);
+        let (Some(from), Some((receiver, dp, _))) = (from, nodes.iter_mut().find(|n| n.2 == to))
+        else {
+            t.lost += 1;
+            continue;
+        };
+        let receiver = *receiver;
+        match dp.handle_datagram_or_forward(from, &data, &mut out, &mut fwd) {
+            Incoming::WriteTun { peer, packet } => t.tun.push((receiver, peer, packet.to_vec())),
+            Incoming::Send { to, data } => queue.push_back((receiver, to, data.to_vec())),
+            Incoming::Forward {
+                from_peer,
+                to_peer,
+                to,
+                data,
+                ..
+            } => {
+                t.forwarded.push((receiver, from_peer, to_peer));
+                queue.push_back((receiver, to, data.to_vec()));
+            }
+            Incoming::Drop(r) => t.drops.push((receiver, r)),
+            Incoming::Nothing => {}
+        }
+        flush(receiver, dp, &mut queue);
     }
 }

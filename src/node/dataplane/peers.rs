@@ -1,0 +1,219 @@
+//! Peers: configuration, tunnel indices, keys and their routes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::Tunn;
+use boringtun::x25519::PublicKey;
+use ipnet::IpNet;
+use tracing::debug;
+
+use super::{DataPlane, DataPlaneError, INDEX_SPACE, PeerConfig, PeerId};
+
+/// A peer's traffic statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Current endpoint (configured or learned by roaming).
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the current session was established, if there is one.
+    pub last_handshake: Option<Duration>,
+    /// Bytes of authenticated WireGuard datagrams received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes of WireGuard datagrams sent to the peer.
+    pub tx_bytes: u64,
+}
+
+/// State of one peer.
+pub(super) struct Peer {
+    /// Boxed: a `Tunn` is large and the map moves its values when it grows.
+    pub(super) tunn: Box<Tunn>,
+    /// The index this `Tunn` was created with (its sessions are `index << 8 | n`).
+    pub(super) index: u32,
+    pub(super) public_key: [u8; 32],
+    pub(super) endpoint: Option<SocketAddr>,
+    /// The configured prefixes; `DataPlane::routes` is rebuilt from them.
+    pub(super) allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive interval in seconds (0 = off).
+    pub(super) keepalive: u16,
+    /// When the next persistent keepalive is due; `None`: at the next tick.
+    pub(super) keepalive_due: Option<Instant>,
+    /// Any authenticated packet sent or received since the last tick.
+    pub(super) active_since_tick: bool,
+    /// The `Tunn` may hold packets it queued while waiting for a session.
+    pub(super) queued: bool,
+    /// This peer is in `DataPlane::flush`.
+    pub(super) flush_pending: bool,
+    pub(super) rx_bytes: u64,
+    pub(super) tx_bytes: u64,
+}
+
+impl Peer {
+    pub(super) fn sent(&mut self, len: usize) {
+        self.tx_bytes = self.tx_bytes.saturating_add(len as u64);
+        self.active_since_tick = true;
+    }
+
+    pub(super) fn received(&mut self, from: SocketAddr, len: usize, id: PeerId) {
+        self.rx_bytes = self.rx_bytes.saturating_add(len as u64);
+        self.active_since_tick = true;
+        if self.endpoint != Some(from) {
+            debug!(peer = id, old = ?self.endpoint, new = %from, "peer endpoint changed");
+            self.endpoint = Some(from);
+        }
+    }
+}
+
+impl DataPlane {
+    /// Adds or reconfigures peer `id`.
+    ///
+    /// With the same public key as before the existing tunnel and its session
+    /// are kept: the endpoint is replaced only if `cfg.endpoint` is given, and
+    /// allowed IPs and keepalive are replaced. A new key gets a fresh tunnel
+    /// (and fresh byte counters). Each allowed-IPs prefix is assigned to this
+    /// peer even if another peer had it (last writer wins).
+    pub fn upsert_peer(&mut self, id: PeerId, cfg: PeerConfig) -> Result<(), DataPlaneError> {
+        // The prefixes this peer held, to drop exactly those (no scan of the table).
+        let old_allowed: Vec<IpNet> = self
+            .peers
+            .get(&id)
+            .map(|p| p.allowed_ips.clone())
+            .unwrap_or_default();
+        let peer_public = PublicKey::from(cfg.public_key);
+        if !self.secret.diffie_hellman(&peer_public).was_contributory() {
+            return Err(DataPlaneError::LowOrderKey(id));
+        }
+        if cfg.public_key == *self.public.as_bytes() {
+            return Err(DataPlaneError::OwnKey(id));
+        }
+        if let Some(&other) = self.by_key.get(&cfg.public_key)
+            && other != id
+        {
+            return Err(DataPlaneError::DuplicateKey { id, other });
+        }
+        let keepalive = cfg.persistent_keepalive.unwrap_or(0);
+
+        match self.peers.get_mut(&id) {
+            Some(peer) if peer.public_key == cfg.public_key => {
+                if cfg.endpoint.is_some() {
+                    peer.endpoint = cfg.endpoint;
+                }
+                if peer.keepalive != keepalive {
+                    peer.keepalive = keepalive;
+                    peer.keepalive_due = None;
+                }
+                peer.allowed_ips = cfg.allowed_ips;
+                debug!(peer = id, endpoint = ?peer.endpoint, "peer updated");
+            }
+            existing => {
+                let old_endpoint = existing.and_then(|p| p.endpoint);
+                let index = self.alloc_index()?;
+                // Keepalives are driven by `handle_timeout`, not by `Tunn`, so
+                // they can change without losing the session.
+                let tunn = Tunn::new(
+                    self.secret.clone(),
+                    peer_public,
+                    None,
+                    None,
+                    index,
+                    Some(Arc::clone(&self.rate_limiter)),
+                );
+                let peer = Peer {
+                    tunn: Box::new(tunn),
+                    index,
+                    public_key: cfg.public_key,
+                    endpoint: cfg.endpoint.or(old_endpoint),
+                    allowed_ips: cfg.allowed_ips,
+                    keepalive,
+                    keepalive_due: None,
+                    active_since_tick: false,
+                    queued: false,
+                    flush_pending: false,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                };
+                if let Some(old) = self.peers.insert(id, peer) {
+                    self.by_index.remove(&old.index);
+                    self.by_key.remove(&old.public_key);
+                    self.flush.retain(|&p| p != id);
+                    debug!(peer = id, "peer key changed, new tunnel");
+                } else {
+                    debug!(peer = id, "peer added");
+                }
+                self.by_index.insert(index, id);
+                self.by_key.insert(cfg.public_key, id);
+            }
+        }
+
+        for net in &old_allowed {
+            if self.routes.get(net.trunc()) == Some(id) {
+                self.routes.remove(net.trunc());
+            }
+        }
+        if let Some(peer) = self.peers.get(&id) {
+            for net in &peer.allowed_ips {
+                if let Some(prev) = self.routes.insert(net.trunc(), id)
+                    && prev != id
+                {
+                    debug!(%net, from = prev, to = id, "allowed IP moved between peers");
+                }
+            }
+        }
+        let need = self.peers.len().saturating_sub(self.flush.len());
+        self.flush.reserve(need);
+        Ok(())
+    }
+
+    /// Forgets peer `id` (its tunnel, routes and pending output). Returns
+    /// whether it existed.
+    pub fn remove_peer(&mut self, id: PeerId) -> bool {
+        let Some(old) = self.peers.remove(&id) else {
+            return false;
+        };
+        self.by_index.remove(&old.index);
+        self.by_key.remove(&old.public_key);
+        for net in &old.allowed_ips {
+            if self.routes.get(net.trunc()) == Some(id) {
+                self.routes.remove(net.trunc());
+            }
+        }
+        self.flush.retain(|&p| p != id);
+        debug!(peer = id, "peer removed");
+        true
+    }
+
+    /// Ids of all configured peers, in no particular order.
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Statistics of peer `id`.
+    pub fn peer_stats(&self, id: PeerId) -> Option<PeerStats> {
+        let peer = self.peers.get(&id)?;
+        let (last_handshake, ..) = peer.tunn.stats();
+        Some(PeerStats {
+            endpoint: peer.endpoint,
+            last_handshake,
+            rx_bytes: peer.rx_bytes,
+            tx_bytes: peer.tx_bytes,
+        })
+    }
+
+    /// The peer owning session index `receiver_idx` (our index for the peer's
+    /// tunnel is the top 24 bits).
+    #[inline]
+    pub(super) fn peer_by_index(&self, receiver_idx: u32) -> Option<PeerId> {
+        self.by_index.get(&(receiver_idx >> 8)).copied()
+    }
+
+    fn alloc_index(&mut self) -> Result<u32, DataPlaneError> {
+        for _ in 0..INDEX_SPACE {
+            let candidate = self.next_index % INDEX_SPACE;
+            self.next_index = (candidate + 1) % INDEX_SPACE;
+            if !self.by_index.contains_key(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        Err(DataPlaneError::IndexExhausted)
+    }
+}

@@ -347,3 +347,28 @@ fn readme_admin_and_devices_add_examples_run_as_written() {
     // And `token --org lab create` (before the subcommand) as `token create --org lab`.
     JoinToken::parse(c.coord.admin(&["token", "--org", "lab", "create"]).trim()).unwrap();
 }
+
+#[test]
+fn admin_commands_on_an_uninitialised_postgres_database_refuse() {
+    let logs = tempfile::tempdir().unwrap();
+    let pg = nexodus::store::testpg::TempPostgres::start().unwrap();
+    let url = pg.fresh_database("nx").unwrap();
+    let err = admin_command(&["token", "create"], &["--database-url", &url]).unwrap_err();
+    assert!(
+        err.contains(
+            "has no coordinator yet: start `nexodus serve --database-url ...` on it first"
+        ),
+        "{err}"
+    );
+    assert!(
+        !pg.query("nx", "SELECT count(*) FROM cluster_identity")
+            .unwrap_or_default()
+            .iter()
+            .any(|n| n.trim() != "0"),
+        "an identity was created"
+    );
+    // Once a replica made it, the same command works.
+    let _replica = Coordinator::replica("127.44.0.5", &url, logs.path());
+    let text = admin_command(&["token", "create"], &["--database-url", &url]).unwrap();
+    JoinToken::parse(text.trim()).unwrap();
+}

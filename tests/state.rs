@@ -35,31 +35,34 @@ fn files_under(dir: &Path) -> Vec<String> {
 async fn admin_commands_never_create_state() {
     let logs = tempfile::tempdir().unwrap();
     // The newcomer's mistake: no --state-dir, so the default is used: under a fresh
-    // XDG_STATE_HOME for a user, /var/lib/nexodus for root.
+    // XDG_STATE_HOME for a user; for root /var/lib/nexodus, on a tmpfs of a private
+    // mount namespace (the host's /var/lib is never touched), listed afterwards.
     let home = tempfile::tempdir().unwrap();
     // SAFETY: geteuid has no preconditions.
-    let default = if unsafe { libc::geteuid() } == 0 {
+    let root = unsafe { libc::geteuid() } == 0;
+    let default = if root {
         std::path::PathBuf::from("/var/lib/nexodus")
     } else {
         home.path().join("state/nexodus")
     };
-    let existed = default.exists();
-    let db = default.join("nexodus.db");
-    if db.exists() {
-        eprintln!(
-            "{} exists on this host: default-path part skipped",
-            db.display()
-        );
-    }
     for args in [
         &["devices"][..],
         &["token", "create"],
         &["org", "create", "lab"],
     ] {
-        if db.exists() {
-            break;
-        }
-        let out = Command::new(BIN)
+        let mut cmd = if root {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(
+                    "mount -t tmpfs tmpfs /var/lib && \"$0\" \"$@\"; rc=$?; \
+                     echo \"LEFT:[$(ls -A /var/lib)]\" >&2; exit $rc",
+                )
+                .arg(BIN);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        let out = cmd
             .args(args)
             .env_remove("NEXODUS_STATE_DIR")
             .env_remove("NEXODUS_DB")
@@ -73,18 +76,13 @@ async fn admin_commands_never_create_state() {
             err.contains(&format!(
                 "error: no coordinator database at {}: start `nexodus serve --state-dir {}` \
                  first, or pass the --state-dir (or NEXODUS_STATE_DIR) that `nexodus serve` uses",
-                db.display(),
+                default.join("nexodus.db").display(),
                 default.display()
             )),
             "{args:?}: {err}"
         );
         assert_eq!(files_under(home.path()), Vec::<String>::new(), "{args:?}");
-        assert_eq!(
-            default.exists(),
-            existed,
-            "{args:?} created {}",
-            default.display()
-        );
+        assert!(!root || err.contains("LEFT:[]"), "{args:?} created: {err}");
     }
 
     // `devices` before the first `serve` does not steal the first start: serve still
@@ -176,8 +174,10 @@ async fn second_serve_on_one_state_is_refused() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let status = proc::exit_within(&mut second, Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("{store:?}: the second serve did not stop"));
+        let Some(status) = proc::exit_within(&mut second, Duration::from_secs(5)) else {
+            proc::kill(second);
+            panic!("{store:?}: the second serve did not stop");
+        };
         let out = second.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!status.success(), "{store:?}: {err}");

@@ -206,6 +206,8 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         action: TokenAction,
+        #[command(flatten)]
+        org: OrgArg,
     },
     /// Manage organizations (admin, on the coordinator host).
     Org {
@@ -216,9 +218,8 @@ pub enum Command {
     Devices {
         #[command(subcommand)]
         action: Option<DevicesAction>,
-        /// Organization to list.
-        #[arg(long, env = "NEXODUS_ORG", default_value = DEFAULT_ORG)]
-        org: String,
+        #[command(flatten)]
+        org: OrgArg,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -256,13 +257,26 @@ impl NodeStateArgs {
     }
 }
 
+/// The organization an admin command acts on; accepted before or after the
+/// subcommand (`nexodus devices --org lab add ...` = `nexodus devices add --org lab ...`).
+#[derive(Debug, Args, Clone)]
+pub struct OrgArg {
+    /// Organization to act on (default: `default`).
+    #[arg(long, global = true, env = "NEXODUS_ORG", value_name = "NAME")]
+    pub org: Option<String>,
+}
+
+impl OrgArg {
+    /// The organization named, or the default one.
+    pub fn name(&self) -> &str {
+        self.org.as_deref().unwrap_or(DEFAULT_ORG)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TokenAction {
-    /// Create a join token and print it (only it) on stdout.
+    /// Create a join token (for the --org given) and print it (only it) on stdout.
     Create {
-        /// Organization the token joins devices to.
-        #[arg(long, env = "NEXODUS_ORG", default_value = DEFAULT_ORG)]
-        org: String,
         /// Allow any number of devices to join with this token (default: one).
         #[arg(long, env = "NEXODUS_TOKEN_REUSABLE")]
         reusable: bool,
@@ -310,7 +324,8 @@ pub enum DevicesAction {
         #[arg(long)]
         generate_key: bool,
     },
-    /// Remove a device: its peers drop it and its addresses return to the pool.
+    /// Remove a device: its peers drop it and its addresses return to the pool. With
+    /// --org, only if the device belongs to that organization.
     Remove {
         /// Device id, as `nexodus devices` lists it.
         id: i64,

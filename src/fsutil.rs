@@ -1,9 +1,14 @@
-//! Small filesystem helpers for state that must survive crashes: atomic, private writes.
+//! Small filesystem helpers for state that must survive crashes: atomic, private
+//! writes, private directories, and [`Lock`]s (`flock` on a lock file holding the
+//! holder's pid) that say which process owns a state directory. It does not decide what
+//! a lock protects: the coordinator and the node shells do.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Writes `data` to `path` atomically with mode 0600: a temporary file in the same
 /// directory, fsync, rename over the target, fsync the directory. A crash leaves
@@ -62,9 +67,185 @@ pub fn default_state_dir() -> std::path::PathBuf {
     "nexodus-state".into()
 }
 
+/// A held `flock` on a lock file; released when dropped (or when the process ends).
+#[derive(Debug)]
+pub struct Lock {
+    file: File,
+}
+
+/// Why a lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it; `pid` is what the holder wrote into the file.
+    #[error("{path} is held by {}", holder(*.pid))]
+    Held { path: PathBuf, pid: Option<u32> },
+    /// The lock file does not exist (and was not to be created).
+    #[error("{path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot use lock file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LockError {
+    /// The holder's pid, if the lock is held by another process and it wrote one.
+    pub fn holder_pid(&self) -> Option<u32> {
+        match self {
+            Self::Held { pid, .. } => *pid,
+            _ => None,
+        }
+    }
+}
+
+/// "pid N" or "another process" for messages.
+pub fn holder(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "another process".into(), |p| format!("pid {p}"))
+}
+
+/// Whether a lock is taken shared (readers) or exclusive (one owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+impl Lock {
+    /// Takes `mode` on `path` without waiting. `create`: make the file (0600) if
+    /// missing, else a missing file is [`LockError::Missing`]. An exclusive lock
+    /// writes our pid into the file for the messages of those refused. The file is
+    /// opened with `O_NOFOLLOW`: a symlink planted in its place is refused.
+    pub fn try_take(path: &Path, mode: LockMode, create: bool) -> Result<Self, LockError> {
+        let io = |source: io::Error| LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .write(create)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(LockError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let op = match mode {
+            LockMode::Shared => libc::LOCK_SH,
+            LockMode::Exclusive => libc::LOCK_EX,
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(LockError::Held {
+                    path: path.to_path_buf(),
+                    pid: read_pid(&mut file),
+                });
+            }
+            return Err(io(err));
+        }
+        if mode == LockMode::Exclusive && create {
+            file.set_len(0).map_err(io)?;
+            file.write_all(format!("{}\n", std::process::id()).as_bytes())
+                .map_err(io)?;
+        }
+        Ok(Self { file })
+    }
+
+    /// As [`Lock::try_take`], waiting up to `wait` while another process holds it;
+    /// `on_wait` is called once, with the holder's pid, when the wait begins.
+    pub fn take_within(
+        path: &Path,
+        mode: LockMode,
+        create: bool,
+        wait: Duration,
+        mut on_wait: impl FnMut(Option<u32>),
+    ) -> Result<Self, LockError> {
+        let deadline = Instant::now() + wait;
+        let mut told = false;
+        loop {
+            match Self::try_take(path, mode, create) {
+                Err(LockError::Held { pid, .. }) if Instant::now() < deadline => {
+                    if !std::mem::replace(&mut told, true) {
+                        on_wait(pid);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Lets go of the lock before the end of the process.
+    pub fn release(self) {
+        drop(self.file);
+    }
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.take(32).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_is_exclusive_names_its_holder_and_refuses_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.lock");
+        assert!(matches!(
+            Lock::try_take(&p, LockMode::Shared, false),
+            Err(LockError::Missing { .. })
+        ));
+        let held = Lock::try_take(&p, LockMode::Exclusive, true).unwrap();
+        // flock locks belong to the open file description: a second open conflicts
+        // even in one process.
+        let err = Lock::try_take(&p, LockMode::Exclusive, true).unwrap_err();
+        assert_eq!(err.holder_pid(), Some(std::process::id()));
+        assert!(
+            Lock::try_take(&p, LockMode::Shared, false)
+                .unwrap_err()
+                .to_string()
+                .contains(&format!("pid {}", std::process::id()))
+        );
+        let mut waited = None;
+        let start = Instant::now();
+        let err = Lock::take_within(
+            &p,
+            LockMode::Shared,
+            false,
+            Duration::from_millis(100),
+            |pid| waited = Some(pid),
+        )
+        .unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        assert_eq!(waited, Some(Some(std::process::id())));
+        assert!(matches!(err, LockError::Held { .. }));
+        held.release();
+        let a = Lock::try_take(&p, LockMode::Shared, false).unwrap();
+        let b = Lock::try_take(&p, LockMode::Shared, false).unwrap();
+        drop((a, b));
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(matches!(
+            Lock::try_take(&link, LockMode::Exclusive, true),
+            Err(LockError::Io { .. })
+        ));
+    }
 
     #[test]
     fn atomic_write_is_private_and_replaces() {

@@ -5,6 +5,7 @@
 //! presents the same one. Join tokens carry the certificate's SHA-256 fingerprint; a
 //! node accepts exactly that certificate and no other, so no CA is involved.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,20 +53,17 @@ pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
 }
 
 impl Identity {
-    /// Loads the identity from `state_dir`, creating it on first use.
+    /// Loads the identity from `state_dir`, creating it on first use. The caller
+    /// holds the state directory's initialisation lock, so it is made once.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, IdentityError> {
+        if let Some(id) = Self::load(state_dir)? {
+            return Ok(id);
+        }
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| IdentityError::Io { path, source }
         };
-        let cert_path = state_dir.join(CERT_FILE);
-        let key_path = state_dir.join(KEY_FILE);
-        if cert_path.exists() && key_path.exists() {
-            return Ok(Self {
-                cert_der: std::fs::read(&cert_path).map_err(io(&cert_path))?,
-                key_der: std::fs::read(&key_path).map_err(io(&key_path))?,
-            });
-        }
+        let (cert_path, key_path) = (state_dir.join(CERT_FILE), state_dir.join(KEY_FILE));
         fsutil::ensure_private_dir(state_dir).map_err(io(state_dir))?;
         let id = Self::generate()?;
         // Key first: a cert without its key would be unusable.
@@ -73,6 +71,38 @@ impl Identity {
         fsutil::write_private_atomic(&cert_path, &id.cert_der).map_err(io(&cert_path))?;
         tracing::info!(dir = %state_dir.display(), "created coordinator TLS identity");
         Ok(id)
+    }
+
+    /// Loads the identity kept in `state_dir`; `None` if it has none (yet). Never
+    /// creates anything (the admin commands use this). Symlinks are not followed.
+    pub fn load(state_dir: &Path) -> Result<Option<Self>, IdentityError> {
+        let read = |name: &str| {
+            let path = state_dir.join(name);
+            let mut data = Vec::new();
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path);
+            let result = match opened {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => Err(e),
+                Ok(mut f) => std::io::Read::read_to_end(&mut f, &mut data),
+            };
+            result
+                .map(|_| Some(data))
+                .map_err(|source| IdentityError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        // Key first on creation, so a certificate implies its key.
+        let Some(cert_der) = read(CERT_FILE)? else {
+            return Ok(None);
+        };
+        let Some(key_der) = read(KEY_FILE)? else {
+            return Ok(None);
+        };
+        Ok(Some(Self { cert_der, key_der }))
     }
 
     /// A new self-signed identity (kept nowhere yet).

@@ -151,14 +151,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Token {
             action:
                 TokenAction::Create {
-                    org,
                     reusable,
                     expires,
                     state,
                 },
+            org,
         } => {
-            let mut st = serve::open_state(&state.database(), &state.state_dir())?;
-            let token = serve::create_token(&mut st, &org, reusable, expires)?;
+            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
+            let token = serve::create_token(&mut st, org.name(), reusable, expires)?;
             println!("{token}");
             Ok(())
         }
@@ -171,7 +171,7 @@ fn run(cli: Cli) -> Result<()> {
                     state,
                 },
         } => {
-            let mut st = serve::open_state(&state.database(), &state.state_dir())?;
+            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
             let org = st
                 .store
                 .create_org(&name, cidr, cidr_v6, serve::unix_now())?;
@@ -187,15 +187,19 @@ fn run(cli: Cli) -> Result<()> {
             json,
             state,
         } => {
-            let mut st = serve::open_state(&state.database(), &state.state_dir())?;
+            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
             match action {
                 Some(DevicesAction::Add {
                     hostname,
                     public_key,
                     generate_key: _,
                 }) => {
-                    let (device, config) =
-                        serve::add_unmanaged(&mut st, &org, &hostname, public_key.as_deref())?;
+                    let (device, config) = serve::add_unmanaged(
+                        &mut st,
+                        org.name(),
+                        &hostname,
+                        public_key.as_deref(),
+                    )?;
                     eprintln!(
                         "added device {} (id {}) as a stock WireGuard spoke; its wg-quick config:",
                         device.hostname, device.id
@@ -203,11 +207,19 @@ fn run(cli: Cli) -> Result<()> {
                     print!("{config}");
                 }
                 Some(DevicesAction::Remove { id }) => {
+                    if let Some(name) = &org.org {
+                        let org = st.store.org_by_name(name)?;
+                        if !st.store.devices(org.id)?.iter().any(|d| d.id == id) {
+                            anyhow::bail!(
+                                "device {id} is not in organization {name:?} (see `nexodus devices --org {name}`)"
+                            );
+                        }
+                    }
                     st.store.remove_device(id, serve::unix_now())?;
                     println!("removed device {id}");
                 }
                 None => {
-                    let org = st.store.org_by_name(&org)?;
+                    let org = st.store.org_by_name(org.name())?;
                     let devices = st.store.devices(org.id)?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&devices)?);

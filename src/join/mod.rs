@@ -145,6 +145,8 @@ pub async fn run(
 ) -> Result<(), JoinError> {
     let addrs = resolve(&cfg.coordinators)?;
     let token = cfg.token.as_deref().map(JoinToken::parse).transpose()?;
+    // Ours until we return: a second `join` on this directory is refused.
+    let _lock = state::lock(&cfg.state_dir)?;
     let mut state = match NodeState::load(&cfg.state_dir)? {
         Some(s) => s,
         None => {

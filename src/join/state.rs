@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::fsutil;
 
 pub const STATE_FILE: &str = "node.json";
+/// Held (`flock`, with the pid) by the one `nexodus join` using the state directory.
+pub const LOCK_FILE: &str = "node.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -23,6 +25,33 @@ pub enum StateError {
     },
     #[error("node state {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "node state directory {} is in use by another `nexodus join` ({}); a cloned machine \
+         or container must join with a state directory of its own (--state-dir) and its own \
+         --token",
+        dir.display(), fsutil::holder(*.pid)
+    )]
+    InUse { dir: PathBuf, pid: Option<u32> },
+    #[error(transparent)]
+    Lock(fsutil::LockError),
+}
+
+/// Takes the node state directory for this process (until the lock is dropped): a
+/// second `join` on the same directory, such as a cloned VM's, is refused at once.
+pub fn lock(dir: &Path) -> Result<fsutil::Lock, StateError> {
+    fsutil::ensure_private_dir(dir).map_err(|source| StateError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    fsutil::Lock::try_take(&dir.join(LOCK_FILE), fsutil::LockMode::Exclusive, true).map_err(|e| {
+        match e {
+            fsutil::LockError::Held { pid, .. } => StateError::InUse {
+                dir: dir.to_path_buf(),
+                pid,
+            },
+            e => StateError::Lock(e),
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +147,15 @@ mod tests {
         assert_eq!(back, s);
         assert_eq!(back.private_key_bytes(), Some([9; 32]));
         assert_eq!(back.fingerprint_bytes(), Some([0xab; 32]));
+        let held = lock(dir.path()).unwrap();
+        let refused = lock(dir.path()).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!("pid {}", std::process::id())),
+            "{refused}"
+        );
+        assert!(refused.contains("--state-dir"), "{refused}");
+        drop(held);
+        drop(lock(dir.path()).unwrap());
         std::fs::write(dir.path().join(STATE_FILE), "{").unwrap();
         assert!(matches!(
             NodeState::load(dir.path()),

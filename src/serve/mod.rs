@@ -11,10 +11,11 @@
 pub mod handler;
 pub mod hub;
 pub mod metrics;
+mod state;
 pub mod stun;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,12 +23,14 @@ use rand::RngCore;
 use thiserror::Error;
 
 use crate::coord::token::{JoinToken, hash_secret};
-use crate::identity::{Identity, IdentityError};
+use crate::fsutil::LockError;
+use crate::identity::IdentityError;
 use crate::quicio::{self, FrameIoError};
-use crate::store::{ClusterIdentity, DEFAULT_ORG, Database, Registration, Store, StoreError};
+use crate::store::{DEFAULT_ORG, Database, Registration, Store, StoreError};
 use crate::wire::control::{Auth, Device, ErrorCode, Request, Response};
 use crate::wire::frame::{MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
 use hub::Hub;
+pub use state::{CoordinatorState, open_existing, open_state};
 
 /// The store as the shell shares it between tasks.
 pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
@@ -58,6 +61,31 @@ pub enum ServeError {
     Task(String),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(
+        "another `nexodus serve` ({}) is already running on {path}; stop it first, or give \
+         this one a state directory (--state-dir) of its own",
+        crate::fsutil::holder(*.pid)
+    )]
+    AlreadyRunning { path: PathBuf, pid: Option<u32> },
+    #[error(
+        "no coordinator database at {}: start `nexodus serve --state-dir {}` first, or pass \
+         the --state-dir (or NEXODUS_STATE_DIR) that `nexodus serve` uses",
+        db.display(), dir.display()
+    )]
+    NoState { db: PathBuf, dir: PathBuf },
+    #[error(
+        "the database {url} has no coordinator yet: start `nexodus serve --database-url ...` \
+         on it first, or pass the --database-url that `nexodus serve` uses"
+    )]
+    NoDatabase { url: String },
+    #[error(
+        "the coordinator starting in {} ({}) did not finish initialising within {}s; \
+         see its log",
+        dir.display(), crate::fsutil::holder(*.pid), state::INIT_WAIT.as_secs()
+    )]
+    InitTimeout { dir: PathBuf, pid: Option<u32> },
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 pub struct ServeConfig {
@@ -76,41 +104,6 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// The coordinator's durable state, as the admin commands and `serve` open it.
-pub struct CoordinatorState {
-    pub store: Box<dyn Store>,
-    pub identity: Identity,
-    /// True when this open created the default organization (a first start).
-    pub first_start: bool,
-}
-
-/// Opens the database (creating it, with the default organization) and the TLS
-/// identity (creating it): files in `state_dir` next to an SQLite database, a row of
-/// the database itself with PostgreSQL. Blocking: call it off the async threads.
-pub fn open_state(db: &Database, state_dir: &Path) -> Result<CoordinatorState, ServeError> {
-    if let Database::Sqlite(path) = db {
-        // The identity's directory, and the database file's, both private.
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        for dir in std::iter::once(state_dir).chain(parent) {
-            crate::fsutil::ensure_private_dir(dir).map_err(|source| IdentityError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
-    }
-    let mut store = crate::store::open(db)?;
-    let identity = match store.cluster_identity() {
-        Some(shared) => shared_identity(shared)?,
-        None => Identity::load_or_create(state_dir)?,
-    };
-    let first_start = store.ensure_default_org(unix_now())?;
-    Ok(CoordinatorState {
-        store,
-        identity,
-        first_start,
-    })
 }
 
 /// Creates a join token for `org` and returns its text.
@@ -189,19 +182,6 @@ pub fn add_unmanaged(
     )?;
     let config = crate::coord::wgquick::render(&device, private.as_deref(), &relay);
     Ok((device, config))
-}
-
-/// The identity every replica on this database presents: made by the first one.
-fn shared_identity(store: &mut dyn ClusterIdentity) -> Result<Identity, ServeError> {
-    if let Some((cert, key)) = store.identity()? {
-        return Ok(Identity::from_der(cert, key));
-    }
-    let made = Identity::generate()?;
-    let (cert, key) = store.insert_identity(&made.cert_der, made.key_der(), unix_now())?;
-    if cert == made.cert_der {
-        tracing::info!("created the coordinator TLS identity in the database");
-    }
-    Ok(Identity::from_der(cert, key))
 }
 
 /// Runs blocking startup work (the database) off the async threads.

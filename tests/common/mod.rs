@@ -162,11 +162,24 @@ impl Coordinator {
         c
     }
 
+    /// A coordinator on SQLite in a fresh state directory, not started, its log
+    /// (stdout and stderr) in `logdir`: for what happens before and at the first start.
+    pub fn unstarted(ip: &str, logdir: &Path) -> Self {
+        let log = logdir.join(format!("serve-{ip}.log"));
+        Self::new(ip, None, Some(log))
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.dir.path()
     }
 
-    fn spawn_process(&mut self) {
+    /// The running `serve` process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts `serve` without waiting for anything ([`Coordinator::spawn`] waits).
+    pub fn spawn_process(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--listen", &self.addr.to_string()])

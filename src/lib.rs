@@ -10,6 +10,7 @@ pub mod join;
 pub mod loadgen;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod quicio;
 pub mod serve;
 pub mod store;

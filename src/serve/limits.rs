@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use crate::coord::limits::{LimitError, UpdateLimiter};
 use crate::serve::{SharedStore, with_store};
 
-/// Connections one source address may hold (many nodes may share one NAT address).
+/// Connections one source address may hold by default (many nodes may share one
+/// NAT address; `serve --max-connections-per-ip`).
 pub const MAX_PER_IP: usize = 256;
 /// Handshakes in progress above which a client must validate its address first.
 pub const RETRY_ABOVE: usize = 64;
@@ -36,30 +37,46 @@ pub enum Decision {
 /// The rule: `validated` says the client proved its address (it answered a Retry),
 /// `handshaking` counts handshakes in progress, `from_ip` the connections its
 /// address holds now.
-pub fn decide(validated: bool, handshaking: usize, from_ip: usize) -> Decision {
+pub fn decide(validated: bool, handshaking: usize, from_ip: usize, max_per_ip: usize) -> Decision {
     if !validated && handshaking >= RETRY_ABOVE {
         return Decision::Retry;
     }
-    if from_ip >= MAX_PER_IP {
+    if from_ip >= max_per_ip {
         return Decision::Refuse;
     }
     Decision::Accept
 }
 
 /// Live counts of connections per address and handshakes in progress.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admission {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     handshaking: AtomicUsize,
+    max_per_ip: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self::new(MAX_PER_IP)
+    }
 }
 
 impl Admission {
+    pub fn new(max_per_ip: usize) -> Self {
+        Self {
+            per_ip: Mutex::default(),
+            handshaking: AtomicUsize::new(0),
+            max_per_ip,
+        }
+    }
+
     /// Decides, and if accepted counts the connection (and its handshake) until the
     /// guard drops.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, validated: bool) -> Result<Admitted, Decision> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
-        match decide(validated, self.handshaking.load(Ordering::Relaxed), from_ip) {
+        let handshaking = self.handshaking.load(Ordering::Relaxed);
+        match decide(validated, handshaking, from_ip, self.max_per_ip) {
             Decision::Accept => {
                 per_ip.insert(ip, from_ip + 1);
                 self.handshaking.fetch_add(1, Ordering::Relaxed);
@@ -163,11 +180,13 @@ mod tests {
 
     #[test]
     fn rule() {
-        assert_eq!(decide(false, 0, 0), Decision::Accept);
-        assert_eq!(decide(false, RETRY_ABOVE, 0), Decision::Retry);
-        assert_eq!(decide(true, RETRY_ABOVE, 0), Decision::Accept);
-        assert_eq!(decide(true, 0, MAX_PER_IP), Decision::Refuse);
-        assert_eq!(decide(false, 0, MAX_PER_IP - 1), Decision::Accept);
+        let max = MAX_PER_IP;
+        assert_eq!(decide(false, 0, 0, max), Decision::Accept);
+        assert_eq!(decide(false, RETRY_ABOVE, 0, max), Decision::Retry);
+        assert_eq!(decide(true, RETRY_ABOVE, 0, max), Decision::Accept);
+        assert_eq!(decide(true, 0, max, max), Decision::Refuse);
+        assert_eq!(decide(false, 0, max - 1, max), Decision::Accept);
+        assert_eq!(decide(true, 0, max, max + 1), Decision::Accept);
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// Where to serve Prometheus `/metrics` (off when None).
     pub metrics_listen: Option<SocketAddr>,
+    /// Most QUIC connections from one source address ([`limits::MAX_PER_IP`]).
+    pub max_connections_per_ip: usize,
 }
 
 /// Unix seconds now.
@@ -288,7 +290,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         "coordinator running"
     );
     let stun_port = (cfg.stun_listen.port() != 0).then_some(cfg.stun_listen.port());
-    let admission = Arc::new(limits::Admission::default());
+    let admission = Arc::new(limits::Admission::new(cfg.max_connections_per_ip));
     let limiter = Arc::new(limits::Limiter::default());
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();

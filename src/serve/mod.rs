@@ -668,16 +668,21 @@ async fn send_snapshot(
     Ok(revision)
 }
 
-/// `write_all`, failed after [`WRITE_TIMEOUT`] (the peer does not read): the stream
-/// is reset and whatever it held is freed.
+/// `write_all`, failed when the peer takes none of it for [`WRITE_TIMEOUT`] (it does
+/// not read; a slow link still makes progress): the stream is reset and whatever it
+/// held is freed.
 async fn write_timed(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), FrameIoError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, send.write_all(bytes)).await {
-        Ok(r) => Ok(r?),
-        Err(_) => {
-            let _ = send.reset(3u32.into());
-            Err(FrameIoError::Write(quinn::WriteError::Stopped(3u32.into())))
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match tokio::time::timeout(WRITE_TIMEOUT, send.write(rest)).await {
+            Ok(n) => rest = rest.get(n?..).unwrap_or_default(),
+            Err(_) => {
+                let _ = send.reset(3u32.into());
+                return Err(FrameIoError::Write(quinn::WriteError::Stopped(3u32.into())));
+            }
         }
     }
+    Ok(())
 }
 
 async fn serve_watch(

@@ -66,7 +66,9 @@ wait_log() { # file text
 serve() { # name ip extra-args... ; sets $pid
     local name="$1" ip="$2"
     shift 2
-    "$bin" serve --listen "$ip:4443" --stun-listen "$ip:3478" "$@" \
+    # Every simulated node connects from one address: lift the per-address cap.
+    "$bin" serve --listen "$ip:4443" --stun-listen "$ip:3478" \
+        --max-connections-per-ip 1000000 "$@" \
         >"$tmp/$name.out" 2>"$tmp/$name.log" &
     pid=$!
     pids+=("$pid")

@@ -114,6 +114,11 @@ pub enum Command {
         /// 127.0.0.1:9101.
         #[arg(long, env = "NEXODUS_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
+        /// Most QUIC connections from one source address (nodes behind one NAT share
+        /// it; each node holds one).
+        #[arg(long, env = "NEXODUS_MAX_CONNECTIONS_PER_IP", value_name = "N",
+              default_value_t = crate::serve::limits::MAX_PER_IP)]
+        max_connections_per_ip: usize,
         #[command(flatten)]
         state: StateArgs,
     },

@@ -141,7 +141,12 @@ impl Identity {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| IdentityError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(Arc::new(transport_config()));
+        cfg.transport_config(Arc::new(server_transport_config()));
+        // Connection attempts waiting for the accept loop, and what they may buffer
+        // (0-RTT data) before it decides.
+        cfg.max_incoming(4096)
+            .incoming_buffer_size(64 << 10)
+            .incoming_buffer_size_total(8 << 20);
         Ok(cfg)
     }
 }
@@ -155,6 +160,33 @@ fn transport_config() -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t.max_concurrent_bidi_streams(64u32.into());
+    t
+}
+
+/// Streams a client may have open at once on one connection (a node uses two or
+/// three: its watch stream and a request now and then).
+pub const SERVER_BIDI_STREAMS: u32 = 16;
+/// What one stream may send before the coordinator reads it: one largest request.
+pub const SERVER_STREAM_WINDOW: u32 = 80 << 10;
+/// What one connection may send before the coordinator reads it, all streams together.
+pub const SERVER_CONNECTION_WINDOW: u32 = 256 << 10;
+/// Unacknowledged bytes the coordinator keeps for one connection (a snapshot is
+/// written in pieces of this much).
+pub const SERVER_SEND_WINDOW: u64 = 4 << 20;
+const _: () = assert!(SERVER_STREAM_WINDOW as usize >= crate::wire::frame::MAX_REQUEST_LEN + 4);
+
+/// The client config's, with what the coordinator lets one connection make it hold:
+/// no peer-initiated unidirectional streams (it never reads any), a few
+/// bidirectional ones, and receive windows sized for the largest request instead of
+/// quinn's defaults (1.25 MB per stream, unbounded per connection).
+fn server_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    t.max_concurrent_uni_streams(0u32.into())
+        .max_concurrent_bidi_streams(SERVER_BIDI_STREAMS.into())
+        .stream_receive_window(SERVER_STREAM_WINDOW.into())
+        .receive_window(SERVER_CONNECTION_WINDOW.into())
+        .send_window(SERVER_SEND_WINDOW)
+        .datagram_receive_buffer_size(None);
     t
 }
 

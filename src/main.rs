@@ -61,12 +61,14 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             stun_listen,
             metrics_listen,
+            max_connections_per_ip,
             state,
         } => {
             let cfg = ServeConfig {
                 listen,
                 stun_listen,
                 metrics_listen,
+                max_connections_per_ip,
                 database: state.database(),
                 state_dir: state.state_dir(),
             };

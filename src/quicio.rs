@@ -34,11 +34,14 @@ pub async fn read_message<M: DeserializeOwned>(
     }
     let len = frame::parse_length(prefix, max)?;
     buf.clear();
-    buf.resize(len, 0);
-    match recv.read_exact(buf).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameIoError::Truncated),
-        Err(e) => return Err(e.into()),
+    // Grown as bytes arrive, not to the announced length: a peer that announces a
+    // large frame and sends nothing makes us hold nothing.
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(FrameIoError::Truncated),
+            Err(e) => return Err(quinn::ReadExactError::ReadError(e).into()),
+        }
     }
     Ok(Some(frame::decode_payload(buf)?))
 }

@@ -5,6 +5,7 @@
 //! this module only authenticates them.
 
 use crate::coord::keys;
+use crate::coord::limits::LimitError;
 use crate::coord::token::{encode_secret, hash_secret};
 use crate::store::{Store, StoreError};
 use crate::wire::control::{Auth, Device, ErrorCode, RegisterRequest, Request, Response};
@@ -85,12 +86,25 @@ pub fn authenticate(store: &mut dyn Store, auth: &Auth) -> Result<Device, StoreE
 }
 
 /// Handles one request. `now` is unix seconds; `random` supplies a fresh device
-/// credential on registration. Watch requests are answered by the shell.
+/// credential on registration. Watch requests are answered by the shell. No update
+/// rate limit (see [`handle_limited`]).
 pub fn handle(
     store: &mut dyn Store,
     req: Request,
     now: i64,
     random: [u8; 32],
+) -> Result<Response, StoreError> {
+    handle_limited(store, req, now, random, &|_| Ok(()))
+}
+
+/// [`handle`], where an authenticated device's update is first passed to
+/// `allow_update` (the shell's per-device rate limit); refused, nothing changes.
+pub fn handle_limited(
+    store: &mut dyn Store,
+    req: Request,
+    now: i64,
+    random: [u8; 32],
+    allow_update: &dyn Fn(i64) -> Result<(), LimitError>,
 ) -> Result<Response, StoreError> {
     match req {
         Request::Ping => Ok(Response::Pong),
@@ -113,6 +127,7 @@ pub fn handle(
         }
         Request::Update { auth, update } => {
             let me = authenticate(store, &auth)?;
+            allow_update(me.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
             let device = store.update_device(me.id, &update, now)?;
             Ok(Response::Device { device })
         }

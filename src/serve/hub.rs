@@ -47,7 +47,8 @@ const CHANNEL_DEPTH: usize = 256;
 const COALESCE_PER_WATCHER: Duration = Duration::from_micros(50);
 const COALESCE_MIN: Duration = Duration::from_millis(100);
 const COALESCE_MAX: Duration = Duration::from_millis(500);
-/// Snapshots being built and written at once (each holds a copy of its organization).
+/// Snapshots being assembled at once (each is a copy of its organization). A permit
+/// is held while the frame is built, never while it is written to the network.
 const SNAPSHOTS_AT_ONCE: usize = 8;
 
 /// One organization's delta, encoded once for all its watchers.
@@ -58,6 +59,9 @@ pub struct OrgDelta {
     pub frame: Vec<u8>,
     /// When it was encoded (the fan-out histogram measures from here).
     pub created: std::time::Instant,
+    /// No delta: the hub re-read everything (it fell behind the pruned change log);
+    /// every watcher is sent a new snapshot instead.
+    pub resync: bool,
 }
 
 /// An organization's devices (each JSON-encoded) and its watchers' channel.
@@ -150,8 +154,10 @@ pub struct Hub {
     applied: watch::Sender<i64>,
     poke: Notify,
     snapshots: Semaphore,
-    /// Open watch streams per device (a reconnecting node briefly has two).
-    watches: Mutex<HashMap<i64, usize>>,
+    /// Open watch streams per device, oldest first: a new one replaces the others
+    /// (they are told to end), so a device holds one, a reconnecting node briefly two.
+    watches: Mutex<HashMap<i64, Vec<WatchEntry>>>,
+    next_watch: std::sync::atomic::AtomicU64,
     /// Counters of what the shell does (registrations, fan-out latency).
     pub metrics: CoordinatorMetrics,
 }
@@ -193,6 +199,7 @@ pub fn encode_delta(
         removed,
         frame,
         created: std::time::Instant::now(),
+        resync: false,
     })
 }
 
@@ -200,6 +207,17 @@ fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
     serde_json::to_vec(d)
         .map(Arc::from)
         .map_err(|e| StoreError::Corrupt(format!("encoding device {}: {e}", d.id)))
+}
+
+/// A watch stream's serial number and the signal that ends it.
+type WatchEntry = (u64, Arc<Notify>);
+
+/// A watch stream's place among its device's streams (see [`Hub::watch_started`]).
+pub struct WatchSlot {
+    device_id: i64,
+    serial: u64,
+    /// Notified when a newer watch stream of the same device started.
+    pub replaced: Arc<Notify>,
 }
 
 /// One organization's part of a batch, prepared outside the lock.
@@ -227,6 +245,7 @@ impl Hub {
             poke: Notify::new(),
             snapshots: Semaphore::new(SNAPSHOTS_AT_ONCE),
             watches: Mutex::new(HashMap::new()),
+            next_watch: std::sync::atomic::AtomicU64::new(0),
             metrics: CoordinatorMetrics::default(),
         })
     }
@@ -244,7 +263,7 @@ impl Hub {
     /// Watch streams open on this process.
     pub fn watcher_count(&self) -> usize {
         let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        w.values().sum()
+        w.values().map(Vec::len).sum()
     }
 
     /// Reads every organization's devices into the views; returns the revision to
@@ -252,8 +271,47 @@ impl Hub {
     /// applied again by the first batch, which is harmless: a change carries the
     /// device's state now.
     pub async fn load(&self) -> Result<i64, StoreError> {
+        let (revision, orgs) = self.read_all().await?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.revision = revision;
+        state.orgs = orgs;
+        drop(state);
+        self.applied.send_replace(revision);
+        Ok(revision)
+    }
+
+    /// Reads everything again after the change log was pruned past the revision the
+    /// views are at: keeps every watcher's channel, replaces the devices and tells
+    /// every watcher to take a new snapshot. Returns the revision to tail from.
+    async fn resync(&self) -> Result<i64, StoreError> {
+        let (revision, mut fresh) = self.read_all().await?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, view) in &mut state.orgs {
+            let new = fresh.remove(id).unwrap_or_else(OrgView::new);
+            view.devices = new.devices;
+            view.online = new.online;
+        }
+        state.orgs.extend(fresh);
+        state.revision = state.revision.max(revision);
+        for view in state.orgs.values() {
+            let _ = view.tx.send(Arc::new(OrgDelta {
+                revision,
+                removed: Vec::new(),
+                frame: Vec::new(),
+                created: std::time::Instant::now(),
+                resync: true,
+            }));
+        }
+        let applied = state.revision;
+        drop(state);
+        self.applied.send_replace(applied);
+        Ok(revision)
+    }
+
+    /// The newest revision, then every organization's devices (read no earlier).
+    async fn read_all(&self) -> Result<(i64, HashMap<i64, OrgView>), StoreError> {
         let store = self.store.clone();
-        let (revision, orgs) = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
             let revision = s.current_revision()?;
             let mut orgs = HashMap::new();
@@ -267,35 +325,43 @@ impl Hub {
             Ok::<_, StoreError>((revision, orgs))
         })
         .await
-        .map_err(|e| StoreError::Corrupt(format!("loading devices: {e}")))??;
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.revision = revision;
-        state.orgs = orgs;
-        drop(state);
-        self.applied.send_replace(revision);
-        Ok(revision)
+        .map_err(|e| StoreError::Corrupt(format!("loading devices: {e}")))?
     }
 
-    /// Counts a new watch stream of a device; true if it is its only one.
-    pub fn watch_started(&self, device_id: i64) -> bool {
+    /// Counts a new watch stream of a device and tells its older ones to end (one
+    /// watch stream per device: the newest wins, so a node that reconnects before
+    /// its old connection timed out is served at once). Returns the stream's slot.
+    pub fn watch_started(&self, device_id: i64) -> WatchSlot {
+        let serial = self
+            .next_watch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let replaced = Arc::new(Notify::new());
         let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        let n = w.entry(device_id).or_insert(0);
-        *n += 1;
-        *n == 1
+        let streams = w.entry(device_id).or_default();
+        for (_, older) in streams.iter() {
+            // A stored permit: the older stream ends even if it is busy writing.
+            older.notify_one();
+        }
+        streams.push((serial, replaced.clone()));
+        WatchSlot {
+            device_id,
+            serial,
+            replaced,
+        }
     }
 
     /// Counts a watch stream's end; true if the device has none left.
-    pub fn watch_ended(&self, device_id: i64) -> bool {
+    pub fn watch_ended(&self, slot: &WatchSlot) -> bool {
         let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        match w.get_mut(&device_id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                w.remove(&device_id);
-                true
-            }
+        let Some(streams) = w.get_mut(&slot.device_id) else {
+            return true;
+        };
+        streams.retain(|(serial, _)| *serial != slot.serial);
+        if streams.is_empty() {
+            w.remove(&slot.device_id);
+            true
+        } else {
+            false
         }
     }
 
@@ -446,11 +512,28 @@ impl Hub {
                 let from = revision;
                 let read = tokio::task::spawn_blocking(move || {
                     let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
-                    s.changes_since(from, BATCH)
+                    let changes = s.changes_since(from, BATCH)?;
+                    // Read after the changes: a prune in between shows here.
+                    let oldest = s.oldest_revision()?;
+                    Ok::<_, StoreError>((changes, oldest))
                 })
                 .await;
                 let changes = match read {
-                    Ok(Ok(c)) => c,
+                    Ok(Ok((_, oldest))) if oldest > from.saturating_add(1) => {
+                        tracing::warn!(
+                            from,
+                            oldest,
+                            "the change log was pruned past this coordinator's last \
+                             revision; reading every device again"
+                        );
+                        match self.resync().await {
+                            Ok(r) => revision = r,
+                            Err(e) => tracing::error!(error = %e, "re-reading devices failed"),
+                        }
+                        last_batch = Some(tokio::time::Instant::now());
+                        break;
+                    }
+                    Ok(Ok((c, _))) => c,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "reading the change log failed");
                         break;

@@ -10,6 +10,7 @@
 
 pub mod handler;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 mod state;
 pub mod stun;
@@ -45,6 +46,14 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const CATCH_UP: Duration = Duration::from_secs(5);
 /// Most registrations committed together (see [`registrar`]).
 const REGISTER_BATCH: usize = 128;
+/// Longest a snapshot or delta write may stall (a watcher that does not read) before
+/// its stream is reset.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may live without one request that proved who it is (a
+/// registration, or a device's credential).
+const UNAUTHENTICATED: Duration = Duration::from_secs(30);
+/// Requests being read at once on one connection (each up to one frame in memory).
+const READS_PER_CONNECTION: usize = 4;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -97,6 +106,8 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// Where to serve Prometheus `/metrics` (off when None).
     pub metrics_listen: Option<SocketAddr>,
+    /// Most QUIC connections from one source address ([`limits::MAX_PER_IP`]).
+    pub max_connections_per_ip: usize,
 }
 
 /// Unix seconds now.
@@ -258,6 +269,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     let (register_tx, register_rx) = tokio::sync::mpsc::channel(4 * REGISTER_BATCH);
     tokio::spawn(registrar(store.clone(), hub.clone(), register_rx));
+    tokio::spawn(limits::prune(store.clone()));
 
     for addr in stun::ports(cfg.stun_listen) {
         let socket = tokio::net::UdpSocket::bind(addr)
@@ -278,16 +290,43 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         "coordinator running"
     );
     let stun_port = (cfg.stun_listen.port() != 0).then_some(cfg.stun_listen.port());
+    let admission = Arc::new(limits::Admission::new(cfg.max_connections_per_ip));
+    let limiter = Arc::new(limits::Limiter::default());
     while let Some(incoming) = endpoint.accept().await {
-        let store = store.clone();
-        let hub = hub.clone();
-        let registrations = register_tx.clone();
+        let remote = incoming.remote_address();
+        let mut admitted = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
+            Ok(a) => a,
+            Err(limits::Decision::Retry) if incoming.may_retry() => {
+                let _ = incoming.retry();
+                continue;
+            }
+            Err(limits::Decision::Retry) => {
+                // Validated already: should not happen; treat as under load.
+                incoming.ignore();
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "too many connections from this address");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let shell = Shell {
+            store: store.clone(),
+            hub: hub.clone(),
+            registrations: register_tx.clone(),
+            stun_port,
+            limiter: limiter.clone(),
+            authenticated: Arc::default(),
+        };
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => serve_connection(conn, store, hub, registrations, stun_port).await,
+            let connecting = incoming.await;
+            admitted.handshake_done();
+            match connecting {
+                Ok(conn) => serve_connection(conn, shell).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
             }
+            drop(admitted);
         });
     }
     Ok(())
@@ -414,28 +453,36 @@ async fn registrar(
     }
 }
 
-async fn serve_connection(
-    conn: quinn::Connection,
-    store: SharedStore,
-    hub: Arc<Hub>,
-    registrations: Registrations,
-    stun_port: Option<u16>,
-) {
+async fn serve_connection(conn: quinn::Connection, shell: Shell) {
     let remote = conn.remote_address();
+    let reads = Arc::new(tokio::sync::Semaphore::new(READS_PER_CONNECTION));
+    let unauthenticated = tokio::time::sleep(UNAUTHENTICATED);
+    tokio::pin!(unauthenticated);
+    let mut checked = false;
     loop {
-        match conn.accept_bi().await {
+        let next = async {
+            // At most READS_PER_CONNECTION requests being read: more streams wait in
+            // quinn, within its receive windows.
+            let permit = reads.clone().acquire_owned().await.ok();
+            (permit, conn.accept_bi().await)
+        };
+        let (permit, accepted) = tokio::select! {
+            r = next => r,
+            () = &mut unauthenticated, if !checked => {
+                checked = true;
+                if !shell.authenticated.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::debug!(%remote, "closing a connection that never authenticated");
+                    conn.close(2u32.into(), b"not authenticated");
+                    return;
+                }
+                continue;
+            }
+        };
+        match accepted {
             Ok((send, recv)) => {
-                let store = store.clone();
-                let hub = hub.clone();
-                let registrations = registrations.clone();
+                let shell = shell.clone();
                 tokio::spawn(async move {
-                    let shell = Shell {
-                        store,
-                        hub,
-                        registrations,
-                        stun_port,
-                    };
-                    if let Err(e) = serve_stream(send, recv, shell, remote).await {
+                    if let Err(e) = serve_stream(send, recv, shell, remote, permit).await {
                         tracing::debug!(%remote, error = %e, "control stream ended");
                     }
                 });
@@ -475,11 +522,22 @@ fn log_refusal(remote: SocketAddr, err: &StoreError) {
 }
 
 /// What a control stream's handler reaches.
+#[derive(Clone)]
 struct Shell {
     store: SharedStore,
     hub: Arc<Hub>,
     registrations: Registrations,
     stun_port: Option<u16>,
+    limiter: Arc<limits::Limiter>,
+    /// Some request on this connection proved who it is.
+    authenticated: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Shell {
+    fn authenticated(&self) {
+        self.authenticated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn serve_stream(
@@ -487,19 +545,21 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     shell: Shell,
     remote: SocketAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), FrameIoError> {
-    let Shell {
-        store,
-        hub,
-        registrations,
-        stun_port,
-    } = shell;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(
         REQUEST_TIMEOUT,
         quicio::read_message::<Request>(&mut recv, MAX_REQUEST_LEN, &mut buf),
     )
     .await;
+    drop(permit);
+    drop(buf);
+    let (store, hub, registrations) = (
+        shell.store.clone(),
+        shell.hub.clone(),
+        shell.registrations.clone(),
+    );
     let req = match read {
         Ok(Ok(Some(req))) => req,
         Ok(Ok(None)) => return Ok(()),
@@ -521,13 +581,16 @@ async fn serve_stream(
         }
     };
     if let Request::Watch { auth } = req {
-        return serve_watch(send, store, hub, remote, auth, stun_port).await;
+        return serve_watch(send, &shell, remote, auth).await;
     }
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
     if let Request::Register(r) = req {
         let resp = match register(&registrations, r, random).await {
-            Ok(resp) => resp,
+            Ok(resp) => {
+                shell.authenticated();
+                resp
+            }
             Err(e) => {
                 log_refusal(remote, &e);
                 handler::error_response(&e)
@@ -538,9 +601,16 @@ async fn serve_stream(
         return Ok(());
     }
     let now = unix_now();
-    let resp = match with_store(&store, move |s| handler::handle(s, req, now, random)).await {
+    let limiter = shell.limiter.clone();
+    let allow = move |id| limiter.allow_update(id);
+    let result = with_store(&store, move |s| {
+        handler::handle_limited(s, req, now, random, &allow)
+    })
+    .await;
+    let resp = match result {
         Ok(resp) => {
             if !matches!(resp, Response::Pong) {
+                shell.authenticated();
                 hub.poke();
             }
             resp
@@ -579,27 +649,50 @@ async fn register(
     Ok(handler::registered(device, credential))
 }
 
+/// Writes a snapshot taken from the hub; returns its revision. The frame is assembled
+/// under a permit (a few at a time: each is a copy of its organization), written
+/// without one, and a write that stalls for [`WRITE_TIMEOUT`] fails.
 async fn send_snapshot(
     send: &mut quinn::SendStream,
     hub: &Hub,
     snapshot: hub::Snapshot,
     stun_port: Option<u16>,
 ) -> Result<i64, FrameIoError> {
-    let _permit = hub.snapshot_permit().await;
-    let frame = snapshot.frame(stun_port)?;
-    send.write_all(&frame).await?;
-    Ok(snapshot.revision)
+    let revision = snapshot.revision;
+    let frame = {
+        let _permit = hub.snapshot_permit().await;
+        snapshot.frame(stun_port)?
+    };
+    drop(snapshot);
+    write_timed(send, &frame).await?;
+    Ok(revision)
+}
+
+/// `write_all`, failed when the peer takes none of it for [`WRITE_TIMEOUT`] (it does
+/// not read; a slow link still makes progress): the stream is reset and whatever it
+/// held is freed.
+async fn write_timed(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), FrameIoError> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match tokio::time::timeout(WRITE_TIMEOUT, send.write(rest)).await {
+            Ok(n) => rest = rest.get(n?..).unwrap_or_default(),
+            Err(_) => {
+                let _ = send.reset(3u32.into());
+                return Err(FrameIoError::Write(quinn::WriteError::Stopped(3u32.into())));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn serve_watch(
     mut send: quinn::SendStream,
-    store: SharedStore,
-    hub: Arc<Hub>,
+    shell: &Shell,
     remote: SocketAddr,
     auth: Auth,
-    stun_port: Option<u16>,
 ) -> Result<(), FrameIoError> {
-    let me = match with_store(&store, move |s| handler::authenticate(s, &auth)).await {
+    let (store, hub, stun_port) = (&shell.store, &shell.hub, shell.stun_port);
+    let me = match with_store(store, move |s| handler::authenticate(s, &auth)).await {
         Ok(d) => d,
         Err(e) => {
             log_refusal(remote, &e);
@@ -609,22 +702,35 @@ async fn serve_watch(
             return Ok(());
         }
     };
-    // The snapshot includes the device's own latest change (a node that just
-    // registered finds itself), and is taken with the subscription: nothing falls in
-    // between.
-    if !hub.caught_up(me.revision, CATCH_UP).await {
-        tracing::warn!(id = me.id, "change log behind; the snapshot may lag");
-    }
-    let (mut rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id);
-    let revision = send_snapshot(&mut send, &hub, snapshot, stun_port).await?;
-    tracing::info!(id = me.id, hostname = %me.hostname, %remote, revision, "watch started");
+    shell.authenticated();
     let id = me.id;
-    if hub.watch_started(id) {
-        set_online(&store, &hub, id, true).await;
-    }
-    let result = forward_deltas(&mut send, &hub, &mut rx, &me, revision, stun_port).await;
-    if hub.watch_ended(id) {
-        set_online(&store, &hub, id, false).await;
+    // One watch stream per device: this one replaces any older one (which ends).
+    let slot = hub.watch_started(id);
+    let watch = async {
+        // The snapshot includes the device's own latest change (a node that just
+        // registered finds itself), and is taken with the subscription: nothing
+        // falls in between.
+        if !hub.caught_up(me.revision, CATCH_UP).await {
+            tracing::warn!(id, "change log behind; the snapshot may lag");
+        }
+        let (mut rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id);
+        let revision = send_snapshot(&mut send, hub, snapshot, stun_port).await?;
+        tracing::info!(id, hostname = %me.hostname, %remote, revision, "watch started");
+        // Even if not its only stream: an older one may have been replaced before
+        // it recorded the device online (recording it twice changes nothing).
+        set_online(store, hub, id, true).await;
+        forward_deltas(&mut send, hub, &mut rx, &me, revision, stun_port).await
+    };
+    let result = tokio::select! {
+        r = watch => r,
+        () = slot.replaced.notified() => {
+            tracing::info!(id, %remote, "a newer watch stream of this device replaces this one");
+            let _ = send.reset(4u32.into());
+            Ok(())
+        }
+    };
+    if hub.watch_ended(&slot) {
+        set_online(store, hub, id, false).await;
     }
     tracing::info!(id, %remote, "watch ended");
     result
@@ -658,7 +764,12 @@ async fn forward_deltas(
                     continue;
                 }
                 revision = delta.revision;
-                send.write_all(&delta.frame).await?;
+                if delta.resync {
+                    let snapshot = hub.snapshot(me.organization_id);
+                    revision = send_snapshot(send, hub, snapshot, stun_port).await?;
+                    continue;
+                }
+                write_timed(send, &delta.frame).await?;
                 hub.metrics.fanned_out(delta.created.elapsed());
                 if delta.removed.contains(&me.id) {
                     tracing::info!(id = me.id, "device removed; ending its watch");

@@ -41,6 +41,11 @@ pub trait AddrSource {
     /// its addresses now or `None` if it is gone).
     fn changed_since(&mut self, revision: i64, limit: usize)
     -> Result<Vec<AddrChange>, StoreError>;
+    /// The oldest revision still in the log (the log is pruned): an index older than
+    /// it minus one is rebuilt.
+    fn oldest_revision(&mut self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
 }
 
 #[derive(Default)]
@@ -198,7 +203,9 @@ impl AddrCache {
     }
 
     fn sync(&mut self, src: &mut (impl AddrSource + ?Sized)) -> Result<(), StoreError> {
-        if let Some(revision) = self.revision {
+        if let Some(revision) = self.revision
+            && src.oldest_revision()? <= revision.saturating_add(1)
+        {
             let changes = src.changed_since(revision, SYNC_LIMIT)?;
             if changes.len() < SYNC_LIMIT {
                 for (rev, device_id, now) in changes {

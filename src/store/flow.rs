@@ -71,6 +71,10 @@ pub trait Tx {
     fn orgs(&mut self) -> Result<Vec<Organization>, StoreError>;
     /// The devices of an organization that advertise prefixes.
     fn advertisers(&mut self, organization_id: i64) -> Result<Vec<AdvertisedBy>, StoreError>;
+    /// The oldest revision in the change log (0 for an empty log).
+    fn oldest_revision(&mut self) -> Result<i64, StoreError>;
+    /// Deletes the change log's entries below revision `below`; returns how many.
+    fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError>;
     /// Log entries after `revision`, oldest first, each with the device now.
     fn changes_since(&mut self, revision: i64, limit: i64) -> Result<Vec<Change>, StoreError>;
     /// Every device's addresses.
@@ -137,6 +141,10 @@ impl<T: Tx + ?Sized> AddrSource for T {
         limit: usize,
     ) -> Result<Vec<AddrChange>, StoreError> {
         self.changed_addrs(revision, i64::try_from(limit).unwrap_or(i64::MAX))
+    }
+
+    fn oldest_revision(&mut self) -> Result<i64, StoreError> {
+        Tx::oldest_revision(self)
     }
 }
 

@@ -363,7 +363,15 @@ pub trait Store: Send {
             let mut d = tx
                 .lock_device(device_id)?
                 .ok_or(StoreError::DeviceNotFound(device_id))?;
+            let before = d.clone();
             apply_update(&mut d, update)?;
+            if d == before {
+                // Nothing changed: no revision, no delta, no log entry.
+                tx.touch(device_id, now)?;
+                return tx
+                    .device(device_id)?
+                    .ok_or(StoreError::DeviceNotFound(device_id));
+            }
             if let Some(cidrs) = update.advertise_cidrs.as_ref().filter(|c| !c.is_empty()) {
                 let org = flow::load_org(tx, d.organization_id)?;
                 let others = tx.advertisers(d.organization_id)?;
@@ -412,6 +420,21 @@ pub trait Store: Send {
         flow::read(self.engine(), Read::Snapshot, |tx| {
             Ok((tx.current_revision()?, tx.devices(organization_id)?))
         })
+    }
+
+    /// Drops the change log's entries older than the newest `keep` revisions (the
+    /// newest entry always stays: it is the current revision); returns how many.
+    fn prune_changes(&mut self, keep: i64) -> Result<u64, StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            let below = tx.current_revision()?.saturating_sub(keep.max(1)) + 1;
+            tx.prune_changes(below)
+        })
+    }
+
+    /// The oldest revision still in the change log (0 when it is empty): a reader
+    /// whose last revision is below it minus one missed pruned changes.
+    fn oldest_revision(&mut self) -> Result<i64, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.oldest_revision())
     }
 
     /// Changes after `revision`, oldest first, at most `limit`, each with the device's
@@ -473,7 +496,12 @@ pub(crate) fn check_new_org(
     Ok(())
 }
 
+fn limit(e: crate::coord::limits::LimitError) -> StoreError {
+    StoreError::Invalid(e.to_string())
+}
+
 pub(crate) fn check_register(req: &RegisterRequest) -> Result<(), StoreError> {
+    crate::coord::limits::check_register(req).map_err(limit)?;
     check_hostname(&req.hostname)?;
     if req.request_ip_v6.is_some() && !req.ipv6_supported {
         return Err(StoreError::Invalid(
@@ -498,14 +526,12 @@ pub(crate) fn unmanaged_request(hostname: &str, public_key: &str) -> RegisterReq
 /// Applies an update's plain fields to `d`. Advertised prefixes are the caller's to
 /// check against the organization (see [`check_advertised`]) before they are set.
 pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), StoreError> {
+    crate::coord::limits::check_update(update).map_err(limit)?;
     if let Some(h) = &update.hostname {
         check_hostname(h)?;
         d.hostname.clone_from(h);
     }
     if let Some(e) = &update.endpoints {
-        if e.len() > 16 {
-            return Err(StoreError::Invalid("at most 16 endpoints".into()));
-        }
         d.endpoints.clone_from(e);
     }
     if let Some(r) = update.reflexive_endpoint {

@@ -149,6 +149,14 @@ impl Tx for Sql<'_> {
         self.one("SELECT COALESCE(MAX(revision), 0) FROM changes", [], int)
     }
 
+    fn oldest_revision(&mut self) -> Result<i64, StoreError> {
+        self.one("SELECT COALESCE(MIN(revision), 0) FROM changes", [], int)
+    }
+
+    fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError> {
+        self.execute("DELETE FROM changes WHERE revision < ?1", [below])
+    }
+
     fn device(&mut self, id: i64) -> Result<Option<Device>, StoreError> {
         const SQL: &str = select_devices!("WHERE id = ?1");
         self.opt(SQL, [id], |r| rows::device(r, 0))

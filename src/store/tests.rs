@@ -184,7 +184,38 @@ both_backends!(
     changes_carry_current_state,
     allocation_sees_changes_from_another_connection,
     a_batch_is_registrations_one_after_the_other,
+    no_op_updates_and_pruning,
 );
+
+/// An update that changes nothing logs nothing; pruning keeps the newest revisions
+/// and never lets a revision be reused.
+fn no_op_updates_and_pruning(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    let a = register(s, 1, true, "c1", 5);
+    register(s, 2, true, "c2", 5);
+    let update = DeviceUpdate {
+        endpoints: Some(vec!["192.0.2.1:51820".parse().unwrap()]),
+        ..Default::default()
+    };
+    let changed = s.update_device(a.id, &update, 6).unwrap();
+    let rev = s.current_revision().unwrap();
+    assert_eq!(changed.revision, rev);
+    let same = s.update_device(a.id, &update, 7).unwrap();
+    assert_eq!(same.revision, rev);
+    assert_eq!(same.last_seen, 7);
+    assert_eq!(s.current_revision().unwrap(), rev);
+    assert_eq!(s.changes_since(0, 100).unwrap().len(), 3);
+    assert_eq!(s.oldest_revision().unwrap(), rev - 2);
+    assert_eq!(s.prune_changes(2).unwrap(), 1);
+    assert_eq!(s.oldest_revision().unwrap(), rev - 1);
+    assert_eq!(s.prune_changes(0).unwrap(), 1);
+    assert_eq!(s.oldest_revision().unwrap(), rev);
+    assert_eq!(s.current_revision().unwrap(), rev);
+    let c = register(s, 3, true, "c3", 8);
+    assert_eq!(c.revision, rev + 1);
+}
 
 fn registers_dual_stack_in_order(b: Backend) {
     let mut f = Fresh::new(b);

@@ -118,6 +118,17 @@ impl<C: GenericClient> Tx for Db<'_, C> {
         )
     }
 
+    fn oldest_revision(&mut self) -> Result<i64, StoreError> {
+        self.value(
+            "SELECT COALESCE(MIN(revision), 0)::BIGINT FROM changes",
+            &[],
+        )
+    }
+
+    fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError> {
+        self.execute("DELETE FROM changes WHERE revision < $1", &[&below])
+    }
+
     fn device(&mut self, id: i64) -> Result<Option<Device>, StoreError> {
         const SQL: &str = select_devices!("WHERE id = $1");
         self.opt(SQL, &[&id], device)

@@ -45,7 +45,7 @@ pub struct LoadgenArgs {
     )]
     pub coordinator: Vec<SocketAddr>,
     /// A reusable join token.
-    #[arg(long, env = "NEXODUS_TOKEN")]
+    #[arg(long, env = "NEXODUS_TOKEN", hide_env_values = true)]
     pub token: String,
     /// Simulated nodes.
     #[arg(long, default_value_t = 1000, env = "NEXODUS_LOADGEN_NODES")]

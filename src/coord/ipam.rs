@@ -356,10 +356,7 @@ mod tests {
             Some(ip("10.1.0.7"))
         );
         // Never the broadcast or the network address.
-        assert_eq!(
-            paired(net("10.1.0.0/24"), v6, ip("200::ff"), &used),
-            None
-        );
+        assert_eq!(paired(net("10.1.0.0/24"), v6, ip("200::ff"), &used), None);
         assert_eq!(paired(net("10.1.0.0/24"), v6, ip("200::"), &used), None);
     }
 

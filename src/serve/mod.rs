@@ -193,8 +193,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServeError::Task(e.to_string()))?
 }
 
-/// Runs the coordinator until the process is stopped.
-pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+/// Runs the coordinator until `shutdown` resolves; then every connection is closed
+/// with a reason, so nodes notice at once instead of after their idle timeout.
+pub async fn run(
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (database, state_dir) = (cfg.database.clone(), cfg.state_dir.clone());
     let mut state = blocking(move || {
         let mut state = open_state(&database, &state_dir)?;
@@ -278,7 +282,21 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         "coordinator running"
     );
     let stun_port = (cfg.stun_listen.port() != 0).then_some(cfg.stun_listen.port());
-    while let Some(incoming) = endpoint.accept().await {
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            () = &mut shutdown => {
+                tracing::info!("shutting down: closing every connection");
+                endpoint.close(SHUTDOWN_CODE.into(), SHUTDOWN_REASON);
+                // Bounded: the close frames go out at once; peers need not answer.
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                break;
+            }
+        };
         let store = store.clone();
         let hub = hub.clone();
         let registrations = register_tx.clone();
@@ -292,6 +310,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     Ok(())
 }
+
+/// The QUIC application close code and reason of a coordinator that is stopping.
+pub const SHUTDOWN_CODE: u32 = 1;
+pub const SHUTDOWN_REASON: &[u8] = b"coordinator shutting down";
 
 /// The coordinator's metrics: organization names from the store (a short query),
 /// everything else from the hub's memory.

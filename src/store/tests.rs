@@ -552,7 +552,11 @@ fn allocation_sees_changes_from_another_connection(b: Backend) {
     other.login(b2.id, "c", Some(false), 4).unwrap();
     let e = register(s, 5, true, "c", 5);
     assert_eq!(e.tunnel_ip.to_string(), "100.64.0.4");
-    assert_eq!(e.tunnel_ip_v6.unwrap().to_string(), "200::4", "same host number");
+    assert_eq!(
+        e.tunnel_ip_v6.unwrap().to_string(),
+        "200::4",
+        "same host number"
+    );
     let b2 = s.login(b2.id, "c", Some(true), 6).unwrap();
     assert_eq!(
         b2.tunnel_ip_v6.unwrap().to_string(),
@@ -882,4 +886,35 @@ mod postgres_only {
             other => other.to_string(),
         }
     }
+}
+
+/// The SQLite file and its `-wal`/`-shm` companions are 0600 whatever the umask, and a
+/// symbolic link in the database's place is refused (issue 16 item 7).
+#[test]
+fn sqlite_files_are_private_and_never_links() {
+    use std::os::unix::fs::PermissionsExt;
+    // The usual umask, which would give 0644 files.
+    // SAFETY: umask has no preconditions; 022 is what other tests get anyway.
+    unsafe { libc::umask(0o022) };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nexodus.db");
+    let mut s = SqliteStore::open(&path).unwrap();
+    s.ensure_default_org(0).unwrap();
+    token(&mut s, "t", true, None);
+    register(&mut s, 1, true, "c", 1);
+    for name in ["nexodus.db", "nexodus.db-wal", "nexodus.db-shm"] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+    }
+    drop(s);
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let err = SqliteStore::open(&link).err().unwrap().to_string();
+    assert!(
+        err.contains("cannot open") && err.contains("link.db"),
+        "{err}"
+    );
 }

@@ -37,8 +37,10 @@ impl SqliteStore {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let flags = rusqlite::OpenFlags::default() | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let conn = Connection::open_with_flags(path, flags)?;
+        // Not SQLITE_OPEN_NOFOLLOW: it also refuses links among the parent directories
+        // (a state directory reached through one is fine); the open above refused a
+        // link in the file's own place.
+        let conn = Connection::open(path)?;
         Self::init(conn)
     }
 

@@ -241,6 +241,28 @@ async fn node_messages_with_a_coordinator() {
             .arg(logs.path().join(name));
         Proc::spawn(c, logs.path().join(format!("{name}.log")))
     };
+    // A node state directory others may write to: refused, named, left as it is.
+    let shared = logs.path().join("shared-node");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sd = shared.to_str().unwrap();
+    let err = fails(&[
+        "join",
+        "127.45.0.2:4443",
+        "--token",
+        &token,
+        "--state-dir",
+        sd,
+    ]);
+    assert_eq!(
+        err,
+        format!(
+            "error: node failed: cannot read or write node state {sd}: state directory {sd} \
+             is writable by group or others (mode 0777); restrict it: chmod go-w {sd}\n"
+        )
+    );
+    assert_eq!(mode(&shared), 0o777);
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
     // Nothing listens at .3: the timeout names the address.
     let silent = join("127.45.0.3:4443", "msg-silent", "45103");
     let node = join("127.45.0.2:4443", "msg-node", "45102");

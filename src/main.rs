@@ -262,7 +262,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Loadgen(args) => {
+        Command::Loadgen(mut args) => {
+            if let Some(path) = args.token_file.take() {
+                args.token = Some(nexodus::join::read_token_file(&path)?);
+            }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let report = rt.block_on(nexodus::loadgen::run(args))?;
             println!("{report}");

@@ -151,6 +151,17 @@ fn input_mistakes_say_what_is_wrong() {
              restrict it: chmod 600 {f}\n"
         )
     );
+    let err = fails(&[
+        "loadgen",
+        "--coordinator",
+        "127.45.0.1:4443",
+        "--token-file",
+        f,
+    ]);
+    assert!(
+        err.starts_with(&format!("error: token file {f} can be read")),
+        "{err}"
+    );
     assert!(!Path::new(state).exists(), "nothing created");
 }
 

@@ -173,6 +173,11 @@ pub fn resolve(entries: &[String]) -> Result<Vec<SocketAddr>, JoinError> {
         if e.is_empty() {
             continue;
         }
+        // IP:PORT as Rust reads it (also `[fe80::1%2]:4443`).
+        if let Ok(addr) = e.parse::<SocketAddr>() {
+            out.push(addr);
+            continue;
+        }
         let (host, port) = split_host_port(e).ok_or_else(|| JoinError::BadAddress(e.into()))?;
         let resolved: Vec<SocketAddr> = (host, port)
             .to_socket_addrs()

@@ -74,7 +74,13 @@ pub struct StateArgs {
     /// by any number of coordinator replicas. The TLS identity is kept in the database
     /// too, so one join token works with every replica. Plain TCP: keep the database
     /// on the host or a trusted network.
-    #[arg(long, global = true, env = "NEXODUS_DATABASE_URL", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "NEXODUS_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
 }
 
@@ -130,9 +136,19 @@ pub enum Command {
         #[arg(required = true, value_delimiter = ',', env = "NEXODUS_COORDINATOR")]
         coordinator: Vec<String>,
         /// Join token from `nexodus serve` or `nexodus token create`. Needed the first
-        /// time only: afterwards the device credential in the state dir is used.
-        #[arg(long, env = "NEXODUS_TOKEN")]
+        /// time only: afterwards the device credential in the state dir is used. Prefer
+        /// --token-file: a command line is visible to every user of the host.
+        #[arg(long, env = "NEXODUS_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Read the join token from this file (surrounding whitespace ignored); it must
+        /// not be readable by group or others (chmod 600).
+        #[arg(
+            long,
+            env = "NEXODUS_TOKEN_FILE",
+            value_name = "PATH",
+            conflicts_with = "token"
+        )]
+        token_file: Option<PathBuf>,
         /// TUN interface name.
         #[arg(long, env = "NEXODUS_INTERFACE", default_value = "nx0")]
         interface: String,
@@ -144,7 +160,12 @@ pub enum Command {
         listen_port: Option<u16>,
         /// Prefixes behind this node to route to it, v4 and v6 mixed, comma separated
         /// (e.g. 198.51.100.0/24,2001:db8:100::/64).
-        #[arg(long, env = "NEXODUS_ADVERTISE_CIDR", value_delimiter = ',')]
+        #[arg(
+            long,
+            env = "NEXODUS_ADVERTISE_CIDR",
+            value_delimiter = ',',
+            value_parser = parse_cidr
+        )]
         advertise_cidr: Vec<ipnet::IpNet>,
         /// Relay for the organization: forward between spokes (behind symmetric NAT or
         /// --relay-only) inside this process. Needs a publicly reachable UDP port.
@@ -286,7 +307,7 @@ pub enum TokenAction {
         #[arg(long, env = "NEXODUS_TOKEN_REUSABLE")]
         reusable: bool,
         /// Lifetime, e.g. 30m, 24h, 7d (default: never expires).
-        #[arg(long, env = "NEXODUS_TOKEN_EXPIRES", value_parser = humantime::parse_duration)]
+        #[arg(long, env = "NEXODUS_TOKEN_EXPIRES", value_parser = parse_lifetime)]
         expires: Option<std::time::Duration>,
         #[command(flatten)]
         state: StateArgs,
@@ -299,10 +320,10 @@ pub enum OrgAction {
     Create {
         name: String,
         /// IPv4 tunnel prefix.
-        #[arg(long, env = "NEXODUS_ORG_CIDR", default_value = DEFAULT_ORG_CIDR)]
+        #[arg(long, env = "NEXODUS_ORG_CIDR", default_value = DEFAULT_ORG_CIDR, value_parser = parse_cidr_v4)]
         cidr: Ipv4Net,
         /// IPv6 tunnel prefix.
-        #[arg(long, env = "NEXODUS_ORG_CIDR_V6", default_value = DEFAULT_ORG_CIDR_V6)]
+        #[arg(long, env = "NEXODUS_ORG_CIDR_V6", default_value = DEFAULT_ORG_CIDR_V6, value_parser = parse_cidr_v6)]
         cidr_v6: Ipv6Net,
         #[command(flatten)]
         state: StateArgs,
@@ -335,4 +356,67 @@ pub enum DevicesAction {
         /// Device id, as `nexodus devices` lists it.
         id: i64,
     },
+}
+
+/// A prefix `ADDR/LEN`; an address without `/LEN` says what is missing (the `ipnet`
+/// parser's "invalid IP address syntax" points the wrong way).
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse().map_err(|_| cidr_error(s))
+}
+
+fn parse_cidr_v4(s: &str) -> Result<Ipv4Net, String> {
+    s.parse().map_err(|_| cidr_error(s))
+}
+
+fn parse_cidr_v6(s: &str) -> Result<Ipv6Net, String> {
+    s.parse().map_err(|_| cidr_error(s))
+}
+
+fn cidr_error(s: &str) -> String {
+    match s.trim().parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => format!("missing prefix length (e.g. {a}/24)"),
+        Ok(std::net::IpAddr::V6(a)) => format!("missing prefix length (e.g. {a}/64)"),
+        Err(_) => "expected a prefix ADDRESS/LENGTH (e.g. 10.1.0.0/24 or fd00:1::/64)".into(),
+    }
+}
+
+/// A token lifetime such as `30m`, `24h`, `7d`; zero is refused (the token would be
+/// expired before anyone could use it).
+pub fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.as_secs() == 0 {
+        return Err(
+            "a token that expires at once could never be used; give a lifetime \
+                    such as 30m, 24h or 7d, or leave --expires out for one that never expires"
+                .into(),
+        );
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_errors_say_what_is_wrong() {
+        assert_eq!(
+            parse_cidr("10.1.0.0"),
+            Err("missing prefix length (e.g. 10.1.0.0/24)".into())
+        );
+        assert_eq!(
+            parse_cidr_v6("fd00:1::"),
+            Err("missing prefix length (e.g. fd00:1::/64)".into())
+        );
+        assert_eq!(
+            parse_cidr("10.1.0.0/24"),
+            Ok("10.1.0.0/24".parse().unwrap())
+        );
+        assert!(parse_lifetime("0s").is_err());
+        assert!(parse_lifetime("500ms").is_err());
+        assert_eq!(
+            parse_lifetime("1h"),
+            Ok(std::time::Duration::from_secs(3600))
+        );
+    }
 }

@@ -21,16 +21,37 @@ pub enum ClientError {
         addr: SocketAddr,
         source: quinn::ConnectError,
     },
+    /// The handshake failed (no answer: `timed out`); the cause is in the message, not
+    /// repeated as a source.
+    #[error("cannot connect to the coordinator at {addr}: {cause}")]
+    Handshake {
+        addr: SocketAddr,
+        cause: quinn::ConnectionError,
+    },
+    // The cause is in each message below (tracing prints only the top error), so it is
+    // not also a `source`: every cause is printed once.
     #[error("connection to the coordinator failed: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     #[error("control stream: {0}")]
-    Frame(#[from] FrameIoError),
+    Frame(FrameIoError),
     #[error("coordinator closed the stream without an answer")]
     NoAnswer,
     #[error("coordinator refused: {message}")]
     Refused { code: ErrorCode, message: String },
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Self::Connection(e)
+    }
+}
+
+impl From<FrameIoError> for ClientError {
+    fn from(e: FrameIoError) -> Self {
+        Self::Frame(e)
+    }
 }
 
 /// One QUIC connection to the coordinator; each call opens its own stream.
@@ -51,7 +72,8 @@ impl ControlClient {
         let conn = endpoint
             .connect(addr, SERVER_NAME)
             .map_err(|source| ClientError::Connect { addr, source })?
-            .await?;
+            .await
+            .map_err(|cause| ClientError::Handshake { addr, cause })?;
         Ok(Self { endpoint, conn })
     }
 

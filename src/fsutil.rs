@@ -24,11 +24,17 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         std::process::id()
     ));
     {
+        // A stale temporary file (or a link planted in its place) goes; the new one is
+        // made here, never opened through a link.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
         f.write_all(data)?;
@@ -41,11 +47,77 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing.
+/// Reads a state file without following a symbolic link in its place (a link is an
+/// error saying so); `None` if there is no such file.
+pub fn read_nofollow(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path);
+    let mut file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a symbolic link; state files are never read through links \
+                     (replace it with the file itself)",
+                    path.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)?;
+    Ok(Some(data))
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing; an existing one must be
+/// [`check_private_dir`]'s kind. Nothing is tightened silently.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return create_private_dir(dir);
+    }
+    check_private_dir(dir)
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing; an existing one is left as
+/// it is (for directories that are not ours alone, such as a database's).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
         fs::create_dir_all(dir)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Refuses a state directory that someone else could change: not owned by this user,
+/// or writable by group or others. The error names the directory and the fix.
+pub fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    if meta.uid() != me {
+        return refuse(format!(
+            "state directory {} is owned by uid {}, not by this user (uid {me}); \
+             use a directory of your own (--state-dir) or `chown {me} {}`",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return refuse(format!(
+            "state directory {} is writable by group or others (mode {mode:04o}); \
+             restrict it: chmod go-w {}",
+            dir.display(),
+            dir.display()
+        ));
     }
     Ok(())
 }
@@ -245,6 +317,78 @@ mod tests {
             Lock::try_take(&link, LockMode::Exclusive, true),
             Err(LockError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn state_file_behind_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, b"secret").unwrap();
+        let key = dir.path().join("coordinator-key.der");
+        std::os::unix::fs::symlink(&target, &key).unwrap();
+        let err = read_nofollow(&key).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{} is a symbolic link; state files are never read through links \
+                 (replace it with the file itself)",
+                key.display()
+            )
+        );
+        assert_eq!(read_nofollow(&dir.path().join("none")).unwrap(), None);
+        assert_eq!(read_nofollow(&target).unwrap().unwrap(), b"secret");
+        // A link planted where the temporary file of an atomic write goes.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        let p = dir.path().join("k");
+        let tmp = dir.path().join(format!(".k.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_private_atomic(&p, b"new").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        assert_eq!(fs::read(&target).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn shared_state_dir_is_refused_not_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("state");
+        ensure_private_dir(&d).unwrap();
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o775)).unwrap();
+        let err = ensure_private_dir(&d).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "state directory {} is writable by group or others (mode 0775); \
+                 restrict it: chmod go-w {}",
+                d.display(),
+                d.display()
+            )
+        );
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o775,
+            "nothing tightened silently"
+        );
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&d).unwrap();
+        // Owned by someone else (only root can make one).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
+            let err = ensure_private_dir(&d).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "state directory {} is owned by uid 65534, not by this user (uid 0)",
+                    d.display()
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! presents the same one. Join tokens carry the certificate's SHA-256 fingerprint; a
 //! node accepts exactly that certificate and no other, so no CA is involved.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,22 +77,10 @@ impl Identity {
     pub fn load(state_dir: &Path) -> Result<Option<Self>, IdentityError> {
         let read = |name: &str| {
             let path = state_dir.join(name);
-            let mut data = Vec::new();
-            let opened = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path);
-            let result = match opened {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => Err(e),
-                Ok(mut f) => std::io::Read::read_to_end(&mut f, &mut data),
-            };
-            result
-                .map(|_| Some(data))
-                .map_err(|source| IdentityError::Io {
-                    path: path.display().to_string(),
-                    source,
-                })
+            fsutil::read_nofollow(&path).map_err(|source| IdentityError::Io {
+                path: path.display().to_string(),
+                source,
+            })
         };
         // Key first on creation, so a certificate implies its key.
         let Some(cert_der) = read(CERT_FILE)? else {

@@ -45,8 +45,21 @@ pub struct LoadgenArgs {
     )]
     pub coordinator: Vec<SocketAddr>,
     /// A reusable join token.
-    #[arg(long, env = "NEXODUS_TOKEN")]
-    pub token: String,
+    #[arg(
+        long,
+        env = "NEXODUS_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
+    pub token: Option<String>,
+    /// Read the join token from this file (as `join --token-file`).
+    #[arg(
+        long,
+        env = "NEXODUS_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
     /// Simulated nodes.
     #[arg(long, default_value_t = 1000, env = "NEXODUS_LOADGEN_NODES")]
     pub nodes: usize,
@@ -370,7 +383,7 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
-    let token = JoinToken::parse(&args.token)?;
+    let token = JoinToken::parse(args.token.as_deref().unwrap_or_default())?;
     let n = args.nodes.max(1);
     let mut endpoints = Vec::new();
     let runtime = quinn::default_runtime()

@@ -13,10 +13,27 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: a cause whose text the
+/// messages before it already contain (an error that prints its source) is skipped.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default `info`), as text or JSON lines.
@@ -74,18 +91,29 @@ fn run(cli: Cli) -> Result<()> {
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(async {
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let run = serve::run(cfg, async {
+                    let _ = stopped.await;
+                });
+                tokio::pin!(run);
                 tokio::select! {
-                    r = serve::run(cfg) => r.context("coordinator failed"),
-                    () = shutdown_signal() => {
-                        tracing::info!("shutting down");
-                        Ok(())
-                    }
+                    r = &mut run => return r.context("coordinator failed"),
+                    () = shutdown_signal() => {}
+                }
+                tracing::info!("shutting down");
+                let _ = stop.send(());
+                // Serving: it closes every connection with a reason. Still starting:
+                // nothing to close.
+                match tokio::time::timeout(std::time::Duration::from_secs(2), run).await {
+                    Ok(r) => r.context("coordinator failed"),
+                    Err(_) => Ok(()),
                 }
             })
         }
         Command::Join {
             coordinator,
             token,
+            token_file,
             interface,
             hostname,
             listen_port,
@@ -117,6 +145,10 @@ fn run(cli: Cli) -> Result<()> {
                 nexodus::coord::ipam::validate_advertised(*cidr)
                     .with_context(|| format!("--advertise-cidr {cidr}"))?;
             }
+            let token = match token_file {
+                Some(path) => Some(nexodus::join::read_token_file(&path)?),
+                None => token,
+            };
             let cfg = nexodus::join::JoinConfig {
                 coordinators: coordinator,
                 token,
@@ -232,7 +264,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Loadgen(args) => {
+        Command::Loadgen(mut args) => {
+            if let Some(path) = args.token_file.take() {
+                args.token = Some(nexodus::join::read_token_file(&path)?);
+            }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let report = rt.block_on(nexodus::loadgen::run(args))?;
             println!("{report}");

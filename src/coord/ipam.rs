@@ -1,7 +1,8 @@
 //! Dual-stack IP address management.
 //!
-//! Each device gets the lowest free host address of its organization's v4 and v6
-//! prefixes. The network and the all-ones (broadcast) address are never handed out, so
+//! Each device gets the lowest free host address of its organization's v4 prefix and,
+//! where it is free, the v6 address with the same host number (`100.64.0.5` and
+//! `200::5`; [`paired`]), else the lowest free v6 address. The network and the all-ones (broadcast) address are never handed out, so
 //! `200::/64` gives `200::1`, `200::2`, … Uniqueness under concurrency is not this
 //! module's job: the store runs allocation and insert in one write transaction and the
 //! schema has UNIQUE constraints as the last line of defence.
@@ -126,6 +127,44 @@ pub fn allocate(
     match requested {
         Some(addr) => check_requested(prefix, addr, used).map(|()| addr),
         None => lowest_free(prefix, used),
+    }
+}
+
+/// The address of `prefix` with the same host number as `addr` in `addr_prefix`
+/// (`100.64.0.5` in `100.64.0.0/10` → `200::5` in `200::/64`), if that is a host
+/// address of `prefix` not in `used`. Devices then line up across families.
+pub fn paired(
+    prefix: IpNet,
+    addr_prefix: IpNet,
+    addr: IpAddr,
+    used: &HashSet<IpAddr>,
+) -> Option<IpAddr> {
+    let host = addr_value(addr).checked_sub(addr_value(addr_prefix.network()))?;
+    let (first, last) = host_range(prefix)?;
+    let value = (first - 1).checked_add(host)?;
+    if value < first || value > last {
+        return None;
+    }
+    let candidate = addr_from(prefix, value);
+    (!used.contains(&candidate)).then_some(candidate)
+}
+
+/// A device's address in `prefix` when it has `other` (in `other_prefix`) in the
+/// other family: the requested one if given, else the one with `other`'s host number
+/// when free ([`paired`]), else the lowest free.
+pub fn allocate_paired(
+    prefix: IpNet,
+    requested: Option<IpAddr>,
+    other_prefix: IpNet,
+    other: IpAddr,
+    used: &HashSet<IpAddr>,
+) -> Result<IpAddr, IpamError> {
+    match requested {
+        Some(_) => allocate(prefix, requested, used),
+        None => match paired(prefix, other_prefix, other, used) {
+            Some(addr) => Ok(addr),
+            None => lowest_free(prefix, used),
+        },
     }
 }
 
@@ -284,6 +323,41 @@ mod tests {
             allocate(v6, Some(ip("200::")), &used),
             Err(IpamError::Reserved(ip("200::")))
         );
+    }
+
+    #[test]
+    fn v6_lines_up_with_v4_when_free() {
+        let (v4, v6) = (net("100.64.0.0/10"), net("200::/64"));
+        // A v4-only device took 100.64.0.4: the next device gets .5 and ::5, not ::4.
+        let used: HashSet<IpAddr> = ["100.64.0.1", "100.64.0.2", "100.64.0.3", "100.64.0.4"]
+            .map(ip)
+            .into_iter()
+            .chain(["200::1", "200::2", "200::3"].map(ip))
+            .collect();
+        let a4 = lowest_free(v4, &used).unwrap();
+        assert_eq!(a4, ip("100.64.0.5"));
+        assert_eq!(allocate_paired(v6, None, v4, a4, &used), Ok(ip("200::5")));
+        // Taken: lowest free instead.
+        let mut taken = used.clone();
+        taken.insert(ip("200::5"));
+        assert_eq!(allocate_paired(v6, None, v4, a4, &taken), Ok(ip("200::4")));
+        // A request wins.
+        assert_eq!(
+            allocate_paired(v6, Some(ip("200::9")), v4, a4, &used),
+            Ok(ip("200::9"))
+        );
+        // And the other way round, into a smaller prefix: no host 0x1_0000_0001 in a /24.
+        assert_eq!(
+            paired(net("10.1.0.0/24"), v6, ip("200::1:0:1"), &used),
+            None
+        );
+        assert_eq!(
+            paired(net("10.1.0.0/24"), v6, ip("200::7"), &used),
+            Some(ip("10.1.0.7"))
+        );
+        // Never the broadcast or the network address.
+        assert_eq!(paired(net("10.1.0.0/24"), v6, ip("200::ff"), &used), None);
+        assert_eq!(paired(net("10.1.0.0/24"), v6, ip("200::"), &used), None);
     }
 
     #[test]

@@ -78,7 +78,13 @@ pub(super) async fn run(
             WatchEnd::Removed => return Err(JoinError::Removed),
             WatchEnd::Lost(e) => {
                 let _ = events.send(ControlEvent::Lost).await;
-                tracing::warn!(error = %e, "lost the coordinator; tunnels keep running, reconnecting");
+                // The coordinator's own words ("closed by peer: coordinator shutting
+                // down") rather than what the stream saw ("connection lost").
+                let error = c
+                    .connection()
+                    .close_reason()
+                    .map_or_else(|| e.to_string(), |r| r.to_string());
+                tracing::warn!(%error, "lost the coordinator; tunnels keep running, reconnecting");
             }
         }
     }

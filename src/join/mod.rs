@@ -49,7 +49,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub enum JoinError {
     #[error("bad coordinator address {0:?}: expected HOST:PORT or HOST")]
     BadAddress(String),
-    #[error("bad join token: {0}")]
+    #[error("cannot resolve the coordinator name {host:?}")]
+    Unresolved {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad join token")]
     Token(#[from] TokenError),
     #[error(transparent)]
     State(#[from] StateError),
@@ -67,7 +73,7 @@ pub enum JoinError {
     Removed,
     #[error(transparent)]
     Tun(#[from] tun::TunError),
-    #[error("cannot open UDP port {port}: {source}")]
+    #[error("cannot open UDP port {port}")]
     Udp {
         port: u16,
         #[source]
@@ -87,6 +93,51 @@ pub enum JoinError {
     Userspace(#[from] crate::userspace::UserspaceError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("cannot read the token file {path}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "token file {} can be read by group or others (mode {mode:04o}); restrict it: chmod 600 {}",
+        path.display(), path.display()
+    )]
+    TokenFileExposed { path: PathBuf, mode: u32 },
+    #[error("token file {} is empty", path.display())]
+    TokenFileEmpty { path: PathBuf },
+}
+
+/// `--token-file`: the join token kept in a file (surrounding whitespace ignored),
+/// which must not be readable by group or others.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, JoinError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| JoinError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mode = file.metadata().map_err(io)?.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(JoinError::TokenFileExposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    // A token is ~90 characters; a few KiB allows a comment-free file with slack.
+    file.by_ref()
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(JoinError::TokenFileEmpty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(token.to_string())
 }
 
 pub struct JoinConfig {
@@ -113,22 +164,33 @@ pub struct JoinConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// Resolves `HOST[:PORT]` entries (default port 4443).
+/// Resolves `HOST[:PORT]` entries (default port 4443). A malformed entry is
+/// [`JoinError::BadAddress`]; a well-formed name that does not resolve is
+/// [`JoinError::Unresolved`].
 pub fn resolve(entries: &[String]) -> Result<Vec<SocketAddr>, JoinError> {
     let mut out = Vec::new();
     for e in entries.iter().flat_map(|e| e.split(',')).map(str::trim) {
         if e.is_empty() {
             continue;
         }
-        let resolved: Vec<SocketAddr> = match e.to_socket_addrs() {
-            Ok(a) => a.collect(),
-            Err(_) => (e, DEFAULT_COORDINATOR_PORT)
-                .to_socket_addrs()
-                .map_err(|_| JoinError::BadAddress(e.into()))?
-                .collect(),
-        };
+        // IP:PORT as Rust reads it (also `[fe80::1%2]:4443`).
+        if let Ok(addr) = e.parse::<SocketAddr>() {
+            out.push(addr);
+            continue;
+        }
+        let (host, port) = split_host_port(e).ok_or_else(|| JoinError::BadAddress(e.into()))?;
+        let resolved: Vec<SocketAddr> = (host, port)
+            .to_socket_addrs()
+            .map_err(|source| JoinError::Unresolved {
+                host: host.into(),
+                source,
+            })?
+            .collect();
         if resolved.is_empty() {
-            return Err(JoinError::BadAddress(e.into()));
+            return Err(JoinError::Unresolved {
+                host: host.into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+            });
         }
         out.extend(resolved);
     }
@@ -136,6 +198,31 @@ pub fn resolve(entries: &[String]) -> Result<Vec<SocketAddr>, JoinError> {
         return Err(JoinError::BadAddress(entries.join(",")));
     }
     Ok(out)
+}
+
+/// `HOST:PORT`, `HOST`, `[V6]:PORT`, `[V6]` or a bare IPv6 address → (host, port);
+/// `None` if malformed.
+fn split_host_port(e: &str) -> Option<(&str, u16)> {
+    if let Some(rest) = e.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        return match after {
+            "" => Some((host, DEFAULT_COORDINATOR_PORT)),
+            p => Some((host, p.strip_prefix(':')?.parse().ok()?)),
+        };
+    }
+    if e.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Some((e, DEFAULT_COORDINATOR_PORT));
+    }
+    let (host, port) = match e.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok()?),
+        None => (e, DEFAULT_COORDINATOR_PORT),
+    };
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    valid.then_some((host, port))
 }
 
 /// Runs the node until `shutdown` resolves or an unrecoverable error.
@@ -283,6 +370,68 @@ pub async fn run(
     {
         tracing::warn!(error = %e, "could not remove the masquerade table");
     }
-    tracing::info!(interface = %cfg.interface, "interface removed; device stays registered");
+    match &result {
+        // Not registered any more: say only what happened here.
+        Err(JoinError::Removed) => tracing::info!(interface = %cfg.interface, "interface removed"),
+        _ => {
+            tracing::info!(interface = %cfg.interface, "interface removed; device stays registered")
+        }
+    }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_addresses_parse_or_say_what_is_wrong() {
+        let one = |e: &str| resolve(&[e.to_string()]);
+        assert_eq!(
+            one("127.0.0.1").unwrap(),
+            vec![SocketAddr::from(([127, 0, 0, 1], 4443))]
+        );
+        assert_eq!(
+            one("127.0.0.1:5000").unwrap(),
+            vec![SocketAddr::from(([127, 0, 0, 1], 5000))]
+        );
+        assert_eq!(one("[::1]:7").unwrap()[0].to_string(), "[::1]:7");
+        assert_eq!(one("[::1]").unwrap()[0].to_string(), "[::1]:4443");
+        assert_eq!(one("::1").unwrap()[0].to_string(), "[::1]:4443");
+        assert_eq!(one("localhost:9").unwrap()[0].port(), 9);
+        for bad in ["127.0.0.1:x", "host:99999", "a b", "[::1]x", ":4443"] {
+            assert_eq!(
+                one(bad).unwrap_err().to_string(),
+                format!("bad coordinator address {bad:?}: expected HOST:PORT or HOST")
+            );
+        }
+    }
+
+    #[test]
+    fn token_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "  nx1.abc\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            read_token_file(&p).unwrap_err().to_string(),
+            format!(
+                "token file {} can be read by group or others (mode 0644); restrict it: chmod 600 {}",
+                p.display(),
+                p.display()
+            )
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "nx1.abc");
+        std::fs::write(&p, "\n").unwrap();
+        assert_eq!(
+            read_token_file(&p).unwrap_err().to_string(),
+            format!("token file {} is empty", p.display())
+        );
+        assert!(matches!(
+            read_token_file(&dir.path().join("none")),
+            Err(JoinError::TokenFile { .. })
+        ));
+    }
 }

@@ -17,7 +17,7 @@ pub const LOCK_FILE: &str = "node.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot read or write node state {path}: {source}")]
+    #[error("cannot read or write node state {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -98,12 +98,12 @@ impl NodeState {
     /// Loads the state from `dir`, or `None` if there is none yet.
     pub fn load(dir: &Path) -> Result<Option<Self>, StateError> {
         let path = dir.join(STATE_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        let text = match fsutil::read_nofollow(&path) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        let state: Self = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+        let state: Self = serde_json::from_slice(&text).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -161,5 +161,38 @@ mod tests {
             NodeState::load(dir.path()),
             Err(StateError::Corrupt { .. })
         ));
+        // A link in place of the state file: refused, its target untouched.
+        let other = tempfile::tempdir().unwrap();
+        let target = other.path().join("elsewhere.json");
+        s.save(other.path()).unwrap();
+        std::fs::rename(other.path().join(STATE_FILE), &target).unwrap();
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(STATE_FILE)).unwrap();
+        let err = NodeState::load(dir.path()).unwrap_err();
+        assert!(
+            error_chain(&err).contains("is a symbolic link; state files are never read"),
+            "{}",
+            error_chain(&err)
+        );
+        assert_eq!(NodeState::load(other.path()).unwrap(), None);
+        let before = std::fs::read(&target).unwrap();
+        s.save(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), before, "target untouched");
+        assert!(
+            !std::fs::symlink_metadata(dir.path().join(STATE_FILE))
+                .unwrap()
+                .is_symlink()
+        );
+    }
+
+    fn error_chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cur = c.source();
+        }
+        s
     }
 }

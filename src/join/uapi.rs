@@ -102,7 +102,7 @@ pub async fn bind(interface: &str) -> std::io::Result<Option<tokio::net::UnixLis
         tracing::warn!(path = %path.display(), "another process serves this WireGuard socket; `wg show` will not see this node");
         return Ok(None);
     }
-    crate::fsutil::ensure_private_dir(Path::new(SOCKET_DIR))?;
+    crate::fsutil::create_private_dir(Path::new(SOCKET_DIR))?;
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;

@@ -204,8 +204,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServeError::Task(e.to_string()))?
 }
 
-/// Runs the coordinator until the process is stopped.
-pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+/// Runs the coordinator until `shutdown` resolves; then every connection is closed
+/// with a reason, so nodes notice at once instead of after their idle timeout.
+pub async fn run(
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (database, state_dir) = (cfg.database.clone(), cfg.state_dir.clone());
     let mut state = blocking(move || {
         let mut state = open_state(&database, &state_dir)?;
@@ -292,7 +296,21 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let stun_port = (cfg.stun_listen.port() != 0).then_some(cfg.stun_listen.port());
     let admission = Arc::new(limits::Admission::new(cfg.max_connections_per_ip));
     let limiter = Arc::new(limits::Limiter::default());
-    while let Some(incoming) = endpoint.accept().await {
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            () = &mut shutdown => {
+                tracing::info!("shutting down: closing every connection");
+                endpoint.close(SHUTDOWN_CODE.into(), SHUTDOWN_REASON);
+                // Bounded: the close frames go out at once; peers need not answer.
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                break;
+            }
+        };
         let remote = incoming.remote_address();
         let mut admitted = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
             Ok(a) => a,
@@ -331,6 +349,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     Ok(())
 }
+
+/// The QUIC application close code and reason of a coordinator that is stopping.
+pub const SHUTDOWN_CODE: u32 = 1;
+pub const SHUTDOWN_REASON: &[u8] = b"coordinator shutting down";
 
 /// The coordinator's metrics: organization names from the store (a short query),
 /// everything else from the hub's memory.

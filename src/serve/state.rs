@@ -53,9 +53,14 @@ pub fn open_state(db: &Database, state_dir: &Path) -> Result<CoordinatorState, S
         });
     };
     // The identity's directory, and the database file's, both private.
+    // The state directory must be ours alone; the database's may be shared (--db).
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    for dir in std::iter::once(state_dir).chain(parent) {
-        crate::fsutil::ensure_private_dir(dir).map_err(|source| IdentityError::Io {
+    crate::fsutil::ensure_private_dir(state_dir).map_err(|source| IdentityError::Io {
+        path: state_dir.display().to_string(),
+        source,
+    })?;
+    if let Some(dir) = parent.filter(|&p| p != state_dir) {
+        crate::fsutil::create_private_dir(dir).map_err(|source| IdentityError::Io {
             path: dir.display().to_string(),
             source,
         })?;

@@ -93,8 +93,9 @@ impl AddrCache {
         Ok(self.used.entry(organization_id).or_default())
     }
 
-    /// A new device's addresses: the requested ones if free, else the lowest free of
-    /// each prefix (none in v6 for a host without IPv6). As `coord::ipam::allocate`.
+    /// A new device's addresses: the requested ones if free, else the lowest free v4
+    /// and the v6 address with the same host number where free, else the lowest free
+    /// v6 (none in v6 for a host without IPv6). As `coord::ipam::allocate_paired`.
     pub fn allocate(
         &mut self,
         src: &mut (impl AddrSource + ?Sized),
@@ -102,17 +103,26 @@ impl AddrCache {
         req: &RegisterRequest,
     ) -> Result<(Ipv4Addr, Option<Ipv6Addr>), StoreError> {
         self.sync(src)?;
-        let v4 = match req.request_ip {
-            Some(a) => self.requested(org.id, IpNet::V4(org.ip_cidr), IpAddr::V4(a))?,
-            None => self.lowest(org.id, IpNet::V4(org.ip_cidr))?,
-        };
-        let v6 = if req.ipv6_supported {
-            Some(match req.request_ip_v6 {
-                Some(a) => self.requested(org.id, IpNet::V6(org.ip_cidr_v6), IpAddr::V6(a))?,
-                None => self.lowest(org.id, IpNet::V6(org.ip_cidr_v6))?,
-            })
-        } else {
-            None
+        let (p4, p6) = (IpNet::V4(org.ip_cidr), IpNet::V6(org.ip_cidr_v6));
+        let req_v6 = req.request_ip_v6.filter(|_| req.ipv6_supported);
+        let (v4, v6) = match (req.request_ip, req_v6) {
+            // Only v6 asked for: v4 lines up with it.
+            (None, Some(a6)) => {
+                let v6 = self.requested(org.id, p6, IpAddr::V6(a6))?;
+                (self.paired_or_lowest(org.id, p4, p6, v6)?, Some(v6))
+            }
+            (req_v4, _) => {
+                let v4 = match req_v4 {
+                    Some(a) => self.requested(org.id, p4, IpAddr::V4(a))?,
+                    None => self.lowest(org.id, p4)?,
+                };
+                let v6 = match (req.ipv6_supported, req_v6) {
+                    (false, _) => None,
+                    (true, Some(a6)) => Some(self.requested(org.id, p6, IpAddr::V6(a6))?),
+                    (true, None) => Some(self.paired_or_lowest(org.id, p6, p4, v4)?),
+                };
+                (v4, v6)
+            }
         };
         match (v4, v6) {
             (IpAddr::V4(v4), None) => Ok((v4, None)),
@@ -121,16 +131,35 @@ impl AddrCache {
         }
     }
 
-    /// The lowest free v6 address (a device gaining IPv6 support).
+    /// The v6 address of a device gaining IPv6 support: the one with its v4 host
+    /// number where free, else the lowest free.
     pub fn allocate_v6(
         &mut self,
         src: &mut (impl AddrSource + ?Sized),
         org: &Organization,
+        v4: Ipv4Addr,
     ) -> Result<Ipv6Addr, StoreError> {
         self.sync(src)?;
-        match self.lowest(org.id, IpNet::V6(org.ip_cidr_v6))? {
+        let (p4, p6) = (IpNet::V4(org.ip_cidr), IpNet::V6(org.ip_cidr_v6));
+        match self.paired_or_lowest(org.id, p6, p4, IpAddr::V4(v4))? {
             IpAddr::V6(a) => Ok(a),
             IpAddr::V4(_) => Err(StoreError::Corrupt("v4 address from a v6 pool".into())),
+        }
+    }
+
+    /// `ipam::paired` (the address with `other`'s host number) if free, else the
+    /// lowest free address of `prefix`.
+    fn paired_or_lowest(
+        &mut self,
+        org: i64,
+        prefix: IpNet,
+        other_prefix: IpNet,
+        other: IpAddr,
+    ) -> Result<IpAddr, StoreError> {
+        let used = self.used.entry(org).or_default();
+        match ipam::paired(prefix, other_prefix, other, used) {
+            Some(addr) => Ok(addr),
+            None => self.lowest(org, prefix),
         }
     }
 
@@ -318,7 +347,8 @@ mod tests {
         }
     }
 
-    /// Allocation with hints gives what `ipam::lowest_free` over the whole set gives.
+    /// Allocation with hints gives what `ipam::lowest_free` over the whole set gives (v6:
+    /// `ipam::paired` first).
     #[test]
     fn allocation_is_lowest_free_with_hints() {
         let mut db = Fake::default();
@@ -359,7 +389,11 @@ mod tests {
         db.log.push((100, 3, None));
         let (a4, a6) = take(&mut c, &mut db, 8, true).unwrap();
         assert_eq!(a4.to_string(), "100.64.0.3");
-        assert_eq!(a6.unwrap().to_string(), "200::2", "device 2 had no v6");
+        assert_eq!(
+            a6.unwrap().to_string(),
+            "200::3",
+            "the same host number as v4 (::2, free since device 2 had no v6, is lower)"
+        );
         // Requested addresses are checked, not searched.
         let mut r = request(false);
         r.request_ip = Some("100.64.0.4".parse().unwrap());

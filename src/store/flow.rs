@@ -309,7 +309,7 @@ pub fn login(
         d.ipv6_supported = v6;
         d.tunnel_ip_v6 = if v6 {
             let org = load_org(tx, device.organization_id)?;
-            Some(addrs.allocate_v6(tx, &org)?)
+            Some(addrs.allocate_v6(tx, &org, device.tunnel_ip)?)
         } else {
             None
         };

@@ -63,7 +63,9 @@ pub enum StoreError {
     Unauthorized,
     #[error(transparent)]
     Ipam(#[from] IpamError),
-    #[error("public key is already registered as device {0}")]
+    /// The id is for logs and tests only: the owner may be in another organization,
+    /// so the message does not name it.
+    #[error("this public key is already registered")]
     DuplicateKey(i64),
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -25,7 +25,21 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// A new file is made 0600 whatever the umask (SQLite gives its `-wal` and `-shm`
+    /// files the database file's mode); a symbolic link in its place is refused.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        // Not SQLITE_OPEN_NOFOLLOW: it also refuses links among the parent directories
+        // (a state directory reached through one is fine); the open above refused a
+        // link in the file's own place.
         let conn = Connection::open(path)?;
         Self::init(conn)
     }

@@ -171,6 +171,7 @@ macro_rules! both_backends {
 
 both_backends!(
     registers_dual_stack_in_order,
+    addresses_line_up_across_families,
     tokens_checked,
     failed_registration_changes_nothing,
     request_ip_and_duplicate_key,
@@ -233,6 +234,35 @@ fn registers_dual_stack_in_order(b: Backend) {
     assert_eq!(s.current_revision().unwrap(), c.revision);
 }
 
+/// After a v4-only device, v4 and v6 host numbers stay paired (issue 18 item 7).
+fn addresses_line_up_across_families(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    register(s, 1, true, "c1", 5);
+    let v4_only = register(s, 2, false, "c2", 5);
+    assert_eq!(v4_only.tunnel_ip.to_string(), "100.64.0.2");
+    let c = register(s, 3, true, "c3", 5);
+    assert_eq!(c.tunnel_ip.to_string(), "100.64.0.3");
+    assert_eq!(c.tunnel_ip_v6.unwrap().to_string(), "200::3");
+    // The v4-only device gains IPv6: it gets its own host number, still free.
+    let v4_only = s.login(v4_only.id, "c2", Some(true), 6).unwrap();
+    assert_eq!(v4_only.tunnel_ip_v6.unwrap().to_string(), "200::2");
+    // A v6 request alone: v4 follows it where free.
+    let mut r = req(4, true);
+    r.request_ip_v6 = Some("200::40".parse().unwrap());
+    let d = s.register_device(&r, &hash_secret("t"), "c4", 7).unwrap();
+    assert_eq!(d.tunnel_ip.to_string(), "100.64.0.64");
+    // ::4 taken by a request: the next device falls back to the lowest free v6.
+    let mut r = req(5, true);
+    r.request_ip = Some("100.64.0.9".parse().unwrap());
+    r.request_ip_v6 = Some("200::4".parse().unwrap());
+    s.register_device(&r, &hash_secret("t"), "c5", 7).unwrap();
+    let e = register(s, 6, true, "c6", 8);
+    assert_eq!(e.tunnel_ip.to_string(), "100.64.0.4");
+    assert_eq!(e.tunnel_ip_v6.unwrap().to_string(), "200::5");
+}
+
 fn tokens_checked(b: Backend) {
     let mut f = Fresh::new(b);
     let s = f.store.as_mut();
@@ -289,6 +319,8 @@ fn request_ip_and_duplicate_key(b: Backend) {
         .register_device(&r, &hash_secret("t"), "c", 5)
         .unwrap_err();
     assert!(matches!(err, StoreError::DuplicateKey(id) if id == a.id));
+    // The message names no device: the key's owner may be in another organization.
+    assert_eq!(err.to_string(), "this public key is already registered");
 }
 
 fn removal_returns_addresses_and_logs(b: Backend) {
@@ -550,9 +582,18 @@ fn allocation_sees_changes_from_another_connection(b: Backend) {
     // v6 given back by the other connection, then taken again here.
     other.login(b2.id, "c", Some(false), 4).unwrap();
     let e = register(s, 5, true, "c", 5);
-    assert_eq!(e.tunnel_ip_v6, a.tunnel_ip_v6);
-    let e2 = register(s, 6, true, "c", 5);
-    assert_eq!(e2.tunnel_ip_v6, b2.tunnel_ip_v6);
+    assert_eq!(e.tunnel_ip.to_string(), "100.64.0.4");
+    assert_eq!(
+        e.tunnel_ip_v6.unwrap().to_string(),
+        "200::4",
+        "same host number"
+    );
+    let b2 = s.login(b2.id, "c", Some(true), 6).unwrap();
+    assert_eq!(
+        b2.tunnel_ip_v6.unwrap().to_string(),
+        "200::2",
+        "freed by the other connection, and its own host number"
+    );
 }
 
 /// A batch: one transaction, but each registration gets what it would have got alone,
@@ -876,4 +917,35 @@ mod postgres_only {
             other => other.to_string(),
         }
     }
+}
+
+/// The SQLite file and its `-wal`/`-shm` companions are 0600 whatever the umask, and a
+/// symbolic link in the database's place is refused (issue 16 item 7).
+#[test]
+fn sqlite_files_are_private_and_never_links() {
+    use std::os::unix::fs::PermissionsExt;
+    // The usual umask, which would give 0644 files.
+    // SAFETY: umask has no preconditions; 022 is what other tests get anyway.
+    unsafe { libc::umask(0o022) };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nexodus.db");
+    let mut s = SqliteStore::open(&path).unwrap();
+    s.ensure_default_org(0).unwrap();
+    token(&mut s, "t", true, None);
+    register(&mut s, 1, true, "c", 1);
+    for name in ["nexodus.db", "nexodus.db-wal", "nexodus.db-shm"] {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+    }
+    drop(s);
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let err = SqliteStore::open(&link).err().unwrap().to_string();
+    assert!(
+        err.contains("cannot open") && err.contains("link.db"),
+        "{err}"
+    );
 }

@@ -222,6 +222,15 @@ impl Coordinator {
             .unwrap_or_default()
     }
 
+    /// SIGTERM, as systemd stops it; waits at most `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        proc::signal(&child, libc::SIGTERM);
+        let status = proc::exit_within(&mut child, timeout);
+        proc::kill(child);
+        status
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(c) = self.child.take() {

@@ -75,7 +75,7 @@ pub enum StoreError {
     OrgExists(String),
     #[error("device {0} not found")]
     DeviceNotFound(i64),
-    #[error("policy refused: {0}")]
+    #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),

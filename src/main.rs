@@ -230,9 +230,10 @@ fn run(cli: Cli) -> Result<()> {
                         .as_deref()
                         .map(|name| st.store.org_by_name(name).map(|o| o.id))
                         .transpose()?;
-                    let d =
-                        st.store
-                            .approve(org_id, id, &routes, relay, exit, serve::unix_now())?;
+                    let d = st
+                        .store
+                        .approve(org_id, id, &routes, relay, exit, serve::unix_now())
+                        .map_err(|e| not_in_org(e, id, org.org.as_deref()))?;
                     print_approval(&mut st, d.organization_id, id)?;
                 }
                 Some(DevicesAction::Revoke {
@@ -248,7 +249,8 @@ fn run(cli: Cli) -> Result<()> {
                         .transpose()?;
                     let d = st
                         .store
-                        .revoke(org_id, id, &routes, relay, exit, serve::unix_now())?;
+                        .revoke(org_id, id, &routes, relay, exit, serve::unix_now())
+                        .map_err(|e| not_in_org(e, id, org.org.as_deref()))?;
                     print_approval(&mut st, d.organization_id, id)?;
                 }
                 None => {
@@ -381,6 +383,16 @@ fn claims(a: &Approved) -> String {
         "-".into()
     } else {
         parts.join(",")
+    }
+}
+
+/// A device not found while `--org` was given: say where it was looked for.
+fn not_in_org(e: nexodus::store::StoreError, id: i64, org: Option<&str>) -> anyhow::Error {
+    match (&e, org) {
+        (nexodus::store::StoreError::DeviceNotFound(_), Some(name)) => anyhow::anyhow!(
+            "device {id} is not in organization {name:?} (see `nexodus devices --org {name}`)"
+        ),
+        _ => e.into(),
     }
 }
 

@@ -184,6 +184,21 @@ fn approve_and_revoke_routes() {
         .admin_result(&["devices", "approve", &id, "--routes", "198.51.100.1/24"])
         .unwrap_err();
     assert!(err.contains("198.51.100.0/24"), "{err}");
+    w.coord.admin(&[
+        "org",
+        "create",
+        "lab",
+        "--cidr",
+        "100.100.0.0/16",
+        "--cidr-v6",
+        "fd00:1::/64",
+    ]);
+    let err = w
+        .coord
+        .admin_result(&["devices", "approve", &id, "--relay", "--org", "lab"])
+        .unwrap_err();
+    assert!(err.contains("not in organization \"lab\""), "{err}");
+    assert_eq!(admin_view(&w, "gw")["approved"], serde_json::Value::Null);
 }
 
 /// The policy's `[approve]` section approves in advance, by hostname; clearing the

@@ -113,7 +113,7 @@ ALTER TABLE devices ADD COLUMN exit_approved BOOLEAN NOT NULL DEFAULT FALSE;
 
 CREATE TABLE policies (
     organization_id  BIGINT  PRIMARY KEY REFERENCES organizations(id) ON DELETE CASCADE,
-    text             TEXT    NOT NULL,
+    text             TEXT,
     revision         BIGINT  NOT NULL,
     updated_at       BIGINT  NOT NULL
 );

@@ -88,10 +88,11 @@ ALTER TABLE devices ADD COLUMN approved_cidrs TEXT NOT NULL DEFAULT '[]'; -- JSO
 ALTER TABLE devices ADD COLUMN relay_approved INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN exit_approved INTEGER NOT NULL DEFAULT 0;
 
--- One validated policy file per organization (`nexodus policy set`); none: no policy.
+-- One validated policy file per organization (`nexodus policy set`); no row, or
+-- NULL text (`policy clear`): no policy.
 CREATE TABLE policies (
     organization_id  INTEGER PRIMARY KEY REFERENCES organizations(id) ON DELETE CASCADE,
-    text             TEXT    NOT NULL,  -- the file as given
-    revision         INTEGER NOT NULL,  -- 1 for the first set, then +1 per set
+    text             TEXT,              -- the file as given; NULL once cleared
+    revision         INTEGER NOT NULL,  -- 1 for the first set, then +1 per set or clear
     updated_at       INTEGER NOT NULL
 );

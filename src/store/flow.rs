@@ -118,7 +118,8 @@ pub trait Tx {
     /// Stores an organization's policy text; returns its revision.
     fn put_policy(&mut self, organization_id: i64, text: &str, now: i64)
     -> Result<i64, StoreError>;
-    fn delete_policy(&mut self, organization_id: i64) -> Result<u64, StoreError>;
+    /// Clears an organization's policy (its revision counts on).
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<u64, StoreError>;
 
     /// Appends a change and returns its revision. Called after every row lock the
     /// transaction needs is taken.
@@ -394,7 +395,7 @@ pub fn put_policy(
     let revision = match text {
         Some(t) => Some(tx.put_policy(org, t, now)?),
         None => {
-            tx.delete_policy(org)?;
+            tx.clear_policy(org, now)?;
             None
         }
     };

@@ -120,8 +120,8 @@ pub struct Change {
 pub struct StoredPolicy {
     pub organization_id: i64,
     pub text: String,
-    /// 1 for the first `policy set`, one more for each set after it (a `policy
-    /// clear` starts over).
+    /// 1 for the first `policy set`, one more for each `policy set` or `policy
+    /// clear` after it.
     pub revision: i64,
     pub updated_at: i64,
 }

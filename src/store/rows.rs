@@ -197,14 +197,19 @@ pub fn policy(row: &impl Row) -> Result<StoredPolicy, StoreError> {
 
 /// An organization's policy (both dialects, as [`INSERT_DEVICE`]).
 pub const SELECT_POLICY: &str = "SELECT organization_id, text, revision, updated_at \
-    FROM policies WHERE organization_id = $1";
+    FROM policies WHERE organization_id = $1 AND text IS NOT NULL";
 
-/// Stores an organization's policy: revision 1, or one more than the one it replaces.
+/// Stores an organization's policy: revision 1, or one more than the last one (set or
+/// cleared).
 pub const PUT_POLICY: &str = "INSERT INTO policies (organization_id, text, revision, updated_at) \
     VALUES ($1, $2, 1, $3) ON CONFLICT (organization_id) DO UPDATE SET text = excluded.text, \
     revision = policies.revision + 1, updated_at = excluded.updated_at RETURNING revision";
 
-pub const DELETE_POLICY: &str = "DELETE FROM policies WHERE organization_id = $1";
+/// Clears an organization's policy (`now`, organization; SQLite numbers `$n` in order
+/// of appearance, so they appear in order); its revision still counts up (nodes can tell the
+/// newest policy from an older one).
+pub const CLEAR_POLICY: &str = "UPDATE policies SET text = NULL, revision = revision + 1, \
+    updated_at = $1 WHERE organization_id = $2 AND text IS NOT NULL";
 
 /// A join token as stored.
 #[derive(Debug, Clone, Copy)]

@@ -351,8 +351,8 @@ impl Tx for Sql<'_> {
         self.one(rows::PUT_POLICY, params![organization_id, text, now], int)
     }
 
-    fn delete_policy(&mut self, organization_id: i64) -> Result<u64, StoreError> {
-        self.execute(rows::DELETE_POLICY, [organization_id])
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<u64, StoreError> {
+        self.execute(rows::CLEAR_POLICY, [now, organization_id])
     }
 
     fn record_change(&mut self, org: i64, id: i64, kind: &str, at: i64) -> Result<i64, StoreError> {

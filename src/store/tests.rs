@@ -991,4 +991,7 @@ fn policy_approves_in_advance(b: Backend) {
     assert_eq!(seen.len(), 1);
     assert!(seen[0].1.advertise_cidrs.is_empty());
     assert_eq!(s.policy(org.id).unwrap(), None);
+    assert!(!s.clear_policy(org.id, 7).unwrap());
+    // Revisions count on after a clear.
+    assert_eq!(s.set_policy(org.id, APPROVE_ROUTERS, 8).unwrap(), 4);
 }

@@ -361,8 +361,8 @@ impl<C: GenericClient> Tx for Db<'_, C> {
         self.value(rows::PUT_POLICY, &[&organization_id, &text, &now])
     }
 
-    fn delete_policy(&mut self, organization_id: i64) -> Result<u64, StoreError> {
-        self.execute(rows::DELETE_POLICY, &[&organization_id])
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<u64, StoreError> {
+        self.execute(rows::CLEAR_POLICY, &[&now, &organization_id])
     }
 
     fn set_revision(&mut self, id: i64, revision: i64) -> Result<u64, StoreError> {

@@ -129,7 +129,14 @@ impl Agent {
         let local = self.mesh.local();
         let relay = self.device.relay;
         if local.relay != relay {
-            tracing::info!(relay, "relay role changed by the coordinator (approval)");
+            if relay {
+                tracing::info!("relay role approved: relaying for the organization");
+            } else {
+                tracing::warn!(
+                    "relay role not approved (or revoked): an admin approves it with `nexodus devices approve {} --relay`",
+                    self.device.id
+                );
+            }
             let actions = self.mesh.set_local(LocalView {
                 relay,
                 spoke: self.relay_only || (self.mapping.is_some_and(|m| m.symmetric) && !relay),

@@ -103,3 +103,17 @@ ALTER TABLE devices ADD COLUMN unmanaged BOOLEAN NOT NULL DEFAULT FALSE;
 -- migration: 3
 
 ALTER TABLE devices ADD COLUMN online BOOLEAN NOT NULL DEFAULT FALSE;
+
+-- migration: 4
+
+ALTER TABLE devices ADD COLUMN exit_node BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE devices ADD COLUMN approved_cidrs TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE devices ADD COLUMN relay_approved BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE devices ADD COLUMN exit_approved BOOLEAN NOT NULL DEFAULT FALSE;
+
+CREATE TABLE policies (
+    organization_id  BIGINT  PRIMARY KEY REFERENCES organizations(id) ON DELETE CASCADE,
+    text             TEXT,
+    revision         BIGINT  NOT NULL,
+    updated_at       BIGINT  NOT NULL
+);

@@ -76,3 +76,23 @@ ALTER TABLE devices ADD COLUMN unmanaged INTEGER NOT NULL DEFAULT 0;
 -- A device is online while it holds a watch stream to a coordinator. Nodes pick
 -- their relay among online relays, so a dead relay's spokes move to another.
 ALTER TABLE devices ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
+
+-- migration: 4
+
+-- What a device claims that affects others (advertised prefixes, the relay and exit
+-- roles) takes effect only once approved (DESIGN §13): an admin's approvals per
+-- device, and the organization's policy file, whose [approve] section approves in
+-- advance. Peers are sent the claims reduced to what is approved.
+ALTER TABLE devices ADD COLUMN exit_node INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN approved_cidrs TEXT NOT NULL DEFAULT '[]'; -- JSON array of prefixes
+ALTER TABLE devices ADD COLUMN relay_approved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN exit_approved INTEGER NOT NULL DEFAULT 0;
+
+-- One validated policy file per organization (`nexodus policy set`); no row, or
+-- NULL text (`policy clear`): no policy.
+CREATE TABLE policies (
+    organization_id  INTEGER PRIMARY KEY REFERENCES organizations(id) ON DELETE CASCADE,
+    text             TEXT,              -- the file as given; NULL once cleared
+    revision         INTEGER NOT NULL,  -- 1 for the first set, then +1 per set or clear
+    updated_at       INTEGER NOT NULL
+);

@@ -54,6 +54,8 @@ fn device(id: i64) -> Device {
         last_seen: 0,
         unmanaged: false,
         online: true,
+        exit_node: false,
+        approved: Default::default(),
     }
 }
 

@@ -481,6 +481,11 @@ start_nexodus() {
         TPIDS+=("$SPAWNED")
         wait_until 30 "relay node to run" status_of "$d/r" ||
             { show_log "$d"/*.log; die "relay node did not start"; }
+        # The relay role takes effect once an admin approved it.
+        local rid
+        rid=$(status_of "$d/r" | jq -r '.device.id')
+        "$NX" devices approve "$rid" --relay --state-dir "$d/coord" >/dev/null ||
+            die "approving the relay failed"
     fi
     local aflags=()
     local arun=()

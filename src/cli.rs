@@ -240,7 +240,9 @@ pub enum Command {
         #[command(subcommand)]
         action: OrgAction,
     },
-    /// List an organization's devices, or remove one (admin, on the coordinator host).
+    /// List an organization's devices (what each claims, what is approved, what is
+    /// pending), approve or revoke claims, add or remove devices (admin, on the
+    /// coordinator host).
     Devices {
         #[command(subcommand)]
         action: Option<DevicesAction>,
@@ -249,6 +251,17 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Manage an organization's policy file (admin, on the coordinator host). Its
+    /// [approve] section approves devices' claims in advance; its [[allow]] rules are
+    /// validated and stored.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+        #[command(flatten)]
+        org: OrgArg,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -356,6 +369,60 @@ pub enum DevicesAction {
         /// Device id, as `nexodus devices` lists it.
         id: i64,
     },
+    /// Approve what a device claims (DESIGN §13): its advertised prefixes are
+    /// installed by peers, and its relay or exit role is used, only once approved.
+    /// With no --routes, --relay or --exit: everything it claims now. Takes effect on
+    /// every node within a second.
+    Approve {
+        /// Device id, as `nexodus devices` lists it.
+        id: i64,
+        /// Prefixes to approve (comma-separated); a prefix the device advertises
+        /// inside one of them counts as approved.
+        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR…]")]
+        routes: Vec<ipnet::IpNet>,
+        /// Approve the relay role (`nexodus join --relay`).
+        #[arg(long)]
+        relay: bool,
+        /// Approve the exit role.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Take approvals back: every approved prefix overlapping --routes, the relay or
+    /// exit role. With no --routes, --relay or --exit: every approval of the device.
+    /// Peers drop what is no longer approved within a second. (What the policy
+    /// file's [approve] section approves stays approved: change the policy for that.)
+    Revoke {
+        /// Device id, as `nexodus devices` lists it.
+        id: i64,
+        /// Prefixes to revoke (comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "CIDR[,CIDR…]")]
+        routes: Vec<ipnet::IpNet>,
+        /// Revoke the relay role.
+        #[arg(long)]
+        relay: bool,
+        /// Revoke the exit role.
+        #[arg(long)]
+        exit: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Validate a policy file (TOML: [groups], [[allow]], [approve]) and make it the
+    /// organization's; prints its revision. A file that does not validate is refused
+    /// with an error naming the rule, and the old policy stays.
+    Set {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Print the organization's policy file as stored.
+    Show {
+        /// Print JSON (organization, revision, updated_at, text).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the organization's policy: nothing is approved in advance any more.
+    Clear,
 }
 
 /// A prefix `ADDR/LEN`; an address without `/LEN` says what is missing (the `ipnet`

@@ -3,9 +3,10 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use nexodus::cli::{Cli, Command, DevicesAction, LogFormat, OrgAction, TokenAction};
+use nexodus::cli::{Cli, Command, DevicesAction, LogFormat, OrgAction, PolicyAction, TokenAction};
+use nexodus::policy::approve::AdminDevice;
 use nexodus::serve::{self, ServeConfig};
-use nexodus::wire::control::Device;
+use nexodus::wire::control::Approved;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -252,13 +253,97 @@ fn run(cli: Cli) -> Result<()> {
                     st.store.remove_device(id, serve::unix_now())?;
                     println!("removed device {id}");
                 }
+                Some(DevicesAction::Approve {
+                    id,
+                    routes,
+                    relay,
+                    exit,
+                }) => {
+                    let org_id = org
+                        .org
+                        .as_deref()
+                        .map(|name| st.store.org_by_name(name).map(|o| o.id))
+                        .transpose()?;
+                    let d = st
+                        .store
+                        .approve(org_id, id, &routes, relay, exit, serve::unix_now())
+                        .map_err(|e| not_in_org(e, id, org.org.as_deref()))?;
+                    print_approval(&mut st, d.organization_id, id)?;
+                }
+                Some(DevicesAction::Revoke {
+                    id,
+                    routes,
+                    relay,
+                    exit,
+                }) => {
+                    let org_id = org
+                        .org
+                        .as_deref()
+                        .map(|name| st.store.org_by_name(name).map(|o| o.id))
+                        .transpose()?;
+                    let d = st
+                        .store
+                        .revoke(org_id, id, &routes, relay, exit, serve::unix_now())
+                        .map_err(|e| not_in_org(e, id, org.org.as_deref()))?;
+                    print_approval(&mut st, d.organization_id, id)?;
+                }
                 None => {
                     let org = st.store.org_by_name(org.name())?;
-                    let devices = st.store.devices(org.id)?;
+                    let devices = st.store.admin_devices(org.id)?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&devices)?);
                     } else {
                         print_devices(&devices, serve::unix_now());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Policy { action, org, state } => {
+            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
+            let org = st.store.org_by_name(org.name())?;
+            match action {
+                PolicyAction::Set { file } => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let revision = st
+                        .store
+                        .set_policy(org.id, &text, serve::unix_now())
+                        .with_context(|| format!("{}", file.display()))?;
+                    eprintln!(
+                        "stored the policy of organization {:?}; its revision:",
+                        org.name
+                    );
+                    println!("{revision}");
+                }
+                PolicyAction::Show { json } => {
+                    let policy = st.store.policy(org.id)?;
+                    if json {
+                        let value = serde_json::json!({
+                            "organization": org.name,
+                            "revision": policy.as_ref().map(|p| p.revision),
+                            "updated_at": policy.as_ref().map(|p| p.updated_at),
+                            "text": policy.as_ref().map(|p| p.text.as_str()),
+                        });
+                        println!("{}", serde_json::to_string_pretty(&value)?);
+                    } else if let Some(p) = policy {
+                        eprintln!(
+                            "policy of organization {:?}, revision {}:",
+                            org.name, p.revision
+                        );
+                        print!("{}", p.text);
+                    } else {
+                        eprintln!(
+                            "organization {:?} has no policy: everything is allowed, nothing approved in advance",
+                            org.name
+                        );
+                    }
+                }
+                PolicyAction::Clear => {
+                    if st.store.clear_policy(org.id, serve::unix_now())? {
+                        println!("cleared the policy of organization {:?}", org.name);
+                    } else {
+                        println!("organization {:?} had no policy", org.name);
                     }
                 }
             }
@@ -276,15 +361,24 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn print_devices(devices: &[Device], now: i64) {
+fn print_devices(devices: &[AdminDevice], now: i64) {
     println!(
-        "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} LAST SEEN",
-        "ID", "HOSTNAME", "TUNNEL IP", "TUNNEL IPV6", "ROLE", "STATE", "ENDPOINT"
+        "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} PENDING",
+        "ID",
+        "HOSTNAME",
+        "TUNNEL IP",
+        "TUNNEL IPV6",
+        "ROLE",
+        "STATE",
+        "ENDPOINT",
+        "LAST SEEN",
+        "APPROVED"
     );
-    for d in devices {
+    for a in devices {
+        let d = &a.device;
         let role = if d.unmanaged {
             "stock"
-        } else if d.relay {
+        } else if a.in_effect.relay {
             "relay"
         } else if d.relay_only {
             "spoke"
@@ -296,7 +390,7 @@ fn print_devices(devices: &[Device], now: i64) {
             .or_else(|| d.endpoints.first().copied())
             .map_or_else(|| "-".to_string(), |e| e.to_string());
         println!(
-            "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} {}s ago",
+            "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} {}",
             d.id,
             d.hostname,
             d.tunnel_ip,
@@ -305,9 +399,56 @@ fn print_devices(devices: &[Device], now: i64) {
             role,
             if d.online { "online" } else { "offline" },
             endpoint,
-            (now - d.last_seen).max(0)
+            format!("{}s ago", (now - d.last_seen).max(0)),
+            claims(&a.in_effect),
+            claims(&a.pending),
         );
     }
+}
+
+/// Claims as a short list: `relay,exit,198.51.100.0/24`, or `-`.
+fn claims(a: &Approved) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if a.relay {
+        parts.push("relay".into());
+    }
+    if a.exit {
+        parts.push("exit".into());
+    }
+    parts.extend(a.routes.iter().map(ToString::to_string));
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// A device not found while `--org` was given: say where it was looked for.
+fn not_in_org(e: nexodus::store::StoreError, id: i64, org: Option<&str>) -> anyhow::Error {
+    match (&e, org) {
+        (nexodus::store::StoreError::DeviceNotFound(_), Some(name)) => anyhow::anyhow!(
+            "device {id} is not in organization {name:?} (see `nexodus devices --org {name}`)"
+        ),
+        _ => e.into(),
+    }
+}
+
+/// After `devices approve|revoke`: what of the device is in effect and pending.
+fn print_approval(st: &mut serve::CoordinatorState, org: i64, id: i64) -> Result<()> {
+    let a = st
+        .store
+        .admin_devices(org)?
+        .into_iter()
+        .find(|a| a.device.id == id)
+        .with_context(|| format!("device {id} is gone"))?;
+    println!(
+        "device {} ({}): in effect: {}; pending: {}",
+        id,
+        a.device.hostname,
+        claims(&a.in_effect),
+        claims(&a.pending)
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

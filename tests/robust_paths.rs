@@ -533,6 +533,8 @@ fn routing_loop() {
     for i in [a, b, s] {
         c.start(i);
     }
+    // An admin approved it (peers carry only approved prefixes).
+    c.approve_routes(s, "203.0.113.5/32");
     let sa = c.nodes[a].wait_peer_count(2, d.left(PING_WAIT));
     let sb = c.nodes[b].wait_peer_count(2, d.left(PING_WAIT));
     let ss = c.nodes[s].wait_peer_count(2, d.left(PING_WAIT));

@@ -305,6 +305,20 @@ fn readme_admin_and_devices_add_examples_run_as_written() {
     let lab = |c: &Cluster| -> Vec<Device> {
         serde_json::from_str(&c.coord.admin(&["devices", "--org", "lab", "--json"])).unwrap()
     };
+    // The relay role takes effect once approved (as the README says).
+    let id = wait_until(
+        "the relay to register in lab",
+        Duration::from_secs(20),
+        || lab(&c).iter().find(|d| d.hostname == "relay").map(|d| d.id),
+    );
+    c.coord.admin(&[
+        "devices",
+        "approve",
+        &id.to_string(),
+        "--relay",
+        "--org",
+        "lab",
+    ]);
     wait_until(
         "the relay to be online in lab",
         Duration::from_secs(20),

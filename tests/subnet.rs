@@ -151,6 +151,8 @@ fn subnet_router_dual_stack() {
 
     w.start_with(relay, &["--relay"]);
     w.start_with(router, &["--advertise-cidr", ADVERTISE]);
+    // Peers install the prefixes only once an admin approved them.
+    w.approve_routes(router, ADVERTISE);
     w.start(direct);
     w.start_with(spoke, &["--relay-only"]);
     w.start(v4only);
@@ -280,6 +282,7 @@ fn subnet_router_masquerade() {
     // The LAN host has no route back to the mesh at all.
     lan_site(&mut w, router, false, deadline);
     w.start_with(router, &["--advertise-cidr", ADVERTISE, "--masquerade"]);
+    w.approve_routes(router, ADVERTISE);
     w.start(direct);
     wait_lan_routes(&w.nodes[direct], deadline.left(Duration::from_secs(40)));
     let rns = &w.nodes[router].ns;

@@ -31,7 +31,7 @@ pub(super) enum ControlEvent {
         removed: Vec<i64>,
     },
     /// The coordinator's answer to an update: our record.
-    Device(Device),
+    Device(Box<Device>),
     /// The connection dropped; a reconnect is under way.
     Lost,
 }
@@ -154,7 +154,11 @@ async fn push_updates(
         };
         match client.call(&req).await {
             Ok(Response::Device { device }) => {
-                if events.send(ControlEvent::Device(device)).await.is_err() {
+                if events
+                    .send(ControlEvent::Device(Box::new(device)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -95,7 +95,7 @@ impl Driver<'_> {
             ControlEvent::Delta { upserts, removed } => {
                 self.agent.handle_delta(&upserts, &removed, now);
             }
-            ControlEvent::Device(device) => self.agent.handle_device(device),
+            ControlEvent::Device(device) => self.agent.handle_device(*device),
             ControlEvent::Lost => self.agent.handle_disconnected(),
         }
     }

@@ -122,6 +122,30 @@ impl Agent {
         }
     }
 
+    /// The coordinator sends our relay role only once an admin approved it (DESIGN
+    /// §13): until then we are no relay, so every node agrees on which relay carries
+    /// the spokes. Called after a snapshot or delta was applied.
+    fn take_own_role(&mut self) {
+        let local = self.mesh.local();
+        let relay = self.device.relay;
+        if local.relay != relay {
+            if relay {
+                tracing::info!("relay role approved: relaying for the organization");
+            } else {
+                tracing::warn!(
+                    "relay role not approved (or revoked): an admin approves it with `nexodus devices approve {} --relay`",
+                    self.device.id
+                );
+            }
+            let actions = self.mesh.set_local(LocalView {
+                relay,
+                spoke: self.relay_only || (self.mapping.is_some_and(|m| m.symmetric) && !relay),
+                ..local
+            });
+            self.push_actions(actions);
+        }
+    }
+
     /// A full snapshot from the coordinator at `coordinator`, whose STUN port it names.
     pub fn handle_snapshot(
         &mut self,
@@ -140,6 +164,7 @@ impl Agent {
         self.report_mapping();
         let actions = self.mesh.apply_snapshot(devices, now);
         self.push_actions(actions);
+        self.take_own_role();
     }
 
     /// A delta from the coordinator.
@@ -149,6 +174,9 @@ impl Agent {
         self.take_own(upserts);
         let actions = self.mesh.apply_delta(upserts, removed, now);
         self.push_actions(actions);
+        if upserts.iter().any(|d| d.id == self.device.id) {
+            self.take_own_role();
+        }
     }
 
     /// The coordinator answered an update with our record.

@@ -18,7 +18,7 @@ pub fn error_response(err: &StoreError) -> Response {
         StoreError::TokenExpired => ErrorCode::TokenExpired,
         StoreError::TokenUsed => ErrorCode::TokenUsed,
         StoreError::Unauthorized => ErrorCode::Unauthorized,
-        StoreError::Invalid(_) => ErrorCode::InvalidRequest,
+        StoreError::Invalid(_) | StoreError::Policy(_) => ErrorCode::InvalidRequest,
         StoreError::Ipam(e) => match e {
             crate::coord::ipam::IpamError::Exhausted(_) => ErrorCode::PoolExhausted,
             crate::coord::ipam::IpamError::OutsidePrefix { .. }

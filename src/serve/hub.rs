@@ -317,7 +317,7 @@ impl Hub {
             let mut orgs = HashMap::new();
             for org in s.orgs()? {
                 let mut view = OrgView::new();
-                for d in s.devices(org.id)? {
+                for d in s.peer_devices(org.id)? {
                     view.set(d.id, Some((encode_device(&d)?, d.online)));
                 }
                 orgs.insert(org.id, view);
@@ -671,6 +671,8 @@ mod tests {
             last_seen: 5,
             unmanaged: false,
             online: true,
+            exit_node: false,
+            approved: Default::default(),
         }
     }
 

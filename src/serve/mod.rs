@@ -154,13 +154,13 @@ pub fn add_unmanaged(
     let org = state.store.org_by_name(org)?;
     let relay = state
         .store
-        .devices(org.id)?
+        .peer_devices(org.id)?
         .into_iter()
         .filter(|d| d.relay)
         .min_by_key(|d| d.id)
         .ok_or_else(|| {
             StoreError::Invalid(format!(
-                "organization {:?} has no relay; start a node with `nexodus join --relay` first: a stock WireGuard device reaches the mesh only through it",
+                "organization {:?} has no approved relay; start a node with `nexodus join --relay` and approve it (`nexodus devices approve ID --relay`) first: a stock WireGuard device reaches the mesh only through it",
                 org.name
             ))
         })?;

@@ -18,10 +18,12 @@ use std::net::IpAddr;
 use super::addrs::{AddrCache, AddrChange, AddrSource, DeviceAddrs};
 use super::rows::{Encoded, Token};
 use super::{
-    AdvertisedBy, Change, Organization, Registration, StoreError, check_advertised, check_register,
-    fail_all,
+    AdvertisedBy, Change, Organization, Registration, StoreError, StoredPolicy, check_advertised,
+    check_register, fail_all,
 };
-use crate::wire::control::{Device, RegisterRequest};
+use crate::policy::approve::effective;
+use crate::policy::{Approve, Policy};
+use crate::wire::control::{Approved, Device, RegisterRequest};
 
 /// The kind of a change-log entry.
 pub const UPSERT: &str = "upsert";
@@ -110,6 +112,18 @@ pub trait Tx {
     fn set_online(&mut self, id: i64, online: bool, now: i64) -> Result<u64, StoreError>;
     /// Deletes a device; returns its organization, `None` if there was none.
     fn delete_device(&mut self, id: i64) -> Result<Option<i64>, StoreError>;
+
+    /// An organization's devices, by id, their rows locked to the end of the
+    /// transaction.
+    fn lock_devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError>;
+    /// Writes a device's approvals (`Device::approved`).
+    fn set_approved(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError>;
+    fn policy(&mut self, organization_id: i64) -> Result<Option<StoredPolicy>, StoreError>;
+    /// Stores an organization's policy text; returns its revision.
+    fn put_policy(&mut self, organization_id: i64, text: &str, now: i64)
+    -> Result<i64, StoreError>;
+    /// Clears an organization's policy (its revision counts on).
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<u64, StoreError>;
 
     /// Appends a change and returns its revision. Called after every row lock the
     /// transaction needs is taken.
@@ -287,6 +301,8 @@ pub fn insert_device(
         last_seen: now,
         unmanaged,
         online: false,
+        exit_node: false,
+        approved: Approved::default(),
     };
     tx.insert_device(&Encoded::new(&device)?, credential_hash)
 }
@@ -334,4 +350,69 @@ pub fn set_online(tx: &mut dyn Tx, id: i64, online: bool, now: i64) -> Result<()
     let revision = tx.record_change(org, id, UPSERT, now)?;
     tx.set_revision(id, revision)?;
     Ok(())
+}
+
+/// The `[approve]` section of an organization's stored policy. None: no policy, or
+/// one that no longer parses (logged): then nothing is approved in advance.
+pub fn approvals(tx: &mut dyn Tx, organization_id: i64) -> Result<Option<Approve>, StoreError> {
+    let Some(stored) = tx.policy(organization_id)? else {
+        return Ok(None);
+    };
+    match Policy::parse(&stored.text) {
+        Ok(p) => Ok(Some(p.approve)),
+        Err(e) => {
+            tracing::error!(organization_id, error = %e, "stored policy does not parse; nothing is approved by it");
+            Ok(None)
+        }
+    }
+}
+
+/// Changes an admin's approvals of a device and records the change (peers get the
+/// device's new effective claims). `org`: the device must belong to it.
+pub fn set_approved(
+    tx: &mut dyn Tx,
+    org: Option<i64>,
+    id: i64,
+    change: &dyn Fn(&Device, &mut Approved),
+    now: i64,
+) -> Result<Device, StoreError> {
+    let mut d = tx.lock_device(id)?.ok_or(StoreError::DeviceNotFound(id))?;
+    if org.is_some_and(|o| o != d.organization_id) {
+        return Err(StoreError::DeviceNotFound(id));
+    }
+    let mut approved = d.approved.clone();
+    change(&d, &mut approved);
+    d.approved = approved;
+    tx.set_approved(&Encoded::new(&d)?)?;
+    let revision = tx.record_change(d.organization_id, id, UPSERT, now)?;
+    tx.set_revision(id, revision)?;
+    tx.device(id)?.ok_or(StoreError::DeviceNotFound(id))
+}
+
+/// Replaces (`Some`, already validated) or removes an organization's policy, and
+/// records a change for every device whose effective claims it changes. Returns
+/// the new policy's revision.
+pub fn put_policy(
+    tx: &mut dyn Tx,
+    org: i64,
+    text: Option<&str>,
+    now: i64,
+) -> Result<Option<i64>, StoreError> {
+    load_org(tx, org)?;
+    let before = approvals(tx, org)?;
+    let revision = match text {
+        Some(t) => Some(tx.put_policy(org, t, now)?),
+        None => {
+            tx.clear_policy(org, now)?;
+            None
+        }
+    };
+    let after = approvals(tx, org)?;
+    for d in tx.lock_devices(org)? {
+        if effective(&d, before.as_ref()) != effective(&d, after.as_ref()) {
+            let revision = tx.record_change(org, d.id, UPSERT, now)?;
+            tx.set_revision(d.id, revision)?;
+        }
+    }
+    Ok(revision)
 }

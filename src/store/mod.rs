@@ -38,7 +38,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 
 use crate::coord::ipam::{self, Advertiser, IpamError};
-use crate::wire::control::{Device, DeviceUpdate, RegisterRequest};
+use crate::policy::Policy;
+use crate::policy::approve::{self, AdminDevice};
+use crate::wire::control::{Approved, Device, DeviceUpdate, RegisterRequest};
 use flow::{Engine, Read};
 use rows::Token;
 
@@ -75,6 +77,8 @@ pub enum StoreError {
     OrgExists(String),
     #[error("device {0} not found")]
     DeviceNotFound(i64),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -111,6 +115,17 @@ pub struct Change {
     pub organization_id: i64,
     pub device_id: i64,
     pub device: Option<Device>,
+}
+
+/// An organization's policy file as stored (it validated when it was set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    pub organization_id: i64,
+    pub text: String,
+    /// 1 for the first `policy set`, one more for each `policy set` or `policy
+    /// clear` after it.
+    pub revision: i64,
+    pub updated_at: i64,
 }
 
 /// One registration of a batch (see [`Store::register_devices`]).
@@ -411,16 +426,42 @@ pub trait Store: Send {
         flow::read(self.engine(), Read::Plain, |tx| tx.device(device_id))
     }
 
-    /// Every device of an organization.
+    /// Every device of an organization as stored: what each claims, and what an
+    /// admin approved (peers see [`Store::peer_devices`]).
     fn devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
         flow::read(self.engine(), Read::Plain, |tx| tx.devices(organization_id))
     }
 
-    /// Every device of an organization and the revision they reflect, read
-    /// consistently.
+    /// Every device of an organization as its peers see it: claims reduced to what
+    /// is approved (`policy::approve::effective`).
+    fn peer_devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
+        Ok(self.snapshot(organization_id)?.1)
+    }
+
+    /// Every device of an organization as the admin sees it: as stored, with what is
+    /// in effect and what is pending.
+    fn admin_devices(&mut self, organization_id: i64) -> Result<Vec<AdminDevice>, StoreError> {
+        flow::read(self.engine(), Read::Snapshot, |tx| {
+            let approve = flow::approvals(tx, organization_id)?;
+            Ok(tx
+                .devices(organization_id)?
+                .into_iter()
+                .map(|d| AdminDevice::new(d, approve.as_ref()))
+                .collect())
+        })
+    }
+
+    /// Every device of an organization as its peers see it (see
+    /// [`Store::peer_devices`]) and the revision they reflect, read consistently.
     fn snapshot(&mut self, organization_id: i64) -> Result<(i64, Vec<Device>), StoreError> {
         flow::read(self.engine(), Read::Snapshot, |tx| {
-            Ok((tx.current_revision()?, tx.devices(organization_id)?))
+            let approve = flow::approvals(tx, organization_id)?;
+            let devices = tx.devices(organization_id)?;
+            let devices = devices
+                .iter()
+                .map(|d| approve::effective(d, approve.as_ref()))
+                .collect();
+            Ok((tx.current_revision()?, devices))
         })
     }
 
@@ -440,11 +481,118 @@ pub trait Store: Send {
     }
 
     /// Changes after `revision`, oldest first, at most `limit`, each with the device's
-    /// current state.
+    /// current state as its peers see it (claims reduced to what is approved: this
+    /// is what the hub sends watchers).
     fn changes_since(&mut self, revision: i64, limit: usize) -> Result<Vec<Change>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         flow::read(self.engine(), Read::Plain, |tx| {
-            tx.changes_since(revision, limit)
+            let mut changes = tx.changes_since(revision, limit)?;
+            let mut policies = std::collections::HashMap::new();
+            for c in &mut changes {
+                let Some(d) = c.device.as_mut() else { continue };
+                let approve = match policies.entry(c.organization_id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(flow::approvals(tx, c.organization_id)?)
+                    }
+                };
+                *d = approve::effective(d, approve.as_ref());
+            }
+            Ok(changes)
+        })
+    }
+
+    /// An admin approves claims of a device (DESIGN §13): `routes` (a prefix inside
+    /// one counts), the relay and exit roles. Nothing named: everything the device
+    /// claims now. One transaction; the device's peers get its new effective claims.
+    /// `organization_id`: the device must belong to it.
+    fn approve(
+        &mut self,
+        organization_id: Option<i64>,
+        device_id: i64,
+        routes: &[IpNet],
+        relay: bool,
+        exit: bool,
+        now: i64,
+    ) -> Result<Device, StoreError> {
+        check_approved_routes(routes)?;
+        let everything = routes.is_empty() && !relay && !exit;
+        flow::write(self.engine(), |tx, _| {
+            flow::set_approved(
+                tx,
+                organization_id,
+                device_id,
+                &|d, a| {
+                    if everything {
+                        approve::grant(a, &d.advertise_cidrs, d.relay, d.exit_node);
+                    } else {
+                        approve::grant(a, routes, relay, exit);
+                    }
+                },
+                now,
+            )
+        })
+    }
+
+    /// An admin takes approvals back: every approved prefix that overlaps one of
+    /// `routes`, the relay and exit roles. Nothing named: every approval of the
+    /// device. One transaction; peers drop what is no longer approved.
+    fn revoke(
+        &mut self,
+        organization_id: Option<i64>,
+        device_id: i64,
+        routes: &[IpNet],
+        relay: bool,
+        exit: bool,
+        now: i64,
+    ) -> Result<Device, StoreError> {
+        check_approved_routes(routes)?;
+        let everything = routes.is_empty() && !relay && !exit;
+        flow::write(self.engine(), |tx, _| {
+            flow::set_approved(
+                tx,
+                organization_id,
+                device_id,
+                &|_, a| {
+                    if everything {
+                        *a = Approved::default();
+                    } else {
+                        approve::withdraw(a, routes, relay, exit);
+                    }
+                },
+                now,
+            )
+        })
+    }
+
+    /// Validates a policy file and makes it the organization's (the old one stays if
+    /// it does not validate); devices whose effective claims change get a change.
+    /// Returns its revision.
+    fn set_policy(
+        &mut self,
+        organization_id: i64,
+        text: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        Policy::parse(text)?;
+        flow::write(self.engine(), |tx, _| {
+            flow::put_policy(tx, organization_id, Some(text), now)
+        })?
+        .ok_or_else(|| StoreError::Unavailable("policy stored without a revision".into()))
+    }
+
+    /// The organization's policy, if it has one.
+    fn policy(&mut self, organization_id: i64) -> Result<Option<StoredPolicy>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.policy(organization_id))
+    }
+
+    /// Removes the organization's policy (everything allowed, nothing approved in
+    /// advance); true if there was one.
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<bool, StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            let had = tx.policy(organization_id)?.is_some();
+            flow::put_policy(tx, organization_id, None, now)?;
+            Ok(had)
         })
     }
 }
@@ -550,6 +698,15 @@ pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), 
     }
     if let Some(cidrs) = &update.advertise_cidrs {
         d.advertise_cidrs.clone_from(cidrs);
+    }
+    Ok(())
+}
+
+/// Prefixes an admin approves or revokes: what a device could advertise.
+pub(crate) fn check_approved_routes(routes: &[IpNet]) -> Result<(), StoreError> {
+    for r in routes {
+        ipam::validate_advertised(*r)
+            .map_err(|e| StoreError::Invalid(format!("--routes {r}: {e}")))?;
     }
     Ok(())
 }

@@ -9,8 +9,8 @@
 use std::str::FromStr;
 
 use super::addrs::DeviceAddrs;
-use super::{AdvertisedBy, Change, Organization, StoreError};
-use crate::wire::control::Device;
+use super::{AdvertisedBy, Change, Organization, StoreError, StoredPolicy};
+use crate::wire::control::{Approved, Device};
 
 /// The device columns in `Device` order (a macro, so `concat!` can build queries).
 macro_rules! device_columns {
@@ -18,14 +18,16 @@ macro_rules! device_columns {
         "id, organization_id, public_key, hostname, os, tunnel_ip, tunnel_ip_v6, \
          organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, endpoints, \
          reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
-         advertise_cidrs, revision, last_seen, unmanaged, online"
+         advertise_cidrs, revision, last_seen, unmanaged, online, exit_node, approved_cidrs, \
+         relay_approved, exit_approved"
     };
     (d) => {
         "d.id, d.organization_id, d.public_key, d.hostname, d.os, d.tunnel_ip, \
          d.tunnel_ip_v6, d.organization_prefix, d.organization_prefix_v6, d.local_ip, \
          d.local_ip_v6, d.endpoints, d.reflexive_endpoint, d.symmetric_nat, d.relay, \
          d.relay_only, d.ipv6_supported, d.advertise_cidrs, d.revision, d.last_seen, \
-         d.unmanaged, d.online"
+         d.unmanaged, d.online, d.exit_node, d.approved_cidrs, d.relay_approved, \
+         d.exit_approved"
     };
 }
 pub(crate) use device_columns;
@@ -118,6 +120,12 @@ pub fn device(row: &impl Row, at: usize) -> Result<Device, StoreError> {
         last_seen: row.col(at + 19)?,
         unmanaged: row.col(at + 20)?,
         online: row.col(at + 21)?,
+        exit_node: row.col(at + 22)?,
+        approved: Approved {
+            routes: parse_json(row, at + 23, "approved_cidrs")?,
+            relay: row.col(at + 24)?,
+            exit: row.col(at + 25)?,
+        },
     })
 }
 
@@ -177,6 +185,32 @@ pub fn changed_addrs(row: &impl Row) -> Result<(i64, i64, Option<DeviceAddrs>), 
     ))
 }
 
+/// `organization_id, text, revision, updated_at` of `policies`.
+pub fn policy(row: &impl Row) -> Result<StoredPolicy, StoreError> {
+    Ok(StoredPolicy {
+        organization_id: row.col(0)?,
+        text: row.col(1)?,
+        revision: row.col(2)?,
+        updated_at: row.col(3)?,
+    })
+}
+
+/// An organization's policy (both dialects, as [`INSERT_DEVICE`]).
+pub const SELECT_POLICY: &str = "SELECT organization_id, text, revision, updated_at \
+    FROM policies WHERE organization_id = $1 AND text IS NOT NULL";
+
+/// Stores an organization's policy: revision 1, or one more than the last one (set or
+/// cleared).
+pub const PUT_POLICY: &str = "INSERT INTO policies (organization_id, text, revision, updated_at) \
+    VALUES ($1, $2, 1, $3) ON CONFLICT (organization_id) DO UPDATE SET text = excluded.text, \
+    revision = policies.revision + 1, updated_at = excluded.updated_at RETURNING revision";
+
+/// Clears an organization's policy (`now`, organization; SQLite numbers `$n` in order
+/// of appearance, so they appear in order); its revision still counts up (nodes can tell the
+/// newest policy from an older one).
+pub const CLEAR_POLICY: &str = "UPDATE policies SET text = NULL, revision = revision + 1, \
+    updated_at = $1 WHERE organization_id = $2 AND text IS NOT NULL";
+
 /// A join token as stored.
 #[derive(Debug, Clone, Copy)]
 pub struct Token {
@@ -201,9 +235,14 @@ pub fn token(row: &impl Row) -> Result<Token, StoreError> {
 pub const INSERT_DEVICE: &str = "INSERT INTO devices (organization_id, public_key, hostname, os, \
     tunnel_ip, tunnel_ip_v6, organization_prefix, organization_prefix_v6, endpoints, symmetric_nat, \
     relay, relay_only, ipv6_supported, advertise_cidrs, revision, last_seen, created_at, \
-    credential_hash, unmanaged) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15, $16, $17) \
+    credential_hash, unmanaged, exit_node, approved_cidrs, relay_approved, exit_approved) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15, $16, $17, \
+    $18, $19, $20, $21) \
     RETURNING id";
+
+/// Writes an admin's approvals of a device (both dialects).
+pub const SET_APPROVED: &str = "UPDATE devices SET approved_cidrs = $1, relay_approved = $2, \
+    exit_approved = $3 WHERE id = $4";
 
 /// Writes what a device may change about itself (both dialects, as [`INSERT_DEVICE`]).
 pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $2, \
@@ -224,6 +263,7 @@ pub struct Encoded<'a> {
     pub endpoints: String,
     pub reflexive_endpoint: Option<String>,
     pub advertise_cidrs: String,
+    pub approved_cidrs: String,
 }
 
 impl<'a> Encoded<'a> {
@@ -237,13 +277,14 @@ impl<'a> Encoded<'a> {
             endpoints: to_json(&d.endpoints)?,
             reflexive_endpoint: d.reflexive_endpoint.map(|e| e.to_string()),
             advertise_cidrs: to_json(&d.advertise_cidrs)?,
+            approved_cidrs: to_json(&d.approved.routes)?,
         })
     }
 }
 
 impl Encoded<'_> {
     /// The parameters of [`INSERT_DEVICE`].
-    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 17] {
+    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 21] {
         let d = self.d;
         [
             &d.organization_id,
@@ -263,6 +304,21 @@ impl Encoded<'_> {
             &d.last_seen,
             credential_hash,
             &d.unmanaged,
+            &d.exit_node,
+            &self.approved_cidrs,
+            &d.approved.relay,
+            &d.approved.exit,
+        ]
+    }
+
+    /// The parameters of [`SET_APPROVED`].
+    pub fn approved_params(&self) -> [&dyn Param; 4] {
+        let d = self.d;
+        [
+            &self.approved_cidrs,
+            &d.approved.relay,
+            &d.approved.exit,
+            &d.id,
         ]
     }
 

@@ -14,7 +14,7 @@ use rusqlite::{Connection, Params, TransactionBehavior, params, params_from_iter
 use super::addrs::{AddrCache, AddrChange, DeviceAddrs};
 use super::flow::{Engine, Read, ReadFn, Tx, WriteFn};
 use super::rows::{self, Encoded, Row as _, Token, device_columns, select_devices};
-use super::{AdvertisedBy, Change, Organization, Store, StoreError, migrate};
+use super::{AdvertisedBy, Change, Organization, Store, StoreError, StoredPolicy, migrate};
 use crate::wire::control::Device;
 
 /// The SQLite store.
@@ -349,6 +349,32 @@ impl Tx for Sql<'_> {
             [id],
             int,
         )
+    }
+
+    fn lock_devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
+        // The write transaction holds the whole database.
+        self.devices(organization_id)
+    }
+
+    fn set_approved(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError> {
+        self.execute(rows::SET_APPROVED, params_from_iter(e.approved_params()))
+    }
+
+    fn policy(&mut self, organization_id: i64) -> Result<Option<StoredPolicy>, StoreError> {
+        self.opt(rows::SELECT_POLICY, [organization_id], |r| rows::policy(r))
+    }
+
+    fn put_policy(
+        &mut self,
+        organization_id: i64,
+        text: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        self.one(rows::PUT_POLICY, params![organization_id, text, now], int)
+    }
+
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<u64, StoreError> {
+        self.execute(rows::CLEAR_POLICY, [now, organization_id])
     }
 
     fn record_change(&mut self, org: i64, id: i64, kind: &str, at: i64) -> Result<i64, StoreError> {

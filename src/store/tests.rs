@@ -186,6 +186,8 @@ both_backends!(
     allocation_sees_changes_from_another_connection,
     a_batch_is_registrations_one_after_the_other,
     no_op_updates_and_pruning,
+    claims_reach_peers_only_once_approved,
+    policy_approves_in_advance,
 );
 
 /// An update that changes nothing logs nothing; pruning keeps the newest revisions
@@ -948,4 +950,151 @@ fn sqlite_files_are_private_and_never_links() {
         err.contains("cannot open") && err.contains("link.db"),
         "{err}"
     );
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap()
+}
+
+/// The changes after `rev`, as (device id, device as peers see it).
+fn peer_changes(s: &mut dyn Store, rev: i64) -> Vec<(i64, Device)> {
+    s.changes_since(rev, 100)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.device_id, c.device.expect("not removed")))
+        .collect()
+}
+
+fn claims_reach_peers_only_once_approved(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    let org = s.org_by_name(DEFAULT_ORG).unwrap();
+    let mut r = req(1, true);
+    r.advertise_cidrs = vec![net("198.51.100.0/24"), net("2001:db8:100::/48")];
+    r.relay = true;
+    let a = s.register_device(&r, &hash_secret("t"), "c", 1).unwrap();
+    let other = register(s, 2, true, "c", 1);
+    // Stored as claimed; peers see nothing of it.
+    assert_eq!(
+        s.device(a.id).unwrap().unwrap().advertise_cidrs,
+        r.advertise_cidrs
+    );
+    let seen = peer_changes(s, 0);
+    let (_, mine) = seen.iter().find(|(id, _)| *id == a.id).unwrap();
+    assert!(mine.advertise_cidrs.is_empty() && !mine.relay, "{mine:?}");
+    let view = s.admin_devices(org.id).unwrap();
+    assert_eq!(view[0].pending.routes, r.advertise_cidrs);
+    assert!(view[0].pending.relay && view[0].in_effect.is_empty());
+
+    // A wider v4 prefix approves the advertised one: one change, for that device.
+    let before = s.current_revision().unwrap();
+    let d = s
+        .approve(None, a.id, &[net("198.51.100.0/23")], false, false, 2)
+        .unwrap();
+    assert_eq!(d.approved.routes, vec![net("198.51.100.0/23")]);
+    let seen = peer_changes(s, before);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].1.advertise_cidrs, vec![net("198.51.100.0/24")]);
+    assert!(!seen[0].1.relay && seen[0].1.approved.is_empty());
+
+    // The relay role; then everything it claims (no flags).
+    s.approve(Some(org.id), a.id, &[], true, false, 3).unwrap();
+    let peers = s.peer_devices(org.id).unwrap();
+    assert!(peers[0].relay);
+    s.approve(None, a.id, &[], false, false, 4).unwrap();
+    let view = s.admin_devices(org.id).unwrap();
+    assert!(view[0].pending.is_empty(), "{:?}", view[0].pending);
+    assert_eq!(
+        s.snapshot(org.id).unwrap().1[0].advertise_cidrs,
+        r.advertise_cidrs
+    );
+
+    // Revoking the v6 prefix, then everything (no flags).
+    let before = s.current_revision().unwrap();
+    s.revoke(None, a.id, &[net("2001:db8:100::/48")], false, false, 5)
+        .unwrap();
+    let seen = peer_changes(s, before);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].1.advertise_cidrs, vec![net("198.51.100.0/24")]);
+    s.revoke(None, a.id, &[], false, false, 6).unwrap();
+    let peers = s.peer_devices(org.id).unwrap();
+    assert!(peers[0].advertise_cidrs.is_empty() && !peers[0].relay);
+    assert!(s.device(a.id).unwrap().unwrap().approved.is_empty());
+
+    // Refusals change nothing.
+    let before = s.current_revision().unwrap();
+    assert!(matches!(
+        s.approve(None, 999, &[], true, false, 7),
+        Err(StoreError::DeviceNotFound(999))
+    ));
+    let lab = create_org(s, "lab", "10.1.0.0/16", "fd00:1::/64").unwrap();
+    assert!(matches!(
+        s.approve(Some(lab.id), other.id, &[], true, false, 7),
+        Err(StoreError::DeviceNotFound(_))
+    ));
+    let err = s
+        .approve(None, a.id, &[net("198.51.100.1/24")], false, false, 7)
+        .unwrap_err();
+    assert!(err.to_string().contains("198.51.100.0/24"), "{err}");
+    assert_eq!(s.current_revision().unwrap(), before);
+}
+
+const APPROVE_ROUTERS: &str = "[approve]\nroutes = [{ cidr = \"198.51.100.0/24\", by = [\"router*\"] }]\nrelay = [\"relay*\"]\n";
+
+fn policy_approves_in_advance(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    let org = s.org_by_name(DEFAULT_ORG).unwrap();
+    assert_eq!(s.policy(org.id).unwrap(), None);
+    assert!(!s.clear_policy(org.id, 1).unwrap());
+    let mut r = req(1, true);
+    r.hostname = "router1".into();
+    r.advertise_cidrs = vec![net("198.51.100.0/25")];
+    let router = s.register_device(&r, &hash_secret("t"), "c", 1).unwrap();
+    register(s, 2, true, "c", 1);
+
+    // A file that does not validate is refused and nothing changes.
+    let before = s.current_revision().unwrap();
+    let err = s
+        .set_policy(
+            org.id,
+            "[[allow]]\nfrom = [\"group:nope\"]\nto = [\"*\"]\n",
+            2,
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Policy(_)), "{err}");
+    assert_eq!(s.policy(org.id).unwrap(), None);
+    assert_eq!(s.current_revision().unwrap(), before);
+
+    // Set: only the device whose effective claims changed gets a change.
+    assert_eq!(s.set_policy(org.id, APPROVE_ROUTERS, 3).unwrap(), 1);
+    let seen = peer_changes(s, before);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, router.id);
+    assert_eq!(seen[0].1.advertise_cidrs, r.advertise_cidrs);
+    let stored = s.policy(org.id).unwrap().unwrap();
+    assert_eq!(
+        (stored.text.as_str(), stored.revision, stored.updated_at),
+        (APPROVE_ROUTERS, 1, 3)
+    );
+
+    // A bad file later keeps the old one; the same file again is a new revision
+    // that changes no device.
+    assert!(s.set_policy(org.id, "[approve]\nrelay = 3\n", 4).is_err());
+    assert_eq!(s.policy(org.id).unwrap().unwrap().revision, 1);
+    let before = s.current_revision().unwrap();
+    assert_eq!(s.set_policy(org.id, APPROVE_ROUTERS, 5).unwrap(), 2);
+    assert!(peer_changes(s, before).is_empty());
+
+    // Clear: the route is no longer approved, and peers are told.
+    assert!(s.clear_policy(org.id, 6).unwrap());
+    let seen = peer_changes(s, before);
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].1.advertise_cidrs.is_empty());
+    assert_eq!(s.policy(org.id).unwrap(), None);
+    assert!(!s.clear_policy(org.id, 7).unwrap());
+    // Revisions count on after a clear.
+    assert_eq!(s.set_policy(org.id, APPROVE_ROUTERS, 8).unwrap(), 4);
 }

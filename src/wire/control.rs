@@ -126,6 +126,32 @@ pub struct Device {
     /// Holds a watch stream to a coordinator right now.
     #[serde(default)]
     pub online: bool,
+    /// Offers its uplink as an exit (a claim, like `relay`; see [`Approved`]).
+    #[serde(default)]
+    pub exit_node: bool,
+    /// What an admin approved of the claims above (`nexodus devices approve`). Only
+    /// the admin's view carries it: peers are sent the claims already reduced to what
+    /// is approved (`policy::approve::effective`), with this left empty.
+    #[serde(default, skip_serializing_if = "Approved::is_empty")]
+    pub approved: Approved,
+}
+
+/// A device's claims an admin approved (DESIGN §13). A prefix inside an approved
+/// one counts as approved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approved {
+    #[serde(default)]
+    pub routes: Vec<IpNet>,
+    #[serde(default)]
+    pub relay: bool,
+    #[serde(default)]
+    pub exit: bool,
+}
+
+impl Approved {
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && !self.relay && !self.exit
+    }
 }
 
 /// Machine-readable error kinds, so a client can react without parsing text.

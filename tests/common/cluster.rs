@@ -85,6 +85,32 @@ impl Coord {
     pub fn device(&self, hostname: &str) -> Option<Device> {
         self.devices().into_iter().find(|d| d.hostname == hostname)
     }
+
+    /// Waits (bounded) until the device `hostname` is registered; returns its id.
+    pub fn device_id(&self, hostname: &str) -> i64 {
+        wait_until(
+            &format!("{hostname} to register"),
+            Duration::from_secs(30),
+            || self.device(hostname).map(|d| d.id),
+        )
+    }
+
+    /// `nexodus devices approve ID ARGS` for the device `hostname` (waiting for it
+    /// to register); panics with the command's output on failure.
+    pub fn approve(&self, hostname: &str, args: &[&str]) -> String {
+        let id = self.device_id(hostname).to_string();
+        let mut all = vec!["devices", "approve", &id];
+        all.extend_from_slice(args);
+        self.admin(&all)
+    }
+
+    /// `nexodus devices revoke ID ARGS` for the device `hostname`.
+    pub fn revoke(&self, hostname: &str, args: &[&str]) -> String {
+        let id = self.device_id(hostname).to_string();
+        let mut all = vec!["devices", "revoke", &id];
+        all.extend_from_slice(args);
+        self.admin(&all)
+    }
 }
 
 impl Drop for Coord {
@@ -485,10 +511,36 @@ impl Cluster {
         self.start_with(i, &[]);
     }
 
-    /// Starts a node with the cluster's token and `extra` flags for this run.
+    /// Starts a node with the cluster's token and `extra` flags for this run. A
+    /// `--relay` is approved once the node registered (`nexodus devices approve ID
+    /// --relay`, as the README tells users to).
     pub fn start_with(&mut self, i: usize, extra: &[&str]) {
         let token = self.token.clone();
         self.nodes[i].start_with(Some(&token), extra);
+        let relay = self.nodes[i]
+            .flags
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied());
+        if relay.into_iter().any(|f| f == "--relay") {
+            self.approve(i, &["--relay"]);
+        }
+    }
+
+    /// `nexodus devices approve ID ARGS` for node `i` (waiting for it to register);
+    /// panics with the command's output on failure.
+    pub fn approve(&self, i: usize, args: &[&str]) -> String {
+        self.coord.approve(&self.nodes[i].name, args)
+    }
+
+    /// Approves the prefixes `cidrs` (comma-separated) node `i` advertises.
+    pub fn approve_routes(&self, node_idx: usize, cidrs: &str) {
+        self.approve(node_idx, &["--routes", cidrs]);
+    }
+
+    /// `nexodus devices revoke ID ARGS` for node `i`.
+    pub fn revoke(&self, i: usize, args: &[&str]) -> String {
+        self.coord.revoke(&self.nodes[i].name, args)
     }
 
     /// Starts every node added so far, with the cluster's token.

@@ -136,3 +136,32 @@ fn disconnect_shows_in_the_view() {
     a.handle_delta(&[], &[], Instant::now());
     assert!(a.poll_view().unwrap().connected);
 }
+
+#[test]
+fn an_unapproved_relay_is_no_relay_until_the_coordinator_says_so() {
+    let now = Instant::now();
+    // Started with --relay; the coordinator sends our record without the role (not
+    // approved), and another relay, 3, which is approved.
+    let mut a = Agent::new(
+        device(1, true),
+        LocalView {
+            relay: true,
+            ..local(1, true)
+        },
+        false,
+        coordinator(),
+    );
+    let [two, relay] = with_relay();
+    a.handle_snapshot(&[device(1, true), two, relay], None, coordinator(), now);
+    assert!(!a.view().relay);
+    assert_eq!(a.view().relay_id, Some(3), "the approved relay, not us");
+    // Approved: our record now carries the role; we are the lowest-id relay.
+    let mut me = device(1, true);
+    me.relay = true;
+    a.handle_delta(&[me], &[], now);
+    assert!(a.view().relay);
+    assert_eq!(a.view().relay_id, Some(1));
+    // Revoked again.
+    a.handle_delta(&[device(1, true)], &[], now);
+    assert_eq!(a.view().relay_id, Some(3));
+}

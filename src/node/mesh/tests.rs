@@ -26,6 +26,8 @@ pub(crate) fn device(id: i64, v6: bool) -> Device {
         last_seen: 0,
         unmanaged: false,
         online: true,
+        exit_node: false,
+        approved: Default::default(),
     }
 }
 

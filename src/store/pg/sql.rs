@@ -16,7 +16,7 @@ use super::super::flow::Tx;
 use super::super::rows::{
     self, Encoded, Param, Row as _, Token, Value, device_columns, select_devices,
 };
-use super::super::{AdvertisedBy, Change, Organization, StoreError};
+use super::super::{AdvertisedBy, Change, Organization, StoreError, StoredPolicy};
 use crate::wire::control::Device;
 
 /// A connection or transaction with this connection's prepared statements: each
@@ -348,6 +348,32 @@ impl<C: GenericClient> Tx for Db<'_, C> {
              RETURNING revision",
             &[&org, &id, &kind, &at],
         )
+    }
+
+    fn lock_devices(&mut self, organization_id: i64) -> Result<Vec<Device>, StoreError> {
+        const SQL: &str = select_devices!("WHERE organization_id = $1 ORDER BY id FOR UPDATE");
+        self.all(SQL, &[&organization_id], device)
+    }
+
+    fn set_approved(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError> {
+        self.execute(rows::SET_APPROVED, &e.approved_params().map(bind))
+    }
+
+    fn policy(&mut self, organization_id: i64) -> Result<Option<StoredPolicy>, StoreError> {
+        self.opt(rows::SELECT_POLICY, &[&organization_id], rows::policy)
+    }
+
+    fn put_policy(
+        &mut self,
+        organization_id: i64,
+        text: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        self.value(rows::PUT_POLICY, &[&organization_id, &text, &now])
+    }
+
+    fn clear_policy(&mut self, organization_id: i64, now: i64) -> Result<u64, StoreError> {
+        self.execute(rows::CLEAR_POLICY, &[&now, &organization_id])
     }
 
     fn set_revision(&mut self, id: i64, revision: i64) -> Result<u64, StoreError> {

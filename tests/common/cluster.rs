@@ -498,6 +498,24 @@ impl Cluster {
         }
     }
 
+    /// Lets the coordinator carry the prefixes `cidrs` that node `i` advertises.
+    ///
+    /// Today every advertised prefix is carried as soon as the node registers, so
+    /// this does nothing; once the coordinator requires approval (DESIGN §13) it will
+    /// run `nexodus devices approve ID --routes CIDR,...` for node `i` (the lead
+    /// wires that in when merging): tests that advertise prefixes call it after the
+    /// node registered.
+    pub fn approve_routes(&self, i: usize, cidrs: &[&str]) {
+        let _ = (i, cidrs);
+    }
+
+    /// Lets node `i` take the relay role it claims (`--relay`). Does nothing today;
+    /// like [`Cluster::approve_routes`], it will run `nexodus devices approve ID
+    /// --relay` once the coordinator requires approval.
+    pub fn approve_relay(&self, i: usize) {
+        let _ = i;
+    }
+
     /// A scratch directory that lives as long as the cluster.
     pub fn scratch(&self, name: &str) -> PathBuf {
         state_dir(self.tmp.path(), name)

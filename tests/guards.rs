@@ -56,6 +56,8 @@ const COORD_HOST: &str = "203.0.113.1/32";
 const AROUND_B_LAN: &str = "198.51.100.0/23";
 const GLOBAL_V6: &str = "2000::/3";
 const HARMLESS: &str = "192.0.2.0/25";
+/// A prefix c already routes on its own: its route must stay as it is.
+const C_ROUTES_ITSELF: &str = "192.0.2.128/25";
 
 #[test]
 fn guard_refuses_routes_over_underlay_and_coordinator() {
@@ -85,7 +87,17 @@ fn guard_refuses_routes_over_underlay_and_coordinator() {
     bns.ok(&["ip", "link", "set", "lan9p", "up"]);
     bns.ok(&["ip", "link", "set", "lan9", "up"]);
 
-    let cidrs = [COORD_HOST, AROUND_B_LAN, GLOBAL_V6, HARMLESS];
+    w.nodes[c]
+        .ns
+        .ok(&["ip", "route", "add", C_ROUTES_ITSELF, "via", "203.0.113.1"]);
+
+    let cidrs = [
+        COORD_HOST,
+        AROUND_B_LAN,
+        GLOBAL_V6,
+        HARMLESS,
+        C_ROUTES_ITSELF,
+    ];
     w.start_with(adv, &["--advertise-cidr", &cidrs.join(",")]);
     w.start(b);
     w.start(c);
@@ -138,6 +150,18 @@ fn guard_refuses_routes_over_underlay_and_coordinator() {
     let sc = w.nodes[c].current();
     assert_eq!(refused(&sc), [COORD_HOST]);
     assert!(!nx0_routes(&w.nodes[c]).contains(COORD_HOST));
+    // A route the host already had is never replaced; b, without one, takes it.
+    let (c_v4, _) = w.nodes[c].routes();
+    assert!(
+        c_v4.lines()
+            .any(|l| l.starts_with(&format!("{C_ROUTES_ITSELF} via 203.0.113.1 "))),
+        "c's own route for {C_ROUTES_ITSELF} was replaced:\n{c_v4}"
+    );
+    w.nodes[b].wait_routes(
+        "a route for the prefix c routes itself",
+        deadline.left(Duration::from_secs(10)),
+        |v4, _| routed_to_nx0(v4, C_ROUTES_ITSELF),
+    );
 
     // Still connected: a device that joins later reaches both, and they talk.
     let d = w.add_node("d", "203.0.113.5/24", true, &[]);

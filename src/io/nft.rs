@@ -1,19 +1,22 @@
-//! Optional masquerade for subnet routers (`--masquerade`), with nftables.
+//! A subnet router's nftables table: forwarding from the mesh limited to the
+//! advertised prefixes, and optional masquerade (`--masquerade`).
 //!
 //! One table per interface, `nexodus_<interface>`, so it is easy to find and is
-//! replaced whole: traffic from the organization's prefixes leaving through any other
-//! interface gets the router's address, for LANs that have no route back to the mesh.
+//! replaced whole: packets from the mesh are forwarded only towards the advertised
+//! prefixes (the router is not an exit); with masquerade, traffic from the
+//! organization's prefixes leaving towards them gets the router's address, for LANs
+//! that have no route back to the mesh.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("cannot run `nft` (is nftables installed?): {0}")]
     Spawn(std::io::Error),
-    #[error("nft refused the masquerade rules: {0}")]
+    #[error("nft refused the subnet router's rules: {0}")]
     Failed(String),
 }
 
@@ -47,32 +50,72 @@ fn nft(script: &str) -> Result<(), NftError> {
     }
 }
 
-/// The nftables script that (re)creates the masquerade table.
-pub fn masquerade_script(interface: &str, v4: Ipv4Net, v6: Option<Ipv6Net>) -> String {
+/// The nftables script that (re)creates a subnet router's table: packets entering
+/// from the mesh interface are forwarded only towards the `advertised` prefixes (and
+/// as replies of connections made from elsewhere); everything else from the mesh is
+/// dropped, so the router is no exit. With `masquerade` (the organization's v4 and
+/// v6 prefixes), mesh traffic leaving towards the advertised prefixes gets the
+/// router's address.
+pub fn router_script(
+    interface: &str,
+    advertised: &[IpNet],
+    masquerade: Option<(Ipv4Net, Option<Ipv6Net>)>,
+) -> String {
     let t = table(interface);
+    let set = |v6: bool| -> Option<String> {
+        let nets: Vec<String> = advertised
+            .iter()
+            .filter(|n| n.addr().is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
+        (!nets.is_empty()).then(|| format!("{{ {} }}", nets.join(", ")))
+    };
+    let (v4, v6) = (set(false), set(true));
     let mut s = format!(
-        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname != \"{interface}\" ip saddr {v4} masquerade\n"
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n"
     );
-    if let Some(v6) = v6 {
+    if let Some(v4) = &v4 {
         s.push_str(&format!(
-            "    oifname != \"{interface}\" ip6 saddr {v6} masquerade\n"
+            "    iifname \"{interface}\" ip daddr {v4} accept\n"
         ));
     }
-    s.push_str("  }\n}\n");
+    if let Some(v6) = &v6 {
+        s.push_str(&format!(
+            "    iifname \"{interface}\" ip6 daddr {v6} accept\n"
+        ));
+    }
+    s.push_str(&format!(
+        "    iifname \"{interface}\" ct state established,related accept\n    iifname \"{interface}\" counter drop\n  }}\n"
+    ));
+    if let Some((org_v4, org_v6)) = masquerade {
+        s.push_str("  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n");
+        if let Some(v4) = &v4 {
+            s.push_str(&format!(
+                "    oifname != \"{interface}\" ip saddr {org_v4} ip daddr {v4} masquerade\n"
+            ));
+        }
+        if let (Some(org_v6), Some(v6)) = (org_v6, &v6) {
+            s.push_str(&format!(
+                "    oifname != \"{interface}\" ip6 saddr {org_v6} ip6 daddr {v6} masquerade\n"
+            ));
+        }
+        s.push_str("  }\n");
+    }
+    s.push_str("}\n");
     s
 }
 
-/// Installs (or replaces) the masquerade table.
-pub fn install_masquerade(
+/// Installs (or replaces) a subnet router's table (see [`router_script`]).
+pub fn install_router(
     interface: &str,
-    v4: Ipv4Net,
-    v6: Option<Ipv6Net>,
+    advertised: &[IpNet],
+    masquerade: Option<(Ipv4Net, Option<Ipv6Net>)>,
 ) -> Result<(), NftError> {
-    nft(&masquerade_script(interface, v4, v6))
+    nft(&router_script(interface, advertised, masquerade))
 }
 
-/// Removes the masquerade table, if any.
-pub fn remove_masquerade(interface: &str) -> Result<(), NftError> {
+/// Removes the router's table, if any.
+pub fn remove_router(interface: &str) -> Result<(), NftError> {
     let t = table(interface);
     nft(&format!("table inet {t}\ndelete table inet {t}\n"))
 }
@@ -81,16 +124,62 @@ pub fn remove_masquerade(interface: &str) -> Result<(), NftError> {
 mod tests {
     use super::*;
 
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
     #[test]
-    fn script_names_prefixes_and_excludes_the_mesh_interface() {
-        let s = masquerade_script(
+    fn router_forwards_from_the_mesh_only_to_its_prefixes() {
+        let s = router_script(
             "nx0",
-            "100.64.0.0/10".parse().unwrap(),
-            Some("200::/64".parse().unwrap()),
+            &nets(&["198.51.100.0/24", "2001:db8:100::/64", "192.0.2.0/26"]),
+            None,
         );
         assert!(s.contains("table inet nexodus_nx0 {"));
-        assert!(s.contains("oifname != \"nx0\" ip saddr 100.64.0.0/10 masquerade"));
-        assert!(s.contains("oifname != \"nx0\" ip6 saddr 200::/64 masquerade"));
-        assert!(!masquerade_script("nx0", "100.64.0.0/10".parse().unwrap(), None).contains("ip6"));
+        assert!(s.contains("type filter hook forward priority filter; policy accept;"));
+        assert!(s.contains("iifname \"nx0\" ip daddr { 198.51.100.0/24, 192.0.2.0/26 } accept"));
+        assert!(s.contains("iifname \"nx0\" ip6 daddr { 2001:db8:100::/64 } accept"));
+        // Replies of connections made from elsewhere; then the rest is dropped.
+        let established = s.find("iifname \"nx0\" ct state established,related accept");
+        let drop = s.find("iifname \"nx0\" counter drop");
+        assert!(
+            established.is_some() && drop.is_some() && established < drop,
+            "{s}"
+        );
+        assert!(s.find("ip daddr").unwrap() < drop.unwrap());
+        // No masquerade unless asked.
+        assert!(!s.contains("masquerade"), "{s}");
+        // One family only: no empty set for the other.
+        let v4_only = router_script("nx0", &nets(&["198.51.100.0/24"]), None);
+        assert!(!v4_only.contains("ip6 daddr"), "{v4_only}");
+        assert!(v4_only.contains("counter drop"));
+        assert!(!v4_only.contains("{  }") && !v4_only.contains("{ }"));
+    }
+
+    #[test]
+    fn masquerade_only_towards_the_advertised_prefixes() {
+        let s = router_script(
+            "nx0",
+            &nets(&["198.51.100.0/24", "2001:db8:100::/64"]),
+            Some((
+                "100.64.0.0/10".parse().unwrap(),
+                Some("200::/64".parse().unwrap()),
+            )),
+        );
+        assert!(s.contains("type nat hook postrouting priority srcnat; policy accept;"));
+        assert!(s.contains(
+            "oifname != \"nx0\" ip saddr 100.64.0.0/10 ip daddr { 198.51.100.0/24 } masquerade"
+        ));
+        assert!(s.contains(
+            "oifname != \"nx0\" ip6 saddr 200::/64 ip6 daddr { 2001:db8:100::/64 } masquerade"
+        ));
+        assert_eq!(s.matches("masquerade").count(), 2, "{s}");
+        // No v6 on the mesh here: no v6 masquerade.
+        let s = router_script(
+            "nx0",
+            &nets(&["198.51.100.0/24", "2001:db8:100::/64"]),
+            Some(("100.64.0.0/10".parse().unwrap(), None)),
+        );
+        assert_eq!(s.matches("masquerade").count(), 1, "{s}");
     }
 }

@@ -34,16 +34,25 @@ fn family(net: &IpNet) -> &'static str {
     if net.addr().is_ipv4() { "-4" } else { "-6" }
 }
 
-/// Routes `net` to `dev` (replacing any route for the same prefix).
-pub fn add(dev: &str, net: IpNet) -> Result<(), RouteError> {
-    ip(&[
-        family(&net),
-        "route",
-        "replace",
-        &net.to_string(),
-        "dev",
-        dev,
-    ])
+/// What [`add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    Added,
+    /// The host already has a route for this prefix (its own, or ours from before):
+    /// it is left as it is, never replaced.
+    Exists,
+}
+
+/// Routes `net` to `dev`, unless a route for the same prefix exists: a peer's
+/// prefix never overwrites a route of the host (`ip route add`, not `replace`).
+pub fn add(dev: &str, net: IpNet) -> Result<Added, RouteError> {
+    match ip(&[family(&net), "route", "add", &net.to_string(), "dev", dev]) {
+        Ok(()) => Ok(Added::Added),
+        Err(RouteError::Failed { stderr, .. }) if stderr.contains("File exists") => {
+            Ok(Added::Exists)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes the route for `net` through `dev`; a route already gone is not an error.

@@ -78,6 +78,80 @@ pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
     Ok(())
 }
 
+/// The host's addresses with their prefix lengths (each names its connected
+/// prefix), on every interface but `except` (the mesh interface) and loopback: what
+/// the node's route guard protects. Empty if the kernel will not say.
+pub fn underlay_prefixes(except: &str) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot list the host's addresses; the route guard protects only the coordinators");
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null() || ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated interface name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if name.to_bytes() == except.as_bytes() || ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0 {
+            continue;
+        }
+        // SAFETY: the address and netmask are sockaddrs of the family in sa_family.
+        let net = unsafe { sockaddr_net(ifa.ifa_addr, ifa.ifa_netmask) };
+        out.extend(net);
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// An address and its netmask as a prefix (None for other families).
+///
+/// # Safety
+/// `addr` must point to a valid sockaddr; `mask`, if not null, to one of the same
+/// family.
+unsafe fn sockaddr_net(
+    addr: *const libc::sockaddr,
+    mask: *const libc::sockaddr,
+) -> Option<ipnet::IpNet> {
+    // SAFETY: the caller's contract; each cast matches the family read first.
+    unsafe {
+        match i32::from((*addr).sa_family) {
+            libc::AF_INET => {
+                let a = &*addr.cast::<libc::sockaddr_in>();
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                let len = if mask.is_null() {
+                    32
+                } else {
+                    let m = &*mask.cast::<libc::sockaddr_in>();
+                    u32::from_be(m.sin_addr.s_addr).leading_ones() as u8
+                };
+                ipnet::Ipv4Net::new(ip, len).ok().map(ipnet::IpNet::V4)
+            }
+            libc::AF_INET6 => {
+                let a = &*addr.cast::<libc::sockaddr_in6>();
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                let len = if mask.is_null() {
+                    128
+                } else {
+                    let m = &*mask.cast::<libc::sockaddr_in6>();
+                    u128::from_be_bytes(m.sin6_addr.s6_addr).leading_ones() as u8
+                };
+                ipnet::Ipv6Net::new(ip, len).ok().map(ipnet::IpNet::V6)
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +166,12 @@ mod tests {
             std::fs::write(p.join("disable_ipv6"), v).unwrap();
         }
         d
+    }
+
+    #[test]
+    fn lists_underlay_prefixes_but_not_loopback() {
+        let nets = underlay_prefixes("nx-none");
+        assert!(nets.iter().all(|n| !n.addr().is_loopback()), "{nets:?}");
     }
 
     #[test]

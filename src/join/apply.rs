@@ -64,7 +64,13 @@ impl RouteApplier {
     pub(crate) fn kernel(interface: String) -> std::io::Result<Self> {
         Self::spawn(move |change| {
             let result = match change {
-                RouteChange::Add(net) => route::add(&interface, net),
+                RouteChange::Add(net) => match route::add(&interface, net) {
+                    Ok(route::Added::Exists) => {
+                        tracing::warn!(prefix = %net, "the host already routes this prefix; leaving its route as it is");
+                        Ok(())
+                    }
+                    other => other.map(|_| ()),
+                },
                 RouteChange::Remove(net) => route::remove(&interface, net),
             };
             if let Err(e) = result {

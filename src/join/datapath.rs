@@ -21,6 +21,7 @@ use crate::io::udp;
 use crate::node::dataplane::{
     Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId, PeerStats,
 };
+use crate::node::nat::StunGate;
 use crate::wire::stun;
 
 /// Packets taken from one source per loop turn before looking at the others.
@@ -36,17 +37,25 @@ pub struct DataPathStatus {
     /// Packets this node forwarded between two peers (relay mode).
     pub relayed_packets: u64,
     pub relayed_bytes: u64,
+    /// STUN answers dropped: not from a server we asked or not to a request we
+    /// sent (spoofed or late), or the queue to the driver was full.
+    pub stun_unsolicited: u64,
+    pub stun_queue_full: u64,
 }
 
 /// A STUN answer that arrived on the WireGuard socket: (transaction, mapped address).
 pub type StunAnswer = (stun::TransactionId, SocketAddr);
 
+/// Room for STUN answers between the data path and the driver: a probe round
+/// expects a handful; more are dropped and counted.
+pub const STUN_QUEUE: usize = 16;
+
 /// How the thread is set up.
 pub struct DataPathConfig {
     /// Forward packets between peers inside this process (`--relay`).
     pub relay: bool,
-    /// Where STUN answers go.
-    pub stun_answers: tokio::sync::mpsc::UnboundedSender<StunAnswer>,
+    /// Where STUN answers go (bounded: [`STUN_QUEUE`]).
+    pub stun_answers: tokio::sync::mpsc::Sender<StunAnswer>,
 }
 
 pub enum Command {
@@ -118,6 +127,9 @@ impl DataPath {
                     socket,
                     config,
                     io_drops: 0,
+                    stun_gate: StunGate::default(),
+                    stun_unsolicited: 0,
+                    stun_queue_full: 0,
                 };
                 lp.run(&rx, &thread_wake);
             })?;
@@ -160,6 +172,10 @@ struct Loop {
     local_v6: bool,
     config: DataPathConfig,
     io_drops: u64,
+    /// The STUN requests we sent, which answers must match.
+    stun_gate: StunGate,
+    stun_unsolicited: u64,
+    stun_queue_full: u64,
 }
 
 /// A STUN message rather than WireGuard: WireGuard's first four bytes are a type 1-4
@@ -462,9 +478,7 @@ impl Loop {
                 };
                 for datagram in data.chunks(meta.stride.max(1)) {
                     if is_stun_answer(datagram) {
-                        if let Ok(answer) = stun::parse_binding_response(datagram) {
-                            let _ = self.config.stun_answers.send(answer);
-                        }
+                        self.stun_answer(from, datagram);
                         continue;
                     }
                     let Some(out) = b.tun_out.get_mut(k).and_then(|o| o.get_mut(b.tun_offset..))
@@ -506,6 +520,23 @@ impl Loop {
             }
             self.write_tun(b, k);
             self.flush_train(&mut b.fwd);
+        }
+    }
+
+    /// Passes a STUN answer to the driver if it answers a request we sent to that
+    /// server; drops and counts anything else, and answers the full queue would not
+    /// hold.
+    fn stun_answer(&mut self, from: SocketAddr, datagram: &[u8]) {
+        let Ok(answer) = stun::parse_binding_response(datagram) else {
+            self.stun_unsolicited += 1;
+            return;
+        };
+        if !self.stun_gate.admit(from, &answer.0) {
+            self.stun_unsolicited += 1;
+            return;
+        }
+        if self.config.stun_answers.try_send(answer).is_err() {
+            self.stun_queue_full += 1;
         }
     }
 
@@ -575,7 +606,10 @@ impl Loop {
                         Command::Remove(id) => {
                             self.dp.remove_peer(id);
                         }
-                        Command::SendRaw(to, data) => self.send_udp(to, &data),
+                        Command::SendRaw(to, data) => {
+                            self.stun_gate.sent(to, &data);
+                            self.send_udp(to, &data);
+                        }
                         Command::Status(reply) => {
                             let peers = self
                                 .dp
@@ -588,6 +622,8 @@ impl Loop {
                                 io_drops: self.io_drops,
                                 relayed_packets: self.dp.counters().relayed_packets,
                                 relayed_bytes: self.dp.counters().relayed_bytes,
+                                stun_unsolicited: self.stun_unsolicited,
+                                stun_queue_full: self.stun_queue_full,
                             });
                         }
                         Command::Shutdown => return,

@@ -15,6 +15,7 @@ use rand::RngCore;
 use tokio::sync::{mpsc, watch};
 
 use crate::node::agent::{Agent, NodeView, Timer};
+use crate::node::route_guard::RouteGuard;
 use crate::wire::control::DeviceUpdate;
 
 use super::apply::{CommandSink, RouteApplier, apply};
@@ -30,7 +31,10 @@ pub(super) struct Driver<'a> {
     /// Persistent keepalive installed with every peer.
     pub keepalive: u16,
     pub events: mpsc::Receiver<ControlEvent>,
-    pub stun_answers: mpsc::UnboundedReceiver<StunAnswer>,
+    pub stun_answers: mpsc::Receiver<StunAnswer>,
+    /// Reads what the route guard protects (the host's addresses may change): at
+    /// every snapshot (each reconnection) and NAT probe.
+    pub guard: Box<dyn Fn() -> RouteGuard + Send + Sync + 'a>,
     pub updates: watch::Sender<Option<DeviceUpdate>>,
     pub view: watch::Sender<NodeView>,
 }
@@ -74,6 +78,7 @@ impl Driver<'_> {
                     Some(Timer::Probe) => {
                         let mut random = [0u8; 24];
                         rand::rng().fill_bytes(&mut random);
+                        self.agent.set_route_guard((self.guard)());
                         self.agent.handle_timeout(Instant::now(), random);
                     }
                     None => {}
@@ -89,9 +94,11 @@ impl Driver<'_> {
                 devices,
                 stun_port,
                 coordinator,
-            } => self
-                .agent
-                .handle_snapshot(&devices, stun_port, coordinator, now),
+            } => {
+                self.agent.set_route_guard((self.guard)());
+                self.agent
+                    .handle_snapshot(&devices, stun_port, coordinator, now);
+            }
             ControlEvent::Delta { upserts, removed } => {
                 self.agent.handle_delta(&upserts, &removed, now);
             }

@@ -13,7 +13,7 @@ use crate::io::{nft, tun, udp};
 use crate::node::dataplane::DataPlane;
 use crate::wire::control::Device;
 
-use super::datapath::{DataPath, DataPathConfig, StunAnswer};
+use super::datapath::{DataPath, DataPathConfig, STUN_QUEUE, StunAnswer};
 use super::{JoinConfig, JoinError};
 
 /// What [`start`] brought up.
@@ -24,10 +24,16 @@ pub(super) struct Up {
     /// Our IPv6 tunnel address and prefix length, if the mesh uses IPv6 here.
     pub v6: Option<(Ipv6Addr, u8)>,
     /// STUN answers the data path hands back.
-    pub stun_answers: mpsc::UnboundedReceiver<StunAnswer>,
+    pub stun_answers: mpsc::Receiver<StunAnswer>,
 }
 
-/// Installs masquerading if asked, creates the packet device and the UDP socket on
+/// A subnet router (kernel mode) gets its nftables table: forwarding limited to the
+/// advertised prefixes, and masquerade if asked.
+pub(super) fn router_table(cfg: &JoinConfig) -> bool {
+    cfg.userspace.is_none() && (!cfg.advertise_cidrs.is_empty() || cfg.masquerade)
+}
+
+/// Installs a subnet router's forwarding limits and masquerading, creates the packet device and the UDP socket on
 /// `listen_port`, and starts the data-path thread with `private` as our key.
 pub(super) fn start(
     cfg: &JoinConfig,
@@ -40,13 +46,16 @@ pub(super) fn start(
         .tunnel_ip_v6
         .filter(|_| ipv6)
         .map(|a| (a, device.organization_prefix_v6.prefix_len()));
-    if cfg.masquerade {
-        nft::install_masquerade(
-            &cfg.interface,
+    if router_table(cfg) {
+        let masquerade = cfg.masquerade.then_some((
             device.organization_prefix,
             v6.map(|_| device.organization_prefix_v6),
-        )?;
-        tracing::info!("masquerading mesh traffic to the advertised prefixes");
+        ));
+        nft::install_router(&cfg.interface, &cfg.advertise_cidrs, masquerade)?;
+        tracing::info!(
+            masquerade = cfg.masquerade,
+            "forwarding from the mesh only to the advertised prefixes"
+        );
     }
     let (packets, stack) = match &cfg.userspace {
         None => {
@@ -73,7 +82,7 @@ pub(super) fn start(
         port: listen_port,
         source,
     })?;
-    let (stun_tx, stun_answers) = mpsc::unbounded_channel();
+    let (stun_tx, stun_answers) = mpsc::channel(STUN_QUEUE);
     let mut dataplane = DataPlane::new(private);
     dataplane.set_mtu(usize::from(tun::DEFAULT_MTU));
     let datapath = DataPath::spawn(

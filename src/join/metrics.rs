@@ -1,7 +1,7 @@
 //! The node's Prometheus figures (DESIGN §11), rendered from the same [`Status`] that
 //! `nexodus status` prints: per peer (labels `peer` = hostname and `path`) bytes
 //! received and sent and the age of the last handshake; drops by reason; bytes
-//! relayed; cookie replies.
+//! relayed; cookie replies; peers' prefixes the route guard refused.
 //!
 //! Each scrape builds a fresh registry from the status, so a removed peer's series
 //! disappear with it and a peer that changes path shows under its new `path` label.
@@ -73,6 +73,11 @@ fn gather(status: &Status) -> prometheus::Result<String> {
         "Handshake initiations answered with a cookie reply (under load)",
     )?;
     cookies.inc_by(status.cookie_replies);
+    let refused = IntCounter::new(
+        "nexodus_node_routes_refused_total",
+        "Times a peer's prefix was refused by the route guard (it covered this host's underlay, a coordinator, reserved space or a default route)",
+    )?;
+    refused.inc_by(status.routes_refused_total);
     let registry = Registry::new();
     registry.register(Box::new(rx))?;
     registry.register(Box::new(tx))?;
@@ -80,6 +85,7 @@ fn gather(status: &Status) -> prometheus::Result<String> {
     registry.register(Box::new(drops))?;
     registry.register(Box::new(relayed))?;
     registry.register(Box::new(cookies))?;
+    registry.register(Box::new(refused))?;
     crate::metrics::encode(&registry)
 }
 
@@ -127,6 +133,8 @@ mod tests {
                 peer("beta", "direct", 100, Some(4)),
                 peer("gamma", "relay", 5, None),
             ],
+            routes_refused: vec!["2000::/3".parse().unwrap()],
+            routes_refused_total: 2,
             drops: [("no_route".to_string(), 2)].into_iter().collect(),
         };
         let text = render(&status);
@@ -137,6 +145,7 @@ mod tests {
             "nexodus_drops_total{reason=\"no_route\"} 2",
             "nexodus_relayed_bytes_total 12",
             "nexodus_cookie_replies_total 3",
+            "nexodus_node_routes_refused_total 2",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

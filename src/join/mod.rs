@@ -36,6 +36,7 @@ use crate::coord::token::{JoinToken, TokenError, hex};
 use crate::io::{nft, sysinfo, tun, udp};
 use crate::node::agent::Agent;
 use crate::node::mesh::LocalView;
+use crate::node::route_guard::RouteGuard;
 use enroll::{Ctx, Enrolled};
 use state::{NodeState, StateError};
 
@@ -225,6 +226,18 @@ fn split_host_port(e: &str) -> Option<(&str, u16)> {
     valid.then_some((host, port))
 }
 
+/// What the route guard protects on this host now: the addresses and connected
+/// prefixes of every interface but the mesh's own, and each coordinator address.
+fn route_guard(interface: &str, coordinators: &[SocketAddr]) -> RouteGuard {
+    // `--use-exit-node` (DESIGN §8) will allow the chosen exit's default route here
+    // with `RouteGuard::allowing_default`.
+    RouteGuard::new(
+        sysinfo::underlay_prefixes(interface)
+            .into_iter()
+            .chain(coordinators.iter().map(|a| IpNet::from(a.ip()))),
+    )
+}
+
 /// Runs the node until `shutdown` resolves or an unrecoverable error.
 pub async fn run(
     cfg: JoinConfig,
@@ -325,7 +338,7 @@ pub async fn run(
         // The data path's own table is the only one.
         Some(_) => None,
     };
-    let agent = Agent::new(
+    let mut agent = Agent::new(
         device.clone(),
         LocalView {
             device_id: device.id,
@@ -339,6 +352,8 @@ pub async fn run(
         cfg.relay_only,
         client.remote_address(),
     );
+    let guard = || route_guard(&cfg.interface, &ctx.addrs);
+    agent.set_route_guard(guard());
     let (view_tx, view) = tokio::sync::watch::channel(agent.view());
     let (updates_tx, updates) = tokio::sync::watch::channel(None);
     let (events_tx, events) = tokio::sync::mpsc::channel(64);
@@ -353,6 +368,7 @@ pub async fn run(
         keepalive: cfg.keepalive,
         events,
         stun_answers,
+        guard: Box::new(guard),
         updates: updates_tx,
         view: view_tx,
     };
@@ -365,10 +381,10 @@ pub async fn run(
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);
-    if cfg.masquerade
-        && let Err(e) = nft::remove_masquerade(&cfg.interface)
+    if iface::router_table(&cfg)
+        && let Err(e) = nft::remove_router(&cfg.interface)
     {
-        tracing::warn!(error = %e, "could not remove the masquerade table");
+        tracing::warn!(error = %e, "could not remove the subnet router's nftables table");
     }
     match &result {
         // Not registered any more: say only what happened here.

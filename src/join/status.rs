@@ -64,6 +64,13 @@ pub struct Status {
     #[serde(default)]
     pub userspace: Option<crate::userspace::UserspaceStatus>,
     pub peers: Vec<PeerStatus>,
+    /// Peers' prefixes this node refuses to route now (they cover its underlay, a
+    /// coordinator, loopback, link-local or multicast space, or are a default route).
+    #[serde(default)]
+    pub routes_refused: Vec<IpNet>,
+    /// How many times a prefix started being refused.
+    #[serde(default)]
+    pub routes_refused_total: u64,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: BTreeMap<String, u64>,
 }
@@ -179,6 +186,8 @@ pub(crate) fn build(
             ("bad_mac", c.bad_mac),
             ("handshake", c.handshake),
             ("io", d.io_drops),
+            ("stun_unsolicited", d.stun_unsolicited),
+            ("stun_queue_full", d.stun_queue_full),
         ] {
             if v > 0 {
                 drops.insert(name.to_string(), v);
@@ -202,6 +211,8 @@ pub(crate) fn build(
         cookie_replies: dp.map_or(0, |d| d.counters.cookie_replies),
         userspace: stack.map(crate::userspace::Stack::status),
         peers,
+        routes_refused: s.routes_refused.clone(),
+        routes_refused_total: s.routes_refused_total,
         drops,
     }
 }
@@ -280,6 +291,19 @@ pub fn render(s: &Status) -> String {
             let (proto, from, to, rule) = (&f.proto, &f.from, &f.to, &f.rule);
             let _ = writeln!(out, "{proto:<4} {from:<46} {to:<46} {bytes:>12}  {rule}");
         }
+    }
+    if s.routes_refused_total > 0 {
+        let list: Vec<String> = s.routes_refused.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "\nroutes refused: {} (now: {})",
+            s.routes_refused_total,
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
     }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "\ndropped: {:?}", s.drops);

@@ -17,8 +17,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
 use crate::node::mesh::{Action, LocalView, MeshState, Path, PeerPlan};
 use crate::node::nat::{self, Mapping, ProbeEvent, Prober};
+use crate::node::route_guard::RouteGuard;
 use crate::wire::control::{Device, DeviceUpdate};
 use crate::wire::stun::TransactionId;
 
@@ -46,6 +49,10 @@ pub struct NodeView {
     pub peers: Vec<(Device, Path)>,
     /// What is installed for each peer of the data plane.
     pub plans: BTreeMap<i64, PeerPlan>,
+    /// Peers' prefixes the route guard refuses now.
+    pub routes_refused: Vec<IpNet>,
+    /// How many times a prefix started being refused.
+    pub routes_refused_total: u64,
 }
 
 /// The node's control state; see the module docs.
@@ -179,6 +186,15 @@ impl Agent {
         }
     }
 
+    /// What no peer may be routed for (the host's underlay, the coordinators, ...),
+    /// read by the shell at start and again when the host may have changed.
+    pub fn set_route_guard(&mut self, guard: RouteGuard) {
+        let before = self.mesh.refused_total();
+        let actions = self.mesh.set_guard(guard);
+        self.view_changed |= self.mesh.refused_total() != before;
+        self.push_actions(actions);
+    }
+
     /// The coordinator answered an update with our record.
     pub fn handle_device(&mut self, device: Device) {
         self.device = device;
@@ -280,6 +296,8 @@ impl Agent {
                 .map(|(d, p)| (d.clone(), p))
                 .collect(),
             plans: self.mesh.plans().map(|p| (p.id, p.clone())).collect(),
+            routes_refused: self.mesh.refused().copied().collect(),
+            routes_refused_total: self.mesh.refused_total(),
         }
     }
 }

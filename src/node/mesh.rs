@@ -20,6 +20,8 @@
 //!   being probed, and moves back as soon as a handshake there succeeds. Handshake
 //!   ages are looked at every [`PATH_CHECK_INTERVAL`] while a relay could take over
 //!   ([`MeshState::poll_timeout`] says when the shell should feed them next).
+//! - Every prefix taken from a peer's record passes the [`RouteGuard`] before it
+//!   becomes an allowed IP or a route; refused ones are logged once and counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::coord::keys;
+use crate::node::route_guard::RouteGuard;
 use crate::wire::control::Device;
 
 /// Persistent keepalive towards every peer (keeps NAT mappings open).
@@ -105,6 +108,12 @@ pub struct MeshState {
     keys: BTreeMap<i64, Option<[u8; 32]>>,
     /// When handshake ages were last fed in.
     last_check: Option<Instant>,
+    /// What no peer may be routed for (the host's underlay, the coordinators...).
+    guard: RouteGuard,
+    /// Prefixes from peers' records the guard refuses now.
+    refused: BTreeSet<IpNet>,
+    /// How many times a prefix started being refused.
+    refused_total: u64,
 }
 
 impl MeshState {
@@ -118,7 +127,54 @@ impl MeshState {
             routes: BTreeSet::new(),
             keys: BTreeMap::new(),
             last_check: None,
+            guard: RouteGuard::default(),
+            refused: BTreeSet::new(),
+            refused_total: 0,
         }
+    }
+
+    /// Sets what no peer may be routed for; re-plans if it changed.
+    pub fn set_guard(&mut self, guard: RouteGuard) -> Vec<Action> {
+        if guard == self.guard {
+            return Vec::new();
+        }
+        self.guard = guard;
+        self.reconcile()
+    }
+
+    /// Prefixes of peers' records the route guard refuses now.
+    pub fn refused(&self) -> impl Iterator<Item = &IpNet> {
+        self.refused.iter()
+    }
+
+    /// How many times a prefix started being refused (each refused prefix counts
+    /// once while it stays refused).
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total
+    }
+
+    /// Drops what the guard refuses from every plan's allowed IPs (the
+    /// organization prefixes, our own facts, excepted), logging and counting each
+    /// prefix the first time it is refused.
+    fn guard_plans(&mut self, desired: &mut BTreeMap<i64, PeerPlan>) {
+        let ours = [IpNet::V4(self.local.org_v4), IpNet::V6(self.local.org_v6)];
+        let mut refused = BTreeSet::new();
+        for plan in desired.values_mut() {
+            plan.allowed_ips.retain(|n| {
+                if ours.contains(n) {
+                    return true;
+                }
+                let Err(why) = self.guard.check(n) else {
+                    return true;
+                };
+                if refused.insert(*n) && !self.refused.contains(n) {
+                    self.refused_total += 1;
+                    tracing::warn!(prefix = %n, peer = plan.id, hostname = %plan.hostname, reason = %why, "refusing to route a peer's prefix");
+                }
+                false
+            });
+        }
+        self.refused = refused;
     }
 
     pub fn local(&self) -> LocalView {
@@ -300,7 +356,8 @@ impl MeshState {
 
     /// Installs what [`Self::desired`] says and returns the difference.
     fn reconcile(&mut self) -> Vec<Action> {
-        let desired = self.desired();
+        let mut desired = self.desired();
+        self.guard_plans(&mut desired);
         let mut out = Vec::new();
         for (id, plan) in &desired {
             if self.installed.get(id) != Some(plan) {

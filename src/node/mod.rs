@@ -13,6 +13,7 @@ pub mod agent;
 pub mod dataplane;
 pub mod mesh;
 pub mod nat;
+pub mod route_guard;
 pub mod routing;
 #[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]

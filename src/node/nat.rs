@@ -244,9 +244,85 @@ impl Prober {
     }
 }
 
+/// STUN requests remembered by a [`StunGate`] (a round sends two, up to
+/// [`PROBE_ATTEMPTS`] times; older ones have timed out).
+pub const GATE_SLOTS: usize = 8;
+
+/// Which STUN answers arriving on the WireGuard port are passed on: only from a
+/// server we sent a request to, carrying that request's transaction id, once.
+/// Everything else is the data path's to drop and count. Fixed size, no allocation.
+#[derive(Debug, Default)]
+pub struct StunGate {
+    asked: [Option<(SocketAddr, TransactionId)>; GATE_SLOTS],
+    next: usize,
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+impl StunGate {
+    /// A datagram leaves the WireGuard port for `to`: remembered if it is a
+    /// Binding request (the oldest remembered one goes).
+    pub fn sent(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if let Ok(txid) = stun::parse_binding_request(datagram)
+            && let Some(slot) = self.asked.get_mut(self.next % GATE_SLOTS)
+        {
+            *slot = Some((canonical(to), txid));
+            self.next = (self.next + 1) % GATE_SLOTS;
+        }
+    }
+
+    /// An answer with `txid` arrived from `from`: true (and forgotten) if we asked
+    /// `from` with that transaction id.
+    pub fn admit(&mut self, from: SocketAddr, txid: &TransactionId) -> bool {
+        let from = canonical(from);
+        match self
+            .asked
+            .iter_mut()
+            .find(|s| s.is_some_and(|(to, t)| to == from && t == *txid))
+        {
+            Some(slot) => {
+                *slot = None;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_admits_only_answers_to_our_requests_once() {
+        let server = sa("203.0.113.1:3478");
+        let other = sa("203.0.113.1:3479");
+        let mut gate = StunGate::default();
+        let txid = [7u8; 12];
+        // Nothing asked: nothing admitted.
+        assert!(!gate.admit(server, &txid));
+        let mut buf = [0u8; 64];
+        let n = stun::encode_binding_request(&txid, &mut buf).unwrap();
+        // Not a STUN request (a WireGuard datagram): not remembered.
+        gate.sent(server, &[1, 0, 0, 0, 9, 9]);
+        gate.sent(server, &buf[..n]);
+        assert!(!gate.admit(other, &txid), "another port");
+        assert!(!gate.admit(sa("198.51.100.9:3478"), &txid), "another host");
+        assert!(!gate.admit(server, &[8u8; 12]), "another transaction");
+        // A v4-mapped source is the same server.
+        assert!(gate.admit(sa("[::ffff:203.0.113.1]:3478"), &txid));
+        assert!(!gate.admit(server, &txid), "admitted once");
+        // Only the last GATE_SLOTS requests are remembered.
+        for i in 0..=GATE_SLOTS {
+            let n = stun::encode_binding_request(&[i as u8; 12], &mut buf).unwrap();
+            gate.sent(server, &buf[..n]);
+        }
+        assert!(!gate.admit(server, &[0u8; 12]));
+        assert!(gate.admit(server, &[1u8; 12]));
+        assert!(gate.admit(server, &[GATE_SLOTS as u8; 12]));
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

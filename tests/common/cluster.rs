@@ -550,6 +550,12 @@ impl Cluster {
         }
     }
 
+    /// `nexodus devices approve ID --relay` for node `i` (a node started with
+    /// `--relay` through [`Cluster::start_with`] is approved already).
+    pub fn approve_relay(&self, i: usize) {
+        self.approve(i, &["--relay"]);
+    }
+
     /// A scratch directory that lives as long as the cluster.
     pub fn scratch(&self, name: &str) -> PathBuf {
         state_dir(self.tmp.path(), name)

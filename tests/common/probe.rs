@@ -128,3 +128,31 @@ pub fn punch(ns: &Netns, port: u16, peer: SocketAddr, limit: Duration) -> bool {
     }
     false
 }
+
+/// Sends `count` datagrams from a socket bound to `bind` in `ns` to `to`, as fast as
+/// one thread can, for at most `limit`; `fill(i, buf)` writes the `i`th datagram
+/// into `buf` and returns its length. Returns how many the kernel took.
+pub fn blast(
+    ns: &Netns,
+    bind: SocketAddr,
+    to: SocketAddr,
+    count: u64,
+    limit: Duration,
+    mut fill: impl FnMut(u64, &mut [u8]) -> usize,
+) -> u64 {
+    let sock = udp_socket(ns, bind);
+    let end = Instant::now() + limit;
+    let mut buf = [0u8; 1500];
+    let mut sent = 0;
+    for i in 0..count {
+        // Look at the clock only now and then: it would cost as much as the send.
+        if i % 4096 == 0 && Instant::now() >= end {
+            break;
+        }
+        let n = fill(i, &mut buf);
+        if sock.send_to(&buf[..n.min(buf.len())], to).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}

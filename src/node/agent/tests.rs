@@ -165,3 +165,35 @@ fn an_unapproved_relay_is_no_relay_until_the_coordinator_says_so() {
     a.handle_delta(&[device(1, true)], &[], now);
     assert_eq!(a.view().relay_id, Some(3));
 }
+
+#[test]
+fn the_route_guard_shows_in_the_view() {
+    let now = Instant::now();
+    let mut a = agent();
+    a.set_route_guard(RouteGuard::new(["198.51.100.1/32".parse().unwrap()]));
+    let mut d2 = device(2, true);
+    d2.advertise_cidrs = vec![
+        "198.51.100.0/24".parse().unwrap(),
+        "10.9.0.0/16".parse().unwrap(),
+    ];
+    a.handle_snapshot(&[device(1, true), d2], None, coordinator(), now);
+    let acts = actions(&mut a);
+    assert!(acts.contains(&route("10.9.0.0/16")));
+    assert!(!acts.contains(&route("198.51.100.0/24")));
+    let view = a.poll_view().unwrap();
+    assert_eq!(
+        view.routes_refused,
+        ["198.51.100.0/24".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(view.routes_refused_total, 1);
+    // A guard that no longer protects it lets it through, in order.
+    a.set_route_guard(RouteGuard::default());
+    let acts = actions(&mut a);
+    let plan = a.mesh().plan(2).unwrap().clone();
+    assert!(
+        plan.allowed_ips
+            .contains(&"198.51.100.0/24".parse().unwrap())
+    );
+    assert_eq!(acts, [Action::UpsertPeer(plan), route("198.51.100.0/24")]);
+    assert!(a.poll_view().unwrap().routes_refused.is_empty());
+}

@@ -776,3 +776,40 @@ fn relay_without_forward_room_drops_and_counts() {
     assert_eq!(net.r.counters().buffer_too_small, 1);
     assert_eq!(net.r.counters().relayed_packets, 0);
 }
+
+/// The handshake limiter admits [`HANDSHAKE_RATE_LIMIT`] per second, not per
+/// [`TICK`]: the ticks within one second do not reset its count (boringtun's
+/// `reset_count` keeps its own one-second period, on the real clock), the first
+/// tick after a second has passed does.
+#[test]
+fn handshake_limiter_is_a_rate_per_second() {
+    let mut p = pair();
+    let mut out = vec![0u8; BUF_LEN];
+    let init = encrypt(&mut p.a, &ipv4_packet(A_V4, B_V4, 30));
+    let from = p.a_addr;
+    let mut flood = |b: &mut DataPlane, now: Instant| {
+        b.handle_timeout(now);
+        while b.poll_transmit(&mut out).is_some() {}
+        let mut admitted = 0u64;
+        for _ in 0..HANDSHAKE_RATE_LIMIT {
+            let cookie = matches!(
+                b.handle_datagram(from, &init, &mut out),
+                Incoming::Send { data, .. } if data.first() == Some(&MSG_COOKIE_REPLY)
+            );
+            admitted += u64::from(!cookie);
+        }
+        admitted
+    };
+    let t0 = Instant::now();
+    let first_second: u64 = (0..4u32).map(|k| flood(&mut p.b, t0 + TICK * k)).sum();
+    assert!(first_second > 0);
+    assert!(
+        first_second <= HANDSHAKE_RATE_LIMIT,
+        "{first_second} initiations escaped the cookie check within one second of ticks (limit {HANDSHAKE_RATE_LIMIT}/s)"
+    );
+    // The limiter's period runs on the real clock: let one second pass.
+    std::thread::sleep(Duration::from_millis(1050));
+    let next_second = flood(&mut p.b, t0 + Duration::from_secs(1));
+    assert!(next_second > 0, "the limiter was not reset after a second");
+    assert!(next_second <= HANDSHAKE_RATE_LIMIT);
+}

@@ -110,6 +110,9 @@ impl DataPlane {
     /// resets the handshake rate limiter once a second. Generated datagrams
     /// are queued for [`DataPlane::poll_transmit`].
     pub fn handle_timeout(&mut self, now: Instant) {
+        // Called every tick, but boringtun's `reset_count` only zeroes the count
+        // once a second (of its own clock) has passed since the last reset, so
+        // the limit stays a rate per second (`handshake_limiter_is_a_rate_per_second`).
         self.rate_limiter.reset_count();
         self.next_tick = Some(now + TICK);
 

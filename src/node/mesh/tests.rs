@@ -273,3 +273,105 @@ fn no_route_over_a_peer_endpoint() {
     assert!(!m.routes().any(|n| *n == net("192.0.2.0/24")));
     assert!(m.routes().any(|n| *n == net("100.64.0.3/32")));
 }
+
+fn guard() -> RouteGuard {
+    RouteGuard::new([
+        net("203.0.113.7/24"),
+        net("2001:db8:16::7/64"),
+        net("198.51.100.1/32"),
+    ])
+}
+
+#[test]
+fn guarded_prefixes_become_neither_allowed_ips_nor_routes() {
+    let now = Instant::now();
+    let mut m = MeshState::new(local(1, true));
+    assert!(m.set_guard(guard()).is_empty(), "no peers yet");
+    let mut d2 = device(2, true);
+    d2.advertise_cidrs = vec![
+        net("198.51.100.0/24"),
+        net("203.0.113.128/25"),
+        net("192.0.0.0/2"),
+        net("2000::/3"),
+        net("fe80::/10"),
+        net("10.1.0.0/16"),
+        net("fd00:1::/64"),
+    ];
+    let acts = m.apply_snapshot(&[d2.clone()], now);
+    assert_eq!(
+        nets(m.plan(2).unwrap()),
+        ["100.64.0.2/32", "200::2/128", "10.1.0.0/16", "fd00:1::/64"]
+    );
+    let added: Vec<IpNet> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::AddRoute(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        added,
+        [
+            net("10.1.0.0/16"),
+            net("100.64.0.2/32"),
+            net("200::2/128"),
+            net("fd00:1::/64")
+        ]
+    );
+    let refused: Vec<String> = m.refused().map(ToString::to_string).collect();
+    assert_eq!(
+        refused,
+        [
+            "192.0.0.0/2",
+            "198.51.100.0/24",
+            "203.0.113.128/25",
+            "2000::/3",
+            "fe80::/10"
+        ]
+    );
+    assert_eq!(m.refused_total(), 5);
+    // The same record again: nothing new is refused or counted.
+    m.apply_delta(&[d2.clone()], &[], now);
+    assert_eq!(m.refused_total(), 5);
+    // A spoke's relay gets the guarded list too (the org supernets stay).
+    let mut me = local(1, true);
+    me.spoke = true;
+    let mut spoke = MeshState::new(me);
+    spoke.set_guard(guard());
+    let mut relay = device(3, true);
+    relay.relay = true;
+    spoke.apply_snapshot(&[d2, relay], now);
+    assert_eq!(
+        nets(spoke.plan(3).unwrap()),
+        ["100.64.0.0/10", "200::/64", "10.1.0.0/16", "fd00:1::/64"]
+    );
+    // The advertiser withdraws: nothing is refused any more, the count stays.
+    m.apply_delta(&[device(2, true)], &[], now);
+    assert_eq!(m.refused().count(), 0);
+    assert_eq!(m.refused_total(), 5);
+}
+
+#[test]
+fn a_new_guard_removes_routes_it_now_refuses() {
+    let now = Instant::now();
+    let mut m = MeshState::new(local(1, false));
+    let mut d2 = device(2, false);
+    d2.advertise_cidrs = vec![net("203.0.0.0/16"), net("0.0.0.0/1")];
+    m.apply_snapshot(&[d2], now);
+    // Before the shell read the host's addresses, only the fixed classes apply.
+    assert!(m.routes().any(|n| *n == net("203.0.0.0/16")));
+    assert!(
+        !m.routes().any(|n| *n == net("0.0.0.0/1")),
+        "covers loopback"
+    );
+    let acts = m.set_guard(guard());
+    assert!(acts.contains(&Action::RemoveRoute(net("203.0.0.0/16"))));
+    assert!(
+        !m.plan(2)
+            .unwrap()
+            .allowed_ips
+            .contains(&net("203.0.0.0/16"))
+    );
+    assert_eq!(m.refused_total(), 2);
+    assert!(m.set_guard(guard()).is_empty());
+}

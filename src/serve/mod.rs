@@ -585,6 +585,11 @@ async fn serve_stream(
     let req = match read {
         Ok(Ok(Some(req))) => req,
         Ok(Ok(None)) => return Ok(()),
+        Ok(Err(quicio::FrameIoError::Read(e))) => {
+            // The peer went away mid-request: nothing was malformed, nothing to answer.
+            tracing::debug!(%remote, error = %e, "control stream lost before a request");
+            return Ok(());
+        }
         Ok(Err(e)) => {
             tracing::warn!(%remote, error = %e, "malformed control request");
             let resp = Response::Error {

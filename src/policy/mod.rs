@@ -2,8 +2,13 @@
 //!
 //! `file` parses and validates the TOML policy file an admin sets with
 //! `nexodus policy set`; its `[approve]` section approves claims (advertised routes,
-//! relay and exit roles) in advance.
+//! relay and exit roles) in advance. `compile` turns a policy, the organization's
+//! devices and one node into that node's inbound table, which its data plane's
+//! filter (`node::filter`) enforces.
 
+pub mod compile;
 pub mod file;
+
+pub use compile::{DeviceInfo, InboundTable, compile};
 
 pub use file::{AllowRule, Approve, HostGlob, Policy, PolicyError, PortRange, Proto, Selector};

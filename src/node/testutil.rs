@@ -121,6 +121,61 @@ pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload_len: usize) -> Vec<u8> 
     p
 }
 
+/// An IP packet from `src` to `dst` (same family) whose fixed header names
+/// `next` and whose payload is `payload` (extension headers, if any, included):
+/// checksums are left zero, which nothing in the data plane checks.
+pub fn ip_packet(src: IpAddr, dst: IpAddr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = (20 + payload.len()) as u16;
+            let mut p = vec![0x45, 0];
+            p.extend_from_slice(&total.to_be_bytes());
+            p.extend_from_slice(&[0x12, 0x34, 0x00, 0x00, 64, next, 0, 0]);
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = vec![0x60, 0, 0, 0];
+            p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            p.extend_from_slice(&[next, 64]);
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p
+        }
+        _ => panic!("mixed families"),
+    };
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TCP header (20 bytes, SYN) from `sport` to `dport`.
+pub fn tcp_header(sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[12] = 0x50;
+    h[13] = 0x02;
+    h
+}
+
+/// A UDP header from `sport` to `dport` followed by `len` payload bytes.
+pub fn udp_datagram(sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let mut h = vec![0u8; 8 + len];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..6].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+    h
+}
+
+/// An ICMP(v6) message: type, code, then the 4 bytes after the checksum, then `body`.
+pub fn icmp_message(icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut h = vec![icmp_type, code, 0, 0];
+    h.extend_from_slice(&rest);
+    h.extend_from_slice(body);
+    h
+}
+
 /// One side of a [`Pair`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

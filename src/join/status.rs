@@ -178,6 +178,8 @@ pub(crate) fn build(
             ("replay", c.replay),
             ("bad_mac", c.bad_mac),
             ("handshake", c.handshake),
+            ("policy", c.policy),
+            ("flow_table_full", c.flow_table_full),
             ("io", d.io_drops),
         ] {
             if v > 0 {

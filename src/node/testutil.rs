@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::policy::{DeviceInfo, InboundTable, Policy, compile};
+
 use super::dataplane::{DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId};
 
 /// Buffer size used for every `buf` and `out` in this module.
@@ -174,6 +176,38 @@ pub fn icmp_message(icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<
     h.extend_from_slice(&rest);
     h.extend_from_slice(body);
     h
+}
+
+/// The table `policy` compiles to for `me` of a [`Pair`], whose devices are
+/// named `a` ([`A_V4`], [`A_V6`]) and `b` ([`B_V4`], [`B_V6`]).
+pub fn pair_table(policy: &str, me: Side) -> InboundTable {
+    let devices = [("a", A_V4, A_V6), ("b", B_V4, B_V6)].map(|(name, v4, v6)| DeviceInfo {
+        hostname: name.into(),
+        v4,
+        v6: Some(v6),
+        routes: Vec::new(),
+    });
+    let policy = Policy::parse(policy).expect("test policy");
+    let me = match me {
+        Side::A => &devices[0],
+        Side::B => &devices[1],
+    };
+    compile(&policy, &devices, me)
+}
+
+/// A policy of 100 rules that all concern `b`: 99 TCP rules from documentation
+/// prefixes of both families (one port each), and last the one that matters: `a`
+/// may reach `b` with any protocol.
+pub fn hundred_rules() -> String {
+    let mut text = String::new();
+    for n in 1..100 {
+        text.push_str(&format!(
+            "[[allow]]\nfrom = [\"198.51.{n}.0/24\", \"2001:db8:{n}::/48\"]\nto = [\"b\"]\nproto = \"tcp\"\nports = [\"{}\"]\n\n",
+            1000 + n
+        ));
+    }
+    text.push_str("[[allow]]\nfrom = [\"a\"]\nto = [\"b\"]\n");
+    text
 }
 
 /// One side of a [`Pair`].

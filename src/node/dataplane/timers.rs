@@ -112,6 +112,9 @@ impl DataPlane {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.rate_limiter.reset_count();
         self.next_tick = Some(now + TICK);
+        if let Some(filter) = self.filter.as_deref_mut() {
+            filter.advance(now);
+        }
 
         // Keep undrained output, move spare slots behind it.
         if self.timer_pos > 0 {

@@ -153,6 +153,9 @@ impl InboundTable {
     /// IPv6 extension headers) and, for TCP and UDP, destination port `port` is
     /// allowed.
     pub fn allows(&self, src: IpAddr, dst: IpAddr, proto: u8, port: Option<u16>) -> bool {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return false;
+        }
         self.rules.iter().any(|r| r.allows(src, dst, proto, port))
     }
 }

@@ -307,6 +307,10 @@ impl Net {
                     self.a.routes().contains(src, peer),
                     "A accepted source {src} from peer {peer} outside its allowed IPs"
                 );
+                if self.a.filter().is_some() {
+                    let ip = IpPacket::new_checked(packet).expect("checked above");
+                    assert!(ip.walk().is_ok(), "the filter passed an unparsable chain");
+                }
                 Outcome::Other
             }
             Incoming::Forward {

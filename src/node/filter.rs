@@ -57,7 +57,7 @@ pub enum Verdict {
 
 /// A flow, normalized: `remote` is the far end (the source of an inbound packet,
 /// the destination of an outbound one), `local` this side.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct FlowKey {
     remote: [u8; 16],
     local: [u8; 16],
@@ -68,13 +68,60 @@ struct FlowKey {
 }
 
 /// A first fragment that passed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct FragKey {
     src: [u8; 16],
     dst: [u8; 16],
     id: u32,
     proto: u8,
     v6: bool,
+}
+
+/// A key as five 64-bit words, for hashing.
+trait Words {
+    fn words(&self) -> [u64; 5];
+}
+
+fn halves(a: &[u8; 16]) -> [u64; 2] {
+    let (hi, lo) = a.split_at(8);
+    [
+        u64::from_ne_bytes(hi.try_into().unwrap_or_default()),
+        u64::from_ne_bytes(lo.try_into().unwrap_or_default()),
+    ]
+}
+
+impl Words for FlowKey {
+    fn words(&self) -> [u64; 5] {
+        let [a, b] = halves(&self.remote);
+        let [c, d] = halves(&self.local);
+        let e = u64::from(self.remote_port)
+            | u64::from(self.local_port) << 16
+            | u64::from(self.proto) << 32
+            | u64::from(self.v6) << 40;
+        [a, b, c, d, e]
+    }
+}
+
+impl Words for FragKey {
+    fn words(&self) -> [u64; 5] {
+        let [a, b] = halves(&self.src);
+        let [c, d] = halves(&self.dst);
+        let e = u64::from(self.id) | u64::from(self.proto) << 32 | u64::from(self.v6) << 40;
+        [a, b, c, d, e]
+    }
+}
+
+/// Folded multiply (as in wyhash/foldhash): keyed by a random seed per table, so
+/// which keys share a probe window cannot be predicted from outside; the bounded
+/// probe keeps the cost of collisions constant anyway.
+fn fold_hash(seed: u64, words: [u64; 5]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = seed;
+    for w in words {
+        let m = u128::from(h ^ w).wrapping_mul(u128::from(K));
+        h = (m as u64) ^ ((m >> 64) as u64);
+    }
+    h
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -93,22 +140,23 @@ struct Slot<K> {
 struct Table<K> {
     slots: Box<[Slot<K>]>,
     mask: usize,
-    hasher: RandomState,
+    seed: u64,
 }
 
-impl<K: Copy + Default + Eq + std::hash::Hash> Table<K> {
+impl<K: Copy + Default + Eq + Words> Table<K> {
     fn new(capacity: usize) -> Self {
         let capacity = capacity.max(PROBE).next_power_of_two();
         Table {
             slots: vec![Slot::default(); capacity].into_boxed_slice(),
             mask: capacity - 1,
-            hasher: RandomState::new(),
+            // A random seed from the standard library's per-process keys.
+            seed: RandomState::new().hash_one(capacity),
         }
     }
 
     fn home(&self, key: &K) -> usize {
         // Truncation is fine: only the low bits are used.
-        self.hasher.hash_one(key) as usize
+        fold_hash(self.seed, key.words()) as usize
     }
 
     /// The live entry for `key`.

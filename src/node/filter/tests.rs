@@ -461,3 +461,22 @@ fn random_bytes_never_panic() {
         let _ = f.outbound(&p[..len]);
     }
 }
+
+#[test]
+fn the_hash_spreads_similar_flows() {
+    // Half the default capacity of flows differing only in a port or an address:
+    // every one finds a slot within its probe window.
+    let t0 = Instant::now();
+    let mut f = Filter::new(table(POLICY), t0);
+    let n = DEFAULT_FLOW_CAPACITY / 2;
+    let mut refused = 0;
+    for i in 0..n {
+        let port = 1024 + (i % 60000) as u16;
+        let dst = if i % 2 == 0 { OTHER4 } else { "100.64.1.7" };
+        if !f.outbound(&udp(ME4, dst, port, 53)) {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 0);
+    assert_eq!(f.live_flows(), n);
+}

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexodus::node::testutil::{
-    A_V4, A_V6, B_V4, B_V6, BUF_LEN, Pair, Relayed, connected_pair, ipv4_packet, ipv6_packet,
-    relayed,
+    A_V4, A_V6, B_V4, B_V6, BUF_LEN, Pair, Relayed, Side, connected_pair, hundred_rules, ip_packet,
+    ipv4_packet, ipv6_packet, pair_table, relayed, tcp_header, udp_datagram,
 };
-use nexodus::node::{DataPlane, Incoming, Outgoing};
+use nexodus::node::{DataPlane, DropReason, Incoming, Outgoing};
 
 struct CountingAlloc;
 
@@ -209,6 +209,84 @@ fn steady_state_ipv4_is_allocation_free() {
 #[test]
 fn steady_state_ipv6_is_allocation_free() {
     check_both_directions(&ipv6_packet(A_V6, B_V6, 1380), &ipv6_packet(B_V6, A_V6, 33));
+}
+
+/// A policy at both ends: B has 100 rules (the last lets A in), A lets nothing in,
+/// so B's packets reach A only as replies of A's flows.
+fn policed_pair() -> Pair {
+    let mut pair = connected_pair();
+    let now = Instant::now();
+    pair.b
+        .set_policy(Some(pair_table(&hundred_rules(), Side::B)), now);
+    pair.a.set_policy(Some(pair_table("", Side::A)), now);
+    pair
+}
+
+#[test]
+fn policy_filter_is_allocation_free() {
+    let ping4 = (ipv4_packet(A_V4, B_V4, 1000), ipv4_packet(B_V4, A_V4, 77));
+    let ping6 = (ipv6_packet(A_V6, B_V6, 1380), ipv6_packet(B_V6, A_V6, 33));
+    for (a_to_b, b_to_a) in [ping4, ping6] {
+        let mut pair = policed_pair();
+        let Pair {
+            a,
+            b,
+            a_addr,
+            b_addr,
+            ..
+        } = &mut pair;
+        let mut bufs = Bufs::new(&a_to_b);
+        assert!(shuttle(a, b, *a_addr, &a_to_b, &mut bufs));
+        let mut bufs = Bufs::new(&b_to_a);
+        assert_allocation_free("policed B→A reply", || {
+            shuttle(b, a, *b_addr, &b_to_a, &mut bufs)
+        });
+        let mut bufs = Bufs::new(&a_to_b);
+        assert_allocation_free("policed A→B", || {
+            shuttle(a, b, *a_addr, &a_to_b, &mut bufs)
+        });
+        assert_eq!(a.counters().total_drops(), 0);
+        assert_eq!(b.counters().total_drops(), 0);
+    }
+}
+
+#[test]
+fn new_flows_and_policy_drops_are_allocation_free() {
+    let mut pair = policed_pair();
+    let Pair { a, b, a_addr, .. } = &mut pair;
+    // Every packet a new UDP flow (the source port changes in place).
+    let udp = ip_packet(A_V4.into(), B_V4.into(), 17, &udp_datagram(1, 53, 100));
+    let mut bufs = Bufs::new(&udp);
+    let mut port = 1u16;
+    assert_allocation_free("new flows A→B", || {
+        port += 1;
+        bufs.tun[20..22].copy_from_slice(&port.to_be_bytes());
+        let arrived = match a.handle_tun_packet(&mut bufs.tun, udp.len(), &mut bufs.wire) {
+            Outgoing::Send { data, .. } => matches!(
+                b.handle_datagram(*a_addr, data, &mut bufs.plain),
+                Incoming::WriteTun { packet, .. } if packet[20..22] == port.to_be_bytes()
+            ),
+            _ => false,
+        };
+        quiet(a, &mut bufs.flush) & quiet(b, &mut bufs.flush) & arrived
+    });
+    assert!(b.filter().is_some_and(|f| f.live_flows() > ITERATIONS));
+    // Denied at A: B's TCP to A's port 22 (no flow, no rule).
+    let syn = ip_packet(B_V6.into(), A_V6.into(), 6, &tcp_header(40000, 22));
+    let mut bufs = Bufs::new(&syn);
+    let b_addr = pair.b_addr;
+    let (a, b) = (&mut pair.a, &mut pair.b);
+    assert_allocation_free("policy drops", || {
+        let dropped = match b.handle_tun_packet(&mut bufs.tun, syn.len(), &mut bufs.wire) {
+            Outgoing::Send { data, .. } => matches!(
+                a.handle_datagram(b_addr, data, &mut bufs.plain),
+                Incoming::Drop(DropReason::Policy)
+            ),
+            _ => false,
+        };
+        quiet(a, &mut bufs.flush) & quiet(b, &mut bufs.flush) & dropped
+    });
+    assert_eq!(a.counters().policy, 100 + ITERATIONS as u64);
 }
 
 #[test]

@@ -8,7 +8,11 @@
 //! source inside the sending peer's allowed IPs, and a relayed packet goes to the
 //! other peer its destination routes to, counted once. (boringtun's own timers read the
 //! real clock, so rekey and session expiry are out of reach here; the `Instant`s
-//! given to `handle_timeout` drive our keepalives.)
+//! given to `handle_timeout` drive our keepalives.) An access policy built from the
+//! input (rules over the peers' addresses, CIDRs of both families, protocols and
+//! ports; a flow table of a chosen, often tiny, capacity) may be put in force on A,
+//! replaced or removed at any step; TUN packets then include TCP, UDP, ICMP errors and
+//! IPv6 extension headers.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -19,10 +23,12 @@ use libfuzzer_sys::fuzz_target;
 use nexodus::node::dataplane::{
     Counters, DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId,
 };
+use nexodus::node::filter::Filter;
 use nexodus::node::testutil::{
-    self, A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, host_nets, ipv4_packet, ipv6_packet,
-    public_key, secret_key,
+    self, A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, host_nets, ip_packet, ipv4_packet,
+    ipv6_packet, public_key, secret_key,
 };
+use nexodus::policy::{DeviceInfo, Policy, compile};
 use nexodus::wire::ip::IpPacket;
 
 const C_ID: PeerId = 3;
@@ -190,7 +196,7 @@ impl Net {
     /// An IP packet: well formed with chosen addresses, or raw bytes.
     fn packet(input: &mut Input) -> Vec<u8> {
         let len = usize::from(input.u16()) % (BUF_LEN + 1);
-        match input.u8() % 3 {
+        match input.u8() % 4 {
             0 => {
                 let (src, dst) = (Self::inner_v4(input), Self::inner_v4(input));
                 ipv4_packet(src, dst, len.min(1400))
@@ -199,7 +205,76 @@ impl Net {
                 let (src, dst) = (Self::inner_v6(input), Self::inner_v6(input));
                 ipv6_packet(src, dst, len.min(1400))
             }
-            _ => input.bytes(len).to_vec(),
+            2 => input.bytes(len).to_vec(),
+            _ => {
+                // Any protocol (extension headers included) over chosen addresses.
+                const PROTOS: [u8; 8] = [6, 17, 1, 58, 0, 44, 60, 43];
+                let proto = PROTOS[usize::from(input.u8() % 8)];
+                let (src, dst) = if input.u8().is_multiple_of(2) {
+                    (Self::inner_v4(input).into(), Self::inner_v4(input).into())
+                } else {
+                    (Self::inner_v6(input).into(), Self::inner_v6(input).into())
+                };
+                ip_packet(src, dst, proto, input.bytes(len.min(1400)))
+            }
+        }
+    }
+
+    /// Puts a policy built from the input in force on A (or removes it).
+    fn set_policy(&mut self, input: &mut Input) {
+        const FROM: [&str; 8] = [
+            "b",
+            "c",
+            "*",
+            "100.64.0.0/24",
+            "fd00::/64",
+            "0.0.0.0/0",
+            "::/0",
+            "10.9.0.0/16",
+        ];
+        const TO: [&str; 5] = ["a", "*", "a*", "fd00::1/128", "10.0.0.0/8"];
+        const PROTO: [&str; 5] = ["any", "tcp", "udp", "icmp", "132"];
+        const PORTS: [&str; 4] = ["", "\"53\"", "\"1-1024\"", "\"8000-8099\", \"22\""];
+        let mode = input.u8();
+        if mode % 8 == 0 {
+            self.a.set_policy(None, self.now);
+            return;
+        }
+        let mut text = String::new();
+        for _ in 0..input.u8() % 6 {
+            let (from, to) = (
+                FROM[usize::from(input.u8() % 8)],
+                TO[usize::from(input.u8() % 5)],
+            );
+            let proto = PROTO[usize::from(input.u8() % 5)];
+            let mut ports = PORTS[usize::from(input.u8() % 4)];
+            if proto == "icmp" || proto == "132" {
+                ports = "";
+            }
+            text.push_str(&format!(
+                "[[allow]]\nfrom = [\"{from}\"]\nto = [\"{to}\"]\nproto = \"{proto}\"\nports = [{ports}]\n"
+            ));
+        }
+        let policy = Policy::parse(&text).expect("fuzz policy templates are valid");
+        let device = |name: &str, v4, v6, routes| DeviceInfo {
+            hostname: name.into(),
+            v4,
+            v6: Some(v6),
+            routes,
+        };
+        let devices = [
+            device("a", A_V4, A_V6, vec!["10.7.0.0/16".parse().expect("net")]),
+            device("b", B_V4, B_V6, Vec::new()),
+            device("c", C_V4, C_V6, vec!["10.9.0.0/16".parse().expect("net")]),
+        ];
+        let table = compile(&policy, &devices, &devices[0]);
+        if mode % 2 == 0 {
+            // Replaces the table, keeping (and re-checking) the flows.
+            self.a.set_policy(Some(table), self.now);
+        } else {
+            let capacity = usize::from(input.u8()) + 1;
+            self.a
+                .set_filter(Some(Filter::with_capacity(table, self.now, capacity)));
         }
     }
 
@@ -232,6 +307,10 @@ impl Net {
                     self.a.routes().contains(src, peer),
                     "A accepted source {src} from peer {peer} outside its allowed IPs"
                 );
+                if self.a.filter().is_some() {
+                    let ip = IpPacket::new_checked(packet).expect("checked above");
+                    assert!(ip.walk().is_ok(), "the filter passed an unparsable chain");
+                }
                 Outcome::Other
             }
             Incoming::Forward {
@@ -505,8 +584,12 @@ impl Net {
             }
             9 => self.reconfigure(input),
             10 => {
-                let relay = input.u8().is_multiple_of(2);
-                self.a.set_relay(relay);
+                let x = input.u8();
+                if x < 160 {
+                    self.a.set_relay(x.is_multiple_of(2));
+                } else {
+                    self.set_policy(input);
+                }
             }
             _ => {
                 // A well-formed WireGuard header of any type and length.

@@ -185,6 +185,8 @@ pub(crate) fn build(
             ("replay", c.replay),
             ("bad_mac", c.bad_mac),
             ("handshake", c.handshake),
+            ("policy", c.policy),
+            ("flow_table_full", c.flow_table_full),
             ("io", d.io_drops),
             ("stun_unsolicited", d.stun_unsolicited),
             ("stun_queue_full", d.stun_queue_full),

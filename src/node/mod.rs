@@ -4,6 +4,8 @@
 //! * [`routing`]: a longest-prefix-match table (allowed IPs → peer).
 //! * [`dataplane`]: [`DataPlane`], which turns TUN packets into UDP datagrams
 //!   and back for many peers on top of boringtun's `Tunn`.
+//! * [`filter`]: the stateful policy filter the data plane applies to decrypted
+//!   inbound packets (flow table, ICMP errors, fragments).
 //!
 //! Nothing in here opens sockets or TUN devices, spawns tasks or reads the
 //! clock: an I/O shell (elsewhere) owns the file descriptors and the event
@@ -11,6 +13,7 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod filter;
 pub mod mesh;
 pub mod nat;
 pub mod route_guard;

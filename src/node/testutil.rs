@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::policy::{DeviceInfo, InboundTable, Policy, compile};
+
 use super::dataplane::{DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId};
 
 /// Buffer size used for every `buf` and `out` in this module.
@@ -119,6 +121,93 @@ pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload_len: usize) -> Vec<u8> 
     p.extend_from_slice(&dst.octets());
     p.extend_from_slice(&icmp);
     p
+}
+
+/// An IP packet from `src` to `dst` (same family) whose fixed header names
+/// `next` and whose payload is `payload` (extension headers, if any, included):
+/// checksums are left zero, which nothing in the data plane checks.
+pub fn ip_packet(src: IpAddr, dst: IpAddr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = (20 + payload.len()) as u16;
+            let mut p = vec![0x45, 0];
+            p.extend_from_slice(&total.to_be_bytes());
+            p.extend_from_slice(&[0x12, 0x34, 0x00, 0x00, 64, next, 0, 0]);
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = vec![0x60, 0, 0, 0];
+            p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            p.extend_from_slice(&[next, 64]);
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p
+        }
+        _ => panic!("mixed families"),
+    };
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TCP header (20 bytes, SYN) from `sport` to `dport`.
+pub fn tcp_header(sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[12] = 0x50;
+    h[13] = 0x02;
+    h
+}
+
+/// A UDP header from `sport` to `dport` followed by `len` payload bytes.
+pub fn udp_datagram(sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let mut h = vec![0u8; 8 + len];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..6].copy_from_slice(&((8 + len) as u16).to_be_bytes());
+    h
+}
+
+/// An ICMP(v6) message: type, code, then the 4 bytes after the checksum, then `body`.
+pub fn icmp_message(icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut h = vec![icmp_type, code, 0, 0];
+    h.extend_from_slice(&rest);
+    h.extend_from_slice(body);
+    h
+}
+
+/// The table `policy` compiles to for `me` of a [`Pair`], whose devices are
+/// named `a` ([`A_V4`], [`A_V6`]) and `b` ([`B_V4`], [`B_V6`]).
+pub fn pair_table(policy: &str, me: Side) -> InboundTable {
+    let devices = [("a", A_V4, A_V6), ("b", B_V4, B_V6)].map(|(name, v4, v6)| DeviceInfo {
+        hostname: name.into(),
+        v4,
+        v6: Some(v6),
+        routes: Vec::new(),
+    });
+    let policy = Policy::parse(policy).expect("test policy");
+    let me = match me {
+        Side::A => &devices[0],
+        Side::B => &devices[1],
+    };
+    compile(&policy, &devices, me)
+}
+
+/// A policy of 100 rules that all concern `b`: 99 TCP rules from documentation
+/// prefixes of both families (one port each), and last the one that matters: `a`
+/// may reach `b` with any protocol.
+pub fn hundred_rules() -> String {
+    let mut text = String::new();
+    for n in 1..100 {
+        text.push_str(&format!(
+            "[[allow]]\nfrom = [\"198.51.{n}.0/24\", \"2001:db8:{n}::/48\"]\nto = [\"b\"]\nproto = \"tcp\"\nports = [\"{}\"]\n\n",
+            1000 + n
+        ));
+    }
+    text.push_str("[[allow]]\nfrom = [\"a\"]\nto = [\"b\"]\n");
+    text
 }
 
 /// One side of a [`Pair`].

@@ -24,6 +24,11 @@ pub enum DropReason {
     Handshake,
     /// The caller's `out` buffer is too small for the result.
     BufferTooSmall,
+    /// A decrypted packet the access policy does not allow (no live flow, no
+    /// rule, or an unparsable header chain); see [`crate::node::filter`].
+    Policy,
+    /// A new inbound flow the policy allows, refused because the flow table is full.
+    FlowTableFull,
 }
 
 /// Global counters: one per [`DropReason`], plus cookie replies sent and packets
@@ -50,6 +55,13 @@ pub struct Counters {
     pub handshake: u64,
     /// [`DropReason::BufferTooSmall`].
     pub buffer_too_small: u64,
+    /// [`DropReason::Policy`].
+    pub policy: u64,
+    /// [`DropReason::FlowTableFull`].
+    pub flow_table_full: u64,
+    /// Packets we sent whose new flow the full flow table could not remember (sent
+    /// anyway; not a drop).
+    pub flows_unrecorded: u64,
     /// Cookie replies sent because the handshake rate limit was exceeded.
     pub cookie_replies: u64,
     /// Packets forwarded from one peer to another ([`super::Incoming::Forward`]).
@@ -72,6 +84,8 @@ impl Counters {
             DropReason::BadMac => self.bad_mac,
             DropReason::Handshake => self.handshake,
             DropReason::BufferTooSmall => self.buffer_too_small,
+            DropReason::Policy => self.policy,
+            DropReason::FlowTableFull => self.flow_table_full,
         }
     }
 
@@ -87,6 +101,8 @@ impl Counters {
             + self.bad_mac
             + self.handshake
             + self.buffer_too_small
+            + self.policy
+            + self.flow_table_full
     }
 
     pub(super) fn bump(&mut self, reason: DropReason) {
@@ -101,6 +117,8 @@ impl Counters {
             DropReason::BadMac => &mut self.bad_mac,
             DropReason::Handshake => &mut self.handshake,
             DropReason::BufferTooSmall => &mut self.buffer_too_small,
+            DropReason::Policy => &mut self.policy,
+            DropReason::FlowTableFull => &mut self.flow_table_full,
         };
         *c = c.saturating_add(1);
     }

@@ -24,7 +24,9 @@
 //! load, source-address checks of decrypted packets against the sender's
 //! allowed IPs, endpoint roaming on authenticated packets, persistent
 //! keepalives, forwarding between peers on a relay, per-peer byte counters,
-//! per-reason drop counters and relay counters.
+//! per-reason drop counters and relay counters, and the access policy
+//! ([`DataPlane::set_policy`]): decrypted packets for this node pass the stateful
+//! [`Filter`] after the source check, and packets from TUN record their flows in it.
 //!
 //! What it does not do: any I/O, reading the clock (boringtun's `Tunn` reads
 //! its own monotonic clock internally; this module only uses the `Instant`s it
@@ -50,7 +52,9 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
+use super::filter::Filter;
 use super::routing::{MixMap, RoutingTable};
+use crate::policy::InboundTable;
 
 mod counters;
 mod packet;
@@ -207,6 +211,8 @@ pub struct DataPlane {
     /// room for it when flushing boringtun's queue.
     max_plain: usize,
     next_tick: Option<Instant>,
+    /// The access-policy filter; `None`: no policy, everything passes.
+    filter: Option<Box<Filter>>,
 }
 
 impl fmt::Debug for DataPlane {
@@ -248,6 +254,7 @@ impl DataPlane {
             flush: Vec::new(),
             max_plain: 0,
             next_tick: None,
+            filter: None,
         }
     }
 
@@ -264,6 +271,30 @@ impl DataPlane {
     /// Drop and cookie counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Enforces this node's compiled access policy on decrypted inbound packets
+    /// (`None`: no policy, everything passes at no cost). Call whenever the table
+    /// compiled for this node changes: a new table keeps the flow table, so flows
+    /// we started go on and flows started from outside are re-checked against it
+    /// at once. The first policy allocates the flow table (once).
+    pub fn set_policy(&mut self, table: Option<InboundTable>, now: Instant) {
+        match (table, self.filter.as_deref_mut()) {
+            (None, _) => self.filter = None,
+            (Some(table), Some(filter)) => filter.set_table(table),
+            (Some(table), None) => self.filter = Some(Box::new(Filter::new(table, now))),
+        }
+    }
+
+    /// Installs `filter` as is (replacing any flows): for a filter of another
+    /// capacity than [`crate::node::filter::DEFAULT_FLOW_CAPACITY`].
+    pub fn set_filter(&mut self, filter: Option<Filter>) {
+        self.filter = filter.map(Box::new);
+    }
+
+    /// The policy filter, if a policy is in force.
+    pub fn filter(&self) -> Option<&Filter> {
+        self.filter.as_deref()
     }
 }
 

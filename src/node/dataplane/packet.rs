@@ -14,6 +14,7 @@ use super::{
     DATA_OVERHEAD, DataPlane, DropReason, Incoming, MIN_OUT_LEN, MSG_COOKIE_REPLY, MSG_DATA,
     MSG_HANDSHAKE_INIT, Outgoing, PADDING, PeerId,
 };
+use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
 
 #[inline]
@@ -95,6 +96,12 @@ impl DataPlane {
         let Some(id) = self.routes.lookup(dst) else {
             return drop_out(&mut self.counters, DropReason::NoRoute);
         };
+        if let (Some(filter), Some(packet)) = (self.filter.as_deref_mut(), buf.get(..packet_len)) {
+            // Our own packets always go; they open flows so that replies pass.
+            if !filter.outbound(packet) {
+                self.counters.flows_unrecorded = self.counters.flows_unrecorded.saturating_add(1);
+            }
+        }
         match self.encapsulate(id, buf, packet_len, out) {
             Ok(Some((to, data))) => Outgoing::Send { to, data },
             Ok(None) => Outgoing::Nothing,
@@ -225,6 +232,15 @@ impl DataPlane {
                 let Some(packet) = out.get(range) else {
                     return drop_in(&mut self.counters, DropReason::BufferTooSmall);
                 };
+                if let Some(filter) = self.filter.as_deref_mut() {
+                    match filter.inbound(packet) {
+                        Verdict::Pass => {}
+                        Verdict::Drop => return drop_in(&mut self.counters, DropReason::Policy),
+                        Verdict::Full => {
+                            return drop_in(&mut self.counters, DropReason::FlowTableFull);
+                        }
+                    }
+                }
                 trace!(peer = id, len = packet.len(), "decapsulated");
                 Incoming::WriteTun { peer: id, packet }
             }

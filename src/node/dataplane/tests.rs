@@ -2,10 +2,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::node::filter::Filter;
 use crate::node::testutil::{
-    A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Hop, R_V4, Side, connected_pair, ipv4_packet,
-    ipv6_packet, pair, public_key, relayed, secret_key,
+    A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Hop, R_V4, Side, connected_pair, ip_packet,
+    ipv4_packet, ipv6_packet, pair, pair_table, public_key, relayed, secret_key, tcp_header,
+    udp_datagram,
 };
+use crate::wire::ip::protocol;
 
 /// `dp`'s datagram for `packet` read from TUN (a data message or a handshake
 /// initiation).
@@ -812,4 +815,107 @@ fn handshake_limiter_is_a_rate_per_second() {
     let next_second = flood(&mut p.b, t0 + Duration::from_secs(1));
     assert!(next_second > 0, "the limiter was not reset after a second");
     assert!(next_second <= HANDSHAKE_RATE_LIMIT);
+}
+
+/// B allows only udp 53 from A.
+const UDP_53: &str = "[[allow]]\nfrom = [\"a\"]\nto = [\"b\"]\nproto = \"udp\"\nports = [\"53\"]\n";
+
+fn l4(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    if proto == protocol::TCP {
+        ip_packet(src, dst, proto, &tcp_header(sport, dport))
+    } else {
+        ip_packet(src, dst, proto, &udp_datagram(sport, dport, 8))
+    }
+}
+
+#[test]
+fn policy_filters_inbound_after_decryption_and_lets_replies_pass() {
+    let mut p = connected_pair();
+    p.b.set_policy(Some(pair_table(UDP_53, Side::B)), Instant::now());
+    for (a, b) in [
+        (IpAddr::V4(A_V4), IpAddr::V4(B_V4)),
+        (IpAddr::V6(A_V6), IpAddr::V6(B_V6)),
+    ] {
+        let before = p.b.counters().policy;
+        // Denied: tcp 22, udp 54, ping.
+        for packet in [
+            l4(a, b, protocol::TCP, 40000, 22),
+            l4(a, b, protocol::UDP, 40000, 54),
+            if a.is_ipv4() {
+                ipv4_packet(A_V4, B_V4, 16)
+            } else {
+                ipv6_packet(A_V6, B_V6, 16)
+            },
+        ] {
+            let t = p.send_packet(Side::A, &packet);
+            assert!(t.tun_at(Side::B).is_empty(), "{t:?}");
+            assert_eq!(t.drops, vec![(Side::B, DropReason::Policy)]);
+        }
+        assert_eq!(p.b.counters().policy, before + 3);
+        // Allowed: udp 53, and its answer back.
+        let query = l4(a, b, protocol::UDP, 40000, 53);
+        let t = p.send_packet(Side::A, &query);
+        assert_eq!(t.tun_at(Side::B), vec![query.as_slice()]);
+        let answer = l4(b, a, protocol::UDP, 53, 40000);
+        assert_eq!(
+            p.send_packet(Side::B, &answer).tun_at(Side::A),
+            vec![answer.as_slice()]
+        );
+        // B's own connection to A: A's replies pass B's filter.
+        let syn = l4(b, a, protocol::TCP, 50000, 443);
+        assert_eq!(p.send_packet(Side::B, &syn).tun_at(Side::A).len(), 1);
+        let syn_ack = l4(a, b, protocol::TCP, 443, 50000);
+        assert_eq!(
+            p.send_packet(Side::A, &syn_ack).tun_at(Side::B),
+            vec![syn_ack.as_slice()]
+        );
+    }
+    assert_eq!(p.b.counters().policy, 6);
+    assert_eq!(p.b.filter().map(Filter::live_flows), Some(4));
+    // A new policy forbids A's udp flow at once; B's own flow goes on.
+    p.b.set_policy(Some(pair_table("", Side::B)), Instant::now());
+    let query = l4(IpAddr::V4(A_V4), IpAddr::V4(B_V4), protocol::UDP, 40000, 53);
+    assert!(p.send_packet(Side::A, &query).tun_at(Side::B).is_empty());
+    let syn_ack = l4(
+        IpAddr::V4(A_V4),
+        IpAddr::V4(B_V4),
+        protocol::TCP,
+        443,
+        50000,
+    );
+    assert_eq!(p.send_packet(Side::A, &syn_ack).tun_at(Side::B).len(), 1);
+    // No policy: everything passes again.
+    p.b.set_policy(None, Instant::now());
+    let denied = l4(IpAddr::V4(A_V4), IpAddr::V4(B_V4), protocol::TCP, 40000, 22);
+    assert_eq!(p.send_packet(Side::A, &denied).tun_at(Side::B).len(), 1);
+    assert_eq!(p.b.counters().policy, 7);
+    assert!(p.b.filter().is_none());
+}
+
+#[test]
+fn a_full_flow_table_is_counted_apart() {
+    let mut p = connected_pair();
+    let now = Instant::now();
+    p.b.set_filter(Some(Filter::with_capacity(
+        pair_table(UDP_53, Side::B),
+        now,
+        16,
+    )));
+    let (a, b) = (IpAddr::V6(A_V6), IpAddr::V6(B_V6));
+    let mut passed = 0;
+    for port in 0..20 {
+        let t = p.send_packet(Side::A, &l4(a, b, protocol::UDP, 30000 + port, 53));
+        passed += t.tun_at(Side::B).len();
+    }
+    assert_eq!(passed, 16);
+    assert_eq!(p.b.counters().flow_table_full, 4);
+    assert_eq!(p.b.counters().policy, 0);
+    // B's own new flows are sent anyway, and counted as unrecorded.
+    let out = l4(b, a, protocol::UDP, 7, 7);
+    assert_eq!(p.send_packet(Side::B, &out).tun_at(Side::A).len(), 1);
+    assert_eq!(p.b.counters().flows_unrecorded, 1);
+    // The timer tick moves the filter's clock: after 61 s the slots are free.
+    p.tick(Side::B, now + Duration::from_secs(61));
+    let t = p.send_packet(Side::A, &l4(a, b, protocol::UDP, 30019, 53));
+    assert_eq!(t.tun_at(Side::B).len(), 1, "{t:?}");
 }

@@ -115,6 +115,9 @@ impl DataPlane {
         // the limit stays a rate per second (`handshake_limiter_is_a_rate_per_second`).
         self.rate_limiter.reset_count();
         self.next_tick = Some(now + TICK);
+        if let Some(filter) = self.filter.as_deref_mut() {
+            filter.advance(now);
+        }
 
         // Keep undrained output, move spare slots behind it.
         if self.timer_pos > 0 {

@@ -78,7 +78,7 @@ fn delta_fanout(c: &mut Criterion) {
             b.iter(|| {
                 let mut devices = std::collections::BTreeMap::new();
                 devices.insert(device.id, Some(device.clone()));
-                let delta = Arc::new(encode_delta(2, devices).expect("encode"));
+                let delta = Arc::new(encode_delta(2, devices, None).expect("encode"));
                 tx.send(delta).expect("send");
                 for rx in &mut rxs {
                     black_box(rx.try_recv().expect("recv").frame.len());

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::client::{ClientError, ControlClient};
-use crate::wire::control::{Auth, Device, DeviceUpdate, Request, Response};
+use crate::wire::control::{Auth, Device, DeviceUpdate, PolicyState, Request, Response};
 
 use super::enroll::{Ctx, relogin};
 use super::{JoinError, MAX_BACKOFF};
@@ -25,10 +25,14 @@ pub(super) enum ControlEvent {
         stun_port: Option<u16>,
         /// The coordinator that sent it (STUN goes there too).
         coordinator: SocketAddr,
+        /// The organization's access policy (`None`: none).
+        policy: Option<PolicyState>,
     },
     Delta {
         upserts: Vec<Device>,
         removed: Vec<i64>,
+        /// The organization's policy, when it changed.
+        policy: Option<PolicyState>,
     },
     /// The coordinator's answer to an update: our record.
     Device(Box<Device>),
@@ -106,21 +110,30 @@ async fn follow(
                 devices,
                 revision,
                 stun_port,
+                policy,
             })) => {
                 tracing::info!(revision, devices = devices.len(), "peer snapshot");
                 ControlEvent::Snapshot {
                     devices,
                     stun_port,
                     coordinator: client.remote_address(),
+                    policy,
                 }
             }
             Ok(Some(Response::Delta {
-                upserts, removed, ..
+                upserts,
+                removed,
+                policy,
+                ..
             })) => {
                 if removed.contains(&auth.device_id) {
                     return WatchEnd::Removed;
                 }
-                ControlEvent::Delta { upserts, removed }
+                ControlEvent::Delta {
+                    upserts,
+                    removed,
+                    policy,
+                }
             }
             Ok(Some(other)) => {
                 tracing::warn!(?other, "unexpected message on the watch stream");

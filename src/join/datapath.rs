@@ -63,6 +63,8 @@ pub enum Command {
     Remove(PeerId),
     /// Send a datagram from the WireGuard port (STUN requests).
     SendRaw(SocketAddr, Vec<u8>),
+    /// Enforce this inbound table of the access policy (`None`: no policy).
+    SetPolicy(Option<Box<crate::policy::InboundTable>>),
     Status(tokio::sync::oneshot::Sender<DataPathStatus>),
     Shutdown,
 }
@@ -605,6 +607,9 @@ impl Loop {
                         }
                         Command::Remove(id) => {
                             self.dp.remove_peer(id);
+                        }
+                        Command::SetPolicy(table) => {
+                            self.dp.set_policy(table.map(|t| *t), Instant::now());
                         }
                         Command::SendRaw(to, data) => {
                             self.stun_gate.sent(to, &data);

@@ -94,12 +94,21 @@ impl Driver<'_> {
                 devices,
                 stun_port,
                 coordinator,
+                policy,
             } => {
                 self.agent.set_route_guard((self.guard)());
+                self.agent.handle_policy(policy.as_ref());
                 self.agent
                     .handle_snapshot(&devices, stun_port, coordinator, now);
             }
-            ControlEvent::Delta { upserts, removed } => {
+            ControlEvent::Delta {
+                upserts,
+                removed,
+                policy,
+            } => {
+                if let Some(policy) = policy {
+                    self.agent.handle_policy(Some(&policy));
+                }
                 self.agent.handle_delta(&upserts, &removed, now);
             }
             ControlEvent::Device(device) => self.agent.handle_device(*device),
@@ -124,6 +133,9 @@ impl Driver<'_> {
             self.datapath,
             self.routes.as_ref(),
         );
+        if let Some(table) = self.agent.poll_policy_table() {
+            self.datapath.send(Command::SetPolicy(table.map(Box::new)));
+        }
         while let Some((to, data)) = self.agent.poll_transmit() {
             self.datapath.send(Command::SendRaw(to, data));
         }

@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+use crate::node::access::Access;
 use crate::node::mesh::{Action, LocalView, MeshState, Path, PeerPlan};
 use crate::node::nat::{self, Mapping, ProbeEvent, Prober};
 use crate::node::route_guard::RouteGuard;
-use crate::wire::control::{Device, DeviceUpdate};
+use crate::policy::InboundTable;
+use crate::wire::control::{Device, DeviceUpdate, PolicyState};
 use crate::wire::stun::TransactionId;
 
 /// Why [`Agent::poll_timeout`] wants the shell back.
@@ -71,6 +73,8 @@ pub struct Agent {
     actions: VecDeque<Action>,
     update: Option<DeviceUpdate>,
     view_changed: bool,
+    /// The access policy and this node's compiled inbound table.
+    access: Access,
 }
 
 impl Agent {
@@ -92,6 +96,7 @@ impl Agent {
             actions: VecDeque::new(),
             update: None,
             view_changed: true,
+            access: Access::default(),
         }
     }
 
@@ -172,6 +177,7 @@ impl Agent {
         let actions = self.mesh.apply_snapshot(devices, now);
         self.push_actions(actions);
         self.take_own_role();
+        self.access.recompile(&self.device, self.mesh.devices());
     }
 
     /// A delta from the coordinator.
@@ -184,6 +190,30 @@ impl Agent {
         if upserts.iter().any(|d| d.id == self.device.id) {
             self.take_own_role();
         }
+        self.access.recompile(&self.device, self.mesh.devices());
+    }
+
+    /// The organization's access policy, as a snapshot carries it or a delta
+    /// changes it (`None` in a snapshot: no policy). Call before the devices of the
+    /// same message are handled, which compile it.
+    pub fn handle_policy(&mut self, policy: Option<&PolicyState>) {
+        match self.access.set_policy(policy) {
+            Ok(()) => {
+                self.view_changed = true;
+                match self.access.in_force() {
+                    Some(revision) => tracing::info!(revision, "access policy in force"),
+                    None => tracing::info!("no access policy: everything allowed"),
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "keeping the access policy in force"),
+        }
+        self.access.recompile(&self.device, self.mesh.devices());
+    }
+
+    /// The inbound table the data plane must enforce now (`Some(None)`: none), once
+    /// per change.
+    pub fn poll_policy_table(&mut self) -> Option<Option<InboundTable>> {
+        self.access.poll_table()
     }
 
     /// What no peer may be routed for (the host's underlay, the coordinators, ...),

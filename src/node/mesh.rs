@@ -181,6 +181,11 @@ impl MeshState {
         self.local
     }
 
+    /// Every device of the organization the node knows (itself included).
+    pub fn devices(&self) -> impl Iterator<Item = &Device> {
+        self.devices.values()
+    }
+
     /// Routes currently installed.
     pub fn routes(&self) -> impl Iterator<Item = &IpNet> {
         self.routes.iter()

@@ -11,6 +11,7 @@
 //! clock: an I/O shell (elsewhere) owns the file descriptors and the event
 //! loop, feeds bytes and `Instant`s in and sends what comes out.
 
+pub mod access;
 pub mod agent;
 pub mod dataplane;
 pub mod filter;

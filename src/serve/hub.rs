@@ -27,8 +27,8 @@ use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
 use crate::serve::SharedStore;
 use crate::serve::metrics::CoordinatorMetrics;
-use crate::store::{Change, StoreError};
-use crate::wire::control::{Device, Response};
+use crate::store::{Change, POLICY_CHANGE_ID, StoreError, StoredPolicy};
+use crate::wire::control::{Device, PolicyState, Response};
 use crate::wire::frame::{self, MAX_RESPONSE_LEN};
 
 /// How often the change log is checked for changes made by other processes.
@@ -69,6 +69,8 @@ struct OrgView {
     devices: BTreeMap<i64, Arc<[u8]>>,
     /// The devices whose last state says online (for the metrics).
     online: BTreeSet<i64>,
+    /// The organization's access policy as watchers are sent it.
+    policy: Option<PolicyState>,
     tx: broadcast::Sender<Arc<OrgDelta>>,
 }
 
@@ -77,6 +79,7 @@ impl OrgView {
         Self {
             devices: BTreeMap::new(),
             online: BTreeSet::new(),
+            policy: None,
             tx: broadcast::channel(CHANNEL_DEPTH).0,
         }
     }
@@ -110,13 +113,16 @@ struct State {
 pub struct Snapshot {
     pub revision: i64,
     pub devices: Vec<Arc<[u8]>>,
+    pub policy: Option<PolicyState>,
 }
 
 impl Snapshot {
     /// The `Response::Snapshot` frame, assembled from the encoded devices.
     pub fn frame(&self, stun_port: Option<u16>) -> Result<Vec<u8>, frame::FrameError> {
+        let policy = serde_json::to_string(&self.policy)
+            .map_err(|e| frame::FrameError::Malformed(format!("encoding the policy: {e}")))?;
         let head = format!(
-            "{{\"type\":\"snapshot\",\"revision\":{},\"stun_port\":{},\"devices\":[",
+            "{{\"type\":\"snapshot\",\"revision\":{},\"stun_port\":{},\"policy\":{policy},\"devices\":[",
             self.revision,
             stun_port.map_or_else(|| "null".to_string(), |p| p.to_string())
         );
@@ -162,21 +168,43 @@ pub struct Hub {
     pub metrics: CoordinatorMetrics,
 }
 
-/// Groups changes by organization; per device the latest state wins.
+/// Groups changes by organization; per device the latest state wins. A policy
+/// change ([`POLICY_CHANGE_ID`]) names no device: it only puts its organization in
+/// the batch (the hub reads the policy itself).
 pub fn group_changes(changes: Vec<Change>) -> BTreeMap<i64, (i64, BTreeMap<i64, Option<Device>>)> {
     let mut out: BTreeMap<i64, (i64, BTreeMap<i64, Option<Device>>)> = BTreeMap::new();
     for c in changes {
         let entry = out.entry(c.organization_id).or_default();
         entry.0 = entry.0.max(c.revision);
-        entry.1.insert(c.device_id, c.device);
+        if c.device_id != POLICY_CHANGE_ID {
+            entry.1.insert(c.device_id, c.device);
+        }
     }
     out
+}
+
+/// The organizations whose policy changed in `changes`.
+pub fn policy_changes(changes: &[Change]) -> BTreeSet<i64> {
+    changes
+        .iter()
+        .filter(|c| c.device_id == POLICY_CHANGE_ID)
+        .map(|c| c.organization_id)
+        .collect()
+}
+
+/// What watchers are sent of a stored policy (`None` stored: cleared).
+fn policy_state(stored: Option<StoredPolicy>) -> Option<PolicyState> {
+    stored.map(|p| PolicyState {
+        revision: p.revision,
+        text: Some(p.text),
+    })
 }
 
 /// Encodes one organization's changes as a delta.
 pub fn encode_delta(
     revision: i64,
     devices: BTreeMap<i64, Option<Device>>,
+    policy: Option<PolicyState>,
 ) -> Result<OrgDelta, frame::FrameError> {
     let mut upserts = Vec::new();
     let mut removed = Vec::new();
@@ -191,6 +219,7 @@ pub fn encode_delta(
             revision,
             upserts,
             removed: removed.clone(),
+            policy,
         },
         MAX_RESPONSE_LEN,
     )?;
@@ -227,6 +256,8 @@ type EncodedDevice = (Arc<[u8]>, bool);
 struct Prepared {
     org: i64,
     devices: Vec<(i64, Option<EncodedDevice>)>,
+    /// The organization's new policy, if it changed.
+    policy: Option<Option<PolicyState>>,
     delta: Option<Arc<OrgDelta>>,
 }
 
@@ -290,6 +321,7 @@ impl Hub {
             let new = fresh.remove(id).unwrap_or_else(OrgView::new);
             view.devices = new.devices;
             view.online = new.online;
+            view.policy = new.policy;
         }
         state.orgs.extend(fresh);
         state.revision = state.revision.max(revision);
@@ -320,6 +352,7 @@ impl Hub {
                 for d in s.peer_devices(org.id)? {
                     view.set(d.id, Some((encode_device(&d)?, d.online)));
                 }
+                view.policy = policy_state(s.policy(org.id)?);
                 orgs.insert(org.id, view);
             }
             Ok::<_, StoreError>((revision, orgs))
@@ -412,19 +445,27 @@ impl Hub {
             .or_insert_with(OrgView::new);
         let rx = view.tx.subscribe();
         let devices = view.devices.values().cloned().collect();
-        (rx, Snapshot { revision, devices })
+        let policy = view.policy.clone();
+        (
+            rx,
+            Snapshot {
+                revision,
+                devices,
+                policy,
+            },
+        )
     }
 
     /// The current snapshot of `organization_id` (a watcher that fell behind).
     pub fn snapshot(&self, organization_id: i64) -> Snapshot {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let view = state.orgs.get(&organization_id);
         Snapshot {
             revision: state.revision,
-            devices: state
-                .orgs
-                .get(&organization_id)
+            devices: view
                 .map(|v| v.devices.values().cloned().collect())
                 .unwrap_or_default(),
+            policy: view.and_then(|v| v.policy.clone()),
         }
     }
 
@@ -444,9 +485,17 @@ impl Hub {
     }
 
     /// Applies one batch of the change log to the views and broadcasts its deltas.
-    fn apply(&self, last: i64, changes: Vec<Change>) {
+    /// `policies`: the new policy of each organization whose policy changed in the
+    /// batch (`None`: cleared).
+    fn apply(
+        &self,
+        last: i64,
+        changes: Vec<Change>,
+        mut policies: HashMap<i64, Option<PolicyState>>,
+    ) {
         let mut prepared = Vec::new();
         for (org, (rev, devices)) in group_changes(changes) {
+            let policy = policies.remove(&org);
             let mut encoded = Vec::with_capacity(devices.len());
             let mut ok = true;
             for (id, d) in &devices {
@@ -462,7 +511,13 @@ impl Hub {
                     }
                 }
             }
-            let delta = match encode_delta(rev, devices) {
+            let sent = policy.clone().map(|p| {
+                p.unwrap_or(PolicyState {
+                    revision: rev,
+                    text: None,
+                })
+            });
+            let delta = match encode_delta(rev, devices, sent) {
                 Ok(d) if ok => Some(Arc::new(d)),
                 Ok(_) => None,
                 Err(e) => {
@@ -473,6 +528,7 @@ impl Hub {
             prepared.push(Prepared {
                 org,
                 devices: encoded,
+                policy,
                 delta,
             });
         }
@@ -481,6 +537,9 @@ impl Hub {
             let view = state.orgs.entry(p.org).or_insert_with(OrgView::new);
             for (id, d) in p.devices {
                 view.set(id, d);
+            }
+            if let Some(policy) = p.policy {
+                view.policy = policy;
             }
             if let Some(delta) = p.delta {
                 // An error only means nobody watches this organization now.
@@ -515,11 +574,16 @@ impl Hub {
                     let changes = s.changes_since(from, BATCH)?;
                     // Read after the changes: a prune in between shows here.
                     let oldest = s.oldest_revision()?;
-                    Ok::<_, StoreError>((changes, oldest))
+                    // Read no earlier than the changes: at least as new as they are.
+                    let mut policies = HashMap::new();
+                    for org in policy_changes(&changes) {
+                        policies.insert(org, policy_state(s.policy(org)?));
+                    }
+                    Ok::<_, StoreError>((changes, oldest, policies))
                 })
                 .await;
                 let changes = match read {
-                    Ok(Ok((_, oldest))) if oldest > from.saturating_add(1) => {
+                    Ok(Ok((_, oldest, _))) if oldest > from.saturating_add(1) => {
                         tracing::warn!(
                             from,
                             oldest,
@@ -533,7 +597,7 @@ impl Hub {
                         last_batch = Some(tokio::time::Instant::now());
                         break;
                     }
-                    Ok(Ok((c, _))) => c,
+                    Ok(Ok((c, _, p))) => (c, p),
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "reading the change log failed");
                         break;
@@ -543,12 +607,13 @@ impl Hub {
                         break;
                     }
                 };
+                let (changes, policies) = changes;
                 let full = changes.len() == BATCH;
                 let Some(last) = changes.last().map(|c| c.revision) else {
                     break;
                 };
                 revision = last;
-                self.apply(last, changes);
+                self.apply(last, changes, policies);
                 last_batch = Some(tokio::time::Instant::now());
                 if !full {
                     break;
@@ -641,7 +706,7 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert_eq!(g[&1].0, 3);
         assert_eq!(g[&1].1.len(), 1);
-        let d = encode_delta(3, g[&1].1.clone()).unwrap();
+        let d = encode_delta(3, g[&1].1.clone(), None).unwrap();
         assert_eq!(d.removed, vec![10]);
         let resp: Response = frame::decode_payload(&d.frame[4..]).unwrap();
         assert!(matches!(resp, Response::Delta { revision: 3, .. }));
@@ -678,13 +743,22 @@ mod tests {
 
     #[test]
     fn assembled_snapshot_is_the_serialized_snapshot() {
-        for (devices, stun_port) in [
-            (vec![device(1), device(2), device(3)], Some(3478)),
-            (vec![], None),
+        let policy = PolicyState {
+            revision: 2,
+            text: Some("[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\n".into()),
+        };
+        for (devices, stun_port, policy) in [
+            (
+                vec![device(1), device(2), device(3)],
+                Some(3478),
+                Some(policy),
+            ),
+            (vec![], None, None),
         ] {
             let snap = Snapshot {
                 revision: 7,
                 devices: devices.iter().map(|d| encode_device(d).unwrap()).collect(),
+                policy: policy.clone(),
             };
             let bytes = snap.frame(stun_port).unwrap();
             let (_, used) = frame::decode(&bytes, MAX_RESPONSE_LEN).unwrap().unwrap();
@@ -695,7 +769,8 @@ mod tests {
                 Response::Snapshot {
                     revision: 7,
                     devices,
-                    stun_port
+                    stun_port,
+                    policy,
                 }
             );
         }

@@ -28,6 +28,10 @@ use crate::wire::control::{Approved, Device, RegisterRequest};
 /// The kind of a change-log entry.
 pub const UPSERT: &str = "upsert";
 pub const REMOVE: &str = "remove";
+/// The organization's policy changed; the entry's device id is [`POLICY_CHANGE_ID`].
+pub const POLICY: &str = "policy";
+/// The device id of a policy change (no device has id 0).
+pub const POLICY_CHANGE_ID: i64 = 0;
 
 /// Reads, with the consistency they need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,5 +418,7 @@ pub fn put_policy(
             tx.set_revision(d.id, revision)?;
         }
     }
+    // Last, so watchers see the devices' new claims no later than the policy.
+    tx.record_change(org, POLICY_CHANGE_ID, POLICY, now)?;
     Ok(revision)
 }

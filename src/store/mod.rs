@@ -44,6 +44,7 @@ use crate::wire::control::{Approved, Device, DeviceUpdate, RegisterRequest};
 use flow::{Engine, Read};
 use rows::Token;
 
+pub use flow::POLICY_CHANGE_ID;
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 

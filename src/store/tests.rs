@@ -961,6 +961,7 @@ fn peer_changes(s: &mut dyn Store, rev: i64) -> Vec<(i64, Device)> {
     s.changes_since(rev, 100)
         .unwrap()
         .into_iter()
+        .filter(|c| c.device_id != flow::POLICY_CHANGE_ID)
         .map(|c| (c.device_id, c.device.expect("not removed")))
         .collect()
 }

@@ -154,6 +154,15 @@ impl Approved {
     }
 }
 
+/// An organization's access policy as nodes receive it: the file as an admin set it
+/// (validated by the coordinator; nodes parse and compile it for themselves) and its
+/// revision, which only grows. `text: None`: cleared, everything allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyState {
+    pub revision: i64,
+    pub text: Option<String>,
+}
+
 /// Machine-readable error kinds, so a client can react without parsing text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -190,6 +199,9 @@ pub enum Response {
         /// address the node connected to.
         #[serde(default)]
         stun_port: Option<u16>,
+        /// The organization's access policy (DESIGN §7); `None`: everything allowed.
+        #[serde(default)]
+        policy: Option<PolicyState>,
     },
     /// What changed since the previous message, up to `revision`. A watcher whose own id
     /// is in `removed` has been removed from the organization.
@@ -197,6 +209,9 @@ pub enum Response {
         revision: i64,
         upserts: Vec<Device>,
         removed: Vec<i64>,
+        /// The organization's policy, when it changed in this delta.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<PolicyState>,
     },
     Error {
         code: ErrorCode,

@@ -1,0 +1,165 @@
+//! The node's side of the access policy (DESIGN §7): which inbound table its data
+//! plane enforces. Sans-IO: fed the organization's policy as the coordinator sends
+//! it and the devices the node knows; says when the data plane needs a new table.
+//!
+//! The coordinator validated the file before storing it; a node that cannot parse
+//! it anyway (an older build than the coordinator) keeps the table it had and says
+//! so, rather than opening everything.
+
+use std::sync::Arc;
+
+use crate::policy::{DeviceInfo, InboundTable, Policy, compile};
+use crate::wire::control::{Device, PolicyState};
+
+/// The policy in force on this node and the table compiled from it.
+#[derive(Debug, Default)]
+pub struct Access {
+    policy: Option<Arc<Policy>>,
+    /// The revision of the policy in force (0: none yet).
+    revision: i64,
+    table: Option<InboundTable>,
+    /// The table the data plane must be given (`Some(None)`: no policy any more).
+    pending: Option<Option<InboundTable>>,
+}
+
+/// Why a policy from the coordinator was not taken.
+#[derive(Debug, thiserror::Error)]
+#[error("policy revision {revision} from the coordinator does not parse here: {source}")]
+pub struct AccessError {
+    pub revision: i64,
+    #[source]
+    pub source: crate::policy::PolicyError,
+}
+
+impl Access {
+    /// The organization's policy as the coordinator sent it (`None`: it has none).
+    /// Call [`Access::recompile`] after it.
+    pub fn set_policy(&mut self, state: Option<&PolicyState>) -> Result<(), AccessError> {
+        let (revision, text) = match state {
+            Some(PolicyState {
+                revision,
+                text: Some(text),
+            }) => (*revision, text),
+            _ => {
+                self.policy = None;
+                self.revision = state.map_or(0, |s| s.revision);
+                return Ok(());
+            }
+        };
+        let policy = Policy::parse(text).map_err(|source| AccessError { revision, source })?;
+        self.policy = Some(Arc::new(policy));
+        self.revision = revision;
+        Ok(())
+    }
+
+    /// Compiles this node's inbound table from the policy and the organization's
+    /// devices (`me` among them or not); the data plane gets it only if it changed.
+    pub fn recompile<'a>(&mut self, me: &Device, devices: impl IntoIterator<Item = &'a Device>) {
+        let table = self.policy.as_ref().map(|policy| {
+            let mut infos: Vec<DeviceInfo> = devices
+                .into_iter()
+                .filter(|d| d.id != me.id)
+                .map(info)
+                .collect();
+            infos.push(info(me));
+            compile(policy, &infos, &info(me))
+        });
+        if table != self.table {
+            self.table = table.clone();
+            self.pending = Some(table);
+        }
+    }
+
+    /// The table the data plane must enforce now, once per change.
+    pub fn poll_table(&mut self) -> Option<Option<InboundTable>> {
+        self.pending.take()
+    }
+
+    /// Whether a policy is in force, and its revision.
+    pub fn in_force(&self) -> Option<i64> {
+        self.policy.as_ref().map(|_| self.revision)
+    }
+
+    /// Inbound rules that concern this node (0 without a policy).
+    pub fn rules(&self) -> usize {
+        self.table.as_ref().map_or(0, InboundTable::len)
+    }
+}
+
+fn info(d: &Device) -> DeviceInfo {
+    DeviceInfo {
+        hostname: d.hostname.clone(),
+        v4: d.tunnel_ip,
+        v6: d.tunnel_ip_v6,
+        routes: d.advertise_cidrs.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::mesh::tests::device;
+
+    const WEB_FROM_OPS: &str =
+        "[[allow]]\nfrom = [\"ops*\"]\nto = [\"web*\"]\nproto = \"tcp\"\nports = [\"443\"]\n";
+
+    fn state(revision: i64, text: Option<&str>) -> PolicyState {
+        PolicyState {
+            revision,
+            text: text.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_table_goes_out_once_per_change() {
+        let mut me = device(1, true);
+        me.hostname = "web1".into();
+        let mut ops = device(2, true);
+        ops.hostname = "ops1".into();
+        let mut a = Access::default();
+        a.recompile(&me, [&ops]);
+        assert_eq!(a.poll_table(), None, "no policy, nothing to say");
+
+        a.set_policy(Some(&state(1, Some(WEB_FROM_OPS)))).unwrap();
+        a.recompile(&me, [&me, &ops]);
+        let table = a.poll_table().expect("a table").expect("a policy");
+        assert!(table.allows(ops.tunnel_ip.into(), me.tunnel_ip.into(), 6, Some(443)));
+        assert!(!table.allows(ops.tunnel_ip.into(), me.tunnel_ip.into(), 6, Some(22)));
+        assert_eq!(a.in_force(), Some(1));
+        // Same devices, same policy: nothing new.
+        a.recompile(&me, [&ops]);
+        assert_eq!(a.poll_table(), None);
+
+        // A device joins that the rule covers: a new table.
+        let mut ops2 = device(3, true);
+        ops2.hostname = "ops2".into();
+        a.recompile(&me, [&ops, &ops2]);
+        let table = a.poll_table().expect("a table").expect("a policy");
+        assert!(table.allows(ops2.tunnel_ip.into(), me.tunnel_ip.into(), 6, Some(443)));
+
+        // Cleared: the data plane is told to stop filtering.
+        a.set_policy(Some(&state(2, None))).unwrap();
+        a.recompile(&me, [&ops, &ops2]);
+        assert_eq!(a.poll_table(), Some(None));
+        assert_eq!(a.in_force(), None);
+    }
+
+    #[test]
+    fn a_policy_that_does_not_parse_keeps_the_old_one() {
+        let me = device(1, true);
+        let mut a = Access::default();
+        a.set_policy(Some(&state(1, Some(WEB_FROM_OPS)))).unwrap();
+        a.recompile(&me, []);
+        assert!(a.poll_table().is_some());
+        let err = a
+            .set_policy(Some(&state(
+                2,
+                Some("[[allow]]\nfrom = [\"group:x\"]\nto = [\"*\"]\n"),
+            )))
+            .unwrap_err();
+        assert_eq!(err.revision, 2);
+        assert_eq!(a.in_force(), Some(1));
+        a.recompile(&me, []);
+        assert_eq!(a.poll_table(), None);
+    }
+}

@@ -1,6 +1,6 @@
 //! Facts about the host the node runs on, read from `/proc`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// True when the host can use IPv6: `/proc/net/if_inet6` exists (the stack is there)
 /// and `disable_ipv6` is 0 for `all` and, if given, for `interface`.
@@ -50,9 +50,38 @@ pub struct ForwardingError {
     source: std::io::Error,
 }
 
+/// Forwarding this process turned on; dropping it writes back what was there
+/// before (`0`), for every family it changed. A SIGKILLed node leaves it on: the
+/// host's setting is then the admin's to restore.
+#[must_use = "forwarding is turned off again when this is dropped"]
+#[derive(Debug, Default)]
+pub struct Forwarding {
+    restore: Vec<(PathBuf, String)>,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        for (path, before) in self.restore.drain(..) {
+            match std::fs::write(&path, &before) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), value = %before, "forwarding restored")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot restore forwarding")
+                }
+            }
+        }
+    }
+}
+
 /// Turns on forwarding for the given families, reading `/proc` first so nothing is
 /// written when it is already on (containers often mount it read-only).
-pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
+pub fn enable_forwarding(v4: bool, v6: bool) -> Result<Forwarding, ForwardingError> {
+    enable_forwarding_at(Path::new("/proc/sys"), v4, v6)
+}
+
+/// [`enable_forwarding`] under another `/proc/sys` (tests).
+pub fn enable_forwarding_at(sys: &Path, v4: bool, v6: bool) -> Result<Forwarding, ForwardingError> {
     let wanted = [
         (v4, "IPv4", "net/ipv4/ip_forward", "net.ipv4.ip_forward"),
         (
@@ -62,11 +91,15 @@ pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
             "net.ipv6.conf.all.forwarding",
         ),
     ];
+    let mut guard = Forwarding::default();
     for (on, family, path, sysctl) in wanted {
-        if !on || read_sysctl(path).as_deref() == Some("1") {
+        let full = sys.join(path);
+        let before = std::fs::read_to_string(&full)
+            .ok()
+            .map(|s| s.trim().to_string());
+        if !on || before.as_deref() == Some("1") {
             continue;
         }
-        let full = Path::new("/proc/sys").join(path);
         std::fs::write(&full, "1").map_err(|source| ForwardingError {
             family,
             path: full.display().to_string(),
@@ -74,8 +107,11 @@ pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
             source,
         })?;
         tracing::info!(family, "enabled forwarding for the advertised prefixes");
+        guard
+            .restore
+            .push((full, before.unwrap_or_else(|| "0".into())));
     }
-    Ok(())
+    Ok(guard)
 }
 
 /// The host's addresses with their prefix lengths (each names its connected
@@ -184,5 +220,27 @@ mod tests {
         assert!(!ipv6_supported_at(new_ifaces_off.path(), Some("nx0")));
         let none = tempfile::tempdir().unwrap();
         assert!(!ipv6_supported_at(none.path(), None));
+    }
+}
+
+#[cfg(test)]
+mod forwarding_tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_comes_back_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let v4 = dir.path().join("net/ipv4/ip_forward");
+        let v6 = dir.path().join("net/ipv6/conf/all/forwarding");
+        std::fs::create_dir_all(v4.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(v6.parent().unwrap()).unwrap();
+        std::fs::write(&v4, "0\n").unwrap();
+        std::fs::write(&v6, "1\n").unwrap();
+        let g = enable_forwarding_at(dir.path(), true, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "1");
+        drop(g);
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        // Already on: left alone, on and after.
+        assert_eq!(std::fs::read_to_string(&v6).unwrap(), "1\n");
     }
 }

@@ -238,6 +238,24 @@ fn route_guard(interface: &str, coordinators: &[SocketAddr]) -> RouteGuard {
     )
 }
 
+/// Everything `join` needs of this host, checked before the coordinator hears of
+/// the device (so a failure leaves no device registered): the TUN interface can be
+/// created under its name (kernel mode), the WireGuard port is free, and `nft` runs
+/// where a subnet router needs it. The state dir was written already.
+fn preflight(cfg: &JoinConfig, listen_port: u16) -> Result<(), JoinError> {
+    if cfg.userspace.is_none() {
+        tun::preflight(&cfg.interface)?;
+    }
+    udp::bind(listen_port).map_err(|source| JoinError::Udp {
+        port: listen_port,
+        source,
+    })?;
+    if iface::router_table(cfg) {
+        nft::check()?;
+    }
+    Ok(())
+}
+
 /// Runs the node until `shutdown` resolves or an unrecoverable error.
 pub async fn run(
     cfg: JoinConfig,
@@ -278,17 +296,14 @@ pub async fn run(
 
     // The userspace stack speaks IPv6 whatever the host has.
     let ipv6 = cfg.userspace.is_some() || sysinfo::ipv6_supported(Some(&cfg.interface));
-    let endpoints: Vec<SocketAddr> = udp::local_address_towards(addrs[0])
+    let endpoints: Vec<SocketAddr> = addrs
+        .iter()
+        .find_map(|a| udp::local_address_towards(*a))
         .map(|ip| SocketAddr::new(ip, state.listen_port))
         .into_iter()
         .collect();
     tracing::info!(ipv6, ?endpoints, "host checked");
-    // A subnet router forwards; find out before telling anyone about the prefixes.
-    if !cfg.advertise_cidrs.is_empty() {
-        let fwd_v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
-        let fwd_v6 = ipv6 && cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
-        sysinfo::enable_forwarding(fwd_v4, fwd_v6)?;
-    }
+    preflight(&cfg, state.listen_port)?;
 
     let ctx = Ctx {
         cfg: &cfg,
@@ -323,6 +338,15 @@ pub async fn run(
     } = enrolled;
     // Keep the coordinator's view of our endpoints, prefixes and roles current.
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
+    // A subnet router forwards, once the coordinator took its prefixes; what was
+    // there before comes back when `_forwarding` is dropped, on every return path.
+    let _forwarding = if cfg.advertise_cidrs.is_empty() || cfg.userspace.is_some() {
+        None
+    } else {
+        let fwd_v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
+        let fwd_v6 = ipv6 && cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
+        Some(sysinfo::enable_forwarding(fwd_v4, fwd_v6)?)
+    };
 
     let iface::Up {
         datapath,

@@ -540,7 +540,7 @@ fn readme_quick_start_admin_and_join_run_in_order() {
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
-    assert!(status.starts_with(&format!("device web1 (")), "{status}");
+    assert!(status.starts_with("device web1 ("), "{status}");
     assert!(
         status.lines().any(|l| l == readme_line("PEER ")),
         "status header differs from the README's:\n{status}"

@@ -48,8 +48,25 @@ fn default_listen_takes_ipv6_and_ipv4() {
     c.nodes[v4].wait_status("connected", deadline.left(Duration::from_secs(30)), |s| {
         s.coordinator_connected
     });
-    let devices = c.coord.devices();
-    assert_eq!(devices.len(), 3, "{devices:?}");
+    // Both STUN ports answer each family with its own address (v4 not v4-mapped).
+    wait_until(
+        "STUN mappings of both families",
+        deadline.left(Duration::from_secs(40)),
+        || {
+            let devices = c.coord.devices();
+            let mapped = |name: &str| {
+                devices
+                    .iter()
+                    .find(|d| d.hostname == name)
+                    .and_then(|d| d.reflexive_endpoint)
+                    .map(|e| e.ip().to_string())
+            };
+            (devices.len() == 3
+                && mapped("v4only").as_deref() == Some("203.0.113.4")
+                && mapped("a").as_deref() == Some("2001:db8:18::2"))
+            .then_some(())
+        },
+    );
 }
 
 /// A coordinator on a host with IPv6 disabled still starts on its defaults, and a

@@ -295,8 +295,9 @@ fn forwarding(ns: &Netns) -> (String, String) {
     )
 }
 
-/// A subnet router enables forwarding only once the coordinator took its prefixes,
-/// and puts back what was there when it stops (issue 18, item 6).
+/// A subnet router enables forwarding only once the coordinator took and an admin
+/// approved its prefixes, and puts back what was there when they are revoked and when
+/// it stops; a refused prefix leaves the host as it was (issue 18, item 6).
 #[test]
 fn forwarding_follows_the_accepted_prefix() {
     let deadline = Deadline::after(Duration::from_secs(90));
@@ -314,8 +315,27 @@ fn forwarding_follows_the_accepted_prefix() {
         gw,
         &["--advertise-cidr", "198.51.100.0/24,2001:db8:100::/64"],
     );
-    c.nodes[gw].wait_status("to run", deadline.left(Duration::from_secs(30)), |_| true);
-    assert_eq!(forwarding(&c.nodes[gw].ns), ("1".into(), "1".into()));
+    c.nodes[gw].wait_status("to run", deadline.left(Duration::from_secs(30)), |s| {
+        s.coordinator_connected
+    });
+    wait_until("gw online", deadline.left(Duration::from_secs(10)), || {
+        c.coord.device("gw").filter(|d| d.online).map(|_| ())
+    });
+    // Registered, watching, not approved: nothing is routed to it, nothing forwarded.
+    assert_eq!(forwarding(&c.nodes[gw].ns), off);
+    let on = ("1".to_string(), "1".to_string());
+    let becomes = |ns: &Netns, want: &(String, String), what: &str| {
+        wait_until(what, deadline.left(Duration::from_secs(5)), || {
+            (forwarding(ns) == *want).then_some(())
+        });
+    };
+    let both = "198.51.100.0/24,2001:db8:100::/64";
+    c.approve_routes(gw, both);
+    becomes(&c.nodes[gw].ns, &on, "forwarding on once approved");
+    c.revoke(gw, &[]);
+    becomes(&c.nodes[gw].ns, &off, "forwarding back off once revoked");
+    c.approve_routes(gw, both);
+    becomes(&c.nodes[gw].ns, &on, "forwarding on again");
 
     // Refused by the coordinator (overlap): forwarding stays as it was.
     c.start_with(ovl, &["--advertise-cidr", "198.51.100.128/25"]);

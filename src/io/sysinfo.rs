@@ -80,6 +80,88 @@ pub fn enable_forwarding(v4: bool, v6: bool) -> Result<Forwarding, ForwardingErr
     enable_forwarding_at(Path::new("/proc/sys"), v4, v6)
 }
 
+/// A subnet router's forwarding, family by family: on while a prefix of that family
+/// is in effect (approved), put back as it was when none is and on drop.
+#[derive(Debug)]
+pub struct ForwardingSwitch {
+    sys: PathBuf,
+    v4: Option<Forwarding>,
+    v6: Option<Forwarding>,
+}
+
+impl ForwardingSwitch {
+    pub fn new() -> Self {
+        Self::at(Path::new("/proc/sys"))
+    }
+
+    /// Under another `/proc/sys` (tests).
+    pub fn at(sys: &Path) -> Self {
+        Self {
+            sys: sys.to_path_buf(),
+            v4: None,
+            v6: None,
+        }
+    }
+
+    /// Forwarding wanted for IPv4 and IPv6 now.
+    pub fn set(&mut self, v4: bool, v6: bool) -> Result<(), ForwardingError> {
+        for (want, on, family_v4) in [(v4, &mut self.v4, true), (v6, &mut self.v6, false)] {
+            match (want, on.is_some()) {
+                (true, false) => {
+                    *on = Some(enable_forwarding_at(&self.sys, family_v4, !family_v4)?);
+                }
+                // Dropping the guard puts back what was there.
+                (false, true) => *on = None,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether forwarding can be turned on here for these families (already on, or
+    /// the file is writable): checked before registering.
+    pub fn check(&self, v4: bool, v6: bool) -> Result<(), ForwardingError> {
+        for (family, path, sysctl) in FAMILIES {
+            let want = if family == "IPv4" { v4 } else { v6 };
+            let full = self.sys.join(path);
+            if !want || read_at(&full).as_deref() == Some("1") {
+                continue;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&full)
+                .map_err(|source| ForwardingError {
+                    family,
+                    path: full.display().to_string(),
+                    sysctl,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for ForwardingSwitch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const FAMILIES: [(&str, &str, &str); 2] = [
+    ("IPv4", "net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+    (
+        "IPv6",
+        "net/ipv6/conf/all/forwarding",
+        "net.ipv6.conf.all.forwarding",
+    ),
+];
+
+fn read_at(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// [`enable_forwarding`] under another `/proc/sys` (tests).
 pub fn enable_forwarding_at(sys: &Path, v4: bool, v6: bool) -> Result<Forwarding, ForwardingError> {
     let wanted = [
@@ -239,6 +321,18 @@ mod forwarding_tests {
         let g = enable_forwarding_at(dir.path(), true, true).unwrap();
         assert_eq!(std::fs::read_to_string(&v4).unwrap(), "1");
         drop(g);
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        // The switch: on while wanted, back when not, and on drop.
+        let mut sw = ForwardingSwitch::at(dir.path());
+        sw.check(true, true).unwrap();
+        sw.set(false, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        sw.set(true, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "1");
+        sw.set(false, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        sw.set(true, true).unwrap();
+        drop(sw);
         assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
         // Already on: left alone, on and after.
         assert_eq!(std::fs::read_to_string(&v6).unwrap(), "1\n");

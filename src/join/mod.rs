@@ -253,7 +253,17 @@ fn preflight(cfg: &JoinConfig, listen_port: u16) -> Result<(), JoinError> {
     if iface::router_table(cfg) {
         nft::check()?;
     }
+    if subnet_router(cfg) {
+        let v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
+        let v6 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
+        sysinfo::ForwardingSwitch::new().check(v4, v6 && sysinfo::ipv6_supported(None))?;
+    }
     Ok(())
+}
+
+/// A kernel-mode node advertising prefixes: it forwards to them.
+fn subnet_router(cfg: &JoinConfig) -> bool {
+    cfg.userspace.is_none() && !cfg.advertise_cidrs.is_empty()
 }
 
 /// Runs the node until `shutdown` resolves or an unrecoverable error.
@@ -338,16 +348,6 @@ pub async fn run(
     } = enrolled;
     // Keep the coordinator's view of our endpoints, prefixes and roles current.
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
-    // A subnet router forwards, once the coordinator took its prefixes; what was
-    // there before comes back when `_forwarding` is dropped, on every return path.
-    let _forwarding = if cfg.advertise_cidrs.is_empty() || cfg.userspace.is_some() {
-        None
-    } else {
-        let fwd_v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
-        let fwd_v6 = ipv6 && cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
-        Some(sysinfo::enable_forwarding(fwd_v4, fwd_v6)?)
-    };
-
     let iface::Up {
         datapath,
         stack,
@@ -395,6 +395,13 @@ pub async fn run(
         guard: Box::new(guard),
         updates: updates_tx,
         view: view_tx,
+        // A subnet router forwards once its prefixes are in effect; what was there
+        // before comes back when the driver is dropped, on every return path.
+        forwarding: subnet_router(&cfg).then(|| driver::Forwarding {
+            switch: sysinfo::ForwardingSwitch::new(),
+            device_id: device.id,
+            ipv6: v6.is_some(),
+        }),
     };
     let result = tokio::select! {
         r = control::run(&ctx, client, auth, events_tx, updates) => r,

@@ -110,11 +110,12 @@ impl StateArgs {
 pub enum Command {
     /// Run the coordinator: control API over QUIC and STUN responders.
     Serve {
-        /// QUIC control API address.
-        #[arg(long, env = "NEXODUS_LISTEN", default_value = "0.0.0.0:4443")]
+        /// QUIC control API address; the default `[::]` takes IPv4 and IPv6 (IPv4 only
+        /// where the host has no IPv6).
+        #[arg(long, env = "NEXODUS_LISTEN", default_value = "[::]:4443")]
         listen: SocketAddr,
         /// STUN address; the next port answers STUN too (symmetric NAT detection).
-        #[arg(long, env = "NEXODUS_STUN_LISTEN", default_value = "0.0.0.0:3478")]
+        #[arg(long, env = "NEXODUS_STUN_LISTEN", default_value = "[::]:3478")]
         stun_listen: SocketAddr,
         /// Serve Prometheus metrics on http://ADDR/metrics (off unless given), e.g.
         /// 127.0.0.1:9101.

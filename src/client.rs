@@ -16,6 +16,8 @@ pub enum ClientError {
     Identity(#[from] IdentityError),
     #[error("cannot open a local UDP socket: {0}")]
     Bind(std::io::Error),
+    #[error("cannot reach the coordinator at {0}: this host has no route to it")]
+    Unroutable(SocketAddr),
     #[error("cannot start a connection to {addr}")]
     Connect {
         addr: SocketAddr,

@@ -399,7 +399,11 @@ fn print_devices(devices: &[AdminDevice], now: i64) {
             role,
             if d.online { "online" } else { "offline" },
             endpoint,
-            format!("{}s ago", (now - d.last_seen).max(0)),
+            if d.online {
+                "online".to_string()
+            } else {
+                format!("{}s ago", (now - d.last_seen).max(0))
+            },
             claims(&a.in_effect),
             claims(&a.pending),
         );

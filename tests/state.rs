@@ -386,3 +386,177 @@ fn admin_commands_on_an_uninitialised_postgres_database_refuse() {
     let text = admin_command(&["token", "create"], &["--database-url", &url]).unwrap();
     JoinToken::parse(text.trim()).unwrap();
 }
+
+/// The README line that starts with `prefix`.
+fn readme_line(prefix: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    readme
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("README has no line starting {prefix:?}"))
+        .to_string()
+}
+
+/// Starts one README line with `sh` in namespace `ns`, in `cwd`, `nexodus` on the
+/// PATH, with `env`; stdout and stderr go to `log`.
+fn spawn_line(
+    ns: &common::netns::Netns,
+    cwd: &Path,
+    line: &str,
+    env: &[(&str, &Path)],
+    out: &Path,
+) -> std::process::Child {
+    use common::DieWithParent;
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let file = std::fs::File::create(out).unwrap();
+    let mut cmd = ns.cmd(&["sh", "-c", line]);
+    cmd.current_dir(cwd)
+        .env("PATH", path)
+        .env_remove("NEXODUS_STATE_DIR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .die_with_parent();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// The README followed as written, in order, on fresh namespaces: the quick start's
+/// `serve`, the admin commands, then the Nodes section's `join` on two hosts (one with
+/// `--token`, one with `--token-file`), its placeholders (`coordinator.example`,
+/// `nx1.…`, `[--hostname web1]`) filled in. The two nodes reach each other, and the
+/// `status` and `devices` tables have the README's headers. If the README drifts from
+/// the binary, this fails.
+#[test]
+fn readme_quick_start_admin_and_join_run_in_order() {
+    use common::netns::Lan;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new("srd");
+    let coord_ns = lan.host("c", "203.0.113.1/24", true);
+    let a_ns = lan.host("a", "203.0.113.2/24", true);
+    let b_ns = lan.host("b", "203.0.113.3/24", true);
+    let dir = |name: &str| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let (cwd, a_cwd, b_cwd) = (dir("quickstart"), dir("a"), dir("b"));
+    let mut children = Vec::new();
+
+    // 1. The quick start: build (done: this is the test binary) and serve.
+    let quick = readme_block("serve --state-dir ./nexodus-state");
+    assert_eq!(quick.len(), 2, "{quick:?}");
+    assert!(quick[1].contains("./scripts/test"), "{quick:?}");
+    let serve = quick[0]
+        .strip_prefix("cargo build --release && ")
+        .unwrap_or_else(|| panic!("quick start changed: {}", quick[0]))
+        .replace("./target/release/nexodus", "nexodus");
+    let serve_out = tmp.path().join("serve.log");
+    children.push(spawn_line(&coord_ns, &cwd, &serve, &[], &serve_out));
+    let first = wait_until(
+        "serve to print its first-start token",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(&serve_out).ok()?;
+            text.contains("coordinator running").then_some(())?;
+            text.lines()
+                .find(|l| l.starts_with("nx1."))
+                .map(str::to_string)
+        },
+    );
+    JoinToken::parse(&first).unwrap();
+    assert!(
+        std::fs::read_to_string(&serve_out)
+            .unwrap()
+            .contains("listen=[::]:4443"),
+        "serve does not listen dual stack by default"
+    );
+
+    // 2. The admin commands, as written, from where the quick start ran.
+    let (mut single, mut reusable) = (None, None);
+    for line in readme_block("nexodus org create lab") {
+        let out = run_line(&cwd, &line);
+        if line.starts_with("nexodus token create --state-dir") {
+            single = Some(out.trim().to_string());
+        } else if line.starts_with("nexodus token create --reusable") {
+            reusable = Some(out.trim().to_string());
+        }
+    }
+    let (single, reusable) = (single.unwrap(), reusable.unwrap());
+
+    // 3. Nodes: `join` with --token on a, with --token-file on b.
+    let nodes = readme_block("--token-file ./token");
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    let fill = |line: &str, token: &str| {
+        line.replace("coordinator.example", "203.0.113.1")
+            .replace("nx1.…", token)
+            .replace("[--hostname web1]", "--hostname web1")
+    };
+    assert!(nodes[0].starts_with("nexodus join coordinator.example:4443 --token nx1.…"));
+    let (a_state, b_state) = (a_cwd.join("state"), b_cwd.join("state"));
+    children.push(spawn_line(
+        &a_ns,
+        &a_cwd,
+        &fill(&nodes[0], &single),
+        &[("NEXODUS_STATE_DIR", &a_state)],
+        &tmp.path().join("a.log"),
+    ));
+    run_line(&b_cwd, &fill(&nodes[1], &reusable));
+    children.push(spawn_line(
+        &b_ns,
+        &b_cwd,
+        &fill(&nodes[2], &reusable),
+        &[("NEXODUS_STATE_DIR", &b_state)],
+        &tmp.path().join("b.log"),
+    ));
+    let state = cwd.join("nexodus-state");
+    let flags = ["--state-dir", state.to_str().unwrap()];
+    let devices = wait_until("both nodes online", Duration::from_secs(30), || {
+        let json = admin_command(&["devices", "--json"], &flags).ok()?;
+        let list: Vec<Device> = serde_json::from_str(&json).ok()?;
+        (list.len() == 2 && list.iter().all(|d| d.online)).then_some(list)
+    });
+    let web1 = devices.iter().find(|d| d.hostname == "web1").unwrap();
+    let other = devices.iter().find(|d| d.hostname != "web1").unwrap();
+    assert!(
+        a_ns.ping_until(&other.tunnel_ip.to_string(), Duration::from_secs(20)),
+        "web1 cannot reach the --token-file node"
+    );
+    assert!(b_ns.ping_until(&web1.tunnel_ip.to_string(), Duration::from_secs(20)));
+
+    // The tables read as the README shows them.
+    let status = a_ns
+        .cmd(&[BIN, "status"])
+        .env("NEXODUS_STATE_DIR", &a_state)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.starts_with("device web1 ("), "{status}");
+    assert!(
+        status.lines().any(|l| l == readme_line("PEER ")),
+        "status header differs from the README's:\n{status}"
+    );
+    let table = admin_command(&["devices"], &flags).unwrap();
+    assert_eq!(
+        table.lines().next().unwrap(),
+        readme_line("ID    HOSTNAME"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" online ")).count(),
+        2,
+        "{table}"
+    );
+    for c in children {
+        proc::kill(c);
+    }
+}

@@ -20,6 +20,24 @@ pub enum NftError {
     Failed(String),
 }
 
+/// `nft` can be run here (checked before a subnet router registers).
+pub fn check() -> Result<(), NftError> {
+    let out = Command::new("nft")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(NftError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NftError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
 fn table(interface: &str) -> String {
     format!(
         "nexodus_{}",

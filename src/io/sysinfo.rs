@@ -1,6 +1,6 @@
 //! Facts about the host the node runs on, read from `/proc`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// True when the host can use IPv6: `/proc/net/if_inet6` exists (the stack is there)
 /// and `disable_ipv6` is 0 for `all` and, if given, for `interface`.
@@ -50,9 +50,120 @@ pub struct ForwardingError {
     source: std::io::Error,
 }
 
+/// Forwarding this process turned on; dropping it writes back what was there
+/// before (`0`), for every family it changed. A SIGKILLed node leaves it on: the
+/// host's setting is then the admin's to restore.
+#[must_use = "forwarding is turned off again when this is dropped"]
+#[derive(Debug, Default)]
+pub struct Forwarding {
+    restore: Vec<(PathBuf, String)>,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        for (path, before) in self.restore.drain(..) {
+            match std::fs::write(&path, &before) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), value = %before, "forwarding restored")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot restore forwarding")
+                }
+            }
+        }
+    }
+}
+
 /// Turns on forwarding for the given families, reading `/proc` first so nothing is
 /// written when it is already on (containers often mount it read-only).
-pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
+pub fn enable_forwarding(v4: bool, v6: bool) -> Result<Forwarding, ForwardingError> {
+    enable_forwarding_at(Path::new("/proc/sys"), v4, v6)
+}
+
+/// A subnet router's forwarding, family by family: on while a prefix of that family
+/// is in effect (approved), put back as it was when none is and on drop.
+#[derive(Debug)]
+pub struct ForwardingSwitch {
+    sys: PathBuf,
+    v4: Option<Forwarding>,
+    v6: Option<Forwarding>,
+}
+
+impl ForwardingSwitch {
+    pub fn new() -> Self {
+        Self::at(Path::new("/proc/sys"))
+    }
+
+    /// Under another `/proc/sys` (tests).
+    pub fn at(sys: &Path) -> Self {
+        Self {
+            sys: sys.to_path_buf(),
+            v4: None,
+            v6: None,
+        }
+    }
+
+    /// Forwarding wanted for IPv4 and IPv6 now.
+    pub fn set(&mut self, v4: bool, v6: bool) -> Result<(), ForwardingError> {
+        for (want, on, family_v4) in [(v4, &mut self.v4, true), (v6, &mut self.v6, false)] {
+            match (want, on.is_some()) {
+                (true, false) => {
+                    *on = Some(enable_forwarding_at(&self.sys, family_v4, !family_v4)?);
+                }
+                // Dropping the guard puts back what was there.
+                (false, true) => *on = None,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether forwarding can be turned on here for these families (already on, or
+    /// the file is writable): checked before registering.
+    pub fn check(&self, v4: bool, v6: bool) -> Result<(), ForwardingError> {
+        for (family, path, sysctl) in FAMILIES {
+            let want = if family == "IPv4" { v4 } else { v6 };
+            let full = self.sys.join(path);
+            if !want || read_at(&full).as_deref() == Some("1") {
+                continue;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&full)
+                .map_err(|source| ForwardingError {
+                    family,
+                    path: full.display().to_string(),
+                    sysctl,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for ForwardingSwitch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const FAMILIES: [(&str, &str, &str); 2] = [
+    ("IPv4", "net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+    (
+        "IPv6",
+        "net/ipv6/conf/all/forwarding",
+        "net.ipv6.conf.all.forwarding",
+    ),
+];
+
+fn read_at(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// [`enable_forwarding`] under another `/proc/sys` (tests).
+pub fn enable_forwarding_at(sys: &Path, v4: bool, v6: bool) -> Result<Forwarding, ForwardingError> {
     let wanted = [
         (v4, "IPv4", "net/ipv4/ip_forward", "net.ipv4.ip_forward"),
         (
@@ -62,11 +173,15 @@ pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
             "net.ipv6.conf.all.forwarding",
         ),
     ];
+    let mut guard = Forwarding::default();
     for (on, family, path, sysctl) in wanted {
-        if !on || read_sysctl(path).as_deref() == Some("1") {
+        let full = sys.join(path);
+        let before = std::fs::read_to_string(&full)
+            .ok()
+            .map(|s| s.trim().to_string());
+        if !on || before.as_deref() == Some("1") {
             continue;
         }
-        let full = Path::new("/proc/sys").join(path);
         std::fs::write(&full, "1").map_err(|source| ForwardingError {
             family,
             path: full.display().to_string(),
@@ -74,8 +189,11 @@ pub fn enable_forwarding(v4: bool, v6: bool) -> Result<(), ForwardingError> {
             source,
         })?;
         tracing::info!(family, "enabled forwarding for the advertised prefixes");
+        guard
+            .restore
+            .push((full, before.unwrap_or_else(|| "0".into())));
     }
-    Ok(())
+    Ok(guard)
 }
 
 /// The host's addresses with their prefix lengths (each names its connected
@@ -184,5 +302,39 @@ mod tests {
         assert!(!ipv6_supported_at(new_ifaces_off.path(), Some("nx0")));
         let none = tempfile::tempdir().unwrap();
         assert!(!ipv6_supported_at(none.path(), None));
+    }
+}
+
+#[cfg(test)]
+mod forwarding_tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_comes_back_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let v4 = dir.path().join("net/ipv4/ip_forward");
+        let v6 = dir.path().join("net/ipv6/conf/all/forwarding");
+        std::fs::create_dir_all(v4.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(v6.parent().unwrap()).unwrap();
+        std::fs::write(&v4, "0\n").unwrap();
+        std::fs::write(&v6, "1\n").unwrap();
+        let g = enable_forwarding_at(dir.path(), true, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "1");
+        drop(g);
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        // The switch: on while wanted, back when not, and on drop.
+        let mut sw = ForwardingSwitch::at(dir.path());
+        sw.check(true, true).unwrap();
+        sw.set(false, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        sw.set(true, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "1");
+        sw.set(false, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        sw.set(true, true).unwrap();
+        drop(sw);
+        assert_eq!(std::fs::read_to_string(&v4).unwrap(), "0");
+        // Already on: left alone, on and after.
+        assert_eq!(std::fs::read_to_string(&v6).unwrap(), "1\n");
     }
 }

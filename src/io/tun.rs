@@ -13,13 +13,38 @@ pub const DEFAULT_MTU: u16 = 1420;
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     #[error(
-        "cannot create TUN interface {name}: {source} (needs root or CAP_NET_ADMIN and /dev/net/tun)"
+        "cannot create TUN interface {name}: {source} (needs root or CAP_NET_ADMIN and /dev/net/tun; without them run rootless with --userspace)"
     )]
     Create {
         name: String,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "interface {name} already exists (another `nexodus join`?): pick another name with --interface NAME, or run rootless with --userspace"
+    )]
+    InUse { name: String },
+}
+
+/// Checks, before anything is registered, that `name` can be created here: it does
+/// not exist yet, and a TUN device of that name can be made (privileges,
+/// `/dev/net/tun`). The trial device disappears when it is closed, at once.
+pub fn preflight(name: &str) -> Result<(), TunError> {
+    if std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Err(TunError::InUse { name: name.into() });
+    }
+    let trial = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .build_sync()
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EBUSY | libc::EEXIST) => TunError::InUse { name: name.into() },
+            _ => TunError::Create {
+                name: name.into(),
+                source,
+            },
+        })?;
+    drop(trial);
+    Ok(())
 }
 
 /// Creates and brings up the interface, with TUN offload (virtio header, TSO/GRO)

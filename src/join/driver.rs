@@ -37,6 +37,34 @@ pub(super) struct Driver<'a> {
     pub guard: Box<dyn Fn() -> RouteGuard + Send + Sync + 'a>,
     pub updates: watch::Sender<Option<DeviceUpdate>>,
     pub view: watch::Sender<NodeView>,
+    /// A subnet router's forwarding: on for a family while one of our prefixes of
+    /// it is in effect (the coordinator sends our record reduced to what is
+    /// approved), put back as it was otherwise and when the driver is dropped.
+    /// `None`: not a subnet router (or rootless).
+    pub forwarding: Option<Forwarding>,
+}
+
+/// See [`Driver::forwarding`].
+pub(super) struct Forwarding {
+    pub switch: crate::io::sysinfo::ForwardingSwitch,
+    /// Our device id, to find our record in snapshots and deltas.
+    pub device_id: i64,
+    /// IPv6 is used here.
+    pub ipv6: bool,
+}
+
+impl Forwarding {
+    /// Follows our record as peers see it.
+    fn follow(&mut self, devices: &[crate::wire::control::Device]) {
+        let Some(me) = devices.iter().find(|d| d.id == self.device_id) else {
+            return;
+        };
+        let v4 = me.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
+        let v6 = self.ipv6 && me.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
+        if let Err(e) = self.switch.set(v4, v6) {
+            tracing::warn!(error = %e, "cannot change forwarding");
+        }
+    }
 }
 
 /// Applies the core's pending peer and route changes, in the order it produced them.
@@ -98,6 +126,9 @@ impl Driver<'_> {
             } => {
                 self.agent.set_route_guard((self.guard)());
                 self.agent.handle_policy(policy.as_ref());
+                if let Some(f) = self.forwarding.as_mut() {
+                    f.follow(&devices);
+                }
                 self.agent
                     .handle_snapshot(&devices, stun_port, coordinator, now);
             }
@@ -106,6 +137,9 @@ impl Driver<'_> {
                 removed,
                 policy,
             } => {
+                if let Some(f) = self.forwarding.as_mut() {
+                    f.follow(&upserts);
+                }
                 if let Some(policy) = policy {
                     self.agent.handle_policy(Some(&policy));
                 }

@@ -28,6 +28,13 @@ pub(super) async fn connect(
 ) -> Result<ControlClient, ClientError> {
     let mut last = None;
     for &a in addrs {
+        // A family this host cannot reach (no address or route of it, e.g. IPv6 on a
+        // v4-only host) is skipped at once rather than after a handshake timeout.
+        if crate::io::udp::local_address_towards(a).is_none() {
+            tracing::debug!(coordinator = %a, "no route to this address family here; skipped");
+            last = Some(ClientError::Unroutable(a));
+            continue;
+        }
         match ControlClient::connect(a, fp).await {
             Ok(c) => return Ok(c),
             Err(e) => {

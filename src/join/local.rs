@@ -42,12 +42,14 @@ impl Sockets {
             }
         };
         let metrics_stack = stack.clone();
+        let advertised = cfg.advertise_cidrs.clone();
+        let metrics_advertised = advertised.clone();
         let mut tasks = vec![tokio::spawn(serve(
             listener,
             datapath.clone(),
             view.clone(),
             "status",
-            move |v, dp| status::build(v, dp, listen_port, stack.as_deref()),
+            move |v, dp| status::build(v, dp, listen_port, stack.as_deref(), advertised.clone()),
             |stream, report| async move { status::answer(stream, &report).await },
         ))];
         if let Some(addr) = cfg.metrics_listen {
@@ -56,10 +58,16 @@ impl Sockets {
             let (datapath, view, stack) = (datapath.clone(), view.clone(), metrics_stack);
             tasks.push(tokio::spawn(crate::metrics::serve(listener, move || {
                 let (datapath, view, stack) = (datapath.clone(), view.clone(), stack.clone());
+                let advertised = metrics_advertised.clone();
                 async move {
                     let dp = datapath.status().await;
-                    let report =
-                        status::build(&view.borrow(), dp.as_ref(), listen_port, stack.as_deref());
+                    let report = status::build(
+                        &view.borrow(),
+                        dp.as_ref(),
+                        listen_port,
+                        stack.as_deref(),
+                        advertised,
+                    );
                     super::metrics::render(&report)
                 }
             })));

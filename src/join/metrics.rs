@@ -108,6 +108,7 @@ mod tests {
             last_handshake_secs: handshake,
             rx_bytes: rx,
             tx_bytes: 7,
+            advertised: Vec::new(),
         }
     }
 
@@ -136,6 +137,8 @@ mod tests {
             routes_refused: vec!["2000::/3".parse().unwrap()],
             routes_refused_total: 2,
             drops: [("no_route".to_string(), 2)].into_iter().collect(),
+            link_local_ignored: 0,
+            advertised: Vec::new(),
         };
         let text = render(&status);
         for line in [

@@ -238,6 +238,34 @@ fn route_guard(interface: &str, coordinators: &[SocketAddr]) -> RouteGuard {
     )
 }
 
+/// Everything `join` needs of this host, checked before the coordinator hears of
+/// the device (so a failure leaves no device registered): the TUN interface can be
+/// created under its name (kernel mode), the WireGuard port is free, and `nft` runs
+/// where a subnet router needs it. The state dir was written already.
+fn preflight(cfg: &JoinConfig, listen_port: u16) -> Result<(), JoinError> {
+    if cfg.userspace.is_none() {
+        tun::preflight(&cfg.interface)?;
+    }
+    udp::bind(listen_port).map_err(|source| JoinError::Udp {
+        port: listen_port,
+        source,
+    })?;
+    if iface::router_table(cfg) {
+        nft::check()?;
+    }
+    if subnet_router(cfg) {
+        let v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
+        let v6 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
+        sysinfo::ForwardingSwitch::new().check(v4, v6 && sysinfo::ipv6_supported(None))?;
+    }
+    Ok(())
+}
+
+/// A kernel-mode node advertising prefixes: it forwards to them.
+fn subnet_router(cfg: &JoinConfig) -> bool {
+    cfg.userspace.is_none() && !cfg.advertise_cidrs.is_empty()
+}
+
 /// Runs the node until `shutdown` resolves or an unrecoverable error.
 pub async fn run(
     cfg: JoinConfig,
@@ -278,17 +306,14 @@ pub async fn run(
 
     // The userspace stack speaks IPv6 whatever the host has.
     let ipv6 = cfg.userspace.is_some() || sysinfo::ipv6_supported(Some(&cfg.interface));
-    let endpoints: Vec<SocketAddr> = udp::local_address_towards(addrs[0])
+    let endpoints: Vec<SocketAddr> = addrs
+        .iter()
+        .find_map(|a| udp::local_address_towards(*a))
         .map(|ip| SocketAddr::new(ip, state.listen_port))
         .into_iter()
         .collect();
     tracing::info!(ipv6, ?endpoints, "host checked");
-    // A subnet router forwards; find out before telling anyone about the prefixes.
-    if !cfg.advertise_cidrs.is_empty() {
-        let fwd_v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
-        let fwd_v6 = ipv6 && cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv6());
-        sysinfo::enable_forwarding(fwd_v4, fwd_v6)?;
-    }
+    preflight(&cfg, state.listen_port)?;
 
     let ctx = Ctx {
         cfg: &cfg,
@@ -323,7 +348,6 @@ pub async fn run(
     } = enrolled;
     // Keep the coordinator's view of our endpoints, prefixes and roles current.
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
-
     let iface::Up {
         datapath,
         stack,
@@ -371,6 +395,13 @@ pub async fn run(
         guard: Box::new(guard),
         updates: updates_tx,
         view: view_tx,
+        // A subnet router forwards once its prefixes are in effect; what was there
+        // before comes back when the driver is dropped, on every return path.
+        forwarding: subnet_router(&cfg).then(|| driver::Forwarding {
+            switch: sysinfo::ForwardingSwitch::new(),
+            device_id: device.id,
+            ipv6: v6.is_some(),
+        }),
     };
     let result = tokio::select! {
         r = control::run(&ctx, client, auth, events_tx, updates) => r,

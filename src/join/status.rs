@@ -38,9 +38,16 @@ pub struct PeerStatus {
     pub endpoint: Option<SocketAddr>,
     /// "direct" or "relay".
     pub path: String,
+    /// Age of the last handshake with this peer itself: `None` while it is reached
+    /// through the relay (the relay's own handshake says nothing about this peer).
     pub last_handshake_secs: Option<u64>,
+    /// Bytes exchanged with this peer itself (0 through the relay: those count on the
+    /// relay's row).
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The prefixes this peer routes for (approved ones only: what this node installs).
+    #[serde(default)]
+    pub advertised: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +80,14 @@ pub struct Status {
     pub routes_refused_total: u64,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: BTreeMap<String, u64>,
+    /// Link-local and multicast packets the kernel sends into the TUN of its own
+    /// accord (IPv6 router solicitations, MLD, ...): dropped silently, not drops.
+    #[serde(default)]
+    pub link_local_ignored: u64,
+    /// The prefixes this node advertises (`--advertise-cidr`); whether they are
+    /// approved shows in `nexodus devices`.
+    #[serde(default)]
+    pub advertised: Vec<IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +148,7 @@ pub(crate) fn build(
     dp: Option<&DataPathStatus>,
     listen_port: u16,
     stack: Option<&crate::userspace::Stack>,
+    advertised: Vec<IpNet>,
 ) -> Status {
     let stats: BTreeMap<i64, _> = dp
         .map(|d| d.peers.iter().copied().collect())
@@ -166,9 +182,13 @@ pub(crate) fn build(
                     .and_then(|s| s.endpoint)
                     .or(plan.and_then(|p| p.endpoint)),
                 path: path_name.into(),
-                last_handshake_secs: st.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
+                last_handshake_secs: st
+                    .filter(|_| own_bytes)
+                    .and_then(|s| s.last_handshake)
+                    .map(|d| d.as_secs()),
                 rx_bytes: st.filter(|_| own_bytes).map_or(0, |s| s.rx_bytes),
                 tx_bytes: st.filter(|_| own_bytes).map_or(0, |s| s.tx_bytes),
+                advertised: d.advertise_cidrs.clone(),
             }
         })
         .collect();
@@ -216,6 +236,8 @@ pub(crate) fn build(
         routes_refused: s.routes_refused.clone(),
         routes_refused_total: s.routes_refused_total,
         drops,
+        link_local_ignored: dp.map_or(0, |d| d.counters.link_local_ignored),
+        advertised,
     }
 }
 
@@ -244,12 +266,29 @@ pub fn render(s: &Status) -> String {
             "DISCONNECTED (tunnels keep running)"
         }
     );
+    if !s.advertised.is_empty() {
+        let _ = writeln!(
+            out,
+            "  advertises {}   (approved or pending: see `nexodus devices`)",
+            join_nets(&s.advertised)
+        );
+    }
     let _ = writeln!(
         out,
         "\n{:<18} {:<15} {:<22} {:<7} {:<22} {:>12} {:>12}",
         "PEER", "TUNNEL IP", "TUNNEL IPV6", "PATH", "ENDPOINT", "HANDSHAKE", "RX / TX"
     );
     for p in &s.peers {
+        // Through the relay this node has no session of its own with the peer: its
+        // handshake and bytes are the relay's, shown on the relay's row.
+        let (handshake, bytes) = if p.path == "relay" {
+            ("via relay".to_string(), "-".to_string())
+        } else {
+            (
+                ago(p.last_handshake_secs),
+                format!("{} / {}", p.rx_bytes, p.tx_bytes),
+            )
+        };
         let _ = writeln!(
             out,
             "{:<18} {:<15} {:<22} {:<7} {:<22} {:>12} {:>12}",
@@ -258,8 +297,22 @@ pub fn render(s: &Status) -> String {
             p.tunnel_ip_v6.map_or_else(|| "-".into(), |a| a.to_string()),
             p.path,
             p.endpoint.map_or_else(|| "-".into(), |e| e.to_string()),
-            ago(p.last_handshake_secs),
-            format!("{} / {}", p.rx_bytes, p.tx_bytes),
+            handshake,
+            bytes,
+        );
+    }
+    let routed: Vec<String> = s
+        .peers
+        .iter()
+        .filter(|p| !p.advertised.is_empty())
+        .map(|p| format!("  {:<18} {}", p.hostname, join_nets(&p.advertised)))
+        .collect();
+    if !routed.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+subnets routed through peers:\n{}",
+            routed.join("\n")
         );
     }
     if s.relay {
@@ -308,7 +361,122 @@ pub fn render(s: &Status) -> String {
         );
     }
     if !s.drops.is_empty() {
-        let _ = writeln!(out, "\ndropped: {:?}", s.drops);
+        let _ = writeln!(out, "\ndropped: {}", render_drops(&s.drops));
     }
     out
+}
+
+fn join_nets(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `no_route: 2` → `2 with no route`: what each drop counter means, in words.
+fn render_drops(drops: &BTreeMap<String, u64>) -> String {
+    drops
+        .iter()
+        .map(|(reason, n)| {
+            let what = match reason.as_str() {
+                "no_route" => "to no peer (no route)",
+                "no_endpoint" => "to peers with no known endpoint",
+                "malformed" => "malformed",
+                "bad_source" => "with a source the peer may not use",
+                "unknown_peer" => "from unknown peers",
+                "decrypt" => "that failed to decrypt",
+                "replay" => "replayed",
+                "bad_mac" => "not for our key (bad MAC)",
+                "handshake" => "refused handshakes",
+                "io" => "lost to socket errors",
+                "stun_unsolicited" => "unsolicited STUN answers",
+                "stun_queue_full" => "STUN answers (queue full)",
+                other => other,
+            };
+            format!("{n} {what}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(hostname: &str, path: &str, handshake: Option<u64>) -> PeerStatus {
+        PeerStatus {
+            id: 2,
+            hostname: hostname.into(),
+            public_key: "k".into(),
+            tunnel_ip: "100.64.0.2".parse().unwrap(),
+            tunnel_ip_v6: None,
+            allowed_ips: Vec::new(),
+            endpoint: None,
+            path: path.into(),
+            last_handshake_secs: handshake,
+            rx_bytes: 212,
+            tx_bytes: 92,
+            advertised: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn status_reads_as_text() {
+        let mut gw = peer("gw1", "relay", None);
+        gw.advertised = vec!["198.51.100.0/24".parse().unwrap()];
+        let s = Status {
+            device: DeviceStatus {
+                id: 1,
+                hostname: "web1".into(),
+                public_key: "k".into(),
+                tunnel_ip: "100.64.0.1".parse().unwrap(),
+                tunnel_ip_v6: None,
+                ipv6_supported: false,
+                listen_port: 51820,
+            },
+            coordinator_connected: true,
+            relay: false,
+            relayed_packets: 0,
+            relayed_bytes: 0,
+            cookie_replies: 0,
+            userspace: None,
+            peers: vec![peer("relay", "direct", Some(4)), gw],
+            routes_refused: Vec::new(),
+            routes_refused_total: 0,
+            drops: [("decrypt".to_string(), 1), ("no_route".to_string(), 2)]
+                .into_iter()
+                .collect(),
+            link_local_ignored: 9,
+            advertised: vec!["203.0.113.0/24".parse().unwrap()],
+        };
+        let text = render(&s);
+        assert!(
+            text.contains(
+                "  advertises 203.0.113.0/24   (approved or pending: see `nexodus devices`)"
+            ),
+            "{text}"
+        );
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no row {name}: {text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(
+            row("relay ").ends_with("direct - 4s ago 212 / 92"),
+            "{text}"
+        );
+        assert!(row("gw1 ").ends_with("relay - via relay -"), "{text}");
+        assert!(
+            text.contains("subnets routed through peers:\n  gw1                198.51.100.0/24\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dropped: 1 that failed to decrypt, 2 to no peer (no route)\n"),
+            "{text}"
+        );
+        assert!(!text.contains('{'), "{text}");
+    }
 }

@@ -276,8 +276,11 @@ pub async fn run(
     tokio::spawn(limits::prune(store.clone()));
 
     for addr in stun::ports(cfg.stun_listen) {
-        let socket = tokio::net::UdpSocket::bind(addr)
-            .await
+        let socket = udp_socket(addr)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(s)
+            })
             .map_err(|source| ServeError::Listen { addr, source })?;
         tokio::spawn(stun::serve(socket));
     }
@@ -312,7 +315,10 @@ pub async fn run(
             }
         };
         let remote = incoming.remote_address();
-        let mut admitted = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
+        let mut admitted = match admission.admit(
+            remote.ip().to_canonical(),
+            incoming.remote_address_validated(),
+        ) {
             Ok(a) => a,
             Err(limits::Decision::Retry) if incoming.may_retry() => {
                 let _ = incoming.retry();
@@ -378,10 +384,26 @@ async fn render_metrics(store: SharedStore, hub: Arc<Hub>) -> String {
 /// is not reading. The kernel caps it at `net.core.rmem_max`/`wmem_max`.
 pub const QUIC_SOCKET_BUFFER: usize = 8 << 20;
 
-/// A UDP socket bound to `addr` with [`QUIC_SOCKET_BUFFER`]-sized buffers.
+/// A UDP socket bound to `addr` with [`QUIC_SOCKET_BUFFER`]-sized buffers. `[::]`
+/// is dual stack (IPv4 arrives v4-mapped); on a host without IPv6 it falls back to
+/// `0.0.0.0` on the same port.
 pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    match udp_socket_at(addr) {
+        Err(e) if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!(%addr, error = %e, fallback = %v4, "no IPv6 here; listening on IPv4 only");
+            udp_socket_at(v4)
+        }
+        other => other,
+    }
+}
+
+fn udp_socket_at(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
     // Best effort: a smaller buffer still works.
     let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER);

@@ -32,7 +32,9 @@ pub async fn serve(socket: tokio::net::UdpSocket) {
                 continue;
             }
         };
-        match stun::respond(&inbuf[..len], from, &mut outbuf) {
+        // On a dual-stack socket IPv4 clients arrive v4-mapped: answer with the
+        // address they know (a v4 XOR-MAPPED-ADDRESS), sent back the way it came.
+        match stun::respond(&inbuf[..len], crate::io::udp::canonical(from), &mut outbuf) {
             Some(n) => {
                 if let Err(e) = socket.send_to(&outbuf[..n], from).await {
                     tracing::debug!(?local, %from, error = %e, "STUN send failed");

@@ -21,6 +21,8 @@ pub struct Coord {
     pub dir: PathBuf,
     /// Address the coordinator listens on (QUIC port 4443, STUN 3478/3479).
     pub ip: String,
+    /// Started without `--listen`/`--stun-listen`: the defaults (`[::]`, dual stack).
+    pub listen_default: bool,
     logdir: PathBuf,
     starts: usize,
     child: Option<Child>,
@@ -38,18 +40,15 @@ impl Coord {
         self.starts += 1;
         let listen = format!("{}:4443", self.ip);
         let stun = format!("{}:3478", self.ip);
-        self.child = Some(self.ns.spawn_nexodus(
-            &[
-                "serve",
-                "--listen",
-                &listen,
-                "--stun-listen",
-                &stun,
-                "--state-dir",
-                self.dir.to_str().expect("utf-8 path"),
-            ],
-            &log,
-        ));
+        let mut args = vec![
+            "serve",
+            "--state-dir",
+            self.dir.to_str().expect("utf-8 path"),
+        ];
+        if !self.listen_default {
+            args.extend(["--listen", &listen, "--stun-listen", &stun]);
+        }
+        self.child = Some(self.ns.spawn_nexodus(&args, &log));
         wait_until("coordinator to start", timeout, || {
             std::fs::read_to_string(&log)
                 .ok()
@@ -440,14 +439,21 @@ impl Cluster {
     /// A bridge named after `tag` with the coordinator at `coord_cidr` (e.g.
     /// "203.0.113.1/24") running, and a reusable token.
     pub fn new(tag: &str, coord_cidr: &str) -> Self {
+        Self::new_with(tag, coord_cidr, true, false)
+    }
+
+    /// [`Cluster::new`] with the coordinator's host with or without IPv6, and the
+    /// coordinator on its default listen addresses (`listen_default`) or on `coord_cidr`'s.
+    pub fn new_with(tag: &str, coord_cidr: &str, coord_ipv6: bool, listen_default: bool) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let logdir = state_dir(tmp.path(), "logs");
         let mut lan = Lan::new(tag);
         let ip = coord_cidr.split('/').next().expect("address").to_string();
         let mut coord = Coord {
-            ns: lan.host("c", coord_cidr, true),
+            ns: lan.host("c", coord_cidr, coord_ipv6),
             dir: state_dir(tmp.path(), "coord"),
             ip,
+            listen_default,
             logdir: logdir.clone(),
             starts: 0,
             child: None,
@@ -488,7 +494,11 @@ impl Cluster {
             ns,
             dir: state_dir(self.tmp.path(), name),
             flags: flags.iter().map(ToString::to_string).collect(),
-            coordinator: format!("{}:4443", self.coord.ip),
+            coordinator: if self.coord.ip.contains(':') {
+                format!("[{}]:4443", self.coord.ip)
+            } else {
+                format!("{}:4443", self.coord.ip)
+            },
             log: PathBuf::new(),
             logdir: self.logs.0[0].clone(),
             starts: 0,

@@ -203,7 +203,12 @@ impl Lan {
         ]);
         self.hub.ok(&["ip", "link", "set", &port, "master", "br0"]);
         self.hub.ok(&["ip", "link", "set", &port, "up"]);
-        ns.ok(&["ip", "addr", "add", addr, "dev", "eth0"]);
+        if addr.contains(':') {
+            // No duplicate address detection: usable at once.
+            ns.ok(&["ip", "addr", "add", addr, "dev", "eth0", "nodad"]);
+        } else {
+            ns.ok(&["ip", "addr", "add", addr, "dev", "eth0"]);
+        }
         ns.ok(&["ip", "link", "set", "eth0", "up"]);
         ns
     }

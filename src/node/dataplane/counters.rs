@@ -68,6 +68,10 @@ pub struct Counters {
     pub relayed_packets: u64,
     /// Plaintext bytes of those packets.
     pub relayed_bytes: u64,
+    /// Link-local or multicast packets from the TUN that no peer routes (the
+    /// kernel's own IPv6 router solicitations, MLD reports, ...): dropped silently,
+    /// not a drop reason.
+    pub link_local_ignored: u64,
 }
 
 impl Counters {

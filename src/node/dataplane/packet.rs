@@ -94,6 +94,10 @@ impl DataPlane {
         };
         let (dst, packet_len) = (ip.dst(), ip.total_len());
         let Some(id) = self.routes.lookup(dst) else {
+            if is_local_chatter(dst) {
+                self.counters.link_local_ignored = self.counters.link_local_ignored.wrapping_add(1);
+                return Outgoing::Nothing;
+            }
             return drop_out(&mut self.counters, DropReason::NoRoute);
         };
         if let (Some(filter), Some(packet)) = (self.filter.as_deref_mut(), buf.get(..packet_len)) {
@@ -327,4 +331,13 @@ enum InitCheck {
     /// Under load: a cookie reply was written at (address, length) in `out`.
     Cookie(usize, usize),
     Drop(DropReason),
+}
+
+/// What the kernel sends into a TUN of its own accord (router solicitations, MLD,
+/// IGMP, link-local chatter): no peer can be meant, and it is no error.
+fn is_local_chatter(dst: std::net::IpAddr) -> bool {
+    match dst {
+        std::net::IpAddr::V4(a) => a.is_multicast() || a.is_link_local() || a.is_broadcast(),
+        std::net::IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
 }

@@ -919,3 +919,36 @@ fn a_full_flow_table_is_counted_apart() {
     let t = p.send_packet(Side::A, &l4(a, b, protocol::UDP, 30019, 53));
     assert_eq!(t.tun_at(Side::B).len(), 1, "{t:?}");
 }
+
+/// The kernel's own router solicitations and link-local chatter from the TUN are no
+/// drops: ignored and counted apart; a unicast with no route still is one.
+#[test]
+fn kernel_link_local_chatter_is_not_a_drop() {
+    let mut dp = DataPlane::new(secret_key(1));
+    let mut out = vec![0u8; BUF_LEN];
+    let fe80: std::net::Ipv6Addr = "fe80::1".parse().expect("ip");
+    for dst in ["ff02::2", "ff02::16", "fe80::2"] {
+        let mut buf = vec![0u8; BUF_LEN];
+        let pkt = ipv6_packet(fe80, dst.parse().expect("ip"), 8);
+        buf[..pkt.len()].copy_from_slice(&pkt);
+        assert!(matches!(
+            dp.handle_tun_packet(&mut buf, pkt.len(), &mut out),
+            Outgoing::Nothing
+        ));
+    }
+    let mut buf = vec![0u8; BUF_LEN];
+    let pkt = ipv4_packet(A_V4, "224.0.0.22".parse().expect("ip"), 8);
+    buf[..pkt.len()].copy_from_slice(&pkt);
+    assert!(matches!(
+        dp.handle_tun_packet(&mut buf, pkt.len(), &mut out),
+        Outgoing::Nothing
+    ));
+    let pkt = ipv4_packet(A_V4, "100.64.0.9".parse().expect("ip"), 8);
+    buf[..pkt.len()].copy_from_slice(&pkt);
+    assert!(matches!(
+        dp.handle_tun_packet(&mut buf, pkt.len(), &mut out),
+        Outgoing::Drop(DropReason::NoRoute)
+    ));
+    assert_eq!(dp.counters().link_local_ignored, 4);
+    assert_eq!(dp.counters().total_drops(), 1);
+}

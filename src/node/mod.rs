@@ -10,6 +10,7 @@
 //! loop, feeds bytes and `Instant`s in and sends what comes out.
 
 pub mod agent;
+pub mod coordinators;
 pub mod dataplane;
 pub mod mesh;
 pub mod nat;

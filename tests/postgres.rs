@@ -475,7 +475,7 @@ fn node_fails_over_to_another_replica() {
 
     let (sent, received) = pinger.stop();
     eprintln!("pings during the failover: {received}/{sent}");
-    assert!(sent >= 50, "ping ran too briefly: {sent}");
+    assert!(sent >= 20, "ping ran too briefly: {sent}");
     assert!(
         sent - received <= 1,
         "tunnel lost {} of {sent} pings while the coordinator failed over",

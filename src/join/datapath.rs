@@ -61,6 +61,8 @@ pub struct DataPathConfig {
 pub enum Command {
     Upsert(PeerId, PeerConfig),
     Remove(PeerId),
+    /// Start a handshake with a peer (a direct-path check, `node::mesh`).
+    Probe(PeerId),
     /// Send a datagram from the WireGuard port (STUN requests).
     SendRaw(SocketAddr, Vec<u8>),
     Status(tokio::sync::oneshot::Sender<DataPathStatus>),
@@ -606,6 +608,7 @@ impl Loop {
                         Command::Remove(id) => {
                             self.dp.remove_peer(id);
                         }
+                        Command::Probe(id) => self.dp.probe(id),
                         Command::SendRaw(to, data) => {
                             self.stun_gate.sent(to, &data);
                             self.send_udp(to, &data);

@@ -2,6 +2,7 @@ use super::*;
 use crate::node::mesh::PATH_CHECK_INTERVAL;
 use crate::node::mesh::tests::{device, local};
 use crate::wire::stun;
+use std::time::Duration;
 
 fn coordinator() -> SocketAddr {
     "198.51.100.1:4443".parse().unwrap()

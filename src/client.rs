@@ -95,8 +95,18 @@ impl ControlClient {
 
     /// Opens the watch stream: the first message is a snapshot, then deltas.
     pub async fn watch(&self, auth: Auth) -> Result<WatchStream, ClientError> {
+        self.watch_as(auth, None).await
+    }
+
+    /// [`Self::watch`] for the node process `instance` (see [`Request::Watch`]).
+    pub async fn watch_as(
+        &self,
+        auth: Auth,
+        instance: Option<u64>,
+    ) -> Result<WatchStream, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        quicio::write_message(&mut send, &Request::Watch { auth }, MAX_REQUEST_LEN).await?;
+        let req = Request::Watch { auth, instance };
+        quicio::write_message(&mut send, &req, MAX_REQUEST_LEN).await?;
         Ok(WatchStream {
             _send: send,
             recv,

@@ -150,6 +150,23 @@ fn transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// A node's keepalive on the control connection: frequent enough that a few lost
+/// ones still keep it within [`CLIENT_IDLE_TIMEOUT`].
+pub const CLIENT_KEEPALIVE: Duration = Duration::from_secs(2);
+/// How soon a node gives up on a silent coordinator (a killed replica) and moves to
+/// another. QUIC takes the smaller of both sides' idle timeouts, so the coordinator
+/// (which keeps 20 s for older nodes) notices a dead node as soon.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
+fn client_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    t.keep_alive_interval(Some(CLIENT_KEEPALIVE));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
 /// Streams a client may have open at once on one connection (a node uses two or
 /// three: its watch stream and a request now and then).
 pub const SERVER_BIDI_STREAMS: u32 = 16;
@@ -192,7 +209,7 @@ pub fn client_config(fingerprint: [u8; 32]) -> Result<quinn::ClientConfig, Ident
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| IdentityError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(client_transport_config()));
     Ok(cfg)
 }
 

@@ -504,6 +504,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
             let (mut send, recv) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
             let req = Request::Watch {
                 auth: node.auth.clone(),
+                instance: None,
             };
             quicio::write_message(&mut send, &req, MAX_REQUEST_LEN)
                 .await

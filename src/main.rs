@@ -39,8 +39,8 @@ fn render_error(e: &anyhow::Error) -> String {
 
 /// Logs go to stderr, filtered by RUST_LOG (default `info`), as text or JSON lines.
 fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,boringtun=off".into());
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

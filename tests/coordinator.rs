@@ -129,6 +129,7 @@ async fn sigkill_loses_no_answered_registration() {
                         credential: credential.clone(),
                     },
                     ipv6_supported: Some(true),
+                    instance: None,
                 })
                 .await
                 .expect("answered registration survives the crash");

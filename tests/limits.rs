@@ -213,7 +213,10 @@ async fn stalled_watch_streams_do_not_delay_other_snapshots() {
             let conn = ep.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
             let (mut send, recv) = conn.open_bi().await.unwrap();
             let req = nexodus::wire::frame::to_frame(
-                &Request::Watch { auth: auth.clone() },
+                &Request::Watch {
+                    auth: auth.clone(),
+                    instance: None,
+                },
                 nexodus::wire::frame::MAX_REQUEST_LEN,
             )
             .unwrap();
@@ -319,6 +322,7 @@ async fn revision(c: &ControlClient, auth: &Auth) -> i64 {
         .call(&Request::Login {
             auth: auth.clone(),
             ipv6_supported: None,
+            instance: None,
         })
         .await
     {

@@ -410,9 +410,32 @@ fn node_fails_over_to_another_replica() {
     );
     let mut pinger = Pinger::start(&ns1, &ip2);
 
-    // Replica A (first in the nodes' list, so they are on it) dies.
+    // Replica A (first in the nodes' list, so they are on it) dies, and a node joins
+    // at once: it must skip the dead replica, and n1 must notice and move in time to
+    // learn of it (issue 19: 30 s and 43 s before; the target is 10 s).
     let _ = a.kill();
+    let killed = Instant::now();
     let _ = a.wait();
+    cl.nodes[n3].start(Some(&token));
+    let registered = wait_until("n3 to register", Duration::from_secs(60), || {
+        std::fs::read_to_string(&cl.nodes[n3].log)
+            .ok()?
+            .contains("registered with the coordinator")
+            .then(|| killed.elapsed())
+    });
+    let s3 = cl.nodes[n3].wait_peers(2);
+    let ip1 = s1.device.tunnel_ip.to_string();
+    let ip3 = s3.device.tunnel_ip.to_string();
+    assert!(
+        cl.nodes[n1].ns.ping_until(&ip3, Duration::from_secs(60)),
+        "n1 cannot reach the new node"
+    );
+    let reached = killed.elapsed();
+    eprintln!(
+        "failover: the new node registered {registered:?} and was reached from n1 {reached:?} after the kill"
+    );
+    assert!(registered <= Duration::from_secs(20), "{registered:?}");
+    assert!(reached <= Duration::from_secs(20), "{reached:?}");
     for (i, id) in [(n1, s1.device.id), (n2, s2.device.id)] {
         let node = &cl.nodes[i];
         wait_until(
@@ -437,17 +460,9 @@ fn node_fails_over_to_another_replica() {
         );
     }
 
-    // A node joining now reaches the others, and they it, through replica B.
-    cl.nodes[n3].start(Some(&token));
-    let s3 = cl.nodes[n3].wait_peers(2);
+    // The new node reaches the others, and they it, through replica B.
     cl.nodes[n1].wait_peers(2);
     cl.nodes[n2].wait_peers(2);
-    let ip1 = s1.device.tunnel_ip.to_string();
-    let ip3 = s3.device.tunnel_ip.to_string();
-    assert!(
-        cl.nodes[n1].ns.ping_until(&ip3, Duration::from_secs(20)),
-        "n1 cannot reach the new node"
-    );
     assert!(
         cl.nodes[n3].ns.ping_until(&ip1, Duration::from_secs(20)),
         "the new node cannot reach n1"
@@ -460,7 +475,7 @@ fn node_fails_over_to_another_replica() {
 
     let (sent, received) = pinger.stop();
     eprintln!("pings during the failover: {received}/{sent}");
-    assert!(sent >= 50, "ping ran too briefly: {sent}");
+    assert!(sent >= 20, "ping ran too briefly: {sent}");
     assert!(
         sent - received <= 1,
         "tunnel lost {} of {sent} pings while the coordinator failed over",

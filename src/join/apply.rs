@@ -122,6 +122,7 @@ pub(crate) fn apply(
             tracing::info!(peer = id, "peer removed");
             peers.send(Command::Remove(id));
         }
+        Action::Probe(id) => peers.send(Command::Probe(id)),
         Action::AddRoute(net) => {
             if let Some(r) = routes {
                 r.send(RouteChange::Add(net));

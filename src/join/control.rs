@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::client::{ClientError, ControlClient};
 use crate::wire::control::{Auth, Device, DeviceUpdate, PolicyState, Request, Response};
 
-use super::enroll::{Ctx, relogin};
+use super::enroll::{Ctx, instance, relogin};
 use super::{JoinError, MAX_BACKOFF};
 
 /// What the control connection tells the driver.
@@ -100,7 +100,7 @@ async fn follow(
     auth: &Auth,
     events: &mpsc::Sender<ControlEvent>,
 ) -> WatchEnd {
-    let mut w = match client.watch(auth.clone()).await {
+    let mut w = match client.watch_as(auth.clone(), Some(instance())).await {
         Ok(w) => w,
         Err(e) => return WatchEnd::Lost(e),
     };

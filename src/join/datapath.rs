@@ -61,6 +61,8 @@ pub struct DataPathConfig {
 pub enum Command {
     Upsert(PeerId, PeerConfig),
     Remove(PeerId),
+    /// Start a handshake with a peer (a direct-path check, `node::mesh`).
+    Probe(PeerId),
     /// Send a datagram from the WireGuard port (STUN requests).
     SendRaw(SocketAddr, Vec<u8>),
     /// Enforce this inbound table of the access policy (`None`: no policy).
@@ -611,6 +613,7 @@ impl Loop {
                         Command::SetPolicy(table) => {
                             self.dp.set_policy(table.map(|t| *t), Instant::now());
                         }
+                        Command::Probe(id) => self.dp.probe(id),
                         Command::SendRaw(to, data) => {
                             self.stun_gate.sent(to, &data);
                             self.send_udp(to, &data);

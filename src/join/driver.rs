@@ -153,9 +153,14 @@ impl Driver<'_> {
     /// Feeds the data plane's handshake ages to the core.
     async fn check_paths(&mut self) {
         let status = self.datapath.status().await;
-        let ages = status
-            .iter()
-            .flat_map(|s| s.peers.iter().map(|(id, p)| (*id, p.last_handshake)));
+        let ages = status.iter().flat_map(|s| {
+            s.peers.iter().map(|(id, p)| crate::node::mesh::PathSample {
+                id: *id,
+                handshake_age: p.last_handshake,
+                rx_bytes: p.rx_bytes,
+                counters: p.path,
+            })
+        });
         self.agent.handle_handshakes(Instant::now(), ages);
     }
 

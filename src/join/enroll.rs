@@ -5,9 +5,12 @@
 //! It keeps no connection alive and follows no watch stream: `control` does.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::client::{ClientError, ControlClient};
 use crate::coord::token::JoinToken;
+use crate::node::coordinators::{ATTEMPT_DELAY, Coordinators, Race};
 use crate::wire::control::{
     Auth, Device, DeviceUpdate, ErrorCode, RegisterRequest, Request, Response,
 };
@@ -21,35 +24,115 @@ pub(super) struct Enrolled {
     pub auth: Auth,
 }
 
-/// Connects to the first coordinator that answers.
+/// Connects to the first coordinator that answers: the listed ones raced Happy
+/// Eyeballs style (`node::coordinators`), the last one that answered first.
 pub(super) async fn connect(
-    addrs: &[SocketAddr],
+    coordinators: &Mutex<Coordinators>,
     fp: [u8; 32],
 ) -> Result<ControlClient, ClientError> {
     let mut last = None;
-    for &a in addrs {
-        // A family this host cannot reach (no address or route of it, e.g. IPv6 on a
-        // v4-only host) is skipped at once rather than after a handshake timeout.
-        if crate::io::udp::local_address_towards(a).is_none() {
+    let mut order = lock(coordinators).order();
+    // A family this host cannot reach (no address or route of it, e.g. IPv6 on a
+    // v4-only host) is skipped at once rather than after a handshake timeout.
+    order.retain(|&a| {
+        let routable = crate::io::udp::local_address_towards(a).is_some();
+        if !routable {
             tracing::debug!(coordinator = %a, "no route to this address family here; skipped");
             last = Some(ClientError::Unroutable(a));
-            continue;
         }
-        match ControlClient::connect(a, fp).await {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                tracing::debug!(coordinator = %a, error = %e, "coordinator unreachable");
-                last = Some(e);
+        routable
+    });
+    let mut race = Race::new(order);
+    let mut attempts = tokio::task::JoinSet::new();
+    let start = |attempts: &mut tokio::task::JoinSet<_>, a: SocketAddr| {
+        attempts.spawn(async move { (a, ControlClient::connect(a, fp).await) });
+    };
+    if let Some(a) = race.start_next() {
+        start(&mut attempts, a);
+    }
+    while !race.exhausted() {
+        tokio::select! {
+            Some(joined) = attempts.join_next() => match joined {
+                Ok((a, Ok(c))) => {
+                    lock(coordinators).succeeded(a);
+                    // The other attempts end with the set.
+                    return Ok(c);
+                }
+                Ok((a, Err(e))) => {
+                    tracing::debug!(coordinator = %a, error = %e, "coordinator unreachable");
+                    last = Some(e);
+                    if let Some(n) = race.failed() {
+                        start(&mut attempts, n);
+                    }
+                }
+                Err(_) => {
+                    if let Some(n) = race.failed() {
+                        start(&mut attempts, n);
+                    }
+                }
+            },
+            () = tokio::time::sleep(ATTEMPT_DELAY), if race.has_next() => {
+                if let Some(n) = race.start_next() {
+                    start(&mut attempts, n);
+                }
             }
+            else => break,
         }
     }
     Err(last.unwrap_or(ClientError::NoAnswer))
+}
+
+fn lock(c: &Mutex<Coordinators>) -> std::sync::MutexGuard<'_, Coordinators> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// This node process's random id, sent with its logins and watch streams: the
+/// coordinator refuses a second process with the same credential (a copy of this
+/// state directory on another host) while this one is connected.
+pub(super) fn instance() -> u64 {
+    static ID: OnceLock<u64> = OnceLock::new();
+    *ID.get_or_init(rand::random)
+}
+
+/// How long "device already connected" refusals go on before the node gives up:
+/// longer than the coordinator takes to notice that a connection died (this node's
+/// own, before a restart: the control connection's idle timeout).
+const CLONE_GRACE: Duration = Duration::from_secs(12);
+
+/// A "device already connected from …" refusal: retried (`Ok`) until it has lasted
+/// [`CLONE_GRACE`], then the node stops with the coordinator's words.
+fn refused_as_clone(ctx: &Ctx<'_>, message: String) -> Result<ClientError, JoinError> {
+    let mut since = ctx
+        .clone_refused_since
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let first = *since.get_or_insert_with(|| {
+        tracing::warn!(%message, "the coordinator refuses this device's credential for now");
+        Instant::now()
+    });
+    if first.elapsed() >= CLONE_GRACE {
+        return Err(JoinError::Refused(message));
+    }
+    Ok(ClientError::Refused {
+        code: ErrorCode::Conflict,
+        message,
+    })
+}
+
+fn accepted(ctx: &Ctx<'_>) {
+    *ctx.clone_refused_since
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 /// What the node knows before it enrolls.
 pub(super) struct Ctx<'a> {
     pub cfg: &'a JoinConfig,
     pub addrs: Vec<SocketAddr>,
+    /// The same addresses, with the one that answered last.
+    pub coordinators: Mutex<Coordinators>,
+    /// Since when the coordinator refuses us as a second live copy of this device.
+    pub clone_refused_since: Mutex<Option<Instant>>,
     pub token: Option<JoinToken>,
     pub fp: [u8; 32],
     pub ipv6: bool,
@@ -65,7 +148,6 @@ pub(super) async fn enroll(
 ) -> Result<Result<Enrolled, ClientError>, JoinError> {
     let Ctx {
         cfg,
-        ref addrs,
         ref token,
         fp,
         ipv6,
@@ -73,7 +155,7 @@ pub(super) async fn enroll(
         ref public_key,
         ..
     } = *ctx;
-    let client = match connect(addrs, fp).await {
+    let client = match connect(&ctx.coordinators, fp).await {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
@@ -86,10 +168,12 @@ pub(super) async fn enroll(
             .call(&Request::Login {
                 auth: auth.clone(),
                 ipv6_supported: Some(ipv6),
+                instance: Some(instance()),
             })
             .await
         {
             Ok(Response::Device { device }) => {
+                accepted(ctx);
                 return Ok(Ok(Enrolled {
                     client,
                     device,
@@ -97,6 +181,10 @@ pub(super) async fn enroll(
                 }));
             }
             Ok(other) => return Ok(Err(ClientError::Unexpected(format!("{other:?}")))),
+            Err(ClientError::Refused {
+                code: ErrorCode::Conflict,
+                message,
+            }) => return refused_as_clone(ctx, message).map(Err),
             Err(ClientError::Refused {
                 code: ErrorCode::Unauthorized,
                 ..
@@ -214,7 +302,7 @@ pub(super) async fn relogin(
     ctx: &Ctx<'_>,
     auth: &Auth,
 ) -> Result<Result<ControlClient, ClientError>, JoinError> {
-    let c = match connect(&ctx.addrs, ctx.fp).await {
+    let c = match connect(&ctx.coordinators, ctx.fp).await {
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
@@ -222,10 +310,18 @@ pub(super) async fn relogin(
         .call(&Request::Login {
             auth: auth.clone(),
             ipv6_supported: Some(ctx.ipv6),
+            instance: Some(instance()),
         })
         .await
     {
-        Ok(_) => Ok(Ok(c)),
+        Ok(_) => {
+            accepted(ctx);
+            Ok(Ok(c))
+        }
+        Err(ClientError::Refused {
+            code: ErrorCode::Conflict,
+            message,
+        }) => refused_as_clone(ctx, message).map(Err),
         Err(ClientError::Refused {
             code: ErrorCode::Unauthorized,
             ..

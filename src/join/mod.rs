@@ -317,6 +317,10 @@ pub async fn run(
 
     let ctx = Ctx {
         cfg: &cfg,
+        coordinators: std::sync::Mutex::new(crate::node::coordinators::Coordinators::new(
+            addrs.clone(),
+        )),
+        clone_refused_since: std::sync::Mutex::new(None),
         addrs,
         token,
         fp,

@@ -160,6 +160,7 @@ mod tests {
                     last_handshake: Some(Duration::from_secs(10)),
                     rx_bytes: 5,
                     tx_bytes: 6,
+                    path: Default::default(),
                 },
             }],
             now,

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ipnet::IpNet;
 
@@ -243,11 +243,12 @@ impl Agent {
         self.handle_probe_events();
     }
 
-    /// Each peer's handshake age from the data plane.
-    pub fn handle_handshakes(
+    /// Each peer's handshake age and path figures from the data plane
+    /// ([`crate::node::mesh::PathSample`]).
+    pub fn handle_handshakes<S: Into<crate::node::mesh::PathSample>>(
         &mut self,
         now: Instant,
-        ages: impl IntoIterator<Item = (i64, Option<Duration>)>,
+        ages: impl IntoIterator<Item = S>,
     ) {
         let actions = self.mesh.handle_handshakes(now, ages);
         self.push_actions(actions);

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::coord::keys;
+use crate::node::dataplane::PathCounters;
 use crate::node::route_guard::RouteGuard;
 use crate::wire::control::Device;
 
@@ -43,6 +44,13 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 pub const FRESH_HANDSHAKE: Duration = Duration::from_secs(25);
 /// How often handshake ages are checked for direct/relay fallback.
 pub const PATH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Data sent to a direct peer and nothing received from it for this long: a
+/// handshake checks the path ([`Action::Probe`]).
+pub const UNANSWERED: Duration = Duration::from_secs(2);
+/// A check's handshake unanswered this long: the relay carries the peer.
+pub const PROBE_WAIT: Duration = Duration::from_secs(6);
+/// How often the direct path of a peer on the relay is checked again.
+pub const RETRY_DIRECT: Duration = Duration::from_secs(10);
 
 /// What to install for one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +94,43 @@ pub enum Action {
     RemovePeer(i64),
     AddRoute(IpNet),
     RemoveRoute(IpNet),
+    /// Start a handshake with this direct peer: a response proves the path works
+    /// both ways.
+    Probe(i64),
+}
+
+/// One peer's path figures from the data plane, fed every [`PATH_CHECK_INTERVAL`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathSample {
+    pub id: i64,
+    /// Age of the current session (a responder's counts from the initiation it got).
+    pub handshake_age: Option<Duration>,
+    /// Bytes of authenticated datagrams received from the peer.
+    pub rx_bytes: u64,
+    pub counters: PathCounters,
+}
+
+impl From<(i64, Option<Duration>)> for PathSample {
+    fn from((id, handshake_age): (i64, Option<Duration>)) -> Self {
+        Self {
+            id,
+            handshake_age,
+            ..Default::default()
+        }
+    }
+}
+
+/// What the fallback remembers of one peer's path between checks.
+#[derive(Debug, Clone, Copy, Default)]
+struct PathWatch {
+    last: PathCounters,
+    rx_bytes: u64,
+    /// Since when data went out and nothing came back.
+    unanswered_since: Option<Instant>,
+    /// When the last check handshake was asked for, and the peer's answered
+    /// handshakes then.
+    probed_at: Option<Instant>,
+    responses_then: u64,
 }
 
 fn is_spoke(d: &Device) -> bool {
@@ -108,6 +153,8 @@ pub struct MeshState {
     keys: BTreeMap<i64, Option<[u8; 32]>>,
     /// When handshake ages were last fed in.
     last_check: Option<Instant>,
+    /// Each direct peer's path between checks.
+    watch: BTreeMap<i64, PathWatch>,
     /// What no peer may be routed for (the host's underlay, the coordinators...).
     guard: RouteGuard,
     /// Prefixes from peers' records the guard refuses now.
@@ -127,6 +174,7 @@ impl MeshState {
             routes: BTreeSet::new(),
             keys: BTreeMap::new(),
             last_check: None,
+            watch: BTreeMap::new(),
             guard: RouteGuard::default(),
             refused: BTreeSet::new(),
             refused_total: 0,
@@ -418,6 +466,7 @@ impl MeshState {
             .map(|d| (d.id, d.clone()))
             .collect();
         self.fallback.retain(|id| self.devices.contains_key(id));
+        self.watch.retain(|id, _| self.devices.contains_key(id));
         self.trying_since
             .retain(|id, _| self.devices.contains_key(id));
         for id in self.devices.keys() {
@@ -452,6 +501,7 @@ impl MeshState {
             self.keys.remove(id);
             self.fallback.remove(id);
             self.trying_since.remove(id);
+            self.watch.remove(id);
         }
         for d in upserts.iter().filter(|d| d.id != self.local.device_id) {
             let moved = self.devices.get(&d.id).is_none_or(|old| {
@@ -483,12 +533,17 @@ impl MeshState {
         self.reconcile()
     }
 
-    /// Feeds the age of each peer's last handshake; moves peers between the direct
-    /// path and the relay.
-    pub fn handle_handshakes(
+    /// Feeds each peer's path figures; moves peers between the direct path and the
+    /// relay, and asks for check handshakes ([`Action::Probe`]). A direct peer moves
+    /// to the relay when it never completes a handshake within [`DIRECT_TIMEOUT`],
+    /// when data to it goes unanswered for [`UNANSWERED`] and a check handshake then
+    /// for [`PROBE_WAIT`], or at once when its traffic arrives through the relay (so
+    /// both sides use the path the other uses). It moves back when a check handshake
+    /// (every [`RETRY_DIRECT`]) is answered, or when its traffic arrives directly.
+    pub fn handle_handshakes<S: Into<PathSample>>(
         &mut self,
         now: Instant,
-        ages: impl IntoIterator<Item = (i64, Option<Duration>)>,
+        samples: impl IntoIterator<Item = S>,
     ) -> Vec<Action> {
         self.last_check = Some(now);
         if !self.falls_back() {
@@ -496,40 +551,107 @@ impl MeshState {
         }
         let relay = self.relay_id();
         let mut changed = false;
-        for (id, age) in ages {
+        let mut out = Vec::new();
+        for s in samples {
+            let s: PathSample = s.into();
+            let id = s.id;
             let Some(d) = self.devices.get(&id) else {
                 continue;
             };
             if Some(id) == relay || is_spoke(d) {
                 continue;
             }
+            let name = d.hostname.clone();
+            let w = self.watch.entry(id).or_default();
+            let prev = *w;
+            w.last = s.counters;
+            w.rx_bytes = s.rx_bytes;
+            let answered = s.counters.responses > prev.responses_then;
             if self.fallback.contains(&id) {
-                if age.is_some_and(|a| a < FRESH_HANDSHAKE) {
-                    tracing::info!(peer = id, "direct path works again; leaving the relay");
+                let came_direct =
+                    s.counters.direct_while_elsewhere > prev.last.direct_while_elsewhere;
+                if answered || came_direct {
+                    tracing::info!(
+                        peer = id,
+                        hostname = %name,
+                        "direct path works again; leaving the relay"
+                    );
+                    *w = PathWatch {
+                        last: s.counters,
+                        rx_bytes: s.rx_bytes,
+                        ..Default::default()
+                    };
                     self.fallback.remove(&id);
                     self.trying_since.insert(id, now);
                     changed = true;
+                } else if w
+                    .probed_at
+                    .is_none_or(|p| now.duration_since(p) >= RETRY_DIRECT)
+                {
+                    w.probed_at = Some(now);
+                    w.responses_then = s.counters.responses;
+                    out.push(Action::Probe(id));
                 }
-            } else if age.is_some_and(|a| a < SESSION_LIFETIME) {
-                self.trying_since.insert(id, now);
-            } else if self
-                .trying_since
-                .get(&id)
-                .is_some_and(|t| now.duration_since(*t) >= DIRECT_TIMEOUT)
-            {
-                tracing::info!(
-                    peer = id,
-                    "no handshake on the direct path; using the relay"
-                );
+                continue;
+            }
+            let via_relay = s.counters.via_other > prev.last.via_other
+                && relay.is_some()
+                && s.counters.via == relay;
+            let reason = if via_relay {
+                Some("its traffic arrives through the relay; answering through it")
+            } else if let Some(p) = w.probed_at {
+                if answered {
+                    w.probed_at = None;
+                    w.unanswered_since = None;
+                    None
+                } else if now.duration_since(p) >= PROBE_WAIT {
+                    Some("no answer on the direct path; using the relay")
+                } else {
+                    None
+                }
+            } else {
+                if s.rx_bytes > prev.rx_bytes {
+                    w.unanswered_since = None;
+                } else if s.counters.tx_data > prev.last.tx_data && w.unanswered_since.is_none() {
+                    w.unanswered_since = Some(now);
+                }
+                if w.unanswered_since
+                    .is_some_and(|u| now.duration_since(u) >= UNANSWERED)
+                {
+                    w.probed_at = Some(now);
+                    w.responses_then = s.counters.responses;
+                    out.push(Action::Probe(id));
+                }
+                if s.handshake_age.is_some_and(|a| a < SESSION_LIFETIME) {
+                    self.trying_since.insert(id, now);
+                    None
+                } else if self
+                    .trying_since
+                    .get(&id)
+                    .is_some_and(|t| now.duration_since(*t) >= DIRECT_TIMEOUT)
+                {
+                    Some("no handshake on the direct path; using the relay")
+                } else {
+                    None
+                }
+            };
+            if let Some(reason) = reason {
+                tracing::info!(peer = id, hostname = %name, "{reason}");
+                *w = PathWatch {
+                    last: s.counters,
+                    rx_bytes: s.rx_bytes,
+                    probed_at: Some(now),
+                    responses_then: s.counters.responses,
+                    unanswered_since: None,
+                };
                 self.fallback.insert(id);
                 changed = true;
             }
         }
         if changed {
-            self.reconcile()
-        } else {
-            Vec::new()
+            out.extend(self.reconcile());
         }
+        out
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod coordinators;
 pub mod dataplane;
 pub mod filter;
 pub mod mesh;

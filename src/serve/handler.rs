@@ -116,6 +116,7 @@ pub fn handle_limited(
         Request::Login {
             auth,
             ipv6_supported,
+            ..
         } => {
             let device = store.login(
                 auth.device_id,
@@ -196,6 +197,7 @@ mod tests {
             Request::Login {
                 auth: auth.clone(),
                 ipv6_supported: Some(true),
+                instance: None,
             },
             2,
             [0; 32],

@@ -20,6 +20,7 @@
 //! affordable).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -238,8 +239,26 @@ fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("encoding device {}: {e}", d.id)))
 }
 
-/// A watch stream's serial number and the signal that ends it.
-type WatchEntry = (u64, Arc<Notify>);
+/// A watch stream: its serial number, the signal that ends it, the node process
+/// that opened it (its random instance id, if it sent one) and where from.
+struct WatchEntry {
+    serial: u64,
+    end: Arc<Notify>,
+    instance: Option<u64>,
+    remote: SocketAddr,
+}
+
+/// Where a device is already watched from by another node process, if it is: the
+/// same credential used by a second live process (a cloned state directory). A
+/// stream of the same process (a reconnect) or of a node that sends no instance id
+/// is no conflict: the newer stream replaces the older.
+fn held_elsewhere(streams: &[WatchEntry], instance: Option<u64>) -> Option<SocketAddr> {
+    let mine = instance?;
+    streams
+        .iter()
+        .find(|w| w.instance.is_some_and(|other| other != mine))
+        .map(|w| w.remote)
+}
 
 /// A watch stream's place among its device's streams (see [`Hub::watch_started`]).
 pub struct WatchSlot {
@@ -363,24 +382,46 @@ impl Hub {
 
     /// Counts a new watch stream of a device and tells its older ones to end (one
     /// watch stream per device: the newest wins, so a node that reconnects before
-    /// its old connection timed out is served at once). Returns the stream's slot.
-    pub fn watch_started(&self, device_id: i64) -> WatchSlot {
+    /// its old connection timed out is served at once). Returns the stream's slot,
+    /// or, when another node process (`instance`) holds a stream of this device,
+    /// that stream's address: the new one is refused (see [`held_elsewhere`]).
+    pub fn watch_started(
+        &self,
+        device_id: i64,
+        instance: Option<u64>,
+        remote: SocketAddr,
+    ) -> Result<WatchSlot, SocketAddr> {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = w.entry(device_id).or_default();
+        if let Some(first) = held_elsewhere(streams, instance) {
+            return Err(first);
+        }
         let serial = self
             .next_watch
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let replaced = Arc::new(Notify::new());
-        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        let streams = w.entry(device_id).or_default();
-        for (_, older) in streams.iter() {
+        for older in streams.iter() {
             // A stored permit: the older stream ends even if it is busy writing.
-            older.notify_one();
+            older.end.notify_one();
         }
-        streams.push((serial, replaced.clone()));
-        WatchSlot {
+        streams.push(WatchEntry {
+            serial,
+            end: replaced.clone(),
+            instance,
+            remote,
+        });
+        Ok(WatchSlot {
             device_id,
             serial,
             replaced,
-        }
+        })
+    }
+
+    /// Where another node process (not `instance`) watches this device from, if one
+    /// does on this coordinator.
+    pub fn watched_elsewhere(&self, device_id: i64, instance: Option<u64>) -> Option<SocketAddr> {
+        let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        held_elsewhere(w.get(&device_id)?, instance)
     }
 
     /// Counts a watch stream's end; true if the device has none left.
@@ -389,7 +430,7 @@ impl Hub {
         let Some(streams) = w.get_mut(&slot.device_id) else {
             return true;
         };
-        streams.retain(|(serial, _)| *serial != slot.serial);
+        streams.retain(|w| w.serial != slot.serial);
         if streams.is_empty() {
             w.remove(&slot.device_id);
             true
@@ -679,6 +720,26 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_node_process_is_refused_a_reconnect_replaces() {
+        let entry = |serial, instance| WatchEntry {
+            serial,
+            end: Arc::new(Notify::new()),
+            instance,
+            remote: format!("192.0.2.{serial}:5000").parse().unwrap(),
+        };
+        let first: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let streams = vec![entry(1, Some(7))];
+        // The same process reconnecting: no conflict (it replaces its old stream).
+        assert_eq!(held_elsewhere(&streams, Some(7)), None);
+        // Another process with the same credential: refused, naming the first.
+        assert_eq!(held_elsewhere(&streams, Some(8)), Some(first));
+        // Nodes that send no instance id (older versions) replace as before.
+        assert_eq!(held_elsewhere(&streams, None), None);
+        assert_eq!(held_elsewhere(&[entry(1, None)], Some(8)), None);
+        assert_eq!(held_elsewhere(&[], Some(8)), None);
+    }
 
     #[test]
     fn latest_state_wins_and_orgs_split() {

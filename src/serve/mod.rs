@@ -629,8 +629,27 @@ async fn serve_stream(
             return Ok(());
         }
     };
-    if let Request::Watch { auth } = req {
-        return serve_watch(send, &shell, remote, auth).await;
+    if let Request::Watch { auth, instance } = req {
+        return serve_watch(send, &shell, remote, auth, instance).await;
+    }
+    if let Request::Login {
+        auth,
+        instance: Some(instance),
+        ..
+    } = &req
+        && let Some(first) = hub.watched_elsewhere(auth.device_id, Some(*instance))
+    {
+        // Said only to the credential's holder.
+        let (id, auth) = (auth.device_id, auth.clone());
+        if with_store(&store, move |s| handler::authenticate(s, &auth))
+            .await
+            .is_ok()
+        {
+            let resp = clone_refusal(id, first, remote);
+            quicio::write_message(&mut send, &resp, MAX_RESPONSE_LEN).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
     }
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
@@ -734,11 +753,25 @@ async fn write_timed(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), F
     Ok(())
 }
 
+/// The answer to a second node process with a device's credential while another one
+/// is connected (a cloned state directory): it names the first.
+fn clone_refusal(id: i64, first: SocketAddr, remote: SocketAddr) -> Response {
+    tracing::warn!(id, %remote, %first, "refused a second node with this device's credential");
+    Response::Error {
+        code: ErrorCode::Conflict,
+        message: format!(
+            "device {id} already connected from {first}: is this a copy of that node's state \
+             directory? Give this node its own state directory and join token"
+        ),
+    }
+}
+
 async fn serve_watch(
     mut send: quinn::SendStream,
     shell: &Shell,
     remote: SocketAddr,
     auth: Auth,
+    instance: Option<u64>,
 ) -> Result<(), FrameIoError> {
     let (store, hub, stun_port) = (&shell.store, &shell.hub, shell.stun_port);
     let me = match with_store(store, move |s| handler::authenticate(s, &auth)).await {
@@ -753,8 +786,17 @@ async fn serve_watch(
     };
     shell.authenticated();
     let id = me.id;
-    // One watch stream per device: this one replaces any older one (which ends).
-    let slot = hub.watch_started(id);
+    // One watch stream per device: this one replaces any older one of the same node
+    // process (which ends); another process's is refused.
+    let slot = match hub.watch_started(id, instance, remote) {
+        Ok(slot) => slot,
+        Err(first) => {
+            let resp = clone_refusal(id, first, remote);
+            quicio::write_message(&mut send, &resp, MAX_RESPONSE_LEN).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
     let watch = async {
         // The snapshot includes the device's own latest change (a node that just
         // registered finds itself), and is taken with the subscription: nothing

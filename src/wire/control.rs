@@ -81,6 +81,11 @@ pub enum Request {
         auth: Auth,
         #[serde(default)]
         ipv6_supported: Option<bool>,
+        /// The node process's random id, the same on its watch streams: a second
+        /// process with the same credential (a cloned state directory) is refused
+        /// while the first is connected.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<u64>,
     },
     /// Change own fields; answered with [`Response::Device`].
     Update { auth: Auth, update: DeviceUpdate },
@@ -88,7 +93,13 @@ pub enum Request {
     Deregister { auth: Auth },
     /// Answered with one [`Response::Snapshot`], then [`Response::Delta`]s as changes
     /// commit, until the stream closes.
-    Watch { auth: Auth },
+    Watch {
+        auth: Auth,
+        /// As in [`Request::Login`]: a newer stream of the same instance replaces the
+        /// older; another instance's is refused while the older one lives.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<u64>,
+    },
 }
 
 /// A device as every member of its organization sees it.

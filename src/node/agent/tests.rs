@@ -2,6 +2,7 @@ use super::*;
 use crate::node::mesh::PATH_CHECK_INTERVAL;
 use crate::node::mesh::tests::{device, local};
 use crate::wire::stun;
+use std::time::Duration;
 
 fn coordinator() -> SocketAddr {
     "198.51.100.1:4443".parse().unwrap()
@@ -196,4 +197,43 @@ fn the_route_guard_shows_in_the_view() {
     );
     assert_eq!(acts, [Action::UpsertPeer(plan), route("198.51.100.0/24")]);
     assert!(a.poll_view().unwrap().routes_refused.is_empty());
+}
+
+#[test]
+fn unanswered_data_asks_the_shell_for_a_check_handshake_then_uses_the_relay() {
+    use crate::node::dataplane::PathCounters;
+    use crate::node::mesh::{PROBE_WAIT, PathSample, UNANSWERED};
+    let t0 = Instant::now();
+    let mut a = agent();
+    a.handle_snapshot(&with_relay(), None, coordinator(), t0);
+    actions(&mut a);
+    let sample = |tx_data| PathSample {
+        id: 2,
+        handshake_age: Some(Duration::from_secs(5)),
+        rx_bytes: 100,
+        counters: PathCounters {
+            tx_data,
+            responses: 1,
+            ..Default::default()
+        },
+    };
+    a.handle_handshakes(t0, [sample(1)]);
+    a.handle_handshakes(t0 + PATH_CHECK_INTERVAL, [sample(2)]);
+    assert!(actions(&mut a).is_empty());
+    let probed = t0 + PATH_CHECK_INTERVAL + UNANSWERED;
+    a.handle_handshakes(probed, [sample(3)]);
+    assert_eq!(actions(&mut a), vec![Action::Probe(2)]);
+    a.handle_handshakes(probed + PROBE_WAIT, [sample(4)]);
+    let acts = actions(&mut a);
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::UpsertPeer(p) if p.id == 2 && p.allowed_ips.is_empty())),
+        "{acts:?}"
+    );
+    assert!(
+        a.mesh()
+            .paths()
+            .iter()
+            .any(|(d, p)| d.id == 2 && *p == crate::node::mesh::Path::Relay)
+    );
 }

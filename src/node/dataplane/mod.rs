@@ -64,7 +64,7 @@ mod timers;
 
 pub use counters::{Counters, DropReason};
 use peers::Peer;
-pub use peers::PeerStats;
+pub use peers::{PathCounters, PeerStats};
 use timers::TxSlot;
 
 /// A peer's identity: the coordinator's device id.
@@ -103,6 +103,7 @@ pub const DEFAULT_MTU: usize = 1420;
 
 /// WireGuard message types (first byte; the next three are zero).
 const MSG_HANDSHAKE_INIT: u8 = 1;
+const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
 

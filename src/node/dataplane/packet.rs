@@ -12,7 +12,7 @@ use tracing::{debug, trace};
 
 use super::{
     DATA_OVERHEAD, DataPlane, DropReason, Incoming, MIN_OUT_LEN, MSG_COOKIE_REPLY, MSG_DATA,
-    MSG_HANDSHAKE_INIT, Outgoing, PADDING, PeerId,
+    MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESPONSE, Outgoing, PADDING, PeerId,
 };
 use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
@@ -148,6 +148,7 @@ impl DataPlane {
                     peer.queued = true;
                     trace!(peer = id, "packet queued, sending handshake initiation");
                 }
+                peer.path.tx_data += 1;
                 peer.sent(data.len());
                 trace!(peer = id, len = data.len(), "encapsulated");
                 Ok(Some((to, data)))
@@ -226,6 +227,7 @@ impl DataPlane {
                     return drop_in(&mut self.counters, DropReason::BufferTooSmall);
                 };
                 if !self.routes.contains(src, id) {
+                    self.misrouted(id, src);
                     return drop_in(&mut self.counters, DropReason::BadSource);
                 }
                 if let Some(to_peer) =
@@ -248,6 +250,22 @@ impl DataPlane {
                 trace!(peer = id, len = packet.len(), "decapsulated");
                 Incoming::WriteTun { peer: id, packet }
             }
+        }
+    }
+
+    /// Notes a packet from peer `id` whose source `src` is routed to another peer:
+    /// for the direct/relay fallback, that peer's traffic came through `id` (a relay),
+    /// or `id` came back to the direct path while we still route it elsewhere.
+    fn misrouted(&mut self, id: PeerId, src: IpAddr) {
+        let Some(owner) = self.routes.lookup(src) else {
+            return;
+        };
+        if let Some(o) = self.peers.get_mut(&owner) {
+            o.path.via_other += 1;
+            o.path.via = Some(id);
+        }
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.path.direct_while_elsewhere += 1;
         }
     }
 
@@ -284,6 +302,9 @@ impl DataPlane {
                     // We answered a valid initiation or completed our own
                     // handshake: the datagram was authenticated.
                     peer.received(from, datagram.len(), id);
+                    if msg_type == MSG_HANDSHAKE_RESPONSE {
+                        peer.path.responses += 1;
+                    }
                     if peer.queued && !peer.flush_pending {
                         peer.flush_pending = true;
                         self.flush.push(id);

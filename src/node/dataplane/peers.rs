@@ -22,6 +22,25 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     /// Bytes of WireGuard datagrams sent to the peer.
     pub tx_bytes: u64,
+    /// What the direct/relay fallback (`node::mesh`) looks at.
+    pub path: PathCounters,
+}
+
+/// Per-peer counts that tell whether the direct path carries traffic both ways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathCounters {
+    /// Data packets encrypted for the peer.
+    pub tx_data: u64,
+    /// Handshakes we initiated that the peer answered (a response proves the path
+    /// works both ways; an initiation received proves only one).
+    pub responses: u64,
+    /// Packets from this peer's addresses that came through another peer (then
+    /// dropped by the source check), and the last peer they came through.
+    pub via_other: u64,
+    pub via: Option<PeerId>,
+    /// Packets this peer sent from its own addresses while they are routed to
+    /// another peer (it came back to the direct path before we did).
+    pub direct_while_elsewhere: u64,
 }
 
 /// State of one peer.
@@ -46,6 +65,9 @@ pub(super) struct Peer {
     pub(super) flush_pending: bool,
     pub(super) rx_bytes: u64,
     pub(super) tx_bytes: u64,
+    pub(super) path: PathCounters,
+    /// A handshake initiation is wanted at the next tick ([`DataPlane::probe`]).
+    pub(super) probe: bool,
 }
 
 impl Peer {
@@ -131,6 +153,8 @@ impl DataPlane {
                     flush_pending: false,
                     rx_bytes: 0,
                     tx_bytes: 0,
+                    path: PathCounters::default(),
+                    probe: false,
                 };
                 if let Some(old) = self.peers.insert(id, peer) {
                     self.by_index.remove(&old.index);
@@ -196,7 +220,16 @@ impl DataPlane {
             last_handshake,
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
+            path: peer.path,
         })
+    }
+
+    /// Starts a handshake with peer `id` at the next tick (unless one is in flight):
+    /// whether a response comes back tells if the direct path works.
+    pub fn probe(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.probe = true;
+        }
     }
 
     /// The peer owning session index `receiver_idx` (our index for the peer's

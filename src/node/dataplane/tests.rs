@@ -952,3 +952,30 @@ fn kernel_link_local_chatter_is_not_a_drop() {
     assert_eq!(dp.counters().link_local_ignored, 4);
     assert_eq!(dp.counters().total_drops(), 1);
 }
+
+#[test]
+fn path_counters_tell_answered_handshakes_probes_and_misrouted_sources() {
+    let mut p = pair();
+    let t = p.send_packet(Side::A, &ipv4_packet(A_V4, B_V4, 40));
+    assert_eq!(t.tun_at(Side::B).len(), 1);
+    let at_a = p.a.peer_stats(B_ID).unwrap().path;
+    let at_b = p.b.peer_stats(A_ID).unwrap().path;
+    // A initiated and B answered: only A counts an answered handshake.
+    assert_eq!((at_a.responses, at_b.responses), (1, 0));
+    assert_eq!(at_a.tx_data, 1);
+    // A check handshake at the next tick, answered.
+    p.a.probe(B_ID);
+    let t = p.tick(Side::A, Instant::now());
+    let kinds: Vec<u8> = t.wire.iter().map(|(_, _, d)| d[0]).collect();
+    assert!(kinds.starts_with(&[1, 2]), "{kinds:?}");
+    assert_eq!(p.a.peer_stats(B_ID).unwrap().path.responses, 2);
+    // B also routes 100.64.0.9 to a third peer X: A's packet from that source is
+    // dropped, and counted on X (its traffic came through A) and on A.
+    let x = peer_cfg(77, "192.0.2.77:51820", &["100.64.0.9/32"]);
+    p.b.upsert_peer(7, x).unwrap();
+    let t = p.send_packet(Side::A, &ipv4_packet(R_V4, B_V4, 40));
+    assert!(t.tun_at(Side::B).is_empty());
+    let xs = p.b.peer_stats(7).unwrap().path;
+    assert_eq!((xs.via_other, xs.via), (1, Some(A_ID)));
+    assert_eq!(p.b.peer_stats(A_ID).unwrap().path.direct_while_elsewhere, 1);
+}

@@ -134,7 +134,15 @@ impl DataPlane {
             }
             let mut sent = false;
             if let Some(slot) = self.timer_q.get_mut(self.timer_len) {
-                match peer.tunn.update_timers(&mut slot.buf) {
+                let result = if std::mem::take(&mut peer.probe) {
+                    match peer.tunn.format_handshake_initiation(&mut slot.buf, false) {
+                        TunnResult::Done => peer.tunn.update_timers(&mut slot.buf),
+                        r => r,
+                    }
+                } else {
+                    peer.tunn.update_timers(&mut slot.buf)
+                };
+                match result {
                     TunnResult::WriteToNetwork(data) => {
                         let len = data.len();
                         if let Some(to) = peer.endpoint {

@@ -233,12 +233,21 @@ fn failed_direct_path_falls_back_and_recovers() {
         m.routes().any(|n| *n == net("100.64.0.2/32")),
         "route kept, via the relay"
     );
-    // A fresh handshake on the direct path moves it back.
+    // A fresh handshake alone (we may only have answered the peer's) does not move
+    // it back; one we initiated and the peer answered does.
+    assert!(
+        !m.handle_handshakes(
+            t0 + Duration::from_secs(20),
+            [(2, Some(Duration::from_secs(1)))]
+        )
+        .iter()
+        .any(|a| matches!(a, Action::UpsertPeer(_)))
+    );
     let acts = m.handle_handshakes(
         t0 + Duration::from_secs(40),
-        [(2, Some(Duration::from_secs(1)))],
+        [sample(2, 0, 0, 1, Some(Duration::from_secs(1)))],
     );
-    assert!(!acts.is_empty());
+    assert!(acts.iter().any(|a| matches!(a, Action::UpsertPeer(_))));
     assert_eq!(nets(m.plan(2).unwrap()), ["100.64.0.2/32", "200::2/128"]);
     assert_eq!(nets(m.plan(4).unwrap()), ["100.64.0.4/32", "200::4/128"]);
     // A healthy path never falls back.
@@ -374,4 +383,147 @@ fn a_new_guard_removes_routes_it_now_refuses() {
     );
     assert_eq!(m.refused_total(), 2);
     assert!(m.set_guard(guard()).is_empty());
+}
+
+fn sample(
+    id: i64,
+    tx_data: u64,
+    rx_bytes: u64,
+    responses: u64,
+    age: Option<Duration>,
+) -> PathSample {
+    PathSample {
+        id,
+        handshake_age: age,
+        rx_bytes,
+        counters: PathCounters {
+            tx_data,
+            responses,
+            ..Default::default()
+        },
+    }
+}
+
+fn with_relay_mesh(t0: Instant) -> MeshState {
+    let mut relay = device(4, true);
+    relay.relay = true;
+    let mut m = MeshState::new(local(1, true));
+    m.apply_snapshot(&[device(2, true), device(3, true), relay], t0);
+    m
+}
+
+fn on_relay(m: &MeshState, id: i64) -> bool {
+    m.plan(id).unwrap().allowed_ips.is_empty()
+}
+
+#[test]
+fn unanswered_data_is_probed_then_moves_to_the_relay() {
+    let t0 = Instant::now();
+    let s = |secs| t0 + Duration::from_secs(secs);
+    let age = Some(Duration::from_secs(30));
+    let mut m = with_relay_mesh(t0);
+    m.handle_handshakes(t0, [sample(2, 10, 500, 1, age)]);
+    // Data goes out, nothing comes back.
+    assert!(
+        m.handle_handshakes(s(1), [sample(2, 11, 500, 1, age)])
+            .is_empty()
+    );
+    assert!(
+        m.handle_handshakes(s(2), [sample(2, 12, 500, 1, age)])
+            .is_empty()
+    );
+    assert_eq!(
+        m.handle_handshakes(s(3), [sample(2, 13, 500, 1, age)]),
+        vec![Action::Probe(2)]
+    );
+    // The peer's own keepalives still arrive (a one-way block): not an answer.
+    assert!(
+        m.handle_handshakes(s(5), [sample(2, 15, 600, 1, age)])
+            .is_empty()
+    );
+    assert!(!on_relay(&m, 2));
+    let acts = m.handle_handshakes(s(9), [sample(2, 19, 600, 1, age)]);
+    assert!(!acts.is_empty());
+    assert!(
+        on_relay(&m, 2),
+        "moved to the relay {:?} after the block",
+        s(9) - s(1)
+    );
+    assert!(nets(m.plan(4).unwrap()).contains(&"100.64.0.2/32".to_string()));
+    // Checked again every RETRY_DIRECT, back once a check is answered.
+    assert!(
+        m.handle_handshakes(s(12), [sample(2, 19, 600, 1, age)])
+            .is_empty()
+    );
+    assert_eq!(
+        m.handle_handshakes(s(19), [sample(2, 19, 600, 1, age)]),
+        vec![Action::Probe(2)]
+    );
+    m.handle_handshakes(s(20), [sample(2, 19, 700, 2, Some(Duration::ZERO))]);
+    assert!(!on_relay(&m, 2));
+}
+
+#[test]
+fn an_answered_probe_keeps_the_direct_path() {
+    let t0 = Instant::now();
+    let s = |secs| t0 + Duration::from_secs(secs);
+    let age = Some(Duration::from_secs(30));
+    let mut m = with_relay_mesh(t0);
+    m.handle_handshakes(t0, [sample(2, 10, 500, 1, age)]);
+    m.handle_handshakes(s(1), [sample(2, 11, 500, 1, age)]);
+    assert_eq!(
+        m.handle_handshakes(s(3), [sample(2, 13, 500, 1, age)]),
+        vec![Action::Probe(2)]
+    );
+    // One-way traffic: the peer answers the check handshake.
+    m.handle_handshakes(s(4), [sample(2, 14, 600, 2, Some(Duration::ZERO))]);
+    // The peer's keepalives then come as they do for one-way traffic.
+    for t in 5..20 {
+        let rx = 600 + t / 2 * 10;
+        m.handle_handshakes(s(t), [sample(2, 10 + t, rx, 2, Some(Duration::ZERO))]);
+    }
+    assert!(!on_relay(&m, 2));
+    // Answers keep coming: no probe while data is answered.
+    assert!(
+        m.handle_handshakes(s(30), [sample(2, 40, 900, 2, age)])
+            .is_empty()
+    );
+}
+
+#[test]
+fn traffic_arriving_through_the_relay_is_answered_through_it() {
+    let t0 = Instant::now();
+    let age = Some(Duration::from_secs(3));
+    let mut m = with_relay_mesh(t0);
+    m.handle_handshakes(t0, [sample(2, 0, 0, 1, age), sample(3, 0, 0, 1, age)]);
+    let via = |id, through| PathSample {
+        id,
+        handshake_age: age,
+        rx_bytes: 0,
+        counters: PathCounters {
+            responses: 1,
+            via_other: 1,
+            via: Some(through),
+            ..Default::default()
+        },
+    };
+    // Through a peer that is not the relay: ignored.
+    m.handle_handshakes(t0 + Duration::from_secs(1), [via(3, 2)]);
+    assert!(!on_relay(&m, 3));
+    // Through the relay: at once.
+    m.handle_handshakes(t0 + Duration::from_secs(1), [via(2, 4)]);
+    assert!(on_relay(&m, 2));
+    // The peer's traffic arriving directly again brings it back.
+    let back = PathSample {
+        counters: PathCounters {
+            responses: 1,
+            via_other: 1,
+            via: Some(4),
+            direct_while_elsewhere: 1,
+            ..Default::default()
+        },
+        ..via(2, 4)
+    };
+    m.handle_handshakes(t0 + Duration::from_secs(2), [back]);
+    assert!(!on_relay(&m, 2));
 }

@@ -373,3 +373,48 @@ async fn admin_commands_validate_input() {
     })
     .await;
 }
+
+/// Issue 18 item 7, as a newcomer saw it: after a v4-only device joined, the next
+/// dual-stack device got `100.64.0.2` next to `200::1`. Now a device's v4 and v6 host
+/// numbers line up whenever both are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_numbers_line_up_after_a_v4_only_device() {
+    common::within(DEADLINE, async {
+        let coord = Coordinator::start("127.42.0.6").await;
+        let token = coord.token(&["--reusable"]);
+        let c = ControlClient::connect(coord.addr, coord.fingerprint())
+            .await
+            .expect("connect");
+        let mut v4_only = register_request(&token, "v4only", 1);
+        v4_only.ipv6_supported = false;
+        let (first, _) = register(&c, v4_only).await;
+        assert_eq!(first.tunnel_ip.to_string(), "100.64.0.1");
+        assert_eq!(first.tunnel_ip_v6, None);
+        for (i, host) in [(2u64, "dual1"), (3, "dual2")] {
+            let (d, _) = register(&c, register_request(&token, host, i)).await;
+            let v4 = d.tunnel_ip.octets()[3];
+            let v6 = d.tunnel_ip_v6.expect("a dual-stack device gets IPv6");
+            assert_eq!(v4, i as u8, "{host}: {}", d.tunnel_ip);
+            assert_eq!(
+                v6.to_string(),
+                format!("200::{i}"),
+                "{host}: v4 .{v4} but {v6}"
+            );
+        }
+        // What `nexodus devices` shows agrees.
+        let listed = listed(&coord);
+        let dual1 = listed
+            .iter()
+            .find(|d| d.hostname == "dual1")
+            .expect("listed");
+        assert_eq!(
+            (
+                dual1.tunnel_ip.to_string(),
+                dual1.tunnel_ip_v6.map(|a| a.to_string())
+            ),
+            ("100.64.0.2".to_string(), Some("200::2".to_string()))
+        );
+        c.close().await;
+    })
+    .await;
+}

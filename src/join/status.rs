@@ -71,8 +71,20 @@ pub struct Status {
     /// How many times a prefix started being refused.
     #[serde(default)]
     pub routes_refused_total: u64,
+    /// The exit node chosen with `--use-exit-node` and how it stands.
+    #[serde(default)]
+    pub exit_node: Option<ExitStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: BTreeMap<String, u64>,
+}
+
+/// The exit in use (`--use-exit-node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    pub hostname: String,
+    pub state: crate::node::mesh::ExitState,
+    /// The default routes it carries for us now (none: traffic is dropped).
+    pub routes: Vec<IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +225,16 @@ pub(crate) fn build(
         peers,
         routes_refused: s.routes_refused.clone(),
         routes_refused_total: s.routes_refused_total,
+        exit_node: s.exit.as_ref().map(|(hostname, state)| ExitStatus {
+            hostname: hostname.clone(),
+            state: *state,
+            routes: s
+                .plans
+                .values()
+                .flat_map(|p| p.allowed_ips.iter().copied())
+                .filter(|n| n.prefix_len() == 0)
+                .collect(),
+        }),
         drops,
     }
 }
@@ -302,6 +324,20 @@ pub fn render(s: &Status) -> String {
                 "none".to_string()
             } else {
                 list.join(", ")
+            }
+        );
+    }
+    if let Some(e) = &s.exit_node {
+        let routes: Vec<String> = e.routes.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "\nexit node: {} {} (through it: {})",
+            e.hostname,
+            e.state,
+            if routes.is_empty() {
+                "nothing".to_string()
+            } else {
+                routes.join(", ")
             }
         );
     }

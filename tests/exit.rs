@@ -290,6 +290,7 @@ fn exit_carries_both_families_and_fails_closed() {
     c.start(laptop);
     wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
     wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
+    assert_no_leak(&server, before, "laptop restarted");
     let (again, _) = policy_state(&c.nodes[laptop].ns);
     assert_eq!(
         again, rules,

@@ -22,8 +22,11 @@ pub const FWMARK: u32 = 0x6e78;
 /// Our routing table.
 pub const TABLE: u32 = 0x6e78;
 /// The rule priorities we own: coordinators, marked packets, the mesh (or LAN), our
-/// table.
-pub const PRIORITIES: [u32; 4] = [5270, 5271, 5272, 5273];
+/// table; and [`HOLD`].
+pub const PRIORITIES: [u32; 5] = [5270, 5271, 5272, 5273, HOLD];
+/// A rule sending everything to our table while the others are replaced, so a
+/// (re)install never opens a window in which traffic could leave unprotected.
+pub const HOLD: u32 = 5274;
 /// The metric of the `unreachable` default behind the tunnel's default route.
 const UNREACHABLE_METRIC: &str = "4278198272";
 
@@ -52,7 +55,7 @@ pub fn install_commands(
         };
         out.push(args(&[
             "route",
-            "add",
+            "replace",
             "unreachable",
             "default",
             "table",
@@ -139,22 +142,29 @@ fn ip_ok(args: &[&str]) -> bool {
     ip(&args).is_ok()
 }
 
+/// Removes every rule of `priorities` for the family; how many.
+fn remove_rules(v6: bool, priorities: &[u32]) -> usize {
+    let mut removed = 0;
+    for p in priorities {
+        let p = p.to_string();
+        // Several rules may share a priority; each `del` takes one.
+        for _ in 0..256 {
+            if !ip_ok(&[fam(v6), "rule", "del", "priority", &p]) {
+                break;
+            }
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Removes every rule with one of our priorities and empties our table, for both
 /// families; returns how many things it removed (a killed run's leftovers).
 pub fn cleanup() -> usize {
     let table = TABLE.to_string();
     let mut removed = 0;
     for v6 in [false, true] {
-        for p in PRIORITIES {
-            let p = p.to_string();
-            // Several rules may share a priority; each `del` takes one.
-            for _ in 0..256 {
-                if !ip_ok(&[fam(v6), "rule", "del", "priority", &p]) {
-                    break;
-                }
-                removed += 1;
-            }
-        }
+        removed += remove_rules(v6, &PRIORITIES);
         for _ in 0..16 {
             if !ip_ok(&[fam(v6), "route", "del", "default", "table", &table]) {
                 break;
@@ -166,22 +176,57 @@ pub fn cleanup() -> usize {
     removed
 }
 
-/// Cleans up, then installs the rules and the unreachable defaults (see
-/// [`install_commands`]). On failure what was installed is removed again.
+/// Installs the rules and the unreachable defaults (see [`install_commands`]),
+/// replacing ours from before (this run's, or a killed run's) without a gap: a
+/// [`HOLD`] rule sends everything to the unreachable default meanwhile. On failure
+/// everything is removed (the host is back to its own routing) and the error
+/// returned, so `join` stops.
 pub fn install(
     coordinators: &[IpAddr],
     mesh: &[IpNet],
     allow_lan: bool,
     families: &[bool],
 ) -> Result<(), RouteError> {
-    cleanup();
-    for args in install_commands(coordinators, mesh, allow_lan, families) {
-        if let Err(e) = ip(&args) {
-            cleanup();
-            return Err(e);
+    let result = (|| {
+        let table = TABLE.to_string();
+        let hold = HOLD.to_string();
+        for &v6 in families {
+            let s = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+            ip(&s(&[
+                fam(v6),
+                "route",
+                "replace",
+                "unreachable",
+                "default",
+                "table",
+                &table,
+                "metric",
+                UNREACHABLE_METRIC,
+            ]))?;
+            remove_rules(v6, &[HOLD]);
+            ip(&s(&[
+                fam(v6),
+                "rule",
+                "add",
+                "lookup",
+                &table,
+                "priority",
+                &hold,
+            ]))?;
+            remove_rules(v6, &PRIORITIES[..4]);
         }
+        for args in install_commands(coordinators, mesh, allow_lan, families) {
+            ip(&args)?;
+        }
+        for &v6 in families {
+            remove_rules(v6, &[HOLD]);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        cleanup();
     }
-    Ok(())
+    result
 }
 
 /// Routes the family of `net` (a `/0`) into the tunnel `dev`, in our table.
@@ -248,12 +293,12 @@ mod tests {
             &[false, true],
         ));
         let want = [
-            "-4 route add unreachable default table 28280 metric 4278198272",
+            "-4 route replace unreachable default table 28280 metric 4278198272",
             "-4 rule add to 192.0.2.1/32 lookup main priority 5270",
             "-4 rule add fwmark 0x6e78 lookup main priority 5271",
             "-4 rule add to 100.64.0.0/10 lookup main priority 5272",
             "-4 rule add lookup 28280 priority 5273",
-            "-6 route add unreachable default table 28280 metric 4278198272",
+            "-6 route replace unreachable default table 28280 metric 4278198272",
             "-6 rule add to 2001:db8::1/128 lookup main priority 5270",
             "-6 rule add fwmark 0x6e78 lookup main priority 5271",
             "-6 rule add to 200::/64 lookup main priority 5272",

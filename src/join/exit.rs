@@ -67,71 +67,90 @@ pub(super) fn prepare(cfg: &JoinConfig, ipv6: bool) -> Result<Vec<(bool, String)
     Ok(up)
 }
 
-/// Removes what a killed run left: the exit's table and our policy routing.
-pub(super) fn clean_leftovers(cfg: &JoinConfig) {
-    if cfg.userspace.is_some() {
-        return;
-    }
-    let removed = policy_route::cleanup();
-    if removed > 0 {
-        tracing::info!(
-            removed,
-            "removed the exit-node policy routing a previous run left"
-        );
-    }
-    if !cfg.exit_node {
-        // Quiet: usually there is nothing, or no nft at all.
-        let _ = nft::remove_exit(&cfg.interface);
-    }
+/// The families our policy routing catches: every one the host speaks, v6 even
+/// without v6 in the mesh.
+fn families() -> Vec<bool> {
+    [false, true]
+        .into_iter()
+        .filter(|v6| !v6 || sysinfo::ipv6_supported(None))
+        .collect()
 }
 
 /// What this run set up for exits; undone when dropped.
 pub(super) struct Exits {
     interface: String,
+    coordinators: Vec<std::net::IpAddr>,
     table: bool,
     rules: bool,
 }
 
 impl Exits {
-    /// The exit's table (with `uplinks` from [`prepare`]) and, for
-    /// `--use-exit-node`, the policy routing that sends everything but the
-    /// coordinators, the mesh and our own UDP socket into the tunnel or nowhere.
-    pub(super) fn start(
-        cfg: &JoinConfig,
-        device: &Device,
-        ipv6: bool,
-        coordinators: &[SocketAddr],
-        uplinks: &[(bool, String)],
-    ) -> Result<Self, JoinError> {
+    /// At start: removes what a killed run left (the exit's table, our policy
+    /// routing), except that with `--use-exit-node` the policy routing is
+    /// (re)installed at once instead, so nothing leaves through the uplink while we
+    /// enroll (the mesh prefixes follow in [`Exits::up`]).
+    pub(super) fn begin(cfg: &JoinConfig, coordinators: &[SocketAddr]) -> Result<Self, JoinError> {
         let mut me = Self {
             interface: cfg.interface.clone(),
+            coordinators: coordinators.iter().map(SocketAddr::ip).collect(),
             table: false,
             rules: false,
         };
         if cfg.userspace.is_some() {
             return Ok(me);
         }
+        if !cfg.exit_node {
+            // Quiet: usually there is nothing, or no nft at all.
+            let _ = nft::remove_exit(&cfg.interface);
+        }
+        if cfg.use_exit_node.is_some() {
+            me.rules = true;
+            policy_route::install(&me.coordinators, &[], cfg.exit_node_allow_lan, &families())
+                .map_err(JoinError::PolicyRoute)?;
+        } else {
+            let removed = policy_route::cleanup();
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed the exit-node policy routing a previous run left"
+                );
+            }
+        }
+        Ok(me)
+    }
+
+    /// Once enrolled: the exit's table (with `uplinks` from [`prepare`]) and, for
+    /// `--use-exit-node`, the policy routing that sends everything but the
+    /// coordinators, the mesh and our own UDP socket into the tunnel or nowhere.
+    pub(super) fn up(
+        &mut self,
+        cfg: &JoinConfig,
+        device: &Device,
+        ipv6: bool,
+        uplinks: &[(bool, String)],
+    ) -> Result<(), JoinError> {
+        if cfg.userspace.is_some() {
+            return Ok(());
+        }
         let v6 = (ipv6 && device.tunnel_ip_v6.is_some()).then_some(device.organization_prefix_v6);
         if cfg.exit_node {
+            self.table = true;
             nft::install_exit(&cfg.interface, uplinks, device.organization_prefix, v6)?;
-            me.table = true;
             tracing::info!(uplinks = ?uplinks, "exit node: masquerading the mesh out of the uplinks");
         }
         if let Some(exit) = &cfg.use_exit_node {
-            let coords: Vec<std::net::IpAddr> = coordinators.iter().map(SocketAddr::ip).collect();
             let mut mesh = vec![IpNet::V4(device.organization_prefix)];
             mesh.extend(v6.map(IpNet::V6));
-            // Every family the host speaks is caught, v6 even without v6 in the mesh.
-            let families: Vec<bool> = [false, true]
-                .into_iter()
-                .filter(|v6| !v6 || sysinfo::ipv6_supported(None))
-                .collect();
-            policy_route::install(&coords, &mesh, cfg.exit_node_allow_lan, &families)
-                .map_err(JoinError::PolicyRoute)?;
-            me.rules = true;
+            policy_route::install(
+                &self.coordinators,
+                &mesh,
+                cfg.exit_node_allow_lan,
+                &families(),
+            )
+            .map_err(JoinError::PolicyRoute)?;
             tracing::info!(exit = %exit, allow_lan = cfg.exit_node_allow_lan, "non-mesh traffic goes through the exit node (dropped while it is not usable)");
         }
-        Ok(me)
+        Ok(())
     }
 }
 

@@ -295,8 +295,8 @@ pub async fn run(
         .into_iter()
         .collect();
     tracing::info!(ipv6, ?endpoints, "host checked");
-    exit::clean_leftovers(&cfg);
     let uplinks = exit::prepare(&cfg, ipv6)?;
+    let mut exits = exit::Exits::begin(&cfg, &addrs)?;
     // A subnet router forwards; find out before telling anyone about the prefixes.
     if !cfg.advertise_cidrs.is_empty() {
         let fwd_v4 = cfg.advertise_cidrs.iter().any(|c| c.addr().is_ipv4());
@@ -337,7 +337,7 @@ pub async fn run(
     } = enrolled;
     // Keep the coordinator's view of our endpoints, prefixes and roles current.
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
-    let _exits = exit::Exits::start(&cfg, &device, ipv6, &ctx.addrs, &uplinks)?;
+    exits.up(&cfg, &device, ipv6, &uplinks)?;
 
     let iface::Up {
         datapath,

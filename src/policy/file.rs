@@ -75,6 +75,9 @@ pub enum Selector {
     Host(HostGlob),
     /// A CIDR: its own family only (`0.0.0.0/0` never matches IPv6).
     Cidr(IpNet),
+    /// `internet` (a `to`): destinations outside the organization, reached through
+    /// an exit node (DESIGN §8), both families.
+    Internet,
 }
 
 /// `proto` of a rule.
@@ -332,6 +335,9 @@ fn selector(
     let item = item.trim();
     if item == "*" {
         return Ok(Selector::Any);
+    }
+    if item == "internet" {
+        return Ok(Selector::Internet);
     }
     if let Some(name) = item.strip_prefix("group:") {
         if !groups.contains_key(name) {
@@ -610,6 +616,12 @@ exit   = ["exit*"]
         assert_eq!(p.allow[0].proto, Proto::Number(47));
         assert_eq!(p.allow[1].proto, Proto::Any);
         assert_eq!(p.allow[1].ports.len(), 2);
+    }
+
+    #[test]
+    fn internet_is_a_destination() {
+        let p = Policy::parse("[[allow]]\nfrom=[\"laptop*\"]\nto=[\"internet\"]\n").expect("valid");
+        assert_eq!(p.allow[0].to, vec![Selector::Internet]);
     }
 
     #[test]

@@ -177,6 +177,28 @@ pub fn remove_exit(interface: &str) -> Result<(), NftError> {
     nft(&format!("table inet {t}\ndelete table inet {t}\n"))
 }
 
+/// `--use-exit-node`'s table, `nexodus_<interface>_mark`: the mark of our UDP
+/// socket's packets is saved in their connection and restored on the answers, so
+/// the kernel's reverse-path check (with `src_valid_mark`) looks answers from peers
+/// up as our marked packets are routed, on the underlay (as wg-quick does).
+pub fn mark_script(interface: &str, mark: u32) -> String {
+    let t = format!("{}_mark", table(interface));
+    format!(
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain premangle {{\n    type filter hook prerouting priority mangle; policy accept;\n    meta l4proto udp meta mark set ct mark\n  }}\n  chain postmangle {{\n    type filter hook postrouting priority mangle; policy accept;\n    meta l4proto udp meta mark {mark:#x} ct mark set meta mark\n  }}\n}}\n"
+    )
+}
+
+/// Installs (or replaces) the mark table (see [`mark_script`]).
+pub fn install_mark(interface: &str, mark: u32) -> Result<(), NftError> {
+    nft(&mark_script(interface, mark))
+}
+
+/// Removes the mark table, if any.
+pub fn remove_mark(interface: &str) -> Result<(), NftError> {
+    let t = format!("{}_mark", table(interface));
+    nft(&format!("table inet {t}\ndelete table inet {t}\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,9 @@ fn families() -> Vec<bool> {
         .collect()
 }
 
+/// Lets the reverse-path filter use the mark restored from the connection.
+const SRC_VALID_MARK: &str = "net/ipv4/conf/all/src_valid_mark";
+
 /// What this run set up for exits; undone when dropped.
 pub(super) struct Exits {
     interface: String,
@@ -107,7 +110,17 @@ impl Exits {
             me.rules = true;
             policy_route::install(&me.coordinators, &[], cfg.exit_node_allow_lan, &families())
                 .map_err(JoinError::PolicyRoute)?;
+            // Answers from peers pass the reverse-path filter (strict or loose) as
+            // our marked packets are routed.
+            nft::install_mark(&cfg.interface, policy_route::FWMARK)?;
+            if sysinfo::read_sysctl(SRC_VALID_MARK).as_deref() != Some("1")
+                && let Err(e) =
+                    std::fs::write(std::path::Path::new("/proc/sys").join(SRC_VALID_MARK), "1")
+            {
+                tracing::warn!(error = %e, "cannot set net.ipv4.conf.all.src_valid_mark=1; with rp_filter on, peers' answers may be dropped");
+            }
         } else {
+            let _ = nft::remove_mark(&cfg.interface);
             let removed = policy_route::cleanup();
             if removed > 0 {
                 tracing::info!(
@@ -158,6 +171,7 @@ impl Drop for Exits {
     fn drop(&mut self) {
         if self.rules {
             policy_route::cleanup();
+            let _ = nft::remove_mark(&self.interface);
             tracing::info!("exit-node policy routing removed");
         }
         if self.table

@@ -82,7 +82,7 @@ fn assert_no_leak(server: &EchoServer, since: usize, what: &str) {
     );
 }
 
-/// Our rules (priorities 5270-5273) and our table's routes, both families.
+/// Our rules (priorities 5265-5273) and our table's routes, both families.
 fn policy_state(ns: &Netns) -> (Vec<String>, Vec<String>) {
     let mut rules = Vec::new();
     let mut routes = Vec::new();
@@ -90,7 +90,7 @@ fn policy_state(ns: &Netns) -> (Vec<String>, Vec<String>) {
         rules.extend(
             ns.ok(&["ip", fam, "rule", "show"])
                 .lines()
-                .filter(|l| l.starts_with("527"))
+                .filter(|l| l.starts_with("526") || l.starts_with("527"))
                 .map(|l| format!("{fam} {l}")),
         );
         routes.extend(

@@ -21,12 +21,24 @@ use super::route::RouteError;
 pub const FWMARK: u32 = 0x6e78;
 /// Our routing table.
 pub const TABLE: u32 = 0x6e78;
-/// The rule priorities we own: coordinators, marked packets, the mesh (or LAN), our
-/// table; and [`HOLD`].
-pub const PRIORITIES: [u32; 5] = [5270, 5271, 5272, 5273, HOLD];
-/// A rule sending everything to our table while the others are replaced, so a
-/// (re)install never opens a window in which traffic could leave unprotected.
-pub const HOLD: u32 = 5274;
+/// The first of our rules' priorities: coordinators, then marked packets, the mesh
+/// (or LAN), our table.
+pub const MAIN: u32 = 5270;
+/// The same rules without the mesh, four priorities lower, hold while the main
+/// ones are replaced: a (re)install never opens a window in which traffic could
+/// leave unprotected, and the coordinators and peers stay reachable meanwhile.
+pub const HOLD: u32 = 5265;
+/// Every rule priority we own.
+pub const PRIORITIES: [u32; 8] = [
+    HOLD,
+    HOLD + 1,
+    HOLD + 2,
+    HOLD + 3,
+    MAIN,
+    MAIN + 1,
+    MAIN + 2,
+    MAIN + 3,
+];
 /// The metric of the `unreachable` default behind the tunnel's default route.
 const UNREACHABLE_METRIC: &str = "4278198272";
 
@@ -43,8 +55,19 @@ pub fn install_commands(
     allow_lan: bool,
     families: &[bool],
 ) -> Vec<Vec<String>> {
+    commands_at(MAIN, coordinators, mesh, allow_lan, families)
+}
+
+/// [`install_commands`] with the rules at priorities `base`..`base + 3`.
+fn commands_at(
+    base: u32,
+    coordinators: &[IpAddr],
+    mesh: &[IpNet],
+    allow_lan: bool,
+    families: &[bool],
+) -> Vec<Vec<String>> {
     let table = TABLE.to_string();
-    let prio = |i: usize| PRIORITIES[i].to_string();
+    let prio = |i: u32| (base + i).to_string();
     let mut out = Vec::new();
     for &v6 in families {
         let f = fam(v6).to_string();
@@ -177,8 +200,8 @@ pub fn cleanup() -> usize {
 }
 
 /// Installs the rules and the unreachable defaults (see [`install_commands`]),
-/// replacing ours from before (this run's, or a killed run's) without a gap: a
-/// [`HOLD`] rule sends everything to the unreachable default meanwhile. On failure
+/// replacing ours from before (this run's, or a killed run's) without a gap: the
+/// [`HOLD`] rules stand in meanwhile. On failure
 /// everything is removed (the host is back to its own routing) and the error
 /// returned, so `join` stops.
 pub fn install(
@@ -188,38 +211,21 @@ pub fn install(
     families: &[bool],
 ) -> Result<(), RouteError> {
     let result = (|| {
-        let table = TABLE.to_string();
-        let hold = HOLD.to_string();
+        let hold: Vec<u32> = PRIORITIES[..4].to_vec();
         for &v6 in families {
-            let s = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
-            ip(&s(&[
-                fam(v6),
-                "route",
-                "replace",
-                "unreachable",
-                "default",
-                "table",
-                &table,
-                "metric",
-                UNREACHABLE_METRIC,
-            ]))?;
-            remove_rules(v6, &[HOLD]);
-            ip(&s(&[
-                fam(v6),
-                "rule",
-                "add",
-                "lookup",
-                &table,
-                "priority",
-                &hold,
-            ]))?;
-            remove_rules(v6, &PRIORITIES[..4]);
+            remove_rules(v6, &hold);
+        }
+        for args in commands_at(HOLD, coordinators, &[], false, families) {
+            ip(&args)?;
+        }
+        for &v6 in families {
+            remove_rules(v6, &PRIORITIES[4..]);
         }
         for args in install_commands(coordinators, mesh, allow_lan, families) {
             ip(&args)?;
         }
         for &v6 in families {
-            remove_rules(v6, &[HOLD]);
+            remove_rules(v6, &hold);
         }
         Ok(())
     })();
@@ -305,6 +311,27 @@ mod tests {
             "-6 rule add lookup 28280 priority 5273",
         ];
         assert_eq!(c, want);
+    }
+
+    #[test]
+    fn the_hold_rules_keep_the_underlay_below_the_main_ones() {
+        let c = joined(&commands_at(
+            HOLD,
+            &["192.0.2.1".parse().unwrap()],
+            &[],
+            false,
+            &[false],
+        ));
+        assert_eq!(
+            c,
+            [
+                "-4 route replace unreachable default table 28280 metric 4278198272",
+                "-4 rule add to 192.0.2.1/32 lookup main priority 5265",
+                "-4 rule add fwmark 0x6e78 lookup main priority 5266",
+                "-4 rule add lookup 28280 priority 5268",
+            ]
+        );
+        assert!(PRIORITIES.iter().all(|p| (5265..=5273).contains(p)));
     }
 
     #[test]

@@ -198,12 +198,12 @@ fn exit_carries_both_families_and_fails_closed() {
     let peer = c.add_node("peer", "203.0.113.30/24", true, &[]);
     underlay_v6(&c.nodes[exit].ns, EXIT_V6, true);
     underlay_v6(&c.nodes[laptop].ns, LAPTOP_V6, true);
-    // A strict reverse-path filter, as many distributions set: peers' answers must
-    // still get in while everything else is routed into the tunnel.
+    // A loose reverse-path filter, as systemd sets it: peers' answers must still get
+    // in while everything else is routed into the tunnel (or, exit down, nowhere).
     for key in ["all", "eth0"] {
         c.nodes[laptop]
             .ns
-            .ok(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=1")]);
+            .ok(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=2")]);
     }
     underlay_v6(&c.nodes[peer].ns, "2001:db8:e0::30", false);
     // The topology works without nexodus: the laptop's own address, both families.

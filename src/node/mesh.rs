@@ -130,6 +130,9 @@ pub enum ExitState {
     NotApproved,
     /// Not connected to a coordinator (traffic is dropped).
     Offline,
+    /// We reach the mesh only through the relay, which carries no exit traffic yet
+    /// (traffic is dropped).
+    Relayed,
 }
 
 impl std::fmt::Display for ExitState {
@@ -139,6 +142,9 @@ impl std::fmt::Display for ExitState {
             Self::Absent => "absent (traffic dropped)",
             Self::NotApproved => "not an approved exit (traffic dropped)",
             Self::Offline => "offline (traffic dropped)",
+            Self::Relayed => {
+                "reached through the relay, which carries no exit traffic (traffic dropped)"
+            }
         })
     }
 }
@@ -186,6 +192,13 @@ impl MeshState {
         let name = self.exit.as_deref()?;
         let mut found = self.devices.values().filter(|d| d.hostname == name);
         let state = match found.clone().find(|d| d.exit_node) {
+            Some(d)
+                if d.online
+                    && ((self.local.spoke && !self.local.relay)
+                        || self.fallback.contains(&d.id)) =>
+            {
+                ExitState::Relayed
+            }
             Some(d) if d.online => ExitState::Active,
             Some(_) => ExitState::Offline,
             None if found.next().is_some() => ExitState::NotApproved,
@@ -419,7 +432,8 @@ impl MeshState {
                     // Fallen back: keep probing the direct path.
                     out.insert(p.id, p);
                 }
-                via_relay.extend(hosts);
+                // The relay carries no exit traffic: the default routes stay out.
+                via_relay.extend(hosts.into_iter().filter(|n| n.prefix_len() > 0));
             }
         }
         if let Some(p) = relay.and_then(|r| out.get_mut(&r)) {

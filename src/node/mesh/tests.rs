@@ -446,6 +446,18 @@ fn exit_routes_only_to_the_chosen_approved_online_exit() {
     let defaults: Vec<&IpNet> = m.routes().filter(|n| n.prefix_len() == 0).collect();
     assert_eq!(defaults, [&net("0.0.0.0/0")]);
 
+    // A spoke reaches the exit only through the relay: nothing goes (yet).
+    let mut spoke_view = local(1, true);
+    spoke_view.spoke = true;
+    let mut spoke = MeshState::new(spoke_view);
+    spoke.set_guard(RouteGuard::default().allowing_default(true));
+    spoke.set_exit(Some("exit1".into()));
+    let mut relay = device(4, true);
+    relay.relay = true;
+    spoke.apply_snapshot(&[exit.clone(), relay], now);
+    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Relayed)));
+
     // Without the guard's consent nothing passes either.
     let mut refused = MeshState::new(local(1, true));
     refused.set_exit(Some("exit1".into()));

@@ -183,9 +183,22 @@ pub enum Command {
         /// LANs without a route back to the mesh; uses nftables).
         #[arg(long, env = "NEXODUS_MASQUERADE", requires = "advertise_cidr")]
         masquerade: bool,
+        /// Offer this host's uplink as an exit for v4 and v6 (forwarding and
+        /// masquerade in an nftables table of its own); usable once an admin approves
+        /// it (`nexodus devices approve ID --exit`).
+        #[arg(long, env = "NEXODUS_EXIT_NODE", conflicts_with = "use_exit_node")]
+        exit_node: bool,
+        /// Send all non-mesh traffic through the exit node HOSTNAME; while it is
+        /// absent, offline or lacks a family, that traffic is dropped, never sent out
+        /// of this host's uplink.
+        #[arg(long, env = "NEXODUS_USE_EXIT_NODE", value_name = "HOSTNAME")]
+        use_exit_node: Option<String>,
+        /// With --use-exit-node: keep the local LAN off the tunnel.
+        #[arg(long, env = "NEXODUS_EXIT_NODE_ALLOW_LAN", requires = "use_exit_node")]
+        exit_node_allow_lan: bool,
         /// Rootless mode: no TUN device and no privileges; the tunnel ends in a
         /// userspace TCP/IP stack, reached through --ingress, --egress and --socks5.
-        #[arg(long, env = "NEXODUS_USERSPACE", conflicts_with_all = ["advertise_cidr", "masquerade"])]
+        #[arg(long, env = "NEXODUS_USERSPACE", conflicts_with_all = ["advertise_cidr", "masquerade", "exit_node", "use_exit_node"])]
         userspace: bool,
         /// With --userspace: PROTO:PORT:HOST:HOSTPORT — connections to this node's mesh
         /// addresses on PORT go to HOST:HOSTPORT here (e.g. tcp:443:127.0.0.1:8443).

@@ -123,6 +123,9 @@ fn run(cli: Cli) -> Result<()> {
             relay,
             relay_only,
             masquerade,
+            exit_node,
+            use_exit_node,
+            exit_node_allow_lan,
             keepalive,
             userspace,
             ingress,
@@ -165,6 +168,9 @@ fn run(cli: Cli) -> Result<()> {
                 keepalive,
                 userspace,
                 metrics_listen,
+                exit_node,
+                use_exit_node,
+                exit_node_allow_lan,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))

@@ -261,6 +261,7 @@ impl Net {
             v4,
             v6: Some(v6),
             routes,
+            exit: false,
         };
         let devices = [
             device("a", A_V4, A_V6, vec!["10.7.0.0/16".parse().expect("net")]),

@@ -17,6 +17,7 @@ fn device(name: &str, v4: &str, v6: Option<&str>, routes: &[&str]) -> DeviceInfo
         v4: v4.parse().expect("v4"),
         v6: v6.map(|a| a.parse().expect("v6")),
         routes: routes.iter().map(|r| r.parse().expect("route")).collect(),
+        exit: false,
     }
 }
 

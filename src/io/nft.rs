@@ -1,5 +1,6 @@
 //! A subnet router's nftables table: forwarding from the mesh limited to the
-//! advertised prefixes, and optional masquerade (`--masquerade`).
+//! advertised prefixes, and optional masquerade (`--masquerade`); and an exit
+//! node's table of its own ([`exit_script`]).
 //!
 //! One table per interface, `nexodus_<interface>`, so it is easy to find and is
 //! replaced whole: packets from the mesh are forwarded only towards the advertised
@@ -138,9 +139,119 @@ pub fn remove_router(interface: &str) -> Result<(), NftError> {
     nft(&format!("table inet {t}\ndelete table inet {t}\n"))
 }
 
+/// The exit node's table (`--exit-node`, DESIGN §8), `nexodus_exit_<interface>`:
+/// mesh traffic from the organization's prefixes leaving through an uplink gets the
+/// uplink's address; mesh traffic of a family no uplink carries is dropped here,
+/// never sent anywhere else. `uplinks` are (is IPv6, interface) pairs.
+pub fn exit_script(
+    interface: &str,
+    uplinks: &[(bool, String)],
+    org_v4: Ipv4Net,
+    org_v6: Option<Ipv6Net>,
+) -> String {
+    let t = format!("{}_exit", table(interface));
+    let devs = |v6: bool| -> Option<String> {
+        let d: Vec<String> = uplinks
+            .iter()
+            .filter(|(f, _)| *f == v6)
+            .map(|(_, d)| format!("\"{d}\""))
+            .collect();
+        (!d.is_empty()).then(|| format!("{{ {} }}", d.join(", ")))
+    };
+    let mut s = format!(
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n"
+    );
+    for (v6, proto) in [(false, "ipv4"), (true, "ipv6")] {
+        if devs(v6).is_none() {
+            s.push_str(&format!(
+                "    iifname \"{interface}\" meta nfproto {proto} oifname != \"{interface}\" counter drop\n"
+            ));
+        }
+    }
+    s.push_str("  }\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n");
+    if let Some(d) = devs(false) {
+        s.push_str(&format!("    oifname {d} ip saddr {org_v4} masquerade\n"));
+    }
+    if let (Some(d), Some(org_v6)) = (devs(true), org_v6) {
+        s.push_str(&format!("    oifname {d} ip6 saddr {org_v6} masquerade\n"));
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+/// Installs (or replaces) the exit node's table (see [`exit_script`]).
+pub fn install_exit(
+    interface: &str,
+    uplinks: &[(bool, String)],
+    org_v4: Ipv4Net,
+    org_v6: Option<Ipv6Net>,
+) -> Result<(), NftError> {
+    nft(&exit_script(interface, uplinks, org_v4, org_v6))
+}
+
+/// Removes the exit node's table, if any.
+pub fn remove_exit(interface: &str) -> Result<(), NftError> {
+    let t = format!("{}_exit", table(interface));
+    nft(&format!("table inet {t}\ndelete table inet {t}\n"))
+}
+
+/// `--use-exit-node`'s table, `nexodus_<interface>_mark`: the mark of our UDP
+/// socket's packets is saved in their connection and restored on the answers, so
+/// the kernel's reverse-path check (with `src_valid_mark`) looks answers from peers
+/// up as our marked packets are routed, on the underlay (as wg-quick does).
+pub fn mark_script(interface: &str, mark: u32) -> String {
+    let t = format!("{}_mark", table(interface));
+    format!(
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain premangle {{\n    type filter hook prerouting priority mangle; policy accept;\n    meta l4proto udp meta mark set ct mark\n  }}\n  chain postmangle {{\n    type filter hook postrouting priority mangle; policy accept;\n    meta l4proto udp meta mark {mark:#x} ct mark set meta mark\n  }}\n}}\n"
+    )
+}
+
+/// Installs (or replaces) the mark table (see [`mark_script`]).
+pub fn install_mark(interface: &str, mark: u32) -> Result<(), NftError> {
+    nft(&mark_script(interface, mark))
+}
+
+/// Removes the mark table, if any.
+pub fn remove_mark(interface: &str) -> Result<(), NftError> {
+    let t = format!("{}_mark", table(interface));
+    nft(&format!("table inet {t}\ndelete table inet {t}\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_masquerades_out_of_its_uplinks_and_drops_a_missing_family() {
+        let s = exit_script(
+            "nx0",
+            &[(false, "eth0".into()), (true, "eth0".into())],
+            "100.64.0.0/10".parse().unwrap(),
+            Some("200::/64".parse().unwrap()),
+        );
+        assert!(s.contains("table inet nexodus_nx0_exit {"), "{s}");
+        assert!(
+            s.contains("oifname { \"eth0\" } ip saddr 100.64.0.0/10 masquerade"),
+            "{s}"
+        );
+        assert!(
+            s.contains("oifname { \"eth0\" } ip6 saddr 200::/64 masquerade"),
+            "{s}"
+        );
+        assert!(!s.contains("drop"), "{s}");
+        let v4_only = exit_script(
+            "nx0",
+            &[(false, "eth0".into())],
+            "100.64.0.0/10".parse().unwrap(),
+            Some("200::/64".parse().unwrap()),
+        );
+        assert!(
+            v4_only.contains("iifname \"nx0\" meta nfproto ipv6 oifname != \"nx0\" counter drop"),
+            "{v4_only}"
+        );
+        assert!(!v4_only.contains("ip6 saddr"), "{v4_only}");
+        assert!(!v4_only.contains("nfproto ipv4"), "{v4_only}");
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use ipnet::IpNet;
 
-use crate::io::route;
+use crate::io::{policy_route, route};
 use crate::node::dataplane::PeerConfig;
 use crate::node::mesh::Action;
 
@@ -64,6 +64,13 @@ impl RouteApplier {
     pub(crate) fn kernel(interface: String) -> std::io::Result<Self> {
         Self::spawn(move |change| {
             let result = match change {
+                // An exit's default routes go to our own table (`--use-exit-node`).
+                RouteChange::Add(net) if net.prefix_len() == 0 => {
+                    policy_route::add_default(&interface, net)
+                }
+                RouteChange::Remove(net) if net.prefix_len() == 0 => {
+                    policy_route::remove_default(&interface, net)
+                }
                 RouteChange::Add(net) => match route::add(&interface, net) {
                     Ok(route::Added::Exists) => {
                         tracing::warn!(prefix = %net, "the host already routes this prefix; leaving its route as it is");

@@ -223,6 +223,7 @@ pub(super) async fn enroll(
             IpAddr::V6(v) => Some(*v),
             IpAddr::V4(_) => None,
         }),
+        exit_node: cfg.exit_node,
     };
     match client.call(&Request::Register(req)).await {
         Ok(Response::Registered { device, credential }) => {
@@ -272,12 +273,14 @@ pub(super) async fn sync_registration(
         || device.advertise_cidrs != cfg.advertise_cidrs
         || device.relay != cfg.relay
         || device.relay_only != cfg.relay_only
+        || device.exit_node != cfg.exit_node
     {
         let update = DeviceUpdate {
             endpoints: Some(ctx.endpoints.clone()),
             advertise_cidrs: Some(cfg.advertise_cidrs.clone()),
             relay: Some(cfg.relay),
             relay_only: Some(cfg.relay_only),
+            exit_node: Some(cfg.exit_node),
             ..Default::default()
         };
         match client

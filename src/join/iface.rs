@@ -82,6 +82,15 @@ pub(super) fn start(
         port: listen_port,
         source,
     })?;
+    if cfg.use_exit_node.is_some() {
+        // Peers and STUN stay on the underlay (`io::policy_route`).
+        socket2::SockRef::from(&socket)
+            .set_mark(crate::io::policy_route::FWMARK)
+            .map_err(|source| JoinError::Udp {
+                port: listen_port,
+                source,
+            })?;
+    }
     let (stun_tx, stun_answers) = mpsc::channel(STUN_QUEUE);
     let mut dataplane = DataPlane::new(private);
     dataplane.set_mtu(usize::from(tun::DEFAULT_MTU));

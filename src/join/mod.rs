@@ -15,6 +15,7 @@ mod control;
 pub mod datapath;
 mod driver;
 mod enroll;
+mod exit;
 mod iface;
 mod local;
 pub mod metrics;
@@ -90,6 +91,10 @@ pub enum JoinError {
     Forwarding(#[from] sysinfo::ForwardingError),
     #[error(transparent)]
     Masquerade(#[from] nft::NftError),
+    #[error("--exit-node needs a default route (an uplink) on this host; it has none")]
+    NoUplink,
+    #[error("cannot set up the policy routing for --use-exit-node")]
+    PolicyRoute(#[source] crate::io::route::RouteError),
     #[error(transparent)]
     Userspace(#[from] crate::userspace::UserspaceError),
     #[error(transparent)]
@@ -163,6 +168,12 @@ pub struct JoinConfig {
     pub userspace: Option<crate::userspace::UserspaceConfig>,
     /// Where to serve Prometheus `/metrics` (off when None).
     pub metrics_listen: Option<SocketAddr>,
+    /// Offer this host's uplink as an exit (`--exit-node`, DESIGN §8).
+    pub exit_node: bool,
+    /// Send all non-mesh traffic through this exit (`--use-exit-node`).
+    pub use_exit_node: Option<String>,
+    /// With `use_exit_node`: keep the local LAN off the tunnel.
+    pub exit_node_allow_lan: bool,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443). A malformed entry is
@@ -228,14 +239,15 @@ fn split_host_port(e: &str) -> Option<(&str, u16)> {
 
 /// What the route guard protects on this host now: the addresses and connected
 /// prefixes of every interface but the mesh's own, and each coordinator address.
-fn route_guard(interface: &str, coordinators: &[SocketAddr]) -> RouteGuard {
-    // `--use-exit-node` (DESIGN §8) will allow the chosen exit's default route here
-    // with `RouteGuard::allowing_default`.
+/// With `--use-exit-node` the chosen exit's default routes may pass (the mesh core
+/// gives them to that exit only).
+fn route_guard(interface: &str, coordinators: &[SocketAddr], use_exit: bool) -> RouteGuard {
     RouteGuard::new(
         sysinfo::underlay_prefixes(interface)
             .into_iter()
             .chain(coordinators.iter().map(|a| IpNet::from(a.ip()))),
     )
+    .allowing_default(use_exit)
 }
 
 /// Everything `join` needs of this host, checked before the coordinator hears of
@@ -314,6 +326,9 @@ pub async fn run(
         .collect();
     tracing::info!(ipv6, ?endpoints, "host checked");
     preflight(&cfg, state.listen_port)?;
+    // Held for the whole run: dropping it puts the host's forwarding back.
+    let (uplinks, _exit_forwarding) = exit::prepare(&cfg, ipv6)?;
+    let mut exits = exit::Exits::begin(&cfg, &addrs)?;
 
     let ctx = Ctx {
         cfg: &cfg,
@@ -352,6 +367,8 @@ pub async fn run(
     } = enrolled;
     // Keep the coordinator's view of our endpoints, prefixes and roles current.
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
+    exits.up(&cfg, &device, ipv6, &uplinks)?;
+
     let iface::Up {
         datapath,
         stack,
@@ -380,8 +397,9 @@ pub async fn run(
         cfg.relay_only,
         client.remote_address(),
     );
-    let guard = || route_guard(&cfg.interface, &ctx.addrs);
+    let guard = || route_guard(&cfg.interface, &ctx.addrs, cfg.use_exit_node.is_some());
     agent.set_route_guard(guard());
+    agent.set_exit(cfg.use_exit_node.clone());
     let (view_tx, view) = tokio::sync::watch::channel(agent.view());
     let (updates_tx, updates) = tokio::sync::watch::channel(None);
     let (events_tx, events) = tokio::sync::mpsc::channel(64);

@@ -78,6 +78,9 @@ pub struct Status {
     /// How many times a prefix started being refused.
     #[serde(default)]
     pub routes_refused_total: u64,
+    /// The exit node chosen with `--use-exit-node` and how it stands.
+    #[serde(default)]
+    pub exit_node: Option<ExitStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: BTreeMap<String, u64>,
     /// Link-local and multicast packets the kernel sends into the TUN of its own
@@ -88,6 +91,15 @@ pub struct Status {
     /// approved shows in `nexodus devices`.
     #[serde(default)]
     pub advertised: Vec<IpNet>,
+}
+
+/// The exit in use (`--use-exit-node`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    pub hostname: String,
+    pub state: crate::node::mesh::ExitState,
+    /// The default routes it carries for us now (none: traffic is dropped).
+    pub routes: Vec<IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +247,16 @@ pub(crate) fn build(
         peers,
         routes_refused: s.routes_refused.clone(),
         routes_refused_total: s.routes_refused_total,
+        exit_node: s.exit.as_ref().map(|(hostname, state)| ExitStatus {
+            hostname: hostname.clone(),
+            state: *state,
+            routes: s
+                .plans
+                .values()
+                .flat_map(|p| p.allowed_ips.iter().copied())
+                .filter(|n| n.prefix_len() == 0)
+                .collect(),
+        }),
         drops,
         link_local_ignored: dp.map_or(0, |d| d.counters.link_local_ignored),
         advertised,
@@ -360,6 +382,20 @@ subnets routed through peers:\n{}",
             }
         );
     }
+    if let Some(e) = &s.exit_node {
+        let routes: Vec<String> = e.routes.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "\nexit node: {} {} (through it: {})",
+            e.hostname,
+            e.state,
+            if routes.is_empty() {
+                "nothing".to_string()
+            } else {
+                routes.join(", ")
+            }
+        );
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "\ndropped: {}", render_drops(&s.drops));
     }
@@ -441,6 +477,7 @@ mod tests {
             cookie_replies: 0,
             userspace: None,
             peers: vec![peer("relay", "direct", Some(4)), gw],
+            exit_node: None,
             routes_refused: Vec::new(),
             routes_refused_total: 0,
             drops: [("decrypt".to_string(), 1), ("no_route".to_string(), 2)]

@@ -92,6 +92,8 @@ fn info(d: &Device) -> DeviceInfo {
         v4: d.tunnel_ip,
         v6: d.tunnel_ip_v6,
         routes: d.advertise_cidrs.clone(),
+        // Only an exit in use carries internet traffic: one approved as such.
+        exit: d.exit_node,
     }
 }
 

@@ -55,6 +55,8 @@ pub struct NodeView {
     pub routes_refused: Vec<IpNet>,
     /// How many times a prefix started being refused.
     pub routes_refused_total: u64,
+    /// The exit chosen with `--use-exit-node` and how it stands.
+    pub exit: Option<(String, crate::node::mesh::ExitState)>,
 }
 
 /// The node's control state; see the module docs.
@@ -225,6 +227,13 @@ impl Agent {
         self.push_actions(actions);
     }
 
+    /// Chooses the exit node (by hostname) for our non-mesh traffic.
+    pub fn set_exit(&mut self, exit: Option<String>) {
+        let actions = self.mesh.set_exit(exit);
+        self.view_changed = true;
+        self.push_actions(actions);
+    }
+
     /// The coordinator answered an update with our record.
     pub fn handle_device(&mut self, device: Device) {
         self.device = device;
@@ -329,6 +338,10 @@ impl Agent {
             plans: self.mesh.plans().map(|p| (p.id, p.clone())).collect(),
             routes_refused: self.mesh.refused().copied().collect(),
             routes_refused_total: self.mesh.refused_total(),
+            exit: self
+                .mesh
+                .exit_state()
+                .map(|(name, state)| (name.to_string(), state)),
         }
     }
 }

@@ -161,6 +161,49 @@ pub struct MeshState {
     refused: BTreeSet<IpNet>,
     /// How many times a prefix started being refused.
     refused_total: u64,
+    /// The exit this node sends its non-mesh traffic through (`--use-exit-node`).
+    exit: Option<String>,
+}
+
+/// How the chosen exit stands (`--use-exit-node`, DESIGN §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitState {
+    /// Its default routes are installed: traffic leaves through it.
+    Active,
+    /// No device of that name (traffic is dropped).
+    Absent,
+    /// Claims no exit role, or the role is not approved (traffic is dropped).
+    NotApproved,
+    /// Not connected to a coordinator (traffic is dropped).
+    Offline,
+    /// We reach the mesh only through the relay, which carries no exit traffic yet
+    /// (traffic is dropped).
+    Relayed,
+}
+
+impl std::fmt::Display for ExitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Active => "active",
+            Self::Absent => "absent (traffic dropped)",
+            Self::NotApproved => "not an approved exit (traffic dropped)",
+            Self::Offline => "offline (traffic dropped)",
+            Self::Relayed => {
+                "reached through the relay, which carries no exit traffic (traffic dropped)"
+            }
+        })
+    }
+}
+
+/// The default routes an exit carries for us: `0.0.0.0/0`, and `::/0` when both
+/// ends have IPv6 in the mesh.
+fn exit_routes(ipv6: bool, d: &Device) -> Vec<IpNet> {
+    let mut out = vec![IpNet::V4(Ipv4Net::default())];
+    if ipv6 && d.ipv6_supported && d.tunnel_ip_v6.is_some() {
+        out.push(IpNet::V6(Ipv6Net::default()));
+    }
+    out
 }
 
 impl MeshState {
@@ -178,7 +221,47 @@ impl MeshState {
             guard: RouteGuard::default(),
             refused: BTreeSet::new(),
             refused_total: 0,
+            exit: None,
         }
+    }
+
+    /// Chooses the exit (by hostname) this node sends its non-mesh traffic through;
+    /// re-plans.
+    pub fn set_exit(&mut self, exit: Option<String>) -> Vec<Action> {
+        if exit == self.exit {
+            return Vec::new();
+        }
+        self.exit = exit;
+        self.reconcile()
+    }
+
+    /// The chosen exit's hostname and state, if one was chosen.
+    pub fn exit_state(&self) -> Option<(&str, ExitState)> {
+        let name = self.exit.as_deref()?;
+        let mut found = self.devices.values().filter(|d| d.hostname == name);
+        let state = match found.clone().find(|d| d.exit_node) {
+            Some(d)
+                if d.online
+                    && ((self.local.spoke && !self.local.relay)
+                        || self.fallback.contains(&d.id)) =>
+            {
+                ExitState::Relayed
+            }
+            Some(d) if d.online => ExitState::Active,
+            Some(_) => ExitState::Offline,
+            None if found.next().is_some() => ExitState::NotApproved,
+            None => ExitState::Absent,
+        };
+        Some((name, state))
+    }
+
+    /// The device our exit traffic goes to now: the chosen exit while it is an
+    /// approved exit and online (the lowest id if several share the name).
+    fn exit_device(&self) -> Option<&Device> {
+        let name = self.exit.as_deref()?;
+        self.devices
+            .values()
+            .find(|d| d.hostname == name && d.exit_node && d.online)
     }
 
     /// Sets what no peer may be routed for; re-plans if it changed.
@@ -325,6 +408,10 @@ impl MeshState {
                 ips.push(*cidr);
             }
         }
+        // Exit routes only ever go to the exit this node chose.
+        if self.exit_device().is_some_and(|e| e.id == d.id) {
+            ips.extend(exit_routes(self.local.ipv6, d));
+        }
         ips
     }
 
@@ -398,7 +485,8 @@ impl MeshState {
                     // Fallen back: keep probing the direct path.
                     out.insert(p.id, p);
                 }
-                via_relay.extend(hosts);
+                // The relay carries no exit traffic: the default routes stay out.
+                via_relay.extend(hosts.into_iter().filter(|n| n.prefix_len() > 0));
             }
         }
         if let Some(p) = relay.and_then(|r| out.get_mut(&r)) {
@@ -430,6 +518,11 @@ impl MeshState {
             // The interface's own /64 already routes the org v6 prefix.
             .filter(|n| !(self.local.ipv6 && *n == IpNet::V6(self.local.org_v6)))
             .filter(|n| {
+                // An exit's default routes live in a table of their own, which our
+                // marked UDP socket bypasses.
+                if n.prefix_len() == 0 {
+                    return true;
+                }
                 let loops = endpoints.iter().any(|e| n.contains(e));
                 if loops && !self.routes.contains(n) {
                     tracing::warn!(prefix = %n, "not routing a prefix that contains a peer's endpoint (it would loop)");

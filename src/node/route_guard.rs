@@ -66,8 +66,8 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteGuard {
     protected: Vec<IpNet>,
-    /// A default route may be installed (the hook for `--use-exit-node`, which does
-    /// not exist yet; always false today).
+    /// A default route may be installed (`--use-exit-node`; the mesh core gives one
+    /// only to the chosen exit).
     allow_default: bool,
 }
 
@@ -85,8 +85,8 @@ impl RouteGuard {
         }
     }
 
-    /// Lets a default route through: for `--use-exit-node` once it exists, and
-    /// only for the chosen exit's `/0`.
+    /// Lets a default route through: for `--use-exit-node`, whose chosen exit is the
+    /// only peer the mesh core gives a `/0`.
     pub fn allowing_default(mut self, allow: bool) -> Self {
         self.allow_default = allow;
         self

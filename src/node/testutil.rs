@@ -186,6 +186,7 @@ pub fn pair_table(policy: &str, me: Side) -> InboundTable {
         v4,
         v6: Some(v6),
         routes: Vec::new(),
+        exit: false,
     });
     let policy = Policy::parse(policy).expect("test policy");
     let me = match me {

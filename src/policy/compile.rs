@@ -33,6 +33,9 @@ pub struct DeviceInfo {
     pub v6: Option<Ipv6Addr>,
     /// Approved advertised prefixes (subnet router).
     pub routes: Vec<IpNet>,
+    /// An approved exit node (DESIGN §8): `internet` in a rule's `to` covers every
+    /// address it forwards to, both families.
+    pub exit: bool,
 }
 
 /// A node's compiled inbound rules. See the [module docs](self).
@@ -208,6 +211,8 @@ pub fn compile(policy: &Policy, devices: &[DeviceInfo], me: &DeviceInfo) -> Inbo
         for sel in &rule.from {
             match sel {
                 Selector::Any => src.add_everything(),
+                // A destination only (the parser refuses it in `from`).
+                Selector::Internet => {}
                 Selector::Cidr(net) => src.add(*net),
                 Selector::Host(glob) => {
                     for d in devices.iter().filter(|d| glob.matches(&d.hostname)) {
@@ -247,6 +252,13 @@ fn destinations(sel: &Selector, me: &DeviceInfo, groups: &mut GroupCache, out: &
         Selector::Any => true,
         Selector::Host(glob) => glob.matches(&me.hostname),
         Selector::Group(name) => groups.has(name, &me.hostname),
+        Selector::Internet => {
+            if me.exit {
+                out.push(IpNet::V4(ipnet::Ipv4Net::default()));
+                out.push(IpNet::V6(ipnet::Ipv6Net::default()));
+            }
+            false
+        }
         Selector::Cidr(net) => {
             out.extend(own().filter(|a| net.contains(a)));
             for route in &me.routes {
@@ -322,6 +334,7 @@ mod tests {
             v4: v4.parse().unwrap(),
             v6: v6.map(|a| a.parse().unwrap()),
             routes: Vec::new(),
+            exit: false,
         }
     }
 

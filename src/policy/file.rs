@@ -39,6 +39,8 @@ pub enum PolicyError {
     PortsWithoutPorts { at: String, proto: String },
     #[error("{at}: `{field}` must list at least one entry")]
     Empty { at: String, field: &'static str },
+    #[error("{at}: `internet` is a destination: use it in `to`, not in `from`")]
+    InternetAsSource { at: String },
     #[error("group `{name}`: {reason}")]
     BadGroup { name: String, reason: String },
 }
@@ -75,6 +77,9 @@ pub enum Selector {
     Host(HostGlob),
     /// A CIDR: its own family only (`0.0.0.0/0` never matches IPv6).
     Cidr(IpNet),
+    /// `internet` (a `to`): destinations outside the organization, reached through
+    /// an exit node (DESIGN §8), both families.
+    Internet,
 }
 
 /// `proto` of a rule.
@@ -318,10 +323,14 @@ fn selectors(
             field,
         });
     }
-    items
+    let selectors = items
         .iter()
         .map(|item| selector(at, item, groups))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if field == "from" && selectors.contains(&Selector::Internet) {
+        return Err(PolicyError::InternetAsSource { at: at.to_string() });
+    }
+    Ok(selectors)
 }
 
 fn selector(
@@ -332,6 +341,9 @@ fn selector(
     let item = item.trim();
     if item == "*" {
         return Ok(Selector::Any);
+    }
+    if item == "internet" {
+        return Ok(Selector::Internet);
     }
     if let Some(name) = item.strip_prefix("group:") {
         if !groups.contains_key(name) {
@@ -610,6 +622,18 @@ exit   = ["exit*"]
         assert_eq!(p.allow[0].proto, Proto::Number(47));
         assert_eq!(p.allow[1].proto, Proto::Any);
         assert_eq!(p.allow[1].ports.len(), 2);
+    }
+
+    #[test]
+    fn internet_is_a_destination() {
+        let p = Policy::parse("[[allow]]\nfrom=[\"laptop*\"]\nto=[\"internet\"]\n").expect("valid");
+        assert_eq!(p.allow[0].to, vec![Selector::Internet]);
+        assert_eq!(
+            Policy::parse("[[allow]]\nfrom=[\"internet\"]\nto=[\"*\"]\n")
+                .expect_err("a destination only")
+                .to_string(),
+            "allow rule 1: `internet` is a destination: use it in `to`, not in `from`"
+        );
     }
 
     #[test]

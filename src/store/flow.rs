@@ -305,7 +305,7 @@ pub fn insert_device(
         last_seen: now,
         unmanaged,
         online: false,
-        exit_node: false,
+        exit_node: req.exit_node,
         approved: Approved::default(),
     };
     tx.insert_device(&Encoded::new(&device)?, credential_hash)

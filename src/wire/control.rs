@@ -45,6 +45,9 @@ pub struct RegisterRequest {
     pub symmetric_nat: bool,
     #[serde(default)]
     pub request_ip: Option<Ipv4Addr>,
+    /// Claims the exit role (`--exit-node`); peers see it once approved.
+    #[serde(default)]
+    pub exit_node: bool,
     #[serde(default)]
     pub request_ip_v6: Option<Ipv6Addr>,
 }
@@ -66,6 +69,8 @@ pub struct DeviceUpdate {
     pub relay_only: Option<bool>,
     #[serde(default)]
     pub advertise_cidrs: Option<Vec<IpNet>>,
+    #[serde(default)]
+    pub exit_node: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,10 +22,12 @@ pub fn udp_socket(ns: &Netns, addr: SocketAddr) -> UdpSocket {
 }
 
 /// UDP servers on `addrs` in `ns` answering each datagram with the sender's address
-/// ("IP:PORT"); they stop on drop.
+/// ("IP:PORT"), and remembering every sender ([`EchoServer::seen`]); they stop on
+/// drop.
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    seen: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
 impl EchoServer {
@@ -41,11 +43,16 @@ impl EchoServer {
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
         let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !flag.load(Ordering::Relaxed) {
                 for s in &socks {
                     if let Ok((_, src)) = s.recv_from(&mut buf) {
+                        if let Ok(mut l) = log.lock() {
+                            l.push(src);
+                        }
                         let _ = s.send_to(src.to_string().as_bytes(), src);
                     }
                 }
@@ -54,7 +61,13 @@ impl EchoServer {
         Self {
             stop,
             thread: Some(thread),
+            seen,
         }
+    }
+
+    /// Every sender seen so far, in order.
+    pub fn seen(&self) -> Vec<SocketAddr> {
+        self.seen.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }
 

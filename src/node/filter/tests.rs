@@ -29,6 +29,7 @@ fn devices() -> Vec<DeviceInfo> {
             v4: format!("100.64.0.{}", i + 1).parse().unwrap(),
             v6: Some(format!("fd00::{}", i + 1).parse().unwrap()),
             routes: Vec::new(),
+            exit: false,
         })
         .collect()
 }

@@ -527,3 +527,92 @@ fn traffic_arriving_through_the_relay_is_answered_through_it() {
     m.handle_handshakes(t0 + Duration::from_secs(2), [back]);
     assert!(!on_relay(&m, 2));
 }
+
+#[test]
+fn exit_routes_only_to_the_chosen_approved_online_exit() {
+    let now = Instant::now();
+    let mut exit = device(2, true);
+    exit.hostname = "exit1".into();
+    exit.exit_node = true;
+    let mut other_exit = device(3, true);
+    other_exit.exit_node = true;
+    // An ordinary peer never gets a default route, chosen exit or not.
+    let mut plain = MeshState::new(local(1, true));
+    plain.set_guard(RouteGuard::default().allowing_default(true));
+    plain.apply_snapshot(&[exit.clone(), other_exit.clone()], now);
+    assert!(plain.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(plain.exit_state(), None);
+
+    let mut m = MeshState::new(local(1, true));
+    m.set_guard(RouteGuard::default().allowing_default(true));
+    m.set_exit(Some("exit1".into()));
+    assert_eq!(m.exit_state(), Some(("exit1", ExitState::Absent)));
+    let actions = m.apply_snapshot(&[exit.clone(), other_exit.clone()], now);
+    assert!(
+        actions.contains(&Action::AddRoute(net("0.0.0.0/0"))),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&Action::AddRoute(net("::/0"))),
+        "{actions:?}"
+    );
+    assert_eq!(
+        nets(m.plan(2).unwrap()),
+        ["100.64.0.2/32", "200::2/128", "0.0.0.0/0", "::/0"]
+    );
+    assert!(
+        m.plan(3)
+            .unwrap()
+            .allowed_ips
+            .iter()
+            .all(|n| n.prefix_len() > 0)
+    );
+    assert_eq!(m.exit_state(), Some(("exit1", ExitState::Active)));
+
+    // Offline: the routes go (fail closed: our table's unreachable route remains).
+    let mut off = exit.clone();
+    off.online = false;
+    let actions = m.apply_delta(&[off], &[], now);
+    assert!(
+        actions.contains(&Action::RemoveRoute(net("0.0.0.0/0"))),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&Action::RemoveRoute(net("::/0"))),
+        "{actions:?}"
+    );
+    assert_eq!(m.exit_state(), Some(("exit1", ExitState::Offline)));
+
+    // Not approved (the coordinator sends the role only once approved).
+    let mut unapproved = exit.clone();
+    unapproved.exit_node = false;
+    m.apply_delta(&[unapproved], &[], now);
+    assert!(m.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(m.exit_state(), Some(("exit1", ExitState::NotApproved)));
+
+    // A v4-only exit carries only v4.
+    let mut v4_exit = device(2, false);
+    v4_exit.hostname = "exit1".into();
+    v4_exit.exit_node = true;
+    m.apply_delta(&[v4_exit], &[], now);
+    let defaults: Vec<&IpNet> = m.routes().filter(|n| n.prefix_len() == 0).collect();
+    assert_eq!(defaults, [&net("0.0.0.0/0")]);
+
+    // A spoke reaches the exit only through the relay: nothing goes (yet).
+    let mut spoke_view = local(1, true);
+    spoke_view.spoke = true;
+    let mut spoke = MeshState::new(spoke_view);
+    spoke.set_guard(RouteGuard::default().allowing_default(true));
+    spoke.set_exit(Some("exit1".into()));
+    let mut relay = device(4, true);
+    relay.relay = true;
+    spoke.apply_snapshot(&[exit.clone(), relay], now);
+    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Relayed)));
+
+    // Without the guard's consent nothing passes either.
+    let mut refused = MeshState::new(local(1, true));
+    refused.set_exit(Some("exit1".into()));
+    refused.apply_snapshot(&[exit], now);
+    assert!(refused.routes().all(|n| n.prefix_len() > 0));
+}

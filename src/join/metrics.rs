@@ -135,6 +135,7 @@ mod tests {
             ],
             routes_refused: vec!["2000::/3".parse().unwrap()],
             routes_refused_total: 2,
+            policy: None,
             drops: [("no_route".to_string(), 2)].into_iter().collect(),
         };
         let text = render(&status);

@@ -71,8 +71,21 @@ pub struct Status {
     /// How many times a prefix started being refused.
     #[serde(default)]
     pub routes_refused_total: u64,
+    /// The access policy in force (`None`: no policy, everything allowed).
+    #[serde(default)]
+    pub policy: Option<PolicyStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: BTreeMap<String, u64>,
+}
+
+/// The access policy a node enforces (DESIGN §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// The policy's revision as the coordinator numbered it.
+    pub revision: i64,
+    /// Inbound rules of this node's compiled table (0: nothing may start a flow
+    /// into it).
+    pub rules: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +228,9 @@ pub(crate) fn build(
         peers,
         routes_refused: s.routes_refused.clone(),
         routes_refused_total: s.routes_refused_total,
+        policy: s
+            .policy
+            .map(|(revision, rules)| PolicyStatus { revision, rules }),
         drops,
     }
 }
@@ -306,6 +322,20 @@ pub fn render(s: &Status) -> String {
                 list.join(", ")
             }
         );
+    }
+    match s.policy {
+        Some(p) => {
+            let _ = writeln!(
+                out,
+                "\naccess policy: revision {}, {} inbound rules for this node (dropped: {})",
+                p.revision,
+                p.rules,
+                s.drops.get("policy").copied().unwrap_or(0)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "\naccess policy: none (everything allowed)");
+        }
     }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "\ndropped: {:?}", s.drops);

@@ -55,6 +55,9 @@ pub struct NodeView {
     pub routes_refused: Vec<IpNet>,
     /// How many times a prefix started being refused.
     pub routes_refused_total: u64,
+    /// The revision of the access policy in force (`None`: no policy, everything
+    /// allowed) and how many inbound rules concern this node.
+    pub policy: Option<(i64, usize)>,
 }
 
 /// The node's control state; see the module docs.
@@ -328,6 +331,10 @@ impl Agent {
             plans: self.mesh.plans().map(|p| (p.id, p.clone())).collect(),
             routes_refused: self.mesh.refused().copied().collect(),
             routes_refused_total: self.mesh.refused_total(),
+            policy: self
+                .access
+                .in_force()
+                .map(|revision| (revision, self.access.rules())),
         }
     }
 }

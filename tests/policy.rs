@@ -378,3 +378,161 @@ fn ipv6_extension_headers_do_not_pass_a_denied_port() {
     assert_eq!(got, None, "a denied port got a datagram behind a header");
     assert!(policy_drops(nb) >= drops + 10, "the drops were not counted");
 }
+
+const LAN_V4: &str = "198.51.100.0/24";
+const LAN_V6: &str = "2001:db8:100::/64";
+const ADVERTISE: &str = "198.51.100.0/24,2001:db8:100::/64";
+const LAN_HOST_V4: &str = "198.51.100.10";
+const LAN_HOST_V6: &str = "2001:db8:100::10";
+/// The router's side of the LAN link: smaller than what the tunnel carries, so
+/// that the router must send Packet Too Big for full-sized segments from the mesh.
+const LAN_MTU: &str = "1280";
+
+const LAN_POLICY: &str = r#"[groups]
+ops = ["laptop*"]
+
+[[allow]]
+from  = ["group:ops"]
+to    = ["198.51.100.0/24", "2001:db8:100::/64"]
+proto = "tcp"
+ports = ["5432"]
+"#;
+
+/// Gives node `router` a LAN: `lan0` (198.51.100.1/24, 2001:db8:100::1/64, MTU
+/// [`LAN_MTU`]) to a host `nx-<tag>-lanh` (198.51.100.10/24, 2001:db8:100::10/64,
+/// MTU 1500 on its side) routing the mesh prefixes back via the router.
+fn lan_site(w: &mut Cluster, router: usize, deadline: Deadline) -> usize {
+    let host = w.lan.netns("lanh");
+    let r = &w.nodes[router].ns;
+    r.ok(&[
+        "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+    ]);
+    r.ok(&["ip", "link", "set", "lan0", "mtu", LAN_MTU]);
+    r.ok(&["sysctl", "-qw", "net.ipv6.conf.lan0.accept_dad=0"]);
+    host.ok(&["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"]);
+    for (ns, dev, v4, v6) in [
+        (r, "lan0", "198.51.100.1", "2001:db8:100::1"),
+        (&host, "eth0", LAN_HOST_V4, LAN_HOST_V6),
+    ] {
+        ns.ok(&["ip", "addr", "add", &format!("{v4}/24"), "dev", dev]);
+        ns.ok(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ]);
+        ns.ok(&["ip", "link", "set", dev, "up"]);
+    }
+    host.ok(&["ip", "route", "add", "100.64.0.0/10", "via", "198.51.100.1"]);
+    host.ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "200::/64",
+        "via",
+        "2001:db8:100::1",
+    ]);
+    assert!(r.ping_until(LAN_HOST_V4, deadline.left(Duration::from_secs(10))));
+    assert!(r.ping_until(LAN_HOST_V6, deadline.left(Duration::from_secs(10))));
+    w.aux.push(host);
+    w.aux.len() - 1
+}
+
+/// A subnet router enforces the policy for its LAN (a CIDR `to` rule: the LAN
+/// host's allowed port answers over v4 and v6, other ports and the router itself do
+/// not), and path MTU discovery works through an allowed v6 flow: the router's
+/// Packet Too Big reaches the sender through its filter and a bulk transfer
+/// completes.
+#[test]
+fn subnet_lan_under_policy_and_path_mtu_discovery() {
+    let deadline = Deadline::after(Duration::from_secs(200));
+    let mut w = Cluster::new("pls", "192.0.2.1/24");
+    let a = w.add_node("laptop-a", "192.0.2.2/24", true, &[]);
+    let r = w.add_node("router1", "192.0.2.3/24", true, &[]);
+    let lanh = lan_site(&mut w, r, deadline);
+    w.start_with(r, &["--advertise-cidr", ADVERTISE]);
+    w.approve_routes(r, ADVERTISE);
+    w.start(a);
+    let rs = w.nodes[r].wait_peer_count(1, deadline.left(Duration::from_secs(40)));
+    w.nodes[a].wait_routes(
+        "routes to the LAN",
+        deadline.left(Duration::from_secs(40)),
+        |v4, v6| {
+            v4.contains(&format!("{LAN_V4} dev nx0")) && v6.contains(&format!("{LAN_V6} dev nx0"))
+        },
+    );
+    let host = &w.aux[lanh];
+    let any6: IpAddr = "::".parse().unwrap();
+    let _lan_tcp = TcpEcho::start(host, &[sa(any6, 5432), sa(any6, 22)]);
+    let _lan_udp = EchoServer::start(host, &["[::]:5353"]);
+    let _router_tcp = TcpEcho::start(&w.nodes[r].ns, &[sa(any6, 5432)]);
+    let (l4, l6): (IpAddr, IpAddr) = (LAN_HOST_V4.parse().unwrap(), LAN_HOST_V6.parse().unwrap());
+    let na = &w.nodes[a];
+    let allowed = || vec![tcp(na, sa(l4, 5432)), tcp(na, sa(l6, 5432))];
+    let denied = || {
+        vec![
+            tcp(na, sa(l4, 22)),
+            tcp(na, sa(l6, 22)),
+            udp(na, sa(l4, 5353)),
+            udp(na, sa(l6, 5353)),
+            tcp(na, sa(v4(&rs), 5432)),
+            tcp(na, sa(v6(&rs), 5432)),
+        ]
+    };
+    expect(&allowed(), true, deadline.left(ALLOWED));
+    expect(&denied(), true, deadline.left(ALLOWED));
+
+    let file = w.scratch("policy").join("policy.toml");
+    std::fs::write(&file, LAN_POLICY).unwrap();
+    let out = w.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    let revision: i64 = out.trim().parse().unwrap();
+    let took = wait_revision(
+        &w,
+        Some(revision),
+        Instant::now(),
+        deadline.left(Duration::from_secs(10)),
+    );
+    eprintln!("policy in force on every node {took:?} after `policy set`");
+    let drops = policy_drops(&w.nodes[r]);
+    expect(&allowed(), true, deadline.left(ALLOWED));
+    expect(&denied(), false, DENIED);
+    assert!(
+        policy_drops(&w.nodes[r]) > drops,
+        "the router counted no policy drop"
+    );
+
+    // Full-sized segments over v6 do not fit the LAN link: the router answers with
+    // Packet Too Big, which must pass laptop-a's filter as an error about a live flow.
+    let na = &w.nodes[a];
+    let mtu_learned = || {
+        na.ns
+            .ok(&["ip", "-6", "route", "get", LAN_HOST_V6])
+            .contains("mtu 1280")
+    };
+    assert!(
+        !mtu_learned(),
+        "a path MTU is known before any large packet"
+    );
+    let started = Instant::now();
+    tcp_echo_until(
+        &na.ns,
+        sa(l6, 5432),
+        256 * 1024,
+        deadline.left(Duration::from_secs(20)),
+    )
+    .unwrap_or_else(|e| panic!("bulk transfer over v6 through the router: {e}"));
+    eprintln!(
+        "256 KiB echoed over v6 through a 1280-byte link in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        mtu_learned(),
+        "laptop-a learned no path MTU: no Packet Too Big arrived"
+    );
+    deadline.check("subnet policy e2e");
+}

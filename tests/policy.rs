@@ -536,3 +536,79 @@ fn subnet_lan_under_policy_and_path_mtu_discovery() {
     );
     deadline.check("subnet policy e2e");
 }
+
+/// A spoke reached only through the relay (`--relay-only`) enforces the policy on
+/// what the relay forwards to it, over v4 and v6, and the relay (with a policy that
+/// lets nothing into itself) still forwards the allowed flows and their replies.
+#[test]
+fn relayed_spoke_under_policy() {
+    let deadline = Deadline::after(Duration::from_secs(200));
+    let mut w = Cluster::new("plr", "192.0.2.1/24");
+    let a = w.add_node("laptop-a", "192.0.2.2/24", true, &[]);
+    let s = w.add_node("db-spoke", "192.0.2.3/24", true, &[]);
+    let r = w.add_relay("relay1", "192.0.2.4/24", "nx0");
+    w.start(r);
+    w.start(a);
+    w.start_with(s, &["--relay-only"]);
+    let ss = w.nodes[s].wait_status(
+        "the relay as its only peer",
+        deadline.left(Duration::from_secs(40)),
+        |st| st.peers.len() == 1 && st.peers[0].hostname == "relay1",
+    );
+    let sa_ = w.nodes[a].wait_status(
+        "db-spoke reached through the relay",
+        deadline.left(Duration::from_secs(40)),
+        |st| {
+            st.peers
+                .iter()
+                .any(|p| p.hostname == "db-spoke" && p.path == "relay")
+        },
+    );
+    let (na, ns) = (&w.nodes[a], &w.nodes[s]);
+    let any6: IpAddr = "::".parse().unwrap();
+    let _db_tcp = TcpEcho::start(&ns.ns, &[sa(any6, 5432), sa(any6, 22)]);
+    let _laptop_tcp = TcpEcho::start(&na.ns, &[sa(any6, 5432)]);
+    let allowed = || {
+        vec![
+            tcp(na, sa(v4(&ss), 5432)),
+            tcp(na, sa(v6(&ss), 5432)),
+            ping(na, v4(&ss)),
+            ping(na, v6(&ss)),
+        ]
+    };
+    let denied = || {
+        vec![
+            tcp(na, sa(v4(&ss), 22)),
+            tcp(na, sa(v6(&ss), 22)),
+            tcp(ns, sa(v4(&sa_), 5432)),
+            tcp(ns, sa(v6(&sa_), 5432)),
+        ]
+    };
+    expect(&allowed(), true, deadline.left(ALLOWED));
+    expect(&denied(), true, deadline.left(ALLOWED));
+
+    let file = w.scratch("policy").join("policy.toml");
+    std::fs::write(&file, POLICY).unwrap();
+    let out = w.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    let revision: i64 = out.trim().parse().unwrap();
+    let took = wait_revision(
+        &w,
+        Some(revision),
+        Instant::now(),
+        deadline.left(Duration::from_secs(10)),
+    );
+    eprintln!("policy in force on every node {took:?} after `policy set`");
+    let relayed = w.nodes[r].current().relayed_packets;
+    let drops = policy_drops(&w.nodes[s]);
+    expect(&allowed(), true, deadline.left(ALLOWED));
+    expect(&denied(), false, DENIED);
+    assert!(
+        policy_drops(&w.nodes[s]) > drops,
+        "the spoke counted no policy drop"
+    );
+    assert!(
+        w.nodes[r].current().relayed_packets > relayed,
+        "the allowed flows did not go through the relay"
+    );
+    deadline.check("relayed spoke policy e2e");
+}

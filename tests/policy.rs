@@ -6,7 +6,9 @@
 //! opens v4 only; the policy reaches every node within a second; a bad file is
 //! refused with the old policy still enforced; `policy clear` opens everything; an
 //! IPv6 destination-options header does not carry a datagram past the policy. Probes
-//! are the TCP and UDP echo servers and clients of `tests/common/probe.rs`. Needs root.
+//! are the TCP and UDP echo servers and clients of `tests/common/probe.rs`. Also: a
+//! subnet router's LAN and path MTU discovery, a relay-only spoke, and a stock
+//! WireGuard device the relay filters for, under policy. Needs root.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -611,4 +613,99 @@ fn relayed_spoke_under_policy() {
         "the allowed flows did not go through the relay"
     );
     deadline.check("relayed spoke policy e2e");
+}
+
+const STOCK_POLICY: &str = r#"[groups]
+ops = ["laptop*"]
+
+[[allow]]
+from  = ["group:ops"]
+to    = ["stock"]
+proto = "tcp"
+ports = ["5432"]
+
+[[allow]]
+from  = ["stock"]
+to    = ["group:ops"]
+proto = "udp"
+ports = ["5353"]
+"#;
+
+/// A stock WireGuard device cannot enforce: the relay enforces its inbound table on
+/// what it forwards to it (v4 and v6), and the device's own flows get their replies.
+#[test]
+fn relay_filters_for_a_stock_wireguard_device() {
+    let deadline = Deadline::after(Duration::from_secs(200));
+    let mut w = Cluster::new("plw", "192.0.2.1/24");
+    let r = w.add_relay("relay1", "192.0.2.2/24", "plwr0");
+    let a = w.add_node("laptop-a", "192.0.2.3/24", true, &["--interface", "plwa0"]);
+    w.start(r);
+    w.start(a);
+    w.nodes[a].wait_peer_count(1, deadline.left(Duration::from_secs(40)));
+    let (_config, stock, _wggo) = common::stock::stock_host(
+        &mut w,
+        "192.0.2.9/24",
+        "plws0",
+        deadline.left(Duration::from_secs(10)),
+    );
+    let sa_ = w.nodes[a].wait_status(
+        "the stock device through the relay",
+        deadline.left(Duration::from_secs(30)),
+        |s| {
+            s.peers
+                .iter()
+                .any(|p| p.hostname == "stock" && p.path == "relay")
+        },
+    );
+    let sp = sa_.peers.iter().find(|p| p.hostname == "stock").unwrap();
+    let (s4, s6): (IpAddr, IpAddr) = (sp.tunnel_ip.into(), sp.tunnel_ip_v6.unwrap().into());
+    let any6: IpAddr = "::".parse().unwrap();
+    let _stock_tcp = TcpEcho::start(&stock, &[sa(any6, 5432), sa(any6, 22)]);
+    let _laptop_udp = EchoServer::start(&w.nodes[a].ns, &["[::]:5353"]);
+    let na = &w.nodes[a];
+    let from_stock = |to: SocketAddr| -> Probe<'_> {
+        let ns = &stock;
+        (
+            format!("udp stock -> {to}"),
+            Box::new(move |limit| udp_answered(ns, to, limit)),
+        )
+    };
+    let allowed = || {
+        vec![
+            tcp(na, sa(s4, 5432)),
+            tcp(na, sa(s6, 5432)),
+            from_stock(sa(v4(&sa_), 5353)),
+            from_stock(sa(v6(&sa_), 5353)),
+        ]
+    };
+    let denied = || {
+        vec![
+            tcp(na, sa(s4, 22)),
+            tcp(na, sa(s6, 22)),
+            ping(na, s4),
+            ping(na, s6),
+        ]
+    };
+    expect(&allowed(), true, deadline.left(Duration::from_secs(30)));
+    expect(&denied(), true, deadline.left(ALLOWED));
+
+    let file = w.scratch("policy").join("policy.toml");
+    std::fs::write(&file, STOCK_POLICY).unwrap();
+    let out = w.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    let revision: i64 = out.trim().parse().unwrap();
+    let took = wait_revision(
+        &w,
+        Some(revision),
+        Instant::now(),
+        deadline.left(Duration::from_secs(10)),
+    );
+    eprintln!("policy in force on every node {took:?} after `policy set`");
+    let drops = policy_drops(&w.nodes[r]);
+    expect(&allowed(), true, deadline.left(ALLOWED));
+    expect(&denied(), false, DENIED);
+    assert!(
+        policy_drops(&w.nodes[r]) > drops,
+        "the relay counted no policy drop"
+    );
+    deadline.check("stock device policy e2e");
 }

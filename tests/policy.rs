@@ -305,6 +305,46 @@ fn policy_allows_exactly_what_it_says_for_both_families() {
     expect(&denied(), false, DENIED);
     expect(&allowed()[..2], true, deadline.left(ALLOWED));
 
+    // A new policy without the udp 5353 rule: a live flow it forbids stops within a
+    // second (the same socket, still sending every 50 ms).
+    let sock = common::probe::udp_socket(&na.ns, sa("0.0.0.0".parse().unwrap(), 0));
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let to = sa(b4, 5353);
+    let mut buf = [0u8; 256];
+    let mut ask = || {
+        let _ = sock.send_to(b"live", to);
+        matches!(sock.recv_from(&mut buf), Ok((_, src)) if src == to)
+    };
+    wait_until(
+        "the live udp flow to be answered",
+        deadline.left(ALLOWED),
+        || ask().then_some(()),
+    );
+    let narrower = POLICY.replace("ports = [\"5353\"]", "ports = [\"5399\"]");
+    assert_ne!(narrower, POLICY);
+    let file2 = dir.join("narrower.toml");
+    std::fs::write(&file2, narrower).unwrap();
+    w.coord.admin(&["policy", "set", file2.to_str().unwrap()]);
+    let since = Instant::now();
+    let mut last = None;
+    while since.elapsed() < Duration::from_secs(3) {
+        if ask() {
+            last = Some(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("a live flow the new policy forbids answered last {last:?} after `policy set`");
+    assert!(
+        last.is_none_or(|t| t <= WITHIN),
+        "the forbidden flow went on for {last:?}"
+    );
+    assert!(
+        revisions(&w).iter().all(|r| *r > Some(revision)),
+        "{:?}",
+        revisions(&w)
+    );
+
     // Cleared: everything answers again.
     w.coord.admin(&["policy", "clear"]);
     let since = Instant::now();

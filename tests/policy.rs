@@ -740,6 +740,8 @@ fn relay_filters_for_a_stock_wireguard_device() {
         deadline.left(Duration::from_secs(10)),
     );
     eprintln!("policy in force on every node {took:?} after `policy set`");
+    let shown = w.nodes[r].current().policy.unwrap();
+    assert_eq!(shown.relay_enforced, 1, "{shown:?}");
     let drops = policy_drops(&w.nodes[r]);
     expect(&allowed(), true, deadline.left(ALLOWED));
     expect(&denied(), false, DENIED);

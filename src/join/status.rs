@@ -86,6 +86,9 @@ pub struct PolicyStatus {
     /// Inbound rules of this node's compiled table (0: nothing may start a flow
     /// into it).
     pub rules: usize,
+    /// On a relay: the unmanaged devices (stock WireGuard) it enforces the policy for.
+    #[serde(default)]
+    pub relay_enforced: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +233,11 @@ pub(crate) fn build(
         routes_refused_total: s.routes_refused_total,
         policy: s
             .policy
-            .map(|(revision, rules)| PolicyStatus { revision, rules }),
+            .map(|(revision, rules, relay_enforced)| PolicyStatus {
+                revision,
+                rules,
+                relay_enforced,
+            }),
         drops,
     }
 }
@@ -332,6 +339,13 @@ pub fn render(s: &Status) -> String {
                 p.rules,
                 s.drops.get("policy").copied().unwrap_or(0)
             );
+            if p.relay_enforced > 0 {
+                let _ = writeln!(
+                    out,
+                    "  enforced by this relay for {} stock WireGuard devices",
+                    p.relay_enforced
+                );
+            }
         }
         None => {
             let _ = writeln!(out, "\naccess policy: none (everything allowed)");

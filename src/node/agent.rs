@@ -56,8 +56,9 @@ pub struct NodeView {
     /// How many times a prefix started being refused.
     pub routes_refused_total: u64,
     /// The revision of the access policy in force (`None`: no policy, everything
-    /// allowed) and how many inbound rules concern this node.
-    pub policy: Option<(i64, usize)>,
+    /// allowed), how many inbound rules concern this node, and (on a relay) for how
+    /// many unmanaged devices it enforces.
+    pub policy: Option<(i64, usize, usize)>,
 }
 
 /// The node's control state; see the module docs.
@@ -348,7 +349,7 @@ impl Agent {
             policy: self
                 .access
                 .in_force()
-                .map(|revision| (revision, self.access.rules())),
+                .map(|revision| (revision, self.access.rules(), self.access.relay_enforced())),
         }
     }
 }

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nexodus::node::testutil::{
-    A_V4, A_V6, B_V4, B_V6, BUF_LEN, Pair, Relayed, Side, connected_pair, hundred_rules, ip_packet,
-    ipv4_packet, ipv6_packet, pair_table, relayed, tcp_header, udp_datagram,
+    A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Pair, Relayed, Side, connected_pair, hundred_rules,
+    ip_packet, ipv4_packet, ipv6_packet, pair_table, relayed, tcp_header, udp_datagram,
 };
 use nexodus::node::{DataPlane, DropReason, Incoming, Outgoing};
 
@@ -196,6 +196,26 @@ fn relay_forwarding_is_allocation_free() {
         net.r.counters().relayed_packets,
         2 * (100 + ITERATIONS as u64)
     );
+    for dp in [&net.a, &net.r, &net.b] {
+        assert_eq!(dp.counters().total_drops(), 0);
+    }
+}
+
+/// A relay enforcing a 100-rule table for spoke B (a stock WireGuard device).
+#[test]
+fn relay_filtering_for_an_unmanaged_peer_is_allocation_free() {
+    let mut net = relayed();
+    net.r.set_relay_policy(
+        B_ID,
+        Some(pair_table(&hundred_rules(), Side::B)),
+        Instant::now(),
+    );
+    for packet in [ipv4_packet(A_V4, B_V4, 1000), ipv6_packet(A_V6, B_V6, 1380)] {
+        let mut bufs = Bufs::new(&packet);
+        assert_allocation_free("A→R→B filtered", || {
+            relay_once(&mut net, &packet, &mut bufs)
+        });
+    }
     for dp in [&net.a, &net.r, &net.b] {
         assert_eq!(dp.counters().total_drops(), 0);
     }

@@ -67,6 +67,8 @@ pub enum Command {
     SendRaw(SocketAddr, Vec<u8>),
     /// Enforce this inbound table of the access policy (`None`: no policy).
     SetPolicy(Option<Box<crate::policy::InboundTable>>),
+    /// On a relay: the inbound table enforced for an unmanaged peer (`None`: none).
+    SetRelayPolicy(i64, Option<Box<crate::policy::InboundTable>>),
     Status(tokio::sync::oneshot::Sender<DataPathStatus>),
     Shutdown,
 }
@@ -614,6 +616,10 @@ impl Loop {
                             self.dp.set_policy(table.map(|t| *t), Instant::now());
                         }
                         Command::Probe(id) => self.dp.probe(id),
+                        Command::SetRelayPolicy(id, table) => {
+                            self.dp
+                                .set_relay_policy(id, table.map(|t| *t), Instant::now());
+                        }
                         Command::SendRaw(to, data) => {
                             self.stun_gate.sent(to, &data);
                             self.send_udp(to, &data);

@@ -175,6 +175,10 @@ impl Driver<'_> {
         if let Some(table) = self.agent.poll_policy_table() {
             self.datapath.send(Command::SetPolicy(table.map(Box::new)));
         }
+        while let Some((id, table)) = self.agent.poll_relay_policy() {
+            self.datapath
+                .send(Command::SetRelayPolicy(id, table.map(Box::new)));
+        }
         while let Some((to, data)) = self.agent.poll_transmit() {
             self.datapath.send(Command::SendRaw(to, data));
         }

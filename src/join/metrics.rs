@@ -137,6 +137,7 @@ mod tests {
             routes_refused: vec!["2000::/3".parse().unwrap()],
             routes_refused_total: 2,
             exit_node: None,
+            policy: None,
             drops: [("no_route".to_string(), 2)].into_iter().collect(),
             link_local_ignored: 0,
             advertised: Vec::new(),

@@ -81,6 +81,9 @@ pub struct Status {
     /// The exit node chosen with `--use-exit-node` and how it stands.
     #[serde(default)]
     pub exit_node: Option<ExitStatus>,
+    /// The access policy in force (`None`: no policy, everything allowed).
+    #[serde(default)]
+    pub policy: Option<PolicyStatus>,
     /// Packets dropped by the data plane, by reason (only non-zero ones).
     pub drops: BTreeMap<String, u64>,
     /// Link-local and multicast packets the kernel sends into the TUN of its own
@@ -100,6 +103,19 @@ pub struct ExitStatus {
     pub state: crate::node::mesh::ExitState,
     /// The default routes it carries for us now (none: traffic is dropped).
     pub routes: Vec<IpNet>,
+}
+
+/// The access policy a node enforces (DESIGN §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// The policy's revision as the coordinator numbered it.
+    pub revision: i64,
+    /// Inbound rules of this node's compiled table (0: nothing may start a flow
+    /// into it).
+    pub rules: usize,
+    /// On a relay: the unmanaged devices (stock WireGuard) it enforces the policy for.
+    #[serde(default)]
+    pub relay_enforced: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +273,13 @@ pub(crate) fn build(
                 .filter(|n| n.prefix_len() == 0)
                 .collect(),
         }),
+        policy: s
+            .policy
+            .map(|(revision, rules, relay_enforced)| PolicyStatus {
+                revision,
+                rules,
+                relay_enforced,
+            }),
         drops,
         link_local_ignored: dp.map_or(0, |d| d.counters.link_local_ignored),
         advertised,
@@ -396,6 +419,27 @@ subnets routed through peers:\n{}",
             }
         );
     }
+    match s.policy {
+        Some(p) => {
+            let _ = writeln!(
+                out,
+                "\naccess policy: revision {}, {} inbound rules for this node (dropped: {})",
+                p.revision,
+                p.rules,
+                s.drops.get("policy").copied().unwrap_or(0)
+            );
+            if p.relay_enforced > 0 {
+                let _ = writeln!(
+                    out,
+                    "  enforced by this relay for {} stock WireGuard devices",
+                    p.relay_enforced
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(out, "\naccess policy: none (everything allowed)");
+        }
+    }
     if !s.drops.is_empty() {
         let _ = writeln!(out, "\ndropped: {}", render_drops(&s.drops));
     }
@@ -478,6 +522,7 @@ mod tests {
             userspace: None,
             peers: vec![peer("relay", "direct", Some(4)), gw],
             exit_node: None,
+            policy: None,
             routes_refused: Vec::new(),
             routes_refused_total: 0,
             drops: [("decrypt".to_string(), 1), ("no_route".to_string(), 2)]

@@ -6,6 +6,7 @@
 //! it anyway (an older build than the coordinator) keeps the table it had and says
 //! so, rather than opening everything.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::policy::{DeviceInfo, InboundTable, Policy, compile};
@@ -20,6 +21,12 @@ pub struct Access {
     table: Option<InboundTable>,
     /// The table the data plane must be given (`Some(None)`: no policy any more).
     pending: Option<Option<InboundTable>>,
+    /// This node relays: it enforces the tables of devices that cannot
+    /// (stock WireGuard devices, `unmanaged`).
+    relay: bool,
+    /// Those tables by device id, and the changes the data plane must be given.
+    relay_tables: BTreeMap<i64, InboundTable>,
+    relay_pending: VecDeque<(i64, Option<InboundTable>)>,
 }
 
 /// Why a policy from the coordinator was not taken.
@@ -68,6 +75,56 @@ impl Access {
             self.table = table.clone();
             self.pending = Some(table);
         }
+    }
+
+    /// Whether this node relays (and so enforces for unmanaged devices); call
+    /// [`Access::recompile_relay`] after it.
+    pub fn set_relay(&mut self, relay: bool) {
+        self.relay = relay;
+    }
+
+    /// On a relay, compiles the inbound table of each unmanaged device among
+    /// `devices` (which must include every device the policy may name); the data
+    /// plane is given the tables that changed, and `None` for devices that left,
+    /// became managed, or when the policy or the relay role went.
+    pub fn recompile_relay<'a>(
+        &mut self,
+        me: &Device,
+        devices: impl IntoIterator<Item = &'a Device>,
+    ) {
+        let mut tables = BTreeMap::new();
+        if let (true, Some(policy)) = (self.relay, self.policy.as_ref()) {
+            let all: Vec<&Device> = devices.into_iter().filter(|d| d.id != me.id).collect();
+            if all.iter().any(|d| d.unmanaged) {
+                let mut infos: Vec<DeviceInfo> = all.iter().map(|d| info(d)).collect();
+                infos.push(info(me));
+                for d in all.iter().filter(|d| d.unmanaged) {
+                    tables.insert(d.id, compile(policy, &infos, &info(d)));
+                }
+            }
+        }
+        for id in self.relay_tables.keys() {
+            if !tables.contains_key(id) {
+                self.relay_pending.push_back((*id, None));
+            }
+        }
+        for (id, table) in &tables {
+            if self.relay_tables.get(id) != Some(table) {
+                self.relay_pending.push_back((*id, Some(table.clone())));
+            }
+        }
+        self.relay_tables = tables;
+    }
+
+    /// The next unmanaged device whose table the data plane must enforce (or stop
+    /// enforcing: `None`) on this relay.
+    pub fn poll_relay_table(&mut self) -> Option<(i64, Option<InboundTable>)> {
+        self.relay_pending.pop_front()
+    }
+
+    /// The unmanaged devices this relay enforces the policy for.
+    pub fn relay_enforced(&self) -> usize {
+        self.relay_tables.len()
     }
 
     /// The table the data plane must enforce now, once per change.
@@ -163,5 +220,42 @@ mod tests {
         assert_eq!(a.in_force(), Some(1));
         a.recompile(&me, []);
         assert_eq!(a.poll_table(), None);
+    }
+
+    #[test]
+    fn a_relay_compiles_the_tables_of_unmanaged_devices() {
+        let me = device(1, true);
+        let mut ops = device(2, true);
+        ops.hostname = "ops1".into();
+        let mut phone = device(3, true);
+        phone.hostname = "web-phone".into();
+        phone.unmanaged = true;
+        let mut a = Access::default();
+        a.set_policy(Some(&state(1, Some(WEB_FROM_OPS)))).unwrap();
+        // Not a relay: nothing to enforce for others.
+        a.recompile_relay(&me, [&ops, &phone]);
+        assert_eq!(a.poll_relay_table(), None);
+
+        a.set_relay(true);
+        a.recompile_relay(&me, [&ops, &phone]);
+        let (id, table) = a.poll_relay_table().expect("the phone's table");
+        let table = table.expect("a policy");
+        assert_eq!(id, phone.id);
+        assert!(table.allows(ops.tunnel_ip.into(), phone.tunnel_ip.into(), 6, Some(443)));
+        assert!(!table.allows(ops.tunnel_ip.into(), phone.tunnel_ip.into(), 6, Some(22)));
+        assert_eq!(
+            a.poll_relay_table(),
+            None,
+            "managed devices enforce themselves"
+        );
+        a.recompile_relay(&me, [&ops, &phone]);
+        assert_eq!(a.poll_relay_table(), None, "unchanged: nothing new");
+        assert_eq!(a.relay_enforced(), 1);
+
+        // The policy cleared: the relay stops filtering for the phone.
+        a.set_policy(Some(&state(2, None))).unwrap();
+        a.recompile_relay(&me, [&ops, &phone]);
+        assert_eq!(a.poll_relay_table(), Some((phone.id, None)));
+        assert_eq!(a.relay_enforced(), 0);
     }
 }

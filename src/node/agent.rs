@@ -57,6 +57,10 @@ pub struct NodeView {
     pub routes_refused_total: u64,
     /// The exit chosen with `--use-exit-node` and how it stands.
     pub exit: Option<(String, crate::node::mesh::ExitState)>,
+    /// The revision of the access policy in force (`None`: no policy, everything
+    /// allowed), how many inbound rules concern this node, and (on a relay) for how
+    /// many unmanaged devices it enforces.
+    pub policy: Option<(i64, usize, usize)>,
 }
 
 /// The node's control state; see the module docs.
@@ -179,7 +183,7 @@ impl Agent {
         let actions = self.mesh.apply_snapshot(devices, now);
         self.push_actions(actions);
         self.take_own_role();
-        self.access.recompile(&self.device, self.mesh.devices());
+        self.recompile_access();
     }
 
     /// A delta from the coordinator.
@@ -192,7 +196,15 @@ impl Agent {
         if upserts.iter().any(|d| d.id == self.device.id) {
             self.take_own_role();
         }
+        self.recompile_access();
+    }
+
+    /// This node's inbound table, and on a relay those of unmanaged devices.
+    fn recompile_access(&mut self) {
         self.access.recompile(&self.device, self.mesh.devices());
+        self.access.set_relay(self.mesh.local().relay);
+        self.access
+            .recompile_relay(&self.device, self.mesh.devices());
     }
 
     /// The organization's access policy, as a snapshot carries it or a delta
@@ -209,7 +221,13 @@ impl Agent {
             }
             Err(e) => tracing::error!(error = %e, "keeping the access policy in force"),
         }
-        self.access.recompile(&self.device, self.mesh.devices());
+        self.recompile_access();
+    }
+
+    /// On a relay, the next unmanaged device whose inbound table the data plane
+    /// must enforce when forwarding to it (`None`: stop), once per change.
+    pub fn poll_relay_policy(&mut self) -> Option<(i64, Option<InboundTable>)> {
+        self.access.poll_relay_table()
     }
 
     /// The inbound table the data plane must enforce now (`Some(None)`: none), once
@@ -342,6 +360,10 @@ impl Agent {
                 .mesh
                 .exit_state()
                 .map(|(name, state)| (name.to_string(), state)),
+            policy: self
+                .access
+                .in_force()
+                .map(|revision| (revision, self.access.rules(), self.access.relay_enforced())),
         }
     }
 }

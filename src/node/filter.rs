@@ -130,6 +130,10 @@ struct Slot<K> {
     used: bool,
     /// Started by an inbound packet (re-checked when the policy changes).
     inbound: bool,
+    /// An inbound flow a new policy forbids: kept (not refreshed) until it
+    /// expires so that a reply we send to a packet that passed before the change
+    /// cannot make it look like a flow we started; its packets are judged as new.
+    revoked: bool,
     /// Live while `now < expires`.
     expires: u32,
 }
@@ -203,6 +207,7 @@ impl<K: Copy + Default + Eq + Words> Table<K> {
             key,
             used: true,
             inbound,
+            revoked: false,
             expires,
         };
         true
@@ -211,7 +216,7 @@ impl<K: Copy + Default + Eq + Words> Table<K> {
     fn live(&self, now: u32) -> usize {
         self.slots
             .iter()
-            .filter(|s| s.used && s.expires > now)
+            .filter(|s| s.used && !s.revoked && s.expires > now)
             .count()
     }
 }
@@ -412,8 +417,9 @@ impl Filter {
     }
 
     /// Replaces the policy, keeping the flows: flows we started stay, flows
-    /// started from outside stay only if the new table still allows them, and
-    /// remembered fragments are forgotten.
+    /// started from outside stay only if the new table still allows them (the
+    /// others are revoked until they expire: neither their packets nor our replies
+    /// revive them), and remembered fragments are forgotten.
     pub fn set_table(&mut self, table: InboundTable) {
         self.table = table;
         let now = self.now;
@@ -425,9 +431,7 @@ impl Filter {
             let (src, dst) = (addr(k.remote, k.v6), addr(k.local, k.v6));
             let port =
                 (k.proto == protocol::TCP || k.proto == protocol::UDP).then_some(k.local_port);
-            if !self.table.allows(src, dst, k.proto, port) {
-                slot.expires = 0;
-            }
+            slot.revoked = !self.table.allows(src, dst, k.proto, port);
         }
         for slot in self.frags.slots.iter_mut() {
             slot.expires = 0;
@@ -476,7 +480,9 @@ impl Filter {
             }
             Kind::Error(key) => {
                 // About a packet we sent (quoted src is us, dst the far end).
-                if key.local == octets(p.dst) && self.flows.get(&key, now).is_some() {
+                if key.local == octets(p.dst)
+                    && self.flows.get(&key, now).is_some_and(|s| !s.revoked)
+                {
                     return self.passed(&p);
                 }
                 // Otherwise an ICMP error is a new ICMP packet like any other.
@@ -495,7 +501,7 @@ impl Filter {
                     v6,
                 };
                 let expires = now.saturating_add(idle(p.proto));
-                if let Some(slot) = self.flows.get(&key, now) {
+                if let Some(slot) = self.flows.get(&key, now).filter(|s| !s.revoked) {
                     slot.expires = expires;
                     return self.passed(&p);
                 }
@@ -549,7 +555,10 @@ impl Filter {
         };
         let expires = now.saturating_add(idle(p.proto));
         if let Some(slot) = self.flows.get(&key, now) {
-            slot.expires = expires;
+            // A revoked flow stays revoked until it expires (see `Slot::revoked`).
+            if !slot.revoked {
+                slot.expires = expires;
+            }
             return true;
         }
         if self.flows.insert(key, now, expires, false) {

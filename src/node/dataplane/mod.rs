@@ -214,6 +214,9 @@ pub struct DataPlane {
     next_tick: Option<Instant>,
     /// The access-policy filter; `None`: no policy, everything passes.
     filter: Option<Box<Filter>>,
+    /// On a relay: the filters it applies for peers that cannot enforce (stock
+    /// WireGuard devices), to what it forwards to them (few: a linear scan).
+    relay_filters: Vec<(PeerId, Box<Filter>)>,
 }
 
 impl fmt::Debug for DataPlane {
@@ -256,6 +259,7 @@ impl DataPlane {
             max_plain: 0,
             next_tick: None,
             filter: None,
+            relay_filters: Vec::new(),
         }
     }
 
@@ -285,6 +289,32 @@ impl DataPlane {
             (Some(table), Some(filter)) => filter.set_table(table),
             (Some(table), None) => self.filter = Some(Box::new(Filter::new(table, now))),
         }
+    }
+
+    /// On a relay, the inbound table enforced for `peer`, a device that cannot
+    /// enforce it itself (`None`: none). Packets this node forwards or sends to the
+    /// peer pass only if the table (or a flow the peer started) allows them.
+    pub fn set_relay_policy(&mut self, peer: PeerId, table: Option<InboundTable>, now: Instant) {
+        let at = self.relay_filters.iter().position(|(p, _)| *p == peer);
+        match (table, at) {
+            (None, Some(i)) => {
+                self.relay_filters.swap_remove(i);
+            }
+            (None, None) => {}
+            (Some(table), Some(i)) => {
+                if let Some((_, f)) = self.relay_filters.get_mut(i) {
+                    f.set_table(table);
+                }
+            }
+            (Some(table), None) => self
+                .relay_filters
+                .push((peer, Box::new(Filter::new(table, now)))),
+        }
+    }
+
+    /// The peers a relay filters for.
+    pub fn relay_filtered(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.relay_filters.iter().map(|(p, _)| *p)
     }
 
     /// Installs `filter` as is (replacing any flows): for a filter of another

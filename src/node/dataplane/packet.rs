@@ -106,6 +106,12 @@ impl DataPlane {
                 self.counters.flows_unrecorded = self.counters.flows_unrecorded.saturating_add(1);
             }
         }
+        if !self.relay_filters.is_empty() {
+            let packet = buf.get(..packet_len).unwrap_or_default();
+            if self.relay_verdict(None, id, packet) != Verdict::Pass {
+                return drop_out(&mut self.counters, DropReason::Policy);
+            }
+        }
         match self.encapsulate(id, buf, packet_len, out) {
             Ok(Some((to, data))) => Outgoing::Send { to, data },
             Ok(None) => Outgoing::Nothing,

@@ -11,7 +11,8 @@ use std::ops::Range;
 use tracing::trace;
 
 use super::packet::drop_in;
-use super::{DataPlane, Incoming, PeerId};
+use super::{DataPlane, DropReason, Incoming, PeerId};
+use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
 
 impl DataPlane {
@@ -30,6 +31,28 @@ impl DataPlane {
         self.routes.lookup(dst).filter(|&to| to != from)
     }
 
+    /// A relay's policy check for a packet going to peer `to` (forwarded from
+    /// `from`, or `None`: from this host), for peers that cannot enforce: a packet
+    /// from such a peer opens a flow in its filter (so replies pass), and a packet
+    /// to one must pass its filter.
+    pub(super) fn relay_verdict(
+        &mut self,
+        from: Option<PeerId>,
+        to: PeerId,
+        packet: &[u8],
+    ) -> Verdict {
+        let mut verdict = Verdict::Pass;
+        for (peer, filter) in &mut self.relay_filters {
+            if Some(*peer) == from && !filter.outbound(packet) {
+                self.counters.flows_unrecorded = self.counters.flows_unrecorded.saturating_add(1);
+            }
+            if *peer == to {
+                verdict = filter.inbound(packet);
+            }
+        }
+        verdict
+    }
+
     /// Re-encrypts the packet at `out[range]` (decrypted from `from`) for
     /// `to_peer` into `forward_out`; `out` past the packet is padding room.
     pub(super) fn forward<'o>(
@@ -41,9 +64,17 @@ impl DataPlane {
         forward_out: &'o mut [u8],
     ) -> Incoming<'o> {
         let len = range.len();
+        let packet = out.get(range.clone()).unwrap_or_default();
+        if !self.relay_filters.is_empty() {
+            match self.relay_verdict(Some(from), to_peer, packet) {
+                Verdict::Pass => {}
+                Verdict::Drop => return drop_in(&mut self.counters, DropReason::Policy),
+                Verdict::Full => return drop_in(&mut self.counters, DropReason::FlowTableFull),
+            }
+        }
         let sent = match out.get_mut(range.start..) {
             Some(buf) => self.encapsulate(to_peer, buf, len, forward_out),
-            None => Err(super::DropReason::BufferTooSmall),
+            None => Err(DropReason::BufferTooSmall),
         };
         let out: &'o [u8] = out;
         match sent {

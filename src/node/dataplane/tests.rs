@@ -979,3 +979,53 @@ fn path_counters_tell_answered_handshakes_probes_and_misrouted_sources() {
     assert_eq!((xs.via_other, xs.via), (1, Some(A_ID)));
     assert_eq!(p.b.peer_stats(A_ID).unwrap().path.direct_while_elsewhere, 1);
 }
+
+/// A relay enforces the table of a spoke that cannot (a stock WireGuard device) on
+/// what it forwards to it; the spoke's own flows open the way for their replies.
+#[test]
+fn relay_filters_for_a_peer_that_cannot() {
+    let mut net = relayed();
+    net.r
+        .set_relay_policy(B_ID, Some(pair_table(UDP_53, Side::B)), Instant::now());
+    assert_eq!(net.r.relay_filtered().collect::<Vec<_>>(), vec![B_ID]);
+    for (a, b) in [
+        (IpAddr::V4(A_V4), IpAddr::V4(B_V4)),
+        (IpAddr::V6(A_V6), IpAddr::V6(B_V6)),
+    ] {
+        let denied = l4(a, b, protocol::TCP, 40000, 22);
+        let t = net.send_packet(Hop::A, &denied);
+        assert!(
+            t.tun_at(Hop::B).is_empty() && t.forwarded.is_empty(),
+            "{t:?}"
+        );
+        assert_eq!(t.drops, vec![(Hop::R, DropReason::Policy)]);
+        let allowed = l4(a, b, protocol::UDP, 40000, 53);
+        let t = net.send_packet(Hop::A, &allowed);
+        assert_eq!(t.tun_at(Hop::B), vec![allowed.as_slice()], "{t:?}");
+        // B's own connection: A's reply passes the relay's filter for B.
+        let syn = l4(b, a, protocol::TCP, 50000, 443);
+        assert_eq!(net.send_packet(Hop::B, &syn).tun_at(Hop::A).len(), 1);
+        let syn_ack = l4(a, b, protocol::TCP, 443, 50000);
+        assert_eq!(
+            net.send_packet(Hop::A, &syn_ack).tun_at(Hop::B),
+            vec![syn_ack.as_slice()]
+        );
+    }
+    assert_eq!(net.r.counters().policy, 2);
+    // Towards A (no table on the relay) everything passes.
+    let to_a = l4(IpAddr::V4(B_V4), IpAddr::V4(A_V4), protocol::TCP, 40000, 22);
+    assert_eq!(net.send_packet(Hop::B, &to_a).tun_at(Hop::A).len(), 1);
+    // The relay's own packets to B are held to B's table too.
+    let mut buf = l4(IpAddr::V4(R_V4), IpAddr::V4(B_V4), protocol::TCP, 40000, 22);
+    let len = buf.len();
+    buf.resize(len + 64, 0);
+    let mut out = vec![0u8; BUF_LEN];
+    assert_eq!(
+        net.r.handle_tun_packet(&mut buf, len, &mut out),
+        Outgoing::Drop(DropReason::Policy)
+    );
+    // Removed: B is reached unfiltered again.
+    net.r.set_relay_policy(B_ID, None, Instant::now());
+    let denied = l4(IpAddr::V4(A_V4), IpAddr::V4(B_V4), protocol::TCP, 40000, 22);
+    assert_eq!(net.send_packet(Hop::A, &denied).tun_at(Hop::B).len(), 1);
+}

@@ -118,6 +118,9 @@ impl DataPlane {
         if let Some(filter) = self.filter.as_deref_mut() {
             filter.advance(now);
         }
+        for (_, filter) in &mut self.relay_filters {
+            filter.advance(now);
+        }
 
         // Keep undrained output, move spare slots behind it.
         if self.timer_pos > 0 {

@@ -427,6 +427,26 @@ fn a_new_policy_keeps_our_flows_and_rechecks_the_others() {
     assert_eq!(f.table().len(), 1);
 }
 
+/// A reply we send after the policy changed, to a request that passed before,
+/// must not turn the forbidden flow into one we started (found end to end: a UDP
+/// echo kept a forbidden flow open for as long as it was used).
+#[test]
+fn a_reply_crossing_a_policy_change_does_not_reopen_the_flow() {
+    let mut f = filter(Instant::now());
+    assert_eq!(f.inbound(&udp(PEER6, ME6, 41000, 53)), Verdict::Pass);
+    f.set_table(table(""));
+    // Our echo answers the request that passed just before the change.
+    assert!(f.outbound(&udp(ME6, PEER6, 53, 41000)));
+    assert_eq!(f.inbound(&udp(PEER6, ME6, 41000, 53)), Verdict::Drop);
+    assert_eq!(f.live_flows(), 0);
+    // A flow we start ourselves still opens the way for its replies.
+    assert!(f.outbound(&udp(ME6, PEER6, 53, 41001)));
+    assert_eq!(f.inbound(&udp(PEER6, ME6, 41001, 53)), Verdict::Pass);
+    // Allowed again: the flow passes again.
+    f.set_table(table(POLICY));
+    assert_eq!(f.inbound(&udp(PEER6, ME6, 41000, 53)), Verdict::Pass);
+}
+
 #[test]
 fn random_bytes_never_panic() {
     let mut f = Filter::with_capacity(table(POLICY), Instant::now(), 64);

@@ -264,34 +264,14 @@ fn run(cli: Cli) -> Result<()> {
                     routes,
                     relay,
                     exit,
-                }) => {
-                    let org_id = org
-                        .org
-                        .as_deref()
-                        .map(|name| st.store.org_by_name(name).map(|o| o.id))
-                        .transpose()?;
-                    let d = st
-                        .store
-                        .approve(org_id, id, &routes, relay, exit, serve::unix_now())
-                        .map_err(|e| not_in_org(e, id, org.org.as_deref()))?;
-                    print_approval(&mut st, d.organization_id, id)?;
-                }
+                }) => change_approval(&mut st, org.org.as_deref(), id, true, &routes, relay, exit)?,
                 Some(DevicesAction::Revoke {
                     id,
                     routes,
                     relay,
                     exit,
                 }) => {
-                    let org_id = org
-                        .org
-                        .as_deref()
-                        .map(|name| st.store.org_by_name(name).map(|o| o.id))
-                        .transpose()?;
-                    let d = st
-                        .store
-                        .revoke(org_id, id, &routes, relay, exit, serve::unix_now())
-                        .map_err(|e| not_in_org(e, id, org.org.as_deref()))?;
-                    print_approval(&mut st, d.organization_id, id)?;
+                    change_approval(&mut st, org.org.as_deref(), id, false, &routes, relay, exit)?
                 }
                 None => {
                     let org = st.store.org_by_name(org.name())?;
@@ -444,6 +424,30 @@ fn not_in_org(e: nexodus::store::StoreError, id: i64, org: Option<&str>) -> anyh
 }
 
 /// After `devices approve|revoke`: what of the device is in effect and pending.
+/// `devices approve` (`approve`) or `devices revoke` of device `id`, which must be in
+/// organization `org` when one is named; prints what is approved and pending after.
+fn change_approval(
+    st: &mut serve::CoordinatorState,
+    org: Option<&str>,
+    id: i64,
+    approve: bool,
+    routes: &[ipnet::IpNet],
+    relay: bool,
+    exit: bool,
+) -> Result<()> {
+    let org_id = org
+        .map(|name| st.store.org_by_name(name).map(|o| o.id))
+        .transpose()?;
+    let now = serve::unix_now();
+    let changed = if approve {
+        st.store.approve(org_id, id, routes, relay, exit, now)
+    } else {
+        st.store.revoke(org_id, id, routes, relay, exit, now)
+    };
+    let d = changed.map_err(|e| not_in_org(e, id, org))?;
+    print_approval(st, d.organization_id, id)
+}
+
 fn print_approval(st: &mut serve::CoordinatorState, org: i64, id: i64) -> Result<()> {
     let a = st
         .store

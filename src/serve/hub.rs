@@ -33,7 +33,7 @@ use crate::wire::control::{Device, PolicyState, Response};
 use crate::wire::frame::{self, MAX_RESPONSE_LEN};
 
 /// How often the change log is checked for changes made by other processes.
-pub const POLL: Duration = Duration::from_millis(500);
+pub const POLL: Duration = Duration::from_millis(200);
 /// The same when commits are announced by the database (a safety net only).
 pub const FALLBACK_POLL: Duration = Duration::from_secs(10);
 /// Wait before listening again after the notification connection failed.

@@ -11,11 +11,10 @@
 //! [`cleanup`] finds what a killed run left without remembering it.
 
 use std::net::IpAddr;
-use std::process::Command;
 
 use ipnet::IpNet;
 
-use super::route::RouteError;
+use super::route::{RouteError, ip};
 
 /// The mark on our UDP socket's packets, and the number of our routing table.
 pub const FWMARK: u32 = 0x6e78;
@@ -143,21 +142,6 @@ fn commands_at(
         ]));
     }
     out
-}
-
-fn ip(args: &[String]) -> Result<(), RouteError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(RouteError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RouteError::Failed {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
 }
 
 fn ip_ok(args: &[&str]) -> bool {

@@ -15,16 +15,17 @@ pub enum RouteError {
     Failed { args: String, stderr: String },
 }
 
-fn ip(args: &[&str]) -> Result<(), RouteError> {
+/// Runs `ip ARGS`; a failure carries the command line and what `ip` said.
+pub(super) fn ip<S: AsRef<str>>(args: &[S]) -> Result<(), RouteError> {
     let out = Command::new("ip")
-        .args(args)
+        .args(args.iter().map(AsRef::as_ref))
         .output()
         .map_err(RouteError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
         Err(RouteError::Failed {
-            args: args.join(" "),
+            args: args.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" "),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
     }

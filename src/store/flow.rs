@@ -371,6 +371,17 @@ pub fn approvals(tx: &mut dyn Tx, organization_id: i64) -> Result<Option<Approve
     }
 }
 
+/// [`set_approved`] in a write transaction of its own (`devices approve|revoke`).
+pub fn edit_approvals(
+    engine: &mut dyn Engine,
+    org: Option<i64>,
+    id: i64,
+    now: i64,
+    change: &dyn Fn(&Device, &mut Approved),
+) -> Result<Device, StoreError> {
+    write(engine, |tx, _| set_approved(tx, org, id, change, now))
+}
+
 /// Changes an admin's approvals of a device and records the change (peers get the
 /// device's new effective claims). `org`: the device must belong to it.
 pub fn set_approved(

@@ -518,20 +518,12 @@ pub trait Store: Send {
     ) -> Result<Device, StoreError> {
         check_approved_routes(routes)?;
         let everything = routes.is_empty() && !relay && !exit;
-        flow::write(self.engine(), |tx, _| {
-            flow::set_approved(
-                tx,
-                organization_id,
-                device_id,
-                &|d, a| {
-                    if everything {
-                        approve::grant(a, &d.advertise_cidrs, d.relay, d.exit_node);
-                    } else {
-                        approve::grant(a, routes, relay, exit);
-                    }
-                },
-                now,
-            )
+        flow::edit_approvals(self.engine(), organization_id, device_id, now, &|d, a| {
+            if everything {
+                approve::grant(a, &d.advertise_cidrs, d.relay, d.exit_node);
+            } else {
+                approve::grant(a, routes, relay, exit);
+            }
         })
     }
 
@@ -549,20 +541,12 @@ pub trait Store: Send {
     ) -> Result<Device, StoreError> {
         check_approved_routes(routes)?;
         let everything = routes.is_empty() && !relay && !exit;
-        flow::write(self.engine(), |tx, _| {
-            flow::set_approved(
-                tx,
-                organization_id,
-                device_id,
-                &|_, a| {
-                    if everything {
-                        *a = Approved::default();
-                    } else {
-                        approve::withdraw(a, routes, relay, exit);
-                    }
-                },
-                now,
-            )
+        flow::edit_approvals(self.engine(), organization_id, device_id, now, &|_, a| {
+            if everything {
+                *a = Approved::default();
+            } else {
+                approve::withdraw(a, routes, relay, exit);
+            }
         })
     }
 

@@ -1,0 +1,172 @@
+//! One watch stream: the snapshot, then every delta of the organization, with
+//! writes that time out when they stall; a device's watch marks it online, and a
+//! second process with the device's credential is refused while the first is
+//! connected.
+
+use std::net::SocketAddr;
+
+use super::*;
+/// Writes a snapshot taken from the hub; returns its revision. The frame is assembled
+/// under a permit (a few at a time: each is a copy of its organization), written
+/// without one, and a write that stalls for [`WRITE_TIMEOUT`] fails.
+async fn send_snapshot(
+    send: &mut quinn::SendStream,
+    hub: &Hub,
+    snapshot: hub::Snapshot,
+    stun_port: Option<u16>,
+) -> Result<i64, FrameIoError> {
+    let revision = snapshot.revision;
+    let frame = {
+        let _permit = hub.snapshot_permit().await;
+        snapshot.frame(stun_port)?
+    };
+    drop(snapshot);
+    write_timed(send, &frame).await?;
+    Ok(revision)
+}
+
+/// `write_all`, failed when the peer takes none of it for [`WRITE_TIMEOUT`] (it does
+/// not read; a slow link still makes progress): the stream is reset and whatever it
+/// held is freed.
+async fn write_timed(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), FrameIoError> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match tokio::time::timeout(WRITE_TIMEOUT, send.write(rest)).await {
+            Ok(n) => rest = rest.get(n?..).unwrap_or_default(),
+            Err(_) => {
+                let _ = send.reset(3u32.into());
+                return Err(FrameIoError::Write(quinn::WriteError::Stopped(3u32.into())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a second node process with a device's credential while another one
+/// is connected (a cloned state directory): it names the first.
+pub(super) fn clone_refusal(id: i64, first: SocketAddr, remote: SocketAddr) -> Response {
+    tracing::warn!(id, %remote, %first, "refused a second node with this device's credential");
+    Response::Error {
+        code: ErrorCode::Conflict,
+        message: format!(
+            "device {id} already connected from {first}: is this a copy of that node's state \
+             directory? Give this node its own state directory and join token"
+        ),
+    }
+}
+
+pub(super) async fn serve_watch(
+    mut send: quinn::SendStream,
+    shell: &Shell,
+    remote: SocketAddr,
+    auth: Auth,
+    instance: Option<u64>,
+) -> Result<(), FrameIoError> {
+    let (store, hub, stun_port) = (&shell.store, &shell.hub, shell.stun_port);
+    let me = match with_store(store, move |s| handler::authenticate(s, &auth)).await {
+        Ok(d) => d,
+        Err(e) => {
+            log_refusal(remote, &e);
+            quicio::write_message(&mut send, &handler::error_response(&e), MAX_RESPONSE_LEN)
+                .await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    shell.authenticated();
+    let id = me.id;
+    // One watch stream per device: this one replaces any older one of the same node
+    // process (which ends); another process's is refused.
+    let slot = match hub.watch_started(id, instance, remote) {
+        Ok(slot) => slot,
+        Err(first) => {
+            let resp = clone_refusal(id, first, remote);
+            quicio::write_message(&mut send, &resp, MAX_RESPONSE_LEN).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    let watch = async {
+        // The snapshot includes the device's own latest change (a node that just
+        // registered finds itself), and is taken with the subscription: nothing
+        // falls in between.
+        if !hub.caught_up(me.revision, CATCH_UP).await {
+            tracing::warn!(id, "change log behind; the snapshot may lag");
+        }
+        let (mut rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id);
+        let revision = send_snapshot(&mut send, hub, snapshot, stun_port).await?;
+        tracing::info!(id, hostname = %me.hostname, %remote, revision, "watch started");
+        // Even if not its only stream: an older one may have been replaced before
+        // it recorded the device online (recording it twice changes nothing).
+        set_online(store, hub, id, true).await;
+        forward_deltas(&mut send, hub, &mut rx, &me, revision, stun_port).await
+    };
+    let result = tokio::select! {
+        r = watch => r,
+        () = slot.replaced.notified() => {
+            tracing::info!(id, %remote, "a newer watch stream of this device replaces this one");
+            let _ = send.reset(4u32.into());
+            Ok(())
+        }
+    };
+    if hub.watch_ended(&slot) {
+        set_online(store, hub, id, false).await;
+    }
+    tracing::info!(id, %remote, "watch ended");
+    result
+}
+
+pub(super) async fn set_online(store: &SharedStore, hub: &Hub, id: i64, online: bool) {
+    let now = unix_now();
+    match with_store(store, move |s| s.set_online(id, online, now)).await {
+        Ok(()) => hub.poke(),
+        Err(e) => tracing::warn!(id, error = %e, "could not record online state"),
+    }
+}
+
+/// Sends every delta newer than `revision` until the stream or the device ends.
+async fn forward_deltas(
+    send: &mut quinn::SendStream,
+    hub: &Hub,
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<hub::OrgDelta>>,
+    me: &Device,
+    mut revision: i64,
+    stun_port: Option<u16>,
+) -> Result<(), FrameIoError> {
+    loop {
+        let delta = tokio::select! {
+            r = rx.recv() => r,
+            _ = send.stopped() => return Ok(()),
+        };
+        match delta {
+            Ok(delta) => {
+                if delta.revision <= revision {
+                    continue;
+                }
+                revision = delta.revision;
+                if delta.resync {
+                    let snapshot = hub.snapshot(me.organization_id);
+                    revision = send_snapshot(send, hub, snapshot, stun_port).await?;
+                    continue;
+                }
+                write_timed(send, &delta.frame).await?;
+                hub.metrics.fanned_out(delta.created.elapsed());
+                if delta.removed.contains(&me.id) {
+                    tracing::info!(id = me.id, "device removed; ending its watch");
+                    let _ = send.finish();
+                    return Ok(());
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    id = me.id,
+                    missed = n,
+                    "watcher fell behind; resending snapshot"
+                );
+                let snapshot = hub.snapshot(me.organization_id);
+                revision = send_snapshot(send, hub, snapshot, stun_port).await?;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}

@@ -116,7 +116,7 @@ fn systemd_units_verify() {
 
 /// The Debian package under a real systemd as PID 1: a throwaway container
 /// (`systemd-nspawn`, booted from a copy-on-write overlay of this host's root, with
-/// a private network) installs the package with dpkg, then `systemctl enable --now`
+/// a private network) installs the package with apt, then `systemctl enable --now`
 /// starts the coordinator, whose `/metrics` passes `promtool`, and a node, which
 /// joins it and comes up on `nx0`; stopping the node removes its interface. Uses the
 /// package `scripts/test` builds (`NEXODUS_DEB`, else the newest in target/debian).
@@ -126,7 +126,7 @@ fn packaged_units_run_under_systemd() {
     let container = SystemdContainer::boot(&deb);
     let root = container.root();
 
-    container.expect(&["dpkg", "-i", "/run/nexodus.deb"]);
+    container.expect(&["apt-get", "install", "-y", "-q", "/run/nexodus.deb"]);
     std::fs::write(
         root.join("etc/default/nexodus-serve"),
         "NEXODUS_METRICS_LISTEN=127.0.0.1:9464\n",
@@ -230,6 +230,7 @@ impl SystemdContainer {
         let _ = Command::new("umount")
             .arg("-l")
             .arg(dir.join("root"))
+            .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["up", "work", "root"] {
@@ -268,10 +269,15 @@ impl SystemdContainer {
             leader: 0,
         };
         let pid = container.nspawn.id();
+        // nspawn forks a short-lived helper before the container's init; the init is
+        // the child that is PID 1 in a PID namespace of its own.
         container.leader = container.wait_for("the container's PID 1", || {
             let children =
                 std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-            children.split_whitespace().next()?.parse().ok()
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .find(|c| is_namespace_init(*c))
         });
         container.wait_for("systemd to finish booting", || {
             let state = container.run(&["systemctl", "is-system-running"]);
@@ -300,8 +306,9 @@ impl SystemdContainer {
     }
 
     fn run_status(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("nsenter")
-            .arg("--target")
+        // Every command is bounded: a hung systemctl fails the test, never stalls it.
+        let out = Command::new("timeout")
+            .args(["60", "nsenter", "--target"])
             .arg(self.leader.to_string())
             .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--"])
             .args(args)
@@ -344,6 +351,19 @@ impl SystemdContainer {
             delay = (delay * 2).min(Duration::from_millis(500));
         }
     }
+}
+
+/// Whether `pid` is PID 1 of a PID namespace below ours (`NSpid: <pid> 1`).
+fn is_namespace_init(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .is_some_and(|ids| {
+            ids.split_whitespace().last() == Some("1") && ids.split_whitespace().count() > 1
+        })
 }
 
 impl Drop for SystemdContainer {

@@ -130,6 +130,10 @@ pub(crate) fn apply(
             peers.send(Command::Remove(id));
         }
         Action::Probe(id) => peers.send(Command::Probe(id)),
+        Action::RelayExit(exit) => {
+            tracing::info!(exit = ?exit.as_ref().map(|e| e.peer), "relay: peers' internet traffic goes to this exit");
+            peers.send(Command::SetRelayExit(exit));
+        }
         Action::AddRoute(net) => {
             if let Some(r) = routes {
                 r.send(RouteChange::Add(net));

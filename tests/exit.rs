@@ -474,6 +474,37 @@ fn a_relayed_client_uses_the_exit_through_the_relay() {
     );
     assert_no_leak(&server, before, "relayed, through the exit");
 
+    // With a policy, the internet needs a rule whose `to` is "internet" (the exit
+    // enforces it on what the relay brings).
+    let file = c.scratch("policy").join("policy.toml");
+    let mesh_only = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\n";
+    std::fs::write(&file, mesh_only).unwrap();
+    c.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    wait_until("the policy blocks the internet", t, || {
+        (ask(&c.nodes[laptop].ns, SERVER_V4).is_none()
+            && ask(&c.nodes[laptop].ns, SERVER_V6).is_none())
+        .then_some(())
+    });
+    assert_blocked(
+        &c.nodes[laptop].ns,
+        SERVER_V4,
+        "policy without internet, v4",
+    );
+    assert_blocked(
+        &c.nodes[laptop].ns,
+        SERVER_V6,
+        "policy without internet, v6",
+    );
+    std::fs::write(
+        &file,
+        format!("{mesh_only}\n[[allow]]\nfrom = [\"laptop\"]\nto = [\"internet\"]\n"),
+    )
+    .unwrap();
+    c.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
+    wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
+    assert_no_leak(&server, before, "relayed, policy");
+
     // The exit dies: dropped on both families, never leaked, until it is back.
     c.nodes[exit].kill();
     assert_blocked(&c.nodes[laptop].ns, SERVER_V4, "exit killed, v4");

@@ -173,6 +173,8 @@ pub struct MeshState {
     exit: Option<String>,
     /// Our own advertised prefixes (from our record): never the internet.
     own_cidrs: Vec<IpNet>,
+    /// We are an approved exit ourselves (from our record).
+    own_exit: bool,
     /// On a relay: the exit its data plane sends peers' internet traffic to.
     relay_exit: Option<RelayExit>,
 }
@@ -235,6 +237,7 @@ impl MeshState {
             refused_total: 0,
             exit: None,
             own_cidrs: Vec::new(),
+            own_exit: false,
             relay_exit: None,
         }
     }
@@ -283,16 +286,20 @@ impl MeshState {
 
     /// The exit the relay sends internet traffic to: the online approved exit with
     /// the lowest id, so every node picks the same one.
-    fn relays_exit(&self) -> Option<&Device> {
-        self.devices.values().find(|d| d.exit_node && d.online)
+    fn relays_exit(&self) -> Option<i64> {
+        let others = self
+            .devices
+            .values()
+            .filter(|d| d.exit_node && d.online)
+            .map(|d| d.id);
+        let me = self.own_exit.then_some(self.local.device_id);
+        others.chain(me).min()
     }
 
     /// Whether the relay carries our internet traffic to the exit `d`.
     fn relay_carries(&self, d: &Device) -> bool {
         let relay = self.relay_id();
-        relay.is_some()
-            && relay != Some(self.local.device_id)
-            && self.relays_exit().is_some_and(|e| e.id == d.id)
+        relay.is_some() && relay != Some(self.local.device_id) && self.relays_exit() == Some(d.id)
     }
 
     /// Sets what no peer may be routed for; re-plans if it changed.
@@ -535,18 +542,16 @@ impl MeshState {
     }
 
     /// On the relay: the exit its data plane sends peers' internet traffic to
-    /// (none when we are that exit: the traffic goes to TUN and out of our uplink).
+    /// (none when we are that exit: the traffic goes to TUN and out of our uplink;
+    /// `desired` holds no plan for our own id).
     fn desired_relay_exit(&self, desired: &BTreeMap<i64, PeerPlan>) -> Option<RelayExit> {
         if self.relay_id() != Some(self.local.device_id) {
             return None;
         }
-        let exit = self.relays_exit().filter(|e| desired.contains_key(&e.id))?;
+        let exit = self.relays_exit().filter(|e| desired.contains_key(e))?;
         let mut local = vec![IpNet::V4(self.local.org_v4), IpNet::V6(self.local.org_v6)];
         local.extend(self.own_cidrs.iter().copied());
-        Some(RelayExit {
-            peer: exit.id,
-            local,
-        })
+        Some(RelayExit { peer: exit, local })
     }
 
     /// Installs what [`Self::desired`] says and returns the difference.
@@ -614,6 +619,7 @@ impl MeshState {
     pub fn apply_snapshot(&mut self, devices: &[Device], now: Instant) -> Vec<Action> {
         if let Some(me) = devices.iter().find(|d| d.id == self.local.device_id) {
             self.own_cidrs.clone_from(&me.advertise_cidrs);
+            self.own_exit = me.exit_node;
         }
         self.devices = devices
             .iter()
@@ -660,6 +666,7 @@ impl MeshState {
         }
         if let Some(me) = upserts.iter().find(|d| d.id == self.local.device_id) {
             self.own_cidrs.clone_from(&me.advertise_cidrs);
+            self.own_exit = me.exit_node;
         }
         for d in upserts.iter().filter(|d| d.id != self.local.device_id) {
             let moved = self.devices.get(&d.id).is_none_or(|old| {

@@ -686,8 +686,26 @@ fn a_spoke_reaches_the_relays_exit_through_the_relay() {
             .any(|a| matches!(a, Action::RelayExit(Some(e)) if e.peer == 3)),
         "{actions:?}"
     );
-    let mut off3 = other_exit;
+    let mut off3 = other_exit.clone();
     off3.online = false;
     let actions = r.apply_delta(&[off3], &[], now);
     assert!(actions.contains(&Action::RelayExit(None)), "{actions:?}");
+
+    // A relay that is an exit (lowest id) itself: its own uplink, not a peer.
+    let mut r = MeshState::new(local(1, true));
+    let mut me = device(1, true);
+    me.relay = true;
+    me.exit_node = true;
+    let mut spoke_dev = device(4, true);
+    spoke_dev.relay_only = true;
+    let mut r_view = local(1, true);
+    r_view.relay = true;
+    r.set_local(r_view);
+    let actions = r.apply_snapshot(&[me, spoke_dev, exit, other_exit], now);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RelayExit(Some(_)))),
+        "{actions:?}"
+    );
 }

@@ -25,6 +25,8 @@ const EXIT_V6: &str = "2001:db8:e0::10";
 const LAPTOP_V4: &str = "203.0.113.20";
 const LAPTOP_V6: &str = "2001:db8:e0::20";
 const EXIT: &str = "exit1";
+const LAN_V4: &str = "192.0.2.10:7007";
+const LAN_V6: &str = "[2001:db8:5::10]:7007";
 
 /// One request from `ns` to `server`: the source address the server saw, or None
 /// (no answer within 400 ms, or the send was refused: an unreachable route).
@@ -129,9 +131,9 @@ fn underlay_v6(ns: &Netns, v6: &str, gateway: bool) {
     }
 }
 
-#[test]
-fn exit_carries_both_families_and_fails_closed() {
-    let mut c = Cluster::new("ex", "203.0.113.1/24");
+/// The router on the bridge (203.0.113.254, 2001:db8:e0::fe) and "the internet"
+/// behind it: the echo server at [`SERVER_V4`] and [`SERVER_V6`].
+fn internet(c: &mut Cluster) -> EchoServer {
     // The router and the internet behind it.
     let rt = c.lan.host("rt", "203.0.113.254/24", true);
     rt.ok(&[
@@ -188,6 +190,87 @@ fn exit_carries_both_families_and_fails_closed() {
     c.aux.push(inet);
     c.aux.push(rt);
 
+    server
+}
+
+/// A LAN behind node `ns` (`lan0`, 192.0.2.1/24 and 2001:db8:5::1/64 on its side)
+/// holding a host with an echo server at [`LAN_V4`] and [`LAN_V6`], whose default
+/// routes point back at the node.
+fn lan_behind(c: &mut Cluster, node: usize) -> EchoServer {
+    let host = c.lan.netns("lanh");
+    let ns = &c.nodes[node].ns;
+    ns.ok(&[
+        "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+    ]);
+    ns.ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", "lan0"]);
+    ns.ok(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:5::1/64",
+        "dev",
+        "lan0",
+        "nodad",
+    ]);
+    ns.ok(&["ip", "link", "set", "lan0", "up"]);
+    host.ok(&["ip", "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    host.ok(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:5::10/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    host.ok(&["ip", "link", "set", "eth0", "up"]);
+    host.ok(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
+    host.ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "2001:db8:5::1",
+    ]);
+    let server = EchoServer::start(&host, &[LAN_V4, LAN_V6]);
+    c.aux.push(host);
+    server
+}
+
+/// Counts, in `ns`, what leaves its uplink `eth0` for the internet (the echo
+/// server's prefixes), both families: a leak shows as packets here.
+fn count_uplink(ns: &Netns) {
+    ns.ok_with_stdin(
+        &["nft", "-f", "-"],
+        "table inet nxexleak {\n  chain post {\n    type filter hook postrouting priority 0; policy accept;\n    oifname \"eth0\" ip daddr 198.51.100.0/24 counter\n    oifname \"eth0\" ip6 daddr 2001:db8:100::/64 counter\n  }\n}\n",
+    );
+}
+
+/// Packets [`count_uplink`] counted, per family.
+fn uplink_packets(ns: &Netns) -> Vec<u64> {
+    ns.ok(&["nft", "list", "chain", "inet", "nxexleak", "post"])
+        .split("packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// A strict reverse-path filter, as many distributions set it.
+fn strict_rp_filter(ns: &Netns) {
+    for key in ["all", "default", "eth0"] {
+        ns.ok(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=1")]);
+    }
+}
+
+#[test]
+fn exit_carries_both_families_and_fails_closed() {
+    let mut c = Cluster::new("ex", "203.0.113.1/24");
+    let server = internet(&mut c);
+
     let exit = c.add_node(EXIT, &format!("{EXIT_V4}/24"), true, &["--exit-node"]);
     let laptop = c.add_node(
         "laptop",
@@ -198,13 +281,13 @@ fn exit_carries_both_families_and_fails_closed() {
     let peer = c.add_node("peer", "203.0.113.30/24", true, &[]);
     underlay_v6(&c.nodes[exit].ns, EXIT_V6, true);
     underlay_v6(&c.nodes[laptop].ns, LAPTOP_V6, true);
-    // A loose reverse-path filter, as systemd sets it: peers' answers must still get
-    // in while everything else is routed into the tunnel (or, exit down, nowhere).
-    for key in ["all", "eth0"] {
-        c.nodes[laptop]
-            .ns
-            .ok(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=2")]);
-    }
+    // A strict reverse-path filter: peers' datagrams must still get in while
+    // everything else is routed into the tunnel (or, exit down, nowhere).
+    strict_rp_filter(&c.nodes[laptop].ns);
+    let valid_mark = "net.ipv4.conf.all.src_valid_mark";
+    c.nodes[laptop]
+        .ns
+        .ok(&["sysctl", "-qw", &format!("{valid_mark}=0")]);
     underlay_v6(&c.nodes[peer].ns, "2001:db8:e0::30", false);
     // The topology works without nexodus: the laptop's own address, both families.
     wait_from(
@@ -220,6 +303,7 @@ fn exit_carries_both_families_and_fails_closed() {
         Duration::from_secs(10),
     );
     let before = server.seen().len();
+    count_uplink(&c.nodes[laptop].ns);
 
     c.start(exit);
     c.start(peer);
@@ -268,6 +352,11 @@ fn exit_carries_both_families_and_fails_closed() {
     c.nodes[laptop].ping(&tunnel_addr(&exit_st, true), t);
     assert!(c.nodes[laptop].current().coordinator_connected);
     assert_no_leak(&server, before, "through the exit");
+
+    assert!(
+        c.nodes[laptop].ns.ok(&["sysctl", "-n", valid_mark]).trim() == "1",
+        "src_valid_mark is set while an exit is used"
+    );
 
     // The exit dies: both families fail, nothing leaks, until it is back.
     c.nodes[exit].kill();
@@ -324,6 +413,174 @@ fn exit_carries_both_families_and_fails_closed() {
     c.nodes[exit].stop();
     let tables = c.nodes[exit].ns.ok(&["nft", "list", "tables"]);
     assert!(!tables.contains("nexodus"), "{tables}");
+    let tables = c.nodes[laptop].ns.ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("nexodus"), "{tables}");
+    assert_eq!(
+        c.nodes[laptop].ns.ok(&["sysctl", "-n", valid_mark]).trim(),
+        "0",
+        "src_valid_mark is put back"
+    );
+    // Nothing for the internet left the laptop's uplink while nexodus ran.
+    assert!(
+        uplink_packets(&c.nodes[laptop].ns).iter().all(|&n| n == 0),
+        "{:?}",
+        uplink_packets(&c.nodes[laptop].ns)
+    );
     // Without the exit, the laptop's own uplink works again.
     wait_from(&c.nodes[laptop].ns, SERVER_V4, LAPTOP_V4, t);
+}
+
+/// A client behind the relay only (`--relay-only`, as behind a symmetric NAT)
+/// reaches the internet through relay and exit, both families, under a strict
+/// reverse-path filter; with the exit gone its requests are dropped, and nothing
+/// leaves its own uplink.
+#[test]
+fn a_relayed_client_uses_the_exit_through_the_relay() {
+    let mut c = Cluster::new("exr", "203.0.113.1/24");
+    let server = internet(&mut c);
+    let relay = c.add_relay("relay", "203.0.113.5/24", "nxexr");
+    let exit = c.add_node(EXIT, &format!("{EXIT_V4}/24"), true, &["--exit-node"]);
+    let laptop = c.add_node(
+        "laptop",
+        &format!("{LAPTOP_V4}/24"),
+        true,
+        &["--relay-only", "--use-exit-node", EXIT],
+    );
+    underlay_v6(&c.nodes[relay].ns, "2001:db8:e0::5", false);
+    underlay_v6(&c.nodes[exit].ns, EXIT_V6, true);
+    underlay_v6(&c.nodes[laptop].ns, LAPTOP_V6, true);
+    strict_rp_filter(&c.nodes[laptop].ns);
+    let ten = Duration::from_secs(10);
+    wait_from(&c.nodes[laptop].ns, SERVER_V4, LAPTOP_V4, ten);
+    wait_from(&c.nodes[laptop].ns, SERVER_V6, LAPTOP_V6, ten);
+    let before = server.seen().len();
+    count_uplink(&c.nodes[laptop].ns);
+
+    c.start(relay);
+    c.start(exit);
+    c.start(laptop);
+    c.approve(exit, &["--exit"]);
+    let t = Duration::from_secs(30);
+    c.nodes[laptop].wait_status("exit active through the relay", t, |s| {
+        s.exit_node
+            .as_ref()
+            .is_some_and(|e| e.state == ExitState::Active)
+    });
+    wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
+    wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
+    assert!(
+        c.nodes[relay].current().relayed_packets > 0,
+        "the relay carried it"
+    );
+    assert_no_leak(&server, before, "relayed, through the exit");
+
+    // With a policy, the internet needs a rule whose `to` is "internet" (the exit
+    // enforces it on what the relay brings).
+    let file = c.scratch("policy").join("policy.toml");
+    let mesh_only = "[[allow]]\nfrom = [\"*\"]\nto = [\"*\"]\n";
+    std::fs::write(&file, mesh_only).unwrap();
+    c.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    wait_until("the policy blocks the internet", t, || {
+        (ask(&c.nodes[laptop].ns, SERVER_V4).is_none()
+            && ask(&c.nodes[laptop].ns, SERVER_V6).is_none())
+        .then_some(())
+    });
+    assert_blocked(
+        &c.nodes[laptop].ns,
+        SERVER_V4,
+        "policy without internet, v4",
+    );
+    assert_blocked(
+        &c.nodes[laptop].ns,
+        SERVER_V6,
+        "policy without internet, v6",
+    );
+    std::fs::write(
+        &file,
+        format!("{mesh_only}\n[[allow]]\nfrom = [\"laptop\"]\nto = [\"internet\"]\n"),
+    )
+    .unwrap();
+    c.coord.admin(&["policy", "set", file.to_str().unwrap()]);
+    wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
+    wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
+    assert_no_leak(&server, before, "relayed, policy");
+
+    // The exit dies: dropped on both families, never leaked, until it is back.
+    c.nodes[exit].kill();
+    assert_blocked(&c.nodes[laptop].ns, SERVER_V4, "exit killed, v4");
+    assert_blocked(&c.nodes[laptop].ns, SERVER_V6, "exit killed, v6");
+    c.nodes[laptop].wait_status("exit offline", Duration::from_secs(60), |s| {
+        s.exit_node
+            .as_ref()
+            .is_some_and(|e| e.state == ExitState::Offline)
+    });
+    assert_blocked(&c.nodes[laptop].ns, SERVER_V4, "exit offline, v4");
+    assert_blocked(&c.nodes[laptop].ns, SERVER_V6, "exit offline, v6");
+    assert_no_leak(&server, before, "relayed, exit killed");
+    c.start(exit);
+    wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
+    wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
+    let counted = uplink_packets(&c.nodes[laptop].ns);
+    assert!(
+        counted.len() == 2 && counted.iter().all(|&n| n == 0),
+        "left the laptop's uplink for the internet: {counted:?}"
+    );
+    assert_no_leak(&server, before, "relayed");
+}
+
+/// One node is both the exit and a subnet router: the client reaches the LAN by
+/// its own route (longest prefix, whether the exit role is approved or not) and
+/// the internet through the exit, both families.
+#[test]
+fn an_exit_that_also_routes_a_subnet() {
+    let mut c = Cluster::new("exs", "203.0.113.1/24");
+    let server = internet(&mut c);
+    let exit = c.add_node(
+        EXIT,
+        &format!("{EXIT_V4}/24"),
+        true,
+        &[
+            "--exit-node",
+            "--advertise-cidr",
+            "192.0.2.0/24,2001:db8:5::/64",
+        ],
+    );
+    let laptop = c.add_node(
+        "laptop",
+        &format!("{LAPTOP_V4}/24"),
+        true,
+        &["--use-exit-node", EXIT],
+    );
+    underlay_v6(&c.nodes[exit].ns, EXIT_V6, true);
+    underlay_v6(&c.nodes[laptop].ns, LAPTOP_V6, true);
+    let lan = lan_behind(&mut c, exit);
+    strict_rp_filter(&c.nodes[laptop].ns);
+    let before = server.seen().len();
+
+    c.start(exit);
+    c.start(laptop);
+    let t = Duration::from_secs(30);
+    c.nodes[laptop].wait_named(&[EXIT], t);
+    c.approve_routes(exit, "192.0.2.0/24,2001:db8:5::/64");
+    let me = c.nodes[laptop].current();
+    let (me4, me6) = (tunnel_addr(&me, false), tunnel_addr(&me, true));
+    // The subnet alone: the LAN answers the laptop's tunnel addresses, the
+    // internet stays dropped.
+    wait_from(&c.nodes[laptop].ns, LAN_V4, &me4, t);
+    wait_from(&c.nodes[laptop].ns, LAN_V6, &me6, t);
+    assert_blocked(&c.nodes[laptop].ns, SERVER_V4, "exit not approved, v4");
+    assert_blocked(&c.nodes[laptop].ns, SERVER_V6, "exit not approved, v6");
+
+    // Both: the internet leaves through the exit, the LAN keeps its route.
+    c.approve(exit, &["--exit"]);
+    wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
+    wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
+    for (server, want) in [(LAN_V4, &me4), (LAN_V6, &me6)] {
+        let want: IpAddr = want.parse().unwrap();
+        assert_eq!(ask(&c.nodes[laptop].ns, server), Some(want), "{server}");
+    }
+    assert!(lan.seen().len() >= 4);
+    let text = c.nodes[laptop].status_text();
+    assert!(text.contains("exit node: exit1 active"), "{text}");
+    assert_no_leak(&server, before, "exit and subnet");
 }

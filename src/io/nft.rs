@@ -72,13 +72,16 @@ fn nft(script: &str) -> Result<(), NftError> {
 /// The nftables script that (re)creates a subnet router's table: packets entering
 /// from the mesh interface are forwarded only towards the `advertised` prefixes (and
 /// as replies of connections made from elsewhere); everything else from the mesh is
-/// dropped, so the router is no exit. With `masquerade` (the organization's v4 and
-/// v6 prefixes), mesh traffic leaving towards the advertised prefixes gets the
-/// router's address.
+/// dropped, so the router is no exit, unless it is one too (`exit_uplinks`, from
+/// `--exit-node`: (is IPv6, interface)): then mesh traffic of a family its uplinks
+/// carry may leave through them (the exit's own table masquerades it). With
+/// `masquerade` (the organization's v4 and v6 prefixes), mesh traffic leaving
+/// towards the advertised prefixes gets the router's address.
 pub fn router_script(
     interface: &str,
     advertised: &[IpNet],
     masquerade: Option<(Ipv4Net, Option<Ipv6Net>)>,
+    exit_uplinks: &[(bool, String)],
 ) -> String {
     let t = table(interface);
     let set = |v6: bool| -> Option<String> {
@@ -102,6 +105,19 @@ pub fn router_script(
         s.push_str(&format!(
             "    iifname \"{interface}\" ip6 daddr {v6} accept\n"
         ));
+    }
+    for (v6, proto) in [(false, "ipv4"), (true, "ipv6")] {
+        let devs: Vec<String> = exit_uplinks
+            .iter()
+            .filter(|(f, _)| *f == v6)
+            .map(|(_, d)| format!("\"{d}\""))
+            .collect();
+        if !devs.is_empty() {
+            s.push_str(&format!(
+                "    iifname \"{interface}\" meta nfproto {proto} oifname {{ {} }} accept\n",
+                devs.join(", ")
+            ));
+        }
     }
     s.push_str(&format!(
         "    iifname \"{interface}\" ct state established,related accept\n    iifname \"{interface}\" counter drop\n  }}\n"
@@ -129,8 +145,14 @@ pub fn install_router(
     interface: &str,
     advertised: &[IpNet],
     masquerade: Option<(Ipv4Net, Option<Ipv6Net>)>,
+    exit_uplinks: &[(bool, String)],
 ) -> Result<(), NftError> {
-    nft(&router_script(interface, advertised, masquerade))
+    nft(&router_script(
+        interface,
+        advertised,
+        masquerade,
+        exit_uplinks,
+    ))
 }
 
 /// Removes the router's table, if any.
@@ -195,31 +217,49 @@ pub fn remove_exit(interface: &str) -> Result<(), NftError> {
     nft(&format!("table inet {t}\ndelete table inet {t}\n"))
 }
 
-/// `--use-exit-node`'s table, `nexodus_<interface>_mark`: the mark of our UDP
-/// socket's packets is saved in their connection and restored on the answers, so
-/// the kernel's reverse-path check (with `src_valid_mark`) looks answers from peers
-/// up as our marked packets are routed, on the underlay (as wg-quick does).
-pub fn mark_script(interface: &str, mark: u32) -> String {
+/// `--use-exit-node`'s tables, `nexodus_<interface>_mark` (families `inet` and
+/// `arp`), so that the kernel's reverse-path check (with `src_valid_mark`) looks
+/// what comes from the underlay up as our marked packets are routed, on the
+/// underlay, and a strict `rp_filter` lets it in: the mark of our UDP socket's
+/// packets is saved in their connection and restored on what belongs to it
+/// (answers, ICMP errors such as Fragmentation Needed); every datagram to our
+/// WireGuard port (`port`) carries it, even the first of a connection a peer
+/// starts (wg-quick restores the connection's mark only); and so do ARP requests,
+/// whose check would otherwise find our table's default and leave the peers on
+/// the LAN unable to resolve us.
+pub fn mark_script(interface: &str, mark: u32, port: u16) -> String {
     let t = format!("{}_mark", table(interface));
     format!(
-        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain premangle {{\n    type filter hook prerouting priority mangle; policy accept;\n    meta l4proto udp meta mark set ct mark\n  }}\n  chain postmangle {{\n    type filter hook postrouting priority mangle; policy accept;\n    meta l4proto udp meta mark {mark:#x} ct mark set meta mark\n  }}\n}}\n"
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain premangle {{\n    type filter hook prerouting priority mangle; policy accept;\n    ct mark {mark:#x} meta mark set ct mark\n    udp dport {port} meta mark set {mark:#x}\n  }}\n  chain postmangle {{\n    type filter hook postrouting priority mangle; policy accept;\n    meta l4proto udp meta mark {mark:#x} ct mark set meta mark\n  }}\n}}\ntable arp {t}\ndelete table arp {t}\ntable arp {t} {{\n  chain arpin {{\n    type filter hook input priority -150; policy accept;\n    meta mark set {mark:#x}\n  }}\n}}\n"
     )
 }
 
-/// Installs (or replaces) the mark table (see [`mark_script`]).
-pub fn install_mark(interface: &str, mark: u32) -> Result<(), NftError> {
-    nft(&mark_script(interface, mark))
+/// Installs (or replaces) the mark tables (see [`mark_script`]).
+pub fn install_mark(interface: &str, mark: u32, port: u16) -> Result<(), NftError> {
+    nft(&mark_script(interface, mark, port))
 }
 
-/// Removes the mark table, if any.
+/// Removes the mark tables, if any.
 pub fn remove_mark(interface: &str) -> Result<(), NftError> {
     let t = format!("{}_mark", table(interface));
-    nft(&format!("table inet {t}\ndelete table inet {t}\n"))
+    nft(&format!(
+        "table inet {t}\ndelete table inet {t}\ntable arp {t}\ndelete table arp {t}\n"
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_and_peers_first_datagrams_carry_the_mark() {
+        let s = mark_script("nx0", 0x6e78, 51820);
+        assert!(s.contains("table inet nexodus_nx0_mark {"), "{s}");
+        assert!(s.contains("ct mark 0x6e78 meta mark set ct mark"), "{s}");
+        assert!(s.contains("table arp nexodus_nx0_mark {"), "{s}");
+        assert!(s.contains("udp dport 51820 meta mark set 0x6e78"), "{s}");
+        assert!(s.contains("meta mark 0x6e78 ct mark set meta mark"), "{s}");
+    }
 
     #[test]
     fn exit_masquerades_out_of_its_uplinks_and_drops_a_missing_family() {
@@ -263,6 +303,7 @@ mod tests {
             "nx0",
             &nets(&["198.51.100.0/24", "2001:db8:100::/64", "192.0.2.0/26"]),
             None,
+            &[],
         );
         assert!(s.contains("table inet nexodus_nx0 {"));
         assert!(s.contains("type filter hook forward priority filter; policy accept;"));
@@ -279,10 +320,24 @@ mod tests {
         // No masquerade unless asked.
         assert!(!s.contains("masquerade"), "{s}");
         // One family only: no empty set for the other.
-        let v4_only = router_script("nx0", &nets(&["198.51.100.0/24"]), None);
+        let v4_only = router_script("nx0", &nets(&["198.51.100.0/24"]), None, &[]);
         assert!(!v4_only.contains("ip6 daddr"), "{v4_only}");
         assert!(v4_only.contains("counter drop"));
         assert!(!v4_only.contains("{  }") && !v4_only.contains("{ }"));
+        // Also an exit: the mesh may leave through its uplinks, before the drop.
+        let exit = router_script(
+            "nx0",
+            &nets(&["192.0.2.0/24"]),
+            None,
+            &[(false, "eth0".into()), (true, "eth0".into())],
+        );
+        let up4 = exit.find("iifname \"nx0\" meta nfproto ipv4 oifname { \"eth0\" } accept");
+        let up6 = exit.find("iifname \"nx0\" meta nfproto ipv6 oifname { \"eth0\" } accept");
+        let drop = exit.find("counter drop");
+        assert!(
+            up4.is_some() && up6.is_some() && up4 < drop && up6 < drop,
+            "{exit}"
+        );
     }
 
     #[test]
@@ -294,6 +349,7 @@ mod tests {
                 "100.64.0.0/10".parse().unwrap(),
                 Some("200::/64".parse().unwrap()),
             )),
+            &[],
         );
         assert!(s.contains("type nat hook postrouting priority srcnat; policy accept;"));
         assert!(s.contains(
@@ -308,6 +364,7 @@ mod tests {
             "nx0",
             &nets(&["198.51.100.0/24", "2001:db8:100::/64"]),
             Some(("100.64.0.0/10".parse().unwrap(), None)),
+            &[],
         );
         assert_eq!(s.matches("masquerade").count(), 1, "{s}");
     }

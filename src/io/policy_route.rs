@@ -219,48 +219,32 @@ pub fn install(
     result
 }
 
-/// Routes the family of `net` (a `/0`) into the tunnel `dev`, in our table.
-pub fn add_default(dev: &str, net: IpNet) -> Result<(), RouteError> {
-    let v6 = net.addr().is_ipv6();
+/// Routes `net` into the tunnel `dev`, in our table: an exit's `/0`, or (beside
+/// its route in the main table) a peer's advertised prefix, which must win over
+/// our table's defaults by longest prefix, the exit's or the unreachable one.
+pub fn add_route(dev: &str, net: IpNet) -> Result<(), RouteError> {
     let table = TABLE.to_string();
-    let args: Vec<String> = [
-        fam(v6),
-        "route",
-        "replace",
-        "default",
-        "dev",
-        dev,
-        "table",
-        &table,
-    ]
-    .iter()
-    .map(|s| (*s).to_string())
-    .collect();
-    ip(&args)
+    let net = net.to_string();
+    ip(&table_args("replace", dev, &net, &table))
 }
 
-/// Takes the tunnel's default route of `net`'s family out of our table (the
-/// unreachable one stays); one already gone is not an error.
-pub fn remove_default(dev: &str, net: IpNet) -> Result<(), RouteError> {
-    let v6 = net.addr().is_ipv6();
+/// Takes a route of [`add_route`] out of our table (the unreachable default
+/// stays); one already gone is not an error.
+pub fn remove_route(dev: &str, net: IpNet) -> Result<(), RouteError> {
     let table = TABLE.to_string();
-    let args: Vec<String> = [
-        fam(v6),
-        "route",
-        "del",
-        "default",
-        "dev",
-        dev,
-        "table",
-        &table,
-    ]
-    .iter()
-    .map(|s| (*s).to_string())
-    .collect();
-    match ip(&args) {
+    let net = net.to_string();
+    match ip(&table_args("del", dev, &net, &table)) {
         Err(RouteError::Failed { stderr, .. }) if stderr.contains("No such process") => Ok(()),
         other => other,
     }
+}
+
+fn table_args(verb: &str, dev: &str, net: &str, table: &str) -> Vec<String> {
+    let v6 = net.contains(':');
+    [fam(v6), "route", verb, net, "dev", dev, "table", table]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -316,6 +300,18 @@ mod tests {
             ]
         );
         assert!(PRIORITIES.iter().all(|p| (5265..=5273).contains(p)));
+    }
+
+    #[test]
+    fn routes_in_our_table_name_their_family() {
+        assert_eq!(
+            table_args("replace", "nx0", "0.0.0.0/0", "28280").join(" "),
+            "-4 route replace 0.0.0.0/0 dev nx0 table 28280"
+        );
+        assert_eq!(
+            table_args("del", "nx0", "2001:db8:100::/64", "28280").join(" "),
+            "-6 route del 2001:db8:100::/64 dev nx0 table 28280"
+        );
     }
 
     #[test]

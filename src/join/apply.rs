@@ -60,25 +60,41 @@ impl RouteApplier {
         })
     }
 
-    /// Routes through `interface` with `ip route`.
-    pub(crate) fn kernel(interface: String) -> std::io::Result<Self> {
+    /// Routes through `interface` with `ip route`. With `exit_table`
+    /// (`--use-exit-node`), an exit's default routes go to our own table, and
+    /// peers' prefixes go there as well as to the main table, so they win over
+    /// the defaults there by longest prefix.
+    pub(crate) fn kernel(interface: String, exit_table: bool) -> std::io::Result<Self> {
         Self::spawn(move |change| {
             let result = match change {
-                // An exit's default routes go to our own table (`--use-exit-node`).
                 RouteChange::Add(net) if net.prefix_len() == 0 => {
-                    policy_route::add_default(&interface, net)
+                    policy_route::add_route(&interface, net)
                 }
                 RouteChange::Remove(net) if net.prefix_len() == 0 => {
-                    policy_route::remove_default(&interface, net)
+                    policy_route::remove_route(&interface, net)
                 }
-                RouteChange::Add(net) => match route::add(&interface, net) {
-                    Ok(route::Added::Exists) => {
-                        tracing::warn!(prefix = %net, "the host already routes this prefix; leaving its route as it is");
-                        Ok(())
+                RouteChange::Add(net) => {
+                    let main = match route::add(&interface, net) {
+                        Ok(route::Added::Exists) => {
+                            tracing::warn!(prefix = %net, "the host already routes this prefix; leaving its route as it is");
+                            Ok(())
+                        }
+                        other => other.map(|_| ()),
+                    };
+                    if exit_table {
+                        main.and(policy_route::add_route(&interface, net))
+                    } else {
+                        main
                     }
-                    other => other.map(|_| ()),
-                },
-                RouteChange::Remove(net) => route::remove(&interface, net),
+                }
+                RouteChange::Remove(net) => {
+                    let main = route::remove(&interface, net);
+                    if exit_table {
+                        main.and(policy_route::remove_route(&interface, net))
+                    } else {
+                        main
+                    }
+                }
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, "route change failed");
@@ -130,6 +146,10 @@ pub(crate) fn apply(
             peers.send(Command::Remove(id));
         }
         Action::Probe(id) => peers.send(Command::Probe(id)),
+        Action::RelayExit(exit) => {
+            tracing::info!(exit = ?exit.as_ref().map(|e| e.peer), "relay: peers' internet traffic goes to this exit");
+            peers.send(Command::SetRelayExit(exit));
+        }
         Action::AddRoute(net) => {
             if let Some(r) = routes {
                 r.send(RouteChange::Add(net));

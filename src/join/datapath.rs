@@ -69,6 +69,8 @@ pub enum Command {
     SetPolicy(Option<Box<crate::policy::InboundTable>>),
     /// On a relay: the inbound table enforced for an unmanaged peer (`None`: none).
     SetRelayPolicy(i64, Option<Box<crate::policy::InboundTable>>),
+    /// On a relay: the exit peers' internet traffic goes to (`None`: none).
+    SetRelayExit(Option<crate::node::dataplane::RelayExit>),
     Status(tokio::sync::oneshot::Sender<DataPathStatus>),
     Shutdown,
 }
@@ -620,6 +622,7 @@ impl Loop {
                             self.dp
                                 .set_relay_policy(id, table.map(|t| *t), Instant::now());
                         }
+                        Command::SetRelayExit(exit) => self.dp.set_relay_exit(exit),
                         Command::SendRaw(to, data) => {
                             self.stun_gate.sent(to, &data);
                             self.send_udp(to, &data);

@@ -6,6 +6,7 @@
 //! next start ([`clean_leftovers`]).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ipnet::IpNet;
@@ -84,12 +85,70 @@ fn families() -> Vec<bool> {
 /// Lets the reverse-path filter use the mark restored from the connection.
 const SRC_VALID_MARK: &str = "net/ipv4/conf/all/src_valid_mark";
 
+fn write_sysctl(path: &str, value: &str) -> std::io::Result<()> {
+    std::fs::write(Path::new("/proc/sys").join(path), value)
+}
+
+/// Where the value of `src_valid_mark` from before our first change is kept, so
+/// that the run after a SIGKILL still puts it back.
+fn src_valid_mark_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("src_valid_mark.before")
+}
+
+/// Sets `src_valid_mark` (the reverse-path filter then uses our mark, as with
+/// wg-quick); returns the value to put back, kept in the state dir too, if we
+/// changed it now or a killed run had.
+fn set_src_valid_mark(state_dir: &Path) -> Option<(String, PathBuf)> {
+    let file = src_valid_mark_file(state_dir);
+    let kept = std::fs::read_to_string(&file)
+        .ok()
+        .map(|s| s.trim().to_string());
+    let now = sysinfo::read_sysctl(SRC_VALID_MARK);
+    if now.as_deref() == Some("1") {
+        return kept.map(|v| (v, file));
+    }
+    if let Err(e) = write_sysctl(SRC_VALID_MARK, "1") {
+        tracing::warn!(error = %e, "cannot set net.ipv4.conf.all.src_valid_mark=1; with a strict rp_filter, peers' datagrams may be dropped");
+        return None;
+    }
+    let before = kept.or(now)?;
+    if let Err(e) = crate::fsutil::write_private_atomic(&file, before.as_bytes()) {
+        tracing::warn!(error = %e, "cannot keep src_valid_mark's value in the state dir");
+    }
+    Some((before, file))
+}
+
+/// Puts back the `src_valid_mark` a killed run of ours changed, as the state
+/// dir keeps it.
+fn restore_src_valid_mark(state_dir: &Path) {
+    let file = src_valid_mark_file(state_dir);
+    if let Ok(before) = std::fs::read_to_string(&file) {
+        put_back_src_valid_mark(before.trim(), &file);
+    }
+}
+
+/// Writes `before` back into `src_valid_mark`, then forgets `file`.
+fn put_back_src_valid_mark(before: &str, file: &Path) {
+    match write_sysctl(SRC_VALID_MARK, before) {
+        Ok(()) => {
+            tracing::info!(value = before, "net.ipv4.conf.all.src_valid_mark put back");
+            let _ = std::fs::remove_file(file);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, value = before, "could not put net.ipv4.conf.all.src_valid_mark back");
+        }
+    }
+}
+
 /// What this run set up for exits; undone when dropped.
 pub(super) struct Exits {
     interface: String,
     coordinators: Vec<std::net::IpAddr>,
     table: bool,
     rules: bool,
+    /// `src_valid_mark` as it was before we set it (put back when dropped), and
+    /// the file in the state dir that keeps it for the run after a SIGKILL.
+    src_valid_mark: Option<(String, PathBuf)>,
 }
 
 impl Exits {
@@ -97,12 +156,17 @@ impl Exits {
     /// routing), except that with `--use-exit-node` the policy routing is
     /// (re)installed at once instead, so nothing leaves through the uplink while we
     /// enroll (the mesh prefixes follow in [`Exits::up`]).
-    pub(super) fn begin(cfg: &JoinConfig, coordinators: &[SocketAddr]) -> Result<Self, JoinError> {
+    pub(super) fn begin(
+        cfg: &JoinConfig,
+        coordinators: &[SocketAddr],
+        listen_port: u16,
+    ) -> Result<Self, JoinError> {
         let mut me = Self {
             interface: cfg.interface.clone(),
             coordinators: coordinators.iter().map(SocketAddr::ip).collect(),
             table: false,
             rules: false,
+            src_valid_mark: None,
         };
         if cfg.userspace.is_some() {
             return Ok(me);
@@ -115,16 +179,12 @@ impl Exits {
             me.rules = true;
             policy_route::install(&me.coordinators, &[], cfg.exit_node_allow_lan, &families())
                 .map_err(JoinError::PolicyRoute)?;
-            // Answers from peers pass the reverse-path filter (strict or loose) as
-            // our marked packets are routed.
-            nft::install_mark(&cfg.interface, policy_route::FWMARK)?;
-            if sysinfo::read_sysctl(SRC_VALID_MARK).as_deref() != Some("1")
-                && let Err(e) =
-                    std::fs::write(std::path::Path::new("/proc/sys").join(SRC_VALID_MARK), "1")
-            {
-                tracing::warn!(error = %e, "cannot set net.ipv4.conf.all.src_valid_mark=1; with rp_filter on, peers' answers may be dropped");
-            }
+            // Datagrams from peers pass the reverse-path filter (strict or loose)
+            // as our marked packets are routed.
+            nft::install_mark(&cfg.interface, policy_route::FWMARK, listen_port)?;
+            me.src_valid_mark = set_src_valid_mark(&cfg.state_dir);
         } else {
+            restore_src_valid_mark(&cfg.state_dir);
             let _ = nft::remove_mark(&cfg.interface);
             let removed = policy_route::cleanup();
             if removed > 0 {
@@ -178,6 +238,9 @@ impl Drop for Exits {
             policy_route::cleanup();
             let _ = nft::remove_mark(&self.interface);
             tracing::info!("exit-node policy routing removed");
+        }
+        if let Some((before, file)) = self.src_valid_mark.take() {
+            put_back_src_valid_mark(&before, &file);
         }
         if self.table
             && let Err(e) = nft::remove_exit(&self.interface)

@@ -33,7 +33,8 @@ pub(super) fn router_table(cfg: &JoinConfig) -> bool {
     cfg.userspace.is_none() && (!cfg.advertise_cidrs.is_empty() || cfg.masquerade)
 }
 
-/// Installs a subnet router's forwarding limits and masquerading, creates the packet device and the UDP socket on
+/// Installs a subnet router's forwarding limits (none towards `exit_uplinks` of an
+/// exit node) and masquerading, creates the packet device and the UDP socket on
 /// `listen_port`, and starts the data-path thread with `private` as our key.
 pub(super) fn start(
     cfg: &JoinConfig,
@@ -41,6 +42,7 @@ pub(super) fn start(
     ipv6: bool,
     listen_port: u16,
     private: [u8; 32],
+    exit_uplinks: &[(bool, String)],
 ) -> Result<Up, JoinError> {
     let v6 = device
         .tunnel_ip_v6
@@ -51,7 +53,12 @@ pub(super) fn start(
             device.organization_prefix,
             v6.map(|_| device.organization_prefix_v6),
         ));
-        nft::install_router(&cfg.interface, &cfg.advertise_cidrs, masquerade)?;
+        nft::install_router(
+            &cfg.interface,
+            &cfg.advertise_cidrs,
+            masquerade,
+            exit_uplinks,
+        )?;
         tracing::info!(
             masquerade = cfg.masquerade,
             "forwarding from the mesh only to the advertised prefixes"

@@ -328,7 +328,7 @@ pub async fn run(
     preflight(&cfg, state.listen_port)?;
     // Held for the whole run: dropping it puts the host's forwarding back.
     let (uplinks, _exit_forwarding) = exit::prepare(&cfg, ipv6)?;
-    let mut exits = exit::Exits::begin(&cfg, &addrs)?;
+    let mut exits = exit::Exits::begin(&cfg, &addrs, state.listen_port)?;
 
     let ctx = Ctx {
         cfg: &cfg,
@@ -374,12 +374,13 @@ pub async fn run(
         stack,
         v6,
         stun_answers,
-    } = iface::start(&cfg, &device, ipv6, state.listen_port, private)?;
+    } = iface::start(&cfg, &device, ipv6, state.listen_port, private, &uplinks)?;
     let datapath = Arc::new(datapath);
     let routes = match cfg.userspace {
-        None => {
-            Some(apply::RouteApplier::kernel(cfg.interface.clone()).map_err(JoinError::Routes)?)
-        }
+        None => Some(
+            apply::RouteApplier::kernel(cfg.interface.clone(), cfg.use_exit_node.is_some())
+                .map_err(JoinError::Routes)?,
+        ),
         // The data path's own table is the only one.
         Some(_) => None,
     };

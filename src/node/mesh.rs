@@ -22,6 +22,12 @@
 //!   ([`MeshState::poll_timeout`] says when the shell should feed them next).
 //! - Every prefix taken from a peer's record passes the [`RouteGuard`] before it
 //!   becomes an allowed IP or a route; refused ones are logged once and counted.
+//! - Exits (DESIGN §8): only the exit this node chose gets default routes. The
+//!   relay carries internet traffic to one exit, the relay's exit: the online
+//!   approved exit with the lowest id (every node picks the same one). A spoke, or
+//!   a node whose path to its exit fell back to the relay, routes its internet
+//!   traffic into the relay when its chosen exit is the relay's exit (or the relay
+//!   itself); otherwise the traffic stays dropped ([`ExitState::Relayed`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -30,7 +36,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::coord::keys;
-use crate::node::dataplane::PathCounters;
+use crate::node::dataplane::{PathCounters, RelayExit};
 use crate::node::route_guard::RouteGuard;
 use crate::wire::control::Device;
 
@@ -97,6 +103,8 @@ pub enum Action {
     /// Start a handshake with this direct peer: a response proves the path works
     /// both ways.
     Probe(i64),
+    /// On a relay: the exit to send peers' internet traffic to, or none.
+    RelayExit(Option<RelayExit>),
 }
 
 /// One peer's path figures from the data plane, fed every [`PATH_CHECK_INTERVAL`].
@@ -163,6 +171,12 @@ pub struct MeshState {
     refused_total: u64,
     /// The exit this node sends its non-mesh traffic through (`--use-exit-node`).
     exit: Option<String>,
+    /// Our own advertised prefixes (from our record): never the internet.
+    own_cidrs: Vec<IpNet>,
+    /// We are an approved exit ourselves (from our record).
+    own_exit: bool,
+    /// On a relay: the exit its data plane sends peers' internet traffic to.
+    relay_exit: Option<RelayExit>,
 }
 
 /// How the chosen exit stands (`--use-exit-node`, DESIGN §8).
@@ -177,8 +191,8 @@ pub enum ExitState {
     NotApproved,
     /// Not connected to a coordinator (traffic is dropped).
     Offline,
-    /// We reach the mesh only through the relay, which carries no exit traffic yet
-    /// (traffic is dropped).
+    /// We reach the exit only through the relay, which carries internet traffic
+    /// to another exit only (traffic is dropped).
     Relayed,
 }
 
@@ -190,7 +204,7 @@ impl std::fmt::Display for ExitState {
             Self::NotApproved => "not an approved exit (traffic dropped)",
             Self::Offline => "offline (traffic dropped)",
             Self::Relayed => {
-                "reached through the relay, which carries no exit traffic (traffic dropped)"
+                "reached through the relay, which carries internet traffic to another exit (traffic dropped)"
             }
         })
     }
@@ -222,6 +236,9 @@ impl MeshState {
             refused: BTreeSet::new(),
             refused_total: 0,
             exit: None,
+            own_cidrs: Vec::new(),
+            own_exit: false,
+            relay_exit: None,
         }
     }
 
@@ -240,11 +257,7 @@ impl MeshState {
         let name = self.exit.as_deref()?;
         let mut found = self.devices.values().filter(|d| d.hostname == name);
         let state = match found.clone().find(|d| d.exit_node) {
-            Some(d)
-                if d.online
-                    && ((self.local.spoke && !self.local.relay)
-                        || self.fallback.contains(&d.id)) =>
-            {
+            Some(d) if d.online && self.through_relay(d) && !self.relay_carries(d) => {
                 ExitState::Relayed
             }
             Some(d) if d.online => ExitState::Active,
@@ -262,6 +275,31 @@ impl MeshState {
         self.devices
             .values()
             .find(|d| d.hostname == name && d.exit_node && d.online)
+    }
+
+    /// Whether we reach `d` only through the relay: we are a spoke (and `d` is not
+    /// the relay), or our direct path to it fell back.
+    fn through_relay(&self, d: &Device) -> bool {
+        (self.local.spoke && !self.local.relay && Some(d.id) != self.relay_id())
+            || self.fallback.contains(&d.id)
+    }
+
+    /// The exit the relay sends internet traffic to: the online approved exit with
+    /// the lowest id, so every node picks the same one.
+    fn relays_exit(&self) -> Option<i64> {
+        let others = self
+            .devices
+            .values()
+            .filter(|d| d.exit_node && d.online)
+            .map(|d| d.id);
+        let me = self.own_exit.then_some(self.local.device_id);
+        others.chain(me).min()
+    }
+
+    /// Whether the relay carries our internet traffic to the exit `d`.
+    fn relay_carries(&self, d: &Device) -> bool {
+        let relay = self.relay_id();
+        relay.is_some() && relay != Some(self.local.device_id) && self.relays_exit() == Some(d.id)
     }
 
     /// Sets what no peer may be routed for; re-plans if it changed.
@@ -458,6 +496,12 @@ impl MeshState {
                         .filter(|c| c.addr().is_ipv4() || (self.local.ipv6 && d.ipv6_supported)),
                 );
             }
+            // And our exit, when it is the relay or the relay carries to it.
+            if let Some(e) = self.exit_device()
+                && (e.id == relay.id || self.relay_carries(e))
+            {
+                allowed.extend(exit_routes(self.local.ipv6, e));
+            }
             if let Some(p) = self.make_plan(relay, allowed) {
                 out.insert(p.id, p);
             }
@@ -485,14 +529,29 @@ impl MeshState {
                     // Fallen back: keep probing the direct path.
                     out.insert(p.id, p);
                 }
-                // The relay carries no exit traffic: the default routes stay out.
-                via_relay.extend(hosts.into_iter().filter(|n| n.prefix_len() > 0));
+                // The relay carries internet traffic only to its exit: other
+                // exits' default routes stay out.
+                let carried = self.relay_carries(d);
+                via_relay.extend(hosts.into_iter().filter(|n| carried || n.prefix_len() > 0));
             }
         }
         if let Some(p) = relay.and_then(|r| out.get_mut(&r)) {
             p.allowed_ips.extend(via_relay);
         }
         out
+    }
+
+    /// On the relay: the exit its data plane sends peers' internet traffic to
+    /// (none when we are that exit: the traffic goes to TUN and out of our uplink;
+    /// `desired` holds no plan for our own id).
+    fn desired_relay_exit(&self, desired: &BTreeMap<i64, PeerPlan>) -> Option<RelayExit> {
+        if self.relay_id() != Some(self.local.device_id) {
+            return None;
+        }
+        let exit = self.relays_exit().filter(|e| desired.contains_key(e))?;
+        let mut local = vec![IpNet::V4(self.local.org_v4), IpNet::V6(self.local.org_v6)];
+        local.extend(self.own_cidrs.iter().copied());
+        Some(RelayExit { peer: exit, local })
     }
 
     /// Installs what [`Self::desired`] says and returns the difference.
@@ -540,6 +599,11 @@ impl MeshState {
                 .difference(&routes)
                 .map(|n| Action::RemoveRoute(*n)),
         );
+        let relay_exit = self.desired_relay_exit(&desired);
+        if relay_exit != self.relay_exit {
+            self.relay_exit = relay_exit.clone();
+            out.push(Action::RelayExit(relay_exit));
+        }
         out.extend(
             self.installed
                 .keys()
@@ -553,6 +617,10 @@ impl MeshState {
 
     /// Replaces every device with a full snapshot (our own record is skipped).
     pub fn apply_snapshot(&mut self, devices: &[Device], now: Instant) -> Vec<Action> {
+        if let Some(me) = devices.iter().find(|d| d.id == self.local.device_id) {
+            self.own_cidrs.clone_from(&me.advertise_cidrs);
+            self.own_exit = me.exit_node;
+        }
         self.devices = devices
             .iter()
             .filter(|d| d.id != self.local.device_id)
@@ -595,6 +663,10 @@ impl MeshState {
             self.fallback.remove(id);
             self.trying_since.remove(id);
             self.watch.remove(id);
+        }
+        if let Some(me) = upserts.iter().find(|d| d.id == self.local.device_id) {
+            self.own_cidrs.clone_from(&me.advertise_cidrs);
+            self.own_exit = me.exit_node;
         }
         for d in upserts.iter().filter(|d| d.id != self.local.device_id) {
             let moved = self.devices.get(&d.id).is_none_or(|old| {

@@ -65,6 +65,7 @@ mod timers;
 pub use counters::{Counters, DropReason};
 use peers::Peer;
 pub use peers::{PathCounters, PeerStats};
+pub use relay::RelayExit;
 use timers::TxSlot;
 
 /// A peer's identity: the coordinator's device id.
@@ -217,6 +218,9 @@ pub struct DataPlane {
     /// On a relay: the filters it applies for peers that cannot enforce (stock
     /// WireGuard devices), to what it forwards to them (few: a linear scan).
     relay_filters: Vec<(PeerId, Box<Filter>)>,
+    /// On a relay: the exit carrying the internet traffic that peers (spokes)
+    /// route through us ([`DataPlane::set_relay_exit`]).
+    relay_exit: Option<RelayExit>,
 }
 
 impl fmt::Debug for DataPlane {
@@ -260,6 +264,7 @@ impl DataPlane {
             next_tick: None,
             filter: None,
             relay_filters: Vec::new(),
+            relay_exit: None,
         }
     }
 

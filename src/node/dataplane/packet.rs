@@ -232,7 +232,11 @@ impl DataPlane {
                 let Some(range) = span_in(out, ptr, len) else {
                     return drop_in(&mut self.counters, DropReason::BufferTooSmall);
                 };
-                if !self.routes.contains(src, id) {
+                // On a relay, the exit's answers from the internet: only ever
+                // forwarded (to the spoke they are for), never written to TUN.
+                let owned = self.routes.contains(src, id);
+                let from_internet = !owned && self.exit_source(id, src);
+                if !owned && !from_internet {
                     self.misrouted(id, src);
                     return drop_in(&mut self.counters, DropReason::BadSource);
                 }
@@ -240,6 +244,9 @@ impl DataPlane {
                     self.forward_to(id, out.get(range.clone()).unwrap_or_default())
                 {
                     return self.forward(id, to_peer, out, range, forward_out);
+                }
+                if from_internet {
+                    return drop_in(&mut self.counters, DropReason::BadSource);
                 }
                 let Some(packet) = out.get(range) else {
                     return drop_in(&mut self.counters, DropReason::BufferTooSmall);

@@ -5,15 +5,33 @@
 //! over the tunnel, taken here so that it needs no TUN round trip and stays in the
 //! sans-IO core (tested, fuzzed, allocation-free). Packets for this host, for no
 //! peer, or back to their sender go to TUN as on any node.
+//!
+//! Exit traffic (DESIGN §8): a spoke reaches its exit only through the relay, so
+//! the relay sends a peer's packets for the internet (a destination outside the
+//! organization, its advertised prefixes and ours) to the exit set with
+//! [`DataPlane::set_relay_exit`], and forwards the exit's answers (sources on the
+//! internet) to the peer they are for, never to this host. The exit enforces the
+//! access policy (`internet`) on what it receives, as for a direct client.
 
 use std::ops::Range;
 
 use tracing::trace;
 
+use ipnet::IpNet;
+
 use super::packet::drop_in;
 use super::{DataPlane, DropReason, Incoming, PeerId};
 use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
+
+/// On a relay: the exit that carries peers' internet traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayExit {
+    pub peer: PeerId,
+    /// Destinations that are never the internet: the organization's prefixes and
+    /// this host's advertised ones.
+    pub local: Vec<IpNet>,
+}
 
 impl DataPlane {
     /// Makes this data plane a relay (`--relay`): see
@@ -22,13 +40,42 @@ impl DataPlane {
         self.relay = relay;
     }
 
-    /// On a relay, the peer other than `from` that `packet`'s destination routes to.
+    /// On a relay, the exit that carries the internet traffic of peers that route
+    /// it through us (`None`: none; such traffic then goes to TUN, as on a relay
+    /// that is itself the exit).
+    pub fn set_relay_exit(&mut self, exit: Option<RelayExit>) {
+        self.relay_exit = exit;
+    }
+
+    /// Whether `addr` is on the internet as a relay's exit sees it: outside the
+    /// organization and every peer's prefixes.
+    fn internet(&self, exit: &RelayExit, addr: std::net::IpAddr) -> bool {
+        self.routes.lookup(addr).is_none() && !exit.local.iter().any(|n| n.contains(&addr))
+    }
+
+    /// On a relay, whether `src` is an internet source the exit `from` may send
+    /// from (to be forwarded to a peer, never to TUN).
+    pub(super) fn exit_source(&self, from: PeerId, src: std::net::IpAddr) -> bool {
+        match &self.relay_exit {
+            Some(exit) if self.relay && exit.peer == from => self.internet(exit, src),
+            _ => false,
+        }
+    }
+
+    /// On a relay, the peer other than `from` that `packet`'s destination routes to
+    /// (the exit for an internet destination).
     pub(super) fn forward_to(&self, from: PeerId, packet: &[u8]) -> Option<PeerId> {
         if !self.relay {
             return None;
         }
         let dst = IpPacket::new_checked(packet).ok()?.dst();
-        self.routes.lookup(dst).filter(|&to| to != from)
+        match self.routes.lookup(dst) {
+            Some(to) => (to != from).then_some(to),
+            None => match &self.relay_exit {
+                Some(exit) if exit.peer != from && self.internet(exit, dst) => Some(exit.peer),
+                _ => None,
+            },
+        }
     }
 
     /// A relay's policy check for a packet going to peer `to` (forwarded from

@@ -4,9 +4,9 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::node::filter::Filter;
 use crate::node::testutil::{
-    A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Hop, R_V4, Side, connected_pair, ip_packet,
-    ipv4_packet, ipv6_packet, pair, pair_table, public_key, relayed, secret_key, tcp_header,
-    udp_datagram,
+    A_ID, A_V4, A_V6, B_ID, B_V4, B_V6, BUF_LEN, Hop, R_ID, R_V4, R_V6, Side, connected_pair,
+    host_nets, ip_packet, ipv4_packet, ipv6_packet, pair, pair_table, public_key, relayed,
+    secret_key, tcp_header, udp_datagram,
 };
 use crate::wire::ip::protocol;
 
@@ -765,6 +765,72 @@ fn only_a_relay_forwards_and_never_back_to_the_sender() {
     assert_eq!(net.r.forward_to(A_ID, &back), None);
     assert_eq!(net.r.forward_to(B_ID, &back), Some(A_ID));
     assert_eq!(net.r.forward_to(B_ID, &back[..19]), None);
+}
+
+/// B is the exit: A (a spoke) routes the internet into the relay, which sends it
+/// to B and B's answers, from internet sources, back to A and never to its TUN.
+#[test]
+fn a_relay_carries_internet_traffic_to_its_exit() {
+    let mut net = relayed();
+    let mut to_relay = host_nets(R_V4, R_V6);
+    to_relay.extend(host_nets(B_V4, B_V6));
+    to_relay.extend(["0.0.0.0/0", "::/0"].map(|n| n.parse::<IpNet>().unwrap()));
+    net.a
+        .upsert_peer(
+            R_ID,
+            PeerConfig {
+                public_key: net.r.public_key(),
+                endpoint: Some(net.r_addr),
+                allowed_ips: to_relay,
+                persistent_keepalive: None,
+            },
+        )
+        .unwrap();
+    let internet_v4: std::net::Ipv4Addr = "198.51.100.10".parse().unwrap();
+    let internet_v6: std::net::Ipv6Addr = "2001:db8:100::10".parse().unwrap();
+    let out = ipv4_packet(A_V4, internet_v4, 40);
+    // No exit set: as before, the relay's own TUN.
+    let t = net.send_packet(Hop::A, &out);
+    assert_eq!(t.tun_at(Hop::R), vec![out.as_slice()]);
+    net.r.set_relay_exit(Some(RelayExit {
+        peer: B_ID,
+        local: ["100.64.0.0/10", "fd00::/64"]
+            .map(|n| n.parse().unwrap())
+            .to_vec(),
+    }));
+    for (out, back) in [
+        (
+            ipv4_packet(A_V4, internet_v4, 40),
+            ipv4_packet(internet_v4, A_V4, 40),
+        ),
+        (
+            ipv6_packet(A_V6, internet_v6, 40),
+            ipv6_packet(internet_v6, A_V6, 40),
+        ),
+    ] {
+        let t = net.send_packet(Hop::A, &out);
+        assert_eq!(t.tun_at(Hop::B), vec![out.as_slice()], "{t:?}");
+        assert!(t.tun_at(Hop::R).is_empty(), "{t:?}");
+        let t = net.send_packet(Hop::B, &back);
+        assert_eq!(t.tun_at(Hop::A), vec![back.as_slice()], "{t:?}");
+        assert!(t.tun_at(Hop::R).is_empty(), "{t:?}");
+    }
+    // Internet sources from the exit never reach the relay itself.
+    let bad = net.r.counters().bad_source;
+    let t = net.send_packet(Hop::B, &ipv4_packet(internet_v4, R_V4, 40));
+    assert!(t.tun_at(Hop::R).is_empty(), "{t:?}");
+    assert_eq!(net.r.counters().bad_source, bad + 1);
+    // Nor from anyone else.
+    let t = net.send_packet(Hop::A, &ipv4_packet(internet_v4, R_V4, 40));
+    assert!(t.tun_at(Hop::R).is_empty(), "{t:?}");
+    // Organization addresses are never the internet: the relay's TUN.
+    let stray = ipv4_packet(A_V4, "100.64.0.77".parse().unwrap(), 40);
+    let t = net.send_packet(Hop::A, &stray);
+    assert_eq!(t.tun_at(Hop::R), vec![stray.as_slice()]);
+    // The exit gone: back to the relay's TUN (which routes no internet for peers).
+    net.r.set_relay_exit(None);
+    let t = net.send_packet(Hop::A, &out);
+    assert!(t.tun_at(Hop::B).is_empty(), "{t:?}");
 }
 
 #[test]

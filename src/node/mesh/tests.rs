@@ -598,21 +598,114 @@ fn exit_routes_only_to_the_chosen_approved_online_exit() {
     let defaults: Vec<&IpNet> = m.routes().filter(|n| n.prefix_len() == 0).collect();
     assert_eq!(defaults, [&net("0.0.0.0/0")]);
 
-    // A spoke reaches the exit only through the relay: nothing goes (yet).
-    let mut spoke_view = local(1, true);
-    spoke_view.spoke = true;
-    let mut spoke = MeshState::new(spoke_view);
-    spoke.set_guard(RouteGuard::default().allowing_default(true));
-    spoke.set_exit(Some("exit1".into()));
-    let mut relay = device(4, true);
-    relay.relay = true;
-    spoke.apply_snapshot(&[exit.clone(), relay], now);
-    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
-    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Relayed)));
-
     // Without the guard's consent nothing passes either.
     let mut refused = MeshState::new(local(1, true));
     refused.set_exit(Some("exit1".into()));
     refused.apply_snapshot(&[exit], now);
     assert!(refused.routes().all(|n| n.prefix_len() > 0));
+}
+
+#[test]
+fn a_spoke_reaches_the_relays_exit_through_the_relay() {
+    let now = Instant::now();
+    let mut exit = device(2, true);
+    exit.hostname = "exit1".into();
+    exit.exit_node = true;
+    let mut other_exit = device(3, true);
+    other_exit.hostname = "exit2".into();
+    other_exit.exit_node = true;
+    let mut relay = device(4, true);
+    relay.relay = true;
+    let mut spoke_view = local(1, true);
+    spoke_view.spoke = true;
+    let mut spoke = MeshState::new(spoke_view);
+    spoke.set_guard(RouteGuard::default().allowing_default(true));
+    spoke.set_exit(Some("exit1".into()));
+    let actions = spoke.apply_snapshot(&[exit.clone(), other_exit.clone(), relay.clone()], now);
+    // The relay's exit is the lowest-id one: exit1. Its default routes go to the relay.
+    assert!(
+        actions.contains(&Action::AddRoute(net("0.0.0.0/0"))),
+        "{actions:?}"
+    );
+    assert_eq!(
+        nets(spoke.plan(4).unwrap()),
+        ["100.64.0.0/10", "200::/64", "0.0.0.0/0", "::/0"]
+    );
+    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Active)));
+    // Another exit is not carried by the relay: dropped, not leaked.
+    spoke.set_exit(Some("exit2".into()));
+    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(spoke.exit_state(), Some(("exit2", ExitState::Relayed)));
+    // The exit goes offline: the routes go.
+    spoke.set_exit(Some("exit1".into()));
+    assert!(spoke.routes().any(|n| n.prefix_len() == 0));
+    let mut off = exit.clone();
+    off.online = false;
+    spoke.apply_delta(&[off.clone()], &[], now);
+    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Offline)));
+    // A relay that is the exit: the spoke's defaults go to it, directly.
+    let mut relay_exit = relay.clone();
+    relay_exit.hostname = "exit1".into();
+    relay_exit.exit_node = true;
+    let mut spoke = MeshState::new(spoke_view);
+    spoke.set_guard(RouteGuard::default().allowing_default(true));
+    spoke.set_exit(Some("exit1".into()));
+    spoke.apply_snapshot(&[relay_exit], now);
+    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Active)));
+    assert!(nets(spoke.plan(4).unwrap()).contains(&"0.0.0.0/0".to_string()));
+
+    // The relay's side: its data plane sends internet traffic to exit1, never
+    // back to our own prefixes; nothing once no exit is online.
+    let mut relay_view = local(4, true);
+    relay_view.relay = true;
+    let mut r = MeshState::new(relay_view);
+    let mut me = relay.clone();
+    me.advertise_cidrs = vec![net("198.51.100.0/24")];
+    let mut spoke_dev = device(1, true);
+    spoke_dev.relay_only = true;
+    let actions = r.apply_snapshot(&[me, spoke_dev, exit.clone(), other_exit.clone()], now);
+    let want = RelayExit {
+        peer: 2,
+        local: vec![
+            net("100.64.0.0/10"),
+            net("200::/64"),
+            net("198.51.100.0/24"),
+        ],
+    };
+    assert!(
+        actions.contains(&Action::RelayExit(Some(want))),
+        "{actions:?}"
+    );
+    // The relay installs no default route of its own.
+    assert!(r.routes().all(|n| n.prefix_len() > 0));
+    let actions = r.apply_delta(&[off], &[], now);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::RelayExit(Some(e)) if e.peer == 3)),
+        "{actions:?}"
+    );
+    let mut off3 = other_exit.clone();
+    off3.online = false;
+    let actions = r.apply_delta(&[off3], &[], now);
+    assert!(actions.contains(&Action::RelayExit(None)), "{actions:?}");
+
+    // A relay that is an exit (lowest id) itself: its own uplink, not a peer.
+    let mut r = MeshState::new(local(1, true));
+    let mut me = device(1, true);
+    me.relay = true;
+    me.exit_node = true;
+    let mut spoke_dev = device(4, true);
+    spoke_dev.relay_only = true;
+    let mut r_view = local(1, true);
+    r_view.relay = true;
+    r.set_local(r_view);
+    let actions = r.apply_snapshot(&[me, spoke_dev, exit, other_exit], now);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RelayExit(Some(_)))),
+        "{actions:?}"
+    );
 }

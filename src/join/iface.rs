@@ -41,6 +41,7 @@ pub(super) fn start(
     ipv6: bool,
     listen_port: u16,
     private: [u8; 32],
+    names: &tokio::sync::watch::Receiver<Arc<crate::node::dns::NameTable>>,
 ) -> Result<Up, JoinError> {
     let v6 = device
         .tunnel_ip_v6
@@ -74,6 +75,7 @@ pub(super) fn start(
                 device.tunnel_ip,
                 v6.map(|(a, _)| a),
                 tun::DEFAULT_MTU,
+                names.clone(),
             )?;
             (tun::PacketDevice::Pipe(ours), Some(Arc::new(stack)))
         }

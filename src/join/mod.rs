@@ -13,6 +13,7 @@
 mod apply;
 mod control;
 pub mod datapath;
+pub mod dns;
 mod driver;
 mod enroll;
 mod exit;
@@ -36,6 +37,7 @@ use crate::coord::keys;
 use crate::coord::token::{JoinToken, TokenError, hex};
 use crate::io::{nft, sysinfo, tun, udp};
 use crate::node::agent::Agent;
+use crate::node::dns::NameTable;
 use crate::node::mesh::LocalView;
 use crate::node::route_guard::RouteGuard;
 use enroll::{Ctx, Enrolled};
@@ -97,6 +99,8 @@ pub enum JoinError {
     PolicyRoute(#[source] crate::io::route::RouteError),
     #[error(transparent)]
     Userspace(#[from] crate::userspace::UserspaceError),
+    #[error("cannot answer mesh DNS on the tunnel addresses, port 53: {0}")]
+    Dns(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot read the token file {path}")]
@@ -174,6 +178,8 @@ pub struct JoinConfig {
     pub use_exit_node: Option<String>,
     /// With `use_exit_node`: keep the local LAN off the tunnel.
     pub exit_node_allow_lan: bool,
+    /// Point the host's resolver at the mesh DNS for the domain (`--dns`).
+    pub dns: bool,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443). A malformed entry is
@@ -369,12 +375,34 @@ pub async fn run(
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
     exits.up(&cfg, &device, ipv6, &uplinks)?;
 
+    let (names_tx, names) = tokio::sync::watch::channel(Arc::new(NameTable::default()));
     let iface::Up {
         datapath,
         stack,
         v6,
         stun_answers,
-    } = iface::start(&cfg, &device, ipv6, state.listen_port, private)?;
+    } = iface::start(&cfg, &device, ipv6, state.listen_port, private, &names)?;
+    // Mesh DNS on our tunnel addresses (TUN mode; rootless nodes resolve names in
+    // their SOCKS5 server instead), and the host's resolver pointed at it.
+    let _resolver = match cfg.userspace {
+        None => {
+            let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(device.tunnel_ip))
+                .chain(v6.map(|(a, _)| IpAddr::V6(a)))
+                .collect();
+            Some(dns::Resolver::start(&addrs, dns::PORT, names.clone()).map_err(JoinError::Dns)?)
+        }
+        Some(_) => None,
+    };
+    let split_dns = match (&cfg.dns, cfg.userspace.is_none()) {
+        (true, true) => dns::SplitDns::install(&cfg.interface, device.tunnel_ip, &device.domain),
+        (true, false) => {
+            tracing::warn!(
+                "--dns is for TUN mode: in rootless mode use the SOCKS5 server (socks5h://) for mesh names"
+            );
+            None
+        }
+        (false, _) => None,
+    };
     let datapath = Arc::new(datapath);
     let routes = match cfg.userspace {
         None => {
@@ -417,6 +445,7 @@ pub async fn run(
         guard: Box::new(guard),
         updates: updates_tx,
         view: view_tx,
+        names: names_tx,
         // A subnet router forwards once its prefixes are in effect; what was there
         // before comes back when the driver is dropped, on every return path.
         forwarding: subnet_router(&cfg).then(|| driver::Forwarding {
@@ -431,6 +460,8 @@ pub async fn run(
         () = &mut shutdown => Ok(()),
     };
     sockets.stop(&cfg).await;
+    // While the interface still exists.
+    drop(split_dns);
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);

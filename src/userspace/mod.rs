@@ -193,6 +193,7 @@ impl Stack {
         v4: Ipv4Addr,
         v6: Option<Ipv6Addr>,
         mtu: u16,
+        names: stack::Names,
     ) -> Result<Self, UserspaceError> {
         let bound = config
             .bound
@@ -210,6 +211,7 @@ impl Stack {
             v4,
             v6,
             mtu,
+            names,
         };
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -163,11 +163,20 @@ fn mesh_names_resolve_everywhere() {
         .collect();
     assert_eq!(statuses[2].device.tunnel_ip_v6, None);
 
-    // `devices` shows every name.
+    // `devices` shows every name; `org create --domain` checks the domain.
     let table = c.coord.admin(&["devices"]);
     for name in ["a", "b", "v4only"] {
         assert!(table.contains(&format!(" {} ", fqdn(name))), "{table}");
     }
+    let out = c
+        .coord
+        .admin(&["org", "create", "lab", "--domain", "Lab.Example"]);
+    assert!(out.contains("names under lab.example"), "{out}");
+    let err = c
+        .coord
+        .admin_result(&["org", "create", "bad", "--domain", "no_underscore"])
+        .unwrap_err();
+    assert!(err.contains("invalid domain \"no_underscore\""), "{err}");
 
     // Every node answers for every device, over UDP and TCP, on each of its tunnel
     // addresses.

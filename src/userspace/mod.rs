@@ -104,13 +104,16 @@ impl UserspaceConfig {
                 rules.push(rule);
             }
         }
-        rule::check_conflicts(&rules).map_err(|(r, source)| UserspaceError::BadRule {
-            flag: match r.direction {
-                Direction::Ingress => "ingress",
-                Direction::Egress => "egress",
-            },
-            rule: r.to_string(),
-            source,
+        rule::check_conflicts(&rules).map_err(|e| {
+            let (r, source) = *e;
+            UserspaceError::BadRule {
+                flag: match r.direction {
+                    Direction::Ingress => "ingress",
+                    Direction::Egress => "egress",
+                },
+                rule: r.to_string(),
+                source,
+            }
         })?;
         let mut bound = Bound::default();
         for (i, r) in rules.iter().enumerate() {

@@ -214,8 +214,8 @@ fn mesh_name((s, bracketed): (&str, bool)) -> Option<String> {
         && name.contains('.')
         && name.len() <= 253
         && !name
-            .split('.')
-            .last()
+            .rsplit('.')
+            .next()
             .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
         && name.split('.').all(|l| {
             !l.is_empty()
@@ -283,21 +283,21 @@ impl Rule {
 /// mesh port, or two egress rules on one local port and protocol (whatever the bind
 /// address: the kernel would refuse most of those combinations anyway, and the error
 /// is clearer here).
-pub fn check_conflicts(rules: &[Rule]) -> Result<(), (Rule, RuleError)> {
+pub fn check_conflicts(rules: &[Rule]) -> Result<(), Box<(Rule, RuleError)>> {
     for (i, a) in rules.iter().enumerate() {
         for b in rules.iter().take(i) {
             if a.direction == b.direction
                 && a.proto == b.proto
                 && a.listen.port() == b.listen.port()
             {
-                return Err((
+                return Err(Box::new((
                     a.clone(),
                     RuleError::PortInUse {
                         proto: a.proto,
                         port: a.listen.port(),
                         other: b.to_string(),
                     },
-                ));
+                )));
             }
         }
     }
@@ -409,7 +409,7 @@ mod tests {
         assert!(check_conflicts(&rules).is_ok());
         let mut more = rules.to_vec();
         more.push(Rule::ingress("tcp:80:127.0.0.1:9090").unwrap());
-        let (rule, err) = check_conflicts(&more).unwrap_err();
+        let (rule, err) = *check_conflicts(&more).unwrap_err();
         assert_eq!(rule.target.port(), 9090);
         assert!(
             err.to_string()

@@ -298,4 +298,28 @@ fn mesh_names_resolve_everywhere() {
     );
     stop.store(true, Ordering::Relaxed);
     deadline.check("rootless names");
+
+    // Another DNS server holding port 53: the node meshes all the same (without
+    // answering names itself) and is a name for the others.
+    let busy = c.add_node("busy", "192.0.2.16/24", true, &iface);
+    let holder = in_ns(&c.nodes[busy].ns.name, || {
+        std::net::UdpSocket::bind("0.0.0.0:53").unwrap()
+    });
+    c.start(busy);
+    let s = c.nodes[busy].wait_peers(4);
+    let log = c.nodes[busy].log_text();
+    assert!(log.contains("names are not answered here"), "{log}");
+    let ns_a = &c.nodes[a].ns;
+    until_status(
+        ns_a,
+        &server,
+        &fqdn("busy"),
+        "NOERROR",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        dig(ns_a, &server, &fqdn("busy"), "A", false).1,
+        [s.device.tunnel_ip.to_string()]
+    );
+    drop(holder);
 }

@@ -99,8 +99,6 @@ pub enum JoinError {
     PolicyRoute(#[source] crate::io::route::RouteError),
     #[error(transparent)]
     Userspace(#[from] crate::userspace::UserspaceError),
-    #[error("cannot answer mesh DNS on the tunnel addresses, port 53: {0}")]
-    Dns(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot read the token file {path}")]
@@ -384,17 +382,32 @@ pub async fn run(
     } = iface::start(&cfg, &device, ipv6, state.listen_port, private, &names)?;
     // Mesh DNS on our tunnel addresses (TUN mode; rootless nodes resolve names in
     // their SOCKS5 server instead), and the host's resolver pointed at it.
-    let _resolver = match cfg.userspace {
+    let resolver = match cfg.userspace {
         None => {
             let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(device.tunnel_ip))
                 .chain(v6.map(|(a, _)| IpAddr::V6(a)))
                 .collect();
-            Some(dns::Resolver::start(&addrs, dns::PORT, names.clone()).map_err(JoinError::Dns)?)
+            match dns::Resolver::start(&addrs, dns::PORT, names.clone()) {
+                Ok(r) => Some(r),
+                // Another DNS server holding the port: the mesh works without names.
+                Err(e) => {
+                    tracing::warn!(error = %e, ?addrs, "cannot answer mesh DNS on the tunnel addresses, port 53; names are not answered here");
+                    None
+                }
+            }
         }
         Some(_) => None,
     };
     let split_dns = match (&cfg.dns, cfg.userspace.is_none()) {
-        (true, true) => dns::SplitDns::install(&cfg.interface, device.tunnel_ip, &device.domain),
+        (true, true) if resolver.is_some() => {
+            dns::SplitDns::install(&cfg.interface, device.tunnel_ip, &device.domain)
+        }
+        (true, true) => {
+            tracing::warn!(
+                "--dns: no mesh DNS here, so the host's DNS settings are left unchanged"
+            );
+            None
+        }
         (true, false) => {
             tracing::warn!(
                 "--dns is for TUN mode: in rootless mode use the SOCKS5 server (socks5h://) for mesh names"
@@ -462,6 +475,7 @@ pub async fn run(
     sockets.stop(&cfg).await;
     // While the interface still exists.
     drop(split_dns);
+    drop(resolver);
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);

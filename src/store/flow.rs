@@ -104,7 +104,10 @@ pub trait Tx {
     fn insert_device(&mut self, e: &Encoded<'_>, credential_hash: &str) -> Result<i64, StoreError>;
     /// Writes what a device may change about itself, its name, revision and `last_seen`.
     fn update_device(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError>;
-    /// The device names of an organization that are `base` or start with `base-`.
+    /// Whether a device of the organization has this name (an index lookup).
+    fn name_taken(&mut self, organization_id: i64, name: &str) -> Result<bool, StoreError>;
+    /// The device names of an organization that are `base` or start with `base-`
+    /// (scans the organization's devices).
     fn names_like(&mut self, organization_id: i64, base: &str) -> Result<Vec<String>, StoreError>;
     /// Sets a device's name.
     fn set_name(&mut self, id: i64, name: &str) -> Result<u64, StoreError>;
@@ -332,6 +335,10 @@ pub fn free_name(
     keep: Option<&str>,
 ) -> Result<String, StoreError> {
     let base = names::normalize(hostname);
+    // The common case, a free name, costs one index lookup.
+    if keep == Some(base.as_str()) || !tx.name_taken(org, &base)? {
+        return Ok(base);
+    }
     let taken: HashSet<String> = tx
         .names_like(org, &base)?
         .into_iter()

@@ -257,6 +257,10 @@ pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $
 pub const NAMES_LIKE: &str =
     "SELECT name FROM devices WHERE organization_id = $1 AND (name = $2 OR name LIKE $3)";
 
+/// How many devices of an organization have a name (0 or 1: names are unique).
+pub const NAME_TAKEN: &str =
+    "SELECT COUNT(*) FROM devices WHERE organization_id = $1 AND name = $2";
+
 /// Sets a device's name (both dialects).
 pub const SET_NAME: &str = "UPDATE devices SET name = $1 WHERE id = $2";
 

@@ -327,6 +327,10 @@ impl Tx for Sql<'_> {
         )
     }
 
+    fn name_taken(&mut self, organization_id: i64, name: &str) -> Result<bool, StoreError> {
+        Ok(self.one(rows::NAME_TAKEN, params![organization_id, name], int)? > 0)
+    }
+
     fn set_name(&mut self, id: i64, name: &str) -> Result<u64, StoreError> {
         self.execute(rows::SET_NAME, params![name, id])
     }

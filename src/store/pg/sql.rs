@@ -284,6 +284,11 @@ impl<C: GenericClient> Tx for Db<'_, C> {
         )
     }
 
+    fn name_taken(&mut self, organization_id: i64, name: &str) -> Result<bool, StoreError> {
+        let n: i64 = self.value(rows::NAME_TAKEN, &[&organization_id, &name])?;
+        Ok(n > 0)
+    }
+
     fn set_name(&mut self, id: i64, name: &str) -> Result<u64, StoreError> {
         self.execute(rows::SET_NAME, &[&name, &id])
     }

@@ -117,3 +117,10 @@ CREATE TABLE policies (
     revision         BIGINT  NOT NULL,
     updated_at       BIGINT  NOT NULL
 );
+
+-- migration: 5
+
+ALTER TABLE organizations ADD COLUMN domain TEXT NOT NULL DEFAULT 'nexodus.internal';
+ALTER TABLE devices ADD COLUMN name TEXT NOT NULL DEFAULT '';
+ALTER TABLE devices ADD COLUMN domain TEXT NOT NULL DEFAULT 'nexodus.internal';
+CREATE UNIQUE INDEX devices_name ON devices (organization_id, name) WHERE name <> '';

@@ -96,3 +96,14 @@ CREATE TABLE policies (
     revision         INTEGER NOT NULL,  -- 1 for the first set, then +1 per set or clear
     updated_at       INTEGER NOT NULL
 );
+
+-- migration: 5
+
+-- Mesh DNS (DESIGN §10): every organization has a domain, every device a name that
+-- is one DNS label, unique in its organization (HOSTNAME.DOMAIN). The domain is
+-- copied into each device row, like its organization's prefixes. Devices registered
+-- before this migration get their names when the coordinator opens the database.
+ALTER TABLE organizations ADD COLUMN domain TEXT NOT NULL DEFAULT 'nexodus.internal';
+ALTER TABLE devices ADD COLUMN name TEXT NOT NULL DEFAULT '';
+ALTER TABLE devices ADD COLUMN domain TEXT NOT NULL DEFAULT 'nexodus.internal';
+CREATE UNIQUE INDEX devices_name ON devices (organization_id, name) WHERE name <> '';

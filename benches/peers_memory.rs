@@ -56,6 +56,8 @@ fn device(id: i64) -> Device {
         online: true,
         exit_node: false,
         approved: Default::default(),
+        name: String::new(),
+        domain: String::new(),
     }
 }
 

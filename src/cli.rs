@@ -196,6 +196,11 @@ pub enum Command {
         /// With --use-exit-node: keep the local LAN off the tunnel.
         #[arg(long, env = "NEXODUS_EXIT_NODE_ALLOW_LAN", requires = "use_exit_node")]
         exit_node_allow_lan: bool,
+        /// Point this host's resolver at the mesh DNS for the organization's domain
+        /// only (systemd-resolved split DNS on the tunnel interface, undone on exit).
+        /// Without systemd-resolved it says so and changes nothing.
+        #[arg(long, env = "NEXODUS_DNS")]
+        dns: bool,
         /// Rootless mode: no TUN device and no privileges; the tunnel ends in a
         /// userspace TCP/IP stack, reached through --ingress, --egress and --socks5.
         #[arg(long, env = "NEXODUS_USERSPACE", conflicts_with_all = ["advertise_cidr", "masquerade", "exit_node", "use_exit_node"])]
@@ -352,6 +357,9 @@ pub enum OrgAction {
         /// IPv6 tunnel prefix.
         #[arg(long, env = "NEXODUS_ORG_CIDR_V6", default_value = DEFAULT_ORG_CIDR_V6, value_parser = parse_cidr_v6)]
         cidr_v6: Ipv6Net,
+        /// DNS domain of its devices' names (HOSTNAME.DOMAIN; mesh DNS).
+        #[arg(long, env = "NEXODUS_ORG_DOMAIN", default_value = crate::coord::names::DEFAULT_DOMAIN)]
+        domain: String,
         #[command(flatten)]
         state: StateArgs,
     },

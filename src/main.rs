@@ -126,6 +126,7 @@ fn run(cli: Cli) -> Result<()> {
             exit_node,
             use_exit_node,
             exit_node_allow_lan,
+            dns,
             keepalive,
             userspace,
             ingress,
@@ -171,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
                 exit_node,
                 use_exit_node,
                 exit_node_allow_lan,
+                dns,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))
@@ -209,16 +211,17 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     cidr,
                     cidr_v6,
+                    domain,
                     state,
                 },
         } => {
             let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
             let org = st
                 .store
-                .create_org(&name, cidr, cidr_v6, serve::unix_now())?;
+                .create_org_in(&name, cidr, cidr_v6, &domain, serve::unix_now())?;
             println!(
-                "created organization {} (id {}) with {} and {}",
-                org.name, org.id, org.ip_cidr, org.ip_cidr_v6
+                "created organization {} (id {}) with {} and {}, names under {}",
+                org.name, org.id, org.ip_cidr, org.ip_cidr_v6, org.domain
             );
             Ok(())
         }
@@ -349,9 +352,10 @@ fn run(cli: Cli) -> Result<()> {
 
 fn print_devices(devices: &[AdminDevice], now: i64) {
     println!(
-        "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} PENDING",
+        "{:<5} {:<20} {:<32} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} PENDING",
         "ID",
         "HOSTNAME",
+        "NAME",
         "TUNNEL IP",
         "TUNNEL IPV6",
         "ROLE",
@@ -376,9 +380,10 @@ fn print_devices(devices: &[AdminDevice], now: i64) {
             .or_else(|| d.endpoints.first().copied())
             .map_or_else(|| "-".to_string(), |e| e.to_string());
         println!(
-            "{:<5} {:<20} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} {}",
+            "{:<5} {:<20} {:<32} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} {}",
             d.id,
             d.hostname,
+            format!("{}.{}", d.name, d.domain),
             d.tunnel_ip,
             d.tunnel_ip_v6
                 .map_or_else(|| "-".to_string(), |a| a.to_string()),

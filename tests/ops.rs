@@ -99,7 +99,9 @@ fn systemd_units_verify() {
         "serve keeps no capabilities"
     );
     let join = std::fs::read_to_string(units.join("nexodus-join.service")).expect("read");
-    assert!(join.contains("CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\n"));
+    assert!(
+        join.contains("CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n")
+    );
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("nexodus-serve.service"))

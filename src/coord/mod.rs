@@ -6,5 +6,6 @@
 pub mod ipam;
 pub mod keys;
 pub mod limits;
+pub mod names;
 pub mod token;
 pub mod wgquick;

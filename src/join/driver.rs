@@ -37,6 +37,8 @@ pub(super) struct Driver<'a> {
     pub guard: Box<dyn Fn() -> RouteGuard + Send + Sync + 'a>,
     pub updates: watch::Sender<Option<DeviceUpdate>>,
     pub view: watch::Sender<NodeView>,
+    /// Mesh DNS names, for the resolver and the rootless SOCKS5 server.
+    pub names: watch::Sender<std::sync::Arc<crate::node::dns::NameTable>>,
     /// A subnet router's forwarding: on for a family while one of our prefixes of
     /// it is in effect (the coordinator sends our record reduced to what is
     /// approved), put back as it was otherwise and when the driver is dropped.
@@ -184,6 +186,9 @@ impl Driver<'_> {
         }
         if let Some(update) = self.agent.poll_update() {
             self.updates.send_replace(Some(update));
+        }
+        if let Some(names) = self.agent.poll_names() {
+            self.names.send_replace(std::sync::Arc::new(names));
         }
         if let Some(view) = self.agent.poll_view() {
             self.view.send_replace(view);

@@ -43,6 +43,7 @@ pub(super) fn start(
     listen_port: u16,
     private: [u8; 32],
     exit_uplinks: &[(bool, String)],
+    names: &tokio::sync::watch::Receiver<Arc<crate::node::dns::NameTable>>,
 ) -> Result<Up, JoinError> {
     let v6 = device
         .tunnel_ip_v6
@@ -81,6 +82,7 @@ pub(super) fn start(
                 device.tunnel_ip,
                 v6.map(|(a, _)| a),
                 tun::DEFAULT_MTU,
+                names.clone(),
             )?;
             (tun::PacketDevice::Pipe(ours), Some(Arc::new(stack)))
         }

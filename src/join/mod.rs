@@ -13,6 +13,7 @@
 mod apply;
 mod control;
 pub mod datapath;
+pub mod dns;
 mod driver;
 mod enroll;
 mod exit;
@@ -36,6 +37,7 @@ use crate::coord::keys;
 use crate::coord::token::{JoinToken, TokenError, hex};
 use crate::io::{nft, sysinfo, tun, udp};
 use crate::node::agent::Agent;
+use crate::node::dns::NameTable;
 use crate::node::mesh::LocalView;
 use crate::node::route_guard::RouteGuard;
 use enroll::{Ctx, Enrolled};
@@ -174,6 +176,8 @@ pub struct JoinConfig {
     pub use_exit_node: Option<String>,
     /// With `use_exit_node`: keep the local LAN off the tunnel.
     pub exit_node_allow_lan: bool,
+    /// Point the host's resolver at the mesh DNS for the domain (`--dns`).
+    pub dns: bool,
 }
 
 /// Resolves `HOST[:PORT]` entries (default port 4443). A malformed entry is
@@ -369,12 +373,49 @@ pub async fn run(
     let device = enroll::sync_registration(&ctx, &client, &auth, device).await?;
     exits.up(&cfg, &device, ipv6, &uplinks)?;
 
+    let (names_tx, names) = tokio::sync::watch::channel(Arc::new(NameTable::default()));
     let iface::Up {
         datapath,
         stack,
         v6,
         stun_answers,
-    } = iface::start(&cfg, &device, ipv6, state.listen_port, private, &uplinks)?;
+    } = iface::start(&cfg, &device, ipv6, state.listen_port, private, &uplinks, &names)?;
+    // Mesh DNS on our tunnel addresses (TUN mode; rootless nodes resolve names in
+    // their SOCKS5 server instead), and the host's resolver pointed at it.
+    let resolver = match cfg.userspace {
+        None => {
+            let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(device.tunnel_ip))
+                .chain(v6.map(|(a, _)| IpAddr::V6(a)))
+                .collect();
+            match dns::Resolver::start(&addrs, dns::PORT, names.clone()) {
+                Ok(r) => Some(r),
+                // Another DNS server holding the port: the mesh works without names.
+                Err(e) => {
+                    tracing::warn!(error = %e, ?addrs, "cannot answer mesh DNS on the tunnel addresses, port 53; names are not answered here");
+                    None
+                }
+            }
+        }
+        Some(_) => None,
+    };
+    let split_dns = match (&cfg.dns, cfg.userspace.is_none()) {
+        (true, true) if resolver.is_some() => {
+            dns::SplitDns::install(&cfg.interface, device.tunnel_ip, &device.domain)
+        }
+        (true, true) => {
+            tracing::warn!(
+                "--dns: no mesh DNS here, so the host's DNS settings are left unchanged"
+            );
+            None
+        }
+        (true, false) => {
+            tracing::warn!(
+                "--dns is for TUN mode: in rootless mode use the SOCKS5 server (socks5h://) for mesh names"
+            );
+            None
+        }
+        (false, _) => None,
+    };
     let datapath = Arc::new(datapath);
     let routes = match cfg.userspace {
         None => Some(
@@ -418,6 +459,7 @@ pub async fn run(
         guard: Box::new(guard),
         updates: updates_tx,
         view: view_tx,
+        names: names_tx,
         // A subnet router forwards once its prefixes are in effect; what was there
         // before comes back when the driver is dropped, on every return path.
         forwarding: subnet_router(&cfg).then(|| driver::Forwarding {
@@ -432,6 +474,9 @@ pub async fn run(
         () = &mut shutdown => Ok(()),
     };
     sockets.stop(&cfg).await;
+    // While the interface still exists.
+    drop(split_dns);
+    drop(resolver);
     // Dropping the last handle stops the data-path thread, which closes the TUN
     // device: the interface and all its routes disappear.
     drop(datapath);

@@ -20,6 +20,7 @@ use std::time::Instant;
 use ipnet::IpNet;
 
 use crate::node::access::Access;
+use crate::node::dns::NameTable;
 use crate::node::mesh::{Action, LocalView, MeshState, Path, PeerPlan};
 use crate::node::nat::{self, Mapping, ProbeEvent, Prober};
 use crate::node::route_guard::RouteGuard;
@@ -81,6 +82,9 @@ pub struct Agent {
     view_changed: bool,
     /// The access policy and this node's compiled inbound table.
     access: Access,
+    /// Mesh DNS names of the organization's devices (ours included).
+    names: NameTable,
+    names_changed: bool,
 }
 
 impl Agent {
@@ -103,6 +107,8 @@ impl Agent {
             update: None,
             view_changed: true,
             access: Access::default(),
+            names: NameTable::default(),
+            names_changed: false,
         }
     }
 
@@ -184,6 +190,24 @@ impl Agent {
         self.push_actions(actions);
         self.take_own_role();
         self.recompile_access();
+        self.rebuild_names();
+    }
+
+    /// The name table from our record and every other device's, if it changed.
+    fn rebuild_names(&mut self) {
+        let names = NameTable::from_devices(
+            &self.device.domain,
+            std::iter::once(&self.device).chain(self.mesh.devices()),
+        );
+        if names != self.names {
+            self.names = names;
+            self.names_changed = true;
+        }
+    }
+
+    /// The mesh DNS names, once per change (for the resolver and SOCKS5).
+    pub fn poll_names(&mut self) -> Option<NameTable> {
+        std::mem::take(&mut self.names_changed).then(|| self.names.clone())
     }
 
     /// A delta from the coordinator.
@@ -197,6 +221,7 @@ impl Agent {
             self.take_own_role();
         }
         self.recompile_access();
+        self.rebuild_names();
     }
 
     /// This node's inbound table, and on a relay those of unmanaged devices.
@@ -256,6 +281,7 @@ impl Agent {
     pub fn handle_device(&mut self, device: Device) {
         self.device = device;
         self.view_changed = true;
+        self.rebuild_names();
     }
 
     /// The control connection is down (the data plane keeps running).

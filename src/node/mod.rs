@@ -15,6 +15,7 @@ pub mod access;
 pub mod agent;
 pub mod coordinators;
 pub mod dataplane;
+pub mod dns;
 pub mod filter;
 pub mod mesh;
 pub mod nat;

@@ -146,6 +146,8 @@ mod tests {
             online: true,
             exit_node: true,
             approved: Approved::default(),
+            name: String::new(),
+            domain: String::new(),
         }
     }
 

@@ -799,6 +799,8 @@ mod tests {
             online: true,
             exit_node: false,
             approved: Default::default(),
+            name: String::new(),
+            domain: String::new(),
         }
     }
 

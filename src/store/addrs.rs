@@ -336,6 +336,7 @@ mod tests {
             name: "o".into(),
             ip_cidr: v4.parse().unwrap(),
             ip_cidr_v6: v6.parse().unwrap(),
+            domain: "nexodus.internal".into(),
         }
     }
 

@@ -13,6 +13,7 @@
 //! Addresses taken by the transaction in progress are reserved in the [`AddrCache`]
 //! until its changes are logged, so the cache is only ever filled from committed rows.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use super::addrs::{AddrCache, AddrChange, AddrSource, DeviceAddrs};
@@ -21,6 +22,7 @@ use super::{
     AdvertisedBy, Change, Organization, Registration, StoreError, StoredPolicy, check_advertised,
     check_register, fail_all,
 };
+use crate::coord::names;
 use crate::policy::approve::effective;
 use crate::policy::{Approve, Policy};
 use crate::wire::control::{Approved, Device, RegisterRequest};
@@ -100,8 +102,17 @@ pub trait Tx {
     /// Inserts a device (its `id`, `revision` and `online` are ignored; `last_seen`
     /// is also its creation time) without logging it; returns its id.
     fn insert_device(&mut self, e: &Encoded<'_>, credential_hash: &str) -> Result<i64, StoreError>;
-    /// Writes what a device may change about itself, its revision and `last_seen`.
+    /// Writes what a device may change about itself, its name, revision and `last_seen`.
     fn update_device(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError>;
+    /// Whether a device of the organization has this name (an index lookup).
+    fn name_taken(&mut self, organization_id: i64, name: &str) -> Result<bool, StoreError>;
+    /// The device names of an organization that are `base` or start with `base-`
+    /// (scans the organization's devices).
+    fn names_like(&mut self, organization_id: i64, base: &str) -> Result<Vec<String>, StoreError>;
+    /// Sets a device's name.
+    fn set_name(&mut self, id: i64, name: &str) -> Result<u64, StoreError>;
+    /// (id, organization, hostname) of devices without a name, by id.
+    fn unnamed(&mut self) -> Result<Vec<(i64, i64, String)>, StoreError>;
     /// Sets `last_seen`.
     fn touch(&mut self, id: i64, now: i64) -> Result<u64, StoreError>;
     /// Writes a device's IPv6 support and address.
@@ -273,6 +284,7 @@ pub fn insert_device(
     }
     let org = load_org(tx, org_id)?;
     let (v4, v6) = addrs.allocate(tx, &org, req)?;
+    let name = free_name(tx, org_id, &req.hostname, None)?;
     if !req.advertise_cidrs.is_empty() {
         let others = tx.advertisers(org_id)?;
         check_advertised(&org, &others, None, &req.advertise_cidrs)?;
@@ -307,8 +319,45 @@ pub fn insert_device(
         online: false,
         exit_node: req.exit_node,
         approved: Approved::default(),
+        name,
+        domain: org.domain,
     };
     tx.insert_device(&Encoded::new(&device)?, credential_hash)
+}
+
+/// The name a device with `hostname` gets in the organization (DESIGN §10): the
+/// hostname's label, with `-2`, `-3`, … if taken (`keep`: a device's own current
+/// name, free for it to keep).
+pub fn free_name(
+    tx: &mut dyn Tx,
+    org: i64,
+    hostname: &str,
+    keep: Option<&str>,
+) -> Result<String, StoreError> {
+    let base = names::normalize(hostname);
+    // The common case, a free name, costs one index lookup.
+    if keep == Some(base.as_str()) || !tx.name_taken(org, &base)? {
+        return Ok(base);
+    }
+    let taken: HashSet<String> = tx
+        .names_like(org, &base)?
+        .into_iter()
+        .filter(|n| Some(n.as_str()) != keep)
+        .collect();
+    Ok(names::unique(&base, &taken))
+}
+
+/// Names the devices made before names existed, in registration (id) order; returns
+/// how many. Runs when a coordinator opens the database.
+pub fn name_unnamed(engine: &mut dyn Engine) -> Result<usize, StoreError> {
+    write(engine, |tx, _| {
+        let unnamed = tx.unnamed()?;
+        for (id, org, hostname) in &unnamed {
+            let name = free_name(tx, *org, hostname, None)?;
+            tx.set_name(*id, &name)?;
+        }
+        Ok(unnamed.len())
+    })
 }
 
 /// See [`super::Store::login`]; the credential was checked.

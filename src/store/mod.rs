@@ -38,6 +38,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 
 use crate::coord::ipam::{self, Advertiser, IpamError};
+use crate::coord::names;
 use crate::policy::Policy;
 use crate::policy::approve::{self, AdminDevice};
 use crate::wire::control::{Approved, Device, DeviceUpdate, RegisterRequest};
@@ -107,6 +108,8 @@ pub struct Organization {
     pub name: String,
     pub ip_cidr: Ipv4Net,
     pub ip_cidr_v6: Ipv6Net,
+    /// DNS domain of its devices' names (DESIGN §10).
+    pub domain: String,
 }
 
 /// One entry of the change log with the device's state now (`None`: removed).
@@ -222,6 +225,7 @@ pub trait Store: Send {
         flow::read(self.engine(), Read::Plain, |tx| tx.current_revision())
     }
 
+    /// Creates an organization with the default DNS domain.
     fn create_org(
         &mut self,
         name: &str,
@@ -229,12 +233,26 @@ pub trait Store: Send {
         ip_cidr_v6: Ipv6Net,
         now: i64,
     ) -> Result<Organization, StoreError> {
+        self.create_org_in(name, ip_cidr, ip_cidr_v6, names::DEFAULT_DOMAIN, now)
+    }
+
+    /// Creates an organization whose devices are named under `domain`.
+    fn create_org_in(
+        &mut self,
+        name: &str,
+        ip_cidr: Ipv4Net,
+        ip_cidr_v6: Ipv6Net,
+        domain: &str,
+        now: i64,
+    ) -> Result<Organization, StoreError> {
         check_new_org(name, ip_cidr, ip_cidr_v6)?;
+        let domain = names::domain(domain).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let mut org = Organization {
             id: 0,
             name: name.into(),
             ip_cidr,
             ip_cidr_v6,
+            domain,
         };
         org.id = flow::write(self.engine(), |tx, _| {
             if tx.org_by_name(name)?.is_some() {
@@ -394,6 +412,12 @@ pub trait Store: Send {
                 let org = flow::load_org(tx, d.organization_id)?;
                 let others = tx.advertisers(d.organization_id)?;
                 check_advertised(&org, &others, Some(device_id), cidrs)?;
+            }
+            if d.hostname != before.hostname
+                && names::normalize(&d.hostname) != names::normalize(&before.hostname)
+            {
+                // Renamed: a new name, its old one if that is still the best.
+                d.name = flow::free_name(tx, d.organization_id, &d.hostname, Some(&before.name))?;
             }
             d.revision = tx.record_change(d.organization_id, device_id, flow::UPSERT, now)?;
             d.last_seen = now;

@@ -19,7 +19,7 @@ macro_rules! device_columns {
          organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, endpoints, \
          reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
          advertise_cidrs, revision, last_seen, unmanaged, online, exit_node, approved_cidrs, \
-         relay_approved, exit_approved"
+         relay_approved, exit_approved, name, domain"
     };
     (d) => {
         "d.id, d.organization_id, d.public_key, d.hostname, d.os, d.tunnel_ip, \
@@ -27,7 +27,7 @@ macro_rules! device_columns {
          d.local_ip_v6, d.endpoints, d.reflexive_endpoint, d.symmetric_nat, d.relay, \
          d.relay_only, d.ipv6_supported, d.advertise_cidrs, d.revision, d.last_seen, \
          d.unmanaged, d.online, d.exit_node, d.approved_cidrs, d.relay_approved, \
-         d.exit_approved"
+         d.exit_approved, d.name, d.domain"
     };
 }
 pub(crate) use device_columns;
@@ -126,6 +126,8 @@ pub fn device(row: &impl Row, at: usize) -> Result<Device, StoreError> {
             relay: row.col(at + 24)?,
             exit: row.col(at + 25)?,
         },
+        name: row.col(at + 26)?,
+        domain: row.col(at + 27)?,
     })
 }
 
@@ -134,13 +136,14 @@ pub fn credential(row: &impl Row) -> Result<(String, Device), StoreError> {
     Ok((row.col(0)?, device(row, 1)?))
 }
 
-/// `id, name, ip_cidr, ip_cidr_v6`.
+/// `id, name, ip_cidr, ip_cidr_v6, domain`.
 pub fn org(row: &impl Row) -> Result<Organization, StoreError> {
     Ok(Organization {
         id: row.col(0)?,
         name: row.col(1)?,
         ip_cidr: parse(row, 2, "ip_cidr")?,
         ip_cidr_v6: parse(row, 3, "ip_cidr_v6")?,
+        domain: row.col(4)?,
     })
 }
 
@@ -235,9 +238,10 @@ pub fn token(row: &impl Row) -> Result<Token, StoreError> {
 pub const INSERT_DEVICE: &str = "INSERT INTO devices (organization_id, public_key, hostname, os, \
     tunnel_ip, tunnel_ip_v6, organization_prefix, organization_prefix_v6, endpoints, symmetric_nat, \
     relay, relay_only, ipv6_supported, advertise_cidrs, revision, last_seen, created_at, \
-    credential_hash, unmanaged, exit_node, approved_cidrs, relay_approved, exit_approved) \
+    credential_hash, unmanaged, exit_node, approved_cidrs, relay_approved, exit_approved, name, \
+    domain) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15, $16, $17, \
-    $18, $19, $20, $21) \
+    $18, $19, $20, $21, $22, $23) \
     RETURNING id";
 
 /// Writes an admin's approvals of a device (both dialects).
@@ -247,7 +251,22 @@ pub const SET_APPROVED: &str = "UPDATE devices SET approved_cidrs = $1, relay_ap
 /// Writes what a device may change about itself (both dialects, as [`INSERT_DEVICE`]).
 pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $2, \
     reflexive_endpoint = $3, symmetric_nat = $4, relay = $5, relay_only = $6, advertise_cidrs = $7, \
-    revision = $8, last_seen = $9 WHERE id = $10";
+    revision = $8, last_seen = $9, name = $10 WHERE id = $11";
+
+/// The names taken in an organization that are `$2` or start with `$3` (`$2-%`).
+pub const NAMES_LIKE: &str =
+    "SELECT name FROM devices WHERE organization_id = $1 AND (name = $2 OR name LIKE $3)";
+
+/// How many devices of an organization have a name (0 or 1: names are unique).
+pub const NAME_TAKEN: &str =
+    "SELECT COUNT(*) FROM devices WHERE organization_id = $1 AND name = $2";
+
+/// Sets a device's name (both dialects).
+pub const SET_NAME: &str = "UPDATE devices SET name = $1 WHERE id = $2";
+
+/// Devices without a name yet (made before names existed), by id.
+pub const UNNAMED: &str =
+    "SELECT id, organization_id, hostname FROM devices WHERE name = '' ORDER BY id";
 
 /// A query parameter both drivers bind.
 pub trait Param: rusqlite::ToSql + postgres::types::ToSql + Sync {}
@@ -284,7 +303,7 @@ impl<'a> Encoded<'a> {
 
 impl Encoded<'_> {
     /// The parameters of [`INSERT_DEVICE`].
-    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 21] {
+    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 23] {
         let d = self.d;
         [
             &d.organization_id,
@@ -308,6 +327,8 @@ impl Encoded<'_> {
             &self.approved_cidrs,
             &d.approved.relay,
             &d.approved.exit,
+            &d.name,
+            &d.domain,
         ]
     }
 
@@ -323,7 +344,7 @@ impl Encoded<'_> {
     }
 
     /// The parameters of [`UPDATE_DEVICE`].
-    pub fn update_params(&self) -> [&dyn Param; 10] {
+    pub fn update_params(&self) -> [&dyn Param; 11] {
         let d = self.d;
         [
             &d.hostname,
@@ -335,6 +356,7 @@ impl Encoded<'_> {
             &self.advertise_cidrs,
             &d.revision,
             &d.last_seen,
+            &d.name,
             &d.id,
         ]
     }

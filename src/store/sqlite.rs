@@ -55,10 +55,12 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate::run(&mut conn)?;
-        Ok(Self {
+        let mut store = Self {
             conn,
             addrs: AddrCache::default(),
-        })
+        };
+        super::flow::name_unnamed(&mut store)?;
+        Ok(store)
     }
 }
 
@@ -205,7 +207,7 @@ impl Tx for Sql<'_> {
 
     fn org(&mut self, id: i64) -> Result<Option<Organization>, StoreError> {
         self.opt(
-            "SELECT id, name, ip_cidr, ip_cidr_v6 FROM organizations WHERE id = ?1",
+            "SELECT id, name, ip_cidr, ip_cidr_v6, domain FROM organizations WHERE id = ?1",
             [id],
             |r| rows::org(r),
         )
@@ -213,7 +215,7 @@ impl Tx for Sql<'_> {
 
     fn org_by_name(&mut self, name: &str) -> Result<Option<Organization>, StoreError> {
         self.opt(
-            "SELECT id, name, ip_cidr, ip_cidr_v6 FROM organizations WHERE name = ?1",
+            "SELECT id, name, ip_cidr, ip_cidr_v6, domain FROM organizations WHERE name = ?1",
             [name],
             |r| rows::org(r),
         )
@@ -221,7 +223,7 @@ impl Tx for Sql<'_> {
 
     fn orgs(&mut self) -> Result<Vec<Organization>, StoreError> {
         self.all(
-            "SELECT id, name, ip_cidr, ip_cidr_v6 FROM organizations ORDER BY id",
+            "SELECT id, name, ip_cidr, ip_cidr_v6, domain FROM organizations ORDER BY id",
             [],
             |r| rows::org(r),
         )
@@ -263,12 +265,14 @@ impl Tx for Sql<'_> {
 
     fn insert_org(&mut self, org: &Organization, now: i64) -> Result<i64, StoreError> {
         self.execute(
-            "INSERT INTO organizations (name, ip_cidr, ip_cidr_v6, created_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO organizations (name, ip_cidr, ip_cidr_v6, created_at, domain) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 org.name,
                 org.ip_cidr.to_string(),
                 org.ip_cidr_v6.to_string(),
-                now
+                now,
+                org.domain
             ],
         )?;
         Ok(self.0.last_insert_rowid())
@@ -312,6 +316,27 @@ impl Tx for Sql<'_> {
 
     fn update_device(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError> {
         self.execute(rows::UPDATE_DEVICE, params_from_iter(e.update_params()))
+    }
+
+    fn names_like(&mut self, organization_id: i64, base: &str) -> Result<Vec<String>, StoreError> {
+        let pattern = format!("{base}-%");
+        self.all(
+            rows::NAMES_LIKE,
+            params![organization_id, base, pattern],
+            |r| r.col(0),
+        )
+    }
+
+    fn name_taken(&mut self, organization_id: i64, name: &str) -> Result<bool, StoreError> {
+        Ok(self.one(rows::NAME_TAKEN, params![organization_id, name], int)? > 0)
+    }
+
+    fn set_name(&mut self, id: i64, name: &str) -> Result<u64, StoreError> {
+        self.execute(rows::SET_NAME, params![name, id])
+    }
+
+    fn unnamed(&mut self) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        self.all(rows::UNNAMED, [], |r| Ok((r.col(0)?, r.col(1)?, r.col(2)?)))
     }
 
     fn touch(&mut self, id: i64, now: i64) -> Result<u64, StoreError> {

@@ -188,7 +188,119 @@ both_backends!(
     no_op_updates_and_pruning,
     claims_reach_peers_only_once_approved,
     policy_approves_in_advance,
+    names_are_unique_in_registration_order,
 );
+
+/// Mesh DNS names (DESIGN §10): lower-cased DNS labels, `-2`, `-3` … for duplicates
+/// in registration order (a batch included), per organization with its domain; a
+/// rename takes a new name and is a change; a removed device's name is free again;
+/// devices from before names existed are named when the database is opened.
+fn names_are_unique_in_registration_order(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, None);
+    let named = |n: u8, host: &str| RegisterRequest {
+        hostname: host.into(),
+        ..req(n, true)
+    };
+    let reqs = [named(1, "Alpha"), named(2, "alpha"), named(3, "ALPHA.lan")];
+    let t = hash_secret("t");
+    let batch: Vec<Registration<'_>> = reqs
+        .iter()
+        .map(|r| Registration {
+            req: r,
+            token_hash: &t,
+            credential_hash: "c",
+        })
+        .collect();
+    let devices: Vec<Device> = s
+        .register_devices(&batch, 1)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "alpha-2", "alpha-3"]);
+    assert!(devices.iter().all(|d| d.domain == "nexodus.internal"));
+    let d4 = s
+        .register_device(&named(4, "My_Laptop"), &t, "c", 1)
+        .unwrap();
+    assert_eq!(d4.name, "my-laptop");
+
+    // Another organization, its own domain and names.
+    let lab = s
+        .create_org_in(
+            "lab",
+            "192.0.2.0/24".parse().unwrap(),
+            "2001:db8::/64".parse().unwrap(),
+            "Corp.Example",
+            0,
+        )
+        .unwrap();
+    assert_eq!(lab.domain, "corp.example");
+    assert_eq!(s.org_by_name("lab").unwrap().domain, "corp.example");
+    s.create_token(lab.id, &hash_secret("lab"), true, None, 0)
+        .unwrap();
+    let l = s
+        .register_device(&named(5, "alpha"), &hash_secret("lab"), "c", 1)
+        .unwrap();
+    assert_eq!(
+        (l.name.as_str(), l.domain.as_str()),
+        ("alpha", "corp.example")
+    );
+    assert!(matches!(
+        s.create_org_in(
+            "bad",
+            "10.0.0.0/8".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+            "no_underscores",
+            0
+        ),
+        Err(StoreError::Invalid(_))
+    ));
+
+    // A rename is a change peers see; the old name is free again.
+    let rev = s.current_revision().unwrap();
+    let update = DeviceUpdate {
+        hostname: Some("Beta".into()),
+        ..Default::default()
+    };
+    let renamed = s.update_device(devices[2].id, &update, 2).unwrap();
+    assert_eq!(renamed.name, "beta");
+    let changes = s.changes_since(rev, 10).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].device.as_ref().unwrap().name, "beta");
+    s.remove_device(devices[0].id, 3).unwrap();
+    let again = s.register_device(&named(6, "alpha"), &t, "c", 3).unwrap();
+    assert_eq!(again.name, "alpha");
+
+    // Devices from before names existed get theirs when the database is opened.
+    let clear = "UPDATE devices SET name = ''";
+    match b {
+        Backend::Sqlite => {
+            rusqlite::Connection::open(&f.path)
+                .unwrap()
+                .execute(clear, [])
+                .unwrap();
+        }
+        Backend::Postgres => {
+            let name = f.url.rsplit('/').next().unwrap().to_string();
+            let pg = server().lock().unwrap_or_else(|e| e.into_inner());
+            pg.query(&name, clear).unwrap();
+        }
+    }
+    let mut s = f.reopen();
+    let org = s.org_by_name(DEFAULT_ORG).unwrap();
+    let mut names: Vec<(i64, String)> = s
+        .devices(org.id)
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.id, d.name))
+        .collect();
+    names.sort();
+    let names: Vec<&str> = names.iter().map(|(_, n)| n.as_str()).collect();
+    // By id: the old alpha-2, the renamed beta, my-laptop, the newest alpha.
+    assert_eq!(names, ["alpha", "beta", "my-laptop", "alpha-2"]);
+}
 
 /// An update that changes nothing logs nothing; pruning keeps the newest revisions
 /// and never lets a revision be reused.

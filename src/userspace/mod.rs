@@ -104,13 +104,16 @@ impl UserspaceConfig {
                 rules.push(rule);
             }
         }
-        rule::check_conflicts(&rules).map_err(|(r, source)| UserspaceError::BadRule {
-            flag: match r.direction {
-                Direction::Ingress => "ingress",
-                Direction::Egress => "egress",
-            },
-            rule: r.to_string(),
-            source,
+        rule::check_conflicts(&rules).map_err(|e| {
+            let (r, source) = *e;
+            UserspaceError::BadRule {
+                flag: match r.direction {
+                    Direction::Ingress => "ingress",
+                    Direction::Egress => "egress",
+                },
+                rule: r.to_string(),
+                source,
+            }
         })?;
         let mut bound = Bound::default();
         for (i, r) in rules.iter().enumerate() {
@@ -193,6 +196,7 @@ impl Stack {
         v4: Ipv4Addr,
         v6: Option<Ipv6Addr>,
         mtu: u16,
+        names: stack::Names,
     ) -> Result<Self, UserspaceError> {
         let bound = config
             .bound
@@ -210,6 +214,7 @@ impl Stack {
             v4,
             v6,
             mtu,
+            names,
         };
         let (shutdown, stop) = tokio::sync::oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -53,8 +53,12 @@ pub struct Rule {
     /// Ingress: the mesh-side port (address unspecified: both mesh addresses).
     /// Egress: the local listener.
     pub listen: SocketAddr,
-    /// Ingress: the local service. Egress: the mesh host.
+    /// Ingress: the local service. Egress: the mesh host (unspecified while a named
+    /// host does not resolve).
     pub target: SocketAddr,
+    /// Egress to a mesh name (`NAME.DOMAIN`, lower-case): resolved from the mesh DNS
+    /// table whenever it changes.
+    pub target_name: Option<String>,
 }
 
 impl fmt::Display for Rule {
@@ -75,7 +79,10 @@ impl fmt::Display for Rule {
                         IpAddr::V6(a) => write!(f, "[{a}]:")?,
                     }
                 }
-                write!(f, "{}:{}", self.listen.port(), self.target)
+                match &self.target_name {
+                    Some(name) => write!(f, "{}:{name}:{}", self.listen.port(), self.target.port()),
+                    None => write!(f, "{}:{}", self.listen.port(), self.target),
+                }
             }
         }
     }
@@ -103,8 +110,8 @@ pub enum RuleError {
 }
 
 const INGRESS_SHAPE: &str = "PROTO:PORT:HOST:HOSTPORT, e.g. tcp:443:127.0.0.1:8443";
-const EGRESS_SHAPE: &str =
-    "PROTO:[BIND:]LOCALPORT:MESHHOST:PORT, e.g. tcp:5432:100.64.0.5:5432 or udp:5353:[200::5]:53";
+const EGRESS_SHAPE: &str = "PROTO:[BIND:]LOCALPORT:MESHHOST:PORT, e.g. tcp:5432:100.64.0.5:5432, \
+     udp:5353:[200::5]:53 or tcp:5432:db.nexodus.internal:5432";
 
 /// Splits `a:b:[v6]:c` into fields, keeping bracketed IPv6 addresses whole (brackets
 /// stripped, flagged).
@@ -198,6 +205,27 @@ fn check_target(ip: IpAddr, what: &'static str) -> Result<(), RuleError> {
     Ok(())
 }
 
+/// A mesh host given by name (`NAME.DOMAIN`: DNS labels, at least one dot, not an
+/// IPv4 address), lower-cased.
+fn mesh_name((s, bracketed): (&str, bool)) -> Option<String> {
+    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    let ok = !bracketed
+        && name.parse::<Ipv4Addr>().is_err()
+        && name.contains('.')
+        && name.len() <= 253
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    ok.then_some(name)
+}
+
 impl Rule {
     /// Parses `--ingress PROTO:PORT:HOST:HOSTPORT`.
     pub fn ingress(s: &str) -> Result<Self, RuleError> {
@@ -213,6 +241,7 @@ impl Rule {
             proto,
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), mesh_port),
             target,
+            target_name: None,
         })
     }
 
@@ -233,11 +262,19 @@ impl Rule {
             return Err(RuleError::UnusableAddress(bind, "listen"));
         }
         let local_port = port(local_port)?;
+        let (target, target_name) = match mesh_name(host) {
+            Some(name) => (
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port(host_port)?),
+                Some(name),
+            ),
+            None => (target(host, host_port, "mesh host")?, None),
+        };
         Ok(Self {
             direction: Direction::Egress,
             proto,
             listen: SocketAddr::new(bind, local_port),
-            target: target(host, host_port, "mesh host")?,
+            target,
+            target_name,
         })
     }
 }
@@ -246,21 +283,21 @@ impl Rule {
 /// mesh port, or two egress rules on one local port and protocol (whatever the bind
 /// address: the kernel would refuse most of those combinations anyway, and the error
 /// is clearer here).
-pub fn check_conflicts(rules: &[Rule]) -> Result<(), (Rule, RuleError)> {
+pub fn check_conflicts(rules: &[Rule]) -> Result<(), Box<(Rule, RuleError)>> {
     for (i, a) in rules.iter().enumerate() {
         for b in rules.iter().take(i) {
             if a.direction == b.direction
                 && a.proto == b.proto
                 && a.listen.port() == b.listen.port()
             {
-                return Err((
+                return Err(Box::new((
                     a.clone(),
                     RuleError::PortInUse {
                         proto: a.proto,
                         port: a.listen.port(),
                         other: b.to_string(),
                     },
-                ));
+                )));
             }
         }
     }
@@ -298,6 +335,21 @@ mod tests {
         assert_eq!(r.to_string(), "egress udp:[::1]:5353:[200::5]:53");
         let r = Rule::egress("tcp:0.0.0.0:80:100.64.0.9:80").unwrap();
         assert_eq!(r.listen, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(r.target_name, None);
+        // A mesh name: resolved later, from the mesh DNS table.
+        let r = Rule::egress("tcp:8080:Web.Nexodus.Internal.:80").unwrap();
+        assert_eq!(r.target_name.as_deref(), Some("web.nexodus.internal"));
+        assert_eq!(r.target, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(r.to_string(), "egress tcp:8080:web.nexodus.internal:80");
+        assert!(Rule::egress("udp:[::1]:53:dns.corp.example:53").is_ok());
+        for bad in [
+            "tcp:1:localhost:2",
+            "tcp:1:a..b:2",
+            "tcp:1:a_b.c:2",
+            "tcp:1:10.0.0:2",
+        ] {
+            assert!(Rule::egress(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -357,7 +409,7 @@ mod tests {
         assert!(check_conflicts(&rules).is_ok());
         let mut more = rules.to_vec();
         more.push(Rule::ingress("tcp:80:127.0.0.1:9090").unwrap());
-        let (rule, err) = check_conflicts(&more).unwrap_err();
+        let (rule, err) = *check_conflicts(&more).unwrap_err();
         assert_eq!(rule.target.port(), 9090);
         assert!(
             err.to_string()

@@ -2,9 +2,9 @@
 //! request, the reply and the UDP ASSOCIATE datagram header.
 //!
 //! Pure parsers of untrusted bytes: they say `Ok(None)` when more bytes are needed and
-//! return errors, never panic. Domain names are parsed (so the reply can say "address
-//! type not supported") but not resolved; a name that is an IP literal is taken as
-//! that address.
+//! return errors, never panic. Domain names are parsed but not resolved here (the
+//! session resolves mesh names from the mesh DNS table and refuses others with "host
+//! unreachable"); a name that is an IP literal is taken as that address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

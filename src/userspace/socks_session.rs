@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::socks::{self, Command, Reply, SocksError};
+use super::stack::Names;
 
 /// SOCKS5 negotiation.
 pub const SOCKS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,9 +36,9 @@ pub struct SocksJob {
 
 /// Negotiates with the client of `stream` in a task of its own; the request goes to
 /// `tx`.
-pub fn spawn(stream: TcpStream, peer: SocketAddr, tx: mpsc::Sender<SocksJob>) {
+pub fn spawn(stream: TcpStream, peer: SocketAddr, tx: mpsc::Sender<SocksJob>, names: Names) {
     tokio::spawn(async move {
-        match tokio::time::timeout(SOCKS_TIMEOUT, negotiate(stream, peer, tx)).await {
+        match tokio::time::timeout(SOCKS_TIMEOUT, negotiate(stream, peer, tx, names)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "SOCKS5 client refused"),
             Err(_) => tracing::debug!(%peer, "SOCKS5 negotiation timed out"),
@@ -68,6 +69,7 @@ async fn negotiate(
     mut stream: TcpStream,
     peer: SocketAddr,
     tx: mpsc::Sender<SocksJob>,
+    names: Names,
 ) -> Result<(), String> {
     let mut buf = [0u8; 600];
     let mut have = 0;
@@ -114,18 +116,22 @@ async fn negotiate(
         let _ = write_reply(&mut stream, Reply::CommandNotSupported).await;
         return Err(format!("command {command:?} not supported"));
     }
-    let target = match (command, request.address.ip()) {
-        (_, Some(t)) => t,
+    let target = match (command, request.address.ip(), &request.address) {
+        (_, Some(t), _) => t,
         // The client does not know its UDP address yet.
-        (Command::UdpAssociate, None) => NO_ADDRESS,
-        (_, None) => {
-            // Names are not resolved: mesh hosts are reached by address.
-            let _ = write_reply(&mut stream, Reply::AddressTypeNotSupported).await;
-            return Err(format!(
-                "{:?}: domain names are not resolved",
-                request.address
-            ));
+        (Command::UdpAssociate, None, _) => NO_ADDRESS,
+        (_, None, socks::Address::Domain(name, port)) => {
+            // Mesh names only (socks5h://): the mesh DNS table, never the host's resolver.
+            let host = names.borrow().resolve(name);
+            match host {
+                Some(h) => SocketAddr::new(h.v4.into(), *port),
+                None => {
+                    let _ = write_reply(&mut stream, Reply::HostUnreachable).await;
+                    return Err(format!("{name:?} is not a mesh name"));
+                }
+            }
         }
+        (_, None, socks::Address::Ip(_)) => NO_ADDRESS,
     };
     let early = buf.get(used..have).unwrap_or_default().to_vec();
     tx.send(SocksJob {

@@ -150,6 +150,12 @@ pub struct Device {
     /// is approved (`policy::approve::effective`), with this left empty.
     #[serde(default, skip_serializing_if = "Approved::is_empty")]
     pub approved: Approved,
+    /// Its DNS name in the organization: one label, unique there (DESIGN §10).
+    #[serde(default)]
+    pub name: String,
+    /// The organization's DNS domain: the device answers to `NAME.DOMAIN`.
+    #[serde(default)]
+    pub domain: String,
 }
 
 /// A device's claims an admin approved (DESIGN §13). A prefix inside an approved

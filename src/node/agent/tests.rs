@@ -237,3 +237,54 @@ fn unanswered_data_asks_the_shell_for_a_check_handshake_then_uses_the_relay() {
             .any(|(d, p)| d.id == 2 && *p == crate::node::mesh::Path::Relay)
     );
 }
+
+/// The mesh DNS table follows snapshots, deltas and our own record, and is handed
+/// out once per change (DESIGN §10).
+#[test]
+fn names_follow_every_device_change() {
+    let now = Instant::now();
+    let named = |id: i64, v6: bool, name: &str| {
+        let mut d = device(id, v6);
+        d.name = name.into();
+        d.domain = "nexodus.internal".into();
+        d
+    };
+    let mut a = agent();
+    assert_eq!(a.poll_names(), None);
+    a.handle_snapshot(
+        &[named(1, true, "me"), named(2, false, "beta")],
+        None,
+        coordinator(),
+        now,
+    );
+    let t = a.poll_names().expect("a table after the snapshot");
+    assert_eq!(t.domain(), "nexodus.internal");
+    assert!(t.resolve("me.nexodus.internal").is_some());
+    let beta = t.resolve("beta.nexodus.internal").unwrap();
+    assert_eq!((beta.v4.to_string(), beta.v6), ("100.64.0.2".into(), None));
+    assert_eq!(a.poll_names(), None, "once per change");
+    // A delta that changes no name hands out nothing.
+    a.handle_delta(&[named(2, false, "beta")], &[], now);
+    assert_eq!(a.poll_names(), None);
+    // New, renamed and removed devices.
+    a.handle_delta(&[named(3, true, "gamma"), named(2, false, "b2")], &[], now);
+    let t = a.poll_names().unwrap();
+    assert!(t.resolve("gamma.nexodus.internal").is_some());
+    assert!(t.resolve("b2.nexodus.internal").is_some());
+    assert!(t.resolve("beta.nexodus.internal").is_none());
+    a.handle_delta(&[], &[3], now);
+    assert!(
+        a.poll_names()
+            .unwrap()
+            .resolve("gamma.nexodus.internal")
+            .is_none()
+    );
+    // Our own record, as an update's answer.
+    a.handle_device(named(1, true, "me-renamed"));
+    assert!(
+        a.poll_names()
+            .unwrap()
+            .resolve("me-renamed.nexodus.internal")
+            .is_some()
+    );
+}

@@ -28,6 +28,8 @@ pub(crate) fn device(id: i64, v6: bool) -> Device {
         online: true,
         exit_node: false,
         approved: Default::default(),
+        name: String::new(),
+        domain: String::new(),
     }
 }
 

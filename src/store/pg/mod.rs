@@ -78,12 +78,14 @@ impl PgStore {
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let replica = id.iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Self {
+        let mut store = Self {
             config,
             conn: Some(conn),
             replica,
             addrs: AddrCache::default(),
-        })
+        };
+        super::flow::name_unnamed(&mut store)?;
+        Ok(store)
     }
 
     /// The connection settings, for a second connection (the hub's LISTEN).

@@ -163,7 +163,7 @@ impl<C: GenericClient> Tx for Db<'_, C> {
 
     fn org(&mut self, id: i64) -> Result<Option<Organization>, StoreError> {
         self.opt(
-            "SELECT id, name, ip_cidr, ip_cidr_v6 FROM organizations WHERE id = $1",
+            "SELECT id, name, ip_cidr, ip_cidr_v6, domain FROM organizations WHERE id = $1",
             &[&id],
             rows::org,
         )
@@ -171,7 +171,7 @@ impl<C: GenericClient> Tx for Db<'_, C> {
 
     fn org_by_name(&mut self, name: &str) -> Result<Option<Organization>, StoreError> {
         self.opt(
-            "SELECT id, name, ip_cidr, ip_cidr_v6 FROM organizations WHERE name = $1",
+            "SELECT id, name, ip_cidr, ip_cidr_v6, domain FROM organizations WHERE name = $1",
             &[&name],
             rows::org,
         )
@@ -179,7 +179,7 @@ impl<C: GenericClient> Tx for Db<'_, C> {
 
     fn orgs(&mut self) -> Result<Vec<Organization>, StoreError> {
         self.all(
-            "SELECT id, name, ip_cidr, ip_cidr_v6 FROM organizations ORDER BY id",
+            "SELECT id, name, ip_cidr, ip_cidr_v6, domain FROM organizations ORDER BY id",
             &[],
             rows::org,
         )
@@ -224,13 +224,14 @@ impl<C: GenericClient> Tx for Db<'_, C> {
 
     fn insert_org(&mut self, org: &Organization, now: i64) -> Result<i64, StoreError> {
         self.value(
-            "INSERT INTO organizations (name, ip_cidr, ip_cidr_v6, created_at) \
-             VALUES ($1, $2, $3, $4) RETURNING id",
+            "INSERT INTO organizations (name, ip_cidr, ip_cidr_v6, created_at, domain) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
             &[
                 &org.name,
                 &org.ip_cidr.to_string(),
                 &org.ip_cidr_v6.to_string(),
                 &now,
+                &org.domain,
             ],
         )
     }
@@ -272,6 +273,30 @@ impl<C: GenericClient> Tx for Db<'_, C> {
 
     fn update_device(&mut self, e: &Encoded<'_>) -> Result<u64, StoreError> {
         self.execute(rows::UPDATE_DEVICE, &e.update_params().map(bind))
+    }
+
+    fn names_like(&mut self, organization_id: i64, base: &str) -> Result<Vec<String>, StoreError> {
+        let pattern = format!("{base}-%");
+        self.all(
+            rows::NAMES_LIKE,
+            &[&organization_id, &base, &pattern],
+            |r| r.col(0),
+        )
+    }
+
+    fn name_taken(&mut self, organization_id: i64, name: &str) -> Result<bool, StoreError> {
+        let n: i64 = self.value(rows::NAME_TAKEN, &[&organization_id, &name])?;
+        Ok(n > 0)
+    }
+
+    fn set_name(&mut self, id: i64, name: &str) -> Result<u64, StoreError> {
+        self.execute(rows::SET_NAME, &[&name, &id])
+    }
+
+    fn unnamed(&mut self) -> Result<Vec<(i64, i64, String)>, StoreError> {
+        self.all(rows::UNNAMED, &[], |r| {
+            Ok((r.col(0)?, r.col(1)?, r.col(2)?))
+        })
     }
 
     fn touch(&mut self, id: i64, now: i64) -> Result<u64, StoreError> {

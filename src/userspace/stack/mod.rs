@@ -21,7 +21,7 @@ mod udp;
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -59,7 +59,12 @@ pub struct Params {
     pub v4: Ipv4Addr,
     pub v6: Option<Ipv6Addr>,
     pub mtu: u16,
+    /// Mesh DNS names: SOCKS5 domain names and named egress hosts resolve here.
+    pub names: Names,
 }
+
+/// The mesh DNS names as the node's driver last published them.
+pub type Names = tokio::sync::watch::Receiver<Arc<crate::node::dns::NameTable>>;
 
 /// The SOCKS5 listener and the channel negotiated requests come back on.
 struct SocksIntake {
@@ -67,6 +72,7 @@ struct SocksIntake {
     listener: Option<TcpListener>,
     tx: mpsc::Sender<SocksJob>,
     rx: mpsc::Receiver<SocksJob>,
+    names: Names,
 }
 
 /// The UDP rules and SOCKS5 associations.
@@ -214,7 +220,7 @@ impl Driver {
             .transpose()
             .map_err(|e| stack_err("SOCKS5 listener", e))?;
         let (tx, rx) = mpsc::channel(64);
-        Ok(Self {
+        let mut stack = Self {
             iface,
             sockets,
             dev,
@@ -229,6 +235,7 @@ impl Driver {
                 listener,
                 tx,
                 rx,
+                names: p.names,
             },
             ports: PortAllocator::new(rand::random(), reserved),
             ended: Vec::new(),
@@ -236,7 +243,9 @@ impl Driver {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             status,
             status_clock: StatusClock::new(epoch),
-        })
+        };
+        stack.refresh_names(true);
+        Ok(stack)
     }
 
     /// `now` on smoltcp's clock.
@@ -258,7 +267,40 @@ impl Driver {
         tracing::info!("userspace stack stopped");
     }
 
+    /// Egress rules to mesh names follow the mesh DNS table (checked once per wakeup:
+    /// a named target matters only when a connection or datagram arrives, which wakes
+    /// the driver). A name that does not resolve leaves the target unspecified:
+    /// connections to it are closed, datagrams dropped.
+    fn refresh_names(&mut self, force: bool) {
+        if !force && !self.socks.names.has_changed().unwrap_or(false) {
+            return;
+        }
+        let table = self.socks.names.borrow_and_update().clone();
+        let resolve = |rule: &Rule, target: &mut SocketAddr| {
+            if let Some(name) = &rule.target_name {
+                let ip = table
+                    .resolve(name)
+                    .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |h| IpAddr::V4(h.v4));
+                if ip != target.ip() {
+                    tracing::info!(rule = %rule, %ip, "egress mesh name resolved");
+                }
+                target.set_ip(ip);
+            }
+        };
+        for e in &mut self.egress_tcp {
+            if let Some(r) = self.rules.get(e.rule) {
+                resolve(r, &mut e.target);
+            }
+        }
+        for e in &mut self.udp.egress {
+            if let Some(r) = self.rules.get(e.rule) {
+                resolve(r, &mut e.target);
+            }
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.refresh_names(false);
         let mut budget = LOOP_BUDGET;
         let now = loop {
             // The one clock read of the turn.
@@ -320,6 +362,11 @@ impl Driver {
                 };
                 let (rule, target) = (e.rule, e.target);
                 match e.listener.poll_accept(cx) {
+                    Poll::Ready(Ok((stream, peer))) if target.ip().is_unspecified() => {
+                        progress = true;
+                        tracing::debug!(%peer, "egress mesh name does not resolve; connection closed");
+                        drop(stream);
+                    }
                     Poll::Ready(Ok((stream, peer))) => {
                         progress = true;
                         self.open_egress(rule, None, stream, peer, target, now);
@@ -337,7 +384,12 @@ impl Driver {
                 match l.poll_accept(cx) {
                     Poll::Ready(Ok((stream, peer))) => {
                         progress = true;
-                        socks_session::spawn(stream, peer, self.socks.tx.clone());
+                        socks_session::spawn(
+                            stream,
+                            peer,
+                            self.socks.tx.clone(),
+                            self.socks.names.clone(),
+                        );
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::warn!(error = %e, "SOCKS5 accept failed");

@@ -128,10 +128,37 @@ impl Remote {
         }
     }
 
+    /// One request as given (`path` below `/api/v1`, query included; `auth` the whole
+    /// `Authorization` value, or none): its status and body. For tests and tools.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), AdminError> {
+        let a = self.rt.block_on(async {
+            tokio::time::timeout(TIMEOUT, self.send(method, path, auth, Some(body))).await
+        });
+        let a = a.map_err(|_| AdminError::Transport("no answer within 30 s".into()))??;
+        Ok((a.status, a.body))
+    }
+
     async fn request(
         &self,
         method: &str,
         path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Answer, AdminError> {
+        let auth = format!("Bearer {}", self.key);
+        self.send(method, path, Some(&auth), body).await
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
         body: Option<&[u8]>,
     ) -> Result<Answer, AdminError> {
         let t = |e: std::io::Error| AdminError::Transport(format!("{}: {e}", self.authority()));
@@ -147,16 +174,22 @@ impl Remote {
             .await
             .map_err(t)?;
         let body = body.unwrap_or_default();
+        let auth = auth.map_or_else(String::new, |a| format!("Authorization: {a}\r\n"));
         let head = format!(
-            "{method} /api/v1{path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+            "{method} /api/v1{path} HTTP/1.1\r\nHost: {}\r\n{auth}\
              Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.authority(),
-            self.key,
             body.len()
         );
-        tls.write_all(head.as_bytes()).await.map_err(t)?;
-        tls.write_all(body).await.map_err(t)?;
-        tls.flush().await.map_err(t)?;
+        // A server may answer (413) and close before reading a large body: read its
+        // answer even when writing failed.
+        let mut wrote = tls.write_all(head.as_bytes()).await;
+        if wrote.is_ok() {
+            wrote = tls.write_all(body).await;
+        }
+        if wrote.is_ok() {
+            wrote = tls.flush().await;
+        }
         let mut raw = Vec::new();
         let read = (&mut tls)
             .take(MAX_RESPONSE as u64)
@@ -168,9 +201,14 @@ impl Remote {
         {
             return Err(t(e));
         }
-        parse_response(&raw).ok_or_else(|| {
-            AdminError::Transport(format!("{}: not an HTTP answer", self.authority()))
-        })
+        match (parse_response(&raw), wrote) {
+            (Some(a), _) => Ok(a),
+            (None, Err(e)) => Err(t(e)),
+            (None, Ok(())) => Err(AdminError::Transport(format!(
+                "{}: not an HTTP answer",
+                self.authority()
+            ))),
+        }
     }
 
     fn authority(&self) -> String {

@@ -404,6 +404,10 @@ pub async fn run(
     let (updates_tx, updates) = tokio::sync::watch::channel(None);
     let (events_tx, events) = tokio::sync::mpsc::channel(64);
 
+    let paths = control::PathSource {
+        view: view.clone(),
+        datapath: datapath.clone(),
+    };
     let sockets =
         local::Sockets::start(&cfg, &datapath, view, stack, state.listen_port, private).await?;
 
@@ -426,7 +430,7 @@ pub async fn run(
         }),
     };
     let result = tokio::select! {
-        r = control::run(&ctx, client, auth, events_tx, updates) => r,
+        r = control::run(&ctx, client, auth, events_tx, updates, paths) => r,
         () = driver.run() => Ok(()),
         () = &mut shutdown => Ok(()),
     };

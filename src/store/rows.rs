@@ -346,7 +346,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 
 /// Lists tokens, newest first: every organization's when the organization is 0.
 pub const SELECT_TOKENS: &str = "SELECT id, organization_id, reusable, expires_at, uses, \
-    created_at FROM tokens WHERE ($1 = 0 OR organization_id = $1) ORDER BY id";
+    created_at FROM tokens WHERE (CAST($1 AS BIGINT) = 0 OR organization_id = $1) ORDER BY id";
 
 /// `id, organization_id, reusable, expires_at, uses, created_at`.
 pub fn token_info(row: &impl Row) -> Result<super::TokenInfo, StoreError> {

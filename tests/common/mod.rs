@@ -144,6 +144,14 @@ impl Coordinator {
         c
     }
 
+    /// [`Coordinator::start`] with more `serve` flags (e.g. `--api-listen`).
+    pub async fn start_with(ip: &str, extra: &[&str]) -> Self {
+        let mut c = Self::new(ip, None, None);
+        c.store.extend(extra.iter().map(ToString::to_string));
+        c.spawn().await;
+        c
+    }
+
     /// Starts a replica on database `url` at `ip` (QUIC 4443, STUN 3478/3479), its log
     /// in `logdir`, and waits until it runs.
     pub fn replica(ip: &str, url: &str, logdir: &Path) -> Self {

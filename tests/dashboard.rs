@@ -360,6 +360,10 @@ async fn dashboard_in_headless_chromium() {
                 "return document.querySelectorAll('#graph line.direct').length === 2",
             );
             b.until(
+                "alpha and beta through the relay",
+                "return document.querySelectorAll('#graph path.relay').length === 1",
+            );
+            b.until(
                 "gamma greyed",
                 "return document.querySelector('#graph circle[data-name=gamma]')\
                  .classList.contains('offline')",

@@ -93,14 +93,24 @@ function renderGraph(devices) {
       if (how === "direct") {
         const k = [d.name, peer].sort().join("\u0000");
         edges.set(k, { a: d.name, b: peer, cls: "direct" });
-      } else if (how === "relay" && relay && d.name !== relay.name) {
-        const k = [d.name, relay.name].sort().join("\u0000");
-        if (!edges.has(k)) edges.set(k, { a: d.name, b: relay.name, cls: "relay" });
+      } else if (how === "relay" && relay && d.name !== relay.name && peer !== relay.name) {
+        const k = "relay\u0000" + [d.name, peer].sort().join("\u0000");
+        edges.set(k, { a: d.name, b: peer, cls: "relay" });
       }
     }
   }
   for (const e of edges.values()) {
     const [x1, y1] = pos.get(e.a), [x2, y2] = pos.get(e.b);
+    if (e.cls === "relay") {
+      // A relayed pair: a dashed curve from one to the other, bent through the relay.
+      const [rx, ry] = pos.get(relay.name);
+      const c = document.createElementNS(SVG, "path");
+      c.setAttribute("d", `M ${x1} ${y1} Q ${2 * rx - (x1 + x2) / 2} ${2 * ry - (y1 + y2) / 2} ${x2} ${y2}`);
+      c.setAttribute("class", "relay");
+      c.dataset.a = e.a; c.dataset.b = e.b;
+      svg.appendChild(c);
+      continue;
+    }
     const l = document.createElementNS(SVG, "line");
     l.setAttribute("x1", x1); l.setAttribute("y1", y1);
     l.setAttribute("x2", x2); l.setAttribute("y2", y2);

@@ -107,3 +107,27 @@ ALTER TABLE organizations ADD COLUMN domain TEXT NOT NULL DEFAULT 'nexodus.inter
 ALTER TABLE devices ADD COLUMN name TEXT NOT NULL DEFAULT '';
 ALTER TABLE devices ADD COLUMN domain TEXT NOT NULL DEFAULT 'nexodus.internal';
 CREATE UNIQUE INDEX devices_name ON devices (organization_id, name) WHERE name <> '';
+
+-- migration: 6
+
+-- Remote administration (DESIGN §12): admin keys for the HTTPS API, stored by the
+-- SHA-256 of their secret (never the secret); a revoked key keeps its row (listed,
+-- never accepted again).
+CREATE TABLE admin_keys (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT    NOT NULL,
+    secret_hash  TEXT    NOT NULL UNIQUE,  -- sha256 of the secret, hex
+    created_at   INTEGER NOT NULL,
+    revoked_at   INTEGER                   -- unix seconds; NULL = in force
+);
+
+-- Node path reports (direct or relay, handshake age per peer), newest per pair;
+-- a device's rows go with it.
+CREATE TABLE path_reports (
+    device_id      INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    peer_id        INTEGER NOT NULL,
+    path           TEXT    NOT NULL,   -- 'direct' or 'relay'
+    handshake_age  INTEGER,            -- seconds; NULL = no handshake yet
+    reported_at    INTEGER NOT NULL,
+    PRIMARY KEY (device_id, peer_id)
+);

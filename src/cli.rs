@@ -126,6 +126,22 @@ pub enum Command {
         #[arg(long, env = "NEXODUS_MAX_CONNECTIONS_PER_IP", value_name = "N",
               default_value_t = crate::serve::limits::MAX_PER_IP)]
         max_connections_per_ip: usize,
+        /// Serve the admin API (`/api/v1`) and the dashboard (`/`) over HTTPS here,
+        /// e.g. [::]:8443 (off by default). Needs an admin key (`nexodus admin-key create`).
+        #[arg(long, env = "NEXODUS_API_LISTEN", value_name = "ADDR")]
+        api_listen: Option<SocketAddr>,
+        /// A CA-signed certificate chain (PEM) for the API instead of the
+        /// coordinator's own certificate (then create admin keys with `--api-cert`).
+        #[arg(long, env = "NEXODUS_API_CERT", value_name = "FILE", requires_all = ["api_key_file", "api_listen"])]
+        api_cert: Option<PathBuf>,
+        /// The private key (PEM) of --api-cert.
+        #[arg(
+            long,
+            env = "NEXODUS_API_KEY_FILE",
+            value_name = "FILE",
+            requires = "api_cert"
+        )]
+        api_key_file: Option<PathBuf>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -253,11 +269,27 @@ pub enum Command {
         action: TokenAction,
         #[command(flatten)]
         org: OrgArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Manage organizations (admin, on the coordinator host).
     Org {
         #[command(subcommand)]
         action: OrgAction,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Manage the admin API's keys (on the coordinator host): `create` prints a key
+    /// (`nxa1.…`) for `--api-key` and the dashboard; only its hash is stored.
+    AdminKey {
+        #[command(subcommand)]
+        action: AdminKeyAction,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// List an organization's devices (what each claims, what is approved, what is
     /// pending), approve or revoke claims, add or remove devices (admin, on the
@@ -271,6 +303,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(flatten)]
         state: StateArgs,
     },
     /// Manage an organization's policy file (admin, on the coordinator host). Its
@@ -281,6 +315,8 @@ pub enum Command {
         action: PolicyAction,
         #[command(flatten)]
         org: OrgArg,
+        #[command(flatten)]
+        remote: RemoteArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -341,9 +377,54 @@ pub enum TokenAction {
         /// Lifetime, e.g. 30m, 24h, 7d (default: never expires).
         #[arg(long, env = "NEXODUS_TOKEN_EXPIRES", value_parser = parse_lifetime)]
         expires: Option<std::time::Duration>,
-        #[command(flatten)]
-        state: StateArgs,
     },
+    /// List join tokens (of the --org given, else of every organization); never
+    /// their secrets.
+    List,
+    /// Revoke a join token by id (from `token list`): it joins nothing more.
+    Revoke { id: i64 },
+}
+
+/// Run an admin command through a coordinator's HTTPS API instead of its database.
+#[derive(Debug, Args, Clone)]
+pub struct RemoteArgs {
+    /// The coordinator's admin API, e.g. https://coord.example:8443.
+    #[arg(
+        long,
+        global = true,
+        env = "NEXODUS_API",
+        value_name = "URL",
+        requires = "api_key"
+    )]
+    pub api: Option<String>,
+    /// An admin key (`nexodus admin-key create`); the API's certificate is pinned to
+    /// the fingerprint it carries.
+    #[arg(
+        long,
+        global = true,
+        env = "NEXODUS_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminKeyAction {
+    /// Create an admin key and print it (only it) on stdout.
+    Create {
+        /// A name to tell keys apart in `admin-key list`.
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// The API's CA-signed certificate (PEM, as given to `serve --api-cert`): the
+        /// key then pins it instead of the coordinator's own.
+        #[arg(long, value_name = "FILE")]
+        api_cert: Option<PathBuf>,
+    },
+    /// List admin keys (never their secrets).
+    List,
+    /// Revoke an admin key by id: it is refused from then on.
+    Revoke { id: i64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,9 +441,9 @@ pub enum OrgAction {
         /// DNS domain of its devices' names (HOSTNAME.DOMAIN; mesh DNS).
         #[arg(long, env = "NEXODUS_ORG_DOMAIN", default_value = crate::coord::names::DEFAULT_DOMAIN)]
         domain: String,
-        #[command(flatten)]
-        state: StateArgs,
     },
+    /// List organizations and their prefixes.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

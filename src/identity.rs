@@ -138,6 +138,46 @@ impl Identity {
     }
 }
 
+/// HTTPS (the admin API, DESIGN §12): a rustls server config presenting `chain` (leaf
+/// first) with `key`, HTTP/1.1 over TLS 1.2 or 1.3.
+pub fn https_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, IdentityError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+impl Identity {
+    /// The admin API's HTTPS config presenting this identity (the default; the admin
+    /// key carries its fingerprint).
+    pub fn https_config(&self) -> Result<rustls::ServerConfig, IdentityError> {
+        let cert = CertificateDer::from(self.cert_der.clone());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        https_server_config(vec![cert], key)
+    }
+}
+
+/// An HTTPS client config (the remote admin CLI) that accepts only the certificate
+/// with `fingerprint`.
+pub fn https_client_config(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, IdentityError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert {
+            fingerprint,
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
 /// Keepalives keep idle watch connections (and the NAT state in front of them) alive;
 /// the idle timeout notices a dead peer.
 fn transport_config() -> quinn::TransportConfig {
@@ -234,18 +274,24 @@ impl ServerCertVerifier for PinnedCert {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(
-                "coordinator certificate does not match the fingerprint in the join token".into(),
+                "coordinator certificate does not match the fingerprint in the join token (or admin key)".into(),
             ))
         }
     }
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+        // QUIC is TLS 1.3 only; the admin API's HTTPS may be 1.2.
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(

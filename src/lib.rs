@@ -1,5 +1,6 @@
 //! nexodus: a WireGuard mesh in one binary. See ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod coord;

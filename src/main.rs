@@ -3,10 +3,16 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use nexodus::cli::{Cli, Command, DevicesAction, LogFormat, OrgAction, PolicyAction, TokenAction};
+use nexodus::admin::client::Remote;
+use nexodus::admin::{Admin, ApprovalChange, OnHost, format_time, render_orgs, render_tokens};
+use nexodus::cli::{
+    AdminKeyAction, Cli, Command, DevicesAction, LogFormat, OrgAction, PolicyAction, RemoteArgs,
+    StateArgs, TokenAction,
+};
 use nexodus::policy::approve::AdminDevice;
 use nexodus::serve::{self, ServeConfig};
 use nexodus::wire::control::Approved;
+use rustls_pki_types::pem::PemObject;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -80,6 +86,9 @@ fn run(cli: Cli) -> Result<()> {
             stun_listen,
             metrics_listen,
             max_connections_per_ip,
+            api_listen,
+            api_cert,
+            api_key_file,
             state,
         } => {
             let cfg = ServeConfig {
@@ -87,6 +96,8 @@ fn run(cli: Cli) -> Result<()> {
                 stun_listen,
                 metrics_listen,
                 max_connections_per_ip,
+                api_listen,
+                api_cert: api_cert.zip(api_key_file),
                 database: state.database(),
                 state_dir: state.state_dir(),
             };
@@ -192,74 +203,135 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Token {
-            action:
-                TokenAction::Create {
-                    reusable,
-                    expires,
-                    state,
-                },
+            action,
             org,
+            remote,
+            state,
         } => {
-            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
-            let token = serve::create_token(&mut st, org.name(), reusable, expires)?;
-            println!("{token}");
+            let mut admin = admin_session(&remote, &state)?;
+            match action {
+                TokenAction::Create { reusable, expires } => {
+                    let t =
+                        admin.create_token(org.name(), reusable, expires.map(|d| d.as_secs()))?;
+                    println!("{}", t.token);
+                }
+                TokenAction::List => {
+                    let tokens = admin.tokens(org.org.as_deref())?;
+                    print!("{}", render_tokens(&tokens, serve::unix_now()));
+                }
+                TokenAction::Revoke { id } => {
+                    admin.revoke_token(org.org.as_deref(), id)?;
+                    println!("revoked join token {id}");
+                }
+            }
             Ok(())
         }
         Command::Org {
-            action:
+            action,
+            remote,
+            state,
+        } => {
+            let mut admin = admin_session(&remote, &state)?;
+            match action {
                 OrgAction::Create {
                     name,
                     cidr,
                     cidr_v6,
                     domain,
-                    state,
-                },
-        } => {
+                } => {
+                    let org = admin.create_org(&name, cidr, cidr_v6, &domain)?;
+                    println!(
+                        "created organization {} (id {}) with {} and {}, names under {}",
+                        org.name, org.id, org.cidr, org.cidr_v6, org.domain
+                    );
+                }
+                OrgAction::List => print!("{}", render_orgs(&admin.orgs()?)),
+            }
+            Ok(())
+        }
+        Command::AdminKey { action, state } => {
             let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
-            let org = st
-                .store
-                .create_org_in(&name, cidr, cidr_v6, &domain, serve::unix_now())?;
-            println!(
-                "created organization {} (id {}) with {} and {}, names under {}",
-                org.name, org.id, org.ip_cidr, org.ip_cidr_v6, org.domain
-            );
+            match action {
+                AdminKeyAction::Create { name, api_cert } => {
+                    let fingerprint = match api_cert {
+                        Some(path) => {
+                            let pem = std::fs::read(&path)
+                                .with_context(|| format!("reading {}", path.display()))?;
+                            let der = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                                .next()
+                                .with_context(|| format!("no certificate in {}", path.display()))?
+                                .with_context(|| format!("reading {}", path.display()))?;
+                            nexodus::identity::fingerprint(&der)
+                        }
+                        None => st.identity.fingerprint(),
+                    };
+                    let mut secret = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+                    let key = nexodus::coord::adminkey::AdminKeyText {
+                        fingerprint,
+                        secret,
+                    };
+                    let id =
+                        st.store
+                            .create_admin_key(&name, &key.secret_hash(), serve::unix_now())?;
+                    eprintln!(
+                        "created admin key {id} ({name}); give it as --api-key (or NEXODUS_API_KEY), \
+                         or open the dashboard at https://COORDINATOR:PORT/#key=KEY"
+                    );
+                    println!("{key}");
+                }
+                AdminKeyAction::List => {
+                    println!("{:<6} {:<24} {:<21} REVOKED", "ID", "NAME", "CREATED");
+                    for k in st.store.admin_keys()? {
+                        println!(
+                            "{:<6} {:<24} {:<21} {}",
+                            k.id,
+                            k.name,
+                            format_time(k.created_at),
+                            k.revoked_at.map_or_else(|| "-".to_string(), format_time)
+                        );
+                    }
+                }
+                AdminKeyAction::Revoke { id } => {
+                    st.store.revoke_admin_key(id, serve::unix_now())?;
+                    println!("revoked admin key {id}");
+                }
+            }
             Ok(())
         }
         Command::Devices {
             action,
             org,
             json,
+            remote,
             state,
         } => {
-            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
-            match action {
-                Some(DevicesAction::Add {
-                    hostname,
-                    public_key,
-                    generate_key: _,
-                }) => {
-                    let (device, config) = serve::add_unmanaged(
-                        &mut st,
-                        org.name(),
-                        &hostname,
-                        public_key.as_deref(),
-                    )?;
-                    eprintln!(
-                        "added device {} (id {}) as a stock WireGuard spoke; its wg-quick config:",
-                        device.hostname, device.id
+            if let Some(DevicesAction::Add {
+                hostname,
+                public_key,
+                generate_key: _,
+            }) = &action
+            {
+                if remote.api.is_some() {
+                    anyhow::bail!(
+                        "`devices add` works on the coordinator host only (it prints a private key)"
                     );
-                    print!("{config}");
                 }
+                let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
+                let (device, config) =
+                    serve::add_unmanaged(&mut st, org.name(), hostname, public_key.as_deref())?;
+                eprintln!(
+                    "added device {} (id {}) as a stock WireGuard spoke; its wg-quick config:",
+                    device.hostname, device.id
+                );
+                print!("{config}");
+                return Ok(());
+            }
+            let mut admin = admin_session(&remote, &state)?;
+            match action {
+                Some(DevicesAction::Add { .. }) => {}
                 Some(DevicesAction::Remove { id }) => {
-                    if let Some(name) = &org.org {
-                        let org = st.store.org_by_name(name)?;
-                        if !st.store.devices(org.id)?.iter().any(|d| d.id == id) {
-                            anyhow::bail!(
-                                "device {id} is not in organization {name:?} (see `nexodus devices --org {name}`)"
-                            );
-                        }
-                    }
-                    st.store.remove_device(id, serve::unix_now())?;
+                    admin.remove_device(org.org.as_deref(), id)?;
                     println!("removed device {id}");
                 }
                 Some(DevicesAction::Approve {
@@ -267,18 +339,31 @@ fn run(cli: Cli) -> Result<()> {
                     routes,
                     relay,
                     exit,
-                }) => change_approval(&mut st, org.org.as_deref(), id, true, &routes, relay, exit)?,
+                }) => {
+                    let change = ApprovalChange {
+                        routes,
+                        relay,
+                        exit,
+                    };
+                    let a = admin.change_approval(org.org.as_deref(), id, true, &change)?;
+                    print_approval(&a);
+                }
                 Some(DevicesAction::Revoke {
                     id,
                     routes,
                     relay,
                     exit,
                 }) => {
-                    change_approval(&mut st, org.org.as_deref(), id, false, &routes, relay, exit)?
+                    let change = ApprovalChange {
+                        routes,
+                        relay,
+                        exit,
+                    };
+                    let a = admin.change_approval(org.org.as_deref(), id, false, &change)?;
+                    print_approval(&a);
                 }
                 None => {
-                    let org = st.store.org_by_name(org.name())?;
-                    let devices = st.store.admin_devices(org.id)?;
+                    let devices = admin.devices(org.name())?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&devices)?);
                     } else {
@@ -288,51 +373,55 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Policy { action, org, state } => {
-            let mut st = serve::open_existing(&state.database(), &state.state_dir())?;
-            let org = st.store.org_by_name(org.name())?;
+        Command::Policy {
+            action,
+            org,
+            remote,
+            state,
+        } => {
+            let mut admin = admin_session(&remote, &state)?;
             match action {
                 PolicyAction::Set { file } => {
                     let text = std::fs::read_to_string(&file)
                         .with_context(|| format!("reading {}", file.display()))?;
-                    let revision = st
-                        .store
-                        .set_policy(org.id, &text, serve::unix_now())
+                    let p = admin
+                        .set_policy(org.name(), &text)
                         .with_context(|| format!("{}", file.display()))?;
                     eprintln!(
                         "stored the policy of organization {:?}; its revision:",
-                        org.name
+                        p.organization
                     );
-                    println!("{revision}");
+                    println!("{}", p.revision.unwrap_or_default());
                 }
                 PolicyAction::Show { json } => {
-                    let policy = st.store.policy(org.id)?;
+                    let p = admin.policy(org.name())?;
                     if json {
                         let value = serde_json::json!({
-                            "organization": org.name,
-                            "revision": policy.as_ref().map(|p| p.revision),
-                            "updated_at": policy.as_ref().map(|p| p.updated_at),
-                            "text": policy.as_ref().map(|p| p.text.as_str()),
+                            "organization": p.organization,
+                            "revision": p.revision,
+                            "updated_at": p.updated_at,
+                            "text": p.text,
                         });
                         println!("{}", serde_json::to_string_pretty(&value)?);
-                    } else if let Some(p) = policy {
+                    } else if let (Some(text), Some(revision)) = (&p.text, p.revision) {
                         eprintln!(
                             "policy of organization {:?}, revision {}:",
-                            org.name, p.revision
+                            p.organization, revision
                         );
-                        print!("{}", p.text);
+                        print!("{text}");
                     } else {
                         eprintln!(
                             "organization {:?} has no policy: everything is allowed, nothing approved in advance",
-                            org.name
+                            p.organization
                         );
                     }
                 }
                 PolicyAction::Clear => {
-                    if st.store.clear_policy(org.id, serve::unix_now())? {
-                        println!("cleared the policy of organization {:?}", org.name);
+                    let c = admin.clear_policy(org.name())?;
+                    if c.cleared {
+                        println!("cleared the policy of organization {:?}", c.organization);
                     } else {
-                        println!("organization {:?} had no policy", org.name);
+                        println!("organization {:?} had no policy", c.organization);
                     }
                 }
             }
@@ -418,56 +507,27 @@ fn claims(a: &Approved) -> String {
     }
 }
 
-/// A device not found while `--org` was given: say where it was looked for.
-fn not_in_org(e: nexodus::store::StoreError, id: i64, org: Option<&str>) -> anyhow::Error {
-    match (&e, org) {
-        (nexodus::store::StoreError::DeviceNotFound(_), Some(name)) => anyhow::anyhow!(
-            "device {id} is not in organization {name:?} (see `nexodus devices --org {name}`)"
-        ),
-        _ => e.into(),
-    }
-}
-
 /// After `devices approve|revoke`: what of the device is in effect and pending.
-/// `devices approve` (`approve`) or `devices revoke` of device `id`, which must be in
-/// organization `org` when one is named; prints what is approved and pending after.
-fn change_approval(
-    st: &mut serve::CoordinatorState,
-    org: Option<&str>,
-    id: i64,
-    approve: bool,
-    routes: &[ipnet::IpNet],
-    relay: bool,
-    exit: bool,
-) -> Result<()> {
-    let org_id = org
-        .map(|name| st.store.org_by_name(name).map(|o| o.id))
-        .transpose()?;
-    let now = serve::unix_now();
-    let changed = if approve {
-        st.store.approve(org_id, id, routes, relay, exit, now)
-    } else {
-        st.store.revoke(org_id, id, routes, relay, exit, now)
-    };
-    let d = changed.map_err(|e| not_in_org(e, id, org))?;
-    print_approval(st, d.organization_id, id)
-}
-
-fn print_approval(st: &mut serve::CoordinatorState, org: i64, id: i64) -> Result<()> {
-    let a = st
-        .store
-        .admin_devices(org)?
-        .into_iter()
-        .find(|a| a.device.id == id)
-        .with_context(|| format!("device {id} is gone"))?;
+fn print_approval(a: &AdminDevice) {
     println!(
         "device {} ({}): in effect: {}; pending: {}",
-        id,
+        a.device.id,
         a.device.hostname,
         claims(&a.in_effect),
         claims(&a.pending)
     );
-    Ok(())
+}
+
+/// The admin operations: through the API with `--api`, else on this host's
+/// coordinator state.
+fn admin_session(remote: &RemoteArgs, state: &StateArgs) -> Result<Box<dyn Admin>> {
+    match (&remote.api, &remote.api_key) {
+        (Some(url), Some(key)) => Ok(Box::new(Remote::new(url, key)?)),
+        (Some(_), None) => anyhow::bail!("--api needs --api-key (or NEXODUS_API_KEY)"),
+        _ => Ok(Box::new(OnHost {
+            state: serve::open_existing(&state.database(), &state.state_dir())?,
+        })),
+    }
 }
 
 async fn shutdown_signal() {

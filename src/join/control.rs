@@ -12,7 +12,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::client::{ClientError, ControlClient};
-use crate::wire::control::{Auth, Device, DeviceUpdate, PolicyState, Request, Response};
+use crate::wire::control::{
+    Auth, Device, DeviceUpdate, PathKind, PeerPath, PolicyState, Request, Response,
+};
 
 use super::enroll::{Ctx, instance, relogin};
 use super::{JoinError, MAX_BACKOFF};
@@ -53,6 +55,7 @@ pub(super) async fn run(
     auth: Auth,
     events: mpsc::Sender<ControlEvent>,
     mut updates: watch::Receiver<Option<DeviceUpdate>>,
+    paths: PathSource,
 ) -> Result<(), JoinError> {
     let mut client = Some(first);
     let mut backoff = Duration::from_millis(250);
@@ -77,6 +80,7 @@ pub(super) async fn run(
         let end = tokio::select! {
             end = follow(&c, &auth, &events) => end,
             () = push_updates(&c, &auth, &events, &mut updates) => WatchEnd::Lost(ClientError::NoAnswer),
+            () = report_paths(&c, &auth, &paths) => WatchEnd::Lost(ClientError::NoAnswer),
         };
         match end {
             WatchEnd::Removed => return Err(JoinError::Removed),
@@ -145,6 +149,65 @@ async fn follow(
         if events.send(event).await.is_err() {
             // The driver is gone: the node is shutting down.
             return WatchEnd::Lost(ClientError::NoAnswer);
+        }
+    }
+}
+
+/// Where path reports come from: the driver's published view and the data path's
+/// handshake ages.
+pub(super) struct PathSource {
+    pub view: watch::Receiver<crate::node::agent::NodeView>,
+    pub datapath: std::sync::Arc<super::datapath::DataPath>,
+}
+
+/// How often a node tells the coordinator its path to each peer (DESIGN §12).
+pub const PATH_REPORT_INTERVAL: Duration = Duration::from_secs(30);
+/// The first report after (re)connecting: soon, once handshakes had a moment.
+const FIRST_PATH_REPORT: Duration = Duration::from_secs(3);
+
+impl PathSource {
+    /// Each peer reached directly or through the relay, with its handshake age.
+    async fn report(&self) -> Vec<PeerPath> {
+        let dp = self.datapath.status().await;
+        let view = self.view.borrow().clone();
+        let status = super::status::build(&view, dp.as_ref(), 0, None, Vec::new());
+        status
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let path = match p.path.as_str() {
+                    "direct" => PathKind::Direct,
+                    "relay" => PathKind::Relay,
+                    _ => return None,
+                };
+                Some(PeerPath {
+                    peer_id: p.id,
+                    path,
+                    handshake_age: p
+                        .last_handshake_secs
+                        .map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
+                })
+            })
+            .take(crate::wire::control::MAX_PATH_REPORTS)
+            .collect()
+    }
+}
+
+/// Reports our paths on this connection every [`PATH_REPORT_INTERVAL`]; never
+/// returns (the watch half notices a lost connection).
+async fn report_paths(client: &ControlClient, auth: &Auth, source: &PathSource) {
+    let mut wait = FIRST_PATH_REPORT;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = PATH_REPORT_INTERVAL;
+        let req = Request::ReportPaths {
+            auth: auth.clone(),
+            paths: source.report().await,
+        };
+        match client.call(&req).await {
+            Ok(Response::Ok) => {}
+            Ok(other) => tracing::debug!(?other, "path report not taken"),
+            Err(e) => tracing::debug!(error = %e, "could not report paths"),
         }
     }
 }

@@ -379,7 +379,15 @@ pub async fn run(
         stack,
         v6,
         stun_answers,
-    } = iface::start(&cfg, &device, ipv6, state.listen_port, private, &uplinks, &names)?;
+    } = iface::start(
+        &cfg,
+        &device,
+        ipv6,
+        state.listen_port,
+        private,
+        &uplinks,
+        &names,
+    )?;
     // Mesh DNS on our tunnel addresses (TUN mode; rootless nodes resolve names in
     // their SOCKS5 server instead), and the host's resolver pointed at it.
     let resolver = match cfg.userspace {
@@ -446,6 +454,10 @@ pub async fn run(
     let (updates_tx, updates) = tokio::sync::watch::channel(None);
     let (events_tx, events) = tokio::sync::mpsc::channel(64);
 
+    let paths = control::PathSource {
+        view: view.clone(),
+        datapath: datapath.clone(),
+    };
     let sockets =
         local::Sockets::start(&cfg, &datapath, view, stack, state.listen_port, private).await?;
 
@@ -469,7 +481,7 @@ pub async fn run(
         }),
     };
     let result = tokio::select! {
-        r = control::run(&ctx, client, auth, events_tx, updates) => r,
+        r = control::run(&ctx, client, auth, events_tx, updates, paths) => r,
         () = driver.run() => Ok(()),
         () = &mut shutdown => Ok(()),
     };

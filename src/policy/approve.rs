@@ -70,7 +70,7 @@ pub fn in_effect(d: &Device, policy: Option<&Approve>) -> Approved {
 /// A device as the admin sees it (`nexodus devices --json`): the stored record
 /// (claims and the admin's approvals), what peers are told and what waits for
 /// approval.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AdminDevice {
     #[serde(flatten)]
     pub device: Device,

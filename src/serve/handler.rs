@@ -27,7 +27,10 @@ pub fn error_response(err: &StoreError) -> Response {
             _ => ErrorCode::Conflict,
         },
         StoreError::DuplicateKey(_) | StoreError::OrgExists(_) => ErrorCode::Conflict,
-        StoreError::OrgNotFound(_) | StoreError::DeviceNotFound(_) => ErrorCode::NotFound,
+        StoreError::OrgNotFound(_)
+        | StoreError::DeviceNotFound(_)
+        | StoreError::TokenNotFound(_)
+        | StoreError::KeyNotFound(_) => ErrorCode::NotFound,
         StoreError::Sqlite(_)
         | StoreError::Postgres(_)
         | StoreError::Schema(_)
@@ -136,6 +139,11 @@ pub fn handle_limited(
             let me = authenticate(store, &auth)?;
             store.remove_device(me.id, now)?;
             tracing::info!(id = me.id, hostname = %me.hostname, "device deregistered");
+            Ok(Response::Ok)
+        }
+        Request::ReportPaths { auth, paths } => {
+            let me = authenticate(store, &auth)?;
+            store.report_paths(me.id, &paths, now)?;
             Ok(Response::Ok)
         }
         Request::Watch { .. } => Err(StoreError::Invalid(

@@ -8,6 +8,7 @@
 //! the TLS identity kept in it, each runs its own STUN responders, and each hub hears
 //! every commit through LISTEN/NOTIFY.
 
+pub mod api;
 pub mod handler;
 pub mod hub;
 pub mod limits;
@@ -97,6 +98,8 @@ pub enum ServeError {
     InitTimeout { dir: PathBuf, pid: Option<u32> },
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Api(#[from] api::ApiSetupError),
 }
 
 pub struct ServeConfig {
@@ -110,6 +113,11 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Most QUIC connections from one source address ([`limits::MAX_PER_IP`]).
     pub max_connections_per_ip: usize,
+    /// Where to serve the admin API and dashboard over HTTPS (off when None).
+    pub api_listen: Option<SocketAddr>,
+    /// A CA-signed certificate chain and key (PEM) for the API instead of the
+    /// coordinator's own identity.
+    pub api_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Unix seconds now.
@@ -272,6 +280,23 @@ pub async fn run(
             let (store, hub) = (store.clone(), hub.clone());
             move || render_metrics(store.clone(), hub.clone())
         }));
+    }
+    if let Some(addr) = cfg.api_listen {
+        let tls = match &cfg.api_cert {
+            Some((cert, key)) => {
+                let (chain, key) = api::load_pem(cert, key)?;
+                crate::identity::https_server_config(chain, key)?
+            }
+            None => state.identity.https_config()?,
+        };
+        let listener = api::bind(addr).await?;
+        tracing::info!(%addr, "serving the admin API (/api/v1) and dashboard (/) over HTTPS");
+        tokio::spawn(api::serve(
+            listener,
+            tls,
+            store.clone(),
+            state.identity.fingerprint(),
+        ));
     }
     let (register_tx, register_rx) = tokio::sync::mpsc::channel(4 * REGISTER_BATCH);
     tokio::spawn(registrar(store.clone(), hub.clone(), register_rx));

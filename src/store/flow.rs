@@ -98,6 +98,21 @@ pub trait Tx {
     /// (two replicas must not both spend a single-use token).
     fn lock_token_uses(&mut self, id: i64) -> Result<i64, StoreError>;
     fn spend_token(&mut self, id: i64) -> Result<u64, StoreError>;
+    /// Tokens of one organization (every one's with 0), by id.
+    fn tokens(&mut self, organization_id: i64) -> Result<Vec<super::TokenInfo>, StoreError>;
+    /// Deletes a token; returns how many rows went.
+    fn delete_token(&mut self, id: i64) -> Result<u64, StoreError>;
+    fn insert_admin_key(&mut self, name: &str, hash: &str, now: i64) -> Result<i64, StoreError>;
+    fn admin_keys(&mut self) -> Result<Vec<super::AdminKey>, StoreError>;
+    fn revoke_admin_key(&mut self, id: i64, now: i64) -> Result<u64, StoreError>;
+    /// Replaces a device's path reports.
+    fn put_path_reports(
+        &mut self,
+        device_id: i64,
+        reports: &[super::PeerPath],
+        now: i64,
+    ) -> Result<(), StoreError>;
+    fn path_reports(&mut self, organization_id: i64) -> Result<Vec<super::PathReport>, StoreError>;
 
     /// Inserts a device (its `id`, `revision` and `online` are ignored; `last_seen`
     /// is also its creation time) without logging it; returns its id.

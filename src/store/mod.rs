@@ -79,6 +79,10 @@ pub enum StoreError {
     OrgExists(String),
     #[error("device {0} not found")]
     DeviceNotFound(i64),
+    #[error("join token {0} not found")]
+    TokenNotFound(i64),
+    #[error("admin key {0} not found (or already revoked)")]
+    KeyNotFound(i64),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
     #[error("stored data is corrupt: {0}")]
@@ -131,6 +135,40 @@ pub struct StoredPolicy {
     pub revision: i64,
     pub updated_at: i64,
 }
+
+/// A join token as `nexodus token list` shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub organization_id: i64,
+    pub reusable: bool,
+    pub expires_at: Option<i64>,
+    pub uses: i64,
+    pub created_at: i64,
+}
+
+/// An admin key of the HTTPS API, by the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminKey {
+    pub id: i64,
+    pub name: String,
+    pub secret_hash: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// A device's last report on its path to one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathReport {
+    pub device_id: i64,
+    pub peer_id: i64,
+    /// "direct" or "relay".
+    pub path: String,
+    pub handshake_age: Option<i64>,
+    pub reported_at: i64,
+}
+
+pub use crate::wire::control::PeerPath;
 
 /// One registration of a batch (see [`Store::register_devices`]).
 #[derive(Debug, Clone, Copy)]
@@ -602,6 +640,72 @@ pub trait Store: Send {
             let had = tx.policy(organization_id)?.is_some();
             flow::put_policy(tx, organization_id, None, now)?;
             Ok(had)
+        })
+    }
+
+    /// Join tokens of an organization (every organization's with `None`), by id.
+    fn tokens(&mut self, organization_id: Option<i64>) -> Result<Vec<TokenInfo>, StoreError> {
+        let org = organization_id.unwrap_or(0);
+        flow::read(self.engine(), Read::Plain, |tx| tx.tokens(org))
+    }
+
+    /// Deletes a join token (it can join nothing more); `TokenNotFound` if there is
+    /// none with this id (in this organization, when one is given).
+    fn revoke_token(&mut self, organization_id: Option<i64>, id: i64) -> Result<(), StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            let found = tx
+                .tokens(organization_id.unwrap_or(0))?
+                .iter()
+                .any(|t| t.id == id);
+            if !found || tx.delete_token(id)? == 0 {
+                return Err(StoreError::TokenNotFound(id));
+            }
+            Ok(())
+        })
+    }
+
+    /// Stores an admin key by the hash of its secret; returns its id.
+    fn create_admin_key(&mut self, name: &str, hash: &str, now: i64) -> Result<i64, StoreError> {
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(StoreError::Invalid(
+                "an admin key's name is 1 to 64 printable characters".into(),
+            ));
+        }
+        flow::write(self.engine(), |tx, _| tx.insert_admin_key(name, hash, now))
+    }
+
+    fn admin_keys(&mut self) -> Result<Vec<AdminKey>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.admin_keys())
+    }
+
+    /// Revokes an admin key; `KeyNotFound` if no key in force has this id.
+    fn revoke_admin_key(&mut self, id: i64, now: i64) -> Result<(), StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            if tx.revoke_admin_key(id, now)? == 0 {
+                return Err(StoreError::KeyNotFound(id));
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces what a device reported about its paths (at most
+    /// [`crate::wire::control::MAX_PATH_REPORTS`] peers are kept).
+    fn report_paths(
+        &mut self,
+        device_id: i64,
+        paths: &[PeerPath],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let paths = &paths[..paths.len().min(crate::wire::control::MAX_PATH_REPORTS)];
+        flow::write(self.engine(), |tx, _| {
+            tx.put_path_reports(device_id, paths, now)
+        })
+    }
+
+    /// The path reports of an organization's devices.
+    fn path_reports(&mut self, organization_id: i64) -> Result<Vec<PathReport>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| {
+            tx.path_reports(organization_id)
         })
     }
 }

@@ -365,3 +365,62 @@ impl Encoded<'_> {
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
+
+/// Lists tokens, newest first: every organization's when the organization is 0.
+pub const SELECT_TOKENS: &str = "SELECT id, organization_id, reusable, expires_at, uses, \
+    created_at FROM tokens WHERE (CAST($1 AS BIGINT) = 0 OR organization_id = $1) ORDER BY id";
+
+/// `id, organization_id, reusable, expires_at, uses, created_at`.
+pub fn token_info(row: &impl Row) -> Result<super::TokenInfo, StoreError> {
+    Ok(super::TokenInfo {
+        id: row.col(0)?,
+        organization_id: row.col(1)?,
+        reusable: row.col(2)?,
+        expires_at: row.col(3)?,
+        uses: row.col(4)?,
+        created_at: row.col(5)?,
+    })
+}
+
+pub const SELECT_ADMIN_KEYS: &str =
+    "SELECT id, name, secret_hash, created_at, revoked_at FROM admin_keys ORDER BY id";
+
+/// `id, name, secret_hash, created_at, revoked_at`.
+pub fn admin_key(row: &impl Row) -> Result<super::AdminKey, StoreError> {
+    Ok(super::AdminKey {
+        id: row.col(0)?,
+        name: row.col(1)?,
+        secret_hash: row.col(2)?,
+        created_at: row.col(3)?,
+        revoked_at: row.col(4)?,
+    })
+}
+
+/// Marks a key revoked (`now`, id); a revoked key stays revoked.
+pub const REVOKE_ADMIN_KEY: &str =
+    "UPDATE admin_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL";
+
+/// Replaces a device's report on one peer (device, peer, path, age, now).
+pub const PUT_PATH_REPORT: &str = "INSERT INTO path_reports (device_id, peer_id, path, \
+    handshake_age, reported_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_id, peer_id) \
+    DO UPDATE SET path = excluded.path, handshake_age = excluded.handshake_age, \
+    reported_at = excluded.reported_at";
+
+/// Forgets a device's reports (before a new set).
+pub const CLEAR_PATH_REPORTS: &str = "DELETE FROM path_reports WHERE device_id = $1";
+
+/// An organization's reports, with both devices in it.
+pub const SELECT_PATH_REPORTS: &str = "SELECT p.device_id, p.peer_id, p.path, p.handshake_age, \
+    p.reported_at FROM path_reports p JOIN devices d ON d.id = p.device_id \
+    WHERE d.organization_id = $1 ORDER BY p.device_id, p.peer_id";
+
+/// `device_id, peer_id, path, handshake_age, reported_at`.
+pub fn path_report(row: &impl Row) -> Result<super::PathReport, StoreError> {
+    Ok(super::PathReport {
+        device_id: row.col(0)?,
+        peer_id: row.col(1)?,
+        path: row.col(2)?,
+        handshake_age: row.col(3)?,
+        reported_at: row.col(4)?,
+    })
+}

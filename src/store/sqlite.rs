@@ -14,7 +14,10 @@ use rusqlite::{Connection, Params, TransactionBehavior, params, params_from_iter
 use super::addrs::{AddrCache, AddrChange, DeviceAddrs};
 use super::flow::{Engine, Read, ReadFn, Tx, WriteFn};
 use super::rows::{self, Encoded, Row as _, Token, device_columns, select_devices};
-use super::{AdvertisedBy, Change, Organization, Store, StoreError, StoredPolicy, migrate};
+use super::{
+    AdminKey, AdvertisedBy, Change, Organization, PathReport, PeerPath, Store, StoreError,
+    StoredPolicy, TokenInfo, migrate,
+};
 use crate::wire::control::Device;
 
 /// The SQLite store.
@@ -307,6 +310,54 @@ impl Tx for Sql<'_> {
 
     fn spend_token(&mut self, id: i64) -> Result<u64, StoreError> {
         self.execute("UPDATE tokens SET uses = uses + 1 WHERE id = ?1", [id])
+    }
+
+    fn tokens(&mut self, organization_id: i64) -> Result<Vec<TokenInfo>, StoreError> {
+        self.all(rows::SELECT_TOKENS, [organization_id], |r| {
+            rows::token_info(r)
+        })
+    }
+
+    fn delete_token(&mut self, id: i64) -> Result<u64, StoreError> {
+        self.execute("DELETE FROM tokens WHERE id = ?1", [id])
+    }
+
+    fn insert_admin_key(&mut self, name: &str, hash: &str, now: i64) -> Result<i64, StoreError> {
+        self.execute(
+            "INSERT INTO admin_keys (name, secret_hash, created_at) VALUES (?1, ?2, ?3)",
+            params![name, hash, now],
+        )?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    fn admin_keys(&mut self) -> Result<Vec<AdminKey>, StoreError> {
+        self.all(rows::SELECT_ADMIN_KEYS, [], |r| rows::admin_key(r))
+    }
+
+    fn revoke_admin_key(&mut self, id: i64, now: i64) -> Result<u64, StoreError> {
+        self.execute(rows::REVOKE_ADMIN_KEY, [now, id])
+    }
+
+    fn put_path_reports(
+        &mut self,
+        device_id: i64,
+        reports: &[PeerPath],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.execute(rows::CLEAR_PATH_REPORTS, [device_id])?;
+        for r in reports {
+            self.execute(
+                rows::PUT_PATH_REPORT,
+                params![device_id, r.peer_id, r.path.as_str(), r.handshake_age, now],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn path_reports(&mut self, organization_id: i64) -> Result<Vec<PathReport>, StoreError> {
+        self.all(rows::SELECT_PATH_REPORTS, [organization_id], |r| {
+            rows::path_report(r)
+        })
     }
 
     fn insert_device(&mut self, e: &Encoded<'_>, credential_hash: &str) -> Result<i64, StoreError> {

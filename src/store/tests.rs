@@ -189,6 +189,8 @@ both_backends!(
     claims_reach_peers_only_once_approved,
     policy_approves_in_advance,
     names_are_unique_in_registration_order,
+    tokens_listed_and_revoked,
+    admin_keys_and_path_reports,
 );
 
 /// Mesh DNS names (DESIGN §10): lower-cased DNS labels, `-2`, `-3` … for duplicates
@@ -396,6 +398,73 @@ fn tokens_checked(b: Backend) {
         s.register_device(&req(2, true), &hash_secret("once"), "c", 5),
         Err(StoreError::TokenUsed)
     ));
+}
+
+fn tokens_listed_and_revoked(b: Backend) {
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    token(s, "t", true, Some(99));
+    let lab = create_org(s, "lab", "10.9.0.0/16", "fd00:9::/64").unwrap();
+    s.create_token(lab.id, &hash_secret("l"), false, None, 3)
+        .unwrap();
+    let all = s.tokens(None).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].reusable, all[0].expires_at), (true, Some(99)));
+    let only_lab = s.tokens(Some(lab.id)).unwrap();
+    assert_eq!(only_lab.len(), 1);
+    assert_eq!((only_lab[0].created_at, only_lab[0].uses), (3, 0));
+    register(s, 1, true, "c", 5);
+    assert_eq!(s.tokens(None).unwrap()[0].uses, 1);
+    // Not in that organization: refused, nothing changes.
+    let default_token = all[0].id;
+    assert!(matches!(
+        s.revoke_token(Some(lab.id), default_token),
+        Err(StoreError::TokenNotFound(_))
+    ));
+    s.revoke_token(None, default_token).unwrap();
+    assert!(matches!(
+        s.register_device(&req(2, true), &hash_secret("t"), "c", 5),
+        Err(StoreError::InvalidToken)
+    ));
+    assert_eq!(s.tokens(None).unwrap().len(), 1);
+}
+
+fn admin_keys_and_path_reports(b: Backend) {
+    use crate::wire::control::{PathKind, PeerPath};
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    let id = s.create_admin_key("ci", "h1", 7).unwrap();
+    assert!(s.create_admin_key("", "h2", 7).is_err());
+    s.revoke_admin_key(id, 8).unwrap();
+    assert!(matches!(
+        s.revoke_admin_key(id, 9),
+        Err(StoreError::KeyNotFound(_))
+    ));
+    let keys = s.admin_keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (keys[0].secret_hash.as_str(), keys[0].revoked_at),
+        ("h1", Some(8))
+    );
+
+    token(s, "t", true, None);
+    let a = register(s, 1, true, "c", 5);
+    let b2 = register(s, 2, true, "c", 5);
+    let report = |peer, path| PeerPath {
+        peer_id: peer,
+        path,
+        handshake_age: Some(3),
+    };
+    s.report_paths(a.id, &[report(b2.id, PathKind::Relay)], 10)
+        .unwrap();
+    s.report_paths(a.id, &[report(b2.id, PathKind::Direct)], 11)
+        .unwrap();
+    let r = s.path_reports(a.organization_id).unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].path.as_str(), r[0].reported_at), ("direct", 11));
+    // A removed device's reports go with it.
+    s.remove_device(a.id, 12).unwrap();
+    assert!(s.path_reports(a.organization_id).unwrap().is_empty());
 }
 
 fn failed_registration_changes_nothing(b: Backend) {

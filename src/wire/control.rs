@@ -96,6 +96,9 @@ pub enum Request {
     Update { auth: Auth, update: DeviceUpdate },
     /// Remove own device; answered with [`Response::Ok`].
     Deregister { auth: Auth },
+    /// The node's path to each peer (DESIGN §12), every 30 s; answered with
+    /// [`Response::Ok`]. Replaces what the device reported before.
+    ReportPaths { auth: Auth, paths: Vec<PeerPath> },
     /// Answered with one [`Response::Snapshot`], then [`Response::Delta`]s as changes
     /// commit, until the stream closes.
     Watch {
@@ -106,6 +109,36 @@ pub enum Request {
         instance: Option<u64>,
     },
 }
+
+/// How a node reaches one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    Direct,
+    Relay,
+}
+
+impl PathKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relay => "relay",
+        }
+    }
+}
+
+/// One line of a node's path report: the peer (device id), the path its traffic
+/// takes and the age of the last handshake in seconds (`None`: none yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPath {
+    pub peer_id: i64,
+    pub path: PathKind,
+    #[serde(default)]
+    pub handshake_age: Option<i64>,
+}
+
+/// Most peers one path report may name (a larger organization's report is cut).
+pub const MAX_PATH_REPORTS: usize = 1024;
 
 /// A device as every member of its organization sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,6 +23,8 @@ pub struct Coord {
     pub ip: String,
     /// Started without `--listen`/`--stun-listen`: the defaults (`[::]`, dual stack).
     pub listen_default: bool,
+    /// More `serve` flags for the next start (e.g. `--api-listen`).
+    pub serve_flags: Vec<String>,
     logdir: PathBuf,
     starts: usize,
     child: Option<Child>,
@@ -48,6 +50,7 @@ impl Coord {
         if !self.listen_default {
             args.extend(["--listen", &listen, "--stun-listen", &stun]);
         }
+        args.extend(self.serve_flags.iter().map(String::as_str));
         self.child = Some(self.ns.spawn_nexodus(&args, &log));
         wait_until("coordinator to start", timeout, || {
             std::fs::read_to_string(&log)
@@ -454,6 +457,7 @@ impl Cluster {
             dir: state_dir(tmp.path(), "coord"),
             ip,
             listen_default,
+            serve_flags: Vec::new(),
             logdir: logdir.clone(),
             starts: 0,
             child: None,

@@ -144,11 +144,25 @@ impl Coordinator {
         c
     }
 
+    /// [`Coordinator::start`] with more `serve` flags (e.g. `--api-listen`).
+    pub async fn start_with(ip: &str, extra: &[&str]) -> Self {
+        let mut c = Self::new(ip, None, None);
+        c.store.extend(extra.iter().map(ToString::to_string));
+        c.spawn().await;
+        c
+    }
+
     /// Starts a replica on database `url` at `ip` (QUIC 4443, STUN 3478/3479), its log
     /// in `logdir`, and waits until it runs.
     pub fn replica(ip: &str, url: &str, logdir: &Path) -> Self {
+        Self::replica_with(ip, url, logdir, &[])
+    }
+
+    /// [`Coordinator::replica`] with more `serve` flags.
+    pub fn replica_with(ip: &str, url: &str, logdir: &Path, extra: &[&str]) -> Self {
         let store = ["--database-url", url]
             .into_iter()
+            .chain(extra.iter().copied())
             // Must not be used: the identity lives in the database.
             .chain(["--state-dir", "/nonexistent/nexodus-test"])
             .map(String::from)

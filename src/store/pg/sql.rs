@@ -16,7 +16,10 @@ use super::super::flow::Tx;
 use super::super::rows::{
     self, Encoded, Param, Row as _, Token, Value, device_columns, select_devices,
 };
-use super::super::{AdvertisedBy, Change, Organization, StoreError, StoredPolicy};
+use super::super::{
+    AdminKey, AdvertisedBy, Change, Organization, PathReport, PeerPath, StoreError, StoredPolicy,
+    TokenInfo,
+};
 use crate::wire::control::Device;
 
 /// A connection or transaction with this connection's prepared statements: each
@@ -264,6 +267,60 @@ impl<C: GenericClient> Tx for Db<'_, C> {
 
     fn spend_token(&mut self, id: i64) -> Result<u64, StoreError> {
         self.execute("UPDATE tokens SET uses = uses + 1 WHERE id = $1", &[&id])
+    }
+
+    fn tokens(&mut self, organization_id: i64) -> Result<Vec<TokenInfo>, StoreError> {
+        self.all(rows::SELECT_TOKENS, &[&organization_id], rows::token_info)
+    }
+
+    fn delete_token(&mut self, id: i64) -> Result<u64, StoreError> {
+        self.execute("DELETE FROM tokens WHERE id = $1", &[&id])
+    }
+
+    fn insert_admin_key(&mut self, name: &str, hash: &str, now: i64) -> Result<i64, StoreError> {
+        self.value(
+            "INSERT INTO admin_keys (name, secret_hash, created_at) VALUES ($1, $2, $3) \
+             RETURNING id",
+            &[&name, &hash, &now],
+        )
+    }
+
+    fn admin_keys(&mut self) -> Result<Vec<AdminKey>, StoreError> {
+        self.all(rows::SELECT_ADMIN_KEYS, &[], rows::admin_key)
+    }
+
+    fn revoke_admin_key(&mut self, id: i64, now: i64) -> Result<u64, StoreError> {
+        self.execute(rows::REVOKE_ADMIN_KEY, &[&now, &id])
+    }
+
+    fn put_path_reports(
+        &mut self,
+        device_id: i64,
+        reports: &[PeerPath],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.execute(rows::CLEAR_PATH_REPORTS, &[&device_id])?;
+        for r in reports {
+            self.execute(
+                rows::PUT_PATH_REPORT,
+                &[
+                    &device_id,
+                    &r.peer_id,
+                    &r.path.as_str(),
+                    &r.handshake_age,
+                    &now,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn path_reports(&mut self, organization_id: i64) -> Result<Vec<PathReport>, StoreError> {
+        self.all(
+            rows::SELECT_PATH_REPORTS,
+            &[&organization_id],
+            rows::path_report,
+        )
     }
 
     fn insert_device(&mut self, e: &Encoded<'_>, credential_hash: &str) -> Result<i64, StoreError> {

@@ -9,9 +9,10 @@
 # reach a watcher and all N watchers (p50/p99), and the coordinators' RSS per device.
 # With --storm, the coordinator(s) are then restarted (SIGTERM, started again on the
 # same state) and every node reconnects at once: the time until all have their
-# snapshot, and the change fan-out afterwards.
+# snapshot, and the change fan-out afterwards (--storm-only: without the first watch
+# and probe phases).
 #
-#   sudo benches/loadgen.sh [--nodes 1000] [--probes 20] [--concurrency 64] [--storm]
+#   sudo benches/loadgen.sh [--nodes 1000] [--probes 20] [--concurrency 64] [--storm|--storm-only]
 #                           [--only sqlite|postgres|replicas] [--no-build] [--keep]
 #
 # PostgreSQL is Debian's (apt-get install postgresql), started here in a temp dir on
@@ -21,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-nodes=1000 probes=20 concurrency=64 only="" build=1 keep=0 storm=0
+nodes=1000 probes=20 concurrency=64 only="" build=1 keep=0 storm=0 storm_only=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --nodes) nodes="$2"; shift 2 ;;
@@ -31,6 +32,7 @@ while [ $# -gt 0 ]; do
         --no-build) build=0; shift ;;
         --keep) keep=1; shift ;;
         --storm) storm=1; shift ;;
+        --storm-only) storm=1; storm_only=1; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -102,6 +104,7 @@ loadgen() { # label coordinators pids token [coordinator names, for --storm]
         : >"$script"
         for n in $5; do echo "sh $tmp/restart-$n.sh" >>"$script"; done
         restart=(--restart-cmd "sh $script | paste -sd,")
+        [ "$storm_only" = 1 ] && restart+=(--storm-only)
     fi
     "$bin" loadgen --coordinator "$2" --coordinator-pid "$3" --token "$4" \
         --nodes "$nodes" --probes "$probes" --concurrency "$concurrency" --label "$1" \

@@ -92,6 +92,10 @@ pub struct LoadgenArgs {
     /// reconnecting at once.
     #[arg(long, value_name = "COMMAND", env = "NEXODUS_LOADGEN_RESTART_CMD")]
     pub restart_cmd: Option<String>,
+    /// Skip phases 3 and 4 (the first watches and probes): register, update, then
+    /// the storm straight away.
+    #[arg(long, requires = "restart_cmd")]
+    pub storm_only: bool,
 }
 
 #[derive(Debug, Error)]
@@ -570,7 +574,8 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     });
     let started = Instant::now();
     let mut streams = Vec::with_capacity(n);
-    for node in &nodes {
+    let watchers = if args.storm_only { 0 } else { n };
+    for node in nodes.iter().take(watchers) {
         // At most --concurrency snapshots on their way at once.
         let permit = sem.clone().acquire_owned().await.ok();
         let opened = async {
@@ -599,7 +604,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let limit = Duration::from_secs(600);
     let failed = || probe.errors.lock().unwrap_or_else(|e| e.into_inner()).len();
     if !wait_until(limit, || {
-        probe.snapshots.load(Ordering::Relaxed) + failed() >= n
+        probe.snapshots.load(Ordering::Relaxed) + failed() >= watchers
     })
     .await
     {
@@ -632,7 +637,11 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let rss_after = rss(&args.coordinator_pid);
 
     // 4. Probes.
-    let (per_watcher, all, missed) = run_probes(&nodes, &probe, args.probes, 0).await?;
+    let (per_watcher, all, missed) = if args.storm_only {
+        (Vec::new(), Vec::new(), 0)
+    } else {
+        run_probes(&nodes, &probe, args.probes, 0).await?
+    };
 
     // 5. The reconnect storm.
     let mut storm = None;

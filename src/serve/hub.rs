@@ -7,7 +7,7 @@
 //! made through any replica reaches this replica's watchers at once; polling is then
 //! only a slow fallback ([`FALLBACK_POLL`]). Either way the change log is the only
 //! source of deltas. Each batch is grouped by organization, coalesced per device,
-//! encoded once as a [`Response::Delta`] frame and broadcast to that organization's
+//! encoded once as a [`crate::wire::control::Response::Delta`] frame and broadcast to that organization's
 //! watchers, so a change costs what changed plus one write per watcher, whatever the
 //! size of the organization.
 //!

@@ -840,7 +840,9 @@ mod tests {
                 x ^= x << 17;
                 b.push(x as u8);
             }
-            b.first_mut().map(|t| *t &= 1);
+            if let Some(t) = b.first_mut() {
+                *t &= 1;
+            }
             let _ = decode(&b);
         }
     }

@@ -13,6 +13,12 @@
 //!    notes when a frame carrying that change arrives. Reported: per watcher latency
 //!    (p50/p99 over all watchers and probes) and the time until the last watcher had
 //!    it (p50/p99 over probes).
+//! 5. **storm** (with `--restart-cmd`): the command restarts the coordinator(s) (it
+//!    prints the new process ids); every node then reconnects at once as `nexodus
+//!    join` does (new connection, login, watch; on failure it retries with a jittered,
+//!    doubling backoff). Reported: the time from the restart until every node had its
+//!    snapshot (and p50/p99 per node), until the deltas drained, and the probes of
+//!    phase 4 again, on the reconnected watchers.
 //!
 //! With `--coordinator-pid`, the coordinators' RSS (`/proc/PID/status`) is read before
 //! and after, and divided by N. Nodes are spread round robin over the `--coordinator`
@@ -81,6 +87,15 @@ pub struct LoadgenArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// After the probes, run this shell command to restart the coordinator(s) (it
+    /// prints their new process ids, comma separated) and time every node
+    /// reconnecting at once.
+    #[arg(long, value_name = "COMMAND", env = "NEXODUS_LOADGEN_RESTART_CMD")]
+    pub restart_cmd: Option<String>,
+    /// Skip phases 3 and 4 (the first watches and probes): register, update, then
+    /// the storm straight away.
+    #[arg(long, requires = "restart_cmd")]
+    pub storm_only: bool,
 }
 
 #[derive(Debug, Error)]
@@ -122,8 +137,34 @@ pub struct Report {
     pub first_error: Option<String>,
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
+    /// The reconnect storm (`--restart-cmd`), if run.
+    pub storm: Option<StormReport>,
     #[serde(skip)]
     pub json: bool,
+}
+
+/// The figures of a reconnect storm.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StormReport {
+    /// Restart command started → every node had its snapshot.
+    pub all_snapshots_secs: f64,
+    /// Per node: restart → snapshot.
+    pub snapshot_p50_secs: f64,
+    pub snapshot_p99_secs: f64,
+    /// Then until no frame arrived for a second (the online deltas drained).
+    pub settle_secs: f64,
+    /// Nodes that never got a snapshot.
+    pub lost: usize,
+    /// Failed connection, login or watch attempts (each retried).
+    pub retries: usize,
+    pub first_error: Option<String>,
+    /// Probes after the storm, as in phase 4.
+    pub watcher_p50_ms: f64,
+    pub watcher_p99_ms: f64,
+    pub all_p50_ms: f64,
+    pub all_p99_ms: f64,
+    pub missed: usize,
+    pub rss_after_kib: u64,
 }
 
 impl Report {
@@ -180,6 +221,33 @@ impl fmt::Display for Report {
         if let Some(e) = &self.first_error {
             write!(f, "\n  errors               {} (first: {e})", self.errors)?;
         }
+        if let Some(s) = &self.storm {
+            write!(
+                f,
+                "\n  storm: all snapshots {:.1} s after restart (per node p50 {:.1} s, p99 {:.1} s; \
+                 + {:.1} s until deltas drained; {} lost, {} retries)",
+                s.all_snapshots_secs,
+                s.snapshot_p50_secs,
+                s.snapshot_p99_secs,
+                s.settle_secs,
+                s.lost,
+                s.retries
+            )?;
+            write!(
+                f,
+                "\n  after storm: change → watcher p50 {:.1} ms p99 {:.1} ms; → all N p50 {:.1} ms \
+                 p99 {:.1} ms ({} missed); RSS {:.1} MiB",
+                s.watcher_p50_ms,
+                s.watcher_p99_ms,
+                s.all_p50_ms,
+                s.all_p99_ms,
+                s.missed,
+                s.rss_after_kib as f64 / 1024.0
+            )?;
+            if let Some(e) = &s.first_error {
+                write!(f, "\n  storm errors         (first: {e})")?;
+            }
+        }
         Ok(())
     }
 }
@@ -221,6 +289,8 @@ struct Probe {
     seen: Mutex<Vec<Duration>>,
     seen_count: AtomicUsize,
     snapshots: AtomicUsize,
+    /// When each snapshot arrived (the storm's figures).
+    snapshot_times: Mutex<Vec<Instant>>,
     last_frame: Mutex<Instant>,
     errors: Mutex<Vec<String>>,
 }
@@ -329,7 +399,8 @@ async fn watch_loop(
         if first {
             first = false;
             permit.take();
-            // The version byte, then the message with its type first.
+            // A JSON message first (the version byte, then its type) is an error: a
+            // snapshot comes in the binary form.
             if buf
                 .get(1..)
                 .is_some_and(|b| b.starts_with(b"{\"type\":\"error\""))
@@ -341,6 +412,11 @@ async fn watch_loop(
                     .push(String::from_utf8_lossy(&buf).into_owned());
                 return;
             }
+            probe
+                .snapshot_times
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(now);
             probe.snapshots.fetch_add(1, Ordering::Relaxed);
         }
         if probe.active.load(Ordering::Acquire) {
@@ -492,12 +568,14 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         seen: Mutex::new(Vec::new()),
         seen_count: AtomicUsize::new(0),
         snapshots: AtomicUsize::new(0),
+        snapshot_times: Mutex::new(Vec::new()),
         last_frame: Mutex::new(Instant::now()),
         errors: Mutex::new(Vec::new()),
     });
     let started = Instant::now();
     let mut streams = Vec::with_capacity(n);
-    for node in &nodes {
+    let watchers = if args.storm_only { 0 } else { n };
+    for node in nodes.iter().take(watchers) {
         // At most --concurrency snapshots on their way at once.
         let permit = sem.clone().acquire_owned().await.ok();
         let opened = async {
@@ -526,7 +604,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let limit = Duration::from_secs(600);
     let failed = || probe.errors.lock().unwrap_or_else(|e| e.into_inner()).len();
     if !wait_until(limit, || {
-        probe.snapshots.load(Ordering::Relaxed) + failed() >= n
+        probe.snapshots.load(Ordering::Relaxed) + failed() >= watchers
     })
     .await
     {
@@ -559,15 +637,89 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let rss_after = rss(&args.coordinator_pid);
 
     // 4. Probes.
+    let (per_watcher, all, missed) = if args.storm_only {
+        (Vec::new(), Vec::new(), 0)
+    } else {
+        run_probes(&nodes, &probe, args.probes, 0).await?
+    };
+
+    // 5. The reconnect storm.
+    let mut storm = None;
+    if let Some(cmd) = &args.restart_cmd {
+        let (report, new_nodes, new_streams) =
+            run_storm(&args, cmd, &endpoints, &nodes, &probe, &mut streams).await?;
+        storm = Some(report);
+        nodes = new_nodes;
+        streams = new_streams;
+    }
+    for s in &mut streams {
+        let _ = s.finish();
+    }
+    for node in &nodes {
+        node.conn.close(0u32.into(), b"loadgen done");
+    }
+    for ep in &endpoints {
+        ep.wait_idle().await;
+    }
+    Ok(Report {
+        label: args.label,
+        nodes: n,
+        coordinators: args.coordinator.len(),
+        registrations_per_sec,
+        updates_per_sec,
+        watch_setup_secs,
+        settle_secs,
+        probes: args.probes,
+        watcher_p50_ms: percentile(&per_watcher, 0.5),
+        watcher_p99_ms: percentile(&per_watcher, 0.99),
+        all_p50_ms: percentile(&all, 0.5),
+        all_p99_ms: percentile(&all, 0.99),
+        all_max_ms: all.last().copied().unwrap_or(f64::NAN),
+        missed,
+        errors: errors.len(),
+        first_error: errors.first().cloned(),
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        storm,
+        json: args.json,
+    })
+}
+
+/// The frame bytes that carry `ep` ([`crate::wire::peers`]: type, address, port).
+fn endpoint_marker(ep: SocketAddr) -> Vec<u8> {
+    let mut m = Vec::with_capacity(19);
+    match ep.ip() {
+        std::net::IpAddr::V4(a) => {
+            m.push(4);
+            m.extend_from_slice(&a.octets());
+        }
+        std::net::IpAddr::V6(a) => {
+            m.push(6);
+            m.extend_from_slice(&a.octets());
+        }
+    }
+    m.extend_from_slice(&ep.port().to_be_bytes());
+    m
+}
+
+/// Phase 4: per watcher latencies (ms), per probe time to all (ms), watchers missed.
+async fn run_probes(
+    nodes: &[Arc<Node>],
+    probe: &Arc<Probe>,
+    probes: usize,
+    round: usize,
+) -> Result<(Vec<f64>, Vec<f64>, usize), LoadgenError> {
+    let n = nodes.len();
     let mut per_watcher: Vec<f64> = Vec::new();
     let mut all: Vec<f64> = Vec::new();
     let mut missed = 0;
-    for k in 0..args.probes {
+    for k in 0..probes {
         let i = (k * 7919) % n;
         let node = &nodes[i];
-        let port = 40_000 + u16::try_from(k % 20_000).unwrap_or(0);
+        // Another port each round: a change to what the node already has is no change.
+        let port = 40_000 + u16::try_from((round * 1000 + k) % 20_000).unwrap_or(0);
         let ep = endpoint_of(i, port);
-        *probe.marker.lock().unwrap_or_else(|e| e.into_inner()) = format!("\"{ep}\"").into_bytes();
+        *probe.marker.lock().unwrap_or_else(|e| e.into_inner()) = endpoint_marker(ep);
         probe.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
         probe.seen_count.store(0, Ordering::Release);
         probe.seq.store(k as u64 + 1, Ordering::Release);
@@ -603,34 +755,202 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     }
     per_watcher.sort_by(f64::total_cmp);
     all.sort_by(f64::total_cmp);
-    for s in &mut streams {
-        let _ = s.finish();
+    Ok((per_watcher, all, missed))
+}
+
+/// One node reconnecting as `nexodus join` does: a new connection, login, watch.
+async fn reconnect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    auth: &Auth,
+    instance: u64,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+    let conn = ep
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let login = Request::Login {
+        auth: auth.clone(),
+        ipv6_supported: Some(true),
+        instance: Some(instance),
+    };
+    call(&conn, &login)
+        .await
+        .map_err(|e| format!("login: {e}"))?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = Request::Watch {
+        auth: auth.clone(),
+        instance: Some(instance),
+    };
+    quicio::write_message(&mut send, &req, MAX_REQUEST_LEN)
+        .await
+        .map_err(|e| format!("watch: {e}"))?;
+    Ok((conn, send, recv))
+}
+
+/// Phase 5: restarts the coordinator(s) and times every node reconnecting at once.
+async fn run_storm(
+    args: &LoadgenArgs,
+    cmd: &str,
+    endpoints: &[quinn::Endpoint],
+    nodes: &[Arc<Node>],
+    probe: &Arc<Probe>,
+    streams: &mut Vec<quinn::SendStream>,
+) -> Result<(StormReport, Vec<Arc<Node>>, Vec<quinn::SendStream>), LoadgenError> {
+    let n = nodes.len();
+    probe.snapshots.store(0, Ordering::Relaxed);
+    probe
+        .snapshot_times
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    let started = Instant::now();
+    tracing::info!(cmd, "restarting the coordinator(s)");
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| LoadgenError::Timeout(format!("restart command: {e}")))?
+        .wait_with_output()
+        .await
+        .map_err(|e| LoadgenError::Timeout(format!("restart command: {e}")))?;
+    if !out.status.success() {
+        return Err(LoadgenError::Timeout(format!(
+            "restart command failed: {}",
+            out.status
+        )));
     }
-    for node in &nodes {
-        node.conn.close(0u32.into(), b"loadgen done");
+    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    // The old streams are dead: the coordinator closed every connection.
+    streams.clear();
+    let retries = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut tasks = Vec::with_capacity(n);
+    for (i, node) in nodes.iter().enumerate() {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let addr = args.coordinator[i % args.coordinator.len()];
+        let node = node.clone();
+        let (probe, retries) = (probe.clone(), retries.clone());
+        let instance: u64 = rand::random();
+        tasks.push(tokio::spawn(async move {
+            // As `nexodus join`: a jittered first attempt, then a jittered doubling
+            // backoff.
+            let mut backoff = Duration::from_millis(250);
+            tokio::time::sleep(Duration::from_millis(
+                u64::from(rand::random::<u16>()) % 500,
+            ))
+            .await;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while Instant::now() < deadline {
+                let attempt = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    reconnect(&ep, addr, &node.auth, instance),
+                )
+                .await
+                .unwrap_or_else(|_| Err("reconnect: no answer within 30 s".into()));
+                match attempt {
+                    Ok((conn, send, recv)) => {
+                        tokio::spawn(watch_loop(recv, probe, None));
+                        return Some((
+                            Arc::new(Node {
+                                conn,
+                                auth: node.auth.clone(),
+                            }),
+                            send,
+                        ));
+                    }
+                    Err(e) => retries.lock().unwrap_or_else(|e| e.into_inner()).push(e),
+                }
+                let jitter = 0.5 + f64::from(rand::random::<u16>()) / f64::from(u16::MAX) / 2.0;
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(4));
+            }
+            None
+        }));
     }
-    for ep in &endpoints {
-        ep.wait_idle().await;
+    let mut new_nodes = Vec::with_capacity(n);
+    let mut new_streams = Vec::with_capacity(n);
+    let progress = {
+        let probe = probe.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                tracing::info!(
+                    secs = started.elapsed().as_secs(),
+                    snapshots = probe.snapshots.load(Ordering::Relaxed),
+                    "storm under way"
+                );
+            }
+        })
+    };
+    for t in tasks {
+        if let Ok(Some((node, send))) = t.await {
+            new_nodes.push(node);
+            new_streams.push(send);
+        }
     }
-    Ok(Report {
-        label: args.label,
-        nodes: n,
-        coordinators: args.coordinator.len(),
-        registrations_per_sec,
-        updates_per_sec,
-        watch_setup_secs,
-        settle_secs,
-        probes: args.probes,
-        watcher_p50_ms: percentile(&per_watcher, 0.5),
-        watcher_p99_ms: percentile(&per_watcher, 0.99),
-        all_p50_ms: percentile(&all, 0.5),
-        all_p99_ms: percentile(&all, 0.99),
-        all_max_ms: all.last().copied().unwrap_or(f64::NAN),
-        missed,
-        errors: errors.len(),
-        first_error: errors.first().cloned(),
-        rss_before_kib: rss_before,
-        rss_after_kib: rss_after,
-        json: args.json,
+    let limit = Duration::from_secs(600);
+    let errors = || probe.errors.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let complete = wait_until(limit, || {
+        probe.snapshots.load(Ordering::Relaxed) + errors() >= new_nodes.len()
     })
+    .await;
+    let times: Vec<f64> = {
+        let t = probe
+            .snapshot_times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<f64> = t
+            .iter()
+            .map(|at| at.duration_since(started).as_secs_f64())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let all_snapshots_secs = if complete {
+        times.last().copied().unwrap_or(f64::NAN)
+    } else {
+        f64::NAN
+    };
+    progress.abort();
+    tracing::info!(all_snapshots_secs, "storm: every node has its snapshot");
+    let settle = Instant::now();
+    let quiet = Duration::from_secs(1);
+    wait_until(limit, || {
+        probe
+            .last_frame
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            > quiet
+    })
+    .await;
+    let settle_secs = settle.elapsed().as_secs_f64() - quiet.as_secs_f64();
+    let rss_after_kib = pids.iter().map(|&p| rss_kib(p)).sum();
+    let lost = n - times.len().min(n);
+    let (per_watcher, all, missed) = run_probes(&new_nodes, probe, args.probes, 1).await?;
+    let retries = std::mem::take(&mut *retries.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((
+        StormReport {
+            all_snapshots_secs,
+            snapshot_p50_secs: percentile(&times, 0.5),
+            snapshot_p99_secs: percentile(&times, 0.99),
+            settle_secs,
+            lost,
+            retries: retries.len(),
+            first_error: retries.first().cloned(),
+            watcher_p50_ms: percentile(&per_watcher, 0.5),
+            watcher_p99_ms: percentile(&per_watcher, 0.99),
+            all_p50_ms: percentile(&all, 0.5),
+            all_p99_ms: percentile(&all, 0.99),
+            missed,
+            rss_after_kib,
+        },
+        new_nodes,
+        new_streams,
+    ))
 }

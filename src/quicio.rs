@@ -1,7 +1,7 @@
 //! Reading and writing control frames on QUIC streams (the async edge of
 //! [`crate::wire::frame`]).
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::Serialize;
 use thiserror::Error;
 
 use crate::wire::frame::{self, FrameError};
@@ -20,7 +20,7 @@ pub enum FrameIoError {
 
 /// Reads one frame and decodes its message. `Ok(None)`: the stream ended cleanly
 /// before a new frame began. `buf` is reused between calls.
-pub async fn read_message<M: DeserializeOwned>(
+pub async fn read_message<M: frame::Message>(
     recv: &mut quinn::RecvStream,
     max: usize,
     buf: &mut Vec<u8>,

@@ -605,12 +605,12 @@ async fn pruned_change_log_leaves_lagging_readers_correct() {
         .unwrap()
         .unwrap();
     assert!(delta.resync, "the lagging hub sent a delta, not a resync");
-    let snapshot = hub.snapshot(org);
-    let got: Vec<Device> = snapshot
-        .devices
-        .iter()
-        .map(|d| serde_json::from_slice(d).unwrap())
-        .collect();
+    let snapshot = hub.snapshot(org, None).frame.unwrap();
+    let got: Vec<Device> =
+        match nexodus::wire::frame::decode_payload::<Response>(&snapshot[4..]).unwrap() {
+            Response::Snapshot { devices, .. } => devices,
+            other => panic!("not a snapshot: {other:?}"),
+        };
     let ids: Vec<i64> = got.iter().map(|d| d.id).collect();
     assert_eq!(ids, [devices[0].id, devices[2].id, fourth.id]);
     assert_eq!(got[0].endpoints, [SocketAddr::from(([192, 0, 2, 1], 5))]);

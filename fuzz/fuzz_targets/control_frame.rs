@@ -14,6 +14,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = frame::decode_payload::<Request>(data);
     let _ = frame::decode_payload::<Response>(data);
+    // The binary peer state (snapshots and deltas) on its own.
+    let _ = nexodus::wire::peers::decode(data);
     if let Some(prefix) = data.first_chunk::<4>() {
         let _ = frame::parse_length(*prefix, frame::MAX_REQUEST_LEN);
     }

@@ -19,6 +19,16 @@ use crate::wire::control::{
 use super::enroll::{Ctx, instance, relogin};
 use super::{JoinError, MAX_BACKOFF};
 
+/// The most a node waits before its first reconnect attempt (see [`jittered`]).
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+
+/// A wait between half and all of `base`, by `random`: nodes that lost their
+/// coordinator together retry apart, and keep apart as their backoff doubles.
+fn jittered(base: Duration, random: u32) -> Duration {
+    let frac = f64::from(random) / f64::from(u32::MAX);
+    base.mul_f64(0.5 + 0.5 * frac)
+}
+
 /// What the control connection tells the driver.
 #[derive(Debug)]
 pub(super) enum ControlEvent {
@@ -35,6 +45,8 @@ pub(super) enum ControlEvent {
         removed: Vec<i64>,
         /// The organization's policy, when it changed.
         policy: Option<PolicyState>,
+        /// Devices that only went online or offline.
+        online: Vec<(i64, bool)>,
     },
     /// The coordinator's answer to an update: our record.
     Device(Box<Device>),
@@ -69,8 +81,9 @@ pub(super) async fn run(
                     c
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, retry_in = ?backoff, "coordinator still unreachable");
-                    tokio::time::sleep(backoff).await;
+                    let wait = jittered(backoff, rand::random());
+                    tracing::debug!(error = %e, retry_in = ?wait, "coordinator still unreachable");
+                    tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
@@ -93,6 +106,9 @@ pub(super) async fn run(
                     .close_reason()
                     .map_or_else(|| e.to_string(), |r| r.to_string());
                 tracing::warn!(%error, "lost the coordinator; tunnels keep running, reconnecting");
+                // Every node of a restarted coordinator lost it at the same instant:
+                // spread their first attempts over a moment rather than all at once.
+                tokio::time::sleep(jittered(FIRST_RETRY, rand::random())).await;
             }
         }
     }
@@ -128,6 +144,7 @@ async fn follow(
                 upserts,
                 removed,
                 policy,
+                online,
                 ..
             })) => {
                 if removed.contains(&auth.device_id) {
@@ -137,6 +154,7 @@ async fn follow(
                     upserts,
                     removed,
                     policy,
+                    online,
                 }
             }
             Ok(Some(other)) => {
@@ -241,5 +259,19 @@ async fn push_updates(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not report the NAT mapping"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_between_half_and_all() {
+        let base = Duration::from_millis(1000);
+        assert_eq!(jittered(base, 0), Duration::from_millis(500));
+        assert_eq!(jittered(base, u32::MAX), base);
+        let mid = jittered(base, u32::MAX / 2);
+        assert!(mid > Duration::from_millis(700) && mid < Duration::from_millis(800));
     }
 }

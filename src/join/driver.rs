@@ -135,10 +135,13 @@ impl Driver<'_> {
                     .handle_snapshot(&devices, stun_port, coordinator, now);
             }
             ControlEvent::Delta {
-                upserts,
+                mut upserts,
                 removed,
                 policy,
+                online,
             } => {
+                // Devices that only went online or offline: as full records.
+                upserts.extend(self.agent.with_online(&online));
                 if let Some(f) = self.forwarding.as_mut() {
                     f.follow(&upserts);
                 }

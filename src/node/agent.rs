@@ -210,6 +210,26 @@ impl Agent {
         std::mem::take(&mut self.names_changed).then(|| self.names.clone())
     }
 
+    /// The known peers among `changes` (id, online) with their online flag set: a
+    /// delta's devices that only went online or offline, as records
+    /// [`Agent::handle_delta`] takes. One pass over the peers.
+    pub fn with_online(&self, changes: &[(i64, bool)]) -> Vec<Device> {
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let changes: std::collections::HashMap<i64, bool> = changes.iter().copied().collect();
+        self.mesh
+            .devices()
+            .filter_map(|d| {
+                let online = *changes.get(&d.id)?;
+                Some(Device {
+                    online,
+                    ..d.clone()
+                })
+            })
+            .collect()
+    }
+
     /// A delta from the coordinator.
     pub fn handle_delta(&mut self, upserts: &[Device], removed: &[i64], now: Instant) {
         self.connected = true;

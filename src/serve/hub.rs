@@ -7,30 +7,33 @@
 //! made through any replica reaches this replica's watchers at once; polling is then
 //! only a slow fallback ([`FALLBACK_POLL`]). Either way the change log is the only
 //! source of deltas. Each batch is grouped by organization, coalesced per device,
-//! encoded once as a [`Response::Delta`] frame and broadcast to that organization's
+//! encoded once as a [`crate::wire::control::Response::Delta`] frame and broadcast to that organization's
 //! watchers, so a change costs what changed plus one write per watcher, whatever the
 //! size of the organization.
 //!
-//! The hub also keeps every organization's devices in memory, each already encoded,
-//! as of the last batch it processed (loaded once at start, then kept by the same
-//! batches). A watch stream's snapshot is taken from there together with its
-//! subscription, under one lock: no change falls in between, and a snapshot costs a
-//! copy of bytes instead of a database read and an encoding of the whole organization
-//! (what makes thousands of nodes reconnecting at once, e.g. after a replica died,
-//! affordable).
+//! The hub also keeps every organization's devices in memory, each already encoded
+//! in the compact binary form ([`crate::wire::peers`]), as of the last batch it
+//! processed (loaded once at start, then kept by the same batches). A watch stream's
+//! snapshot is taken from there together with its subscription, under one lock: no
+//! change falls in between. The snapshot frame is assembled once per organization and
+//! revision and shared ([`Bytes`]) by every watcher that takes it until the next
+//! change of that organization, so thousands of nodes reconnecting at once (a restart,
+//! a replica that died) cost one snapshot encoding per batch, not one per watcher.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
 use crate::serve::SharedStore;
 use crate::serve::metrics::CoordinatorMetrics;
 use crate::store::{Change, POLICY_CHANGE_ID, StoreError, StoredPolicy};
-use crate::wire::control::{Device, PolicyState, Response};
+use crate::wire::control::{Device, PolicyState};
 use crate::wire::frame::{self, MAX_RESPONSE_LEN};
+use crate::wire::peers;
 
 /// How often the change log is checked for changes made by other processes.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -48,16 +51,18 @@ const CHANNEL_DEPTH: usize = 256;
 const COALESCE_PER_WATCHER: Duration = Duration::from_micros(50);
 const COALESCE_MIN: Duration = Duration::from_millis(100);
 const COALESCE_MAX: Duration = Duration::from_millis(500);
-/// Snapshots being assembled at once (each is a copy of its organization). A permit
-/// is held while the frame is built, never while it is written to the network.
-const SNAPSHOTS_AT_ONCE: usize = 8;
+/// Snapshots being written at once (admission: the coordinator finishes serving the
+/// watchers it has before it takes on more; a watcher waiting for a permit is not
+/// subscribed yet, and takes the snapshot current when its turn comes). A stalled
+/// watcher holds its permit at most [`super::WRITE_TIMEOUT`] per write.
+const SNAPSHOTS_AT_ONCE: usize = 128;
 
 /// One organization's delta, encoded once for all its watchers.
 #[derive(Debug)]
 pub struct OrgDelta {
     pub revision: i64,
     pub removed: Vec<i64>,
-    pub frame: Vec<u8>,
+    pub frame: Bytes,
     /// When it was encoded (the fan-out histogram measures from here).
     pub created: std::time::Instant,
     /// No delta: the hub re-read everything (it fell behind the pruned change log);
@@ -65,9 +70,13 @@ pub struct OrgDelta {
     pub resync: bool,
 }
 
-/// An organization's devices (each JSON-encoded) and its watchers' channel.
+/// An organization's devices (each encoded, [`peers::encode_device`]) and its
+/// watchers' channel.
 struct OrgView {
     devices: BTreeMap<i64, Arc<[u8]>>,
+    /// The snapshot frame last assembled, while no change of this organization came
+    /// after it: (revision, STUN port it names, frame).
+    shared: Option<(i64, Option<u16>, Bytes)>,
     /// The devices whose last state says online (for the metrics).
     online: BTreeSet<i64>,
     /// The organization's access policy as watchers are sent it.
@@ -79,6 +88,7 @@ impl OrgView {
     fn new() -> Self {
         Self {
             devices: BTreeMap::new(),
+            shared: None,
             online: BTreeSet::new(),
             policy: None,
             tx: broadcast::channel(CHANNEL_DEPTH).0,
@@ -87,6 +97,7 @@ impl OrgView {
 
     /// Sets a device's encoded state (None: removed).
     fn set(&mut self, id: i64, device: Option<EncodedDevice>) {
+        self.shared = None;
         match device {
             Some((encoded, online)) => {
                 self.devices.insert(id, encoded);
@@ -110,45 +121,37 @@ struct State {
     orgs: HashMap<i64, OrgView>,
 }
 
-/// What a new watcher starts from: the organization's devices as of `revision`.
+/// What a new watcher starts from: the organization's snapshot frame as of
+/// `revision`, shared with every watcher that took it at that revision.
 pub struct Snapshot {
     pub revision: i64,
-    pub devices: Vec<Arc<[u8]>>,
-    pub policy: Option<PolicyState>,
+    pub frame: Result<Bytes, frame::FrameError>,
 }
 
-impl Snapshot {
-    /// The `Response::Snapshot` frame, assembled from the encoded devices.
-    pub fn frame(&self, stun_port: Option<u16>) -> Result<Vec<u8>, frame::FrameError> {
-        let policy = serde_json::to_string(&self.policy)
-            .map_err(|e| frame::FrameError::Malformed(format!("encoding the policy: {e}")))?;
-        let head = format!(
-            "{{\"type\":\"snapshot\",\"revision\":{},\"stun_port\":{},\"policy\":{policy},\"devices\":[",
-            self.revision,
-            stun_port.map_or_else(|| "null".to_string(), |p| p.to_string())
-        );
-        let commas = self.devices.len().saturating_sub(1);
-        let body_len =
-            head.len() + self.devices.iter().map(|d| d.len()).sum::<usize>() + commas + 2;
-        let len = body_len + 1; // the version byte
-        if len > MAX_RESPONSE_LEN {
-            return Err(frame::FrameError::TooLarge {
-                len,
-                max: MAX_RESPONSE_LEN,
-            });
+impl OrgView {
+    /// The snapshot frame at `revision`: the shared one if nothing changed since it
+    /// was assembled, else assembled now (and shared from now on).
+    fn snapshot(&mut self, revision: i64, stun_port: Option<u16>) -> Snapshot {
+        if let Some((rev, port, frame)) = &self.shared
+            && *port == stun_port
+        {
+            return Snapshot {
+                revision: *rev,
+                frame: Ok(frame.clone()),
+            };
         }
-        let mut out = Vec::with_capacity(frame::HEADER_LEN + body_len);
-        out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-        out.push(frame::VERSION);
-        out.extend_from_slice(head.as_bytes());
-        for (i, d) in self.devices.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(d);
+        let frame = peers::snapshot_frame(
+            revision,
+            stun_port,
+            self.policy.as_ref(),
+            self.devices.values().map(|d| &d[..]),
+            MAX_RESPONSE_LEN,
+        )
+        .map(Bytes::from);
+        if let Ok(f) = &frame {
+            self.shared = Some((revision, stun_port, f.clone()));
         }
-        out.extend_from_slice(b"]}");
-        Ok(out)
+        Snapshot { revision, frame }
     }
 }
 
@@ -207,36 +210,60 @@ pub fn encode_delta(
     devices: BTreeMap<i64, Option<Device>>,
     policy: Option<PolicyState>,
 ) -> Result<OrgDelta, frame::FrameError> {
+    encode_delta_since(revision, devices, policy, |_| None)
+}
+
+/// True when `new` differs from `old` only in being online or not (and the revision
+/// and time that change stamped).
+pub fn only_presence_changed(old: &Device, new: &Device) -> bool {
+    old.online != new.online
+        && Device {
+            online: new.online,
+            last_seen: new.last_seen,
+            revision: new.revision,
+            ..old.clone()
+        } == *new
+}
+
+/// [`encode_delta`], given each device as watchers last had it (`previous`): a
+/// device that only went online or offline is sent as its id and flag.
+pub fn encode_delta_since(
+    revision: i64,
+    devices: BTreeMap<i64, Option<Device>>,
+    policy: Option<PolicyState>,
+    previous: impl Fn(i64) -> Option<Device>,
+) -> Result<OrgDelta, frame::FrameError> {
     let mut upserts = Vec::new();
     let mut removed = Vec::new();
+    let mut online = Vec::new();
     for (id, d) in devices {
         match d {
+            Some(d) if previous(id).is_some_and(|old| only_presence_changed(&old, &d)) => {
+                online.push((id, d.online));
+            }
             Some(d) => upserts.push(d),
             None => removed.push(id),
         }
     }
-    let frame = frame::to_frame(
-        &Response::Delta {
-            revision,
-            upserts,
-            removed: removed.clone(),
-            policy,
-        },
+    let frame = peers::delta_frame(
+        revision,
+        &upserts,
+        &removed,
+        policy.as_ref(),
+        &online,
         MAX_RESPONSE_LEN,
     )?;
     Ok(OrgDelta {
         revision,
         removed,
-        frame,
+        frame: Bytes::from(frame),
         created: std::time::Instant::now(),
         resync: false,
     })
 }
 
 fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
-    serde_json::to_vec(d)
-        .map(Arc::from)
-        .map_err(|e| StoreError::Corrupt(format!("encoding device {}: {e}", d.id)))
+    Ok(Arc::from(peers::device_bytes(d)))
 }
 
 /// A watch stream: its serial number, the signal that ends it, the node process
@@ -339,6 +366,7 @@ impl Hub {
         for (id, view) in &mut state.orgs {
             let new = fresh.remove(id).unwrap_or_else(OrgView::new);
             view.devices = new.devices;
+            view.shared = None;
             view.online = new.online;
             view.policy = new.policy;
         }
@@ -348,7 +376,7 @@ impl Hub {
             let _ = view.tx.send(Arc::new(OrgDelta {
                 revision,
                 removed: Vec::new(),
-                frame: Vec::new(),
+                frame: Bytes::new(),
                 created: std::time::Instant::now(),
                 resync: true,
             }));
@@ -477,6 +505,7 @@ impl Hub {
     pub fn subscribe_with_snapshot(
         &self,
         organization_id: i64,
+        stun_port: Option<u16>,
     ) -> (broadcast::Receiver<Arc<OrgDelta>>, Snapshot) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let revision = state.revision;
@@ -485,28 +514,16 @@ impl Hub {
             .entry(organization_id)
             .or_insert_with(OrgView::new);
         let rx = view.tx.subscribe();
-        let devices = view.devices.values().cloned().collect();
-        let policy = view.policy.clone();
-        (
-            rx,
-            Snapshot {
-                revision,
-                devices,
-                policy,
-            },
-        )
+        (rx, view.snapshot(revision, stun_port))
     }
 
     /// The current snapshot of `organization_id` (a watcher that fell behind).
-    pub fn snapshot(&self, organization_id: i64) -> Snapshot {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let view = state.orgs.get(&organization_id);
-        Snapshot {
-            revision: state.revision,
-            devices: view
-                .map(|v| v.devices.values().cloned().collect())
-                .unwrap_or_default(),
-            policy: view.and_then(|v| v.policy.clone()),
+    pub fn snapshot(&self, organization_id: i64, stun_port: Option<u16>) -> Snapshot {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let revision = state.revision;
+        match state.orgs.get_mut(&organization_id) {
+            Some(view) => view.snapshot(revision, stun_port),
+            None => OrgView::new().snapshot(revision, stun_port),
         }
     }
 
@@ -520,7 +537,7 @@ impl Hub {
         per.clamp(COALESCE_MIN, COALESCE_MAX)
     }
 
-    /// Bounds the snapshots being assembled and written at once.
+    /// Bounds the snapshots being written at once ([`SNAPSHOTS_AT_ONCE`]).
     pub async fn snapshot_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         self.snapshots.acquire().await.ok()
     }
@@ -534,8 +551,24 @@ impl Hub {
         changes: Vec<Change>,
         mut policies: HashMap<i64, Option<PolicyState>>,
     ) {
+        let grouped = group_changes(changes);
+        // Each changed device as the watchers have it now (only this task changes
+        // the views, so they stay so until the batch is applied below).
+        let previous: HashMap<i64, Arc<[u8]>> = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            grouped
+                .iter()
+                .filter_map(|(org, (_, devices))| Some((state.orgs.get(org)?, devices)))
+                .flat_map(|(view, devices)| {
+                    devices
+                        .keys()
+                        .filter_map(|id| Some((*id, view.devices.get(id)?.clone())))
+                })
+                .collect()
+        };
+        let previous = |id: i64| previous.get(&id).and_then(|b| peers::decode_device(b).ok());
         let mut prepared = Vec::new();
-        for (org, (rev, devices)) in group_changes(changes) {
+        for (org, (rev, devices)) in grouped {
             let policy = policies.remove(&org);
             let mut encoded = Vec::with_capacity(devices.len());
             let mut ok = true;
@@ -558,7 +591,7 @@ impl Hub {
                     text: None,
                 })
             });
-            let delta = match encode_delta(rev, devices, sent) {
+            let delta = match encode_delta_since(rev, devices, sent, previous) {
                 Ok(d) if ok => Some(Arc::new(d)),
                 Ok(_) => None,
                 Err(e) => {
@@ -581,6 +614,7 @@ impl Hub {
             }
             if let Some(policy) = p.policy {
                 view.policy = policy;
+                view.shared = None;
             }
             if let Some(delta) = p.delta {
                 // An error only means nobody watches this organization now.
@@ -720,6 +754,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::control::Response;
 
     #[test]
     fn a_second_node_process_is_refused_a_reconnect_replaces() {
@@ -818,12 +853,12 @@ mod tests {
             ),
             (vec![], None, None),
         ] {
-            let snap = Snapshot {
-                revision: 7,
-                devices: devices.iter().map(|d| encode_device(d).unwrap()).collect(),
-                policy: policy.clone(),
-            };
-            let bytes = snap.frame(stun_port).unwrap();
+            let mut view = OrgView::new();
+            for d in &devices {
+                view.set(d.id, Some((encode_device(d).unwrap(), d.online)));
+            }
+            view.policy = policy.clone();
+            let bytes = view.snapshot(7, stun_port).frame.unwrap();
             let (_, used) = frame::decode(&bytes, MAX_RESPONSE_LEN).unwrap().unwrap();
             assert_eq!(used, bytes.len());
             let resp: Response = frame::decode_payload(&bytes[4..]).unwrap();
@@ -837,5 +872,36 @@ mod tests {
                 }
             );
         }
+    }
+
+    /// Watchers taking a snapshot between two changes share one frame (the same
+    /// bytes, not a copy); a change of the organization makes the next one anew.
+    #[test]
+    fn watchers_share_one_snapshot_per_revision() {
+        let mut view = OrgView::new();
+        for id in 1..=3 {
+            view.set(id, Some((encode_device(&device(id)).unwrap(), true)));
+        }
+        let a = view.snapshot(7, Some(1));
+        let b = view.snapshot(9, Some(1));
+        let (fa, fb) = (a.frame.unwrap(), b.frame.unwrap());
+        assert_eq!(fa.as_ptr(), fb.as_ptr(), "one frame, shared");
+        // The shared frame keeps the revision it was made at: nothing of this
+        // organization changed since, so the deltas after it are the same.
+        assert_eq!((a.revision, b.revision), (7, 7));
+        view.set(2, None);
+        let c = view.snapshot(10, Some(1));
+        let fc = c.frame.unwrap();
+        assert_ne!(fc.as_ptr(), fa.as_ptr());
+        assert_eq!(c.revision, 10);
+        match frame::decode_payload::<Response>(&fc[4..]).unwrap() {
+            Response::Snapshot { devices, .. } => {
+                assert_eq!(devices.iter().map(|d| d.id).collect::<Vec<_>>(), [1, 3]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another STUN port (another listener) is another frame.
+        let d = view.snapshot(11, None);
+        assert_eq!(d.revision, 11);
     }
 }

@@ -13,6 +13,7 @@ pub mod handler;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+mod presence;
 mod state;
 pub mod stun;
 mod watch;
@@ -300,6 +301,8 @@ pub async fn run(
     }
     let (register_tx, register_rx) = tokio::sync::mpsc::channel(4 * REGISTER_BATCH);
     tokio::spawn(registrar(store.clone(), hub.clone(), register_rx));
+    let (presence_tx, presence_rx) = presence::channel();
+    tokio::spawn(presence::writer(store.clone(), hub.clone(), presence_rx));
     tokio::spawn(limits::prune(store.clone()));
 
     for addr in stun::ports(cfg.stun_listen) {
@@ -366,6 +369,7 @@ pub async fn run(
             store: store.clone(),
             hub: hub.clone(),
             registrations: register_tx.clone(),
+            presences: presence_tx.clone(),
             stun_port,
             limiter: limiter.clone(),
             authenticated: Arc::default(),
@@ -598,6 +602,8 @@ struct Shell {
     store: SharedStore,
     hub: Arc<Hub>,
     registrations: Registrations,
+    /// Logins and online changes, committed in batches ([`presence`]).
+    presences: presence::Presences,
     stun_port: Option<u16>,
     limiter: Arc<limits::Limiter>,
     /// Some request on this connection proved who it is.
@@ -677,6 +683,26 @@ async fn serve_stream(
             let _ = send.finish();
             return Ok(());
         }
+    }
+    if let Request::Login {
+        auth,
+        ipv6_supported,
+        ..
+    } = &req
+    {
+        let resp = match presence::login(&shell.presences, auth, *ipv6_supported).await {
+            Ok(device) => {
+                shell.authenticated();
+                Response::Device { device }
+            }
+            Err(e) => {
+                log_refusal(remote, &e);
+                handler::error_response(&e)
+            }
+        };
+        quicio::write_message(&mut send, &resp, MAX_RESPONSE_LEN).await?;
+        let _ = send.finish();
+        return Ok(());
     }
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);

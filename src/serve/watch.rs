@@ -5,34 +5,41 @@
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
+
 use super::*;
-/// Writes a snapshot taken from the hub; returns its revision. The frame is assembled
-/// under a permit (a few at a time: each is a copy of its organization), written
-/// without one, and a write that stalls for [`WRITE_TIMEOUT`] fails.
+/// Writes a snapshot taken from the hub; returns its revision. A write that stalls
+/// for [`WRITE_TIMEOUT`] fails.
 async fn send_snapshot(
     send: &mut quinn::SendStream,
-    hub: &Hub,
     snapshot: hub::Snapshot,
-    stun_port: Option<u16>,
 ) -> Result<i64, FrameIoError> {
-    let revision = snapshot.revision;
-    let frame = {
-        let _permit = hub.snapshot_permit().await;
-        snapshot.frame(stun_port)?
-    };
-    drop(snapshot);
-    write_timed(send, &frame).await?;
-    Ok(revision)
+    write_timed(send, snapshot.frame?).await?;
+    Ok(snapshot.revision)
 }
 
-/// `write_all`, failed when the peer takes none of it for [`WRITE_TIMEOUT`] (it does
-/// not read; a slow link still makes progress): the stream is reset and whatever it
-/// held is freed.
-async fn write_timed(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), FrameIoError> {
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        match tokio::time::timeout(WRITE_TIMEOUT, send.write(rest)).await {
-            Ok(n) => rest = rest.get(n?..).unwrap_or_default(),
+/// Takes a new snapshot of the device's organization (a watcher that fell behind) and
+/// writes it, under an admission permit ([`Hub::snapshot_permit`]).
+async fn resend_snapshot(
+    send: &mut quinn::SendStream,
+    hub: &Hub,
+    organization_id: i64,
+    stun_port: Option<u16>,
+) -> Result<i64, FrameIoError> {
+    let _permit = hub.snapshot_permit().await;
+    send_snapshot(send, hub.snapshot(organization_id, stun_port)).await
+}
+
+/// Writes shared bytes without copying them, failed when the peer takes none of them
+/// for [`WRITE_TIMEOUT`] (it does not read; a slow link still makes progress): the
+/// stream is reset and whatever it held is freed.
+async fn write_timed(send: &mut quinn::SendStream, bytes: Bytes) -> Result<(), FrameIoError> {
+    let mut rest = [bytes];
+    while !rest[0].is_empty() {
+        match tokio::time::timeout(WRITE_TIMEOUT, send.write_chunks(&mut rest)).await {
+            Ok(written) => {
+                written?;
+            }
             Err(_) => {
                 let _ = send.reset(3u32.into());
                 return Err(FrameIoError::Write(quinn::WriteError::Stopped(3u32.into())));
@@ -93,12 +100,18 @@ pub(super) async fn serve_watch(
         if !hub.caught_up(me.revision, CATCH_UP).await {
             tracing::warn!(id, "change log behind; the snapshot may lag");
         }
-        let (mut rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id);
-        let revision = send_snapshot(&mut send, hub, snapshot, stun_port).await?;
+        // Admission: a few snapshots on their way at once. The subscription and the
+        // snapshot are taken once this watcher's turn has come, so it starts from
+        // what is current then.
+        let (mut rx, revision) = {
+            let _permit = hub.snapshot_permit().await;
+            let (rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id, stun_port);
+            (rx, send_snapshot(&mut send, snapshot).await?)
+        };
         tracing::info!(id, hostname = %me.hostname, %remote, revision, "watch started");
         // Even if not its only stream: an older one may have been replaced before
         // it recorded the device online (recording it twice changes nothing).
-        set_online(store, hub, id, true).await;
+        set_online_batched(shell, id, true).await;
         forward_deltas(&mut send, hub, &mut rx, &me, revision, stun_port).await
     };
     let result = tokio::select! {
@@ -110,10 +123,17 @@ pub(super) async fn serve_watch(
         }
     };
     if hub.watch_ended(&slot) {
-        set_online(store, hub, id, false).await;
+        set_online_batched(shell, id, false).await;
     }
     tracing::info!(id, %remote, "watch ended");
     result
+}
+
+/// [`set_online`] through the batching writer ([`super::presence`]).
+async fn set_online_batched(shell: &Shell, id: i64, online: bool) {
+    if let Err(e) = super::presence::set_online(&shell.presences, id, online).await {
+        tracing::warn!(id, error = %e, "could not record online state");
+    }
 }
 
 pub(super) async fn set_online(store: &SharedStore, hub: &Hub, id: i64, online: bool) {
@@ -145,11 +165,10 @@ async fn forward_deltas(
                 }
                 revision = delta.revision;
                 if delta.resync {
-                    let snapshot = hub.snapshot(me.organization_id);
-                    revision = send_snapshot(send, hub, snapshot, stun_port).await?;
+                    revision = resend_snapshot(send, hub, me.organization_id, stun_port).await?;
                     continue;
                 }
-                write_timed(send, &delta.frame).await?;
+                write_timed(send, delta.frame.clone()).await?;
                 hub.metrics.fanned_out(delta.created.elapsed());
                 if delta.removed.contains(&me.id) {
                     tracing::info!(id = me.id, "device removed; ending its watch");
@@ -163,8 +182,7 @@ async fn forward_deltas(
                     missed = n,
                     "watcher fell behind; resending snapshot"
                 );
-                let snapshot = hub.snapshot(me.organization_id);
-                revision = send_snapshot(send, hub, snapshot, stun_port).await?;
+                revision = resend_snapshot(send, hub, me.organization_id, stun_port).await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }

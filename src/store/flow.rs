@@ -404,6 +404,49 @@ pub fn login(
     tx.device(id)?.ok_or(StoreError::Unauthorized)
 }
 
+/// See [`super::Store::presence`].
+pub fn presence(
+    engine: &mut dyn Engine,
+    batch: &[super::Presence<'_>],
+    now: i64,
+) -> Vec<Result<Option<Device>, StoreError>> {
+    let n = batch.len();
+    write(engine, |tx, addrs| {
+        let mut out = Vec::with_capacity(n);
+        for p in batch {
+            let r = match *p {
+                super::Presence::Login {
+                    device_id,
+                    credential_hash,
+                    ipv6_supported,
+                } => match tx.credential(device_id)? {
+                    Some((stored, device)) if stored == credential_hash => {
+                        login(tx, addrs, &device, ipv6_supported, now).map(Some)
+                    }
+                    _ => Err(StoreError::Unauthorized),
+                },
+                super::Presence::Online { device_id, online } => {
+                    set_online(tx, device_id, online, now).map(|()| None)
+                }
+            };
+            match r {
+                // Only the database fails after an item wrote something: the whole
+                // attempt goes (and is retried where the backend retries).
+                Err(e) if e.is_internal() => return Err(e),
+                r => out.push(r),
+            }
+        }
+        Ok(out)
+    })
+    .unwrap_or_else(|e| {
+        let text = e.to_string();
+        let mut out = Vec::with_capacity(n);
+        out.push(Err(e));
+        out.extend((1..n).map(|_| Err(StoreError::Unavailable(text.clone()))));
+        out
+    })
+}
+
 /// See [`super::Store::set_online`].
 pub fn set_online(tx: &mut dyn Tx, id: i64, online: bool, now: i64) -> Result<(), StoreError> {
     let Some((org, was)) = tx.lock_online(id)? else {

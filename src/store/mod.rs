@@ -178,6 +178,19 @@ pub struct Registration<'a> {
     pub credential_hash: &'a str,
 }
 
+/// One item of a presence batch (see [`Store::presence`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Presence<'a> {
+    /// A reconnect: as [`Store::login`].
+    Login {
+        device_id: i64,
+        credential_hash: &'a str,
+        ipv6_supported: Option<bool>,
+    },
+    /// A watch stream began or ended: as [`Store::set_online`].
+    Online { device_id: i64, online: bool },
+}
+
 /// The results of a batch whose transaction failed: the error for the first, its
 /// text for the others.
 pub(crate) fn fail_all(e: StoreError, n: usize) -> Vec<Result<Device, StoreError>> {
@@ -472,6 +485,18 @@ pub trait Store: Send {
         flow::write(self.engine(), |tx, _| {
             flow::set_online(tx, device_id, online, now)
         })
+    }
+
+    /// Logins and online changes of many devices in one transaction (one disk flush),
+    /// each as if it had come alone, in order: a login gives its device, an online
+    /// change nothing. Refusals (a bad credential) stay with their own item; a failure
+    /// of the database fails them all, and then nothing was written.
+    fn presence(
+        &mut self,
+        batch: &[Presence<'_>],
+        now: i64,
+    ) -> Vec<Result<Option<Device>, StoreError>> {
+        flow::presence(self.engine(), batch, now)
     }
 
     /// Removes a device; its addresses return to the pool.

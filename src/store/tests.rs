@@ -191,6 +191,7 @@ both_backends!(
     names_are_unique_in_registration_order,
     tokens_listed_and_revoked,
     admin_keys_and_path_reports,
+    presence_batch_is_each_write_in_order,
 );
 
 /// Mesh DNS names (DESIGN §10): lower-cased DNS labels, `-2`, `-3` … for duplicates
@@ -678,6 +679,58 @@ fn unmanaged_devices_are_relay_only_spokes(b: Backend) {
     ));
     assert_eq!(s.devices(org.id).unwrap(), vec![d.clone()]);
     assert_eq!(s.device(d.id).unwrap(), Some(d));
+}
+
+/// Logins and online changes committed together behave as one after the other; a bad
+/// credential is refused alone.
+fn presence_batch_is_each_write_in_order(b: Backend) {
+    use crate::store::Presence;
+    let mut f = Fresh::new(b);
+    let s = f.store.as_mut();
+    s.reset_online(1).unwrap();
+    token(s, "t", true, None);
+    let a = register(s, 1, false, "ca", 1);
+    let b2 = register(s, 2, true, "cb", 1);
+    let rev = s.current_revision().unwrap();
+    let out = s.presence(
+        &[
+            Presence::Login {
+                device_id: a.id,
+                credential_hash: "ca",
+                ipv6_supported: None,
+            },
+            Presence::Login {
+                device_id: b2.id,
+                credential_hash: "wrong",
+                ipv6_supported: None,
+            },
+            Presence::Online {
+                device_id: a.id,
+                online: true,
+            },
+            Presence::Online {
+                device_id: b2.id,
+                online: true,
+            },
+            Presence::Online {
+                device_id: b2.id,
+                online: false,
+            },
+            Presence::Online {
+                device_id: 9999,
+                online: true,
+            },
+        ],
+        3,
+    );
+    assert_eq!(out.len(), 6);
+    assert!(matches!(&out[0], Ok(Some(d)) if d.id == a.id));
+    assert!(matches!(out[1], Err(StoreError::Unauthorized)));
+    assert!(out[2..].iter().all(|r| matches!(r, Ok(None))));
+    assert!(s.device(a.id).unwrap().unwrap().online);
+    assert!(!s.device(b2.id).unwrap().unwrap().online);
+    // a online, b online, b offline: three changes.
+    assert_eq!(s.current_revision().unwrap(), rev + 3);
 }
 
 fn online_state_is_recorded_once(b: Backend) {

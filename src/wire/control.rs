@@ -267,6 +267,11 @@ pub enum Response {
         /// The organization's policy, when it changed in this delta.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         policy: Option<PolicyState>,
+        /// Devices whose only change is going online (`true`) or offline: the
+        /// receiver already has the rest of their record. A storm of reconnects then
+        /// costs a few bytes per device and watcher, not a whole record.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        online: Vec<(i64, bool)>,
     },
     Error {
         code: ErrorCode,

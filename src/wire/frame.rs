@@ -2,7 +2,8 @@
 //!
 //! A frame is `u32 length (big endian) | u8 version | body`, where `length` counts the
 //! version byte and the body. The body is one JSON-encoded control message
-//! ([`super::control`]). Decoding is sans-IO: feed a buffer, get the frame's body or a
+//! ([`super::control`]), or, with version [`super::peers::PEERS_VERSION`], a snapshot or
+//! delta in its compact binary form ([`super::peers`]). Decoding is sans-IO: feed a buffer, get the frame's body or a
 //! reason to close the stream. Each direction has its own hard maximum size.
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -55,18 +56,29 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, FrameErr
         return Ok(None);
     };
     let (version, body) = frame.split_first().ok_or(FrameError::Empty)?;
-    if *version != VERSION {
+    if *version != VERSION && *version != super::peers::PEERS_VERSION {
         return Err(FrameError::UnsupportedVersion(*version));
     }
     Ok(Some((body, 4 + len)))
 }
 
+/// A message a frame carries: JSON under [`VERSION`]; a type may also know a body of
+/// another version (a [`super::control::Response`] the binary peer state).
+pub trait Message: DeserializeOwned {
+    /// Decodes a body of `version` (not [`VERSION`]).
+    fn decode_other(version: u8, _body: &[u8]) -> Result<Self, FrameError> {
+        Err(FrameError::UnsupportedVersion(version))
+    }
+}
+
+impl Message for super::control::Request {}
+
 /// Decodes the payload of a frame (version byte and body, without the length prefix)
 /// into a message.
-pub fn decode_payload<M: DeserializeOwned>(payload: &[u8]) -> Result<M, FrameError> {
+pub fn decode_payload<M: Message>(payload: &[u8]) -> Result<M, FrameError> {
     let (version, body) = payload.split_first().ok_or(FrameError::Empty)?;
     if *version != VERSION {
-        return Err(FrameError::UnsupportedVersion(*version));
+        return M::decode_other(*version, body);
     }
     serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
 }

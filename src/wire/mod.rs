@@ -7,4 +7,5 @@
 pub mod control;
 pub mod frame;
 pub mod ip;
+pub mod peers;
 pub mod stun;

@@ -288,3 +288,24 @@ fn names_follow_every_device_change() {
             .is_some()
     );
 }
+
+/// A delta's devices that only went online or offline come back as the known
+/// records with the flag set; unknown ids are skipped.
+#[test]
+fn online_changes_become_records() {
+    let now = Instant::now();
+    let mut a = agent();
+    let [peer, relay] = with_relay();
+    a.handle_snapshot(&[peer.clone(), relay.clone()], None, coordinator(), now);
+    assert!(a.with_online(&[]).is_empty());
+    let got = a.with_online(&[(3, false), (99, true)]);
+    assert_eq!(
+        got,
+        vec![Device {
+            online: false,
+            ..relay
+        }]
+    );
+    a.handle_delta(&got, &[], now);
+    assert!(a.mesh.devices().any(|d| d.id == 3 && !d.online));
+}

@@ -30,6 +30,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::control::{Approved, Device, PolicyState, Response};
 use super::frame::{self, FrameError};
+use crate::coord::names;
 
 /// The frame version byte of a binary peer-state body.
 pub const PEERS_VERSION: u8 = 2;
@@ -53,10 +54,12 @@ const APPROVED_RELAY: u32 = 1 << 11;
 const APPROVED_EXIT: u32 = 1 << 12;
 /// The public key is sent as its 32 raw bytes (else as text).
 const RAW_KEY: u32 = 1 << 13;
-const KNOWN_FLAGS: u32 = (1 << 14) - 1;
+/// The DNS domain is the default one (`nexodus.internal`) and is left out.
+const DEFAULT_DOMAIN: u32 = 1 << 14;
+const KNOWN_FLAGS: u32 = (1 << 15) - 1;
 
 /// Fewest bytes a device takes: a bound on how many a body can claim to hold.
-const MIN_DEVICE_LEN: usize = 28;
+const MIN_DEVICE_LEN: usize = 27;
 
 fn malformed(what: impl Into<String>) -> FrameError {
     FrameError::Malformed(what.into())
@@ -165,6 +168,7 @@ pub fn encode_device(d: &Device, out: &mut Vec<u8>) {
         (d.approved.relay, APPROVED_RELAY),
         (d.approved.exit, APPROVED_EXIT),
         (key.is_some(), RAW_KEY),
+        (d.domain == names::DEFAULT_DOMAIN, DEFAULT_DOMAIN),
     ] {
         if on {
             flags |= bit;
@@ -205,7 +209,9 @@ pub fn encode_device(d: &Device, out: &mut Vec<u8>) {
     put_i64(out, d.last_seen);
     put_nets(out, &d.approved.routes);
     put_str(out, &d.name);
-    put_str(out, &d.domain);
+    if d.domain != names::DEFAULT_DOMAIN {
+        put_str(out, &d.domain);
+    }
 }
 
 /// One device, encoded.
@@ -519,7 +525,11 @@ impl<'a> Reader<'a> {
         let last_seen = self.i64("last seen")?;
         let routes = self.nets("approved routes")?;
         let name = self.string("DNS name")?;
-        let domain = self.string("DNS domain")?;
+        let domain = if has(DEFAULT_DOMAIN) {
+            names::DEFAULT_DOMAIN.to_owned()
+        } else {
+            self.string("DNS domain")?
+        };
         Ok(Device {
             id,
             organization_id,
@@ -684,7 +694,11 @@ mod tests {
             } else {
                 format!("h-{id}")
             },
-            domain: "nexodus.internal".into(),
+            domain: if id == 3 {
+                "lab.example".into()
+            } else {
+                "nexodus.internal".into()
+            },
         }
     }
 

@@ -146,7 +146,10 @@ impl DataPlane {
         let plain = buf.get(..padded).ok_or(DropReason::Malformed)?;
         self.max_plain = self.max_plain.max(padded);
 
-        match peer.tunn.encapsulate(plain, out) {
+        match peer
+            .tunn(&self.secret, &self.rate_limiter)
+            .encapsulate(plain, out)
+        {
             TunnResult::WriteToNetwork(data) => {
                 if data.first() != Some(&MSG_DATA) {
                     // No session: boringtun queued the packet and started a
@@ -291,7 +294,11 @@ impl DataPlane {
         };
         let msg_type = datagram.first().copied().unwrap_or(0);
 
-        let (ptr, len, src) = match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        let (ptr, len, src) = match peer.tunn(&self.secret, &self.rate_limiter).decapsulate(
+            Some(from.ip()),
+            datagram,
+            out,
+        ) {
             TunnResult::Done => {
                 if msg_type == MSG_DATA {
                     // An authenticated keepalive.

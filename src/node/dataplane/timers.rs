@@ -76,7 +76,13 @@ impl DataPlane {
                 self.flush.pop();
                 continue;
             };
-            let produced = match peer.tunn.decapsulate(None, &[], &mut out[..]) {
+            let Some(tunn) = peer.tunn.as_deref_mut() else {
+                // No session was ever made: nothing is queued.
+                peer.flush_pending = false;
+                self.flush.pop();
+                continue;
+            };
+            let produced = match tunn.decapsulate(None, &[], &mut out[..]) {
                 TunnResult::WriteToNetwork(data) => Some((data.as_ptr() as usize, data.len())),
                 _ => None,
             };
@@ -94,7 +100,11 @@ impl DataPlane {
                 None => {
                     // Queue empty, or still no session (then keep `queued`;
                     // the next authenticated packet schedules another flush).
-                    if peer.tunn.time_since_last_handshake().is_some() {
+                    if peer
+                        .tunn
+                        .as_ref()
+                        .is_some_and(|t| t.time_since_last_handshake().is_some())
+                    {
                         peer.queued = false;
                     }
                     peer.flush_pending = false;
@@ -138,12 +148,16 @@ impl DataPlane {
             let mut sent = false;
             if let Some(slot) = self.timer_q.get_mut(self.timer_len) {
                 let result = if std::mem::take(&mut peer.probe) {
-                    match peer.tunn.format_handshake_initiation(&mut slot.buf, false) {
-                        TunnResult::Done => peer.tunn.update_timers(&mut slot.buf),
+                    let tunn = peer.tunn(&self.secret, &self.rate_limiter);
+                    match tunn.format_handshake_initiation(&mut slot.buf, false) {
+                        TunnResult::Done => tunn.update_timers(&mut slot.buf),
                         r => r,
                     }
+                } else if let Some(tunn) = peer.tunn.as_deref_mut() {
+                    tunn.update_timers(&mut slot.buf)
                 } else {
-                    peer.tunn.update_timers(&mut slot.buf)
+                    // No `Tunn` yet: no session, no timers.
+                    TunnResult::Done
                 };
                 match result {
                     TunnResult::WriteToNetwork(data) => {
@@ -174,7 +188,10 @@ impl DataPlane {
                     if let (Some(slot), Some(to)) =
                         (self.timer_q.get_mut(self.timer_len), peer.endpoint)
                     {
-                        match peer.tunn.encapsulate(&[], &mut slot.buf) {
+                        match peer
+                            .tunn(&self.secret, &self.rate_limiter)
+                            .encapsulate(&[], &mut slot.buf)
+                        {
                             TunnResult::WriteToNetwork(data) => {
                                 if data.first() != Some(&MSG_DATA) {
                                     peer.queued = true;

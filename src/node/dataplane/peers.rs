@@ -122,8 +122,7 @@ impl DataPlane {
             .get(&id)
             .map(|p| p.allowed_ips.clone())
             .unwrap_or_default();
-        let peer_public = PublicKey::from(cfg.public_key);
-        if !self.secret.diffie_hellman(&peer_public).was_contributory() {
+        if crate::coord::keys::is_low_order(&cfg.public_key) {
             return Err(DataPlaneError::LowOrderKey(id));
         }
         if cfg.public_key == *self.public.as_bytes() {

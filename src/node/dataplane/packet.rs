@@ -293,6 +293,15 @@ impl DataPlane {
             return Decapsulated::Drop(DropReason::UnknownPeer);
         };
         let msg_type = datagram.first().copied().unwrap_or(0);
+        if peer.tunn.is_none() && msg_type != MSG_HANDSHAKE_INIT {
+            // No `Tunn` yet, so no session nor handshake of ours to answer: only an
+            // initiation makes one (a forged index cannot make sessions appear).
+            return Decapsulated::Drop(if msg_type == MSG_DATA {
+                DropReason::Decrypt
+            } else {
+                DropReason::Handshake
+            });
+        }
 
         let (ptr, len, src) = match peer.tunn(&self.secret, &self.rate_limiter).decapsulate(
             Some(from.ip()),

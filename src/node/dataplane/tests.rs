@@ -1059,3 +1059,21 @@ fn sessions_are_made_on_first_use() {
     assert!(p.a.peers.get(&B_ID).expect("peer").tunn.is_some());
     assert!(p.b.peers.get(&A_ID).expect("peer").tunn.is_some());
 }
+
+/// Persistent keepalives make sessions at most `NEW_SESSIONS_PER_TICK` a tick: a
+/// snapshot of thousands of peers starts its handshakes over a few ticks.
+#[test]
+fn keepalives_make_sessions_a_batch_per_tick() {
+    let mut dp = DataPlane::new(secret_key(1));
+    for i in 0..1500u64 {
+        let mut cfg = peer_cfg(1000 + i, "192.0.2.9:51820", &[]);
+        cfg.persistent_keepalive = Some(25);
+        dp.upsert_peer(i as PeerId, cfg).expect("peer");
+    }
+    let with_tunn = |dp: &DataPlane| dp.peers.values().filter(|p| p.tunn.is_some()).count();
+    let now = Instant::now();
+    dp.handle_timeout(now);
+    assert_eq!(with_tunn(&dp), 1024);
+    dp.handle_timeout(now + TICK);
+    assert_eq!(with_tunn(&dp), 1500);
+}

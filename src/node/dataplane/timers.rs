@@ -12,6 +12,10 @@ use super::{
     DATA_OVERHEAD, DataPlane, DropReason, HANDSHAKE_INIT_LEN, MIN_OUT_LEN, MSG_DATA, PeerId, TICK,
 };
 
+/// Sessions (`Tunn`s) persistent keepalives may make in one tick; the other peers'
+/// first keepalives wait for the next ticks (4,096 a second).
+const NEW_SESSIONS_PER_TICK: usize = 1024;
+
 /// A reusable buffer for a timer-generated datagram (handshake or keepalive).
 pub(super) struct TxSlot {
     peer: PeerId,
@@ -141,6 +145,7 @@ impl DataPlane {
             self.timer_pos = 0;
         }
 
+        let mut new_sessions = NEW_SESSIONS_PER_TICK;
         for (&id, peer) in self.peers.iter_mut() {
             while self.timer_q.len() < self.timer_len + 2 {
                 self.timer_q.push(TxSlot::empty());
@@ -181,8 +186,18 @@ impl DataPlane {
 
             if peer.keepalive > 0 && peer.endpoint.is_some() {
                 let interval = Duration::from_secs(u64::from(peer.keepalive));
+                // A keepalive to a peer without a `Tunn` makes one (and starts a
+                // handshake): at most NEW_SESSIONS_PER_TICK per tick, so a snapshot of
+                // thousands of peers neither stalls this thread nor floods the network.
+                let deferred = peer.tunn.is_none() && {
+                    let out_of_budget = new_sessions == 0;
+                    new_sessions = new_sessions.saturating_sub(1);
+                    out_of_budget
+                };
                 if sent || peer.active_since_tick {
                     peer.keepalive_due = Some(now + interval);
+                } else if deferred {
+                    // Due at the next tick.
                 } else if peer.keepalive_due.is_none_or(|due| now >= due) {
                     peer.keepalive_due = Some(now + interval);
                     if let (Some(slot), Some(to)) =

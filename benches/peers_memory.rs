@@ -4,11 +4,12 @@
 
 use std::time::Instant;
 
-use nexodus::coord::keys::encode_key;
+mod common;
+
+use common::{device, key};
 use nexodus::node::dataplane::{DataPlane, PeerConfig};
 use nexodus::node::mesh::{LocalView, MeshState};
 use nexodus::wire::control::Device;
-use sha2::Digest;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -19,46 +20,6 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn key(n: u64) -> [u8; 32] {
-    let secret: [u8; 32] = sha2::Sha256::digest(n.to_le_bytes()).into();
-    *boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(secret)).as_bytes()
-}
-
-fn device(id: i64) -> Device {
-    let n = id as u32;
-    Device {
-        id,
-        organization_id: 1,
-        public_key: encode_key(&key(id as u64)),
-        hostname: format!("node{id}"),
-        os: "linux".into(),
-        tunnel_ip: std::net::Ipv4Addr::from(0x6440_0000 + n),
-        tunnel_ip_v6: Some(std::net::Ipv6Addr::from(0x0200_u128 << 112 | u128::from(n))),
-        organization_prefix: "100.64.0.0/10".parse().expect("literal"),
-        organization_prefix_v6: "200::/64".parse().expect("literal"),
-        local_ip: None,
-        local_ip_v6: None,
-        endpoints: vec![std::net::SocketAddr::from((
-            [192, 0, 2, (n % 250) as u8 + 1],
-            51820,
-        ))],
-        reflexive_endpoint: None,
-        symmetric_nat: false,
-        relay: false,
-        relay_only: false,
-        ipv6_supported: true,
-        advertise_cidrs: vec![],
-        revision: 1,
-        last_seen: 0,
-        unmanaged: false,
-        online: true,
-        exit_node: false,
-        approved: Default::default(),
-        name: String::new(),
-        domain: String::new(),
-    }
 }
 
 fn main() {
@@ -77,6 +38,7 @@ fn main() {
         });
         let started = Instant::now();
         let actions = mesh.apply_snapshot(&devices, Instant::now());
+        let planned = started.elapsed();
         for a in actions {
             if let nexodus::node::mesh::Action::UpsertPeer(p) = a {
                 dp.upsert_peer(
@@ -94,7 +56,8 @@ fn main() {
         let took = started.elapsed();
         let grown = rss_kib().saturating_sub(before);
         println!(
-            "{peers:>6} peers: +{grown} KiB RSS ({:.1} KiB/peer), snapshot applied in {took:?}",
+            "{peers:>6} peers: +{grown} KiB RSS ({:.1} KiB/peer), snapshot applied in {took:?} \
+             (planned by the mesh in {planned:?}, the rest in the data plane)",
             grown as f64 / peers as f64
         );
         drop((dp, mesh));

@@ -127,10 +127,163 @@ async fn two_replicas_share_addresses_identity_and_changes() {
     common::within(DEADLINE, async {
         let pg = TempPostgres::start().unwrap();
         let url = pg.fresh_database("nx").unwrap();
+        let _replicas = two_replicas(&pg, &url, ["127.43.0.1", "127.43.0.2"]).await;
+    })
+    .await;
+}
+
+/// The same over TLS: the database has a certificate from a test CA, and both
+/// replicas (requests and the notification channel) and the admin commands connect
+/// with `sslmode=verify-full`. Every connection of theirs is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_over_tls_verify_full() {
+    common::within(DEADLINE, async {
+        let pg = TempPostgres::start_tls("127.0.0.1", None).unwrap();
+        pg.create_database("nx").unwrap();
+        let url = pg.tls_url("nx", "verify-full");
+        let _replicas = two_replicas(&pg, &url, ["127.43.0.21", "127.43.0.22"]).await;
+        let plain = pg
+            .query(
+                "nx",
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.application_name = 'nexodus' AND NOT s.ssl",
+            )
+            .unwrap();
+        let encrypted = pg
+            .query(
+                "nx",
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.application_name = 'nexodus' AND s.ssl",
+            )
+            .unwrap();
+        assert_eq!(plain, ["0"], "a replica's connection is not encrypted");
+        // Each replica: its store and its LISTEN connection.
+        let encrypted: u32 = encrypted[0].parse().unwrap();
+        assert!(encrypted >= 4, "{encrypted} encrypted connections");
+    })
+    .await;
+}
+
+/// `serve` that must fail at start: its output (stdout and stderr) once it exited.
+fn serve_fails(url: &str, ip: &str) -> String {
+    let mut child = Command::new(common::BIN)
+        .args(["serve", "--listen", &format!("{ip}:4443")])
+        .args(["--stun-listen", &format!("{ip}:3478")])
+        .args(["--database-url", url])
+        .args(["--state-dir", "/nonexistent/nexodus-test"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .die_with_parent()
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve on {url} did not fail within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "serve on {url} exited successfully");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The store connects to `url` (and migrates its schema).
+fn connects(url: &str) {
+    if let Err(e) = nexodus::store::PgStore::connect(url) {
+        panic!("{url}: {e}");
+    }
+}
+
+/// TLS refused: `verify-full` against a certificate from another CA, and `require`
+/// against a server without TLS, each fail at start with a message naming the
+/// database, the mode and why.
+#[test]
+fn tls_misconfigurations_fail_clearly() {
+    let deadline = Instant::now() + DEADLINE;
+    let pg = TempPostgres::start_tls("127.0.0.1", None).unwrap();
+    pg.create_database("nx").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("other-ca.pem");
+    nexodus::store::testpg::TestCa::new("some other CA")
+        .unwrap()
+        .write(&wrong)
+        .unwrap();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url("nx"),
+        wrong.display()
+    );
+    let out = serve_fails(&url, "127.43.0.23");
+    eprintln!("wrong CA:\n{out}");
+    let at = format!("{}:{}", pg.host, pg.port);
+    for want in [
+        at.as_str(),
+        "sslmode=verify-full",
+        "certificate",
+        "UnknownIssuer",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    // The right CA but a name the certificate does not carry: refused under
+    // verify-full, accepted under verify-ca.
+    let ca = pg.ca_file().unwrap().display().to_string();
+    let by_name = format!(
+        "postgres://{}@localhost4.invalid:{}/nx?sslmode=verify-full&sslrootcert={ca}&hostaddr=127.0.0.1",
+        nexodus::store::testpg::USER,
+        pg.port
+    );
+    let out = serve_fails(&by_name, "127.43.0.23");
+    assert!(out.contains("not valid for name"), "{out}");
+    let verify_ca = by_name.replace("verify-full", "verify-ca");
+    connects(&verify_ca);
+
+    let plain = TempPostgres::start().unwrap();
+    plain.create_database("nx").unwrap();
+    let out = serve_fails(
+        &format!("{}?sslmode=require", plain.url("nx")),
+        "127.43.0.23",
+    );
+    eprintln!("require, no TLS:\n{out}");
+    let at = format!("{}:{}", plain.host, plain.port);
+    for want in [
+        at.as_str(),
+        "sslmode=require",
+        "server does not support TLS",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    // `prefer` (the default) falls back to plain; `disable` never tries.
+    connects(&format!("{}?sslmode=prefer", plain.url("nx")));
+    connects(&format!("{}?sslmode=disable", plain.url("nx")));
+    // `require` against the TLS server: encrypted, the certificate not checked.
+    connects(
+        &pg.tls_url("nx", "require")
+            .replace(&format!("&sslrootcert={ca}"), ""),
+    );
+    assert!(Instant::now() < deadline, "took too long");
+}
+
+/// Two replicas on database `url` at `ips`: the scenario of
+/// [`two_replicas_share_addresses_identity_and_changes`]. Returns the replicas, still
+/// running, and their logs' directory.
+async fn two_replicas(
+    pg: &TempPostgres,
+    url: &str,
+    ips: [&str; 2],
+) -> (Coordinator, Coordinator, tempfile::TempDir) {
+    {
+        let url = url.to_string();
         let logs = tempfile::tempdir().unwrap();
-        let r1 = Coordinator::replica("127.43.0.1", &url, logs.path());
-        let r2 = Coordinator::replica("127.43.0.2", &url, logs.path());
-        let _logs = LogsOnFailure(vec![&r1, &r2], &pg);
+        let r1 = Coordinator::replica(ips[0], &url, logs.path());
+        let r2 = Coordinator::replica(ips[1], &url, logs.path());
+        let _logs = LogsOnFailure(vec![&r1, &r2], pg);
         let token =
             JoinToken::parse(admin(&url, &["token", "create", "--reusable"]).trim()).unwrap();
         // Both present the certificate pinned in the token.
@@ -198,8 +351,9 @@ async fn two_replicas_share_addresses_identity_and_changes() {
             total < Duration::from_secs(1),
             "took {total:?}: notifications are not reaching the other replica"
         );
-    })
-    .await;
+        drop(_logs);
+        (r1, r2, logs)
+    }
 }
 
 /// The database restarts under two replicas: they reconnect (requests and the

@@ -6,7 +6,6 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use boringtun::x25519::{PublicKey, StaticSecret};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -35,14 +34,41 @@ pub fn parse_public_key(text: &str) -> Result<[u8; 32], KeyError> {
 }
 
 /// True when `key` is a point of small order: its product with any clamped scalar is
-/// the identity, which X25519 encodes as all zeros.
+/// the identity, which X25519 encodes as all zeros. A table lookup (X25519 ignores the
+/// top bit), not a Diffie-Hellman: a node checks every peer's key of a snapshot.
 pub fn is_low_order(key: &[u8; 32]) -> bool {
-    // Any fixed scalar works: clamping makes it a multiple of the cofactor 8.
-    let probe = StaticSecret::from([0x5a; 32]);
-    !probe
-        .diffie_hellman(&PublicKey::from(*key))
-        .was_contributory()
+    let mut masked = *key;
+    masked[31] &= 0x7f;
+    LOW_ORDER.contains(&masked)
 }
+
+/// The small-order points of Curve25519 in canonical encoding, plus encodings
+/// of the same points above the field prime (as listed by the X25519 literature).
+pub const LOW_ORDER: [[u8; 32]; 7] = {
+    let zero = [0u8; 32];
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    let a = [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ];
+    let b = [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ];
+    let mut p_minus_1 = [0xff; 32];
+    p_minus_1[0] = 0xec;
+    p_minus_1[31] = 0x7f;
+    let mut p = [0xff; 32];
+    p[0] = 0xed;
+    p[31] = 0x7f;
+    let mut p_plus_1 = [0xff; 32];
+    p_plus_1[0] = 0xee;
+    p_plus_1[31] = 0x7f;
+    [zero, one, a, b, p_minus_1, p, p_plus_1]
+};
 
 /// Encodes a key as standard base64.
 pub fn encode_key(key: &[u8; 32]) -> String {
@@ -52,40 +78,38 @@ pub fn encode_key(key: &[u8; 32]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use boringtun::x25519::{PublicKey, StaticSecret};
 
-    /// The small-order points of Curve25519 in canonical encoding, plus encodings
-    /// of the same points above the field prime (as listed by the X25519 literature).
-    pub(crate) const LOW_ORDER: [[u8; 32]; 7] = {
-        let zero = [0u8; 32];
-        let mut one = [0u8; 32];
-        one[0] = 1;
-        let a = [
-            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
-            0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
-            0x5f, 0x49, 0xb8, 0x00,
-        ];
-        let b = [
-            0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83,
-            0xef, 0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd,
-            0xd0, 0x9f, 0x11, 0x57,
-        ];
-        let mut p_minus_1 = [0xff; 32];
-        p_minus_1[0] = 0xec;
-        p_minus_1[31] = 0x7f;
-        let mut p = [0xff; 32];
-        p[0] = 0xed;
-        p[31] = 0x7f;
-        let mut p_plus_1 = [0xff; 32];
-        p_plus_1[0] = 0xee;
-        p_plus_1[31] = 0x7f;
-        [zero, one, a, b, p_minus_1, p, p_plus_1]
-    };
+    /// Whether a Diffie-Hellman with `key` gives no contribution (all zeros).
+    fn dh_low_order(key: &[u8; 32]) -> bool {
+        !StaticSecret::from([0x5a; 32])
+            .diffie_hellman(&PublicKey::from(*key))
+            .was_contributory()
+    }
 
     #[test]
     fn low_order_points_refused() {
         for key in LOW_ORDER {
-            assert!(is_low_order(&key), "{key:02x?}");
-            assert_eq!(parse_public_key(&encode_key(&key)), Err(KeyError::LowOrder));
+            let mut high = key;
+            high[31] |= 0x80;
+            for k in [key, high] {
+                assert!(dh_low_order(&k), "not low order: {k:02x?}");
+                assert!(is_low_order(&k), "{k:02x?}");
+                assert_eq!(parse_public_key(&encode_key(&k)), Err(KeyError::LowOrder));
+            }
+        }
+    }
+
+    /// The table agrees with a Diffie-Hellman on keys that are not in it.
+    #[test]
+    fn table_agrees_with_diffie_hellman() {
+        for n in 0u8..=255 {
+            let public = *PublicKey::from(&StaticSecret::from([n; 32])).as_bytes();
+            let mut near = LOW_ORDER[usize::from(n) % LOW_ORDER.len()];
+            near[usize::from(n) % 31] ^= 1 << (n % 8);
+            for k in [public, near, [n; 32]] {
+                assert_eq!(is_low_order(&k), dh_low_order(&k), "{k:02x?}");
+            }
         }
     }
 

@@ -42,16 +42,27 @@ pub(crate) struct RouteApplier {
 }
 
 impl RouteApplier {
-    /// Starts the thread; `apply` runs once per change, in order.
+    /// Starts the thread; `apply` runs once per change, in order (tests record them).
+    #[cfg(test)]
     pub(crate) fn spawn(
         mut apply: impl FnMut(RouteChange) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        Self::spawn_batched(move |changes| changes.into_iter().for_each(&mut apply))
+    }
+
+    /// Starts the thread; `apply` runs with every change waiting at the time (at
+    /// least one), in order: a snapshot's thousands of routes go out together.
+    pub(crate) fn spawn_batched(
+        mut apply: impl FnMut(Vec<RouteChange>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("nexodus-routes".into())
             .spawn(move || {
-                for change in rx {
-                    apply(change);
+                while let Ok(first) = rx.recv() {
+                    let mut changes = vec![first];
+                    changes.extend(rx.try_iter());
+                    apply(changes);
                 }
             })?;
         Ok(Self {
@@ -60,51 +71,79 @@ impl RouteApplier {
         })
     }
 
-    /// Routes through `interface` with `ip route`. With `exit_table`
-    /// (`--use-exit-node`), an exit's default routes go to our own table, and
-    /// peers' prefixes go there as well as to the main table, so they win over
-    /// the defaults there by longest prefix.
+    /// Routes through `interface`: peers' prefixes with one `ip -batch` per batch of
+    /// changes, an exit's default routes (our own table) one by one, all in order.
+    /// With `exit_table` (`--use-exit-node`), peers' prefixes also go to our own
+    /// table, so they win over the exit's defaults there by longest prefix.
     pub(crate) fn kernel(interface: String, exit_table: bool) -> std::io::Result<Self> {
-        Self::spawn(move |change| {
-            let result = match change {
-                RouteChange::Add(net) if net.prefix_len() == 0 => {
-                    policy_route::add_route(&interface, net)
-                }
-                RouteChange::Remove(net) if net.prefix_len() == 0 => {
-                    policy_route::remove_route(&interface, net)
-                }
-                RouteChange::Add(net) => {
-                    let main = match route::add(&interface, net) {
-                        Ok(route::Added::Exists) => {
-                            tracing::warn!(prefix = %net, "the host already routes this prefix; leaving its route as it is");
-                            Ok(())
+        Self::spawn_batched(move |changes| {
+            let mut run: Vec<(route::Op, IpNet)> = Vec::new();
+            for change in changes {
+                match change {
+                    RouteChange::Add(net) if net.prefix_len() > 0 => {
+                        run.push((route::Op::Add, net))
+                    }
+                    RouteChange::Remove(net) if net.prefix_len() > 0 => {
+                        run.push((route::Op::Remove, net));
+                    }
+                    default => {
+                        // Keep the order: what came before goes first.
+                        apply_batch(&interface, &std::mem::take(&mut run), exit_table);
+                        let result = match default {
+                            RouteChange::Add(net) => policy_route::add_route(&interface, net),
+                            RouteChange::Remove(net) => policy_route::remove_route(&interface, net),
+                        };
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, "route change failed");
                         }
-                        other => other.map(|_| ()),
-                    };
-                    if exit_table {
-                        main.and(policy_route::add_route(&interface, net))
-                    } else {
-                        main
                     }
                 }
-                RouteChange::Remove(net) => {
-                    let main = route::remove(&interface, net);
-                    if exit_table {
-                        main.and(policy_route::remove_route(&interface, net))
-                    } else {
-                        main
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "route change failed");
             }
+            apply_batch(&interface, &run, exit_table);
         })
     }
 
     pub(crate) fn send(&self, change: RouteChange) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(change);
+        }
+    }
+}
+
+/// Runs `changes` through `ip -batch`, logging what failed; with `exit_table`, also
+/// into our own table (one `ip` call each: only exit clients have one).
+fn apply_batch(interface: &str, changes: &[(route::Op, IpNet)], exit_table: bool) {
+    if changes.is_empty() {
+        return;
+    }
+    if exit_table {
+        for (op, net) in changes {
+            let result = match op {
+                route::Op::Add => policy_route::add_route(interface, *net),
+                route::Op::Remove => policy_route::remove_route(interface, *net),
+            };
+            if let Err(e) = result {
+                tracing::warn!(prefix = %net, ?op, error = %e, "route change in the exit table failed");
+            }
+        }
+    }
+    let outcomes = match route::batch(interface, changes) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, routes = changes.len(), "route changes failed");
+            return;
+        }
+    };
+    tracing::debug!(routes = changes.len(), "route changes applied");
+    for ((op, net), outcome) in changes.iter().zip(outcomes) {
+        match outcome {
+            route::Outcome::Done | route::Outcome::Gone => {}
+            route::Outcome::Exists => {
+                tracing::warn!(prefix = %net, "the host already routes this prefix; leaving its route as it is");
+            }
+            route::Outcome::Failed(why) => {
+                tracing::warn!(prefix = %net, ?op, error = %why, "route change failed");
+            }
         }
     }
 }

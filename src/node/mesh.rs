@@ -433,8 +433,9 @@ impl MeshState {
         }
     }
 
-    /// Inner addresses of a device this node may route to it.
-    fn host_ips(&self, d: &Device) -> Vec<IpNet> {
+    /// Inner addresses of a device this node may route to it; `exit` is
+    /// [`Self::exit_device`]'s id (looked up once per plan, not once per device).
+    fn host_ips(&self, d: &Device, exit: Option<i64>) -> Vec<IpNet> {
         let mut ips = vec![IpNet::V4(Ipv4Net::from(d.tunnel_ip))];
         if self.local.ipv6
             && let Some(v6) = d.tunnel_ip_v6
@@ -447,7 +448,7 @@ impl MeshState {
             }
         }
         // Exit routes only ever go to the exit this node chose.
-        if self.exit_device().is_some_and(|e| e.id == d.id) {
+        if exit == Some(d.id) {
             ips.extend(exit_routes(self.local.ipv6, d));
         }
         ips
@@ -508,8 +509,9 @@ impl MeshState {
             return out;
         }
         let mut via_relay = Vec::new();
+        let exit = self.exit_device().map(|e| e.id);
         for d in self.devices.values() {
-            let hosts = self.host_ips(d);
+            let hosts = self.host_ips(d, exit);
             let direct = if is_spoke(d) {
                 i_am_relay
             } else {
@@ -565,7 +567,9 @@ impl MeshState {
             }
         }
         // A route over a peer's own endpoint would send the tunnel into itself.
-        let endpoints: Vec<std::net::IpAddr> = self
+        // Sorted: whether a prefix holds one is a range lookup, not a scan (N peers'
+        // routes against N endpoints would be quadratic).
+        let endpoints: BTreeSet<std::net::IpAddr> = self
             .devices
             .values()
             .flat_map(|d| d.endpoints.iter().chain(d.reflexive_endpoint.iter()))
@@ -582,7 +586,10 @@ impl MeshState {
                 if n.prefix_len() == 0 {
                     return true;
                 }
-                let loops = endpoints.iter().any(|e| n.contains(e));
+                let loops = endpoints
+                    .range(n.network()..=n.broadcast())
+                    .next()
+                    .is_some();
                 if loops && !self.routes.contains(n) {
                     tracing::warn!(prefix = %n, "not routing a prefix that contains a peer's endpoint (it would loop)");
                 }

@@ -700,7 +700,7 @@ impl Hub {
     /// Runs forever: holds a PostgreSQL connection that LISTENs on the change channel
     /// and pokes the hub for every notification (and once after each (re)connect, for
     /// commits made while it was away).
-    pub async fn listen(self: Arc<Self>, config: tokio_postgres::Config) {
+    pub async fn listen(self: Arc<Self>, config: crate::store::pg::PgConfig) {
         let mut logged = false;
         loop {
             match self.listen_once(&config).await {
@@ -717,11 +717,11 @@ impl Hub {
 
     async fn listen_once(
         self: &Arc<Self>,
-        config: &tokio_postgres::Config,
+        config: &crate::store::pg::PgConfig,
     ) -> Result<(), tokio_postgres::Error> {
         use tokio_postgres::AsyncMessage;
         tracing::debug!("connecting for change notifications");
-        let (client, mut conn) = config.connect(tokio_postgres::NoTls).await?;
+        let (client, mut conn) = config.pg.connect(config.tls.connector()).await?;
         tracing::debug!("connected for change notifications");
         let hub = self.clone();
         let driver = tokio::spawn(async move {

@@ -6,6 +6,10 @@
 //! server is stopped and the dir removed on drop; the postmaster also gets SIGKILL if
 //! the thread that started it dies (`PR_SET_PDEATHSIG`). Needs Debian's `postgresql`
 //! package (`/usr/lib/postgresql/*/bin`, or set `NEXODUS_PG_BIN`).
+//!
+//! TLS mode ([`TempPostgres::start_tls`]): a test CA and a server certificate for the
+//! listen address (and `localhost`) are made with rcgen at start, and the server runs
+//! with `ssl=on`; [`TempPostgres::ca_file`] is the CA for `sslrootcert`.
 
 use std::fs::File;
 use std::io::Read;
@@ -30,6 +34,59 @@ pub struct TempPostgres {
     /// (uid, gid) to run as, when started as root.
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
+    /// TLS on: the CA certificate (PEM file) the server's certificate is signed by.
+    ca_file: Option<PathBuf>,
+}
+
+/// A certificate authority made for a test.
+pub struct TestCa {
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Result<Self, String> {
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("CA key: {e}"))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// A server certificate for `names` (IP addresses or DNS names): (cert PEM, key PEM).
+    pub fn issue(&self, names: &[&str]) -> Result<(String, String), String> {
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("server key: {e}"))?;
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .map_err(|e| format!("server certificate names: {e}"))?;
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("db"),
+        );
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| format!("server certificate: {e}"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes the CA certificate to `path`.
+    pub fn write(&self, path: &Path) -> Result<(), String> {
+        std::fs::write(path, &self.cert_pem).map_err(|e| format!("{}: {e}", path.display()))
+    }
 }
 
 fn bin_dir() -> Result<PathBuf, String> {
@@ -95,6 +152,15 @@ impl TempPostgres {
     /// A server listening on `host` inside network namespace `netns` (made with `ip
     /// netns add`; needs root), or in this process's namespace.
     pub fn start_with(host: &str, netns: Option<&str>) -> Result<Self, String> {
+        Self::start_inner(host, netns, false)
+    }
+
+    /// Like [`Self::start_with`], with TLS on (`ssl=on`; a test CA, see the module docs).
+    pub fn start_tls(host: &str, netns: Option<&str>) -> Result<Self, String> {
+        Self::start_inner(host, netns, true)
+    }
+
+    fn start_inner(host: &str, netns: Option<&str>, tls: bool) -> Result<Self, String> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let bin = bin_dir()?;
         // SAFETY: geteuid cannot fail.
@@ -118,6 +184,7 @@ impl TempPostgres {
             netns: netns.map(Into::into),
             run_as,
             child: None,
+            ca_file: None,
         };
         {
             use std::os::unix::fs::PermissionsExt;
@@ -129,6 +196,9 @@ impl TempPostgres {
                 .map_err(|e| format!("chown {}: {e}", pg.dir.display()))?;
         }
         pg.initdb()?;
+        if tls {
+            pg.make_certificates()?;
+        }
         let mut last = String::new();
         for _ in 0..5 {
             pg.port = if netns.is_some() {
@@ -146,6 +216,33 @@ impl TempPostgres {
 
     fn data(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// The test CA and the server's certificate and key (0600, the server's user's,
+    /// as PostgreSQL insists).
+    fn make_certificates(&mut self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let ca = TestCa::new("nexodus test database CA")?;
+        let (cert, key) = ca.issue(&[&self.host, "localhost"])?;
+        let ca_file = self.dir.join("ca.pem");
+        ca.write(&ca_file)?;
+        for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+            let path = self.dir.join(name);
+            std::fs::write(&path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
+            }
+        }
+        self.ca_file = Some(ca_file);
+        Ok(())
+    }
+
+    /// The CA certificate (PEM file) of a server started with TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
     }
 
     fn log(&self) -> PathBuf {
@@ -240,6 +337,18 @@ impl TempPostgres {
             // Throwaway data: no fsync (a fast shutdown still checkpoints, so a restart
             // keeps every commit; only an OS crash could lose them).
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(if self.ca_file.is_some() {
+                vec![
+                    "-c".to_string(),
+                    "ssl=on".into(),
+                    "-c".into(),
+                    format!("ssl_cert_file={}", self.dir.join("server.crt").display()),
+                    "-c".into(),
+                    format!("ssl_key_file={}", self.dir.join("server.key").display()),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdout(log.try_clone().map_err(|e| format!("log: {e}"))?)
             .stderr(log)
             .spawn()
@@ -307,6 +416,19 @@ impl TempPostgres {
     /// URL of database `name` over TCP on the listen address.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://{USER}@{}:{}/{name}", self.host, self.port)
+    }
+
+    /// URL of database `name` over TCP with TLS, the server's certificate checked as
+    /// `sslmode` says against the test CA (a server started with TLS).
+    pub fn tls_url(&self, name: &str, sslmode: &str) -> String {
+        match &self.ca_file {
+            Some(ca) => format!(
+                "{}?sslmode={sslmode}&sslrootcert={}",
+                self.url(name),
+                ca.display()
+            ),
+            None => format!("{}?sslmode={sslmode}", self.url(name)),
+        }
     }
 
     /// A new empty database and its URL.

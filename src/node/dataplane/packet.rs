@@ -146,7 +146,10 @@ impl DataPlane {
         let plain = buf.get(..padded).ok_or(DropReason::Malformed)?;
         self.max_plain = self.max_plain.max(padded);
 
-        match peer.tunn.encapsulate(plain, out) {
+        match peer
+            .tunn(&self.secret, &self.rate_limiter)
+            .encapsulate(plain, out)
+        {
             TunnResult::WriteToNetwork(data) => {
                 if data.first() != Some(&MSG_DATA) {
                     // No session: boringtun queued the packet and started a
@@ -297,8 +300,21 @@ impl DataPlane {
             return Decapsulated::Drop(DropReason::UnknownPeer);
         };
         let msg_type = datagram.first().copied().unwrap_or(0);
+        if peer.tunn.is_none() && msg_type != MSG_HANDSHAKE_INIT {
+            // No `Tunn` yet, so no session nor handshake of ours to answer: only an
+            // initiation makes one (a forged index cannot make sessions appear).
+            return Decapsulated::Drop(if msg_type == MSG_DATA {
+                DropReason::Decrypt
+            } else {
+                DropReason::Handshake
+            });
+        }
 
-        let (ptr, len, src) = match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        let (ptr, len, src) = match peer.tunn(&self.secret, &self.rate_limiter).decapsulate(
+            Some(from.ip()),
+            datagram,
+            out,
+        ) {
             TunnResult::Done => {
                 if msg_type == MSG_DATA {
                     // An authenticated keepalive.

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
-use boringtun::x25519::PublicKey;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 use tracing::debug;
 
@@ -45,8 +46,11 @@ pub struct PathCounters {
 
 /// State of one peer.
 pub(super) struct Peer {
-    /// Boxed: a `Tunn` is large and the map moves its values when it grows.
-    pub(super) tunn: Box<Tunn>,
+    /// Made on first use (a packet to or from the peer, a handshake, a keepalive or
+    /// a probe), so a snapshot of thousands of peers installs without a `Tunn` (and
+    /// its key agreement) each. Boxed: a `Tunn` is large and the map moves its values
+    /// when it grows.
+    pub(super) tunn: Option<Box<Tunn>>,
     /// The index this `Tunn` was created with (its sessions are `index << 8 | n`).
     pub(super) index: u32,
     pub(super) public_key: [u8; 32],
@@ -71,6 +75,23 @@ pub(super) struct Peer {
 }
 
 impl Peer {
+    /// The peer's `Tunn`, made now if it has none yet.
+    pub(super) fn tunn(&mut self, secret: &StaticSecret, limiter: &Arc<RateLimiter>) -> &mut Tunn {
+        let (public, index) = (self.public_key, self.index);
+        self.tunn.get_or_insert_with(|| {
+            // Keepalives are driven by `handle_timeout`, not by `Tunn`, so they can
+            // change without losing the session.
+            Box::new(Tunn::new(
+                secret.clone(),
+                PublicKey::from(public),
+                None,
+                None,
+                index,
+                Some(Arc::clone(limiter)),
+            ))
+        })
+    }
+
     pub(super) fn sent(&mut self, len: usize) {
         self.tx_bytes = self.tx_bytes.saturating_add(len as u64);
         self.active_since_tick = true;
@@ -101,8 +122,7 @@ impl DataPlane {
             .get(&id)
             .map(|p| p.allowed_ips.clone())
             .unwrap_or_default();
-        let peer_public = PublicKey::from(cfg.public_key);
-        if !self.secret.diffie_hellman(&peer_public).was_contributory() {
+        if crate::coord::keys::is_low_order(&cfg.public_key) {
             return Err(DataPlaneError::LowOrderKey(id));
         }
         if cfg.public_key == *self.public.as_bytes() {
@@ -130,18 +150,8 @@ impl DataPlane {
             existing => {
                 let old_endpoint = existing.and_then(|p| p.endpoint);
                 let index = self.alloc_index()?;
-                // Keepalives are driven by `handle_timeout`, not by `Tunn`, so
-                // they can change without losing the session.
-                let tunn = Tunn::new(
-                    self.secret.clone(),
-                    peer_public,
-                    None,
-                    None,
-                    index,
-                    Some(Arc::clone(&self.rate_limiter)),
-                );
                 let peer = Peer {
-                    tunn: Box::new(tunn),
+                    tunn: None,
                     index,
                     public_key: cfg.public_key,
                     endpoint: cfg.endpoint.or(old_endpoint),
@@ -214,7 +224,7 @@ impl DataPlane {
     /// Statistics of peer `id`.
     pub fn peer_stats(&self, id: PeerId) -> Option<PeerStats> {
         let peer = self.peers.get(&id)?;
-        let (last_handshake, ..) = peer.tunn.stats();
+        let last_handshake = peer.tunn.as_ref().and_then(|t| t.stats().0);
         Some(PeerStats {
             endpoint: peer.endpoint,
             last_handshake,

@@ -1095,3 +1095,51 @@ fn relay_filters_for_a_peer_that_cannot() {
     let denied = l4(IpAddr::V4(A_V4), IpAddr::V4(B_V4), protocol::TCP, 40000, 22);
     assert_eq!(net.send_packet(Hop::A, &denied).tun_at(Hop::B).len(), 1);
 }
+
+/// Installing peers makes no session state; the first packet to a peer (or a valid
+/// initiation from it) does. A data message with a forged receiver index for a peer
+/// without a `Tunn` is dropped without making one.
+#[test]
+fn sessions_are_made_on_first_use() {
+    let mut p = pair();
+    assert!(p.a.peers.values().all(|peer| peer.tunn.is_none()));
+    assert!(p.b.peers.values().all(|peer| peer.tunn.is_none()));
+    assert_eq!(p.a.peer_stats(B_ID).and_then(|s| s.last_handshake), None);
+
+    let index = p.b.peers.get(&A_ID).expect("peer").index;
+    let mut forged = vec![0u8; 32 + 16];
+    forged[0] = MSG_DATA;
+    forged[4..8].copy_from_slice(&(index << 8).to_le_bytes());
+    let mut out = vec![0u8; BUF_LEN];
+    let from: SocketAddr = "192.0.2.1:51820".parse().expect("addr");
+    assert!(matches!(
+        p.b.handle_datagram(from, &forged, &mut out),
+        Incoming::Drop(DropReason::Decrypt)
+    ));
+    assert!(p.b.peers.get(&A_ID).expect("peer").tunn.is_none());
+
+    // The first packet makes A's session with B, B's on the initiation.
+    let ping = ipv4_packet(A_V4, B_V4, 56);
+    let t = p.send_packet(Side::A, &ping);
+    assert_eq!(t.tun_at(Side::B), vec![ping.as_slice()], "A→B: {t:?}");
+    assert!(p.a.peers.get(&B_ID).expect("peer").tunn.is_some());
+    assert!(p.b.peers.get(&A_ID).expect("peer").tunn.is_some());
+}
+
+/// Persistent keepalives make sessions at most `NEW_SESSIONS_PER_TICK` a tick: a
+/// snapshot of thousands of peers starts its handshakes over a few ticks.
+#[test]
+fn keepalives_make_sessions_a_batch_per_tick() {
+    let mut dp = DataPlane::new(secret_key(1));
+    for i in 0..1500u64 {
+        let mut cfg = peer_cfg(1000 + i, "192.0.2.9:51820", &[]);
+        cfg.persistent_keepalive = Some(25);
+        dp.upsert_peer(i as PeerId, cfg).expect("peer");
+    }
+    let with_tunn = |dp: &DataPlane| dp.peers.values().filter(|p| p.tunn.is_some()).count();
+    let now = Instant::now();
+    dp.handle_timeout(now);
+    assert_eq!(with_tunn(&dp), 1024);
+    dp.handle_timeout(now + TICK);
+    assert_eq!(with_tunn(&dp), 1500);
+}

@@ -12,6 +12,10 @@ use super::{
     DATA_OVERHEAD, DataPlane, DropReason, HANDSHAKE_INIT_LEN, MIN_OUT_LEN, MSG_DATA, PeerId, TICK,
 };
 
+/// Sessions (`Tunn`s) persistent keepalives may make in one tick; the other peers'
+/// first keepalives wait for the next ticks (4,096 a second).
+const NEW_SESSIONS_PER_TICK: usize = 1024;
+
 /// A reusable buffer for a timer-generated datagram (handshake or keepalive).
 pub(super) struct TxSlot {
     peer: PeerId,
@@ -76,7 +80,13 @@ impl DataPlane {
                 self.flush.pop();
                 continue;
             };
-            let produced = match peer.tunn.decapsulate(None, &[], &mut out[..]) {
+            let Some(tunn) = peer.tunn.as_deref_mut() else {
+                // No session was ever made: nothing is queued.
+                peer.flush_pending = false;
+                self.flush.pop();
+                continue;
+            };
+            let produced = match tunn.decapsulate(None, &[], &mut out[..]) {
                 TunnResult::WriteToNetwork(data) => Some((data.as_ptr() as usize, data.len())),
                 _ => None,
             };
@@ -94,7 +104,11 @@ impl DataPlane {
                 None => {
                     // Queue empty, or still no session (then keep `queued`;
                     // the next authenticated packet schedules another flush).
-                    if peer.tunn.time_since_last_handshake().is_some() {
+                    if peer
+                        .tunn
+                        .as_ref()
+                        .is_some_and(|t| t.time_since_last_handshake().is_some())
+                    {
                         peer.queued = false;
                     }
                     peer.flush_pending = false;
@@ -131,6 +145,7 @@ impl DataPlane {
             self.timer_pos = 0;
         }
 
+        let mut new_sessions = NEW_SESSIONS_PER_TICK;
         for (&id, peer) in self.peers.iter_mut() {
             while self.timer_q.len() < self.timer_len + 2 {
                 self.timer_q.push(TxSlot::empty());
@@ -138,12 +153,16 @@ impl DataPlane {
             let mut sent = false;
             if let Some(slot) = self.timer_q.get_mut(self.timer_len) {
                 let result = if std::mem::take(&mut peer.probe) {
-                    match peer.tunn.format_handshake_initiation(&mut slot.buf, false) {
-                        TunnResult::Done => peer.tunn.update_timers(&mut slot.buf),
+                    let tunn = peer.tunn(&self.secret, &self.rate_limiter);
+                    match tunn.format_handshake_initiation(&mut slot.buf, false) {
+                        TunnResult::Done => tunn.update_timers(&mut slot.buf),
                         r => r,
                     }
+                } else if let Some(tunn) = peer.tunn.as_deref_mut() {
+                    tunn.update_timers(&mut slot.buf)
                 } else {
-                    peer.tunn.update_timers(&mut slot.buf)
+                    // No `Tunn` yet: no session, no timers.
+                    TunnResult::Done
                 };
                 match result {
                     TunnResult::WriteToNetwork(data) => {
@@ -167,14 +186,27 @@ impl DataPlane {
 
             if peer.keepalive > 0 && peer.endpoint.is_some() {
                 let interval = Duration::from_secs(u64::from(peer.keepalive));
+                // A keepalive to a peer without a `Tunn` makes one (and starts a
+                // handshake): at most NEW_SESSIONS_PER_TICK per tick, so a snapshot of
+                // thousands of peers neither stalls this thread nor floods the network.
+                let deferred = peer.tunn.is_none() && {
+                    let out_of_budget = new_sessions == 0;
+                    new_sessions = new_sessions.saturating_sub(1);
+                    out_of_budget
+                };
                 if sent || peer.active_since_tick {
                     peer.keepalive_due = Some(now + interval);
+                } else if deferred {
+                    // Due at the next tick.
                 } else if peer.keepalive_due.is_none_or(|due| now >= due) {
                     peer.keepalive_due = Some(now + interval);
                     if let (Some(slot), Some(to)) =
                         (self.timer_q.get_mut(self.timer_len), peer.endpoint)
                     {
-                        match peer.tunn.encapsulate(&[], &mut slot.buf) {
+                        match peer
+                            .tunn(&self.secret, &self.rate_limiter)
+                            .encapsulate(&[], &mut slot.buf)
+                        {
                             TunnResult::WriteToNetwork(data) => {
                                 if data.first() != Some(&MSG_DATA) {
                                     peer.queued = true;

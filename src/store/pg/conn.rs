@@ -6,13 +6,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
+use postgres::{Client, IsolationLevel, Statement, Transaction};
 use rand::RngCore;
 
 use super::super::addrs::AddrCache;
 use super::super::{StoreError, migrate};
 use super::PgStore;
 use super::sql::Db;
+use super::tls::{PgTls, extract};
 
 /// Attempts of one transaction (conflicts, lost connections) before giving up.
 const ATTEMPTS: u32 = 10;
@@ -48,10 +49,39 @@ pub fn redact(url: &str) -> String {
     out
 }
 
+/// Connection settings: tokio-postgres's, and the TLS connector of `sslmode`.
+#[derive(Clone, Debug)]
+pub struct PgConfig {
+    pub pg: tokio_postgres::Config,
+    pub tls: PgTls,
+}
+
+impl PgConfig {
+    /// For messages: `db.example:5432 (sslmode=verify-full, sslrootcert=ca.pem)`.
+    pub fn describe(&self) -> String {
+        let hosts: Vec<String> = self
+            .pg
+            .get_hosts()
+            .iter()
+            .zip(self.pg.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .map(|(h, port)| match h {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        format!("{} ({})", hosts.join(","), self.tls.describe())
+    }
+}
+
 /// Parses a connection URL and fills in what a coordinator needs: a connect timeout,
-/// TCP keepalives (to notice a dead database host), an application name.
-pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(StoreError::Postgres)?;
+/// TCP keepalives (to notice a dead database host), an application name, and TLS as
+/// `sslmode` and `sslrootcert` say (see `tls`).
+pub fn parse_config(url: &str) -> Result<PgConfig, StoreError> {
+    let settings = extract(url);
+    let tls = PgTls::new(settings.mode.as_deref(), settings.root_cert.as_deref())
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut config =
+        tokio_postgres::Config::from_str(&settings.rest).map_err(StoreError::Postgres)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
@@ -59,7 +89,24 @@ pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
         config.application_name("nexodus");
     }
     config.keepalives_idle(Duration::from_secs(10));
-    Ok(config)
+    tls.configure(&mut config);
+    Ok(PgConfig { pg: config, tls })
+}
+
+/// An error and its causes, `: `-separated (tokio-postgres's own message leaves out
+/// the cause, such as why a TLS handshake failed).
+pub(super) fn error_chain(e: &postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// True for errors after which the transaction can simply run again: a unique
@@ -96,8 +143,8 @@ pub(super) struct Conn {
     pub stmts: HashMap<&'static str, Statement>,
 }
 
-pub(super) fn connect(config: &tokio_postgres::Config) -> Result<Conn, StoreError> {
-    let client = postgres::Config::from(config.clone()).connect(NoTls)?;
+pub(super) fn connect(config: &PgConfig) -> Result<Conn, StoreError> {
+    let client = postgres::Config::from(config.pg.clone()).connect(config.tls.connector())?;
     Ok(Conn {
         client,
         stmts: HashMap::new(),
@@ -157,10 +204,7 @@ pub(super) fn migrate(client: &mut Client) -> Result<(), StoreError> {
 
 impl PgStore {
     /// The live connection, reopened if it was lost.
-    fn conn<'a>(
-        slot: &'a mut Option<Conn>,
-        config: &tokio_postgres::Config,
-    ) -> Result<&'a mut Conn, StoreError> {
+    fn conn<'a>(slot: &'a mut Option<Conn>, config: &PgConfig) -> Result<&'a mut Conn, StoreError> {
         let conn = match slot.take() {
             Some(c) if !c.client.is_closed() => c,
             _ => {

@@ -23,8 +23,9 @@
 //!   device) while that replica holds a watch stream of the device; replicas heartbeat
 //!   in `cluster_replicas` and expire each other after [`REPLICA_TIMEOUT_SECS`].
 //!
-//! The connection is plain TCP (`NoTls`): run the database on the same host or a
-//! trusted network. Errors never panic; a value that does not parse is `Corrupt`.
+//! The connection is TLS as the URL's `sslmode` and `sslrootcert` say, through
+//! rustls (`tls`; libpq's default `prefer` without them). Errors never panic; a value
+//! that does not parse is `Corrupt`.
 
 //!
 //! Split by concern: `conn` (connecting, migrations, retries), `sql` (the queries of
@@ -35,13 +36,14 @@
 mod cluster;
 mod conn;
 mod sql;
+pub mod tls;
 
 use rand::RngCore;
 
 use super::addrs::AddrCache;
 use super::flow::{Engine, Read, ReadFn, WriteFn};
 use super::{ClusterIdentity, Store, StoreError};
-pub use conn::{parse_config, redact};
+pub use conn::{PgConfig, parse_config, redact};
 
 /// The channel every change is announced on.
 pub const CHANNEL: &str = "nexodus_changes";
@@ -50,7 +52,7 @@ pub const REPLICA_TIMEOUT_SECS: i64 = 30;
 
 /// The PostgreSQL store. One connection, reopened when lost.
 pub struct PgStore {
-    config: tokio_postgres::Config,
+    config: PgConfig,
     conn: Option<conn::Conn>,
     /// This process's name in `cluster_replicas` (random per start).
     replica: String,
@@ -73,7 +75,16 @@ impl PgStore {
     /// Connects, and creates or migrates the schema.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
         let config = parse_config(url)?;
-        let mut conn = conn::connect(&config)?;
+        // The first connection's failure is told with where and how it connected (a
+        // lost connection later is retried instead).
+        let mut conn = conn::connect(&config).map_err(|e| match e {
+            StoreError::Postgres(e) => StoreError::Unavailable(format!(
+                "cannot connect to the database at {}: {}",
+                config.describe(),
+                conn::error_chain(&e)
+            )),
+            other => other,
+        })?;
         conn::migrate(&mut conn.client)?;
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
@@ -89,7 +100,7 @@ impl PgStore {
     }
 
     /// The connection settings, for a second connection (the hub's LISTEN).
-    pub fn config(&self) -> &tokio_postgres::Config {
+    pub fn config(&self) -> &PgConfig {
         &self.config
     }
 

@@ -323,3 +323,108 @@ fn mesh_names_resolve_everywhere() {
     );
     drop(holder);
 }
+
+/// `join --dns` with a real systemd-resolved (in a container booted with systemd,
+/// the package `scripts/test` downloads): the host resolves `NAME.DOMAIN` through
+/// the node's resolver (`resolvectl`, getaddrinfo, ping), other names in the domain
+/// are not found, and stopping the node reverts the split DNS.
+#[test]
+fn join_dns_points_systemd_resolved_at_the_mesh() {
+    let resolved = resolved_package();
+    let bin = std::path::Path::new(common::BIN);
+    let c = common::systemd::SystemdContainer::boot(&[
+        (resolved.as_path(), "/run/systemd-resolved.deb"),
+        (bin, "/usr/local/bin/nexodus"),
+    ]);
+    c.expect(&["dpkg", "-i", "/run/systemd-resolved.deb"]);
+    c.expect(&["systemctl", "enable", "--now", "systemd-resolved"]);
+    c.expect(&[
+        "systemd-run",
+        "--unit=nx-serve",
+        "nexodus",
+        "serve",
+        "--state-dir",
+        "/root/coord",
+        "--listen",
+        "127.0.0.1:4443",
+        "--stun-listen",
+        "127.0.0.1:3478",
+    ]);
+    let token = c.wait_for("a join token", || {
+        let (ok, out) = c.run_status(&[
+            "nexodus",
+            "token",
+            "create",
+            "--reusable",
+            "--state-dir",
+            "/root/coord",
+        ]);
+        ok.then(|| out.lines().last().unwrap_or_default().trim().to_owned())
+    });
+    for (name, iface, port, dns) in [
+        ("alpha", "nxa", "51820", true),
+        ("beta", "nxb", "51821", false),
+    ] {
+        let unit = format!("--unit=nx-{name}");
+        let mut args = vec![
+            "systemd-run",
+            &unit,
+            "nexodus",
+            "join",
+            "127.0.0.1:4443",
+            "--token",
+            &token,
+            "--hostname",
+            name,
+            "--interface",
+            iface,
+            "--listen-port",
+            port,
+            "--state-dir",
+        ];
+        let state = format!("/root/{name}");
+        args.push(&state);
+        if dns {
+            args.push("--dns");
+        }
+        c.expect(&args);
+    }
+    let answer = c.wait_for("resolvectl to answer beta's name", || {
+        let (ok, out) = c.run_status(&["resolvectl", "query", "beta.nexodus.internal"]);
+        (ok && out.contains("100.64.") && out.contains("200::")).then_some(out)
+    });
+    assert!(answer.contains("link: nxa"), "{answer}");
+    let hosts = c.expect(&["getent", "ahostsv4", "alpha.nexodus.internal"]);
+    assert!(hosts.starts_with("100.64."), "{hosts}");
+    c.expect(&["ping", "-c", "1", "-W", "5", "beta.nexodus.internal"]);
+    let (found, _) = c.run_status(&["resolvectl", "query", "nothere.nexodus.internal"]);
+    assert!(!found, "an unknown name in the domain resolved");
+
+    c.expect(&["systemctl", "stop", "nx-alpha"]);
+    c.wait_for("the split DNS to be reverted", || {
+        let status = c.run(&["resolvectl", "status"]);
+        (!status.contains("nexodus.internal")).then_some(())
+    });
+    let (found, _) = c.run_status(&["resolvectl", "query", "beta.nexodus.internal"]);
+    assert!(
+        !found,
+        "beta still resolves after alpha, the --dns node, stopped"
+    );
+}
+
+/// The systemd-resolved package: `NEXODUS_RESOLVED_DEB`, else the one `scripts/test`
+/// downloads into target/debs.
+fn resolved_package() -> std::path::PathBuf {
+    if let Some(deb) = std::env::var_os("NEXODUS_RESOLVED_DEB") {
+        return deb.into();
+    }
+    let pattern = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/debs/systemd-resolved_*.deb"
+    );
+    glob::glob(pattern)
+        .expect("glob pattern")
+        .filter_map(Result::ok)
+        .next()
+        .expect("no systemd-resolved package: run scripts/test (it downloads one) or set NEXODUS_RESOLVED_DEB")
+}

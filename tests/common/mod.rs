@@ -17,6 +17,7 @@ pub mod netns;
 pub mod probe;
 pub mod proc;
 pub mod stock;
+pub mod systemd;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nexodus");
 

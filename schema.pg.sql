@@ -143,3 +143,7 @@ CREATE TABLE path_reports (
     reported_at    BIGINT  NOT NULL,
     PRIMARY KEY (device_id, peer_id)
 );
+
+-- migration: 7
+
+ALTER TABLE devices ADD COLUMN use_exit BIGINT;

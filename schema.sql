@@ -131,3 +131,10 @@ CREATE TABLE path_reports (
     reported_at    INTEGER NOT NULL,
     PRIMARY KEY (device_id, peer_id)
 );
+
+-- migration: 7
+
+-- Exits for relayed clients (DESIGN §8): the exit a device sends its internet
+-- traffic through (a device id; NULL = none), so that the relay carries each
+-- spoke's traffic to the exit it chose.
+ALTER TABLE devices ADD COLUMN use_exit INTEGER;

@@ -13,6 +13,7 @@ pub fn key(n: u64) -> [u8; 32] {
 pub fn device(id: i64) -> Device {
     let n = id as u32;
     Device {
+        use_exit: None,
         id,
         organization_id: 1,
         public_key: encode_key(&key(id as u64)),

@@ -122,6 +122,7 @@ mod tests {
 
     fn device(hostname: &str, cidrs: &[&str], relay: bool) -> Device {
         Device {
+            use_exit: None,
             id: 1,
             organization_id: 1,
             public_key: String::new(),

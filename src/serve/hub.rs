@@ -810,6 +810,7 @@ mod tests {
 
     fn device(id: i64) -> Device {
         Device {
+            use_exit: None,
             id,
             organization_id: 1,
             public_key: format!("key{id}"),

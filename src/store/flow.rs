@@ -336,6 +336,7 @@ pub fn insert_device(
         approved: Approved::default(),
         name,
         domain: org.domain,
+        use_exit: None,
     };
     tx.insert_device(&Encoded::new(&device)?, credential_hash)
 }

@@ -837,6 +837,9 @@ pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), 
     if let Some(v) = update.exit_node {
         d.exit_node = v;
     }
+    if let Some(v) = update.use_exit {
+        d.use_exit = (v > 0).then_some(v);
+    }
     if let Some(cidrs) = &update.advertise_cidrs {
         d.advertise_cidrs.clone_from(cidrs);
     }

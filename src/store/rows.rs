@@ -19,7 +19,7 @@ macro_rules! device_columns {
          organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, endpoints, \
          reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
          advertise_cidrs, revision, last_seen, unmanaged, online, exit_node, approved_cidrs, \
-         relay_approved, exit_approved, name, domain"
+         relay_approved, exit_approved, name, domain, use_exit"
     };
     (d) => {
         "d.id, d.organization_id, d.public_key, d.hostname, d.os, d.tunnel_ip, \
@@ -27,7 +27,7 @@ macro_rules! device_columns {
          d.local_ip_v6, d.endpoints, d.reflexive_endpoint, d.symmetric_nat, d.relay, \
          d.relay_only, d.ipv6_supported, d.advertise_cidrs, d.revision, d.last_seen, \
          d.unmanaged, d.online, d.exit_node, d.approved_cidrs, d.relay_approved, \
-         d.exit_approved, d.name, d.domain"
+         d.exit_approved, d.name, d.domain, d.use_exit"
     };
 }
 pub(crate) use device_columns;
@@ -128,6 +128,7 @@ pub fn device(row: &impl Row, at: usize) -> Result<Device, StoreError> {
         },
         name: row.col(at + 26)?,
         domain: row.col(at + 27)?,
+        use_exit: row.col(at + 28)?,
     })
 }
 
@@ -251,7 +252,7 @@ pub const SET_APPROVED: &str = "UPDATE devices SET approved_cidrs = $1, relay_ap
 /// Writes what a device may change about itself (both dialects, as [`INSERT_DEVICE`]).
 pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $2, \
     reflexive_endpoint = $3, symmetric_nat = $4, relay = $5, relay_only = $6, advertise_cidrs = $7, \
-    revision = $8, last_seen = $9, name = $10 WHERE id = $11";
+    revision = $8, last_seen = $9, name = $10, use_exit = $11 WHERE id = $12";
 
 /// The names taken in an organization that are `$2` or start with `$3` (`$2-%`).
 pub const NAMES_LIKE: &str =
@@ -344,7 +345,7 @@ impl Encoded<'_> {
     }
 
     /// The parameters of [`UPDATE_DEVICE`].
-    pub fn update_params(&self) -> [&dyn Param; 11] {
+    pub fn update_params(&self) -> [&dyn Param; 12] {
         let d = self.d;
         [
             &d.hostname,
@@ -357,6 +358,7 @@ impl Encoded<'_> {
             &d.revision,
             &d.last_seen,
             &d.name,
+            &d.use_exit,
             &d.id,
         ]
     }

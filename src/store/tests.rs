@@ -547,6 +547,18 @@ fn auth_update_and_overlap(b: Backend) {
     let a2 = s.update_device(a.id, &upd, 6).unwrap();
     assert_eq!(a2.endpoints.len(), 1);
     assert!(a2.revision > a.revision);
+    // The exit in use is stored, read back, and cleared with 0.
+    let pick = |e| DeviceUpdate {
+        use_exit: Some(e),
+        ..Default::default()
+    };
+    assert_eq!(
+        s.update_device(a.id, &pick(b.id), 6).unwrap().use_exit,
+        Some(b.id)
+    );
+    assert_eq!(s.device(a.id).unwrap().unwrap().use_exit, Some(b.id));
+    assert_eq!(s.update_device(a.id, &pick(0), 6).unwrap().use_exit, None);
+    assert_eq!(s.device(a.id).unwrap().unwrap().use_exit, None);
     let err = s
         .update_device(
             b.id,

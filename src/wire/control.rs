@@ -71,6 +71,10 @@ pub struct DeviceUpdate {
     pub advertise_cidrs: Option<Vec<IpNet>>,
     #[serde(default)]
     pub exit_node: Option<bool>,
+    /// The exit this device sends its internet traffic through (`--use-exit-node`,
+    /// resolved to a device id); `Some(0)` clears it.
+    #[serde(default)]
+    pub use_exit: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +193,10 @@ pub struct Device {
     /// The organization's DNS domain: the device answers to `NAME.DOMAIN`.
     #[serde(default)]
     pub domain: String,
+    /// The exit (device id) it sends its internet traffic through: the relay
+    /// carries a spoke's internet traffic to this one (DESIGN §8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_exit: Option<i64>,
 }
 
 /// A device's claims an admin approved (DESIGN §13). A prefix inside an approved

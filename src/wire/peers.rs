@@ -56,7 +56,9 @@ const APPROVED_EXIT: u32 = 1 << 12;
 const RAW_KEY: u32 = 1 << 13;
 /// The DNS domain is the default one (`nexodus.internal`) and is left out.
 const DEFAULT_DOMAIN: u32 = 1 << 14;
-const KNOWN_FLAGS: u32 = (1 << 15) - 1;
+/// The device names the exit it uses (a device id follows the domain).
+const USE_EXIT: u32 = 1 << 15;
+const KNOWN_FLAGS: u32 = (1 << 16) - 1;
 
 /// Fewest bytes a device takes: a bound on how many a body can claim to hold.
 const MIN_DEVICE_LEN: usize = 27;
@@ -169,6 +171,7 @@ pub fn encode_device(d: &Device, out: &mut Vec<u8>) {
         (d.approved.exit, APPROVED_EXIT),
         (key.is_some(), RAW_KEY),
         (d.domain == names::DEFAULT_DOMAIN, DEFAULT_DOMAIN),
+        (d.use_exit.is_some(), USE_EXIT),
     ] {
         if on {
             flags |= bit;
@@ -211,6 +214,9 @@ pub fn encode_device(d: &Device, out: &mut Vec<u8>) {
     put_str(out, &d.name);
     if d.domain != names::DEFAULT_DOMAIN {
         put_str(out, &d.domain);
+    }
+    if let Some(e) = d.use_exit {
+        put_i64(out, e);
     }
 }
 
@@ -530,6 +536,11 @@ impl<'a> Reader<'a> {
         } else {
             self.string("DNS domain")?
         };
+        let use_exit = if has(USE_EXIT) {
+            Some(self.i64("exit in use")?)
+        } else {
+            None
+        };
         Ok(Device {
             id,
             organization_id,
@@ -561,6 +572,7 @@ impl<'a> Reader<'a> {
             },
             name,
             domain,
+            use_exit,
         })
     }
 
@@ -650,6 +662,7 @@ mod tests {
         key[0] = id as u8;
         key[31] = 9;
         Device {
+            use_exit: (id % 3 == 0).then_some(5),
             id,
             organization_id: 1,
             public_key: STANDARD.encode(key),

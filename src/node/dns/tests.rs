@@ -8,6 +8,7 @@ use super::*;
 /// A device record as the coordinator sends it.
 pub(crate) fn device(id: i64, name: &str, v4: Ipv4Addr, v6: Option<Ipv6Addr>) -> Device {
     Device {
+        use_exit: None,
         id,
         organization_id: 1,
         public_key: String::new(),

@@ -4,6 +4,7 @@ pub(crate) fn device(id: i64, v6: bool) -> Device {
     let secret = boringtun::x25519::StaticSecret::from([id as u8 + 1; 32]);
     let public = boringtun::x25519::PublicKey::from(&secret);
     Device {
+        use_exit: None,
         id,
         organization_id: 1,
         public_key: keys::encode_key(public.as_bytes()),

@@ -186,7 +186,7 @@ pub(crate) fn apply(
         }
         Action::Probe(id) => peers.send(Command::Probe(id)),
         Action::RelayExit(exit) => {
-            tracing::info!(exit = ?exit.as_ref().map(|e| e.peer), "relay: peers' internet traffic goes to this exit");
+            tracing::info!(exits = ?exit.as_ref().map(|e| &e.exits), "relay: peers' internet traffic goes to the exits they chose (peer, exit; none: dropped)");
             peers.send(Command::SetRelayExit(exit));
         }
         Action::AddRoute(net) => {

@@ -133,11 +133,21 @@ impl Agent {
         {
             return;
         }
-        self.update = Some(DeviceUpdate {
-            reflexive_endpoint: Some(m.reflexive),
-            symmetric_nat: Some(m.symmetric),
-            ..Default::default()
-        });
+        let update = self.update.get_or_insert_with(DeviceUpdate::default);
+        update.reflexive_endpoint = Some(m.reflexive);
+        update.symmetric_nat = Some(m.symmetric);
+    }
+
+    /// Asks for the coordinator to be told the exit we use (`use_exit`, 0: none)
+    /// if its record differs: the relay carries our internet traffic to it.
+    fn report_exit(&mut self) {
+        let want = self.mesh.wanted_use_exit();
+        if want == self.device.use_exit {
+            return;
+        }
+        self.update
+            .get_or_insert_with(DeviceUpdate::default)
+            .use_exit = Some(want.unwrap_or(0));
     }
 
     fn take_own(&mut self, devices: &[Device]) {
@@ -188,6 +198,7 @@ impl Agent {
         self.report_mapping();
         let actions = self.mesh.apply_snapshot(devices, now);
         self.push_actions(actions);
+        self.report_exit();
         self.take_own_role();
         self.recompile_access();
         self.rebuild_names();
@@ -237,6 +248,7 @@ impl Agent {
         self.take_own(upserts);
         let actions = self.mesh.apply_delta(upserts, removed, now);
         self.push_actions(actions);
+        self.report_exit();
         if upserts.iter().any(|d| d.id == self.device.id) {
             self.take_own_role();
         }
@@ -295,6 +307,7 @@ impl Agent {
         let actions = self.mesh.set_exit(exit);
         self.view_changed = true;
         self.push_actions(actions);
+        self.report_exit();
     }
 
     /// The coordinator answered an update with our record.

@@ -22,12 +22,14 @@
 //!   ([`MeshState::poll_timeout`] says when the shell should feed them next).
 //! - Every prefix taken from a peer's record passes the [`RouteGuard`] before it
 //!   becomes an allowed IP or a route; refused ones are logged once and counted.
-//! - Exits (DESIGN §8): only the exit this node chose gets default routes. The
-//!   relay carries internet traffic to one exit, the relay's exit: the online
-//!   approved exit with the lowest id (every node picks the same one). A spoke, or
-//!   a node whose path to its exit fell back to the relay, routes its internet
-//!   traffic into the relay when its chosen exit is the relay's exit (or the relay
-//!   itself); otherwise the traffic stays dropped ([`ExitState::Relayed`]).
+//! - Exits (DESIGN §8): only the exit this node chose gets default routes. A node
+//!   tells the coordinator which exit it uses ([`MeshState::wanted_use_exit`], the
+//!   device field `use_exit`), and the relay carries each peer's internet traffic
+//!   to the exit that peer named, dropping it while that exit is not reachable
+//!   ([`RelayExit`]). A spoke, or a node whose path to its exit fell back to the
+//!   relay, routes its internet traffic into the relay once its own record names
+//!   its exit (so the relay knows), or when the exit is the relay itself;
+//!   until then the traffic stays dropped ([`ExitState::Relayed`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -175,6 +177,8 @@ pub struct MeshState {
     own_cidrs: Vec<IpNet>,
     /// We are an approved exit ourselves (from our record).
     own_exit: bool,
+    /// The exit our record names as the one we use (what the relay knows).
+    own_use_exit: Option<i64>,
     /// On a relay: the exit its data plane sends peers' internet traffic to.
     relay_exit: Option<RelayExit>,
 }
@@ -191,8 +195,8 @@ pub enum ExitState {
     NotApproved,
     /// Not connected to a coordinator (traffic is dropped).
     Offline,
-    /// We reach the exit only through the relay, which carries internet traffic
-    /// to another exit only (traffic is dropped).
+    /// We reach the exit only through the relay, which does not know yet that it
+    /// is ours (traffic is dropped).
     Relayed,
 }
 
@@ -204,7 +208,7 @@ impl std::fmt::Display for ExitState {
             Self::NotApproved => "not an approved exit (traffic dropped)",
             Self::Offline => "offline (traffic dropped)",
             Self::Relayed => {
-                "reached through the relay, which carries internet traffic to another exit (traffic dropped)"
+                "reached through the relay, which does not carry our traffic to it yet (traffic dropped)"
             }
         })
     }
@@ -238,6 +242,7 @@ impl MeshState {
             exit: None,
             own_cidrs: Vec::new(),
             own_exit: false,
+            own_use_exit: None,
             relay_exit: None,
         }
     }
@@ -284,22 +289,21 @@ impl MeshState {
             || self.fallback.contains(&d.id)
     }
 
-    /// The exit the relay sends internet traffic to: the online approved exit with
-    /// the lowest id, so every node picks the same one.
-    fn relays_exit(&self) -> Option<i64> {
-        let others = self
-            .devices
+    /// The exit our record should name (`use_exit`): the approved exit of the
+    /// chosen name, online or not (the lowest id if several share the name).
+    pub fn wanted_use_exit(&self) -> Option<i64> {
+        let name = self.exit.as_deref()?;
+        self.devices
             .values()
-            .filter(|d| d.exit_node && d.online)
-            .map(|d| d.id);
-        let me = self.own_exit.then_some(self.local.device_id);
-        others.chain(me).min()
+            .find(|d| d.hostname == name && d.exit_node)
+            .map(|d| d.id)
     }
 
-    /// Whether the relay carries our internet traffic to the exit `d`.
+    /// Whether the relay carries our internet traffic to the exit `d`: our record
+    /// names it, so the relay knows.
     fn relay_carries(&self, d: &Device) -> bool {
         let relay = self.relay_id();
-        relay.is_some() && relay != Some(self.local.device_id) && self.relays_exit() == Some(d.id)
+        relay.is_some() && relay != Some(self.local.device_id) && self.own_use_exit == Some(d.id)
     }
 
     /// Sets what no peer may be routed for; re-plans if it changed.
@@ -543,17 +547,41 @@ impl MeshState {
         out
     }
 
-    /// On the relay: the exit its data plane sends peers' internet traffic to
-    /// (none when we are that exit: the traffic goes to TUN and out of our uplink;
-    /// `desired` holds no plan for our own id).
+    /// On the relay: which exit its data plane sends each peer's internet traffic
+    /// to, from the `use_exit` of the peers' records: an online approved exit we
+    /// peer with, else none (dropped). Peers whose exit is us are left out (their
+    /// traffic goes to TUN and out of our uplink; `desired` holds no plan for our
+    /// own id).
     fn desired_relay_exit(&self, desired: &BTreeMap<i64, PeerPlan>) -> Option<RelayExit> {
-        if self.relay_id() != Some(self.local.device_id) {
+        let me = self.local.device_id;
+        if self.relay_id() != Some(me) {
             return None;
         }
-        let exit = self.relays_exit().filter(|e| desired.contains_key(e))?;
+        let usable = |e: i64| {
+            desired.contains_key(&e)
+                && self
+                    .devices
+                    .get(&e)
+                    .is_some_and(|x| x.exit_node && x.online)
+        };
+        let exits: Vec<_> = self
+            .devices
+            .values()
+            .filter(|d| desired.contains_key(&d.id))
+            .filter_map(|d| {
+                let e = d.use_exit?;
+                if e == me && self.own_exit {
+                    return None;
+                }
+                Some((d.id, usable(e).then_some(e)))
+            })
+            .collect();
+        if exits.is_empty() {
+            return None;
+        }
         let mut local = vec![IpNet::V4(self.local.org_v4), IpNet::V6(self.local.org_v6)];
         local.extend(self.own_cidrs.iter().copied());
-        Some(RelayExit { peer: exit, local })
+        Some(RelayExit::new(exits, local))
     }
 
     /// Installs what [`Self::desired`] says and returns the difference.
@@ -627,6 +655,7 @@ impl MeshState {
         if let Some(me) = devices.iter().find(|d| d.id == self.local.device_id) {
             self.own_cidrs.clone_from(&me.advertise_cidrs);
             self.own_exit = me.exit_node;
+            self.own_use_exit = me.use_exit;
         }
         self.devices = devices
             .iter()
@@ -674,6 +703,7 @@ impl MeshState {
         if let Some(me) = upserts.iter().find(|d| d.id == self.local.device_id) {
             self.own_cidrs.clone_from(&me.advertise_cidrs);
             self.own_exit = me.exit_node;
+            self.own_use_exit = me.use_exit;
         }
         for d in upserts.iter().filter(|d| d.id != self.local.device_id) {
             let moved = self.devices.get(&d.id).is_none_or(|old| {

@@ -243,10 +243,12 @@ impl DataPlane {
                     self.misrouted(id, src);
                     return drop_in(&mut self.counters, DropReason::BadSource);
                 }
-                if let Some(to_peer) =
-                    self.forward_to(id, out.get(range.clone()).unwrap_or_default())
-                {
-                    return self.forward(id, to_peer, out, range, forward_out);
+                match self.forward_to(id, out.get(range.clone()).unwrap_or_default()) {
+                    Ok(Some(to_peer)) => {
+                        return self.forward(id, to_peer, out, range, forward_out);
+                    }
+                    Ok(None) => {}
+                    Err(reason) => return drop_in(&mut self.counters, reason),
                 }
                 if from_internet {
                     return drop_in(&mut self.counters, DropReason::BadSource);

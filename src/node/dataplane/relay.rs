@@ -8,10 +8,12 @@
 //!
 //! Exit traffic (DESIGN §8): a spoke reaches its exit only through the relay, so
 //! the relay sends a peer's packets for the internet (a destination outside the
-//! organization, its advertised prefixes and ours) to the exit set with
-//! [`DataPlane::set_relay_exit`], and forwards the exit's answers (sources on the
-//! internet) to the peer they are for, never to this host. The exit enforces the
-//! access policy (`internet`) on what it receives, as for a direct client.
+//! organization, its advertised prefixes and ours) to the exit that peer chose, as
+//! set with [`DataPlane::set_relay_exit`] (a small table sorted by peer, looked up
+//! without allocating), and drops them when that exit is not reachable (never to
+//! another exit, never to this host). It forwards an exit's answers (sources on
+//! the internet) to the peer they are for, never to this host. The exit enforces
+//! the access policy (`internet`) on what it receives, as for a direct client.
 
 use std::ops::Range;
 
@@ -24,13 +26,35 @@ use super::{DataPlane, DropReason, Incoming, PeerId};
 use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
 
-/// On a relay: the exit that carries peers' internet traffic.
+/// On a relay: which exit carries each peer's internet traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayExit {
-    pub peer: PeerId,
+    /// Per peer that chose an exit, sorted by peer: the exit to send its internet
+    /// traffic to, or `None` when that exit is not reachable (the traffic is
+    /// dropped). A peer not listed chose no exit, or this host (its traffic goes to
+    /// TUN).
+    pub exits: Vec<(PeerId, Option<PeerId>)>,
     /// Destinations that are never the internet: the organization's prefixes and
     /// this host's advertised ones.
     pub local: Vec<IpNet>,
+}
+
+impl RelayExit {
+    /// The table from unsorted `(peer, exit)` pairs.
+    pub fn new(mut exits: Vec<(PeerId, Option<PeerId>)>, local: Vec<IpNet>) -> Self {
+        exits.sort_unstable_by_key(|(peer, _)| *peer);
+        exits.dedup_by_key(|(peer, _)| *peer);
+        Self { exits, local }
+    }
+
+    /// `peer`'s entry: `None` when it is not listed.
+    fn exit_of(&self, peer: PeerId) -> Option<Option<PeerId>> {
+        self.exits
+            .binary_search_by_key(&peer, |(p, _)| *p)
+            .ok()
+            .and_then(|i| self.exits.get(i))
+            .map(|(_, e)| *e)
+    }
 }
 
 impl DataPlane {
@@ -40,7 +64,7 @@ impl DataPlane {
         self.relay = relay;
     }
 
-    /// On a relay, the exit that carries the internet traffic of peers that route
+    /// On a relay, the exits that carry the internet traffic of peers that route
     /// it through us (`None`: none; such traffic then goes to TUN, as on a relay
     /// that is itself the exit).
     pub fn set_relay_exit(&mut self, exit: Option<RelayExit>) {
@@ -57,24 +81,39 @@ impl DataPlane {
     /// from (to be forwarded to a peer, never to TUN).
     pub(super) fn exit_source(&self, from: PeerId, src: std::net::IpAddr) -> bool {
         match &self.relay_exit {
-            Some(exit) if self.relay && exit.peer == from => self.internet(exit, src),
+            Some(exit) if self.relay && exit.exits.iter().any(|(_, e)| *e == Some(from)) => {
+                self.internet(exit, src)
+            }
             _ => false,
         }
     }
 
     /// On a relay, the peer other than `from` that `packet`'s destination routes to
-    /// (the exit for an internet destination).
-    pub(super) fn forward_to(&self, from: PeerId, packet: &[u8]) -> Option<PeerId> {
+    /// (for an internet destination, the exit `from` chose); `Ok(None)`: to TUN;
+    /// `Err`: dropped (`from`'s exit is not reachable: fail closed).
+    pub(super) fn forward_to(
+        &self,
+        from: PeerId,
+        packet: &[u8],
+    ) -> Result<Option<PeerId>, DropReason> {
         if !self.relay {
-            return None;
+            return Ok(None);
         }
-        let dst = IpPacket::new_checked(packet).ok()?.dst();
-        match self.routes.lookup(dst) {
-            Some(to) => (to != from).then_some(to),
-            None => match &self.relay_exit {
-                Some(exit) if exit.peer != from && self.internet(exit, dst) => Some(exit.peer),
-                _ => None,
+        let Some(dst) = IpPacket::new_checked(packet).ok().map(|p| p.dst()) else {
+            return Ok(None);
+        };
+        if let Some(to) = self.routes.lookup(dst) {
+            return Ok((to != from).then_some(to));
+        }
+        let Some(exit) = &self.relay_exit else {
+            return Ok(None);
+        };
+        match exit.exit_of(from) {
+            Some(chosen) if self.internet(exit, dst) => match chosen {
+                Some(to) if to != from => Ok(Some(to)),
+                _ => Err(DropReason::NoRoute),
             },
+            _ => Ok(None),
         }
     }
 

@@ -762,9 +762,9 @@ fn only_a_relay_forwards_and_never_back_to_the_sender() {
     assert_eq!(net.r.counters().relayed_packets, 0);
     net.r.set_relay(true);
     let back = ipv4_packet(A_V4, A_V4, 40);
-    assert_eq!(net.r.forward_to(A_ID, &back), None);
-    assert_eq!(net.r.forward_to(B_ID, &back), Some(A_ID));
-    assert_eq!(net.r.forward_to(B_ID, &back[..19]), None);
+    assert_eq!(net.r.forward_to(A_ID, &back), Ok(None));
+    assert_eq!(net.r.forward_to(B_ID, &back), Ok(Some(A_ID)));
+    assert_eq!(net.r.forward_to(B_ID, &back[..19]), Ok(None));
 }
 
 /// B is the exit: A (a spoke) routes the internet into the relay, which sends it
@@ -792,12 +792,18 @@ fn a_relay_carries_internet_traffic_to_its_exit() {
     // No exit set: as before, the relay's own TUN.
     let t = net.send_packet(Hop::A, &out);
     assert_eq!(t.tun_at(Hop::R), vec![out.as_slice()]);
-    net.r.set_relay_exit(Some(RelayExit {
-        peer: B_ID,
-        local: ["100.64.0.0/10", "fd00::/64"]
-            .map(|n| n.parse().unwrap())
-            .to_vec(),
-    }));
+    let local: Vec<IpNet> = ["100.64.0.0/10", "fd00::/64"]
+        .map(|n| n.parse().unwrap())
+        .to_vec();
+    // A chose no exit: its internet traffic goes to the relay's TUN.
+    net.r
+        .set_relay_exit(Some(RelayExit::new(vec![(B_ID, None)], local.clone())));
+    let t = net.send_packet(Hop::A, &out);
+    assert_eq!(t.tun_at(Hop::R), vec![out.as_slice()]);
+    net.r.set_relay_exit(Some(RelayExit::new(
+        vec![(A_ID, Some(B_ID))],
+        local.clone(),
+    )));
     for (out, back) in [
         (
             ipv4_packet(A_V4, internet_v4, 40),
@@ -827,10 +833,38 @@ fn a_relay_carries_internet_traffic_to_its_exit() {
     let stray = ipv4_packet(A_V4, "100.64.0.77".parse().unwrap(), 40);
     let t = net.send_packet(Hop::A, &stray);
     assert_eq!(t.tun_at(Hop::R), vec![stray.as_slice()]);
-    // The exit gone: back to the relay's TUN (which routes no internet for peers).
+    // A's exit gone: dropped, neither sent to another exit nor to the relay's TUN.
+    net.r
+        .set_relay_exit(Some(RelayExit::new(vec![(A_ID, None)], local.clone())));
+    let no_route = net.r.counters().no_route;
+    for out in [
+        ipv4_packet(A_V4, internet_v4, 40),
+        ipv6_packet(A_V6, internet_v6, 40),
+    ] {
+        let t = net.send_packet(Hop::A, &out);
+        assert!(t.tun_at(Hop::B).is_empty(), "{t:?}");
+        assert!(t.tun_at(Hop::R).is_empty(), "{t:?}");
+    }
+    assert_eq!(net.r.counters().no_route, no_route + 2);
+    // B is no exit of anyone now: its internet sources are refused.
+    let t = net.send_packet(Hop::B, &ipv4_packet(internet_v4, A_V4, 40));
+    assert!(t.tun_at(Hop::A).is_empty(), "{t:?}");
+    // No table at all: back to the relay's TUN (which routes no internet for peers).
     net.r.set_relay_exit(None);
     let t = net.send_packet(Hop::A, &out);
     assert!(t.tun_at(Hop::B).is_empty(), "{t:?}");
+}
+
+#[test]
+fn relay_exit_table_is_sorted_and_deduplicated() {
+    let t = RelayExit::new(
+        vec![(9, Some(2)), (3, None), (5, Some(2)), (3, Some(7))],
+        Vec::new(),
+    );
+    assert_eq!(
+        t.exits.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![3, 5, 9]
+    );
 }
 
 #[test]

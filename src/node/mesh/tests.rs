@@ -609,7 +609,7 @@ fn exit_routes_only_to_the_chosen_approved_online_exit() {
 }
 
 #[test]
-fn a_spoke_reaches_the_relays_exit_through_the_relay() {
+fn a_spoke_reaches_its_own_exit_through_the_relay() {
     let now = Instant::now();
     let mut exit = device(2, true);
     exit.hostname = "exit1".into();
@@ -623,9 +623,23 @@ fn a_spoke_reaches_the_relays_exit_through_the_relay() {
     spoke_view.spoke = true;
     let mut spoke = MeshState::new(spoke_view);
     spoke.set_guard(RouteGuard::default().allowing_default(true));
-    spoke.set_exit(Some("exit1".into()));
-    let actions = spoke.apply_snapshot(&[exit.clone(), other_exit.clone(), relay.clone()], now);
-    // The relay's exit is the lowest-id one: exit1. Its default routes go to the relay.
+    // exit2 is not the lowest-id exit: it is still the one used.
+    spoke.set_exit(Some("exit2".into()));
+    let mut me = device(1, true);
+    me.relay_only = true;
+    let actions = spoke.apply_snapshot(
+        &[me.clone(), exit.clone(), other_exit.clone(), relay.clone()],
+        now,
+    );
+    assert_eq!(spoke.wanted_use_exit(), Some(3));
+    // Until our record names it, the relay does not know: dropped, not leaked.
+    assert!(
+        !actions.contains(&Action::AddRoute(net("0.0.0.0/0"))),
+        "{actions:?}"
+    );
+    assert_eq!(spoke.exit_state(), Some(("exit2", ExitState::Relayed)));
+    me.use_exit = Some(3);
+    let actions = spoke.apply_delta(std::slice::from_ref(&me), &[], now);
     assert!(
         actions.contains(&Action::AddRoute(net("0.0.0.0/0"))),
         "{actions:?}"
@@ -634,19 +648,23 @@ fn a_spoke_reaches_the_relays_exit_through_the_relay() {
         nets(spoke.plan(4).unwrap()),
         ["100.64.0.0/10", "200::/64", "0.0.0.0/0", "::/0"]
     );
-    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Active)));
-    // Another exit is not carried by the relay: dropped, not leaked.
-    spoke.set_exit(Some("exit2".into()));
-    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
-    assert_eq!(spoke.exit_state(), Some(("exit2", ExitState::Relayed)));
-    // The exit goes offline: the routes go.
+    assert_eq!(spoke.exit_state(), Some(("exit2", ExitState::Active)));
+    // Another choice the record does not name yet: dropped.
     spoke.set_exit(Some("exit1".into()));
-    assert!(spoke.routes().any(|n| n.prefix_len() == 0));
-    let mut off = exit.clone();
-    off.online = false;
-    spoke.apply_delta(&[off.clone()], &[], now);
+    assert_eq!(spoke.wanted_use_exit(), Some(2));
     assert!(spoke.routes().all(|n| n.prefix_len() > 0));
-    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Offline)));
+    assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Relayed)));
+    // No exit: the record is to be cleared.
+    spoke.set_exit(None);
+    assert_eq!(spoke.wanted_use_exit(), None);
+    // The exit goes offline: the routes go.
+    spoke.set_exit(Some("exit2".into()));
+    assert!(spoke.routes().any(|n| n.prefix_len() == 0));
+    let mut off3 = other_exit.clone();
+    off3.online = false;
+    spoke.apply_delta(std::slice::from_ref(&off3), &[], now);
+    assert!(spoke.routes().all(|n| n.prefix_len() > 0));
+    assert_eq!(spoke.exit_state(), Some(("exit2", ExitState::Offline)));
     // A relay that is the exit: the spoke's defaults go to it, directly.
     let mut relay_exit = relay.clone();
     relay_exit.hostname = "exit1".into();
@@ -658,49 +676,60 @@ fn a_spoke_reaches_the_relays_exit_through_the_relay() {
     assert_eq!(spoke.exit_state(), Some(("exit1", ExitState::Active)));
     assert!(nets(spoke.plan(4).unwrap()).contains(&"0.0.0.0/0".to_string()));
 
-    // The relay's side: its data plane sends internet traffic to exit1, never
-    // back to our own prefixes; nothing once no exit is online.
+    // The relay's side: each spoke's internet traffic goes to the exit its record
+    // names, never back to our own prefixes; dropped while that exit is offline.
     let mut relay_view = local(4, true);
     relay_view.relay = true;
     let mut r = MeshState::new(relay_view);
     let mut me = relay.clone();
     me.advertise_cidrs = vec![net("198.51.100.0/24")];
-    let mut spoke_dev = device(1, true);
-    spoke_dev.relay_only = true;
-    let actions = r.apply_snapshot(&[me, spoke_dev, exit.clone(), other_exit.clone()], now);
-    let want = RelayExit {
-        peer: 2,
-        local: vec![
-            net("100.64.0.0/10"),
-            net("200::/64"),
-            net("198.51.100.0/24"),
+    let mut spoke_b = device(1, true);
+    spoke_b.relay_only = true;
+    spoke_b.use_exit = Some(3);
+    let mut spoke_a = device(5, true);
+    spoke_a.relay_only = true;
+    spoke_a.use_exit = Some(2);
+    let mut spoke_none = device(6, true);
+    spoke_none.relay_only = true;
+    let local_nets = vec![
+        net("100.64.0.0/10"),
+        net("200::/64"),
+        net("198.51.100.0/24"),
+    ];
+    let actions = r.apply_snapshot(
+        &[
+            me,
+            spoke_b,
+            spoke_a,
+            spoke_none,
+            exit.clone(),
+            other_exit.clone(),
         ],
-    };
+        now,
+    );
+    let want = RelayExit::new(vec![(1, Some(3)), (5, Some(2))], local_nets.clone());
     assert!(
         actions.contains(&Action::RelayExit(Some(want))),
         "{actions:?}"
     );
     // The relay installs no default route of its own.
     assert!(r.routes().all(|n| n.prefix_len() > 0));
-    let actions = r.apply_delta(&[off], &[], now);
+    // exit2 dies: its spoke's traffic is dropped, not sent to exit1.
+    let actions = r.apply_delta(&[off3], &[], now);
+    let want = RelayExit::new(vec![(1, None), (5, Some(2))], local_nets);
     assert!(
-        actions
-            .iter()
-            .any(|a| matches!(a, Action::RelayExit(Some(e)) if e.peer == 3)),
+        actions.contains(&Action::RelayExit(Some(want))),
         "{actions:?}"
     );
-    let mut off3 = other_exit.clone();
-    off3.online = false;
-    let actions = r.apply_delta(&[off3], &[], now);
-    assert!(actions.contains(&Action::RelayExit(None)), "{actions:?}");
 
-    // A relay that is an exit (lowest id) itself: its own uplink, not a peer.
+    // A relay that is an exit itself: a spoke that chose it uses its own uplink.
     let mut r = MeshState::new(local(1, true));
     let mut me = device(1, true);
     me.relay = true;
     me.exit_node = true;
     let mut spoke_dev = device(4, true);
     spoke_dev.relay_only = true;
+    spoke_dev.use_exit = Some(1);
     let mut r_view = local(1, true);
     r_view.relay = true;
     r.set_local(r_view);

@@ -309,3 +309,31 @@ fn online_changes_become_records() {
     a.handle_delta(&got, &[], now);
     assert!(a.mesh.devices().any(|d| d.id == 3 && !d.online));
 }
+
+#[test]
+fn the_exit_in_use_is_reported_and_cleared() {
+    let now = Instant::now();
+    let mut a = agent();
+    let mut exit = device(2, true);
+    exit.hostname = "exit2".into();
+    exit.exit_node = true;
+    a.set_exit(Some("exit2".into()));
+    // Not resolved yet: our record names none, nothing to say.
+    assert_eq!(a.poll_update(), None);
+    a.handle_snapshot(&[device(1, true), exit.clone()], None, coordinator(), now);
+    let want = |e| {
+        Some(DeviceUpdate {
+            use_exit: Some(e),
+            ..Default::default()
+        })
+    };
+    assert_eq!(a.poll_update(), want(2));
+    // The coordinator has it: nothing more.
+    let mut me = a.device().clone();
+    me.use_exit = Some(2);
+    a.handle_delta(&[me], &[], now);
+    assert_eq!(a.poll_update(), None);
+    // No exit any more: cleared (0).
+    a.set_exit(None);
+    assert_eq!(a.poll_update(), want(0));
+}

@@ -25,6 +25,9 @@ const EXIT_V6: &str = "2001:db8:e0::10";
 const LAPTOP_V4: &str = "203.0.113.20";
 const LAPTOP_V6: &str = "2001:db8:e0::20";
 const EXIT: &str = "exit1";
+/// Another exit, with a lower id than [`EXIT`] (relayed-client test).
+const OTHER_EXIT_V4: &str = "203.0.113.11";
+const OTHER_EXIT_V6: &str = "2001:db8:e0::11";
 const LAN_V4: &str = "192.0.2.10:7007";
 const LAN_V6: &str = "[2001:db8:5::10]:7007";
 
@@ -431,14 +434,21 @@ fn exit_carries_both_families_and_fails_closed() {
 }
 
 /// A client behind the relay only (`--relay-only`, as behind a symmetric NAT)
-/// reaches the internet through relay and exit, both families, under a strict
-/// reverse-path filter; with the exit gone its requests are dropped, and nothing
-/// leaves its own uplink.
+/// reaches the internet through relay and the exit it chose (not the other,
+/// lower-id exit), both families, under a strict reverse-path filter; with its
+/// exit gone its requests are dropped (not sent through the other exit), and
+/// nothing leaves its own uplink.
 #[test]
 fn a_relayed_client_uses_the_exit_through_the_relay() {
     let mut c = Cluster::new("exr", "203.0.113.1/24");
     let server = internet(&mut c);
     let relay = c.add_relay("relay", "203.0.113.5/24", "nxexr");
+    let other = c.add_node(
+        "exita",
+        &format!("{OTHER_EXIT_V4}/24"),
+        true,
+        &["--exit-node"],
+    );
     let exit = c.add_node(EXIT, &format!("{EXIT_V4}/24"), true, &["--exit-node"]);
     let laptop = c.add_node(
         "laptop",
@@ -447,6 +457,7 @@ fn a_relayed_client_uses_the_exit_through_the_relay() {
         &["--relay-only", "--use-exit-node", EXIT],
     );
     underlay_v6(&c.nodes[relay].ns, "2001:db8:e0::5", false);
+    underlay_v6(&c.nodes[other].ns, OTHER_EXIT_V6, true);
     underlay_v6(&c.nodes[exit].ns, EXIT_V6, true);
     underlay_v6(&c.nodes[laptop].ns, LAPTOP_V6, true);
     strict_rp_filter(&c.nodes[laptop].ns);
@@ -457,6 +468,9 @@ fn a_relayed_client_uses_the_exit_through_the_relay() {
     count_uplink(&c.nodes[laptop].ns);
 
     c.start(relay);
+    // The other exit registers first: the lowest id, the one a relay used to pick.
+    c.start(other);
+    c.approve(other, &["--exit"]);
     c.start(exit);
     c.start(laptop);
     c.approve(exit, &["--exit"]);
@@ -505,7 +519,9 @@ fn a_relayed_client_uses_the_exit_through_the_relay() {
     wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);
     assert_no_leak(&server, before, "relayed, policy");
 
-    // The exit dies: dropped on both families, never leaked, until it is back.
+    // The exit dies: dropped on both families, never leaked nor sent through the
+    // other exit, until it is back.
+    let killed_at = server.seen().len();
     c.nodes[exit].kill();
     assert_blocked(&c.nodes[laptop].ns, SERVER_V4, "exit killed, v4");
     assert_blocked(&c.nodes[laptop].ns, SERVER_V6, "exit killed, v6");
@@ -517,6 +533,16 @@ fn a_relayed_client_uses_the_exit_through_the_relay() {
     assert_blocked(&c.nodes[laptop].ns, SERVER_V4, "exit offline, v4");
     assert_blocked(&c.nodes[laptop].ns, SERVER_V6, "exit offline, v6");
     assert_no_leak(&server, before, "relayed, exit killed");
+    let via_other: Vec<SocketAddr> = server
+        .seen()
+        .into_iter()
+        .skip(killed_at)
+        .filter(|s| [OTHER_EXIT_V4, OTHER_EXIT_V6].contains(&s.ip().to_string().as_str()))
+        .collect();
+    assert!(
+        via_other.is_empty(),
+        "exit killed: sent through the other exit: {via_other:?}"
+    );
     c.start(exit);
     wait_from(&c.nodes[laptop].ns, SERVER_V4, EXIT_V4, t);
     wait_from(&c.nodes[laptop].ns, SERVER_V6, EXIT_V6, t);

@@ -26,7 +26,8 @@ use super::{DataPlane, DropReason, Incoming, PeerId};
 use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
 
-/// On a relay: which exit carries each peer's internet traffic.
+/// On a relay: which exit carries each peer's internet traffic (made with
+/// [`RelayExit::new`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayExit {
     /// Per peer that chose an exit, sorted by peer: the exit to send its internet
@@ -34,6 +35,9 @@ pub struct RelayExit {
     /// dropped). A peer not listed chose no exit, or this host (its traffic goes to
     /// TUN).
     pub exits: Vec<(PeerId, Option<PeerId>)>,
+    /// The exits named above, sorted and deduplicated (whose internet-sourced
+    /// answers are forwarded).
+    exit_peers: Vec<PeerId>,
     /// Destinations that are never the internet: the organization's prefixes and
     /// this host's advertised ones.
     pub local: Vec<IpNet>,
@@ -44,7 +48,14 @@ impl RelayExit {
     pub fn new(mut exits: Vec<(PeerId, Option<PeerId>)>, local: Vec<IpNet>) -> Self {
         exits.sort_unstable_by_key(|(peer, _)| *peer);
         exits.dedup_by_key(|(peer, _)| *peer);
-        Self { exits, local }
+        let mut exit_peers: Vec<PeerId> = exits.iter().filter_map(|(_, e)| *e).collect();
+        exit_peers.sort_unstable();
+        exit_peers.dedup();
+        Self {
+            exits,
+            exit_peers,
+            local,
+        }
     }
 
     /// `peer`'s entry: `None` when it is not listed.
@@ -81,7 +92,7 @@ impl DataPlane {
     /// from (to be forwarded to a peer, never to TUN).
     pub(super) fn exit_source(&self, from: PeerId, src: std::net::IpAddr) -> bool {
         match &self.relay_exit {
-            Some(exit) if self.relay && exit.exits.iter().any(|(_, e)| *e == Some(from)) => {
+            Some(exit) if self.relay && exit.exit_peers.binary_search(&from).is_ok() => {
                 self.internet(exit, src)
             }
             _ => false,

@@ -144,7 +144,13 @@ pub(super) async fn serve_watch(
         // snapshot are taken once this watcher's turn has come, so it starts from
         // what is current then.
         let (mut rx, revision) = {
-            let _permit = hub.snapshot_permit().await;
+            // A node that went away while it waited (its connection timed out; it
+            // reconnects and queues again) leaves the queue.
+            let gone = send.stopped();
+            let _permit = tokio::select! {
+                p = hub.snapshot_permit() => p,
+                _ = gone => return Ok(()),
+            };
             let (rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id, stun_port);
             (rx, send_admitted(conn, &mut send, snapshot).await?)
         };

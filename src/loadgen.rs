@@ -895,7 +895,13 @@ async fn run_storm(
                     Ok((conn, send, recv)) => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         tokio::spawn(watch_loop(recv, probe.clone(), None, Some(tx)));
-                        match rx.await {
+                        // Bounded: a stream that never brings its snapshot (nor fails)
+                        // must not hang the run.
+                        let until = tokio::time::Instant::from_std(deadline);
+                        match tokio::time::timeout_at(until, rx)
+                            .await
+                            .unwrap_or_else(|_| Ok(Err("no snapshot by the deadline".into())))
+                        {
                             Ok(Ok(())) => {
                                 return Some((
                                     Arc::new(Node {

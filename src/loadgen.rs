@@ -295,6 +295,23 @@ struct Probe {
     errors: Mutex<Vec<String>>,
 }
 
+impl Probe {
+    fn new() -> Self {
+        Self {
+            active: AtomicBool::new(false),
+            marker: Mutex::new(Vec::new()),
+            started: Mutex::new(Instant::now()),
+            seq: AtomicU64::new(0),
+            seen: Mutex::new(Vec::new()),
+            seen_count: AtomicUsize::new(0),
+            snapshots: AtomicUsize::new(0),
+            snapshot_times: Mutex::new(Vec::new()),
+            last_frame: Mutex::new(Instant::now()),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 async fn call(conn: &quinn::Connection, req: &Request) -> Result<Response, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     quicio::write_message(&mut send, req, MAX_REQUEST_LEN)
@@ -366,32 +383,58 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|(i, _)| haystack.get(i + 1..i + needle.len()) == Some(rest))
 }
 
+/// Reads one frame (length prefix and body) into `buf`; what went wrong if the
+/// stream ended or failed before the whole frame arrived.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    recv: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| format!("watch: {e}"))?;
+    let len = frame::parse_length(prefix, MAX_RESPONSE_LEN).map_err(|e| format!("watch: {e}"))?;
+    buf.resize(len, 0);
+    recv.read_exact(buf)
+        .await
+        .map_err(|e| format!("watch: {e} ({len}-byte frame cut short)"))?;
+    Ok(())
+}
+
+/// Where a watch stream's first frame is reported: `Ok` when it was a snapshot, else
+/// what went wrong (the stream failed or ended before the whole frame, or the
+/// coordinator answered with an error). Without one, a failure is recorded in
+/// [`Probe::errors`].
+type FirstFrame = tokio::sync::oneshot::Sender<Result<(), String>>;
+
 /// Reads a watch stream's frames (raw: only the probe's marker is looked for).
-async fn watch_loop(
-    mut recv: quinn::RecvStream,
+async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
+    mut recv: R,
     probe: Arc<Probe>,
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    mut first_frame: Option<FirstFrame>,
 ) {
     let mut buf = Vec::new();
     let mut first = true;
     let mut last_probe = 0u64;
-    loop {
-        let mut prefix = [0u8; 4];
-        if let Err(e) = recv.read_exact(&mut prefix).await {
-            if first {
-                probe
-                    .errors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(format!("watch: {e}"));
-            }
-            return;
+    let fail = |first_frame: Option<FirstFrame>, e: String| match first_frame {
+        Some(tx) => {
+            let _ = tx.send(Err(e));
         }
-        let Ok(len) = frame::parse_length(prefix, MAX_RESPONSE_LEN) else {
-            return;
-        };
-        buf.resize(len, 0);
-        if recv.read_exact(&mut buf).await.is_err() {
+        None => probe
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e),
+    };
+    loop {
+        if let Err(e) = read_frame(&mut recv, &mut buf).await {
+            // Before the first frame was whole, this node has no snapshot: it must
+            // be reported (and, in the storm, reconnect), never forgotten.
+            if first {
+                fail(first_frame.take(), e);
+            }
             return;
         }
         let now = Instant::now();
@@ -405,11 +448,10 @@ async fn watch_loop(
                 .get(1..)
                 .is_some_and(|b| b.starts_with(b"{\"type\":\"error\""))
             {
-                probe
-                    .errors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(String::from_utf8_lossy(&buf).into_owned());
+                fail(
+                    first_frame.take(),
+                    String::from_utf8_lossy(&buf).into_owned(),
+                );
                 return;
             }
             probe
@@ -418,6 +460,9 @@ async fn watch_loop(
                 .unwrap_or_else(|e| e.into_inner())
                 .push(now);
             probe.snapshots.fetch_add(1, Ordering::Relaxed);
+            if let Some(tx) = first_frame.take() {
+                let _ = tx.send(Ok(()));
+            }
         }
         if probe.active.load(Ordering::Acquire) {
             let seq = probe.seq.load(Ordering::Acquire);
@@ -560,18 +605,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     tracing::info!(updates_per_sec, "endpoints updated");
 
     // 3. Watch.
-    let probe = Arc::new(Probe {
-        active: AtomicBool::new(false),
-        marker: Mutex::new(Vec::new()),
-        started: Mutex::new(Instant::now()),
-        seq: AtomicU64::new(0),
-        seen: Mutex::new(Vec::new()),
-        seen_count: AtomicUsize::new(0),
-        snapshots: AtomicUsize::new(0),
-        snapshot_times: Mutex::new(Vec::new()),
-        last_frame: Mutex::new(Instant::now()),
-        errors: Mutex::new(Vec::new()),
-    });
+    let probe = Arc::new(Probe::new());
     let started = Instant::now();
     let mut streams = Vec::with_capacity(n);
     let watchers = if args.storm_only { 0 } else { n };
@@ -592,7 +626,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         match opened.await {
             Ok((send, recv)) => {
                 streams.push(send);
-                tokio::spawn(watch_loop(recv, probe.clone(), permit));
+                tokio::spawn(watch_loop(recv, probe.clone(), permit, None));
             }
             Err(e) => probe
                 .errors
@@ -789,6 +823,9 @@ async fn reconnect(
     Ok((conn, send, recv))
 }
 
+/// How long the storm's nodes keep reconnecting until each has its snapshot.
+const STORM_LIMIT: Duration = Duration::from_secs(600);
+
 /// Phase 5: restarts the coordinator(s) and times every node reconnecting at once.
 async fn run_storm(
     args: &LoadgenArgs,
@@ -829,6 +866,8 @@ async fn run_storm(
     // The old streams are dead: the coordinator closed every connection.
     streams.clear();
     let retries = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Every node keeps trying until it has its snapshot or this passes.
+    let deadline = started + STORM_LIMIT;
     let mut tasks = Vec::with_capacity(n);
     for (i, node) in nodes.iter().enumerate() {
         let ep = endpoints[i % endpoints.len()].clone();
@@ -838,13 +877,13 @@ async fn run_storm(
         let instance: u64 = rand::random();
         tasks.push(tokio::spawn(async move {
             // As `nexodus join`: a jittered first attempt, then a jittered doubling
-            // backoff.
+            // backoff; and as it does, a node whose watch stream fails before its
+            // snapshot arrived (the connection lost, the stream reset) reconnects.
             let mut backoff = Duration::from_millis(250);
             tokio::time::sleep(Duration::from_millis(
                 u64::from(rand::random::<u16>()) % 500,
             ))
             .await;
-            let deadline = Instant::now() + Duration::from_secs(300);
             while Instant::now() < deadline {
                 let attempt = tokio::time::timeout(
                     Duration::from_secs(30),
@@ -852,19 +891,36 @@ async fn run_storm(
                 )
                 .await
                 .unwrap_or_else(|_| Err("reconnect: no answer within 30 s".into()));
-                match attempt {
+                let failure = match attempt {
                     Ok((conn, send, recv)) => {
-                        tokio::spawn(watch_loop(recv, probe, None));
-                        return Some((
-                            Arc::new(Node {
-                                conn,
-                                auth: node.auth.clone(),
-                            }),
-                            send,
-                        ));
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        tokio::spawn(watch_loop(recv, probe.clone(), None, Some(tx)));
+                        // Bounded: a stream that never brings its snapshot (nor fails)
+                        // must not hang the run.
+                        let until = tokio::time::Instant::from_std(deadline);
+                        match tokio::time::timeout_at(until, rx)
+                            .await
+                            .unwrap_or_else(|_| Ok(Err("no snapshot by the deadline".into())))
+                        {
+                            Ok(Ok(())) => {
+                                return Some((
+                                    Arc::new(Node {
+                                        conn,
+                                        auth: node.auth.clone(),
+                                    }),
+                                    send,
+                                ));
+                            }
+                            Ok(Err(e)) => format!("before the snapshot: {e}"),
+                            Err(_) => "watch stream dropped before the snapshot".into(),
+                        }
                     }
-                    Err(e) => retries.lock().unwrap_or_else(|e| e.into_inner()).push(e),
-                }
+                    Err(e) => e,
+                };
+                retries
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(failure);
                 let jitter = 0.5 + f64::from(rand::random::<u16>()) / f64::from(u16::MAX) / 2.0;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(4));
@@ -875,13 +931,14 @@ async fn run_storm(
     let mut new_nodes = Vec::with_capacity(n);
     let mut new_streams = Vec::with_capacity(n);
     let progress = {
-        let probe = probe.clone();
+        let (probe, retries) = (probe.clone(), retries.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 tracing::info!(
                     secs = started.elapsed().as_secs(),
                     snapshots = probe.snapshots.load(Ordering::Relaxed),
+                    retries = retries.lock().unwrap_or_else(|e| e.into_inner()).len(),
                     "storm under way"
                 );
             }
@@ -893,12 +950,9 @@ async fn run_storm(
             new_streams.push(send);
         }
     }
-    let limit = Duration::from_secs(600);
-    let errors = || probe.errors.lock().unwrap_or_else(|e| e.into_inner()).len();
-    let complete = wait_until(limit, || {
-        probe.snapshots.load(Ordering::Relaxed) + errors() >= new_nodes.len()
-    })
-    .await;
+    // A node's task ends once its snapshot arrived, or at the deadline without.
+    let complete = new_nodes.len() == n;
+    let limit = STORM_LIMIT;
     let times: Vec<f64> = {
         let t = probe
             .snapshot_times
@@ -953,4 +1007,65 @@ async fn run_storm(
         new_nodes,
         new_streams,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut v = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// What a watch stream carrying `bytes` (then its end) reports for its first frame.
+    async fn first_frame_of(bytes: Vec<u8>) -> (Result<(), String>, Arc<Probe>) {
+        let probe = Arc::new(Probe::new());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        watch_loop(&bytes[..], probe.clone(), None, Some(tx)).await;
+        let outcome = rx
+            .await
+            .expect("the first frame's outcome is always reported");
+        (outcome, probe)
+    }
+
+    /// The storm stalled because a snapshot cut short (the connection lost while its
+    /// body arrived) was neither counted nor reported: the node never reconnected
+    /// and the run waited for it forever. Every way a first frame can fail is now
+    /// reported, and only a whole snapshot counts.
+    #[tokio::test]
+    async fn a_snapshot_cut_short_is_reported_not_forgotten() {
+        let snapshot = framed(&[1u8; 100]);
+        let (ok, probe) = first_frame_of(snapshot.clone()).await;
+        assert_eq!(ok, Ok(()));
+        assert_eq!(probe.snapshots.load(Ordering::Relaxed), 1);
+
+        // Its body cut short: the case that used to vanish.
+        let (cut, probe) = first_frame_of(snapshot[..40].to_vec()).await;
+        assert!(cut.unwrap_err().contains("cut short"));
+        assert_eq!(probe.snapshots.load(Ordering::Relaxed), 0);
+        // Its length cut short, nothing at all, a zero length, an error answer.
+        for bytes in [
+            snapshot[..2].to_vec(),
+            Vec::new(),
+            vec![0, 0, 0, 0],
+            framed(b"\x01{\"type\":\"error\",\"code\":\"conflict\"}"),
+        ] {
+            let (failed, probe) = first_frame_of(bytes).await;
+            assert!(failed.is_err());
+            assert_eq!(probe.snapshots.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    /// Without a channel for the outcome (the first watch phase), a failed first
+    /// frame is recorded as an error, so the phase's wait counts it.
+    #[tokio::test]
+    async fn without_a_channel_the_failure_is_recorded() {
+        let probe = Arc::new(Probe::new());
+        let bytes = framed(&[1u8; 100]);
+        watch_loop(&bytes[..50], probe.clone(), None, None).await;
+        assert_eq!(probe.errors.lock().unwrap().len(), 1);
+        assert_eq!(probe.snapshots.load(Ordering::Relaxed), 0);
+    }
 }

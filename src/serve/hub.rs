@@ -51,10 +51,12 @@ const CHANNEL_DEPTH: usize = 256;
 const COALESCE_PER_WATCHER: Duration = Duration::from_micros(50);
 const COALESCE_MIN: Duration = Duration::from_millis(100);
 const COALESCE_MAX: Duration = Duration::from_millis(500);
-/// Snapshots being written at once (admission: the coordinator finishes serving the
+/// Snapshots on their way at once (admission: the coordinator finishes serving the
 /// watchers it has before it takes on more; a watcher waiting for a permit is not
-/// subscribed yet, and takes the snapshot current when its turn comes). A stalled
-/// watcher holds its permit at most [`super::WRITE_TIMEOUT`] per write.
+/// subscribed yet, and takes the snapshot current when its turn comes). A permit is
+/// held until all but [`super::watch::SNAPSHOT_SEND_WINDOW`] bytes of the snapshot
+/// were acknowledged, not merely buffered. A stalled watcher holds its permit at most
+/// [`super::WRITE_TIMEOUT`] per write.
 const SNAPSHOTS_AT_ONCE: usize = 128;
 
 /// One organization's delta, encoded once for all its watchers.

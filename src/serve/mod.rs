@@ -555,9 +555,9 @@ async fn serve_connection(conn: quinn::Connection, shell: Shell) {
         };
         match accepted {
             Ok((send, recv)) => {
-                let shell = shell.clone();
+                let (shell, conn) = (shell.clone(), conn.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, shell, remote, permit).await {
+                    if let Err(e) = serve_stream(&conn, send, recv, shell, remote, permit).await {
                         tracing::debug!(%remote, error = %e, "control stream ended");
                     }
                 });
@@ -618,6 +618,7 @@ impl Shell {
 }
 
 async fn serve_stream(
+    conn: &quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     shell: Shell,
@@ -663,7 +664,7 @@ async fn serve_stream(
         }
     };
     if let Request::Watch { auth, instance } = req {
-        return serve_watch(send, &shell, remote, auth, instance).await;
+        return serve_watch(conn, send, &shell, remote, auth, instance).await;
     }
     if let Request::Login {
         auth,

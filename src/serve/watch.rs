@@ -18,16 +18,55 @@ async fn send_snapshot(
     Ok(snapshot.revision)
 }
 
+/// Unacknowledged bytes a connection may have while its snapshot is written under an
+/// admission permit ([`Hub::snapshot_permit`]). QUIC takes a write as done once the
+/// bytes are buffered, and a connection buffers [`crate::identity::SERVER_SEND_WINDOW`]
+/// (more than a 10,000-device snapshot): with that window a permit was released
+/// before the snapshot had left, admission bounded nothing, and in a reconnect storm
+/// thousands of snapshots went out at once, each too slowly to arrive before its
+/// connection timed out or a delta behind it stalled past [`WRITE_TIMEOUT`]. With
+/// this window the permit is held until all but this much of the snapshot was
+/// acknowledged: admission bounds the bytes in flight.
+pub(super) const SNAPSHOT_SEND_WINDOW: u64 = 128 << 10;
+
+/// Narrows a connection's send window to [`SNAPSHOT_SEND_WINDOW`] until dropped.
+struct NarrowWindow<'a>(&'a quinn::Connection);
+
+impl<'a> NarrowWindow<'a> {
+    fn new(conn: &'a quinn::Connection) -> Self {
+        conn.set_send_window(SNAPSHOT_SEND_WINDOW);
+        Self(conn)
+    }
+}
+
+impl Drop for NarrowWindow<'_> {
+    fn drop(&mut self) {
+        self.0.set_send_window(crate::identity::SERVER_SEND_WINDOW);
+    }
+}
+
+/// [`send_snapshot`] for a caller that holds an admission permit: returns once all
+/// but [`SNAPSHOT_SEND_WINDOW`] bytes of it were acknowledged.
+async fn send_admitted(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    snapshot: hub::Snapshot,
+) -> Result<i64, FrameIoError> {
+    let _narrow = NarrowWindow::new(conn);
+    send_snapshot(send, snapshot).await
+}
+
 /// Takes a new snapshot of the device's organization (a watcher that fell behind) and
 /// writes it, under an admission permit ([`Hub::snapshot_permit`]).
 async fn resend_snapshot(
+    conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     hub: &Hub,
     organization_id: i64,
     stun_port: Option<u16>,
 ) -> Result<i64, FrameIoError> {
     let _permit = hub.snapshot_permit().await;
-    send_snapshot(send, hub.snapshot(organization_id, stun_port)).await
+    send_admitted(conn, send, hub.snapshot(organization_id, stun_port)).await
 }
 
 /// Writes shared bytes without copying them, failed when the peer takes none of them
@@ -63,6 +102,7 @@ pub(super) fn clone_refusal(id: i64, first: SocketAddr, remote: SocketAddr) -> R
 }
 
 pub(super) async fn serve_watch(
+    conn: &quinn::Connection,
     mut send: quinn::SendStream,
     shell: &Shell,
     remote: SocketAddr,
@@ -104,15 +144,21 @@ pub(super) async fn serve_watch(
         // snapshot are taken once this watcher's turn has come, so it starts from
         // what is current then.
         let (mut rx, revision) = {
-            let _permit = hub.snapshot_permit().await;
+            // A node that went away while it waited (its connection timed out; it
+            // reconnects and queues again) leaves the queue.
+            let gone = send.stopped();
+            let _permit = tokio::select! {
+                p = hub.snapshot_permit() => p,
+                _ = gone => return Ok(()),
+            };
             let (rx, snapshot) = hub.subscribe_with_snapshot(me.organization_id, stun_port);
-            (rx, send_snapshot(&mut send, snapshot).await?)
+            (rx, send_admitted(conn, &mut send, snapshot).await?)
         };
         tracing::info!(id, hostname = %me.hostname, %remote, revision, "watch started");
         // Even if not its only stream: an older one may have been replaced before
         // it recorded the device online (recording it twice changes nothing).
         set_online_batched(shell, id, true).await;
-        forward_deltas(&mut send, hub, &mut rx, &me, revision, stun_port).await
+        forward_deltas(conn, &mut send, hub, &mut rx, &me, revision, stun_port).await
     };
     let result = tokio::select! {
         r = watch => r,
@@ -146,6 +192,7 @@ pub(super) async fn set_online(store: &SharedStore, hub: &Hub, id: i64, online: 
 
 /// Sends every delta newer than `revision` until the stream or the device ends.
 async fn forward_deltas(
+    conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     hub: &Hub,
     rx: &mut tokio::sync::broadcast::Receiver<Arc<hub::OrgDelta>>,
@@ -165,7 +212,8 @@ async fn forward_deltas(
                 }
                 revision = delta.revision;
                 if delta.resync {
-                    revision = resend_snapshot(send, hub, me.organization_id, stun_port).await?;
+                    revision =
+                        resend_snapshot(conn, send, hub, me.organization_id, stun_port).await?;
                     continue;
                 }
                 write_timed(send, delta.frame.clone()).await?;
@@ -182,9 +230,57 @@ async fn forward_deltas(
                     missed = n,
                     "watcher fell behind; resending snapshot"
                 );
-                revision = resend_snapshot(send, hub, me.organization_id, stun_port).await?;
+                revision = resend_snapshot(conn, send, hub, me.organization_id, stun_port).await?;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{Identity, client_config};
+    use crate::wire::control::SERVER_NAME;
+
+    /// A coordinator-configured connection and its client end, on loopback.
+    async fn pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+        let id = Identity::generate().unwrap();
+        let server =
+            quinn::Endpoint::server(id.server_config().unwrap(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(id.fingerprint()).unwrap());
+        let connecting = client
+            .connect(server.local_addr().unwrap(), SERVER_NAME)
+            .unwrap();
+        let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
+        (client, c.unwrap(), s.unwrap())
+    }
+
+    /// Admission held a permit only while a snapshot was buffered into QUIC (a 4 MiB
+    /// send window takes a whole snapshot at once), so it bounded nothing. Written
+    /// under admission, the write returns only once all but
+    /// [`SNAPSHOT_SEND_WINDOW`] bytes were acknowledged: the peer has them (though it
+    /// has not read a byte).
+    #[tokio::test]
+    async fn an_admitted_snapshot_is_written_until_acknowledged() {
+        let (_client, client, server) = pair().await;
+        let (mut csend, _crecv) = client.open_bi().await.unwrap();
+        csend.write_all(b"w").await.unwrap();
+        let (mut ssend, _srecv) = server.accept_bi().await.unwrap();
+        let len = 1 << 20;
+        let before = client.stats().udp_rx.bytes;
+        let snapshot = hub::Snapshot {
+            revision: 7,
+            frame: Ok(Bytes::from(vec![7u8; len])),
+        };
+        let revision = send_admitted(&server, &mut ssend, snapshot).await.unwrap();
+        assert_eq!(revision, 7);
+        let received = client.stats().udp_rx.bytes - before;
+        assert!(
+            received + SNAPSHOT_SEND_WINDOW >= len as u64,
+            "only {received} of {len} bytes had arrived when the write returned"
+        );
     }
 }

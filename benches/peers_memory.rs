@@ -33,6 +33,8 @@ fn main() {
             relay: false,
             spoke: false,
             reflexive: None,
+            underlay_v4: true,
+            underlay_v6: true,
             org_v4: "100.64.0.0/10".parse().expect("literal"),
             org_v6: "200::/64".parse().expect("literal"),
         });

@@ -441,7 +441,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn print_devices(devices: &[AdminDevice], now: i64) {
     println!(
-        "{:<5} {:<20} {:<32} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} PENDING",
+        "{:<5} {:<20} {:<32} {:<15} {:<24} {:<6} {:<8} {:<22} {:<30} {:<10} {:<28} PENDING",
         "ID",
         "HOSTNAME",
         "NAME",
@@ -450,6 +450,7 @@ fn print_devices(devices: &[AdminDevice], now: i64) {
         "ROLE",
         "STATE",
         "ENDPOINT",
+        "ENDPOINT V6",
         "LAST SEEN",
         "APPROVED"
     );
@@ -468,8 +469,20 @@ fn print_devices(devices: &[AdminDevice], now: i64) {
             .reflexive_endpoint
             .or_else(|| d.endpoints.first().copied())
             .map_or_else(|| "-".to_string(), |e| e.to_string());
+        // The v6 underlay endpoint (DESIGN §9): STUN over v6, else the first v6
+        // address the device reported.
+        let endpoint_v6 = d
+            .reflexive_endpoint
+            .filter(std::net::SocketAddr::is_ipv6)
+            .or_else(|| {
+                d.endpoints
+                    .iter()
+                    .copied()
+                    .find(std::net::SocketAddr::is_ipv6)
+            })
+            .map_or_else(|| "-".to_string(), |e| e.to_string());
         println!(
-            "{:<5} {:<20} {:<32} {:<15} {:<24} {:<6} {:<8} {:<22} {:<10} {:<28} {}",
+            "{:<5} {:<20} {:<32} {:<15} {:<24} {:<6} {:<8} {:<22} {:<30} {:<10} {:<28} {}",
             d.id,
             d.hostname,
             format!("{}.{}", d.name, d.domain),
@@ -479,6 +492,7 @@ fn print_devices(devices: &[AdminDevice], now: i64) {
             role,
             if d.online { "online" } else { "offline" },
             endpoint,
+            endpoint_v6,
             if d.online {
                 "online".to_string()
             } else {

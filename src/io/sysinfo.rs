@@ -200,6 +200,43 @@ pub fn enable_forwarding_at(sys: &Path, v4: bool, v6: bool) -> Result<Forwarding
 /// prefix), on every interface but `except` (the mesh interface) and loopback: what
 /// the node's route guard protects. Empty if the kernel will not say.
 pub fn underlay_prefixes(except: &str) -> Vec<ipnet::IpNet> {
+    let mut out = underlay_nets(except);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The host's underlay addresses a peer could reach us at (DESIGN §9), in the
+/// kernel's order: every interface's but `except`'s and loopback's, without
+/// link-local, multicast or unspecified ones. IPv6 ones are global or unique-local.
+pub fn underlay_addrs(except: &str) -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = Vec::new();
+    for ip in underlay_nets(except).into_iter().map(|n| n.addr()) {
+        if usable_underlay(ip) && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+/// Whether `ip` can be an underlay endpoint: not loopback, link-local, multicast,
+/// unspecified, nor a v4-mapped IPv6 address.
+pub fn usable_underlay(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            !(a.is_loopback() || a.is_link_local() || a.is_multicast() || a.is_unspecified())
+        }
+        std::net::IpAddr::V6(a) => {
+            !(a.is_loopback()
+                || a.is_unicast_link_local()
+                || a.is_multicast()
+                || a.is_unspecified()
+                || a.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+fn underlay_nets(except: &str) -> Vec<ipnet::IpNet> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
@@ -226,8 +263,6 @@ pub fn underlay_prefixes(except: &str) -> Vec<ipnet::IpNet> {
     }
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
-    out.sort();
-    out.dedup();
     out
 }
 
@@ -284,6 +319,23 @@ mod tests {
             std::fs::write(p.join("disable_ipv6"), v).unwrap();
         }
         d
+    }
+
+    #[test]
+    fn underlay_endpoints_skip_link_local_and_loopback() {
+        for bad in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:1.2.3.4",
+        ] {
+            assert!(!usable_underlay(bad.parse().unwrap()), "{bad}");
+        }
+        for good in ["203.0.113.5", "2001:db8::5", "fd00::5"] {
+            assert!(usable_underlay(good.parse().unwrap()), "{good}");
+        }
     }
 
     #[test]

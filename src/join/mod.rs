@@ -241,6 +241,43 @@ fn split_host_port(e: &str) -> Option<(&str, u16)> {
     valid.then_some((host, port))
 }
 
+/// The endpoints we report (DESIGN §9): first our address towards the
+/// coordinators (the one peers on our LAN reach us at), then the host's other
+/// underlay addresses of both families (IPv6: global and unique-local), never
+/// loopback, link-local, the mesh interface's or inside a prefix we advertise (a
+/// subnet router's LAN is reached through the tunnel). At most
+/// [`crate::coord::limits::MAX_ENDPOINTS`].
+fn local_endpoints(cfg: &JoinConfig, coordinators: &[SocketAddr], port: u16) -> Vec<SocketAddr> {
+    let towards = coordinators
+        .iter()
+        .find_map(|a| udp::local_address_towards(*a));
+    let host = sysinfo::underlay_addrs(&cfg.interface);
+    endpoint_list(towards, &host, &cfg.advertise_cidrs, port)
+}
+
+/// [`local_endpoints`] without the system calls.
+fn endpoint_list(
+    towards: Option<IpAddr>,
+    host: &[IpAddr],
+    advertised: &[IpNet],
+    port: u16,
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let candidates = towards.into_iter().chain(host.iter().copied());
+    for ip in candidates.map(|ip| ip.to_canonical()) {
+        let ep = SocketAddr::new(ip, port);
+        if !sysinfo::usable_underlay(ip)
+            || advertised.iter().any(|n| n.contains(&ip))
+            || out.contains(&ep)
+        {
+            continue;
+        }
+        out.push(ep);
+    }
+    out.truncate(crate::coord::limits::MAX_ENDPOINTS);
+    out
+}
+
 /// What the route guard protects on this host now: the addresses and connected
 /// prefixes of every interface but the mesh's own, and each coordinator address.
 /// With `--use-exit-node` the chosen exit's default routes may pass (the mesh core
@@ -322,12 +359,7 @@ pub async fn run(
 
     // The userspace stack speaks IPv6 whatever the host has.
     let ipv6 = cfg.userspace.is_some() || sysinfo::ipv6_supported(Some(&cfg.interface));
-    let endpoints: Vec<SocketAddr> = addrs
-        .iter()
-        .find_map(|a| udp::local_address_towards(*a))
-        .map(|ip| SocketAddr::new(ip, state.listen_port))
-        .into_iter()
-        .collect();
+    let endpoints = local_endpoints(&cfg, &addrs, state.listen_port);
     tracing::info!(ipv6, ?endpoints, "host checked");
     preflight(&cfg, state.listen_port)?;
     // Held for the whole run: dropping it puts the host's forwarding back.
@@ -441,6 +473,8 @@ pub async fn run(
             relay: cfg.relay,
             spoke: cfg.relay_only,
             reflexive: None,
+            underlay_v4: ctx.endpoints.iter().any(SocketAddr::is_ipv4),
+            underlay_v6: ctx.endpoints.iter().any(SocketAddr::is_ipv6),
             org_v4: device.organization_prefix,
             org_v6: device.organization_prefix_v6,
         },
@@ -510,6 +544,39 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_list_both_families_but_not_link_local_or_advertised_lans() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let host = [
+            ip("198.51.100.1"),
+            ip("203.0.113.5"),
+            ip("fe80::1"),
+            ip("2001:db8::5"),
+            ip("fd00::5"),
+            ip("2001:db8:100::1"),
+            ip("127.0.0.1"),
+        ];
+        let lans: Vec<IpNet> = vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "2001:db8:100::/64".parse().unwrap(),
+        ];
+        let got: Vec<String> = endpoint_list(Some(ip("203.0.113.5")), &host, &lans, 51820)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "203.0.113.5:51820",
+                "[2001:db8::5]:51820",
+                "[fd00::5]:51820"
+            ]
+        );
+        // A v6-only host that reached its coordinator over v6.
+        let got = endpoint_list(Some(ip("2001:db8::5")), &host[3..4], &[], 1);
+        assert_eq!(got, [SocketAddr::new(ip("2001:db8::5"), 1)]);
+    }
 
     #[test]
     fn coordinator_addresses_parse_or_say_what_is_wrong() {

@@ -20,6 +20,12 @@
 //!   being probed, and moves back as soon as a handshake there succeeds. Handshake
 //!   ages are looked at every [`PATH_CHECK_INTERVAL`] while a relay could take over
 //!   ([`MeshState::poll_timeout`] says when the shell should feed them next).
+//! - Underlay families (DESIGN §9): a peer's endpoints and reflexive address are
+//!   candidates per family. A v6 endpoint is used when both sides have a v6
+//!   underlay, else a v4 one; a v6 path that completes no handshake within
+//!   [`DIRECT_TIMEOUT`] gives way to the v4 one before the relay takes over. Two
+//!   nodes that share no underlay family go to the relay at once (a dual-stack
+//!   relay carries a v6-only node to a v4-only one).
 //! - Every prefix taken from a peer's record passes the [`RouteGuard`] before it
 //!   becomes an allowed IP or a route; refused ones are logged once and counted.
 //! - Exits (DESIGN §8): only the exit this node chose gets default routes. A node
@@ -82,6 +88,10 @@ pub struct LocalView {
     pub spoke: bool,
     /// Our address as seen from outside our NAT (STUN).
     pub reflexive: Option<SocketAddr>,
+    /// Our underlay has an IPv4 address peers can be reached from (DESIGN §9).
+    pub underlay_v4: bool,
+    /// Our underlay has a global or unique-local IPv6 address.
+    pub underlay_v6: bool,
     pub org_v4: Ipv4Net,
     pub org_v6: Ipv6Net,
 }
@@ -147,6 +157,40 @@ fn is_spoke(d: &Device) -> bool {
     !d.relay && (d.relay_only || d.symmetric_nat)
 }
 
+/// The underlay families (v4, v6) a device reported an endpoint in.
+fn families(d: &Device) -> (bool, bool) {
+    let mut v4 = false;
+    let mut v6 = false;
+    for e in d.endpoints.iter().chain(d.reflexive_endpoint.iter()) {
+        match e.ip().to_canonical() {
+            std::net::IpAddr::V4(_) => v4 = true,
+            std::net::IpAddr::V6(_) => v6 = true,
+        }
+    }
+    (v4, v6)
+}
+
+/// A peer's v4 endpoint: its LAN address if it is behind our own NAT (same
+/// reflexive address), else its reflexive address, else what it reported.
+fn endpoint_v4(d: &Device, ours: Option<SocketAddr>) -> Option<SocketAddr> {
+    let first = d.endpoints.iter().copied().find(SocketAddr::is_ipv4);
+    let ours = ours.filter(SocketAddr::is_ipv4);
+    match (d.reflexive_endpoint.filter(SocketAddr::is_ipv4), ours) {
+        (Some(theirs), Some(ours)) if theirs.ip() == ours.ip() => first.or(Some(theirs)),
+        (Some(theirs), _) => Some(theirs),
+        (None, _) => first,
+    }
+}
+
+/// A peer's v6 endpoint: its reflexive address from STUN over v6 (what a
+/// firewall in front of it has seen it send from), else the first v6 address it
+/// reported.
+fn endpoint_v6(d: &Device) -> Option<SocketAddr> {
+    d.reflexive_endpoint
+        .filter(SocketAddr::is_ipv6)
+        .or_else(|| d.endpoints.iter().copied().find(SocketAddr::is_ipv6))
+}
+
 /// The node's view of its mesh.
 #[derive(Debug)]
 pub struct MeshState {
@@ -156,6 +200,9 @@ pub struct MeshState {
     fallback: BTreeSet<i64>,
     /// Since when each direct peer has been tried without a handshake.
     trying_since: BTreeMap<i64, Instant>,
+    /// Peers whose v6 endpoint gave no handshake: tried over v4 (until their
+    /// endpoints change).
+    v6_failed: BTreeSet<i64>,
     installed: BTreeMap<i64, PeerPlan>,
     routes: BTreeSet<IpNet>,
     /// Each device's checked public key (None: unusable), parsed once per change
@@ -231,6 +278,7 @@ impl MeshState {
             devices: BTreeMap::new(),
             fallback: BTreeSet::new(),
             trying_since: BTreeMap::new(),
+            v6_failed: BTreeSet::new(),
             installed: BTreeMap::new(),
             routes: BTreeSet::new(),
             keys: BTreeMap::new(),
@@ -287,6 +335,20 @@ impl MeshState {
     fn through_relay(&self, d: &Device) -> bool {
         (self.local.spoke && !self.local.relay && Some(d.id) != self.relay_id())
             || self.fallback.contains(&d.id)
+            || self.no_common_family(d)
+    }
+
+    /// Whether `d` and we share no underlay family, so no direct path can work
+    /// and the relay carries it at once (a peer that reported no endpoint may
+    /// still reach us: it is not counted). Never for the relay itself, nor on
+    /// the relay, nor while there is no relay.
+    fn no_common_family(&self, d: &Device) -> bool {
+        let relay = self.relay_id();
+        if relay.is_none() || relay == Some(d.id) || relay == Some(self.local.device_id) {
+            return false;
+        }
+        let (v4, v6) = families(d);
+        (v4 || v6) && !(v4 && self.local.underlay_v4) && !(v6 && self.local.underlay_v6)
     }
 
     /// The exit our record should name (`use_exit`): the approved exit of the
@@ -458,15 +520,24 @@ impl MeshState {
         ips
     }
 
-    /// Where to send to a peer: its LAN address if it is behind our own NAT, else
-    /// its reflexive address, else what it reported.
+    /// Where to send to a peer: a v6 endpoint when both of us have a v6 underlay
+    /// (and it did not fail), else a v4 one, else whatever it reported.
     fn endpoint(&self, d: &Device) -> Option<SocketAddr> {
-        let first = d.endpoints.first().copied();
-        match (d.reflexive_endpoint, self.local.reflexive) {
-            (Some(theirs), Some(ours)) if theirs.ip() == ours.ip() => first.or(Some(theirs)),
-            (Some(theirs), _) => Some(theirs),
-            (None, _) => first,
-        }
+        let v6 = self.local.underlay_v6.then(|| endpoint_v6(d)).flatten();
+        let v4 = self
+            .local
+            .underlay_v4
+            .then(|| endpoint_v4(d, self.local.reflexive))
+            .flatten();
+        let preferred = if self.v6_failed.contains(&d.id) {
+            v4.or(v6)
+        } else {
+            v6.or(v4)
+        };
+        preferred
+            .or_else(|| endpoint_v4(d, self.local.reflexive))
+            .or_else(|| endpoint_v6(d))
+            .or_else(|| d.endpoints.first().copied())
     }
 
     fn make_plan(&self, d: &Device, allowed_ips: Vec<IpNet>) -> Option<PeerPlan> {
@@ -516,13 +587,14 @@ impl MeshState {
         let exit = self.exit_device().map(|e| e.id);
         for d in self.devices.values() {
             let hosts = self.host_ips(d, exit);
+            let unreachable = self.no_common_family(d);
             let direct = if is_spoke(d) {
                 i_am_relay
             } else {
                 Some(d.id) == relay
                     || i_am_relay
                     || relay.is_none()
-                    || !self.fallback.contains(&d.id)
+                    || !(self.fallback.contains(&d.id) || unreachable)
             };
             if direct {
                 if let Some(p) = self.make_plan(d, hosts) {
@@ -530,6 +602,7 @@ impl MeshState {
                 }
             } else {
                 if !is_spoke(d)
+                    && !unreachable
                     && let Some(p) = self.make_plan(d, Vec::new())
                 {
                     // Fallen back: keep probing the direct path.
@@ -663,6 +736,7 @@ impl MeshState {
             .map(|d| (d.id, d.clone()))
             .collect();
         self.fallback.retain(|id| self.devices.contains_key(id));
+        self.v6_failed.retain(|id| self.devices.contains_key(id));
         self.watch.retain(|id, _| self.devices.contains_key(id));
         self.trying_since
             .retain(|id, _| self.devices.contains_key(id));
@@ -698,6 +772,7 @@ impl MeshState {
             self.keys.remove(id);
             self.fallback.remove(id);
             self.trying_since.remove(id);
+            self.v6_failed.remove(id);
             self.watch.remove(id);
         }
         if let Some(me) = upserts.iter().find(|d| d.id == self.local.device_id) {
@@ -710,8 +785,9 @@ impl MeshState {
                 old.endpoints != d.endpoints || old.reflexive_endpoint != d.reflexive_endpoint
             });
             if moved {
-                // A new endpoint deserves a fresh direct attempt.
+                // A new endpoint deserves a fresh direct attempt, v6 first again.
                 self.trying_since.insert(d.id, now);
+                self.v6_failed.remove(&d.id);
             }
             if self
                 .devices
@@ -832,6 +908,20 @@ impl MeshState {
                     .get(&id)
                     .is_some_and(|t| now.duration_since(*t) >= DIRECT_TIMEOUT)
                 {
+                    let on_v6 = self
+                        .installed
+                        .get(&id)
+                        .and_then(|p| p.endpoint)
+                        .is_some_and(|e| e.is_ipv6());
+                    let has_v4 =
+                        self.local.underlay_v4 && endpoint_v4(d, self.local.reflexive).is_some();
+                    if on_v6 && has_v4 && !self.v6_failed.contains(&id) {
+                        tracing::info!(peer = id, hostname = %name, "no handshake over IPv6; trying IPv4");
+                        self.v6_failed.insert(id);
+                        self.trying_since.insert(id, now);
+                        changed = true;
+                        continue;
+                    }
                     Some("no handshake on the direct path; using the relay")
                 } else {
                     None

@@ -26,6 +26,7 @@ use crate::coord::names;
 use crate::policy::approve::effective;
 use crate::policy::{Approve, Policy};
 use crate::wire::control::{Approved, Device, RegisterRequest};
+use crate::wire::control::{first_v4, first_v6};
 
 /// The kind of a change-log entry.
 pub const UPSERT: &str = "upsert";
@@ -319,8 +320,8 @@ pub fn insert_device(
         tunnel_ip_v6: v6,
         organization_prefix: org.ip_cidr,
         organization_prefix_v6: org.ip_cidr_v6,
-        local_ip: None,
-        local_ip_v6: None,
+        local_ip: first_v4(&req.endpoints),
+        local_ip_v6: first_v6(&req.endpoints),
         endpoints: req.endpoints.clone(),
         reflexive_endpoint: None,
         symmetric_nat: req.symmetric_nat,

@@ -821,6 +821,7 @@ pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), 
     }
     if let Some(e) = &update.endpoints {
         d.endpoints.clone_from(e);
+        d.set_local_ips();
     }
     if let Some(r) = update.reflexive_endpoint {
         d.reflexive_endpoint = Some(r);

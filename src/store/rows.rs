@@ -240,9 +240,9 @@ pub const INSERT_DEVICE: &str = "INSERT INTO devices (organization_id, public_ke
     tunnel_ip, tunnel_ip_v6, organization_prefix, organization_prefix_v6, endpoints, symmetric_nat, \
     relay, relay_only, ipv6_supported, advertise_cidrs, revision, last_seen, created_at, \
     credential_hash, unmanaged, exit_node, approved_cidrs, relay_approved, exit_approved, name, \
-    domain) \
+    domain, local_ip, local_ip_v6) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $15, $16, $17, \
-    $18, $19, $20, $21, $22, $23) \
+    $18, $19, $20, $21, $22, $23, $24, $25) \
     RETURNING id";
 
 /// Writes an admin's approvals of a device (both dialects).
@@ -252,7 +252,8 @@ pub const SET_APPROVED: &str = "UPDATE devices SET approved_cidrs = $1, relay_ap
 /// Writes what a device may change about itself (both dialects, as [`INSERT_DEVICE`]).
 pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $2, \
     reflexive_endpoint = $3, symmetric_nat = $4, relay = $5, relay_only = $6, advertise_cidrs = $7, \
-    revision = $8, last_seen = $9, name = $10, use_exit = $11 WHERE id = $12";
+    revision = $8, last_seen = $9, name = $10, use_exit = $11, local_ip = $12, local_ip_v6 = $13 \
+    WHERE id = $14";
 
 /// The names taken in an organization that are `$2` or start with `$3` (`$2-%`).
 pub const NAMES_LIKE: &str =
@@ -282,6 +283,8 @@ pub struct Encoded<'a> {
     pub organization_prefix_v6: String,
     pub endpoints: String,
     pub reflexive_endpoint: Option<String>,
+    pub local_ip: Option<String>,
+    pub local_ip_v6: Option<String>,
     pub advertise_cidrs: String,
     pub approved_cidrs: String,
 }
@@ -296,6 +299,8 @@ impl<'a> Encoded<'a> {
             organization_prefix_v6: d.organization_prefix_v6.to_string(),
             endpoints: to_json(&d.endpoints)?,
             reflexive_endpoint: d.reflexive_endpoint.map(|e| e.to_string()),
+            local_ip: d.local_ip.map(|a| a.to_string()),
+            local_ip_v6: d.local_ip_v6.map(|a| a.to_string()),
             advertise_cidrs: to_json(&d.advertise_cidrs)?,
             approved_cidrs: to_json(&d.approved.routes)?,
         })
@@ -304,7 +309,7 @@ impl<'a> Encoded<'a> {
 
 impl Encoded<'_> {
     /// The parameters of [`INSERT_DEVICE`].
-    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 23] {
+    pub fn insert_params<'a>(&'a self, credential_hash: &'a &'a str) -> [&'a dyn Param; 25] {
         let d = self.d;
         [
             &d.organization_id,
@@ -330,6 +335,8 @@ impl Encoded<'_> {
             &d.approved.exit,
             &d.name,
             &d.domain,
+            &self.local_ip,
+            &self.local_ip_v6,
         ]
     }
 
@@ -345,7 +352,7 @@ impl Encoded<'_> {
     }
 
     /// The parameters of [`UPDATE_DEVICE`].
-    pub fn update_params(&self) -> [&dyn Param; 12] {
+    pub fn update_params(&self) -> [&dyn Param; 14] {
         let d = self.d;
         [
             &d.hostname,
@@ -359,6 +366,8 @@ impl Encoded<'_> {
             &d.last_seen,
             &d.name,
             &d.use_exit,
+            &self.local_ip,
+            &self.local_ip_v6,
             &d.id,
         ]
     }

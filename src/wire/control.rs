@@ -199,6 +199,31 @@ pub struct Device {
     pub use_exit: Option<i64>,
 }
 
+/// The address of the first IPv4 endpoint: a device's `local_ip`.
+pub fn first_v4(endpoints: &[SocketAddr]) -> Option<Ipv4Addr> {
+    endpoints.iter().find_map(|e| match e.ip() {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(_) => None,
+    })
+}
+
+/// The address of the first IPv6 endpoint: a device's `local_ip_v6` (its v6
+/// underlay, DESIGN §9).
+pub fn first_v6(endpoints: &[SocketAddr]) -> Option<Ipv6Addr> {
+    endpoints.iter().find_map(|e| match e.ip() {
+        std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_none() => Some(a),
+        _ => None,
+    })
+}
+
+impl Device {
+    /// Sets `local_ip` and `local_ip_v6` from the endpoints the device reported.
+    pub fn set_local_ips(&mut self) {
+        self.local_ip = first_v4(&self.endpoints);
+        self.local_ip_v6 = first_v6(&self.endpoints);
+    }
+}
+
 /// A device's claims an admin approved (DESIGN §13). A prefix inside an approved
 /// one counts as approved.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

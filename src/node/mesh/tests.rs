@@ -41,6 +41,8 @@ pub(crate) fn local(id: i64, ipv6: bool) -> LocalView {
         relay: false,
         spoke: false,
         reflexive: None,
+        underlay_v4: true,
+        underlay_v6: true,
         org_v4: "100.64.0.0/10".parse().unwrap(),
         org_v6: "200::/64".parse().unwrap(),
     }
@@ -740,4 +742,174 @@ fn a_spoke_reaches_its_own_exit_through_the_relay() {
             .any(|a| matches!(a, Action::RelayExit(Some(_)))),
         "{actions:?}"
     );
+}
+
+/// A device whose underlay is `v4` and/or `v6` (DESIGN §9).
+fn underlay(id: i64, v4: bool, v6: bool) -> Device {
+    let mut d = device(id, true);
+    d.endpoints.clear();
+    if v4 {
+        d.endpoints
+            .push(format!("192.0.2.{id}:51820").parse().unwrap());
+    }
+    if v6 {
+        d.endpoints
+            .push(format!("[2001:db8::{id}]:51820").parse().unwrap());
+    }
+    d
+}
+
+fn local_underlay(id: i64, v4: bool, v6: bool) -> LocalView {
+    LocalView {
+        underlay_v4: v4,
+        underlay_v6: v6,
+        ..local(1, true)
+    }
+    .with_id(id)
+}
+
+impl LocalView {
+    fn with_id(self, device_id: i64) -> Self {
+        Self { device_id, ..self }
+    }
+}
+
+fn relay_device(id: i64) -> Device {
+    let mut r = underlay(id, true, true);
+    r.relay = true;
+    r
+}
+
+#[test]
+fn v6_endpoint_preferred_when_both_sides_have_v6() {
+    let t0 = Instant::now();
+    let mut m = MeshState::new(local_underlay(1, true, true));
+    m.apply_snapshot(&[underlay(2, true, true), underlay(3, true, false)], t0);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("[2001:db8::2]:51820".parse().unwrap())
+    );
+    assert_eq!(
+        m.plan(3).unwrap().endpoint,
+        Some("192.0.2.3:51820".parse().unwrap()),
+        "v4-only peer: v4"
+    );
+    // A v4-only underlay here: v4 to the dual-stack peer.
+    let mut m = MeshState::new(local_underlay(1, true, false));
+    m.apply_snapshot(&[underlay(2, true, true)], t0);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("192.0.2.2:51820".parse().unwrap())
+    );
+}
+
+#[test]
+fn a_v6_reflexive_address_is_the_v6_endpoint() {
+    let t0 = Instant::now();
+    let mut d = underlay(2, true, true);
+    d.reflexive_endpoint = Some("[2001:db8:ff::2]:40000".parse().unwrap());
+    let mut m = MeshState::new(local_underlay(1, false, true));
+    m.apply_snapshot(&[d], t0);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("[2001:db8:ff::2]:40000".parse().unwrap())
+    );
+}
+
+#[test]
+fn no_common_family_goes_to_the_relay_at_once() {
+    let t0 = Instant::now();
+    // We are v6-only; 2 is v4-only, 3 dual-stack, 9 the dual-stack relay.
+    let mut m = MeshState::new(local_underlay(1, false, true));
+    m.apply_snapshot(
+        &[
+            underlay(2, true, false),
+            underlay(3, true, true),
+            relay_device(9),
+        ],
+        t0,
+    );
+    assert!(m.plan(2).is_none(), "nothing to probe directly");
+    let relay = nets(m.plan(9).unwrap());
+    assert!(relay.contains(&"100.64.0.2/32".to_string()), "{relay:?}");
+    assert!(relay.contains(&"200::2/128".to_string()), "{relay:?}");
+    assert_eq!(
+        m.plan(9).unwrap().endpoint,
+        Some("[2001:db8::9]:51820".parse().unwrap())
+    );
+    assert_eq!(nets(m.plan(3).unwrap()), ["100.64.0.3/32", "200::3/128"]);
+    let paths: BTreeMap<i64, Path> = m.paths().into_iter().map(|(d, p)| (d.id, p)).collect();
+    assert_eq!(paths[&2], Path::Relay);
+    assert_eq!(paths[&3], Path::Direct);
+    // The v4-only side decides the same about us, at once.
+    let mut me = underlay(1, false, true);
+    me.endpoints = vec!["[2001:db8::1]:51820".parse().unwrap()];
+    let mut v4 = MeshState::new(local_underlay(2, true, false));
+    v4.apply_snapshot(&[me, relay_device(9)], t0);
+    assert!(v4.plan(1).is_none());
+    assert!(nets(v4.plan(9).unwrap()).contains(&"100.64.0.1/32".to_string()));
+    assert_eq!(
+        v4.plan(9).unwrap().endpoint,
+        Some("192.0.2.9:51820".parse().unwrap())
+    );
+    // The relay itself peers with both directly.
+    let mut r = MeshState::new(LocalView {
+        relay: true,
+        ..local_underlay(9, true, true)
+    });
+    let mut me = underlay(1, false, true);
+    me.endpoints = vec!["[2001:db8::1]:51820".parse().unwrap()];
+    r.apply_snapshot(&[me, underlay(2, true, false)], t0);
+    assert!(r.plan(1).unwrap().endpoint.unwrap().is_ipv6());
+    assert!(r.plan(2).unwrap().endpoint.unwrap().is_ipv4());
+    assert!(!r.plan(1).unwrap().allowed_ips.is_empty());
+}
+
+#[test]
+fn without_a_relay_no_common_family_stays_direct() {
+    let t0 = Instant::now();
+    let mut m = MeshState::new(local_underlay(1, false, true));
+    m.apply_snapshot(&[underlay(2, true, false)], t0);
+    assert!(!m.plan(2).unwrap().allowed_ips.is_empty());
+}
+
+#[test]
+fn a_silent_v6_path_gives_way_to_v4_then_the_relay() {
+    let t0 = Instant::now();
+    let mut m = MeshState::new(local_underlay(1, true, true));
+    m.apply_snapshot(&[underlay(2, true, true), relay_device(9)], t0);
+    assert!(m.plan(2).unwrap().endpoint.unwrap().is_ipv6());
+    // No handshake over v6: v4 next, still direct.
+    let acts = m.handle_handshakes(t0 + DIRECT_TIMEOUT, [(2, None)]);
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::UpsertPeer(p) if p.id == 2))
+    );
+    let p = m.plan(2).unwrap();
+    assert_eq!(p.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+    assert!(!p.allowed_ips.is_empty(), "still direct");
+    // No handshake over v4 either: the relay.
+    m.handle_handshakes(t0 + DIRECT_TIMEOUT * 2, [(2, None)]);
+    assert!(m.plan(2).unwrap().allowed_ips.is_empty());
+    assert!(nets(m.plan(9).unwrap()).contains(&"100.64.0.2/32".to_string()));
+    // New endpoints: v6 first again.
+    let mut moved = underlay(2, true, true);
+    moved.endpoints[1] = "[2001:db8::22]:51820".parse().unwrap();
+    m.apply_delta(&[moved], &[], t0 + DIRECT_TIMEOUT * 3);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("[2001:db8::22]:51820".parse().unwrap())
+    );
+}
+
+#[test]
+fn a_peer_without_endpoints_is_not_judged_by_family() {
+    let t0 = Instant::now();
+    let mut d = underlay(2, false, false);
+    d.endpoints.clear();
+    let mut m = MeshState::new(local_underlay(1, false, true));
+    m.apply_snapshot(&[d, relay_device(9)], t0);
+    let p = m.plan(2).unwrap();
+    assert!(!p.allowed_ips.is_empty());
+    assert_eq!(p.endpoint, None);
 }

@@ -179,3 +179,58 @@ fn v6_only_host_reaches_the_whole_organization() {
     assert!(table.contains("ENDPOINT V6"), "{table}");
     assert!(table.contains("[2001:db8::5]:"), "{table}");
 }
+
+/// Two dual-stack nodes peer over v6; one loses its v6 underlay address: the other
+/// moves to its v4 endpoint (no relay in between) within the bound.
+#[test]
+fn losing_the_v6_underlay_moves_peers_to_v4() {
+    const BOUND: Duration = Duration::from_secs(30);
+    let mut c = Cluster::new_with("v6ur", "2001:db8::1/64", true, true);
+    c.coord
+        .ns
+        .ok(&["ip", "addr", "add", "203.0.113.1/24", "dev", "eth0"]);
+    let ns = host(&mut c, "r", Some("203.0.113.4/24"), Some("2001:db8::4/64"));
+    let r = c.add_node_in("r", ns, &["--relay", "--interface", "v6ur0"]);
+    let ns = host(&mut c, "d", Some("203.0.113.2/24"), Some("2001:db8::2/64"));
+    let d = c.add_node_in("d", ns, &["--interface", "v6ur1"]);
+    let ns = host(&mut c, "e", Some("203.0.113.6/24"), Some("2001:db8::6/64"));
+    let e = c.add_node_in("e", ns, &["--interface", "v6ur2"]);
+    // d and e reach the coordinator over v4 (its v6 address stays on d to remove).
+    c.nodes[d].coordinator = "203.0.113.1:4443".into();
+    c.nodes[e].coordinator = "203.0.113.1:4443".into();
+    c.start(r);
+    c.start(d);
+    c.start(e);
+    let sd = c.nodes[d].wait_peer_count(2, Duration::from_secs(40));
+    c.nodes[e].wait_peer_count(2, Duration::from_secs(40));
+    let to_d = tunnel_addr(&sd, false);
+    c.nodes[e].ping(&to_d, Duration::from_secs(20));
+    c.nodes[e].wait_status("d direct over v6", Duration::from_secs(20), |st| {
+        peer(st, "d").is_some_and(|p| {
+            p.path == "direct"
+                && p.endpoint
+                    .is_some_and(|e| e.ip().to_string() == "2001:db8::2")
+        })
+    });
+
+    c.nodes[d]
+        .ns
+        .ok(&["ip", "addr", "del", "2001:db8::2/64", "dev", "eth0"]);
+    let t = Instant::now();
+    // Traffic keeps flowing (the fallback watches unanswered data).
+    let st = common::cluster::wait_until("e to reach d over v4", BOUND, || {
+        c.nodes[e].ns.ping(&to_d);
+        let st = c.nodes[e].status()?;
+        let p = peer(&st, "d")?;
+        (p.path == "direct"
+            && p.endpoint
+                .is_some_and(|e| e.ip().to_string() == "203.0.113.2"))
+        .then_some(st)
+    });
+    c.nodes[e].ping(&to_d, Duration::from_secs(10));
+    eprintln!(
+        "v6 underlay address removed: peer on v4 after {:?}",
+        t.elapsed()
+    );
+    assert!(peer(&st, "d").is_some());
+}

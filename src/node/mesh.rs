@@ -840,6 +840,15 @@ impl MeshState {
                 continue;
             }
             let name = d.hostname.clone();
+            // A silent v6 path gives way to v4 before the relay takes over.
+            let to_v4 = !self.v6_failed.contains(&id)
+                && self.local.underlay_v4
+                && endpoint_v4(d, self.local.reflexive).is_some()
+                && self
+                    .installed
+                    .get(&id)
+                    .and_then(|p| p.endpoint)
+                    .is_some_and(|e| e.is_ipv6());
             let w = self.watch.entry(id).or_default();
             let prev = *w;
             w.last = s.counters;
@@ -908,26 +917,22 @@ impl MeshState {
                     .get(&id)
                     .is_some_and(|t| now.duration_since(*t) >= DIRECT_TIMEOUT)
                 {
-                    let on_v6 = self
-                        .installed
-                        .get(&id)
-                        .and_then(|p| p.endpoint)
-                        .is_some_and(|e| e.is_ipv6());
-                    let has_v4 =
-                        self.local.underlay_v4 && endpoint_v4(d, self.local.reflexive).is_some();
-                    if on_v6 && has_v4 && !self.v6_failed.contains(&id) {
-                        tracing::info!(peer = id, hostname = %name, "no handshake over IPv6; trying IPv4");
-                        self.v6_failed.insert(id);
-                        self.trying_since.insert(id, now);
-                        changed = true;
-                        continue;
-                    }
                     Some("no handshake on the direct path; using the relay")
                 } else {
                     None
                 }
             };
-            if let Some(reason) = reason {
+            if reason.is_some() && to_v4 && !via_relay {
+                tracing::info!(peer = id, hostname = %name, "the IPv6 path is silent; trying IPv4");
+                *w = PathWatch {
+                    last: s.counters,
+                    rx_bytes: s.rx_bytes,
+                    ..Default::default()
+                };
+                self.v6_failed.insert(id);
+                self.trying_since.insert(id, now);
+                changed = true;
+            } else if let Some(reason) = reason {
                 tracing::info!(peer = id, hostname = %name, "{reason}");
                 *w = PathWatch {
                     last: s.counters,

@@ -913,3 +913,33 @@ fn a_peer_without_endpoints_is_not_judged_by_family() {
     assert!(!p.allowed_ips.is_empty());
     assert_eq!(p.endpoint, None);
 }
+
+#[test]
+fn unanswered_data_over_v6_moves_to_v4_then_the_relay() {
+    let t0 = Instant::now();
+    let s = |secs| t0 + Duration::from_secs(secs);
+    let age = Some(Duration::from_secs(30));
+    let mut m = MeshState::new(local_underlay(1, true, true));
+    m.apply_snapshot(&[underlay(2, true, true), relay_device(9)], t0);
+    assert!(m.plan(2).unwrap().endpoint.unwrap().is_ipv6());
+    m.handle_handshakes(t0, [sample(2, 10, 500, 1, age)]);
+    // Our v6 address went away: data goes out, nothing comes back; a check
+    // handshake unanswered too.
+    m.handle_handshakes(s(1), [sample(2, 11, 500, 1, age)]);
+    assert_eq!(
+        m.handle_handshakes(s(3), [sample(2, 13, 500, 1, age)]),
+        vec![Action::Probe(2)]
+    );
+    m.handle_handshakes(s(9), [sample(2, 19, 500, 1, age)]);
+    let p = m.plan(2).unwrap();
+    assert_eq!(p.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+    assert!(!p.allowed_ips.is_empty(), "direct over v4, not the relay");
+    // v4 silent as well: the relay.
+    m.handle_handshakes(s(10), [sample(2, 20, 500, 1, age)]);
+    assert_eq!(
+        m.handle_handshakes(s(12), [sample(2, 22, 500, 1, age)]),
+        vec![Action::Probe(2)]
+    );
+    m.handle_handshakes(s(18), [sample(2, 28, 500, 1, age)]);
+    assert!(m.plan(2).unwrap().allowed_ips.is_empty());
+}

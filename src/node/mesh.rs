@@ -445,15 +445,28 @@ impl MeshState {
 
     /// When [`Self::handle_handshakes`] should be fed next: [`PATH_CHECK_INTERVAL`]
     /// after the last time (at once the first time), or never while no peer can fall
-    /// back.
+    /// back (to the relay, or from v6 to v4).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !self.falls_back() {
+        if !self.falls_back() && !self.v4_alternatives() {
             return None;
         }
         match self.last_check {
             Some(t) => Some(t + PATH_CHECK_INTERVAL),
             None => self.trying_since.values().min().copied(),
         }
+    }
+
+    /// Whether some peer is reached over v6 with a v4 endpoint not tried yet.
+    fn v4_alternatives(&self) -> bool {
+        self.local.underlay_v4
+            && self.installed.values().any(|p| {
+                p.endpoint.is_some_and(|e| e.is_ipv6())
+                    && !self.v6_failed.contains(&p.id)
+                    && self
+                        .devices
+                        .get(&p.id)
+                        .is_some_and(|d| endpoint_v4(d, self.local.reflexive).is_some())
+            })
     }
 
     /// The relay every node of the organization uses: the lowest-id relay that is
@@ -824,7 +837,10 @@ impl MeshState {
         samples: impl IntoIterator<Item = S>,
     ) -> Vec<Action> {
         self.last_check = Some(now);
-        if !self.falls_back() {
+        // Without a relay to fall back to, only a v6 path with a v4 one beside it
+        // can move.
+        let to_relay = self.falls_back();
+        if !to_relay && !self.v4_alternatives() {
             return Vec::new();
         }
         let relay = self.relay_id();
@@ -849,6 +865,9 @@ impl MeshState {
                     .get(&id)
                     .and_then(|p| p.endpoint)
                     .is_some_and(|e| e.is_ipv6());
+            if !to_relay && !to_v4 {
+                continue;
+            }
             let w = self.watch.entry(id).or_default();
             let prev = *w;
             w.last = s.counters;

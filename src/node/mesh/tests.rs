@@ -943,3 +943,22 @@ fn unanswered_data_over_v6_moves_to_v4_then_the_relay() {
     m.handle_handshakes(s(18), [sample(2, 28, 500, 1, age)]);
     assert!(m.plan(2).unwrap().allowed_ips.is_empty());
 }
+
+#[test]
+fn without_a_relay_a_silent_v6_path_still_moves_to_v4() {
+    let t0 = Instant::now();
+    let mut m = MeshState::new(local_underlay(1, true, true));
+    m.apply_snapshot(&[underlay(2, true, true), underlay(3, true, false)], t0);
+    assert!(
+        m.poll_timeout().is_some(),
+        "a v6 path with v4 beside it is watched"
+    );
+    m.handle_handshakes(t0 + DIRECT_TIMEOUT, [(2, None), (3, None)]);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("192.0.2.2:51820".parse().unwrap())
+    );
+    assert_eq!(m.plan(2).unwrap().allowed_ips.len(), 2, "still direct");
+    assert_eq!(m.plan(3).unwrap().allowed_ips.len(), 2);
+    assert_eq!(m.poll_timeout(), None, "nothing left to move");
+}

@@ -35,11 +35,28 @@ pub fn render(device: &Device, private_key: Option<&str>, relay: &Device) -> Str
     }
     let _ = writeln!(out, "\n[Peer]");
     let _ = writeln!(out, "PublicKey = {}", relay.public_key);
-    if let Some(e) = relay
-        .reflexive_endpoint
-        .or_else(|| relay.endpoints.first().copied())
-    {
-        let _ = writeln!(out, "Endpoint = {e}");
+    // An IPv4 endpoint where the relay has one (the one most hosts reach), and
+    // the v6 one beside it for an IPv6-only host (DESIGN §9).
+    let of_family = |v6: bool| {
+        relay
+            .reflexive_endpoint
+            .filter(|e| e.is_ipv6() == v6)
+            .or_else(|| relay.endpoints.iter().copied().find(|e| e.is_ipv6() == v6))
+    };
+    match (of_family(false), of_family(true)) {
+        (Some(v4), v6) => {
+            let _ = writeln!(out, "Endpoint = {v4}");
+            if let Some(v6) = v6 {
+                let _ = writeln!(
+                    out,
+                    "# Endpoint = {v6}  (IPv6 underlay: use this on an IPv6-only host)"
+                );
+            }
+        }
+        (None, Some(v6)) => {
+            let _ = writeln!(out, "Endpoint = {v6}");
+        }
+        (None, None) => {}
     }
     let _ = writeln!(
         out,
@@ -48,4 +65,29 @@ pub fn render(device: &Device, private_key: Option<&str>, relay: &Device) -> Str
     );
     let _ = writeln!(out, "PersistentKeepalive = {KEEPALIVE}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_the_relays_v4_endpoint_and_its_v6_one_beside_it() {
+        let mut relay = crate::node::mesh::tests::device(1, true);
+        relay.endpoints = vec![
+            "[2001:db8::4]:51820".parse().unwrap(),
+            "203.0.113.4:51820".parse().unwrap(),
+        ];
+        relay.reflexive_endpoint = Some("[2001:db8::4]:51820".parse().unwrap());
+        let dev = crate::node::mesh::tests::device(2, true);
+        let text = render(&dev, None, &relay);
+        assert!(text.contains("\nEndpoint = 203.0.113.4:51820\n"), "{text}");
+        assert!(text.contains("# Endpoint = [2001:db8::4]:51820"), "{text}");
+        relay.endpoints.truncate(1);
+        let text = render(&dev, None, &relay);
+        assert!(
+            text.contains("\nEndpoint = [2001:db8::4]:51820\n"),
+            "{text}"
+        );
+    }
 }

@@ -343,10 +343,21 @@ record() { echo "$*" >>"$RESULTS"; }
 CLK_TCK=$(getconf CLK_TCK)
 # Jiffies all CPUs spent busy (user, nice, system, irq, softirq; not idle, iowait, steal).
 busy_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8; exit}' /proc/stat; }
+# Jiffies the tunnel's own processes (TPIDS: nodes, daemons) spent, user and system:
+# unlike busy_jiffies, not skewed by other load on a shared machine.
+tunnel_jiffies() {
+    local pid sum=0 t
+    for pid in "${TPIDS[@]}"; do
+        # Fields 14 and 15 (utime, stime), counted after the ") " that ends the name.
+        t=$(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat" 2>/dev/null) || t=0
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
 
 # measure IMPL ROUND ADDR4 ADDR6: ping RTT then iperf3 over v4 and v6.
 measure() {
-    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps cpu0 cpu1 t0 t1
+    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps cpu0 cpu1 t0 t1 own0 own1
     if [ "$impl" != nexodus-userspace ]; then
         out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
         rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
@@ -371,7 +382,7 @@ measure() {
             scrape_metrics "$WORK/scrapes.$fam.$round" &
             scraper=$!
         fi
-        cpu0=$(busy_jiffies) t0=$(date +%s.%N)
+        cpu0=$(busy_jiffies) t0=$(date +%s.%N) own0=$(tunnel_jiffies)
         # --foreground: Ctrl-C reaches iperf3 at once.
         if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
             iperf3 -c "$addr" -p "$port" -t "$DUR" -O 1 -C "$CC" -J --connect-timeout 5000 >"$json" 2>&1; then
@@ -379,7 +390,7 @@ measure() {
             record "$impl $fam $round nan"
             continue
         fi
-        cpu1=$(busy_jiffies) t1=$(date +%s.%N)
+        cpu1=$(busy_jiffies) t1=$(date +%s.%N) own1=$(tunnel_jiffies)
         if [ -n "$scraper" ]; then
             wait "$scraper" || true
             record "$impl scrapes_$fam $round $(grep -c '^nexodus_peer_rx_bytes_total' "$WORK/scrapes.$fam.$round" || true)"
@@ -389,6 +400,9 @@ measure() {
         # Whole machine (both ends, iperf3, softirq): CPUs busy per Gbit/s carried.
         record "$impl cpu_$fam $round $(awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" \
             -v hz="$CLK_TCK" -v b="$bps" 'BEGIN {printf "%.3f", (c1 - c0) / hz / (t1 - t0) / (b / 1e9)}')"
+        [ "${#TPIDS[@]}" -eq 0 ] ||
+            record "$impl own_cpu_$fam $round $(awk -v c0="$own0" -v c1="$own1" -v t0="$t0" -v t1="$t1" \
+                -v hz="$CLK_TCK" -v b="$bps" 'BEGIN {printf "%.3f", (c1 - c0) / hz / (t1 - t0) / (b / 1e9)}')"
         log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
     done
     [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms (idle), $rtt500 ms (500 pings/s)"
@@ -705,6 +719,10 @@ if [ "$RELAY" = 1 ]; then
     echo "CPU per Gbit/s, relayed/direct: v4 $(ratio "$(median nexodus-relayed cpu_v4)" "$(median nexodus-mesh3 cpu_v4)")," \
         "v6 $(ratio "$(median nexodus-relayed cpu_v6)" "$(median nexodus-mesh3 cpu_v6)")" \
         "(when the shared CPUs are the limit, relayed/direct throughput tends to its inverse)"
+    echo "CPU of the nexodus processes alone per Gbit/s (v4 / v6): direct $(median nexodus-mesh3 own_cpu_v4) /" \
+        "$(median nexodus-mesh3 own_cpu_v6), relayed $(median nexodus-relayed own_cpu_v4) /" \
+        "$(median nexodus-relayed own_cpu_v6); relayed/direct v4 $(ratio "$(median nexodus-relayed own_cpu_v4)" "$(median nexodus-mesh3 own_cpu_v4)")," \
+        "v6 $(ratio "$(median nexodus-relayed own_cpu_v6)" "$(median nexodus-mesh3 own_cpu_v6)") (other load on the machine does not count here)"
 fi
 if [ "$USERSPACE" = 1 ]; then
     log "userspace phase: A rootless (--userspace, as nobody), B on TUN"
@@ -713,7 +731,9 @@ if [ "$USERSPACE" = 1 ]; then
     echo "(nexodus-userspace: iperf3 in A connects to A's --egress listener on 127.0.0.1, which A's"
     echo " userspace stack carries through the tunnel to iperf3 on B's TUN address; no ping there)"
     for fam in v4 v6; do
-        echo "userspace/TUN $fam: $(ratio "$(median nexodus-userspace "$fam")" "$(median nexodus-tun "$fam")")"
+        echo "userspace/TUN $fam: $(ratio "$(median nexodus-userspace "$fam")" "$(median nexodus-tun "$fam")")" \
+            "   CPU of the nexodus processes per Gbit/s: TUN $(median nexodus-tun "own_cpu_$fam")," \
+            "userspace $(median nexodus-userspace "own_cpu_$fam")"
     done
 fi
 if [ "$METRICS" = 1 ]; then

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Data-plane throughput of nexodus against stock userspace WireGuard (wireguard-go and
-# boringtun-cli), between two network namespaces joined by a veth pair.
+# Data-plane throughput of nexodus against stock userspace WireGuard (wireguard-go,
+# boringtun-cli and gotatun-cli), between two network namespaces joined by a veth pair.
 #
 #   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--userspace]
-#                              [--cc cubic] [--no-install]
+#                              [--cc cubic] [--no-install] [--skip-main]
 #
-# Per round, in alternation (bare veth, nexodus, boringtun-cli, wireguard-go), each
-# tunnel set up fresh and torn down after its run: ping RTT A->B (20 pings 50 ms apart,
-# an idle tunnel; then 200 pings 2 ms apart) and one TCP stream of iperf3 A->B for
-# --seconds over the inner IPv4 and the inner IPv6 address, with congestion control
-# --cc (default cubic, the kernel's default, whatever the host's sysctl says), and the
-# machine's busy CPU time per Gbit/s carried. Prints the medians over the rounds and
-# the ratios nexodus/boringtun-cli and nexodus/wireguard-go. --relay adds a third
+# Per round, in alternation (bare veth, nexodus, boringtun-cli, gotatun-cli,
+# wireguard-go), each tunnel set up fresh and torn down after its run: ping RTT A->B
+# (20 pings 50 ms apart, an idle tunnel; then 200 pings 2 ms apart) and one TCP stream
+# of iperf3 A->B for --seconds over the inner IPv4 and the inner IPv6 address, with
+# congestion control --cc (default cubic, the kernel's default, whatever the host's
+# sysctl says), and the machine's busy CPU time per Gbit/s carried. Prints the medians
+# over the rounds and the ratio of nexodus to each stock peer. --relay adds a third
 # namespace running `nexodus join --relay` and compares nexodus relayed (A
 # --relay-only) with nexodus direct on that topology.
 # --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
 # listener on A's loopback to B's TUN address) with TUN mode, in alternation.
 # Installs what is missing (apt: iperf3 wireguard-go wireguard-tools iproute2
-# iputils-ping jq; cargo: boringtun-cli 0.7) and builds nexodus in release mode.
-# Everything it creates (namespaces nxb-*, processes, UAPI sockets, temp dir) goes on
-# every exit path, Ctrl-C included. See benches/README.md.
+# iputils-ping jq; cargo: boringtun-cli 0.7, gotatun-cli 0.10.2) and builds nexodus
+# in release mode. Everything it creates (namespaces nxb-*, processes, UAPI sockets,
+# temp dir) goes on every exit path, Ctrl-C included. See benches/README.md.
 set -euo pipefail
 
 usage() {
@@ -32,10 +32,12 @@ usage() {
     echo "  --userspace     also measure rootless mode (--userspace) against TUN mode"
     echo "  --metrics       also measure TUN mode while /metrics is scraped 100 times per stream"
     echo "  --cc NAME       TCP congestion control of the iperf3 sender (default cubic)"
-    echo "  --no-install    do not install packages or boringtun-cli, do not build"
+    echo "  --no-install    do not install packages, boringtun-cli or gotatun-cli, do not build"
+    echo "  --skip-main     skip the comparison with the stock peers (only the phases asked for)"
     echo "  --keep-logs     keep the logs directory (its path is printed)"
     echo "Environment: NEXODUS_BIN (default target/release/nexodus),"
-    echo "  BORINGTUN_CLI (default: PATH, then ~/.cargo/bin/boringtun-cli)"
+    echo "  BORINGTUN_CLI (default: PATH, then ~/.cargo/bin/boringtun-cli),"
+    echo "  GOTATUN_CLI (default: PATH, then ~/.cargo/bin/gotatun, the crate gotatun-cli's executable)"
 }
 
 ROUNDS=3
@@ -44,6 +46,7 @@ RELAY=0
 USERSPACE=0
 METRICS=0
 INSTALL=1
+MAIN=1
 KEEP_LOGS=0
 CC=cubic
 while [ $# -gt 0 ]; do
@@ -55,6 +58,7 @@ while [ $# -gt 0 ]; do
     --metrics) METRICS=1; shift ;;
     --cc) CC="${2:?--cc needs a name}"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
+    --skip-main) MAIN=0; shift ;;
     --keep-logs) KEEP_LOGS=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -99,6 +103,7 @@ EGRESS6=15202
 declare -A IFNAME=(
     [nexodus.a]=nxbna [nexodus.b]=nxbnb [nexodus.r]=nxbnr
     [boringtun-cli.a]=nxbta [boringtun-cli.b]=nxbtb
+    [gotatun-cli.a]=nxbga [gotatun-cli.b]=nxbgb
     [wireguard-go.a]=nxbwa [wireguard-go.b]=nxbwb
 )
 ALL_NS=("$NS_A" "$NS_B" "$NS_R")
@@ -227,6 +232,25 @@ find_cargo() {
     CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
 }
 
+# stock_cli CRATE EXE OVERRIDE VERSION_RE CARGO_VERSION: sets STOCK_BIN to a working
+# EXE whose --version matches VERSION_RE (OVERRIDE, else PATH, else cargo's bin dir),
+# installing CARGO_VERSION of CRATE with cargo when there is none.
+stock_cli() {
+    local name=$1 exe=$2 bin=$3 re=$4 version=$5
+    if [ -z "$bin" ]; then
+        bin="$(command -v "$exe" || true)"
+        [ -n "$bin" ] || bin="${CARGO_BIN_DIR:-${CARGO_HOME:-$HOME/.cargo}/bin}/$exe"
+    fi
+    if ! "$bin" --version 2>/dev/null | grep -q "$re"; then
+        [ "$INSTALL" = 1 ] || die "$name $version not found at $bin"
+        log "cargo install $name --locked --version $version"
+        "${CARGO[@]}" install "$name" --locked --version "$version" --quiet
+        bin="$CARGO_BIN_DIR/$exe"
+    fi
+    "$bin" --version >/dev/null || die "no working $name"
+    STOCK_BIN=$bin
+}
+
 install_deps() {
     local need=()
     command -v ip >/dev/null || need+=(iproute2)
@@ -244,18 +268,14 @@ install_deps() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     fi
     [ "$INSTALL" = 1 ] && find_cargo
-    BTCLI="${BORINGTUN_CLI:-}"
-    if [ -z "$BTCLI" ]; then
-        BTCLI="$(command -v boringtun-cli || true)"
-        [ -n "$BTCLI" ] || BTCLI="${CARGO_BIN_DIR:-${CARGO_HOME:-$HOME/.cargo}/bin}/boringtun-cli"
+    STOCK_VERSIONS=""
+    if [ "$MAIN" = 1 ]; then # the stock peers run in the main comparison only
+        stock_cli boringtun-cli boringtun-cli "${BORINGTUN_CLI:-}" ' 0\.7\.' '^0.7'
+        BTCLI=$STOCK_BIN
+        stock_cli gotatun-cli gotatun "${GOTATUN_CLI:-}" ' 0\.10\.2' '0.10.2'
+        GTCLI=$STOCK_BIN
+        STOCK_VERSIONS="; $("$BTCLI" --version); $("$GTCLI" --version); wireguard-go $(wireguard-go --version 2>/dev/null | awk '{print $2; exit}')"
     fi
-    if ! "$BTCLI" --version 2>/dev/null | grep -q ' 0\.7\.'; then
-        [ "$INSTALL" = 1 ] || die "boringtun-cli 0.7 not found at $BTCLI"
-        log "cargo install boringtun-cli --locked --version ^0.7"
-        "${CARGO[@]}" install boringtun-cli --locked --version '^0.7' --quiet
-        BTCLI="$CARGO_BIN_DIR/boringtun-cli"
-    fi
-    "$BTCLI" --version >/dev/null || die "no working boringtun-cli"
     NX="${NEXODUS_BIN:-$REPO/target/release/nexodus}"
     if [ "$INSTALL" = 1 ] && [ -z "${NEXODUS_BIN:-}" ]; then
         log "cargo build --release"
@@ -323,10 +343,21 @@ record() { echo "$*" >>"$RESULTS"; }
 CLK_TCK=$(getconf CLK_TCK)
 # Jiffies all CPUs spent busy (user, nice, system, irq, softirq; not idle, iowait, steal).
 busy_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8; exit}' /proc/stat; }
+# Jiffies the tunnel's own processes (TPIDS: nodes, daemons) spent, user and system:
+# unlike busy_jiffies, not skewed by other load on a shared machine.
+tunnel_jiffies() {
+    local pid sum=0 t
+    for pid in "${TPIDS[@]}"; do
+        # Fields 14 and 15 (utime, stime), counted after the ") " that ends the name.
+        t=$(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$pid/stat" 2>/dev/null) || t=0
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
 
 # measure IMPL ROUND ADDR4 ADDR6: ping RTT then iperf3 over v4 and v6.
 measure() {
-    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps cpu0 cpu1 t0 t1
+    local impl=$1 round=$2 a4=$3 a6=$4 out rtt="-" rtt500="-" fam addr port json bps cpu0 cpu1 t0 t1 own0 own1
     if [ "$impl" != nexodus-userspace ]; then
         out=$(nsx "$NS_A" ping -q -c 20 -i 0.05 -W 1 "$a4") || { echo "$out" >&2; die "$impl: ping $a4 failed"; }
         rtt=$(echo "$out" | awk -F'/' '/^rtt|^round-trip/ {print $5}')
@@ -351,7 +382,7 @@ measure() {
             scrape_metrics "$WORK/scrapes.$fam.$round" &
             scraper=$!
         fi
-        cpu0=$(busy_jiffies) t0=$(date +%s.%N)
+        cpu0=$(busy_jiffies) t0=$(date +%s.%N) own0=$(tunnel_jiffies)
         # --foreground: Ctrl-C reaches iperf3 at once.
         if ! timeout --foreground $((DUR + 30)) ip netns exec "$NS_A" \
             iperf3 -c "$addr" -p "$port" -t "$DUR" -O 1 -C "$CC" -J --connect-timeout 5000 >"$json" 2>&1; then
@@ -359,7 +390,7 @@ measure() {
             record "$impl $fam $round nan"
             continue
         fi
-        cpu1=$(busy_jiffies) t1=$(date +%s.%N)
+        cpu1=$(busy_jiffies) t1=$(date +%s.%N) own1=$(tunnel_jiffies)
         if [ -n "$scraper" ]; then
             wait "$scraper" || true
             record "$impl scrapes_$fam $round $(grep -c '^nexodus_peer_rx_bytes_total' "$WORK/scrapes.$fam.$round" || true)"
@@ -369,6 +400,9 @@ measure() {
         # Whole machine (both ends, iperf3, softirq): CPUs busy per Gbit/s carried.
         record "$impl cpu_$fam $round $(awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" \
             -v hz="$CLK_TCK" -v b="$bps" 'BEGIN {printf "%.3f", (c1 - c0) / hz / (t1 - t0) / (b / 1e9)}')"
+        [ "${#TPIDS[@]}" -eq 0 ] ||
+            record "$impl own_cpu_$fam $round $(awk -v c0="$own0" -v c1="$own1" -v t0="$t0" -v t1="$t1" \
+                -v hz="$CLK_TCK" -v b="$bps" 'BEGIN {printf "%.3f", (c1 - c0) / hz / (t1 - t0) / (b / 1e9)}')"
         log "  $impl $fam: $(awk -v b="$bps" 'BEGIN {printf "%.2f", b / 1e9}') Gbit/s"
     done
     [ "$rtt" = "-" ] || log "  $impl rtt: $rtt ms (idle), $rtt500 ms (500 pings/s)"
@@ -401,7 +435,8 @@ start_bare() {
     TUN_A4=$UNDER_B TUN_A6=$UNDER6_B TPIDS=() MEM_PID=""
 }
 
-# Stock WireGuard daemons: KIND is wireguard-go or boringtun-cli.
+# Stock WireGuard daemons: KIND is wireguard-go, boringtun-cli or gotatun-cli (whose
+# command line and UAPI are boringtun-cli's).
 start_stock() {
     local kind=$1 round=$2 side ns ifn pid
     local d="$WORK/$kind.$round"
@@ -414,8 +449,10 @@ start_stock() {
         if [ "$kind" = wireguard-go ]; then
             spawn "$ns" "$d/$side.log" wireguard-go -f "$ifn"
         else
+            local cli=$BTCLI
+            [ "$kind" = gotatun-cli ] && cli=$GTCLI
             spawn "$ns" "$d/$side.log" env WG_LOG_FILE="$d/$side.bt.log" \
-                "$BTCLI" --foreground --disable-drop-privileges "$ifn"
+                "$cli" --foreground --disable-drop-privileges "$ifn"
         fi
         pid=$SPAWNED
         TPIDS+=("$pid")
@@ -568,7 +605,7 @@ run_one() {
     nexodus-tun) start_nexodus "$round" direct ;;
     nexodus-userspace) start_nexodus "$round" userspace ;;
     nexodus-scraped) start_nexodus "$round" scraped ;;
-    boringtun-cli | wireguard-go) start_stock "$impl" "$round" ;;
+    boringtun-cli | gotatun-cli | wireguard-go) start_stock "$impl" "$round" ;;
     esac
     measure "$impl" "$round" "$TUN_A4" "$TUN_A6"
     if [ -n "$MEM_PID" ]; then
@@ -643,23 +680,30 @@ fi
 WORK=$(mktemp -d /tmp/nxb-bench.XXXXXX)
 RESULTS="$WORK/results.txt"
 : >"$RESULTS"
-log "nexodus: $NX ($("$NX" --version)); $("$BTCLI" --version); wireguard-go $(wireguard-go --version 2>/dev/null | awk '{print $2; exit}')"
+log "nexodus: $NX ($("$NX" --version))$STOCK_VERSIONS"
 log "iperf3 congestion control: $CC (host default: $(sysctl -n net.ipv4.tcp_congestion_control))"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 setup_topology
 
-IMPLS=(bare nexodus boringtun-cli wireguard-go)
-run_rounds "${IMPLS[@]}"
+STOCK=(boringtun-cli gotatun-cli wireguard-go)
+if [ "$MAIN" = 1 ]; then
+    IMPLS=(bare nexodus "${STOCK[@]}")
+    run_rounds "${IMPLS[@]}"
 
-report "${IMPLS[@]}"
-echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
-echo
-for fam in v4 v6; do
-    echo "nexodus/boringtun-cli $fam: $(ratio "$(median nexodus "$fam")" "$(median boringtun-cli "$fam")")" \
-        "   nexodus/wireguard-go $fam: $(ratio "$(median nexodus "$fam")" "$(median wireguard-go "$fam")")"
-done
-echo "added RTT over bare veth, ms (idle / 500 pings/s): nexodus $(added_rtt nexodus)," \
-    "boringtun-cli $(added_rtt boringtun-cli), wireguard-go $(added_rtt wireguard-go)"
+    report "${IMPLS[@]}"
+    echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
+    echo
+    for fam in v4 v6; do
+        line=""
+        for impl in "${STOCK[@]}"; do
+            line+="nexodus/$impl $fam: $(ratio "$(median nexodus "$fam")" "$(median "$impl" "$fam")")    "
+        done
+        echo "${line%    }"
+    done
+    line=""
+    for impl in nexodus "${STOCK[@]}"; do line+=", $impl $(added_rtt "$impl")"; done
+    echo "added RTT over bare veth, ms (idle / 500 pings/s): ${line#, }"
+fi
 
 if [ "$RELAY" = 1 ]; then
     log "relay phase: third namespace $NS_R, underlay on a bridge in $NS_A"
@@ -675,6 +719,10 @@ if [ "$RELAY" = 1 ]; then
     echo "CPU per Gbit/s, relayed/direct: v4 $(ratio "$(median nexodus-relayed cpu_v4)" "$(median nexodus-mesh3 cpu_v4)")," \
         "v6 $(ratio "$(median nexodus-relayed cpu_v6)" "$(median nexodus-mesh3 cpu_v6)")" \
         "(when the shared CPUs are the limit, relayed/direct throughput tends to its inverse)"
+    echo "CPU of the nexodus processes alone per Gbit/s (v4 / v6): direct $(median nexodus-mesh3 own_cpu_v4) /" \
+        "$(median nexodus-mesh3 own_cpu_v6), relayed $(median nexodus-relayed own_cpu_v4) /" \
+        "$(median nexodus-relayed own_cpu_v6); relayed/direct v4 $(ratio "$(median nexodus-relayed own_cpu_v4)" "$(median nexodus-mesh3 own_cpu_v4)")," \
+        "v6 $(ratio "$(median nexodus-relayed own_cpu_v6)" "$(median nexodus-mesh3 own_cpu_v6)") (other load on the machine does not count here)"
 fi
 if [ "$USERSPACE" = 1 ]; then
     log "userspace phase: A rootless (--userspace, as nobody), B on TUN"
@@ -683,7 +731,9 @@ if [ "$USERSPACE" = 1 ]; then
     echo "(nexodus-userspace: iperf3 in A connects to A's --egress listener on 127.0.0.1, which A's"
     echo " userspace stack carries through the tunnel to iperf3 on B's TUN address; no ping there)"
     for fam in v4 v6; do
-        echo "userspace/TUN $fam: $(ratio "$(median nexodus-userspace "$fam")" "$(median nexodus-tun "$fam")")"
+        echo "userspace/TUN $fam: $(ratio "$(median nexodus-userspace "$fam")" "$(median nexodus-tun "$fam")")" \
+            "   CPU of the nexodus processes per Gbit/s: TUN $(median nexodus-tun "own_cpu_$fam")," \
+            "userspace $(median nexodus-userspace "own_cpu_$fam")"
     done
 fi
 if [ "$METRICS" = 1 ]; then

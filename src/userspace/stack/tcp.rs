@@ -24,9 +24,11 @@ use super::super::tcp_flows::{
 use super::{Driver, reset, would_block};
 
 /// Receive and transmit buffer of each TCP flow in the stack (the receive buffer is
-/// the advertised window).
-const TCP_RX_BUFFER: usize = 256 * 1024;
-const TCP_TX_BUFFER: usize = 256 * 1024;
+/// the advertised window, the transmit buffer bounds the bytes in flight). 1 MiB
+/// rather than 256 KiB: a loaded tunnel's queueing adds to the RTT, and with 256 KiB
+/// in flight a single stream waited on the window (benches/README.md, rootless).
+const TCP_RX_BUFFER: usize = 1024 * 1024;
+const TCP_TX_BUFFER: usize = 1024 * 1024;
 
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>>>>;
 

@@ -4,9 +4,11 @@
 //!
 //! The index is only ever filled from committed rows (it is synced before the
 //! transaction writes anything), so a rolled-back transaction leaves nothing behind.
-//! It is exact for SQLite (the sync runs inside the write transaction). With several
-//! PostgreSQL replicas another replica may commit an address after the sync: the
-//! UNIQUE constraints refuse the second insert and the transaction is retried.
+//! It is exact for SQLite (the sync runs inside the write transaction) and for
+//! PostgreSQL replicas too: each sync first takes the allocation lock (an advisory
+//! lock held to commit), so another replica's allocation commits before ours reads
+//! the log or waits until ours has. The UNIQUE constraints still refuse a duplicate
+//! should anything else insert one, and the transaction is then retried.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -45,6 +47,11 @@ pub trait AddrSource {
     /// it minus one is rebuilt.
     fn oldest_revision(&mut self) -> Result<i64, StoreError> {
         Ok(0)
+    }
+    /// Makes concurrent allocators take turns until the caller's transaction ends
+    /// (see `Tx::lock_addresses`); taken before every sync.
+    fn lock_for_allocation(&mut self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 
@@ -232,6 +239,7 @@ impl AddrCache {
     }
 
     fn sync(&mut self, src: &mut (impl AddrSource + ?Sized)) -> Result<(), StoreError> {
+        src.lock_for_allocation()?;
         if let Some(revision) = self.revision
             && src.oldest_revision()? <= revision.saturating_add(1)
         {

@@ -82,6 +82,13 @@ pub trait Tx {
     fn advertisers(&mut self, organization_id: i64) -> Result<Vec<AdvertisedBy>, StoreError>;
     /// The oldest revision in the change log (0 for an empty log).
     fn oldest_revision(&mut self) -> Result<i64, StoreError>;
+    /// Takes the address-allocation lock, held to the end of the transaction, so
+    /// that allocations of concurrent transactions (other PostgreSQL replicas) take
+    /// turns and each sees what the one before it committed. SQLite's write
+    /// transactions already run one at a time: nothing to do.
+    fn lock_addresses(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Deletes the change log's entries below revision `below`; returns how many.
     fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError>;
     /// Log entries after `revision`, oldest first, each with the device now.
@@ -191,6 +198,10 @@ impl<T: Tx + ?Sized> AddrSource for T {
     fn oldest_revision(&mut self) -> Result<i64, StoreError> {
         Tx::oldest_revision(self)
     }
+
+    fn lock_for_allocation(&mut self) -> Result<(), StoreError> {
+        self.lock_addresses()
+    }
 }
 
 /// [`Engine::write`] returning what `f` returns.
@@ -234,6 +245,9 @@ pub fn register_devices(
 ) -> Vec<Result<Device, StoreError>> {
     let n = batch.len();
     write(engine, |tx, addrs| {
+        // Before any token row is locked: a batch that locked a token and then
+        // waited for the allocation lock could deadlock with one holding it.
+        tx.lock_addresses()?;
         let mut out = Vec::with_capacity(n);
         let mut inserted = Vec::new();
         let mut slots = Vec::new();

@@ -12,8 +12,10 @@
 //! - **Notifications.** The same transaction runs `pg_notify('nexodus_changes')`,
 //!   delivered at commit to every replica's hub (see `serve::hub`), which then tails the
 //!   log: a change reaches watchers on every replica without polling.
-//! - **Conflicts retry.** Transactions run at READ COMMITTED; two replicas allocating
-//!   the same address collide on the UNIQUE constraints, and the loser's transaction is
+//! - **Allocation takes turns.** Transactions run at READ COMMITTED; a transaction
+//!   that allocates addresses first takes an advisory lock held to its commit, so two
+//!   replicas never pick the same address (16 racing allocators used to exhaust the
+//!   retries). Should a UNIQUE constraint still refuse an insert, the transaction is
 //!   retried from the start (as are serialization failures and deadlocks). Single-use
 //!   tokens are locked (`FOR UPDATE`) before they are checked.
 //! - **Reconnects.** A lost connection (database restarted) is reopened and the

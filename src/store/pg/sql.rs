@@ -128,6 +128,13 @@ impl<C: GenericClient> Tx for Db<'_, C> {
         )
     }
 
+    fn lock_addresses(&mut self) -> Result<(), StoreError> {
+        /// Arbitrary, fixed: the advisory lock key of address allocation.
+        const ADDRESS_LOCK: i64 = 0x6e65_786f_6475_7302;
+        self.execute("SELECT pg_advisory_xact_lock($1)", &[&ADDRESS_LOCK])
+            .map(drop)
+    }
+
     fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError> {
         self.execute("DELETE FROM changes WHERE revision < $1", &[&below])
     }

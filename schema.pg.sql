@@ -147,3 +147,7 @@ CREATE TABLE path_reports (
 -- migration: 7
 
 ALTER TABLE devices ADD COLUMN use_exit BIGINT;
+
+-- migration: 8
+
+ALTER TABLE devices ADD COLUMN reflexive_endpoint_v6 TEXT;

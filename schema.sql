@@ -26,8 +26,8 @@ CREATE TABLE devices (
     tunnel_ip_v6            TEXT,                     -- NULL when the device has no IPv6
     organization_prefix     TEXT    NOT NULL,
     organization_prefix_v6  TEXT    NOT NULL,
-    local_ip                TEXT,                     -- reserved: LAN address, v4
-    local_ip_v6             TEXT,                     -- reserved: v4-over-v6 transport
+    local_ip                TEXT,                     -- first v4 endpoint (LAN address)
+    local_ip_v6             TEXT,                     -- first v6 endpoint (v6 underlay)
     endpoints               TEXT    NOT NULL DEFAULT '[]', -- JSON array of "ip:port"
     reflexive_endpoint      TEXT,                     -- "ip:port" as seen by STUN
     symmetric_nat           INTEGER NOT NULL DEFAULT 0,
@@ -138,3 +138,9 @@ CREATE TABLE path_reports (
 -- traffic through (a device id; NULL = none), so that the relay carries each
 -- spoke's traffic to the exit it chose.
 ALTER TABLE devices ADD COLUMN use_exit INTEGER;
+
+-- migration: 8
+
+-- IPv6 underlay (DESIGN §9): the device's v6 "ip:port" as the coordinator's STUN
+-- server saw it over v6, beside the v4 reflexive_endpoint (NULL = none).
+ALTER TABLE devices ADD COLUMN reflexive_endpoint_v6 TEXT;

@@ -472,7 +472,8 @@ fn print_devices(devices: &[AdminDevice], now: i64) {
         // The v6 underlay endpoint (DESIGN §9): STUN over v6, else the first v6
         // address the device reported.
         let endpoint_v6 = d
-            .reflexive_endpoint
+            .reflexive_endpoint_v6
+            .or(d.reflexive_endpoint)
             .filter(std::net::SocketAddr::is_ipv6)
             .or_else(|| {
                 d.endpoints

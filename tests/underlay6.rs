@@ -60,6 +60,8 @@ fn v6_only_host_reaches_the_whole_organization() {
     let r = c.add_node_in("r", ns, &["--relay", "--interface", "v6u0"]);
     let ns = host(&mut c, "d", Some("203.0.113.2/24"), Some("2001:db8::2/64"));
     let d = c.add_node_in("d", ns, &["--interface", "v6u1"]);
+    // The dual-stack node lists the coordinator at both addresses: STUN over each.
+    c.nodes[d].coordinator = "[2001:db8::1]:4443,203.0.113.1:4443".into();
     let ns = host(&mut c, "f", Some("203.0.113.3/24"), None);
     let f = c.add_node_in("f", ns, &["--interface", "v6u2"]);
     // A v4-only underlay names the coordinator by its v4 address.
@@ -163,7 +165,34 @@ fn v6_only_host_reaches_the_whole_organization() {
         "STUN over v6: {:?}",
         sd.reflexive_endpoint
     );
-    let dd = c.coord.device("d").unwrap();
+    // The dual-stack node's two mappings: STUN over v4 and over v6.
+    let t = Instant::now();
+    let dd = common::cluster::wait_until(
+        "d's v4 and v6 reflexive endpoints",
+        Duration::from_secs(20),
+        || {
+            c.coord.device("d").filter(|dd| {
+                dd.reflexive_endpoint
+                    .is_some_and(|e| e.ip().to_string() == "203.0.113.2")
+                    && dd
+                        .reflexive_endpoint_v6
+                        .is_some_and(|e| e.ip().to_string() == "2001:db8::2")
+            })
+        },
+    );
+    eprintln!(
+        "d: reflexive {:?}, reflexive v6 {:?} (waited {:?})",
+        dd.reflexive_endpoint,
+        dd.reflexive_endpoint_v6,
+        t.elapsed()
+    );
+    // The v4-only node has no v6 mapping.
+    let fd = c.coord.device("f").unwrap();
+    assert_eq!(fd.reflexive_endpoint_v6, None);
+    assert!(
+        fd.reflexive_endpoint
+            .is_some_and(|e| e.ip().to_string() == "203.0.113.3")
+    );
     assert_eq!(
         dd.local_ip_v6.map(|a| a.to_string()).as_deref(),
         Some("2001:db8::2")

@@ -30,6 +30,7 @@ pub fn device(id: i64) -> Device {
             51820,
         ))],
         reflexive_endpoint: None,
+        reflexive_endpoint_v6: None,
         symmetric_nat: false,
         relay: false,
         relay_only: false,

@@ -38,8 +38,12 @@ pub fn render(device: &Device, private_key: Option<&str>, relay: &Device) -> Str
     // An IPv4 endpoint where the relay has one (the one most hosts reach), and
     // the v6 one beside it for an IPv6-only host (DESIGN §9).
     let of_family = |v6: bool| {
-        relay
-            .reflexive_endpoint
+        let reflexive = if v6 {
+            relay.reflexive_endpoint_v6.or(relay.reflexive_endpoint)
+        } else {
+            relay.reflexive_endpoint
+        };
+        reflexive
             .filter(|e| e.is_ipv6() == v6)
             .or_else(|| relay.endpoints.iter().copied().find(|e| e.is_ipv6() == v6))
     };

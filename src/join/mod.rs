@@ -483,6 +483,7 @@ pub async fn run(
     );
     let guard = || route_guard(&cfg.interface, &ctx.addrs, cfg.use_exit_node.is_some());
     agent.set_route_guard(guard());
+    agent.set_coordinators(&ctx.addrs);
     agent.set_exit(cfg.use_exit_node.clone());
     let (view_tx, view) = tokio::sync::watch::channel(agent.view());
     let (updates_tx, updates) = tokio::sync::watch::channel(None);

@@ -69,9 +69,18 @@ pub struct NodeView {
 pub struct Agent {
     device: Device,
     mesh: MeshState,
+    /// STUN over v4 (the coordinator's v4 address), or over the only family there is.
     prober: Prober,
-    /// The NAT mapping last learned by STUN.
+    /// STUN over v6 (the coordinator's v6 address) when the host has a v6 underlay.
+    prober6: Prober,
+    /// The NAT mapping last learned by STUN: over v4 when v4 is probed, else over v6
+    /// (`reflexive_endpoint`, and whether the NAT is symmetric).
     mapping: Option<Mapping>,
+    /// The mapping last learned by STUN over v6 (`reflexive_endpoint_v6`).
+    mapping6: Option<SocketAddr>,
+    /// Every address the coordinators were listed at: STUN goes to the connected
+    /// one's family, and to the other family's listed address if the host has it.
+    listed: Vec<SocketAddr>,
     /// `--relay-only`: a spoke whatever the NAT.
     relay_only: bool,
     connected: bool,
@@ -99,7 +108,10 @@ impl Agent {
             device,
             mesh: MeshState::new(local),
             prober: Prober::new(),
+            prober6: Prober::new(),
             mapping: None,
+            mapping6: None,
+            listed: Vec::new(),
             relay_only,
             connected: true,
             coordinator,
@@ -125,17 +137,58 @@ impl Agent {
         self.actions.extend(actions);
     }
 
-    /// Asks for the coordinator to be told our mapping if its record differs.
+    /// Asks for the coordinator to be told our mappings if its record differs.
     fn report_mapping(&mut self) {
-        let Some(m) = self.mapping else { return };
-        if self.device.reflexive_endpoint == Some(m.reflexive)
-            && self.device.symmetric_nat == m.symmetric
+        if let Some(m) = self.mapping
+            && (self.device.reflexive_endpoint != Some(m.reflexive)
+                || self.device.symmetric_nat != m.symmetric)
         {
-            return;
+            let update = self.update.get_or_insert_with(DeviceUpdate::default);
+            update.reflexive_endpoint = Some(m.reflexive);
+            update.symmetric_nat = Some(m.symmetric);
         }
-        let update = self.update.get_or_insert_with(DeviceUpdate::default);
-        update.reflexive_endpoint = Some(m.reflexive);
-        update.symmetric_nat = Some(m.symmetric);
+        if let Some(r) = self.mapping6
+            && self.device.reflexive_endpoint_v6 != Some(r)
+        {
+            self.update
+                .get_or_insert_with(DeviceUpdate::default)
+                .reflexive_endpoint_v6 = Some(r);
+        }
+    }
+
+    /// Every address the coordinators are listed at (`--coordinator`, resolved):
+    /// where STUN over the family the control connection does not use goes.
+    pub fn set_coordinators(&mut self, listed: &[SocketAddr]) {
+        self.listed = listed.to_vec();
+    }
+
+    /// The STUN servers per family (v4, v6): the connected coordinator's in its
+    /// family; in the other, a listed coordinator address of that family if the host
+    /// has an underlay in it.
+    fn stun_servers(&self, stun_port: u16) -> (Option<[SocketAddr; 2]>, Option<[SocketAddr; 2]>) {
+        let local = self.mesh.local();
+        let connected = SocketAddr::new(
+            self.coordinator.ip().to_canonical(),
+            self.coordinator.port(),
+        );
+        let pick = |v6: bool, underlay: bool| {
+            if connected.is_ipv6() == v6 {
+                return Some(connected);
+            }
+            underlay
+                .then(|| {
+                    self.listed
+                        .iter()
+                        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                        .find(|a| a.is_ipv6() == v6)
+                })
+                .flatten()
+        };
+        let servers = |a: Option<SocketAddr>| a.map(|a| nat::servers(a, stun_port));
+        (
+            servers(pick(false, local.underlay_v4)),
+            servers(pick(true, local.underlay_v6)),
+        )
     }
 
     /// Asks for the coordinator to be told the exit we use (`use_exit`, 0: none)
@@ -192,8 +245,10 @@ impl Agent {
         self.view_changed = true;
         self.take_own(devices);
         self.coordinator = coordinator;
-        self.prober
-            .handle_servers(stun_port.map(|p| nat::servers(coordinator, p)), now);
+        let (v4, v6) = stun_port.map_or((None, None), |p| self.stun_servers(p));
+        self.prober.handle_servers(v4.or(v6), now);
+        // Over v6 too when v4 is the family probed above.
+        self.prober6.handle_servers(v4.and(v6), now);
         // The coordinator may have missed our last mapping while we were away.
         self.report_mapping();
         let actions = self.mesh.apply_snapshot(devices, now);
@@ -324,8 +379,15 @@ impl Agent {
     }
 
     /// A STUN answer that arrived on the WireGuard port.
+    /// Each family's prober takes the answers of its family only (the mapped
+    /// address is in the family the request went over).
     pub fn handle_stun_answer(&mut self, txid: TransactionId, mapped: SocketAddr, now: Instant) {
-        self.prober.handle_response(txid, mapped, now);
+        let v6 = mapped.ip().to_canonical().is_ipv6();
+        if v6 && self.prober6.poll_timeout().is_some() {
+            self.prober6.handle_response(txid, mapped, now);
+        } else {
+            self.prober.handle_response(txid, mapped, now);
+        }
         self.handle_probe_events();
     }
 
@@ -343,6 +405,10 @@ impl Agent {
     /// NAT probing timers; `random` gives a new round its transaction ids.
     pub fn handle_timeout(&mut self, now: Instant, random: [u8; 24]) {
         self.prober.handle_timeout(now, random);
+        // Other transaction ids than the v4 round's (it may start at the same time).
+        let mut random6 = random;
+        random6.rotate_left(7);
+        self.prober6.handle_timeout(now, random6);
         self.handle_probe_events();
     }
 
@@ -363,7 +429,20 @@ impl Agent {
                 }
                 ProbeEvent::Mapping(_) => {}
                 ProbeEvent::NoAnswer { servers } => {
-                    tracing::warn!(coordinator = %self.coordinator, port = servers[0].port(), "no STUN answer; NAT mapping unknown");
+                    tracing::warn!(server = %servers[0], "no STUN answer; NAT mapping unknown");
+                }
+            }
+        }
+        while let Some(event) = self.prober6.poll_event() {
+            match event {
+                ProbeEvent::Mapping(m) if self.mapping6 != Some(m.reflexive) => {
+                    tracing::info!(reflexive = %m.reflexive, "v6 mapping learned (STUN over v6)");
+                    self.mapping6 = Some(m.reflexive);
+                    self.report_mapping();
+                }
+                ProbeEvent::Mapping(_) => {}
+                ProbeEvent::NoAnswer { servers } => {
+                    tracing::info!(server = %servers[0], "no STUN answer over v6; v6 mapping unknown");
                 }
             }
         }
@@ -372,7 +451,11 @@ impl Agent {
     /// When the shell must come back, and for what.
     pub fn poll_timeout(&self) -> Option<(Instant, Timer)> {
         let path = self.mesh.poll_timeout().map(|t| (t, Timer::PathCheck));
-        let probe = self.prober.poll_timeout().map(|t| (t, Timer::Probe));
+        let probe = match (self.prober.poll_timeout(), self.prober6.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|t| (t, Timer::Probe));
         match (path, probe) {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
@@ -386,7 +469,9 @@ impl Agent {
 
     /// The next datagram to send from the WireGuard port: (destination, bytes).
     pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
-        self.prober.poll_transmit()
+        self.prober
+            .poll_transmit()
+            .or_else(|| self.prober6.poll_transmit())
     }
 
     /// What to tell the coordinator about ourselves (only the latest counts).

@@ -161,7 +161,8 @@ fn is_spoke(d: &Device) -> bool {
 fn families(d: &Device) -> (bool, bool) {
     let mut v4 = false;
     let mut v6 = false;
-    for e in d.endpoints.iter().chain(d.reflexive_endpoint.iter()) {
+    let reflexive = d.reflexive_endpoint.iter().chain(&d.reflexive_endpoint_v6);
+    for e in d.endpoints.iter().chain(reflexive) {
         match e.ip().to_canonical() {
             std::net::IpAddr::V4(_) => v4 = true,
             std::net::IpAddr::V6(_) => v6 = true,
@@ -183,11 +184,13 @@ fn endpoint_v4(d: &Device, ours: Option<SocketAddr>) -> Option<SocketAddr> {
 }
 
 /// A peer's v6 endpoint: its reflexive address from STUN over v6 (what a
-/// firewall in front of it has seen it send from), else the first v6 address it
-/// reported.
+/// firewall in front of it has seen it send from; `reflexive_endpoint_v6`, else a
+/// v6 `reflexive_endpoint` from a node that knows no other), else the first v6
+/// address it reported.
 fn endpoint_v6(d: &Device) -> Option<SocketAddr> {
-    d.reflexive_endpoint
+    d.reflexive_endpoint_v6
         .filter(SocketAddr::is_ipv6)
+        .or_else(|| d.reflexive_endpoint.filter(SocketAddr::is_ipv6))
         .or_else(|| d.endpoints.iter().copied().find(SocketAddr::is_ipv6))
 }
 
@@ -686,7 +689,12 @@ impl MeshState {
         let endpoints: BTreeSet<std::net::IpAddr> = self
             .devices
             .values()
-            .flat_map(|d| d.endpoints.iter().chain(d.reflexive_endpoint.iter()))
+            .flat_map(|d| {
+                d.endpoints
+                    .iter()
+                    .chain(&d.reflexive_endpoint)
+                    .chain(&d.reflexive_endpoint_v6)
+            })
             .map(|e| e.ip())
             .collect();
         let routes: BTreeSet<IpNet> = desired
@@ -795,7 +803,9 @@ impl MeshState {
         }
         for d in upserts.iter().filter(|d| d.id != self.local.device_id) {
             let moved = self.devices.get(&d.id).is_none_or(|old| {
-                old.endpoints != d.endpoints || old.reflexive_endpoint != d.reflexive_endpoint
+                old.endpoints != d.endpoints
+                    || old.reflexive_endpoint != d.reflexive_endpoint
+                    || old.reflexive_endpoint_v6 != d.reflexive_endpoint_v6
             });
             if moved {
                 // A new endpoint deserves a fresh direct attempt, v6 first again.

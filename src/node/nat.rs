@@ -244,9 +244,9 @@ impl Prober {
     }
 }
 
-/// STUN requests remembered by a [`StunGate`] (a round sends two, up to
-/// [`PROBE_ATTEMPTS`] times; older ones have timed out).
-pub const GATE_SLOTS: usize = 8;
+/// STUN requests remembered by a [`StunGate`] (a round sends two per family, v4
+/// and v6, up to [`PROBE_ATTEMPTS`] times; older ones have timed out).
+pub const GATE_SLOTS: usize = 16;
 
 /// Which STUN answers arriving on the WireGuard port are passed on: only from a
 /// server we sent a request to, carrying that request's transaction id, once.

@@ -136,6 +136,7 @@ mod tests {
             local_ip_v6: None,
             endpoints: vec![],
             reflexive_endpoint: None,
+            reflexive_endpoint_v6: None,
             symmetric_nat: false,
             relay,
             relay_only: false,

@@ -826,6 +826,7 @@ mod tests {
             local_ip_v6: None,
             endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
             reflexive_endpoint: None,
+            reflexive_endpoint_v6: None,
             symmetric_nat: false,
             relay: id == 1,
             relay_only: false,

@@ -338,6 +338,7 @@ pub fn insert_device(
         local_ip_v6: first_v6(&req.endpoints),
         endpoints: req.endpoints.clone(),
         reflexive_endpoint: None,
+        reflexive_endpoint_v6: None,
         symmetric_nat: req.symmetric_nat,
         relay: req.relay,
         relay_only: req.relay_only,

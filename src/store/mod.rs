@@ -826,6 +826,9 @@ pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), 
     if let Some(r) = update.reflexive_endpoint {
         d.reflexive_endpoint = Some(r);
     }
+    if let Some(r) = update.reflexive_endpoint_v6 {
+        d.reflexive_endpoint_v6 = Some(r);
+    }
     if let Some(v) = update.symmetric_nat {
         d.symmetric_nat = v;
     }

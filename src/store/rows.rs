@@ -19,7 +19,7 @@ macro_rules! device_columns {
          organization_prefix, organization_prefix_v6, local_ip, local_ip_v6, endpoints, \
          reflexive_endpoint, symmetric_nat, relay, relay_only, ipv6_supported, \
          advertise_cidrs, revision, last_seen, unmanaged, online, exit_node, approved_cidrs, \
-         relay_approved, exit_approved, name, domain, use_exit"
+         relay_approved, exit_approved, name, domain, use_exit, reflexive_endpoint_v6"
     };
     (d) => {
         "d.id, d.organization_id, d.public_key, d.hostname, d.os, d.tunnel_ip, \
@@ -27,7 +27,7 @@ macro_rules! device_columns {
          d.local_ip_v6, d.endpoints, d.reflexive_endpoint, d.symmetric_nat, d.relay, \
          d.relay_only, d.ipv6_supported, d.advertise_cidrs, d.revision, d.last_seen, \
          d.unmanaged, d.online, d.exit_node, d.approved_cidrs, d.relay_approved, \
-         d.exit_approved, d.name, d.domain, d.use_exit"
+         d.exit_approved, d.name, d.domain, d.use_exit, d.reflexive_endpoint_v6"
     };
 }
 pub(crate) use device_columns;
@@ -129,6 +129,7 @@ pub fn device(row: &impl Row, at: usize) -> Result<Device, StoreError> {
         name: row.col(at + 26)?,
         domain: row.col(at + 27)?,
         use_exit: row.col(at + 28)?,
+        reflexive_endpoint_v6: parse_opt(row, at + 29, "reflexive_endpoint_v6")?,
     })
 }
 
@@ -252,8 +253,8 @@ pub const SET_APPROVED: &str = "UPDATE devices SET approved_cidrs = $1, relay_ap
 /// Writes what a device may change about itself (both dialects, as [`INSERT_DEVICE`]).
 pub const UPDATE_DEVICE: &str = "UPDATE devices SET hostname = $1, endpoints = $2, \
     reflexive_endpoint = $3, symmetric_nat = $4, relay = $5, relay_only = $6, advertise_cidrs = $7, \
-    revision = $8, last_seen = $9, name = $10, use_exit = $11, local_ip = $12, local_ip_v6 = $13 \
-    WHERE id = $14";
+    revision = $8, last_seen = $9, name = $10, use_exit = $11, local_ip = $12, local_ip_v6 = $13, \
+    reflexive_endpoint_v6 = $14 WHERE id = $15";
 
 /// The names taken in an organization that are `$2` or start with `$3` (`$2-%`).
 pub const NAMES_LIKE: &str =
@@ -283,6 +284,7 @@ pub struct Encoded<'a> {
     pub organization_prefix_v6: String,
     pub endpoints: String,
     pub reflexive_endpoint: Option<String>,
+    pub reflexive_endpoint_v6: Option<String>,
     pub local_ip: Option<String>,
     pub local_ip_v6: Option<String>,
     pub advertise_cidrs: String,
@@ -299,6 +301,7 @@ impl<'a> Encoded<'a> {
             organization_prefix_v6: d.organization_prefix_v6.to_string(),
             endpoints: to_json(&d.endpoints)?,
             reflexive_endpoint: d.reflexive_endpoint.map(|e| e.to_string()),
+            reflexive_endpoint_v6: d.reflexive_endpoint_v6.map(|e| e.to_string()),
             local_ip: d.local_ip.map(|a| a.to_string()),
             local_ip_v6: d.local_ip_v6.map(|a| a.to_string()),
             advertise_cidrs: to_json(&d.advertise_cidrs)?,
@@ -352,7 +355,7 @@ impl Encoded<'_> {
     }
 
     /// The parameters of [`UPDATE_DEVICE`].
-    pub fn update_params(&self) -> [&dyn Param; 14] {
+    pub fn update_params(&self) -> [&dyn Param; 15] {
         let d = self.d;
         [
             &d.hostname,
@@ -368,6 +371,7 @@ impl Encoded<'_> {
             &d.use_exit,
             &self.local_ip,
             &self.local_ip_v6,
+            &self.reflexive_endpoint_v6,
             &d.id,
         ]
     }

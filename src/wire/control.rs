@@ -61,6 +61,9 @@ pub struct DeviceUpdate {
     pub endpoints: Option<Vec<SocketAddr>>,
     #[serde(default)]
     pub reflexive_endpoint: Option<SocketAddr>,
+    /// The v6 mapping seen by STUN over v6, beside the v4 one above.
+    #[serde(default)]
+    pub reflexive_endpoint_v6: Option<SocketAddr>,
     #[serde(default)]
     pub symmetric_nat: Option<bool>,
     #[serde(default)]
@@ -165,6 +168,9 @@ pub struct Device {
     pub endpoints: Vec<SocketAddr>,
     #[serde(default)]
     pub reflexive_endpoint: Option<SocketAddr>,
+    /// Its v6 address and port as the coordinator's STUN server saw them over v6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reflexive_endpoint_v6: Option<SocketAddr>,
     pub symmetric_nat: bool,
     pub relay: bool,
     pub relay_only: bool,

@@ -58,7 +58,9 @@ const RAW_KEY: u32 = 1 << 13;
 const DEFAULT_DOMAIN: u32 = 1 << 14;
 /// The device names the exit it uses (a device id follows the domain).
 const USE_EXIT: u32 = 1 << 15;
-const KNOWN_FLAGS: u32 = (1 << 16) - 1;
+/// A v6 reflexive endpoint (STUN over v6) follows the `use_exit` field.
+const REFLEXIVE_V6: u32 = 1 << 16;
+const KNOWN_FLAGS: u32 = (1 << 17) - 1;
 
 /// Fewest bytes a device takes: a bound on how many a body can claim to hold.
 const MIN_DEVICE_LEN: usize = 27;
@@ -172,6 +174,7 @@ pub fn encode_device(d: &Device, out: &mut Vec<u8>) {
         (key.is_some(), RAW_KEY),
         (d.domain == names::DEFAULT_DOMAIN, DEFAULT_DOMAIN),
         (d.use_exit.is_some(), USE_EXIT),
+        (d.reflexive_endpoint_v6.is_some(), REFLEXIVE_V6),
     ] {
         if on {
             flags |= bit;
@@ -217,6 +220,9 @@ pub fn encode_device(d: &Device, out: &mut Vec<u8>) {
     }
     if let Some(e) = d.use_exit {
         put_i64(out, e);
+    }
+    if let Some(r) = &d.reflexive_endpoint_v6 {
+        put_socket(out, r);
     }
 }
 
@@ -541,6 +547,11 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
+        let reflexive_endpoint_v6 = if has(REFLEXIVE_V6) {
+            Some(self.socket("v6 reflexive endpoint")?)
+        } else {
+            None
+        };
         Ok(Device {
             id,
             organization_id,
@@ -555,6 +566,7 @@ impl<'a> Reader<'a> {
             local_ip_v6,
             endpoints,
             reflexive_endpoint,
+            reflexive_endpoint_v6,
             symmetric_nat: has(SYMMETRIC_NAT),
             relay: has(RELAY),
             relay_only: has(RELAY_ONLY),
@@ -680,6 +692,7 @@ mod tests {
                 "[fe80::1%3]:7".parse().unwrap(),
             ],
             reflexive_endpoint: (id % 2 == 1).then(|| "198.51.100.7:4000".parse().unwrap()),
+            reflexive_endpoint_v6: (id % 4 == 1).then(|| "[2001:db8::7]:4000".parse().unwrap()),
             symmetric_nat: id % 2 == 0,
             relay: id == 1,
             relay_only: id == 3,

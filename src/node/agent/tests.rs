@@ -128,6 +128,177 @@ fn stun_mapping_is_reported_and_reshapes_the_mesh() {
     assert!(a.poll_view().is_some());
 }
 
+/// The v4 coordinator address and the v6 one (a dual-stack coordinator).
+fn listed() -> [SocketAddr; 2] {
+    [coordinator(), "[2001:db8::1]:4443".parse().unwrap()]
+}
+
+/// Answers every request: `v4` maps each v4 request (by its index among them),
+/// `v6` each v6 one.
+fn answer(
+    a: &mut Agent,
+    reqs: &[(SocketAddr, Vec<u8>)],
+    v4: impl Fn(usize) -> SocketAddr,
+    v6: impl Fn(usize) -> SocketAddr,
+    now: Instant,
+) {
+    let (mut i4, mut i6) = (0, 0);
+    for (to, data) in reqs {
+        let txid = stun::parse_binding_request(data).unwrap();
+        let mapped = if to.is_ipv6() {
+            i6 += 1;
+            v6(i6 - 1)
+        } else {
+            i4 += 1;
+            v4(i4 - 1)
+        };
+        a.handle_stun_answer(txid, mapped, now);
+    }
+}
+
+#[test]
+fn a_dual_stack_node_learns_its_v6_mapping_beside_the_v4_one() {
+    let t0 = Instant::now();
+    // Connected over v6; the coordinator is listed at its v4 address too.
+    let v6_coordinator: SocketAddr = "[2001:db8::1]:4443".parse().unwrap();
+    let mut a = Agent::new(device(1, true), local(1, true), false, v6_coordinator);
+    a.set_coordinators(&listed());
+    a.handle_snapshot(&[device(1, true)], Some(3478), v6_coordinator, t0);
+    a.handle_timeout(t0, std::array::from_fn(|i| i as u8));
+    let reqs: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    let mut to: Vec<String> = reqs.iter().map(|(to, _)| to.to_string()).collect();
+    to.sort();
+    assert_eq!(
+        to,
+        [
+            "198.51.100.1:3478",
+            "198.51.100.1:3479",
+            "[2001:db8::1]:3478",
+            "[2001:db8::1]:3479"
+        ]
+    );
+    // The v4 NAT keeps one mapping; over v6 the two servers see two ports (a
+    // stateful firewall may do that): the classification stays v4's.
+    answer(
+        &mut a,
+        &reqs,
+        |_| "203.0.113.7:40000".parse().unwrap(),
+        |i| SocketAddr::new("2001:db8::9".parse().unwrap(), 50000 + i as u16),
+        t0,
+    );
+    assert_eq!(
+        a.poll_update(),
+        Some(DeviceUpdate {
+            reflexive_endpoint: Some("203.0.113.7:40000".parse().unwrap()),
+            reflexive_endpoint_v6: Some("[2001:db8::9]:50000".parse().unwrap()),
+            symmetric_nat: Some(false),
+            ..Default::default()
+        })
+    );
+    assert!(!a.mesh().local().spoke);
+    assert_eq!(
+        a.mesh().local().reflexive,
+        Some("203.0.113.7:40000".parse().unwrap())
+    );
+    // Once the coordinator has both, nothing more to report; the next rounds find
+    // the same.
+    let mut me = a.device().clone();
+    me.reflexive_endpoint = Some("203.0.113.7:40000".parse().unwrap());
+    me.reflexive_endpoint_v6 = Some("[2001:db8::9]:50000".parse().unwrap());
+    a.handle_device(me);
+    let t1 = t0 + Duration::from_secs(nat::PROBE_INTERVAL_SECS);
+    a.handle_timeout(t1, std::array::from_fn(|i| 30 + i as u8));
+    let reqs: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert_eq!(reqs.len(), 4);
+    answer(
+        &mut a,
+        &reqs,
+        |_| "203.0.113.7:40000".parse().unwrap(),
+        |_| "[2001:db8::9]:50000".parse().unwrap(),
+        t1,
+    );
+    assert_eq!(a.poll_update(), None);
+    // Only the v6 mapping moved: only it is reported.
+    let t2 = t1 + Duration::from_secs(nat::PROBE_INTERVAL_SECS);
+    a.handle_timeout(t2, std::array::from_fn(|i| 60 + i as u8));
+    let reqs: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    answer(
+        &mut a,
+        &reqs,
+        |_| "203.0.113.7:40000".parse().unwrap(),
+        |_| "[2001:db8::9]:50001".parse().unwrap(),
+        t2,
+    );
+    assert_eq!(
+        a.poll_update(),
+        Some(DeviceUpdate {
+            reflexive_endpoint_v6: Some("[2001:db8::9]:50001".parse().unwrap()),
+            ..Default::default()
+        })
+    );
+}
+
+#[test]
+fn stun_over_v6_only_where_the_host_and_a_coordinator_have_v6() {
+    let t0 = Instant::now();
+    let requests = |local: LocalView, connected: SocketAddr, listed: &[SocketAddr]| {
+        let mut a = Agent::new(device(1, true), local, false, connected);
+        a.set_coordinators(listed);
+        a.handle_snapshot(&[device(1, true)], Some(3478), connected, t0);
+        a.handle_timeout(t0, std::array::from_fn(|i| i as u8));
+        let mut to: Vec<String> = std::iter::from_fn(|| a.poll_transmit())
+            .map(|(to, _)| to.to_string())
+            .collect();
+        to.sort();
+        to
+    };
+    let v4_only = LocalView {
+        underlay_v6: false,
+        ..local(1, true)
+    };
+    // A v4-only host: v4 only, whatever is listed.
+    assert_eq!(
+        requests(v4_only, coordinator(), &listed()),
+        ["198.51.100.1:3478", "198.51.100.1:3479"]
+    );
+    // A dual-stack host, connected over v4, the coordinator listed at v4 only.
+    assert_eq!(
+        requests(local(1, true), coordinator(), &[coordinator()]),
+        ["198.51.100.1:3478", "198.51.100.1:3479"]
+    );
+    // Connected over v4, a v6 address listed: both.
+    assert_eq!(requests(local(1, true), coordinator(), &listed()).len(), 4);
+    // A v6-only host: its v6 mapping is its only one, in `reflexive_endpoint`.
+    let v6_only = LocalView {
+        underlay_v4: false,
+        ..local(1, true)
+    };
+    let v6: SocketAddr = "[2001:db8::1]:4443".parse().unwrap();
+    assert_eq!(
+        requests(v6_only, v6, &listed()),
+        ["[2001:db8::1]:3478", "[2001:db8::1]:3479"]
+    );
+    let mut a = Agent::new(device(1, true), v6_only, false, v6);
+    a.handle_snapshot(&[device(1, true)], Some(3478), v6, t0);
+    a.handle_timeout(t0, std::array::from_fn(|i| i as u8));
+    let reqs: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    answer(
+        &mut a,
+        &reqs,
+        |_| unreachable!(),
+        |_| "[2001:db8::5]:51820".parse().unwrap(),
+        t0,
+    );
+    assert_eq!(
+        a.poll_update(),
+        Some(DeviceUpdate {
+            reflexive_endpoint: Some("[2001:db8::5]:51820".parse().unwrap()),
+            symmetric_nat: Some(false),
+            ..Default::default()
+        })
+    );
+}
+
 #[test]
 fn disconnect_shows_in_the_view() {
     let mut a = agent();

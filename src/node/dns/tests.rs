@@ -22,6 +22,7 @@ pub(crate) fn device(id: i64, name: &str, v4: Ipv4Addr, v6: Option<Ipv6Addr>) ->
         local_ip_v6: None,
         endpoints: vec![],
         reflexive_endpoint: None,
+        reflexive_endpoint_v6: None,
         symmetric_nat: false,
         relay: false,
         relay_only: false,

@@ -18,6 +18,7 @@ pub(crate) fn device(id: i64, v6: bool) -> Device {
         local_ip_v6: None,
         endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
         reflexive_endpoint: None,
+        reflexive_endpoint_v6: None,
         symmetric_nat: false,
         relay: false,
         relay_only: false,
@@ -813,6 +814,39 @@ fn a_v6_reflexive_address_is_the_v6_endpoint() {
     assert_eq!(
         m.plan(2).unwrap().endpoint,
         Some("[2001:db8:ff::2]:40000".parse().unwrap())
+    );
+}
+
+/// A dual-stack peer reports both mappings: the v4 one in `reflexive_endpoint`,
+/// the v6 one (STUN over v6) in `reflexive_endpoint_v6`; each family uses its own.
+#[test]
+fn the_v6_reflexive_address_beside_the_v4_one_is_the_v6_endpoint() {
+    let t0 = Instant::now();
+    let mut d = underlay(2, true, true);
+    d.reflexive_endpoint = Some("198.51.100.2:40001".parse().unwrap());
+    d.reflexive_endpoint_v6 = Some("[2001:db8:ff::2]:40002".parse().unwrap());
+    let mut m = MeshState::new(local_underlay(1, true, true));
+    m.apply_snapshot(std::slice::from_ref(&d), t0);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("[2001:db8:ff::2]:40002".parse().unwrap())
+    );
+    // A v4-only underlay here: the v4 mapping.
+    let mut m = MeshState::new(local_underlay(1, true, false));
+    m.apply_snapshot(std::slice::from_ref(&d), t0);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("198.51.100.2:40001".parse().unwrap())
+    );
+    // A new v6 mapping alone is news: the plan follows it.
+    let mut m = MeshState::new(local_underlay(1, true, true));
+    m.apply_snapshot(std::slice::from_ref(&d), t0);
+    d.reflexive_endpoint_v6 = Some("[2001:db8:ff::2]:40003".parse().unwrap());
+    d.revision += 1;
+    m.apply_delta(std::slice::from_ref(&d), &[], t0);
+    assert_eq!(
+        m.plan(2).unwrap().endpoint,
+        Some("[2001:db8:ff::2]:40003".parse().unwrap())
     );
 }
 

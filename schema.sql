@@ -138,3 +138,16 @@ CREATE TABLE path_reports (
 -- traffic through (a device id; NULL = none), so that the relay carries each
 -- spoke's traffic to the exit it chose.
 ALTER TABLE devices ADD COLUMN use_exit INTEGER;
+
+-- migration: 8
+
+-- The database's random identity. A watcher that reconnects names the database
+-- and revision it last applied, to be sent only what changed since; a revision of
+-- another database (this one wiped, or another one) is never taken for this one's.
+-- Change-log entries of kind 'online' (a device going online or offline and nothing
+-- else) exist from this migration on.
+CREATE TABLE database_identity (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    value  INTEGER NOT NULL
+);
+INSERT INTO database_identity (id, value) VALUES (1, (random() & 9007199254740991) + 1);

@@ -161,7 +161,14 @@ pub(super) async fn serve_watch(
                     quicio::write_message(&mut send, &hello, MAX_RESPONSE_LEN).await?;
                     write_timed(&mut send, r.frame?).await?;
                     hub.metrics.resumed();
-                    tracing::info!(id, %remote, from = r.from, revision = r.revision, "watch resumed");
+                    tracing::info!(
+                        id,
+                        hostname = %me.hostname,
+                        %remote,
+                        revision = r.revision,
+                        resumed_from = r.from,
+                        "watch started"
+                    );
                     set_online_batched(shell, id, true).await;
                     let mut rx = r.rx;
                     return forward_deltas(

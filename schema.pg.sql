@@ -151,3 +151,12 @@ ALTER TABLE devices ADD COLUMN use_exit BIGINT;
 -- migration: 8
 
 ALTER TABLE devices ADD COLUMN reflexive_endpoint_v6 TEXT;
+
+-- migration: 9
+
+CREATE TABLE database_identity (
+    id     BIGINT  PRIMARY KEY CHECK (id = 1),
+    value  BIGINT  NOT NULL
+);
+INSERT INTO database_identity (id, value)
+    VALUES (1, floor(random() * 9007199254740991)::BIGINT + 1);

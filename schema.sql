@@ -144,3 +144,16 @@ ALTER TABLE devices ADD COLUMN use_exit INTEGER;
 -- IPv6 underlay (DESIGN §9): the device's v6 "ip:port" as the coordinator's STUN
 -- server saw it over v6, beside the v4 reflexive_endpoint (NULL = none).
 ALTER TABLE devices ADD COLUMN reflexive_endpoint_v6 TEXT;
+
+-- migration: 9
+
+-- The database's random identity. A watcher that reconnects names the database
+-- and revision it last applied, to be sent only what changed since; a revision of
+-- another database (this one wiped, or another one) is never taken for this one's.
+-- Change-log entries of kind 'online' (a device going online or offline and nothing
+-- else) exist from this migration on.
+CREATE TABLE database_identity (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    value  INTEGER NOT NULL
+);
+INSERT INTO database_identity (id, value) VALUES (1, (random() & 9007199254740991) + 1);

@@ -10,10 +10,11 @@
 # With --storm, the coordinator(s) are then restarted (SIGTERM, started again on the
 # same state) and every node reconnects at once: the time until all have their
 # snapshot, and the change fan-out afterwards (--storm-only: without the first watch
-# and probe phases).
+# and probe phases). Nodes resume from the revision they had, as `nexodus join` does
+# (a small delta each); --no-resume: every node is sent the whole snapshot.
 #
 #   sudo benches/loadgen.sh [--nodes 1000] [--probes 20] [--concurrency 64] [--storm|--storm-only]
-#                           [--only sqlite|postgres|replicas] [--no-build] [--keep]
+#                           [--only sqlite|postgres|replicas] [--no-resume] [--no-build] [--keep]
 #
 # PostgreSQL is Debian's (apt-get install postgresql), started here in a temp dir on
 # 127.0.0.1 with its default (durable) settings, as the `postgres` user when run as
@@ -22,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-nodes=1000 probes=20 concurrency=64 only="" build=1 keep=0 storm=0 storm_only=0
+nodes=1000 probes=20 concurrency=64 only="" build=1 keep=0 storm=0 storm_only=0 no_resume=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --nodes) nodes="$2"; shift 2 ;;
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
         --keep) keep=1; shift ;;
         --storm) storm=1; shift ;;
         --storm-only) storm=1; storm_only=1; shift ;;
+        --no-resume) no_resume=1; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -105,6 +107,7 @@ loadgen() { # label coordinators pids token [coordinator names, for --storm]
         for n in $5; do echo "sh $tmp/restart-$n.sh" >>"$script"; done
         restart=(--restart-cmd "sh $script | paste -sd,")
         [ "$storm_only" = 1 ] && restart+=(--storm-only)
+        [ "$no_resume" = 1 ] && restart+=(--no-resume)
     fi
     "$bin" loadgen --coordinator "$2" --coordinator-pid "$3" --token "$4" \
         --nodes "$nodes" --probes "$probes" --concurrency "$concurrency" --label "$1" \

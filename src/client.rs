@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crate::identity::{self, IdentityError};
 use crate::quicio::{self, FrameIoError};
-use crate::wire::control::{Auth, ErrorCode, Request, Response, SERVER_NAME};
+use crate::wire::control::{Auth, ErrorCode, Request, Response, ResumeFrom, SERVER_NAME};
 use crate::wire::frame::{MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
 
 #[derive(Debug, Error)]
@@ -104,8 +104,23 @@ impl ControlClient {
         auth: Auth,
         instance: Option<u64>,
     ) -> Result<WatchStream, ClientError> {
+        self.watch_resuming(auth, instance, None).await
+    }
+
+    /// [`Self::watch_as`] naming where this node's view stands (see
+    /// [`Request::Watch`]): the first message is then [`Response::Watching`].
+    pub async fn watch_resuming(
+        &self,
+        auth: Auth,
+        instance: Option<u64>,
+        resume: Option<ResumeFrom>,
+    ) -> Result<WatchStream, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        let req = Request::Watch { auth, instance };
+        let req = Request::Watch {
+            auth,
+            instance,
+            resume,
+        };
         quicio::write_message(&mut send, &req, MAX_REQUEST_LEN).await?;
         Ok(WatchStream {
             _send: send,

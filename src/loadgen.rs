@@ -37,8 +37,11 @@ use tokio::sync::Semaphore;
 use crate::coord::token::JoinToken;
 use crate::identity;
 use crate::quicio;
-use crate::wire::control::{Auth, DeviceUpdate, RegisterRequest, Request, Response, SERVER_NAME};
+use crate::wire::control::{
+    Auth, DeviceUpdate, RegisterRequest, Request, Response, ResumeFrom, SERVER_NAME,
+};
 use crate::wire::frame::{self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
+use crate::wire::peers;
 
 #[derive(Debug, clap::Args)]
 pub struct LoadgenArgs {
@@ -96,6 +99,12 @@ pub struct LoadgenArgs {
     /// the storm straight away.
     #[arg(long, requires = "restart_cmd")]
     pub storm_only: bool,
+    /// In the storm, reconnect without naming the revision each node had (every node
+    /// is sent the whole snapshot, as older nodes are). By default nodes resume as
+    /// `nexodus join` does. With `--storm-only` (no first watches) every node is taken
+    /// to be current at the revision one watch reads after the updates.
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 #[derive(Debug, Error)]
@@ -276,7 +285,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 struct Node {
     conn: quinn::Connection,
     auth: Auth,
+    /// Where its view of the organization stands (kept by its watch stream).
+    view: View,
 }
+
+/// A node's [`ResumeFrom`], updated by its watch stream as frames arrive.
+type View = Arc<Mutex<ResumeFrom>>;
 
 /// What the watchers share with the probe driver.
 struct Probe {
@@ -347,6 +361,11 @@ async fn register_node(
                 device_id: device.id,
                 credential,
             },
+            view: Arc::new(Mutex::new(ResumeFrom {
+                database: 0,
+                organization_id: device.organization_id,
+                revision: 0,
+            })),
         }),
         other => Err(format!("unexpected answer {other:?}")),
     }
@@ -408,16 +427,21 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
 /// [`Probe::errors`].
 type FirstFrame = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// Reads a watch stream's frames (raw: only the probe's marker is looked for).
+/// Reads a watch stream's frames (raw: only the probe's marker is looked for, and,
+/// into `view`, the database a [`Response::Watching`] names and the revision of every
+/// snapshot and delta). The first frame after [`Response::Watching`] (a snapshot, or
+/// the delta of a resumed watch) is what counts as "its snapshot".
 async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
     mut recv: R,
     probe: Arc<Probe>,
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
     mut first_frame: Option<FirstFrame>,
+    view: Option<View>,
 ) {
     let mut buf = Vec::new();
     let mut first = true;
     let mut last_probe = 0u64;
+    let mut database = 0;
     let fail = |first_frame: Option<FirstFrame>, e: String| match first_frame {
         Some(tx) => {
             let _ = tx.send(Err(e));
@@ -439,6 +463,23 @@ async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
         }
         let now = Instant::now();
         *probe.last_frame.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        if let Some(view) = &view {
+            if let Some(revision) = peers::revision_of(&buf) {
+                // The database and the revision change together: a revision is never
+                // kept with another database's id.
+                let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+                v.database = database;
+                v.revision = revision;
+            } else if buf
+                .get(1..)
+                .is_some_and(|b| b.starts_with(b"{\"type\":\"watching\""))
+            {
+                if let Ok(Response::Watching { database: d, .. }) = frame::decode_payload(&buf) {
+                    database = d;
+                }
+                continue;
+            }
+        }
         if first {
             first = false;
             permit.take();
@@ -604,6 +645,23 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let updates_per_sec = n as f64 / started.elapsed().as_secs_f64();
     tracing::info!(updates_per_sec, "endpoints updated");
 
+    // Without first watches, the nodes are taken to be current where one watch
+    // finds the organization now (as if each had watched), so that they resume.
+    if args.storm_only
+        && !args.no_resume
+        && let Some(first) = nodes.first()
+    {
+        let (database, revision) = observe(first)
+            .await
+            .map_err(|what| LoadgenError::Node { node: 0, what })?;
+        for node in &nodes {
+            let mut v = node.view.lock().unwrap_or_else(|e| e.into_inner());
+            v.database = database;
+            v.revision = revision;
+        }
+        tracing::info!(database, revision, "nodes will resume from this revision");
+    }
+
     // 3. Watch.
     let probe = Arc::new(Probe::new());
     let started = Instant::now();
@@ -617,6 +675,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
             let req = Request::Watch {
                 auth: node.auth.clone(),
                 instance: None,
+                resume: Some(*node.view.lock().unwrap_or_else(|e| e.into_inner())),
             };
             quicio::write_message(&mut send, &req, MAX_REQUEST_LEN)
                 .await
@@ -626,7 +685,8 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         match opened.await {
             Ok((send, recv)) => {
                 streams.push(send);
-                tokio::spawn(watch_loop(recv, probe.clone(), permit, None));
+                let view = Some(node.view.clone());
+                tokio::spawn(watch_loop(recv, probe.clone(), permit, None, view));
             }
             Err(e) => probe
                 .errors
@@ -792,12 +852,40 @@ async fn run_probes(
     Ok((per_watcher, all, missed))
 }
 
+/// Opens one watch stream naming no revision: the database it names and the revision
+/// of the snapshot that follows.
+async fn observe(node: &Node) -> Result<(i64, i64), String> {
+    let (mut send, mut recv) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut from = *node.view.lock().unwrap_or_else(|e| e.into_inner());
+    from.database = 0;
+    let req = Request::Watch {
+        auth: node.auth.clone(),
+        instance: None,
+        resume: Some(from),
+    };
+    quicio::write_message(&mut send, &req, MAX_REQUEST_LEN)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    read_frame(&mut recv, &mut buf).await?;
+    let database = match frame::decode_payload(&buf) {
+        Ok(Response::Watching { database, .. }) => database,
+        other => return Err(format!("watch: unexpected first answer {other:?}")),
+    };
+    read_frame(&mut recv, &mut buf).await?;
+    let revision = peers::revision_of(&buf).ok_or("watch: no snapshot")?;
+    let _ = send.finish();
+    recv.stop(0u32.into()).ok();
+    Ok((database, revision))
+}
+
 /// One node reconnecting as `nexodus join` does: a new connection, login, watch.
 async fn reconnect(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     auth: &Auth,
     instance: u64,
+    view: Option<&View>,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
     let conn = ep
         .connect(addr, SERVER_NAME)
@@ -816,6 +904,7 @@ async fn reconnect(
     let req = Request::Watch {
         auth: auth.clone(),
         instance: Some(instance),
+        resume: view.map(|v| *v.lock().unwrap_or_else(|e| e.into_inner())),
     };
     quicio::write_message(&mut send, &req, MAX_REQUEST_LEN)
         .await
@@ -875,6 +964,7 @@ async fn run_storm(
         let node = node.clone();
         let (probe, retries) = (probe.clone(), retries.clone());
         let instance: u64 = rand::random();
+        let resume = !args.no_resume;
         tasks.push(tokio::spawn(async move {
             // As `nexodus join`: a jittered first attempt, then a jittered doubling
             // backoff; and as it does, a node whose watch stream fails before its
@@ -887,14 +977,21 @@ async fn run_storm(
             while Instant::now() < deadline {
                 let attempt = tokio::time::timeout(
                     Duration::from_secs(30),
-                    reconnect(&ep, addr, &node.auth, instance),
+                    reconnect(
+                        &ep,
+                        addr,
+                        &node.auth,
+                        instance,
+                        resume.then_some(&node.view),
+                    ),
                 )
                 .await
                 .unwrap_or_else(|_| Err("reconnect: no answer within 30 s".into()));
                 let failure = match attempt {
                     Ok((conn, send, recv)) => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        tokio::spawn(watch_loop(recv, probe.clone(), None, Some(tx)));
+                        let view = Some(node.view.clone());
+                        tokio::spawn(watch_loop(recv, probe.clone(), None, Some(tx), view));
                         // Bounded: a stream that never brings its snapshot (nor fails)
                         // must not hang the run.
                         let until = tokio::time::Instant::from_std(deadline);
@@ -906,6 +1003,7 @@ async fn run_storm(
                                 return Some((
                                     Arc::new(Node {
                                         conn,
+                                        view: node.view.clone(),
                                         auth: node.auth.clone(),
                                     }),
                                     send,
@@ -1023,7 +1121,7 @@ mod tests {
     async fn first_frame_of(bytes: Vec<u8>) -> (Result<(), String>, Arc<Probe>) {
         let probe = Arc::new(Probe::new());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        watch_loop(&bytes[..], probe.clone(), None, Some(tx)).await;
+        watch_loop(&bytes[..], probe.clone(), None, Some(tx), None).await;
         let outcome = rx
             .await
             .expect("the first frame's outcome is always reported");
@@ -1064,7 +1162,7 @@ mod tests {
     async fn without_a_channel_the_failure_is_recorded() {
         let probe = Arc::new(Probe::new());
         let bytes = framed(&[1u8; 100]);
-        watch_loop(&bytes[..50], probe.clone(), None, None).await;
+        watch_loop(&bytes[..50], probe.clone(), None, None, None).await;
         assert_eq!(probe.errors.lock().unwrap().len(), 1);
         assert_eq!(probe.snapshots.load(Ordering::Relaxed), 0);
     }

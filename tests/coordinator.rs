@@ -418,3 +418,200 @@ async fn host_numbers_line_up_after_a_v4_only_device() {
     })
     .await;
 }
+
+/// A device's record in a watch message, by id.
+fn ids(devices: &[Device]) -> Vec<i64> {
+    let mut v: Vec<i64> = devices.iter().map(|d| d.id).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Issue #19 (reconnect storm): a node that names the revision it had is sent what
+/// it missed, not the organization. Across a coordinator restart (which rewrites
+/// every online flag), an endpoint change and a removal: the delta carries the
+/// changed device whole, the removed one's id, and a device whose only change was
+/// going offline and online again as its flag. A revision of another database, or
+/// one ahead of the coordinator, is not trusted: a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_watch_gets_what_it_missed_a_foreign_revision_a_snapshot() {
+    use nexodus::wire::control::{DeviceUpdate, ResumeFrom};
+    common::within(DEADLINE, async {
+        let (mut coord, token, c) = Coordinator::with_client("127.42.0.61", &["--reusable"]).await;
+        let mut devices = Vec::new();
+        for (i, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let (d, credential) = register(&c, register_request(&token, name, i as u64 + 1)).await;
+            let auth = Auth {
+                device_id: d.id,
+                credential,
+            };
+            devices.push((d, auth));
+        }
+        let [(a, a_auth), (b, b_auth), (gone, _), (d, d_auth)] = &devices[..] else {
+            unreachable!()
+        };
+        let org = a.organization_id;
+        // D is online before the restart.
+        let mut wd = c.watch(d_auth.clone()).await.unwrap();
+        assert!(matches!(
+            wd.next().await,
+            Ok(Some(Response::Snapshot { .. }))
+        ));
+        wait_for("d online", Duration::from_secs(10), || async {
+            listed(&coord)
+                .iter()
+                .any(|x| x.id == d.id && x.online)
+                .then_some(())
+        })
+        .await;
+        // A watches naming nothing yet: told the database, then a snapshot.
+        let fresh = ResumeFrom {
+            database: 0,
+            organization_id: org,
+            revision: 0,
+        };
+        let mut wa = c
+            .watch_resuming(a_auth.clone(), Some(1), Some(fresh))
+            .await
+            .unwrap();
+        let database = match wa.next().await {
+            Ok(Some(Response::Watching {
+                database,
+                resumed: None,
+                ..
+            })) => database,
+            other => panic!("expected watching, got {other:?}"),
+        };
+        assert_ne!(database, 0);
+        let had = match wa.next().await {
+            Ok(Some(Response::Snapshot {
+                revision, devices, ..
+            })) => {
+                assert_eq!(ids(&devices), [a.id, b.id, gone.id, d.id]);
+                revision
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        };
+        drop((wa, wd, c));
+
+        // While A is away: a restart, B's endpoints change, C is removed, D is
+        // back online.
+        coord.terminate(Duration::from_secs(10));
+        coord.spawn().await;
+        let c = coord.client().await;
+        let mut wb = c.watch(b_auth.clone()).await.unwrap();
+        assert!(matches!(
+            wb.next().await,
+            Ok(Some(Response::Snapshot { .. }))
+        ));
+        let mut wd = c.watch(d_auth.clone()).await.unwrap();
+        assert!(matches!(
+            wd.next().await,
+            Ok(Some(Response::Snapshot { .. }))
+        ));
+        wait_for("d online again", Duration::from_secs(10), || async {
+            listed(&coord)
+                .iter()
+                .any(|x| x.id == d.id && x.online)
+                .then_some(())
+        })
+        .await;
+        let moved: SocketAddr = "192.0.2.99:51820".parse().unwrap();
+        c.call(&Request::Update {
+            auth: b_auth.clone(),
+            update: DeviceUpdate {
+                endpoints: Some(vec![moved]),
+                ..Default::default()
+            },
+        })
+        .await
+        .expect("update");
+        coord
+            .admin(&["devices", "remove", &gone.id.to_string()])
+            .expect("devices remove");
+        // The coordinator has applied all of it once B's watch sees the removal.
+        next_delta(&mut wb, gone.id).await;
+
+        let asked = ResumeFrom {
+            database,
+            organization_id: org,
+            revision: had,
+        };
+        let mut wa = c
+            .watch_resuming(a_auth.clone(), Some(1), Some(asked))
+            .await
+            .unwrap();
+        let at = match wa.next().await {
+            Ok(Some(Response::Watching {
+                database: same,
+                resumed: Some(at),
+                ..
+            })) => {
+                assert_eq!(same, database);
+                assert!(at > had);
+                at
+            }
+            other => panic!("expected a resumed watch, got {other:?}"),
+        };
+        match wa.next().await {
+            Ok(Some(Response::Delta {
+                revision,
+                upserts,
+                removed,
+                online,
+                ..
+            })) => {
+                assert_eq!(revision, at);
+                assert_eq!(ids(&upserts), [b.id], "only B changed more than its flag");
+                let b_now = upserts.iter().find(|x| x.id == b.id).unwrap();
+                assert_eq!(b_now.endpoints, vec![moved]);
+                assert_eq!(removed, vec![gone.id]);
+                assert!(online.contains(&(d.id, true)), "{online:?}");
+                assert!(online.iter().all(|(id, _)| *id != gone.id));
+            }
+            other => panic!("expected the missed delta, got {other:?}"),
+        }
+        // A resumed watch goes on receiving what changes afterwards.
+        let later: SocketAddr = "192.0.2.98:51820".parse().unwrap();
+        c.call(&Request::Update {
+            auth: b_auth.clone(),
+            update: DeviceUpdate {
+                endpoints: Some(vec![later]),
+                ..Default::default()
+            },
+        })
+        .await
+        .expect("update after the resume");
+        let (upserts, _) = next_delta(&mut wa, b.id).await;
+        let b_later = upserts.iter().find(|x| x.id == b.id).unwrap();
+        assert_eq!(b_later.endpoints, vec![later]);
+        drop(wa);
+
+        // Another database's revision, and one ahead of this coordinator: snapshots.
+        for bad in [
+            ResumeFrom {
+                database: database ^ 1,
+                ..asked
+            },
+            ResumeFrom {
+                revision: at + 1000,
+                ..asked
+            },
+        ] {
+            let mut w = c
+                .watch_resuming(a_auth.clone(), Some(1), Some(bad))
+                .await
+                .unwrap();
+            match w.next().await {
+                Ok(Some(Response::Watching { resumed: None, .. })) => {}
+                other => panic!("{bad:?}: expected no resume, got {other:?}"),
+            }
+            match w.next().await {
+                Ok(Some(Response::Snapshot { devices, .. })) => {
+                    assert_eq!(ids(&devices), [a.id, b.id, d.id]);
+                }
+                other => panic!("{bad:?}: expected a snapshot, got {other:?}"),
+            }
+        }
+    })
+    .await;
+}

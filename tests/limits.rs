@@ -216,6 +216,7 @@ async fn stalled_watch_streams_do_not_delay_other_snapshots() {
                 &Request::Watch {
                     auth: auth.clone(),
                     instance: None,
+                    resume: None,
                 },
                 nexodus::wire::frame::MAX_REQUEST_LEN,
             )

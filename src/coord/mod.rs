@@ -8,5 +8,6 @@ pub mod ipam;
 pub mod keys;
 pub mod limits;
 pub mod names;
+pub mod resume;
 pub mod token;
 pub mod wgquick;

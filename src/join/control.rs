@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::client::{ClientError, ControlClient};
 use crate::wire::control::{
-    Auth, Device, DeviceUpdate, PathKind, PeerPath, PolicyState, Request, Response,
+    Auth, Device, DeviceUpdate, PathKind, PeerPath, PolicyState, Request, Response, ResumeFrom,
 };
 
 use super::enroll::{Ctx, instance, relogin};
@@ -48,6 +48,12 @@ pub(super) enum ControlEvent {
         /// Devices that only went online or offline.
         online: Vec<(i64, bool)>,
     },
+    /// The coordinator resumed our watch from the revision we named: the peers we
+    /// have stay; a delta follows.
+    Resumed {
+        stun_port: Option<u16>,
+        coordinator: SocketAddr,
+    },
     /// The coordinator's answer to an update: our record.
     Device(Box<Device>),
     /// The connection dropped; a reconnect is under way.
@@ -71,6 +77,9 @@ pub(super) async fn run(
 ) -> Result<(), JoinError> {
     let mut client = Some(first);
     let mut backoff = Duration::from_millis(250);
+    // Where our view stands, named on every watch so that a reconnect is sent what
+    // changed rather than everything (nothing yet: database 0).
+    let mut view = ResumeFrom::default();
     loop {
         let c = match client.take() {
             Some(c) => c,
@@ -91,7 +100,7 @@ pub(super) async fn run(
         };
         // Two halves on one connection; neither cancels the other mid-message.
         let end = tokio::select! {
-            end = follow(&c, &auth, &events) => end,
+            end = follow(&c, &auth, &events, &mut view) => end,
             () = push_updates(&c, &auth, &events, &mut updates) => WatchEnd::Lost(ClientError::NoAnswer),
             () = report_paths(&c, &auth, &paths) => WatchEnd::Lost(ClientError::NoAnswer),
         };
@@ -114,18 +123,46 @@ pub(super) async fn run(
     }
 }
 
-/// Reads the watch stream and forwards it to the driver.
+/// Reads the watch stream and forwards it to the driver; keeps `view` at what was
+/// forwarded.
 async fn follow(
     client: &ControlClient,
     auth: &Auth,
     events: &mpsc::Sender<ControlEvent>,
+    view: &mut ResumeFrom,
 ) -> WatchEnd {
-    let mut w = match client.watch_as(auth.clone(), Some(instance())).await {
+    let mut w = match client
+        .watch_resuming(auth.clone(), Some(instance()), Some(*view))
+        .await
+    {
         Ok(w) => w,
         Err(e) => return WatchEnd::Lost(e),
     };
+    // The database the stream's revisions belong to (0: the coordinator named none).
+    let mut database = 0;
     loop {
-        let event = match w.next().await {
+        let message = w.next().await;
+        // What the driver is sent now moves our view: the database and revision
+        // change together (a revision never stays with another database's id).
+        let mut at = None;
+        let event = match message {
+            Ok(Some(Response::Watching {
+                database: d,
+                resumed,
+                stun_port,
+            })) => {
+                database = d;
+                match resumed {
+                    Some(revision) => {
+                        tracing::info!(from = view.revision, revision, "watch resumed: peers kept");
+                        ControlEvent::Resumed {
+                            stun_port,
+                            coordinator: client.remote_address(),
+                        }
+                    }
+                    None => continue,
+                }
+            }
             Ok(Some(Response::Snapshot {
                 devices,
                 revision,
@@ -133,6 +170,10 @@ async fn follow(
                 policy,
             })) => {
                 tracing::info!(revision, devices = devices.len(), "peer snapshot");
+                if let Some(me) = devices.iter().find(|d| d.id == auth.device_id) {
+                    view.organization_id = me.organization_id;
+                }
+                at = Some(revision);
                 ControlEvent::Snapshot {
                     devices,
                     stun_port,
@@ -145,11 +186,12 @@ async fn follow(
                 removed,
                 policy,
                 online,
-                ..
+                revision,
             })) => {
                 if removed.contains(&auth.device_id) {
                     return WatchEnd::Removed;
                 }
+                at = Some(revision);
                 ControlEvent::Delta {
                     upserts,
                     removed,
@@ -167,6 +209,10 @@ async fn follow(
         if events.send(event).await.is_err() {
             // The driver is gone: the node is shutting down.
             return WatchEnd::Lost(ClientError::NoAnswer);
+        }
+        if let Some(revision) = at {
+            view.database = database;
+            view.revision = revision;
         }
     }
 }

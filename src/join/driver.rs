@@ -150,6 +150,10 @@ impl Driver<'_> {
                 }
                 self.agent.handle_delta(&upserts, &removed, now);
             }
+            ControlEvent::Resumed {
+                stun_port,
+                coordinator,
+            } => self.agent.handle_resumed(stun_port, coordinator, now),
             ControlEvent::Device(device) => self.agent.handle_device(*device),
             ControlEvent::Lost => self.agent.handle_disconnected(),
         }

@@ -311,6 +311,24 @@ impl Agent {
         self.rebuild_names();
     }
 
+    /// The coordinator resumed our watch (we named the revision we had): the peers
+    /// we have stay, and the delta that follows brings them current. Like a
+    /// snapshot, it may come from another coordinator (a replica), so STUN goes there.
+    pub fn handle_resumed(
+        &mut self,
+        stun_port: Option<u16>,
+        coordinator: SocketAddr,
+        now: Instant,
+    ) {
+        self.connected = true;
+        self.view_changed = true;
+        self.coordinator = coordinator;
+        self.prober
+            .handle_servers(stun_port.map(|p| nat::servers(coordinator, p)), now);
+        // The coordinator may have missed our last mapping while we were away.
+        self.report_mapping();
+    }
+
     /// This node's inbound table, and on a relay those of unmanaged devices.
     fn recompile_access(&mut self) {
         self.access.recompile(&self.device, self.mesh.devices());

@@ -28,10 +28,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
+use crate::coord::resume;
 use crate::serve::SharedStore;
 use crate::serve::metrics::CoordinatorMetrics;
 use crate::store::{Change, POLICY_CHANGE_ID, StoreError, StoredPolicy};
-use crate::wire::control::{Device, PolicyState};
+use crate::wire::control::{Device, PolicyState, ResumeFrom};
 use crate::wire::frame::{self, MAX_RESPONSE_LEN};
 use crate::wire::peers;
 
@@ -72,13 +73,40 @@ pub struct OrgDelta {
     pub resync: bool,
 }
 
-/// An organization's devices (each encoded, [`peers::encode_device`]) and its
-/// watchers' channel.
+/// Tombstones of removed devices kept per organization for resuming watchers; past
+/// this many they are dropped and the organization's floor moves up (its watchers
+/// that were away get a snapshot).
+const MAX_REMOVED: usize = 100_000;
+
+/// A device as the views hold it.
+#[derive(Clone)]
+struct Held {
+    /// Encoded once ([`peers::encode_device`]).
+    bytes: Arc<[u8]>,
+    online: bool,
+    /// The revision of its last change.
+    revision: i64,
+    /// The revision of its last change of more than its online flag (see
+    /// [`crate::coord::resume`]).
+    content: i64,
+}
+
+/// An organization's devices and its watchers' channel.
 struct OrgView {
-    devices: BTreeMap<i64, Arc<[u8]>>,
+    devices: BTreeMap<i64, Held>,
     /// The snapshot frame last assembled, while no change of this organization came
     /// after it: (revision, STUN port it names, frame).
     shared: Option<(i64, Option<u16>, Bytes)>,
+    /// The resume delta last assembled, while no change of this organization came
+    /// after it: (from, revision, frame). Nodes that were current together (before a
+    /// restart) resume from the same revision and share it.
+    resumed: Option<(i64, i64, Bytes)>,
+    /// Removed devices and the revision they went at (for resuming watchers).
+    removed: BTreeMap<i64, i64>,
+    /// The revision of the policy's last change (the floor if not since it).
+    policy_changed: i64,
+    /// The oldest revision a resuming watcher of this organization can start from.
+    floor: i64,
     /// The devices whose last state says online (for the metrics).
     online: BTreeSet<i64>,
     /// The organization's access policy as watchers are sent it.
@@ -87,45 +115,134 @@ struct OrgView {
 }
 
 impl OrgView {
+    /// The view of an organization the views start to hold at `revision`: a watcher
+    /// can resume from there on.
+    fn new_at(revision: i64) -> Self {
+        Self {
+            floor: revision,
+            policy_changed: revision,
+            ..Self::new()
+        }
+    }
+
     fn new() -> Self {
         Self {
             devices: BTreeMap::new(),
             shared: None,
+            resumed: None,
+            removed: BTreeMap::new(),
+            policy_changed: 0,
+            floor: 0,
             online: BTreeSet::new(),
             policy: None,
             tx: broadcast::channel(CHANNEL_DEPTH).0,
         }
     }
 
-    /// Sets a device's encoded state (None: removed).
-    fn set(&mut self, id: i64, device: Option<EncodedDevice>) {
+    /// Sets a device's state (None: removed, at `revision`).
+    fn set(&mut self, id: i64, device: Option<Held>, revision: i64) {
         self.shared = None;
+        self.resumed = None;
         match device {
-            Some((encoded, online)) => {
-                self.devices.insert(id, encoded);
-                if online {
+            Some(held) => {
+                if held.online {
                     self.online.insert(id);
                 } else {
                     self.online.remove(&id);
                 }
+                self.removed.remove(&id);
+                self.devices.insert(id, held);
             }
             None => {
                 self.devices.remove(&id);
                 self.online.remove(&id);
+                self.removed.insert(id, revision);
+                if self.removed.len() > MAX_REMOVED {
+                    self.removed.clear();
+                    self.floor = self.floor.max(revision);
+                }
             }
         }
+    }
+
+    /// The policy changed at `revision` (`None`: cleared).
+    fn set_policy(&mut self, policy: Option<PolicyState>, revision: i64) {
+        self.policy = policy;
+        self.policy_changed = self.policy_changed.max(revision);
+        self.shared = None;
+        self.resumed = None;
+    }
+
+    /// The delta frame that brings a watcher current from `from` (which
+    /// [`resume::decide`] accepted) to the views' `revision`: the shared one if it
+    /// starts there and nothing changed since it was assembled. Returns its revision.
+    fn resume_delta(
+        &mut self,
+        from: i64,
+        revision: i64,
+    ) -> (i64, Result<Bytes, frame::FrameError>) {
+        if let Some((f, at, frame)) = &self.resumed
+            && *f == from
+        {
+            return (*at, Ok(frame.clone()));
+        }
+        let mut records: Vec<&[u8]> = Vec::new();
+        let mut online = Vec::new();
+        for (id, d) in &self.devices {
+            match resume::part(from, d.revision, d.content, d.online) {
+                resume::Part::Nothing => {}
+                resume::Part::Online(on) => online.push((*id, on)),
+                resume::Part::Record => records.push(&d.bytes),
+            }
+        }
+        let removed: Vec<i64> = self
+            .removed
+            .iter()
+            .filter(|&(_, r)| *r > from)
+            .map(|(id, _)| *id)
+            .collect();
+        let policy = (self.policy_changed > from).then(|| {
+            self.policy.clone().unwrap_or(PolicyState {
+                revision: self.policy_changed,
+                text: None,
+            })
+        });
+        let frame = peers::delta_frame_encoded(
+            revision,
+            records.iter().copied(),
+            &removed,
+            policy.as_ref(),
+            &online,
+            MAX_RESPONSE_LEN,
+        )
+        .map(Bytes::from);
+        if let Ok(f) = &frame {
+            self.resumed = Some((from, revision, f.clone()));
+        }
+        (revision, frame)
     }
 }
 
 struct State {
     /// The newest revision applied to the views.
     revision: i64,
+    /// The database's identity (0 until loaded: no revision is trusted then).
+    database: i64,
     orgs: HashMap<i64, OrgView>,
 }
 
 /// What a new watcher starts from: the organization's snapshot frame as of
 /// `revision`, shared with every watcher that took it at that revision.
 pub struct Snapshot {
+    pub revision: i64,
+    pub frame: Result<Bytes, frame::FrameError>,
+}
+
+/// What a resumed watcher starts from ([`Hub::subscribe_resumed`]): its subscription
+/// and the delta frame from the revision it named (`from`) to `revision`.
+pub struct Resumed {
+    pub rx: broadcast::Receiver<Arc<OrgDelta>>,
+    pub from: i64,
     pub revision: i64,
     pub frame: Result<Bytes, frame::FrameError>,
 }
@@ -146,7 +263,7 @@ impl OrgView {
             revision,
             stun_port,
             self.policy.as_ref(),
-            self.devices.values().map(|d| &d[..]),
+            self.devices.values().map(|d| &d.bytes[..]),
             MAX_RESPONSE_LEN,
         )
         .map(Bytes::from);
@@ -298,12 +415,11 @@ pub struct WatchSlot {
 }
 
 /// One organization's part of a batch, prepared outside the lock.
-/// A device's encoded state and its online flag.
-type EncodedDevice = (Arc<[u8]>, bool);
-
 struct Prepared {
     org: i64,
-    devices: Vec<(i64, Option<EncodedDevice>)>,
+    /// The batch's newest revision of this organization.
+    revision: i64,
+    devices: Vec<(i64, Option<Held>)>,
     /// The organization's new policy, if it changed.
     policy: Option<Option<PolicyState>>,
     delta: Option<Arc<OrgDelta>>,
@@ -318,6 +434,7 @@ impl Hub {
             poll,
             state: Mutex::new(State {
                 revision: 0,
+                database: 0,
                 orgs: HashMap::new(),
             }),
             applied: watch::channel(0).0,
@@ -350,9 +467,10 @@ impl Hub {
     /// applied again by the first batch, which is harmless: a change carries the
     /// device's state now.
     pub async fn load(&self) -> Result<i64, StoreError> {
-        let (revision, orgs) = self.read_all().await?;
+        let (revision, database, orgs) = self.read_all().await?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.revision = revision;
+        state.database = database;
         state.orgs = orgs;
         drop(state);
         self.applied.send_replace(revision);
@@ -363,12 +481,20 @@ impl Hub {
     /// views are at: keeps every watcher's channel, replaces the devices and tells
     /// every watcher to take a new snapshot. Returns the revision to tail from.
     async fn resync(&self) -> Result<i64, StoreError> {
-        let (revision, mut fresh) = self.read_all().await?;
+        let (revision, _, mut fresh) = self.read_all().await?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for (id, view) in &mut state.orgs {
-            let new = fresh.remove(id).unwrap_or_else(OrgView::new);
+            let new = fresh.remove(id).unwrap_or_else(|| OrgView {
+                floor: revision,
+                policy_changed: revision,
+                ..OrgView::new()
+            });
             view.devices = new.devices;
             view.shared = None;
+            view.resumed = None;
+            view.removed = new.removed;
+            view.policy_changed = new.policy_changed;
+            view.floor = new.floor;
             view.online = new.online;
             view.policy = new.policy;
         }
@@ -389,22 +515,63 @@ impl Hub {
         Ok(revision)
     }
 
-    /// The newest revision, then every organization's devices (read no earlier).
-    async fn read_all(&self) -> Result<(i64, HashMap<i64, OrgView>), StoreError> {
+    /// The newest revision, the database's identity, then every organization's
+    /// devices (read no earlier), with what resuming watchers need: from the change
+    /// log still kept, which revisions changed more than a device's online flag,
+    /// which devices went and when the policy changed (see [`crate::coord::resume`]).
+    async fn read_all(&self) -> Result<(i64, i64, HashMap<i64, OrgView>), StoreError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
             let revision = s.current_revision()?;
+            let database = s.database_id()?;
             let mut orgs = HashMap::new();
+            let mut devices = Vec::new();
             for org in s.orgs()? {
-                let mut view = OrgView::new();
-                for d in s.peer_devices(org.id)? {
-                    view.set(d.id, Some((encode_device(&d)?, d.online)));
-                }
-                view.policy = policy_state(s.policy(org.id)?);
+                let view = OrgView {
+                    policy: policy_state(s.policy(org.id)?),
+                    ..OrgView::new()
+                };
                 orgs.insert(org.id, view);
+                devices.extend(s.peer_devices(org.id)?);
             }
-            Ok::<_, StoreError>((revision, orgs))
+            // Read after the devices, so every change they show is in it; the floor
+            // is read last: the log kept everything after it while it was read.
+            let oldest = s.oldest_revision()?;
+            let log = s.content_changes(oldest.saturating_sub(1).max(0))?;
+            let oldest = s.oldest_revision()?;
+            let floor = if oldest == 0 { revision } else { oldest - 1 };
+            let mut content: HashMap<i64, i64> = HashMap::new();
+            for e in log.iter().filter(|e| e.revision > floor) {
+                if e.device_id == POLICY_CHANGE_ID {
+                    if let Some(view) = orgs.get_mut(&e.organization_id) {
+                        view.policy_changed = view.policy_changed.max(e.revision);
+                    }
+                } else if e.removed {
+                    if let Some(view) = orgs.get_mut(&e.organization_id) {
+                        view.removed.insert(e.device_id, e.revision);
+                    }
+                } else {
+                    content.insert(e.device_id, e.revision);
+                }
+            }
+            for view in orgs.values_mut() {
+                view.floor = floor;
+                view.policy_changed = view.policy_changed.max(floor);
+            }
+            for d in devices {
+                let held = Held {
+                    bytes: encode_device(&d)?,
+                    online: d.online,
+                    revision: d.revision,
+                    // No change but online flips since the floor: the content is as
+                    // old as the floor, at most.
+                    content: content.get(&d.id).copied().unwrap_or(floor).min(d.revision),
+                };
+                let view = orgs.entry(d.organization_id).or_insert_with(OrgView::new);
+                view.set(d.id, Some(held), d.revision);
+            }
+            Ok::<_, StoreError>((revision, database, orgs))
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("loading devices: {e}")))?
@@ -495,12 +662,62 @@ impl Hub {
     /// Receives every delta of `organization_id` from now on.
     pub fn subscribe(&self, organization_id: i64) -> broadcast::Receiver<Arc<OrgDelta>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let revision = state.revision;
         state
             .orgs
             .entry(organization_id)
-            .or_insert_with(OrgView::new)
+            .or_insert_with(|| OrgView::new_at(revision))
             .tx
             .subscribe()
+    }
+
+    /// The database's identity as loaded (0 before [`Hub::load`]).
+    pub fn database(&self) -> i64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .database
+    }
+
+    /// The revision the views are at.
+    pub fn revision(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    /// A watcher that named where it stands (`asked`): if the views can bring it
+    /// current ([`resume::decide`]), subscribes it and returns the delta that does
+    /// (at the same instant: no change falls in between) and its revision; else
+    /// why it needs a snapshot.
+    pub fn subscribe_resumed(
+        &self,
+        organization_id: i64,
+        asked: Option<&ResumeFrom>,
+    ) -> Result<Resumed, resume::Why> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (revision, database) = (state.revision, state.database);
+        let view = state
+            .orgs
+            .entry(organization_id)
+            .or_insert_with(|| OrgView::new_at(revision));
+        let have = resume::Coverage {
+            database,
+            organization_id,
+            floor: view.floor,
+            current: revision,
+        };
+        match resume::decide(asked, &have) {
+            resume::Start::Snapshot(why) => Err(why),
+            resume::Start::Resume { from } => {
+                let rx = view.tx.subscribe();
+                let (revision, frame) = view.resume_delta(from, revision);
+                Ok(Resumed {
+                    rx,
+                    from,
+                    revision,
+                    frame,
+                })
+            }
+        }
     }
 
     /// Subscribes to `organization_id` and takes its snapshot at the same instant.
@@ -514,7 +731,7 @@ impl Hub {
         let view = state
             .orgs
             .entry(organization_id)
-            .or_insert_with(OrgView::new);
+            .or_insert_with(|| OrgView::new_at(revision));
         let rx = view.tx.subscribe();
         (rx, view.snapshot(revision, stun_port))
     }
@@ -556,7 +773,7 @@ impl Hub {
         let grouped = group_changes(changes);
         // Each changed device as the watchers have it now (only this task changes
         // the views, so they stay so until the batch is applied below).
-        let previous: HashMap<i64, Arc<[u8]>> = {
+        let previous: HashMap<i64, Held> = {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             grouped
                 .iter()
@@ -568,19 +785,40 @@ impl Hub {
                 })
                 .collect()
         };
-        let previous = |id: i64| previous.get(&id).and_then(|b| peers::decode_device(b).ok());
+        let decoded = |id: i64| {
+            previous
+                .get(&id)
+                .and_then(|h| peers::decode_device(&h.bytes).ok())
+        };
         let mut prepared = Vec::new();
         for (org, (rev, devices)) in grouped {
             let policy = policies.remove(&org);
             let mut encoded = Vec::with_capacity(devices.len());
             let mut ok = true;
             for (id, d) in &devices {
-                match d
-                    .as_ref()
-                    .map(|d| encode_device(d).map(|e| (e, d.online)))
-                    .transpose()
-                {
-                    Ok(e) => encoded.push((*id, e)),
+                let Some(d) = d else {
+                    encoded.push((*id, None));
+                    continue;
+                };
+                match encode_device(d) {
+                    Ok(bytes) => {
+                        // Only its flag changed: its content is as old as before.
+                        let content = match (previous.get(id), decoded(*id)) {
+                            (Some(h), Some(old)) if only_presence_changed(&old, d) => {
+                                h.content.min(d.revision)
+                            }
+                            _ => d.revision,
+                        };
+                        encoded.push((
+                            *id,
+                            Some(Held {
+                                bytes,
+                                online: d.online,
+                                revision: d.revision,
+                                content,
+                            }),
+                        ));
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, org, "encoding a device failed");
                         ok = false;
@@ -593,7 +831,7 @@ impl Hub {
                     text: None,
                 })
             });
-            let delta = match encode_delta_since(rev, devices, sent, previous) {
+            let delta = match encode_delta_since(rev, devices, sent, decoded) {
                 Ok(d) if ok => Some(Arc::new(d)),
                 Ok(_) => None,
                 Err(e) => {
@@ -603,20 +841,24 @@ impl Hub {
             };
             prepared.push(Prepared {
                 org,
+                revision: rev,
                 devices: encoded,
                 policy,
                 delta,
             });
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let before = state.revision;
         for p in prepared {
-            let view = state.orgs.entry(p.org).or_insert_with(OrgView::new);
+            let view = state
+                .orgs
+                .entry(p.org)
+                .or_insert_with(|| OrgView::new_at(before));
             for (id, d) in p.devices {
-                view.set(id, d);
+                view.set(id, d, p.revision);
             }
             if let Some(policy) = p.policy {
-                view.policy = policy;
-                view.shared = None;
+                view.set_policy(policy, p.revision);
             }
             if let Some(delta) = p.delta {
                 // An error only means nobody watches this organization now.
@@ -843,6 +1085,72 @@ mod tests {
         }
     }
 
+    /// A device as the views hold it, its content last changed at `content`.
+    fn held(d: &Device, content: i64) -> Held {
+        Held {
+            bytes: encode_device(d).unwrap(),
+            online: d.online,
+            revision: d.revision,
+            content,
+        }
+    }
+
+    /// The delta a resumed watcher gets from the views: the devices changed since
+    /// its revision (whole, or their flag when only that changed), removals and the
+    /// policy after it; shared while nothing changes.
+    #[test]
+    fn a_resume_delta_carries_what_changed_since() {
+        let mut view = OrgView::new_at(10);
+        let dev = |id: i64, revision: i64, online: bool| Device {
+            revision,
+            online,
+            ..device(id)
+        };
+        // 1: untouched since 20; 2: only its flag changed at 40; 3: its record at
+        // 45; 4: removed at 50 and 5 at 15 (before the watcher's revision).
+        view.set(1, Some(held(&dev(1, 20, true), 20)), 20);
+        view.set(2, Some(held(&dev(2, 40, false), 20)), 40);
+        view.set(3, Some(held(&dev(3, 45, true), 45)), 45);
+        view.set(4, None, 50);
+        view.set(5, None, 15);
+        view.set_policy(None, 12);
+        let (revision, frame) = view.resume_delta(30, 60);
+        let frame = frame.unwrap();
+        assert_eq!(revision, 60);
+        match frame::decode_payload::<Response>(&frame[4..]).unwrap() {
+            Response::Delta {
+                revision,
+                upserts,
+                removed,
+                policy,
+                online,
+            } => {
+                assert_eq!(revision, 60);
+                assert_eq!(upserts, vec![dev(3, 45, true)]);
+                assert_eq!(removed, vec![4]);
+                assert_eq!(online, vec![(2, false)]);
+                assert_eq!(policy, None, "the policy changed before 30");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same start shares the frame; a change makes it anew.
+        let (_, again) = view.resume_delta(30, 61);
+        assert_eq!(again.unwrap().as_ptr(), frame.as_ptr());
+        view.set_policy(None, 62);
+        let (revision, newer) = view.resume_delta(30, 62);
+        assert_eq!(revision, 62);
+        match frame::decode_payload::<Response>(&newer.unwrap()[4..]).unwrap() {
+            Response::Delta { policy, .. } => assert_eq!(
+                policy,
+                Some(PolicyState {
+                    revision: 62,
+                    text: None
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn assembled_snapshot_is_the_serialized_snapshot() {
         let policy = PolicyState {
@@ -859,7 +1167,7 @@ mod tests {
         ] {
             let mut view = OrgView::new();
             for d in &devices {
-                view.set(d.id, Some((encode_device(d).unwrap(), d.online)));
+                view.set(d.id, Some(held(d, d.revision)), d.revision);
             }
             view.policy = policy.clone();
             let bytes = view.snapshot(7, stun_port).frame.unwrap();
@@ -884,7 +1192,7 @@ mod tests {
     fn watchers_share_one_snapshot_per_revision() {
         let mut view = OrgView::new();
         for id in 1..=3 {
-            view.set(id, Some((encode_device(&device(id)).unwrap(), true)));
+            view.set(id, Some(held(&device(id), id)), id);
         }
         let a = view.snapshot(7, Some(1));
         let b = view.snapshot(9, Some(1));
@@ -893,7 +1201,7 @@ mod tests {
         // The shared frame keeps the revision it was made at: nothing of this
         // organization changed since, so the deltas after it are the same.
         assert_eq!((a.revision, b.revision), (7, 7));
-        view.set(2, None);
+        view.set(2, None, 10);
         let c = view.snapshot(10, Some(1));
         let fc = c.frame.unwrap();
         assert_ne!(fc.as_ptr(), fa.as_ptr());

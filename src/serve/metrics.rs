@@ -31,6 +31,7 @@ pub struct OrgFigures {
 #[derive(Debug, Clone)]
 pub struct CoordinatorMetrics {
     registrations: IntCounter,
+    resumed: IntCounter,
     fanout: Histogram,
 }
 
@@ -47,6 +48,10 @@ impl CoordinatorMetrics {
                 "nexodus_registrations_total",
                 "Devices registered through this coordinator since it started",
             )?,
+            resumed: IntCounter::new(
+                "nexodus_watch_resumed_total",
+                "Watch streams brought current with a delta instead of a snapshot",
+            )?,
             fanout: Histogram::with_opts(
                 HistogramOpts::new(
                     "nexodus_change_fanout_seconds",
@@ -61,6 +66,11 @@ impl CoordinatorMetrics {
     pub fn registered(&self, n: usize) {
         self.registrations
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    /// Counts a watch stream that resumed from the revision its node named.
+    pub fn resumed(&self) {
+        self.resumed.inc();
     }
 
     /// Records the time from a delta's encoding to its write to one watcher.
@@ -111,6 +121,7 @@ impl CoordinatorMetrics {
         registry.register(Box::new(online))?;
         registry.register(Box::new(watching))?;
         registry.register(Box::new(self.registrations.clone()))?;
+        registry.register(Box::new(self.resumed.clone()))?;
         registry.register(Box::new(self.fanout.clone()))?;
         registry.register(Box::new(store_errors))?;
         crate::metrics::encode(&registry)

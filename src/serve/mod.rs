@@ -31,7 +31,7 @@ use crate::fsutil::LockError;
 use crate::identity::IdentityError;
 use crate::quicio::{self, FrameIoError};
 use crate::store::{DEFAULT_ORG, Database, Registration, Store, StoreError};
-use crate::wire::control::{Auth, Device, ErrorCode, Request, Response};
+use crate::wire::control::{Auth, Device, ErrorCode, Request, Response, ResumeFrom};
 use crate::wire::frame::{MAX_REQUEST_LEN, MAX_RESPONSE_LEN};
 use hub::Hub;
 pub use state::{CoordinatorState, open_existing, open_state};
@@ -663,8 +663,13 @@ async fn serve_stream(
             return Ok(());
         }
     };
-    if let Request::Watch { auth, instance } = req {
-        return serve_watch(conn, send, &shell, remote, auth, instance).await;
+    if let Request::Watch {
+        auth,
+        instance,
+        resume,
+    } = req
+    {
+        return serve_watch(conn, send, &shell, remote, auth, instance, resume).await;
     }
     if let Request::Login {
         auth,

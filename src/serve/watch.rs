@@ -108,6 +108,7 @@ pub(super) async fn serve_watch(
     remote: SocketAddr,
     auth: Auth,
     instance: Option<u64>,
+    resume: Option<ResumeFrom>,
 ) -> Result<(), FrameIoError> {
     let (store, hub, stun_port) = (&shell.store, &shell.hub, shell.stun_port);
     let me = match with_store(store, move |s| handler::authenticate(s, &auth)).await {
@@ -137,8 +138,54 @@ pub(super) async fn serve_watch(
         // The snapshot includes the device's own latest change (a node that just
         // registered finds itself), and is taken with the subscription: nothing
         // falls in between.
-        if !hub.caught_up(me.revision, CATCH_UP).await {
+        // A node resuming from a revision of this database this replica has not
+        // applied yet (it was connected to a faster one) waits for it too.
+        let wanted = match &resume {
+            Some(r) if r.database == hub.database() => me.revision.max(r.revision),
+            _ => me.revision,
+        };
+        if !hub.caught_up(wanted, CATCH_UP).await {
             tracing::warn!(id, "change log behind; the snapshot may lag");
+        }
+        // A node that names where it stands is brought current with a delta when
+        // the views can (no admission: a delta is small); else a snapshot.
+        if resume.is_some() {
+            let database = hub.database();
+            match hub.subscribe_resumed(me.organization_id, resume.as_ref()) {
+                Ok(r) => {
+                    let hello = Response::Watching {
+                        database,
+                        resumed: Some(r.revision),
+                        stun_port,
+                    };
+                    quicio::write_message(&mut send, &hello, MAX_RESPONSE_LEN).await?;
+                    write_timed(&mut send, r.frame?).await?;
+                    hub.metrics.resumed();
+                    tracing::info!(
+                        id,
+                        hostname = %me.hostname,
+                        %remote,
+                        revision = r.revision,
+                        resumed_from = r.from,
+                        "watch started"
+                    );
+                    set_online_batched(shell, id, true).await;
+                    let mut rx = r.rx;
+                    return forward_deltas(
+                        conn, &mut send, hub, &mut rx, &me, r.revision, stun_port,
+                    )
+                    .await;
+                }
+                Err(why) => {
+                    tracing::debug!(id, why = why.as_str(), "watcher gets a snapshot");
+                    let hello = Response::Watching {
+                        database,
+                        resumed: None,
+                        stun_port,
+                    };
+                    quicio::write_message(&mut send, &hello, MAX_RESPONSE_LEN).await?;
+                }
+            }
         }
         // Admission: a few snapshots on their way at once. The subscription and the
         // snapshot are taken once this watcher's turn has come, so it starts from

@@ -19,8 +19,8 @@ use std::net::IpAddr;
 use super::addrs::{AddrCache, AddrChange, AddrSource, DeviceAddrs};
 use super::rows::{Encoded, Token};
 use super::{
-    AdvertisedBy, Change, Organization, Registration, StoreError, StoredPolicy, check_advertised,
-    check_register, fail_all,
+    AdvertisedBy, Change, LogEntry, Organization, Registration, StoreError, StoredPolicy,
+    check_advertised, check_register, fail_all,
 };
 use crate::coord::names;
 use crate::policy::approve::effective;
@@ -31,6 +31,9 @@ use crate::wire::control::{first_v4, first_v6};
 /// The kind of a change-log entry.
 pub const UPSERT: &str = "upsert";
 pub const REMOVE: &str = "remove";
+/// A device went online or offline and nothing else about it changed: a watcher that
+/// resumes from an older revision is sent its flag, not its record.
+pub const ONLINE: &str = "online";
 /// The organization's policy changed; the entry's device id is [`POLICY_CHANGE_ID`].
 pub const POLICY: &str = "policy";
 /// The device id of a policy change (no device has id 0).
@@ -93,6 +96,11 @@ pub trait Tx {
     fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError>;
     /// Log entries after `revision`, oldest first, each with the device now.
     fn changes_since(&mut self, revision: i64, limit: i64) -> Result<Vec<Change>, StoreError>;
+    /// The log's entries after `revision` other than [`ONLINE`] ones: (revision,
+    /// organization, device id, whether the device was removed), oldest first.
+    fn content_changes(&mut self, revision: i64) -> Result<Vec<LogEntry>, StoreError>;
+    /// The database's random identity, made when its schema was created.
+    fn database_id(&mut self) -> Result<i64, StoreError>;
     /// Every device's addresses.
     fn addrs(&mut self) -> Result<Vec<DeviceAddrs>, StoreError>;
     /// As [`Tx::changes_since`], with the device's addresses.
@@ -475,7 +483,7 @@ pub fn set_online(tx: &mut dyn Tx, id: i64, online: bool, now: i64) -> Result<()
         return Ok(());
     }
     tx.set_online(id, online, now)?;
-    let revision = tx.record_change(org, id, UPSERT, now)?;
+    let revision = tx.record_change(org, id, ONLINE, now)?;
     tx.set_revision(id, revision)?;
     Ok(())
 }

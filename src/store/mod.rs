@@ -125,6 +125,17 @@ pub struct Change {
     pub device: Option<Device>,
 }
 
+/// One entry of the change log, without the device: what a coordinator reads at start
+/// to know which revisions changed more than a device's online flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogEntry {
+    pub revision: i64,
+    pub organization_id: i64,
+    /// [`POLICY_CHANGE_ID`] for a change of the organization's policy.
+    pub device_id: i64,
+    pub removed: bool,
+}
+
 /// An organization's policy file as stored (it validated when it was set).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredPolicy {
@@ -566,6 +577,21 @@ pub trait Store: Send {
     /// whose last revision is below it minus one missed pruned changes.
     fn oldest_revision(&mut self) -> Result<i64, StoreError> {
         flow::read(self.engine(), Read::Plain, |tx| tx.oldest_revision())
+    }
+
+    /// The change log's entries after `revision` other than online flips (see
+    /// [`LogEntry`]), oldest first.
+    fn content_changes(&mut self, revision: i64) -> Result<Vec<LogEntry>, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| {
+            tx.content_changes(revision)
+        })
+    }
+
+    /// The database's random identity (made with its schema): a revision is only
+    /// meaningful with the database it came from. A watcher that resumes names it, so
+    /// a revision from a wiped or other database is never trusted.
+    fn database_id(&mut self) -> Result<i64, StoreError> {
+        flow::read(self.engine(), Read::Plain, |tx| tx.database_id())
     }
 
     /// Changes after `revision`, oldest first, at most `limit`, each with the device's

@@ -15,8 +15,8 @@ use super::addrs::{AddrCache, AddrChange, DeviceAddrs};
 use super::flow::{Engine, Read, ReadFn, Tx, WriteFn};
 use super::rows::{self, Encoded, Row as _, Token, device_columns, select_devices};
 use super::{
-    AdminKey, AdvertisedBy, Change, Organization, PathReport, PeerPath, Store, StoreError,
-    StoredPolicy, TokenInfo, migrate,
+    AdminKey, AdvertisedBy, Change, LogEntry, Organization, PathReport, PeerPath, Store,
+    StoreError, StoredPolicy, TokenInfo, migrate,
 };
 use crate::wire::control::Device;
 
@@ -249,6 +249,26 @@ impl Tx for Sql<'_> {
              WHERE c.revision > ?1 ORDER BY c.revision LIMIT ?2"
         );
         self.all(SQL, params![revision, limit], |r| rows::change(r))
+    }
+
+    fn content_changes(&mut self, revision: i64) -> Result<Vec<LogEntry>, StoreError> {
+        self.all(
+            "SELECT revision, organization_id, device_id, kind = 'remove' FROM changes \
+             WHERE revision > ?1 AND kind <> 'online' ORDER BY revision",
+            [revision],
+            |r| {
+                Ok(LogEntry {
+                    revision: r.col(0)?,
+                    organization_id: r.col(1)?,
+                    device_id: r.col(2)?,
+                    removed: r.col(3)?,
+                })
+            },
+        )
+    }
+
+    fn database_id(&mut self) -> Result<i64, StoreError> {
+        self.one("SELECT value FROM database_identity WHERE id = 1", [], int)
     }
 
     fn addrs(&mut self) -> Result<Vec<DeviceAddrs>, StoreError> {

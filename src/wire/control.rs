@@ -114,7 +114,23 @@ pub enum Request {
         /// older; another instance's is refused while the older one lives.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         instance: Option<u64>,
+        /// What the node last applied, if anything: the coordinator then answers
+        /// [`Response::Watching`] first, and brings the node current with a delta
+        /// instead of a snapshot when it can. Older nodes leave it out and get the
+        /// snapshot alone, as before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<ResumeFrom>,
     },
+}
+
+/// Where a reconnecting node's view of its organization stands: the revision it last
+/// applied, of which database and organization. A node with nothing yet sends
+/// database 0 (never a real one: it is always sent a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeFrom {
+    pub database: i64,
+    pub organization_id: i64,
+    pub revision: i64,
 }
 
 /// How a node reaches one peer.
@@ -315,5 +331,18 @@ pub enum Response {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// The first answer to a watch that carried [`ResumeFrom`]: the database the
+    /// revisions that follow belong to. `resumed: Some(R)`: the node keeps the peers
+    /// it has, and one [`Response::Delta`] at revision `R` (possibly empty) follows
+    /// with everything that changed since the revision it named; `None`: a
+    /// [`Response::Snapshot`] follows, as for a node that names none.
+    Watching {
+        database: i64,
+        #[serde(default)]
+        resumed: Option<i64>,
+        /// As in [`Response::Snapshot`] (a snapshot carries its own).
+        #[serde(default)]
+        stun_port: Option<u16>,
     },
 }

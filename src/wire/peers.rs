@@ -290,14 +290,39 @@ pub fn delta_frame(
     online: &[(i64, bool)],
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
+    let encoded: Vec<Vec<u8>> = upserts.iter().map(device_bytes).collect();
+    delta_frame_encoded(
+        revision,
+        encoded.iter().map(Vec::as_slice),
+        removed,
+        policy,
+        online,
+        max,
+    )
+}
+
+/// [`delta_frame`] from devices already encoded with [`encode_device`] (a resumed
+/// watcher's delta, assembled from the coordinator's encoded devices).
+pub fn delta_frame_encoded<'a>(
+    revision: i64,
+    upserts: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    removed: &[i64],
+    policy: Option<&PolicyState>,
+    online: &[(i64, bool)],
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let len: usize = upserts.clone().map(<[u8]>::len).sum();
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
     let mut out = start();
-    out.reserve(upserts.len() * 128 + removed.len() * 4 + 32);
+    out.reserve(len + removed.len() * 4 + online.len() * 4 + 32);
     out.push(DELTA);
     put_i64(&mut out, revision);
     put_policy(&mut out, policy);
     put_len(&mut out, upserts.len());
     for d in upserts {
-        encode_device(d, &mut out);
+        out.extend_from_slice(d);
     }
     put_len(&mut out, removed.len());
     for id in removed {
@@ -309,6 +334,25 @@ pub fn delta_frame(
         out.push(u8::from(*on));
     }
     finish(out, max)
+}
+
+/// The revision a snapshot or delta body (after the frame's length prefix, from its
+/// version byte on) is at, read without decoding the rest; `None` for anything else.
+pub fn revision_of(body: &[u8]) -> Option<i64> {
+    let (&version, rest) = body.split_first()?;
+    let (&kind, rest) = rest.split_first()?;
+    if version != PEERS_VERSION || (kind != SNAPSHOT && kind != DELTA) {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for (i, &b) in rest.iter().take(10).enumerate() {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            // Zigzag, as put_i64 writes it.
+            return Some(((v >> 1) as i64) ^ -((v & 1) as i64));
+        }
+    }
+    None
 }
 
 /// Encodes a snapshot or delta as a frame; any other message as JSON.

@@ -6,7 +6,7 @@
 
 use postgres::Transaction;
 
-use super::super::flow::{Tx, UPSERT};
+use super::super::flow::{ONLINE, Tx};
 use super::super::rows::Row as _;
 use super::super::{ClusterIdentity, IdentityDer, StoreError};
 use super::conn::db_now;
@@ -156,7 +156,7 @@ fn offline_unwatched(
         gone.push((org, id));
     }
     for &(org, id) in &gone {
-        let revision = db.record_change(org, id, UPSERT, now)?;
+        let revision = db.record_change(org, id, ONLINE, now)?;
         db.set_revision(id, revision)?;
     }
     Ok(gone.len())

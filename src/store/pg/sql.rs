@@ -17,8 +17,8 @@ use super::super::rows::{
     self, Encoded, Param, Row as _, Token, Value, device_columns, select_devices,
 };
 use super::super::{
-    AdminKey, AdvertisedBy, Change, Organization, PathReport, PeerPath, StoreError, StoredPolicy,
-    TokenInfo,
+    AdminKey, AdvertisedBy, Change, LogEntry, Organization, PathReport, PeerPath, StoreError,
+    StoredPolicy, TokenInfo,
 };
 use crate::wire::control::Device;
 
@@ -133,6 +133,26 @@ impl<C: GenericClient> Tx for Db<'_, C> {
         const ADDRESS_LOCK: i64 = 0x6e65_786f_6475_7302;
         self.execute("SELECT pg_advisory_xact_lock($1)", &[&ADDRESS_LOCK])
             .map(drop)
+    }
+
+    fn content_changes(&mut self, revision: i64) -> Result<Vec<LogEntry>, StoreError> {
+        self.all(
+            "SELECT revision, organization_id, device_id, kind = 'remove' FROM changes \
+             WHERE revision > $1 AND kind <> 'online' ORDER BY revision",
+            &[&revision],
+            |r| {
+                Ok(LogEntry {
+                    revision: r.col(0)?,
+                    organization_id: r.col(1)?,
+                    device_id: r.col(2)?,
+                    removed: r.col(3)?,
+                })
+            },
+        )
+    }
+
+    fn database_id(&mut self) -> Result<i64, StoreError> {
+        self.value("SELECT value FROM database_identity WHERE id = 1", &[])
     }
 
     fn prune_changes(&mut self, below: i64) -> Result<u64, StoreError> {

@@ -17,4 +17,5 @@ pub mod serve;
 pub mod store;
 pub mod uapi;
 pub mod userspace;
+pub mod wgmode;
 pub mod wire;

@@ -151,6 +151,11 @@ impl Device {
     }
 
     fn set_private_key(&mut self, key: [u8; 32]) {
+        let key_or_none = (key != [0; 32]).then_some(key);
+        if key_or_none == self.private_key {
+            // The same key (as `wg syncconf` sends it): sessions go on.
+            return;
+        }
         if key == [0; 32] {
             self.private_key = None;
             self.public_key = None;

@@ -47,6 +47,9 @@ fn every_device_key() {
         "private_key={}\nlisten_port=51820\nfwmark=4660\n",
         key(1)
     )));
+    // The same key again changes nothing (`wg syncconf` sends it).
+    set(&mut dev, &format!("private_key={}\n", key(1))).unwrap();
+    assert!(!dev.take_changes().private_key);
     // A zero key unsets it; fwmark 0 clears.
     set(&mut dev, &format!("private_key={}\nfwmark=0\n", key(0))).unwrap();
     assert_eq!(dev.private_key(), None);

@@ -327,6 +327,14 @@ impl Wg {
 
     /// Hands what a `set` changed to the data path.
     async fn apply(&mut self, changes: Changes) -> Result<(), UapiError> {
+        tracing::debug!(
+            private_key = changes.private_key,
+            listen_port = changes.listen_port,
+            fwmark = changes.fwmark,
+            peers = changes.peers.len(),
+            removed = changes.removed.len(),
+            "UAPI set"
+        );
         let mut result = Ok(());
         if changes.listen_port {
             let want = self.dev.listen_port;
@@ -355,7 +363,7 @@ impl Wg {
             }
         }
         if changes.private_key {
-            self.replace_plane().await;
+            self.replace_plane(&changes).await;
             return result;
         }
         if self.dev.private_key().is_none() {
@@ -386,16 +394,18 @@ impl Wg {
 
     /// A new private key: a new data plane with every peer (keeping the endpoints
     /// they roamed to), sessions starting over.
-    async fn replace_plane(&mut self) {
+    async fn replace_plane(&mut self, changes: &Changes) {
         let stats = self.stats().await;
         let mut plane = DataPlane::new(self.dev.private_key().unwrap_or_else(rand::random));
         plane.set_mtu(self.mtu);
         if self.dev.private_key().is_some() {
             let ids: Vec<i64> = self.dev.peers().map(|(id, _)| id).collect();
             for id in ids {
-                let endpoint = stats
+                let endpoint = changes
+                    .peers
                     .get(&id)
-                    .and_then(|s| s.endpoint)
+                    .and_then(|c| c.endpoint)
+                    .or_else(|| stats.get(&id).and_then(|s| s.endpoint))
                     .or_else(|| self.dev.peer(id).and_then(|p| p.endpoint));
                 let Some(cfg) = self.peer_config(id, endpoint) else {
                     continue;

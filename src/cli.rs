@@ -328,6 +328,17 @@ pub enum Command {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
+    /// Run a userspace WireGuard interface, configured with `wg`, `wg-quick` and the
+    /// WireGuard userspace API as wireguard-go is (no mesh, no coordinator):
+    /// `WG_QUICK_USERSPACE_IMPLEMENTATION="nexodus wg" wg-quick up wg0`.
+    Wg {
+        /// Stay in the foreground (also with WG_PROCESS_FOREGROUND=1); otherwise
+        /// detach once the interface and its socket exist.
+        #[arg(long, short = 'f', env = "NEXODUS_WG_FOREGROUND")]
+        foreground: bool,
+        /// The interface to create; its socket is /var/run/wireguard/IFNAME.sock.
+        interface: String,
+    },
     /// Benchmark: simulate many nodes against a running coordinator over real QUIC
     /// connections and report registrations/s, change fan-out latency and memory.
     #[command(hide = true)]

@@ -15,5 +15,7 @@ pub mod policy;
 pub mod quicio;
 pub mod serve;
 pub mod store;
+pub mod uapi;
 pub mod userspace;
+pub mod wgmode;
 pub mod wire;

@@ -189,6 +189,24 @@ fn run(cli: Cli) -> Result<()> {
             rt.block_on(nexodus::join::run(cfg, shutdown_signal()))
                 .context("node failed")
         }
+        Command::Wg {
+            foreground,
+            interface,
+        } => {
+            let foreground =
+                foreground || std::env::var_os("WG_PROCESS_FOREGROUND").is_some_and(|v| v == "1");
+            if !foreground {
+                return nexodus::wgmode::detach(&interface).context("nexodus wg");
+            }
+            let result = nexodus::wgmode::run(&interface);
+            if let Err(e) = &result
+                && std::env::var_os(nexodus::wgmode::NOTIFY_ENV).is_some()
+            {
+                // The parent waiting for us reads this line and says it.
+                println!("{e}");
+            }
+            result.context("nexodus wg")
+        }
         Command::Status { json, state } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

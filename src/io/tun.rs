@@ -55,12 +55,29 @@ pub fn create(
     v4: Ipv4Addr,
     v6: Option<(Ipv6Addr, u8)>,
 ) -> Result<SyncDevice, TunError> {
+    build(name, mtu, Some(v4), v6)
+}
+
+/// Creates the interface with no address (`nexodus wg`: `ip` or `wg-quick` adds them),
+/// with TUN offload when the kernel has it.
+pub fn create_bare(name: &str, mtu: u16) -> Result<SyncDevice, TunError> {
+    build(name, mtu, None, None)
+}
+
+fn build(
+    name: &str,
+    mtu: u16,
+    v4: Option<Ipv4Addr>,
+    v6: Option<(Ipv6Addr, u8)>,
+) -> Result<SyncDevice, TunError> {
     let build = |offload: bool| {
         let mut builder = tun_rs::DeviceBuilder::new()
             .name(name)
             .mtu(mtu)
-            .offload(offload)
-            .ipv4(v4, 32u8, None);
+            .offload(offload);
+        if let Some(v4) = v4 {
+            builder = builder.ipv4(v4, 32u8, None);
+        }
         if let Some((addr, prefix)) = v6 {
             builder = builder.ipv6(addr, prefix);
         }

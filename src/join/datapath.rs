@@ -72,6 +72,14 @@ pub enum Command {
     /// On a relay: the exit peers' internet traffic goes to (`None`: none).
     SetRelayExit(Option<crate::node::dataplane::RelayExit>),
     Status(tokio::sync::oneshot::Sender<DataPathStatus>),
+    /// `nexodus wg`: a peer's preshared key (`None`: none).
+    SetPresharedKey(PeerId, Option<[u8; 32]>),
+    /// `nexodus wg`: the interface MTU (the padding limit).
+    SetMtu(usize),
+    /// `nexodus wg`: a new listen port's socket replaces the current one.
+    SetSocket(UdpSocket),
+    /// `nexodus wg`: a new private key's data plane (with every peer) replaces this one.
+    ReplacePlane(Box<DataPlane>),
     Shutdown,
 }
 
@@ -642,6 +650,26 @@ impl Loop {
                                 stun_unsolicited: self.stun_unsolicited,
                                 stun_queue_full: self.stun_queue_full,
                             });
+                        }
+                        Command::SetPresharedKey(id, key) => self.dp.set_preshared_key(id, key),
+                        Command::SetMtu(mtu) => self.dp.set_mtu(mtu),
+                        Command::SetSocket(socket) => {
+                            match quinn_udp::UdpSocketState::new((&socket).into()) {
+                                Ok(state) => {
+                                    self.local_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+                                    self.udp_state = state;
+                                    self.socket = socket;
+                                    fds[1].fd = self.socket.as_raw_fd();
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot use the new UDP socket; keeping the old one")
+                                }
+                            }
+                        }
+                        Command::ReplacePlane(dp) => {
+                            self.dp = *dp;
+                            self.dp.set_relay(self.config.relay);
+                            self.dp.handle_timeout(Instant::now());
                         }
                         Command::Shutdown => return,
                     }

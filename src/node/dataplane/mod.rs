@@ -31,9 +31,9 @@
 //! What it does not do: any I/O, reading the clock (boringtun's `Tunn` reads
 //! its own monotonic clock internally; this module only uses the `Instant`s it
 //! is given), randomness of its own (boringtun seeds its rate limiter and
-//! handshakes itself), NAT traversal, endpoint discovery, pre-shared keys,
-//! or deciding which peers exist: that is configuration pushed in with
-//! [`DataPlane::upsert_peer`] and [`DataPlane::remove_peer`].
+//! handshakes itself), NAT traversal, endpoint discovery, or deciding which peers exist: that is configuration pushed in with
+//! [`DataPlane::upsert_peer`], [`DataPlane::set_preshared_key`] and
+//! [`DataPlane::remove_peer`].
 //!
 //! Once a session is established, [`DataPlane::handle_tun_packet`] and
 //! [`DataPlane::handle_datagram`] (forwarding included) do not allocate (see

@@ -54,6 +54,8 @@ pub(super) struct Peer {
     /// The index this `Tunn` was created with (its sessions are `index << 8 | n`).
     pub(super) index: u32,
     pub(super) public_key: [u8; 32],
+    /// The preshared key mixed into handshakes (`nexodus wg`; the mesh uses none).
+    pub(super) preshared_key: Option<[u8; 32]>,
     pub(super) endpoint: Option<SocketAddr>,
     /// The configured prefixes; `DataPlane::routes` is rebuilt from them.
     pub(super) allowed_ips: Vec<IpNet>,
@@ -77,14 +79,14 @@ pub(super) struct Peer {
 impl Peer {
     /// The peer's `Tunn`, made now if it has none yet.
     pub(super) fn tunn(&mut self, secret: &StaticSecret, limiter: &Arc<RateLimiter>) -> &mut Tunn {
-        let (public, index) = (self.public_key, self.index);
+        let (public, index, psk) = (self.public_key, self.index, self.preshared_key);
         self.tunn.get_or_insert_with(|| {
             // Keepalives are driven by `handle_timeout`, not by `Tunn`, so they can
             // change without losing the session.
             Box::new(Tunn::new(
                 secret.clone(),
                 PublicKey::from(public),
-                None,
+                psk,
                 None,
                 index,
                 Some(Arc::clone(limiter)),
@@ -154,6 +156,7 @@ impl DataPlane {
                     tunn: None,
                     index,
                     public_key: cfg.public_key,
+                    preshared_key: None,
                     endpoint: cfg.endpoint.or(old_endpoint),
                     allowed_ips: cfg.allowed_ips,
                     keepalive,
@@ -214,6 +217,18 @@ impl DataPlane {
         self.flush.retain(|&p| p != id);
         debug!(peer = id, "peer removed");
         true
+    }
+
+    /// Sets peer `id`'s preshared key (`None`: none). A change drops the peer's
+    /// session: the next packet makes a new handshake with the new key.
+    pub fn set_preshared_key(&mut self, id: PeerId, key: Option<[u8; 32]>) {
+        if let Some(p) = self.peers.get_mut(&id)
+            && p.preshared_key != key
+        {
+            p.preshared_key = key;
+            p.tunn = None;
+            p.queued = false;
+        }
     }
 
     /// Ids of all configured peers, in no particular order.

@@ -1,0 +1,631 @@
+//! `nexodus wg IFNAME` as a drop-in userspace WireGuard, driven only through `wg`,
+//! `wg-quick` and `ip`, as wireguard-go's own conformance script drives it: two
+//! interfaces in two namespaces joined by a veth pair, over IPv4 and IPv6 outer
+//! transport; ping and TCP both ways, roaming, the cryptokey reverse-path filter,
+//! `wg setconf` read back by `wg showconf`, and `wg-quick up` with nexodus as the
+//! userspace implementation against a stock wireguard-go peer, with `wg syncconf`.
+//! Needs root, wireguard-tools, wireguard-go and iperf3 (scripts/test installs them).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::proc::Proc;
+use common::{BIN, DieWithParent, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn genkey() -> (String, String) {
+    let key = String::from_utf8(Command::new("wg").arg("genkey").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), key.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        key,
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    )
+}
+
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("wgm-{tag}-"))
+        .tempdir()
+        .unwrap()
+}
+
+/// One side: a namespace with `veth` on the underlay and a `nexodus wg` interface.
+struct Side {
+    iface: String,
+    key: String,
+    public: String,
+    inner4: String,
+    inner6: String,
+    ns: Netns,
+}
+
+impl Side {
+    fn wg(&self, args: &[&str]) -> String {
+        let mut all = vec!["wg"];
+        all.extend_from_slice(args);
+        self.ns.ok(&all)
+    }
+
+    fn wg_try(&self, args: &[&str]) -> bool {
+        let mut all = vec!["wg"];
+        all.extend_from_slice(args);
+        self.ns.try_run(&all)
+    }
+
+    /// `wg show IFACE KEY` as lines.
+    fn show(&self, what: &str) -> String {
+        self.wg(&["show", &self.iface, what])
+    }
+
+    fn socket(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/wireguard/{}.sock", self.iface))
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        // Deleting the interface makes the process exit and remove its socket.
+        let _ = self.ns.cmd(&["ip", "link", "del", &self.iface]).output();
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.socket().exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+}
+
+/// Two namespaces `wgm-TAG-1`/`-2` joined by a veth pair (192.0.2.1/2 and
+/// 2001:db8:7::1/2), each running `nexodus wg wgmTAGn` (detached, as wg-quick runs
+/// it) with keys, ports 10001/10002, inner addresses 10.77.0.n/24 and fd77::n/64, and
+/// the other as peer with its /32 and /128 (no endpoint yet).
+fn pair(tag: &str) -> (Side, Side) {
+    let mut sides = Vec::new();
+    for n in 1..=2 {
+        let ns = Netns::new(&format!("wgm-{tag}-{n}"));
+        let iface = format!("wgm{tag}{n}");
+        let (key, public) = genkey();
+        sides.push((ns, iface, key, public, n));
+    }
+    let (a, b) = (&sides[0].0, &sides[1].0);
+    a.ok(&[
+        "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", &b.name,
+    ]);
+    let mut out = Vec::new();
+    let pubs: Vec<String> = sides.iter().map(|s| s.3.clone()).collect();
+    for (ns, iface, key, public, n) in sides {
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("192.0.2.{n}/24"),
+            "dev",
+            "veth0",
+        ]);
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("2001:db8:7::{n}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ]);
+        ns.ok(&["ip", "link", "set", "veth0", "up"]);
+        // Detaches once the interface and socket exist.
+        let status = ns
+            .cmd(&[BIN, "wg", &iface])
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "nexodus wg {iface}: {status}");
+        let side = Side {
+            inner4: format!("10.77.0.{n}"),
+            inner6: format!("fd77::{n}"),
+            iface,
+            key,
+            public,
+            ns,
+        };
+        let other = 3 - n;
+        let keyfile = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(keyfile.path(), &side.key).unwrap();
+        side.wg(&[
+            "set",
+            &side.iface,
+            "private-key",
+            keyfile.path().to_str().unwrap(),
+            "listen-port",
+            &format!("1000{n}"),
+            "peer",
+            &pubs[other - 1],
+            "allowed-ips",
+            &format!("10.77.0.{other}/32,fd77::{other}/128"),
+        ]);
+        side.ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", side.inner4),
+            "dev",
+            &side.iface,
+        ]);
+        side.ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/64", side.inner6),
+            "dev",
+            &side.iface,
+            "nodad",
+        ]);
+        side.ns.ok(&["ip", "link", "set", &side.iface, "up"]);
+        out.push(side);
+    }
+    let b = out.pop().unwrap();
+    let a = out.pop().unwrap();
+    (a, b)
+}
+
+/// Points each side at the other's underlay address of one family.
+fn endpoints(a: &Side, b: &Side, v6: bool) {
+    for (me, other, n) in [(a, b, 2), (b, a, 1)] {
+        let ep = if v6 {
+            format!("[2001:db8:7::{n}]:1000{n}")
+        } else {
+            format!("192.0.2.{n}:1000{n}")
+        };
+        me.wg(&["set", &me.iface, "peer", &other.public, "endpoint", &ep]);
+    }
+}
+
+fn pings(from: &Side, to: &str) {
+    assert!(
+        from.ns.ping_until(to, WAIT),
+        "{} cannot ping {to}:\n{}",
+        from.iface,
+        from.wg(&["show", &from.iface])
+    );
+}
+
+/// A TCP transfer of `bytes` from `client` to `server_addr` (and back with `-R`).
+fn iperf(server: &Side, client: &Side, server_addr: &str, reverse: bool) -> f64 {
+    let srv = Proc::quiet({
+        let mut c = server.ns.cmd(&["iperf3", "-s", "-1", "-B", server_addr]);
+        c.die_with_parent();
+        c
+    });
+    let mut args = vec!["iperf3", "-c", server_addr, "-n", "64M", "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let bps = wait_until("an iperf3 run", WAIT, || {
+        let out = client.ns.cmd(&args).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+        if bps.is_none() {
+            eprintln!("iperf3: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        bps
+    });
+    drop(srv);
+    assert!(bps > 0.0);
+    bps / 1e6
+}
+
+#[test]
+fn ping_and_tcp_both_ways_over_v4_and_v6_transport() {
+    let (a, b) = pair("t");
+    for v6 in [false, true] {
+        endpoints(&a, &b, v6);
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            pings(x, &y.inner4);
+            pings(x, &y.inner6);
+        }
+        let fwd = iperf(&b, &a, &b.inner4, false);
+        let rev = iperf(&b, &a, &b.inner6, true);
+        eprintln!("outer v6={v6}: TCP a→b {fwd:.0} Mbit/s, b→a {rev:.0} Mbit/s");
+        let eps = a.show("endpoints");
+        assert!(
+            eps.contains(if v6 {
+                "[2001:db8:7::2]:10002"
+            } else {
+                "192.0.2.2:10002"
+            }),
+            "{eps}"
+        );
+    }
+}
+
+#[test]
+fn roaming_on_both_families() {
+    let (a, b) = pair("r");
+    for v6 in [false, true] {
+        // Only a knows where b is; b learns a from its packets.
+        a.wg(&[
+            "set",
+            &a.iface,
+            "peer",
+            &b.public,
+            "endpoint",
+            &if v6 {
+                "[2001:db8:7::2]:10002".to_string()
+            } else {
+                "192.0.2.2:10002".to_string()
+            },
+        ]);
+        pings(&a, &b.inner4);
+        let learned = b.show("endpoints");
+        assert!(
+            learned.contains(if v6 {
+                "[2001:db8:7::1]:10001"
+            } else {
+                "192.0.2.1:10001"
+            }),
+            "{learned}"
+        );
+        // a moves: a new port and a new address; b follows its authenticated packets.
+        a.wg(&["set", &a.iface, "listen-port", "10011"]);
+        let new_addr = if v6 { "2001:db8:7::11" } else { "192.0.2.11" };
+        let old_addr = if v6 { "2001:db8:7::1" } else { "192.0.2.1" };
+        let (cidr_new, cidr_old) = if v6 {
+            (format!("{new_addr}/64"), format!("{old_addr}/64"))
+        } else {
+            (format!("{new_addr}/24"), format!("{old_addr}/24"))
+        };
+        // The new v4 address is a secondary one: keep it when the primary goes.
+        a.ns.ok(&["sysctl", "-qw", "net.ipv4.conf.veth0.promote_secondaries=1"]);
+        a.ns.ok(&["ip", "addr", "add", &cidr_new, "dev", "veth0", "nodad"]);
+        a.ns.ok(&["ip", "addr", "del", &cidr_old, "dev", "veth0"]);
+        pings(&a, &b.inner6);
+        let want = if v6 {
+            format!("[{new_addr}]:10011")
+        } else {
+            format!("{new_addr}:10011")
+        };
+        wait_until("b to see a's new endpoint", WAIT, || {
+            b.show("endpoints").contains(&want).then_some(())
+        });
+        // b answers to the new endpoint.
+        pings(&b, &a.inner4);
+        assert!(a.show("listen-port").trim() == "10011");
+        // Put a back for the next family.
+        a.ns.ok(&["ip", "addr", "add", &cidr_old, "dev", "veth0", "nodad"]);
+        a.ns.ok(&["ip", "addr", "del", &cidr_new, "dev", "veth0"]);
+        a.wg(&["set", &a.iface, "listen-port", "10001"]);
+    }
+}
+
+#[test]
+fn cryptokey_reverse_path_with_a_more_specific_peer() {
+    let (a, b) = pair("c");
+    endpoints(&a, &b, false);
+    pings(&a, &b.inner4);
+    // A third peer takes b's /32 on a: a's packets to b go to it (no endpoint:
+    // dropped), and b's packets from that address fail a's source check.
+    let (_, third) = genkey();
+    a.wg(&[
+        "set",
+        &a.iface,
+        "peer",
+        &third,
+        "allowed-ips",
+        &format!("{}/32", b.inner4),
+    ]);
+    assert!(!a.ns.try_run(&["ping", "-c", "2", "-W", "1", &b.inner4]));
+    assert!(!b.ns.try_run(&["ping", "-c", "2", "-W", "1", &a.inner4]));
+    let allowed = a.show("allowed-ips");
+    assert!(
+        allowed.contains(&format!("{third}\t{}/32", b.inner4)),
+        "{allowed}"
+    );
+    assert!(
+        allowed.contains(&format!("{}\tfd77::2/128", b.public)),
+        "{allowed}"
+    );
+    a.wg(&["set", &a.iface, "peer", &third, "remove"]);
+    a.wg(&[
+        "set",
+        &a.iface,
+        "peer",
+        &b.public,
+        "allowed-ips",
+        &format!("{}/32,fd77::2/128", b.inner4),
+    ]);
+    pings(&a, &b.inner4);
+    pings(&b, &a.inner4);
+}
+
+#[test]
+fn setconf_with_many_allowed_ips_reads_back_exactly() {
+    let (a, _b) = pair("s");
+    let dir = tempdir("setconf");
+    let check = |conf: String| {
+        let path = dir.path().join("wg.conf");
+        std::fs::write(&path, &conf).unwrap();
+        let start = Instant::now();
+        a.wg(&["setconf", &a.iface, path.to_str().unwrap()]);
+        let set = start.elapsed();
+        let shown = a.wg(&["showconf", &a.iface]);
+        let read = start.elapsed() - set;
+        // showconf prints what we set, in order (listen port first, as wg does).
+        let norm = |s: &str| -> Vec<String> {
+            s.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .flat_map(|l| match l.strip_prefix("AllowedIPs = ") {
+                    Some(list) => list
+                        .split(", ")
+                        .map(|x| format!("AllowedIPs = {x}"))
+                        .collect(),
+                    None => vec![l.to_string()],
+                })
+                .collect()
+        };
+        let mut want = norm(&conf);
+        let mut got = norm(&shown);
+        want.sort();
+        got.sort();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "showconf differs from setconf");
+        eprintln!("{} lines: setconf {set:?}, showconf {read:?}", want.len());
+    };
+    let header = format!("[Interface]\nListenPort = 10001\nPrivateKey = {}\n", a.key);
+    // 130,560 allowed IPs on one peer.
+    let (_, p) = genkey();
+    let mut conf = format!("{header}\n[Peer]\nPublicKey = {p}\n");
+    for i in 0..130_560u32 {
+        conf.push_str(&format!(
+            "AllowedIPs = {}.{}.{}.0/24\n",
+            10 + (i >> 16),
+            (i >> 8) & 255,
+            i & 255
+        ));
+    }
+    check(conf);
+    // 40 peers × 52 allowed IPs, then 30 peers.
+    let mut conf = header.clone();
+    for p in 0..40u32 {
+        let (_, k) = genkey();
+        conf.push_str(&format!("\n[Peer]\nPublicKey = {k}\n"));
+        for i in 0..52u32 {
+            conf.push_str(&format!("AllowedIPs = 10.{p}.{i}.0/24\n"));
+        }
+    }
+    check(conf);
+    let mut conf = header;
+    for p in 0..30u32 {
+        let (_, k) = genkey();
+        conf.push_str(&format!("\n[Peer]\nPublicKey = {k}\nAllowedIPs = 10.99.{p}.0/24\nEndpoint = 192.0.2.{}:51820\nPersistentKeepalive = 25\n", p + 10));
+    }
+    check(conf);
+}
+
+/// One raw UAPI exchange on the socket (the path is the same in every namespace).
+fn uapi(side: &Side, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(side.socket()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn bad_values_are_refused_and_the_lines_before_stay() {
+    let (a, _b) = pair("b");
+    // EINVAL for a bad port; the lines before it applied, none after.
+    let out = uapi(&a, "set=1\nfwmark=7\nlisten_port=99999\nfwmark=8\n\n");
+    assert_eq!(out, "errno=-22\n\n");
+    assert_eq!(a.show("fwmark").trim(), "0x7");
+    assert_eq!(a.show("listen-port").trim(), "10001");
+    a.wg(&["set", &a.iface, "fwmark", "0"]);
+    assert_eq!(a.show("fwmark").trim(), "off");
+    // No '=': EPROTO. An unknown operation: closed without an answer.
+    assert_eq!(uapi(&a, "set=1\nlisten_port\n\n"), "errno=-71\n\n");
+    assert_eq!(uapi(&a, "bogus=1\n\n"), "");
+    // A get split over many writes, and two operations on one connection.
+    let get = uapi(&a, "get=1\n\nget=1\n\n");
+    assert_eq!(get.matches("errno=0\n\n").count(), 2, "{get}");
+    // A port in use in a's namespace: EADDRINUSE, the old port kept.
+    let held = common::netns::in_ns(&a.ns.name, || {
+        std::net::UdpSocket::bind("[::]:10050").unwrap()
+    });
+    assert!(!a.wg_try(&["set", &a.iface, "listen-port", "10050"]));
+    assert_eq!(a.show("listen-port").trim(), "10001");
+    drop(held);
+    a.wg(&["set", &a.iface, "listen-port", "10050"]);
+    assert_eq!(a.show("listen-port").trim(), "10050");
+}
+
+#[test]
+fn exits_when_the_interface_is_deleted() {
+    let (a, _b) = pair("x");
+    assert!(a.socket().exists());
+    a.ns.ok(&["ip", "link", "del", &a.iface]);
+    wait_until("the socket to go", WAIT, || {
+        (!a.socket().exists()).then_some(())
+    });
+    wait_until("the process to exit", WAIT, || {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &a.ns.name])
+            .output()
+            .unwrap();
+        out.stdout.trim_ascii().is_empty().then_some(())
+    });
+}
+
+/// An interface brought up by `wg-quick up CONF` in a namespace; `ip link del` on drop
+/// (the userspace process then exits and removes its socket).
+struct Quick {
+    iface: String,
+    ns: Netns,
+}
+
+impl Drop for Quick {
+    fn drop(&mut self) {
+        let _ = self.ns.cmd(&["ip", "link", "del", &self.iface]).output();
+        let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.iface));
+        let until = Instant::now() + Duration::from_secs(5);
+        while sock.exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(sock);
+    }
+}
+
+fn quick_conf(key: &str, n: u8, peer: &str, endpoint: &str, extra: &str) -> String {
+    let o = 3 - n;
+    format!(
+        "[Interface]\nPrivateKey = {key}\nAddress = 10.78.0.{n}/24, fd78::{n}/64\nListenPort = 1000{n}\n\n\
+         [Peer]\nPublicKey = {peer}\nAllowedIPs = 10.78.0.{o}/32, fd78::{o}/128{extra}\nEndpoint = {endpoint}\n"
+    )
+}
+
+#[test]
+fn wg_quick_with_nexodus_against_stock_wireguard_go_and_syncconf() {
+    let dir = tempdir("quick");
+    // wg-quick runs one command with the interface name as its only argument.
+    let wrapper = dir.path().join("nexodus-wg");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {BIN} wg \"$@\"\n")).unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&wrapper)
+        .status()
+        .unwrap();
+    let (k1, p1) = genkey();
+    let (k2, p2) = genkey();
+    let ns1 = Netns::new("wgm-q-1");
+    let ns2 = Netns::new("wgm-q-2");
+    ns1.ok(&[
+        "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", &ns2.name,
+    ]);
+    for (ns, n) in [(&ns1, 1), (&ns2, 2)] {
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("192.0.2.{n}/24"),
+            "dev",
+            "veth0",
+        ]);
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("2001:db8:7::{n}/64"),
+            "dev",
+            "veth0",
+            "nodad",
+        ]);
+        ns.ok(&["ip", "link", "set", "veth0", "up"]);
+    }
+    let up = |ns: &Netns, iface: &str, conf: String, userspace: &str| {
+        let path = dir.path().join(format!("{iface}.conf"));
+        std::fs::write(&path, conf).unwrap();
+        let out = ns
+            .cmd(&["wg-quick", "up", path.to_str().unwrap()])
+            .env("WG_QUICK_USERSPACE_IMPLEMENTATION", userspace)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "wg-quick up {iface}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let q1 = Quick {
+        iface: "wgmq1".into(),
+        ns: ns1,
+    };
+    let q2 = Quick {
+        iface: "wgmq2".into(),
+        ns: ns2,
+    };
+    up(
+        &q1.ns,
+        "wgmq1",
+        quick_conf(&k1, 1, &p2, "192.0.2.2:10002", ""),
+        wrapper.to_str().unwrap(),
+    );
+    up(
+        &q2.ns,
+        "wgmq2",
+        quick_conf(&k2, 2, &p1, "192.0.2.1:10001", ""),
+        "wireguard-go",
+    );
+    // Which implementation serves each: nexodus answers with our process name.
+    let comm = |ns: &Netns| {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &ns.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
+            .collect::<String>()
+    };
+    assert!(comm(&q1.ns).contains("nexodus"), "{}", comm(&q1.ns));
+    assert!(comm(&q2.ns).contains("wireguard-go"), "{}", comm(&q2.ns));
+    for (from, to) in [
+        (&q1.ns, "10.78.0.2"),
+        (&q1.ns, "fd78::2"),
+        (&q2.ns, "10.78.0.1"),
+        (&q2.ns, "fd78::1"),
+    ] {
+        assert!(from.ping_until(to, WAIT), "{} cannot ping {to}", from.name);
+    }
+    // syncconf, live: IPv6 transport and one more allowed prefix.
+    let conf2 = dir.path().join("wgmq1-v6.conf");
+    std::fs::write(
+        &conf2,
+        quick_conf(&k1, 1, &p2, "[2001:db8:7::2]:10002", ", 10.78.9.0/24"),
+    )
+    .unwrap();
+    q1.ns.ok(&[
+        "bash",
+        "-c",
+        &format!("wg syncconf wgmq1 <(wg-quick strip {})", conf2.display()),
+    ]);
+    let allowed = q1.ns.ok(&["wg", "show", "wgmq1", "allowed-ips"]);
+    assert!(allowed.contains("10.78.9.0/24"), "{allowed}");
+    // Our packets now leave over v6; the stock peer roams to our v6 address (and a
+    // packet it sent before that may move us back to v4 for a moment: wait).
+    assert!(q1.ns.ping_until("10.78.0.2", WAIT));
+    assert!(q1.ns.ping_until("fd78::2", WAIT));
+    wait_until("both sides on v6 transport", WAIT, || {
+        let ours = q1.ns.ok(&["wg", "show", "wgmq1", "endpoints"]);
+        let theirs = q2.ns.ok(&["wg", "show", "wgmq2", "endpoints"]);
+        let done =
+            ours.contains("[2001:db8:7::2]:10002") && theirs.contains("[2001:db8:7::1]:10001");
+        if !done {
+            assert!(q1.ns.ping_until("10.78.0.2", WAIT));
+        }
+        done.then_some(())
+    });
+    assert!(q2.ns.ping_until("10.78.0.1", WAIT));
+    // wg-quick down removes the interface; our process exits with it.
+    let path1 = dir.path().join("wgmq1.conf");
+    q1.ns.ok(&["wg-quick", "down", path1.to_str().unwrap()]);
+    wait_until("nexodus wg to exit", WAIT, || {
+        (!comm(&q1.ns).contains("nexodus")).then_some(())
+    });
+}

@@ -3,7 +3,7 @@
 # boringtun-cli and gotatun-cli), between two network namespaces joined by a veth pair.
 #
 #   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--userspace]
-#                              [--cc cubic] [--no-install] [--skip-main]
+#                              [--underlay6] [--cc cubic] [--no-install] [--skip-main]
 #
 # Per round, in alternation (bare veth, nexodus, boringtun-cli, gotatun-cli,
 # wireguard-go), each tunnel set up fresh and torn down after its run: ping RTT A->B
@@ -16,6 +16,9 @@
 # --relay-only) with nexodus direct on that topology.
 # --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
 # listener on A's loopback to B's TUN address) with TUN mode, in alternation.
+# --underlay6 measures nexodus over an IPv6 underlay (coordinator on [::], nodes join
+# [2001:db8:5100::1]:4443, peers on v6 endpoints) against the v4-underlay row of the
+# same run (measured in this phase too, in alternation, under --skip-main).
 # Installs what is missing (apt: iperf3 wireguard-go wireguard-tools iproute2
 # iputils-ping jq; cargo: boringtun-cli 0.7, gotatun-cli 0.10.2) and builds nexodus
 # in release mode. Everything it creates (namespaces nxb-*, processes, UAPI sockets,
@@ -23,13 +26,14 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     echo
     echo "Options:"
     echo "  --rounds N      rounds of the alternation (default 3)"
     echo "  --seconds N     iperf3 duration per stream, after 1 s of warm-up (default 10)"
     echo "  --relay         also measure nexodus through a relay node"
     echo "  --userspace     also measure rootless mode (--userspace) against TUN mode"
+    echo "  --underlay6     also measure nexodus over an IPv6 underlay against the IPv4 one"
     echo "  --metrics       also measure TUN mode while /metrics is scraped 100 times per stream"
     echo "  --cc NAME       TCP congestion control of the iperf3 sender (default cubic)"
     echo "  --no-install    do not install packages, boringtun-cli or gotatun-cli, do not build"
@@ -44,6 +48,7 @@ ROUNDS=3
 DUR=10
 RELAY=0
 USERSPACE=0
+UNDERLAY6=0
 METRICS=0
 INSTALL=1
 MAIN=1
@@ -55,6 +60,7 @@ while [ $# -gt 0 ]; do
     --seconds) DUR="${2:?--seconds needs a number}"; shift 2 ;;
     --relay) RELAY=1; shift ;;
     --userspace) USERSPACE=1; shift ;;
+    --underlay6) UNDERLAY6=1; shift ;;
     --metrics) METRICS=1; shift ;;
     --cc) CC="${2:?--cc needs a name}"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
@@ -107,6 +113,7 @@ declare -A IFNAME=(
     [wireguard-go.a]=nxbwa [wireguard-go.b]=nxbwb
 )
 ALL_NS=("$NS_A" "$NS_B" "$NS_R")
+A_DEV=$VETH_A          # A's underlay interface (the bridge once the relay phase made it)
 
 WORK=""
 PIDS=()
@@ -326,6 +333,7 @@ setup_relay_topology() {
     nsx "$NS_A" ip link set "$VETH_A" master "$BRIDGE"
     nsx "$NS_A" ip link set "$VETH_RA" master "$BRIDGE"
     nsx "$NS_A" ip addr add "$UNDER_A/24" dev "$BRIDGE"
+    A_DEV=$BRIDGE
     nsx "$NS_A" ip link set "$VETH_RA" up
     nsx "$NS_A" ip link set "$BRIDGE" up
     nsx "$NS_R" ip addr add "$UNDER_R/24" dev "$VETH_R"
@@ -333,6 +341,22 @@ setup_relay_topology() {
     wait_until 15 "the bridge (A to B)" nsx "$NS_A" ping -c 1 -W 1 "$UNDER_B"
     wait_until 15 "the bridge (R to B)" nsx "$NS_R" ping -c 1 -W 1 "$UNDER_B"
     wait_until 15 "the bridge (R to A)" nsx "$NS_R" ping -c 1 -W 1 "$UNDER_A"
+}
+
+# underlay6 on|off: A's and B's IPv6 underlay addresses there or not. A node reports
+# every global underlay address it has and a peer prefers v6 when both sides have one,
+# so the v4-underlay nexodus runs go without them (as the stock peers, which are given
+# v4 endpoints); bare's v6 row and the v6-underlay phase need them.
+underlay6() {
+    if [ "$1" = on ]; then
+        nsx "$NS_A" ip -6 addr replace "$UNDER6_A/64" dev "$A_DEV" nodad
+        nsx "$NS_B" ip -6 addr replace "$UNDER6_B/64" dev "$VETH_B" nodad
+        wait_until 10 "the IPv6 underlay" nsx "$NS_A" ping -6 -c 1 -W 1 "$UNDER6_B" ||
+            die "no IPv6 underlay between $NS_A and $NS_B"
+    else
+        nsx "$NS_A" ip -6 addr del "$UNDER6_A/64" dev "$A_DEV" 2>/dev/null || true
+        nsx "$NS_B" ip -6 addr del "$UNDER6_B/64" dev "$VETH_B" 2>/dev/null || true
+    fi
 }
 
 # ---------------------------------------------------------------- measurements
@@ -432,6 +456,7 @@ scrape_metrics() {
 # and MEM_PID (the process in A whose RSS is recorded).
 
 start_bare() {
+    underlay6 on
     TUN_A4=$UNDER_B TUN_A6=$UNDER6_B TPIDS=() MEM_PID=""
 }
 
@@ -495,23 +520,47 @@ peer_listed() {
     status_of "$1" | jq -e --arg h "$2" '.peers[] | select(.hostname == $h)' >/dev/null
 }
 
+# endpoint_of DIR HOSTNAME: the underlay endpoint the node uses for HOSTNAME ("null" if none).
+endpoint_of() {
+    status_of "$1" | jq -r --arg h "$2" 'first(.peers[] | select(.hostname == $h) | .endpoint)'
+}
+
+# endpoint_is FAMILY DIR HOSTNAME: that endpoint is a v4 (a.b.c.d:port) or v6 ([…]:port) one.
+endpoint_is() {
+    local ep
+    ep=$(endpoint_of "$2" "$3")
+    case "$1" in
+    v4) [[ "$ep" =~ ^[0-9.]+:[0-9]+$ ]] ;;
+    v6) [[ "$ep" =~ ^\[[0-9a-fA-F:]+\]:[0-9]+$ ]] ;;
+    esac
+}
+
 # start_nexodus ROUND MODE: MODE is direct (A, B), mesh3 (A, B and relay R, A and B
 # direct), relayed (A --relay-only through R) or userspace (A rootless: --userspace
-# with egress listeners on its loopback to B's iperf3, as an unprivileged user).
+# with egress listeners on its loopback to B's iperf3, as an unprivileged user) or
+# v6under (A and B direct over the IPv6 underlay: coordinator on [::], joined at A's v6
+# address). Every other mode runs without v6 underlay addresses, so over IPv4.
 start_nexodus() {
     local round=$1 mode=$2 token
     local d="$WORK/nexodus.$mode.$round"
     mkdir -p "$d"/{coord,a,b,r}
     TPIDS=()
+    local listen=("$UNDER_A:4443" "$UNDER_A:3478") coord="$UNDER_A:4443" under=v4
+    if [ "$mode" = v6under ]; then
+        listen=("[::]:4443" "[::]:3478") coord="[$UNDER6_A]:4443" under=v6
+        underlay6 on
+    else
+        underlay6 off
+    fi
     spawn "$NS_A" "$d/coord.log" env RUST_LOG=info "$NX" serve \
-        --listen "$UNDER_A:4443" --stun-listen "$UNDER_A:3478" --state-dir "$d/coord"
+        --listen "${listen[0]}" --stun-listen "${listen[1]}" --state-dir "$d/coord"
     TPIDS+=("$SPAWNED")
     wait_until 20 "the coordinator" grep -q "coordinator running" "$d/coord.log" ||
         { show_log "$d/coord.log"; die "coordinator did not start"; }
     token=$("$NX" token create --reusable --state-dir "$d/coord" | tr -d '[:space:]')
     local common=(--token "$token")
     if [ "$mode" = mesh3 ] || [ "$mode" = relayed ]; then
-        spawn "$NS_R" "$d/r.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
+        spawn "$NS_R" "$d/r.log" env RUST_LOG=info "$NX" join "$coord" "${common[@]}" \
             --hostname nxb-r --state-dir "$d/r" --interface "${IFNAME[nexodus.r]}" \
             --listen-port "$WG_PORT" --request-ip 100.64.0.3,200::3 --relay
         RELAY_PID=$SPAWNED
@@ -540,12 +589,12 @@ start_nexodus() {
         chown nobody "$d/a"
         arun=(setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all)
     fi
-    spawn "$NS_A" "$d/a.log" env RUST_LOG=info "${arun[@]}" "$NX" join "$UNDER_A:4443" "${common[@]}" \
+    spawn "$NS_A" "$d/a.log" env RUST_LOG=info "${arun[@]}" "$NX" join "$coord" "${common[@]}" \
         --hostname nxb-a --state-dir "$d/a" --interface "${IFNAME[nexodus.a]}" \
         --listen-port "$WG_PORT" --request-ip "$IN_A,$IN6_A" "${aflags[@]}"
     MEM_PID=$SPAWNED
     TPIDS+=("$SPAWNED")
-    spawn "$NS_B" "$d/b.log" env RUST_LOG=info "$NX" join "$UNDER_A:4443" "${common[@]}" \
+    spawn "$NS_B" "$d/b.log" env RUST_LOG=info "$NX" join "$coord" "${common[@]}" \
         --hostname nxb-b --state-dir "$d/b" --interface "${IFNAME[nexodus.b]}" \
         --listen-port "$WG_PORT" --request-ip "$IN_B,$IN6_B" "${bflags[@]}"
     TPIDS+=("$SPAWNED")
@@ -576,6 +625,25 @@ start_nexodus() {
         die "nexodus tunnel did not come up"
     fi
     NX_DIR=$d
+    # Direct modes: A and B reach each other over the underlay family the row is named
+    # after (a v6 endpoint in status), or the row would measure the other one.
+    if [ "$mode" = direct ] || [ "$mode" = scraped ] || [ "$mode" = v6under ]; then
+        if ! { wait_until 10 "A's endpoint for nxb-b to be $under" endpoint_is "$under" "$d/a" nxb-b &&
+            wait_until 10 "B's endpoint for nxb-a to be $under" endpoint_is "$under" "$d/b" nxb-a; }; then
+            status_of "$d/a" >&2 || true
+            die "nexodus $mode: peers are not on $under underlay endpoints" \
+                "(A uses $(endpoint_of "$d/a" nxb-b) for nxb-b, B uses $(endpoint_of "$d/b" nxb-a) for nxb-a)"
+        fi
+        log "  underlay endpoints: A->B $(endpoint_of "$d/a" nxb-b), B->A $(endpoint_of "$d/b" nxb-a)"
+    fi
+    if [ "$mode" = v6under ]; then
+        # A full-MTU inner packet must fit the v6 underlay's 1500 bytes unfragmented:
+        # TUN_MTU + 40 (IPv6) + 8 (UDP) + 32 (WireGuard).
+        if ! { nsx "$NS_A" ping -c 1 -W 2 -M do -s $((TUN_MTU - 28)) "$IN_B" >/dev/null &&
+            nsx "$NS_A" ping -6 -c 1 -W 2 -M do -s $((TUN_MTU - 48)) "$IN6_B" >/dev/null; }; then
+            die "nexodus v6under: a full $TUN_MTU-byte inner packet does not cross the v6 underlay"
+        fi
+    fi
     local mtu
     mtu=$(ip -n "$NS_A" -j link show "${IFNAME[nexodus.a]}" | jq '.[0].mtu')
     [ "$mtu" = "$TUN_MTU" ] || log "WARNING: nexodus interface MTU is $mtu, not $TUN_MTU"
@@ -605,6 +673,7 @@ run_one() {
     nexodus-tun) start_nexodus "$round" direct ;;
     nexodus-userspace) start_nexodus "$round" userspace ;;
     nexodus-scraped) start_nexodus "$round" scraped ;;
+    nexodus-v6under) start_nexodus "$round" v6under ;;
     boringtun-cli | gotatun-cli | wireguard-go) start_stock "$impl" "$round" ;;
     esac
     measure "$impl" "$round" "$TUN_A4" "$TUN_A6"
@@ -644,17 +713,24 @@ median() { # IMPL METRIC -> median of the numeric values, or "-"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
 
+# Row names in the tables where an implementation's id says too little.
+declare -A LABEL=([nexodus-v6under]="nexodus (v6 underlay)")
+
 report() {
-    local impl v4 v6 rtt rtt500 cpu rss
+    local impl v4 v6 rtt rtt500 cpu rss w=16 label
+    for impl in "$@"; do
+        label=${LABEL[$impl]:-$impl}
+        [ "${#label}" -le "$w" ] || w=${#label}
+    done
     echo
     echo "Throughput A->B, 1 TCP stream ($CC), ${DUR} s (+1 s warm-up), median of $ROUNDS round(s); veth MTU 1500, tunnel MTU $TUN_MTU; $(nproc) CPUs"
-    printf '%-16s %10s %10s %9s %11s %11s %11s\n' implementation "v4 Gbit/s" "v6 Gbit/s" \
+    printf '%-*s %10s %10s %9s %11s %11s %11s\n' "$w" implementation "v4 Gbit/s" "v6 Gbit/s" \
         "RTT ms" "RTT@500/s" "CPU/Gbit v4" "RSS(A) MiB"
     for impl in "$@"; do
         v4=$(median "$impl" v4) v6=$(median "$impl" v6) rtt=$(median "$impl" rtt_ms)
         rtt500=$(median "$impl" rtt500_ms) cpu=$(median "$impl" cpu_v4) rss=$(median "$impl" rss_kb)
         [ "$rss" = - ] || rss=$(awk -v k="$rss" 'BEGIN {printf "%.1f", k / 1024}')
-        printf '%-16s %10s %10s %9s %11s %11s %11s\n' "$impl" "$v4" "$v6" "$rtt" "$rtt500" "$cpu" "$rss"
+        printf '%-*s %10s %10s %9s %11s %11s %11s\n' "$w" "${LABEL[$impl]:-$impl}" "$v4" "$v6" "$rtt" "$rtt500" "$cpu" "$rss"
     done
     echo "(CPU/Gbit: CPUs busy across the whole machine, both ends and iperf3 included, per Gbit/s carried)"
 }
@@ -705,6 +781,27 @@ if [ "$MAIN" = 1 ]; then
     echo "added RTT over bare veth, ms (idle / 500 pings/s): ${line#, }"
 fi
 
+if [ "$UNDERLAY6" = 1 ]; then
+    log "v6-underlay phase: coordinator on [::]:4443, A and B join [$UNDER6_A]:4443, peers on v6 endpoints"
+    if [ "$MAIN" = 1 ]; then
+        run_rounds nexodus-v6under # against the main comparison's nexodus row
+        v4from="the main comparison's nexodus row, same run"
+    else
+        run_rounds nexodus nexodus-v6under
+        v4from="measured in this phase, in alternation"
+    fi
+    LABEL[nexodus]="nexodus (v4 underlay)"
+    report nexodus nexodus-v6under
+    echo "(v4 underlay: $v4from; the same veth, A and B without their v6 addresses. Tunnel MTU $TUN_MTU in"
+    echo " both: nexodus's fixed MTU is 1500 - 40 (IPv6) - 8 (UDP) - 32 (WireGuard), so it fits a v6"
+    echo " underlay unfragmented and leaves 20 bytes of each frame unused over v4)"
+    for fam in v4 v6; do
+        echo "v6 underlay/v4 underlay $fam: $(ratio "$(median nexodus-v6under "$fam")" "$(median nexodus "$fam")")" \
+            "   CPU of the nexodus processes per Gbit/s: v4 underlay $(median nexodus "own_cpu_$fam")," \
+            "v6 underlay $(median nexodus-v6under "own_cpu_$fam")"
+    done
+    echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
+fi
 if [ "$RELAY" = 1 ]; then
     log "relay phase: third namespace $NS_R, underlay on a bridge in $NS_A"
     setup_relay_topology

@@ -188,5 +188,11 @@ fn restart_outage_and_removal() {
     });
     assert!(!code.success());
     let log = std::fs::read_to_string(&b.log).unwrap();
-    assert!(log.contains("removed from its organization"), "{log}");
+    // The removal reaches B as the delta naming it, or (when another call on the
+    // connection ended it first) as the refused login: both say what happened.
+    assert!(
+        log.contains("removed from its organization")
+            || log.contains("the coordinator no longer knows this device (was it removed?)"),
+        "{log}"
+    );
 }

@@ -683,19 +683,16 @@ impl MeshState {
                 out.push(Action::UpsertPeer(plan.clone()));
             }
         }
-        // A route over a peer's own endpoint would send the tunnel into itself.
-        // Sorted: whether a prefix holds one is a range lookup, not a scan (N peers'
-        // routes against N endpoints would be quadratic).
-        let endpoints: BTreeSet<std::net::IpAddr> = self
-            .devices
+        // A route over the endpoint we send a peer's packets to would send the
+        // tunnel into itself. Only the endpoints in use count: a peer lists every
+        // underlay address it has (DESIGN §9), and a LAN holding one it is not
+        // reached at may still be routed. Sorted: whether a prefix holds one is a
+        // range lookup, not a scan (N peers' routes against N endpoints would be
+        // quadratic).
+        let endpoints: BTreeSet<std::net::IpAddr> = desired
             .values()
-            .flat_map(|d| {
-                d.endpoints
-                    .iter()
-                    .chain(&d.reflexive_endpoint)
-                    .chain(&d.reflexive_endpoint_v6)
-            })
-            .map(|e| e.ip())
+            .filter_map(|p| p.endpoint)
+            .map(|e| e.ip().to_canonical())
             .collect();
         let routes: BTreeSet<IpNet> = desired
             .values()

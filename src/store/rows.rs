@@ -9,7 +9,7 @@
 use std::str::FromStr;
 
 use super::addrs::DeviceAddrs;
-use super::{AdvertisedBy, Change, Organization, StoreError, StoredPolicy};
+use super::{AdvertisedBy, Change, LogEntry, Organization, StoreError, StoredPolicy};
 use crate::wire::control::{Approved, Device};
 
 /// The device columns in `Device` order (a macro, so `concat!` can build queries).
@@ -167,6 +167,16 @@ pub fn change(row: &impl Row) -> Result<Change, StoreError> {
         organization_id: row.col(1)?,
         device_id: row.col(2)?,
         device: present.map(|_| device(row, 3)).transpose()?,
+    })
+}
+
+/// `revision, organization_id, device_id, kind = 'remove'` of the change log.
+pub fn log_entry(row: &impl Row) -> Result<LogEntry, StoreError> {
+    Ok(LogEntry {
+        revision: row.col(0)?,
+        organization_id: row.col(1)?,
+        device_id: row.col(2)?,
+        removed: row.col(3)?,
     })
 }
 

@@ -256,14 +256,7 @@ impl Tx for Sql<'_> {
             "SELECT revision, organization_id, device_id, kind = 'remove' FROM changes \
              WHERE revision > ?1 AND kind <> 'online' ORDER BY revision",
             [revision],
-            |r| {
-                Ok(LogEntry {
-                    revision: r.col(0)?,
-                    organization_id: r.col(1)?,
-                    device_id: r.col(2)?,
-                    removed: r.col(3)?,
-                })
-            },
+            |r| rows::log_entry(r),
         )
     }
 

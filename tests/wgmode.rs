@@ -902,3 +902,23 @@ fn a_moved_interface_deleted_in_its_new_namespace_ends_the_process() {
         .ok(&["ip", "link", "set", &m.a.iface, "netns", &m.a.ns.name]);
     assert!(!m.a.show("listen-port").trim().is_empty());
 }
+
+#[test]
+fn a_peer_with_a_larger_mtu_than_ours_is_heard() {
+    let m = moved("p");
+    m.endpoints(false);
+    pings(&m.a, &m.b.inner4);
+    // Only a goes to 34 KiB: b decrypts datagrams larger than its own MTU allows for
+    // (written to its TUN as they are), and its replies come back in 1,420-byte pieces.
+    let big = (34816 - 1500 + 1420).to_string();
+    m.a.ns.ok(&["ip", "link", "set", &m.a.iface, "mtu", &big]);
+    for to in [&m.b.inner4, &m.b.inner6] {
+        wait_until("a 30,000-byte ping", WAIT, || {
+            m.a.ns
+                .try_run(&[
+                    "ping", "-c", "1", "-W", "1", "-s", "30000", "-M", "dont", to,
+                ])
+                .then_some(())
+        });
+    }
+}

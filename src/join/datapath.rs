@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::io::tun::PacketDevice;
 use crate::io::udp;
 use crate::node::dataplane::{
-    Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId, PeerStats,
+    Counters, DataPlane, Incoming, MIN_OUT_LEN, Outgoing, PeerConfig, PeerId, PeerStats,
 };
 use crate::node::nat::StunGate;
 use crate::wire::stun;
@@ -506,7 +506,7 @@ impl Loop {
         let full = t
             .train
             .as_ref()
-            .is_some_and(|tr| tr.len + TRAIN_MAX_SEGMENT > MAX_UDP || tr.count >= max_segments);
+            .is_some_and(|tr| tr.len + TUN_PACKET > MAX_UDP || tr.count >= max_segments);
         if full {
             self.flush_train(t);
         }
@@ -551,7 +551,7 @@ impl Loop {
                     break;
                 };
                 // Room for this one after the train, or send the train first.
-                let need = len.next_multiple_of(16) + DATA_OVERHEAD;
+                let need = (len.next_multiple_of(16) + DATA_OVERHEAD).max(MIN_OUT_LEN);
                 if b.gso.spare().is_none_or(|s| s.len() < need) {
                     self.flush_train(&mut b.gso);
                 }

@@ -43,6 +43,9 @@ const IDLE: Duration = Duration::from_secs(10);
 /// Tunnel MTU until the interface says otherwise (wireguard-go's default).
 const DEFAULT_MTU: u16 = 1420;
 
+/// How long a UAPI socket still answering may take to go before it counts as in use.
+const SOCKET_RELEASE: Duration = Duration::from_secs(2);
+
 /// How often the interface's MTU and existence are looked at (`ip link set mtu`
 /// has no other way to reach us once the interface is in another namespace).
 const CHECK: Duration = Duration::from_millis(200);
@@ -205,8 +208,15 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, WgError> {
         path: path.to_path_buf(),
         source,
     };
-    if UnixStream::connect(path).await.is_ok() {
-        return Err(WgError::SocketInUse(path.to_path_buf()));
+    // A process whose interface was just deleted is on its way out (it removes its
+    // socket within milliseconds): give it a moment before calling the name taken,
+    // so `ip link del wg0; nexodus wg wg0` works as with wireguard-go.
+    let deadline = tokio::time::Instant::now() + SOCKET_RELEASE;
+    while UnixStream::connect(path).await.is_ok() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(WgError::SocketInUse(path.to_path_buf()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     crate::fsutil::create_private_dir(Path::new(SOCKET_DIR)).map_err(err)?;
     let _ = std::fs::remove_file(path);

@@ -5,13 +5,14 @@
 #   sudo benches/throughput.sh [--rounds 3] [--seconds 10] [--relay] [--userspace]
 #                              [--underlay6] [--cc cubic] [--no-install] [--skip-main]
 #
-# Per round, in alternation (bare veth, nexodus, boringtun-cli, gotatun-cli,
-# wireguard-go), each tunnel set up fresh and torn down after its run: ping RTT A->B
+# Per round, in alternation (bare veth, nexodus, nexodus-wg, boringtun-cli,
+# gotatun-cli, wireguard-go), each tunnel set up fresh and torn down after its run: ping RTT A->B
 # (20 pings 50 ms apart, an idle tunnel; then 200 pings 2 ms apart) and one TCP stream
 # of iperf3 A->B for --seconds over the inner IPv4 and the inner IPv6 address, with
 # congestion control --cc (default cubic, the kernel's default, whatever the host's
 # sysctl says), and the machine's busy CPU time per Gbit/s carried. Prints the medians
-# over the rounds and the ratio of nexodus to each stock peer. --relay adds a third
+# over the rounds and the ratio of nexodus (and of nexodus-wg: `nexodus wg IFNAME`
+# configured by `wg set` exactly as the stock peers are) to each stock peer. --relay adds a third
 # namespace running `nexodus join --relay` and compares nexodus relayed (A
 # --relay-only) with nexodus direct on that topology.
 # --userspace compares rootless mode (A `join --userspace`, iperf3 through an --egress
@@ -111,6 +112,7 @@ declare -A IFNAME=(
     [boringtun-cli.a]=nxbta [boringtun-cli.b]=nxbtb
     [gotatun-cli.a]=nxbga [gotatun-cli.b]=nxbgb
     [wireguard-go.a]=nxbwa [wireguard-go.b]=nxbwb
+    [nexodus-wg.a]=nxbxa [nexodus-wg.b]=nxbxb
 )
 ALL_NS=("$NS_A" "$NS_B" "$NS_R")
 A_DEV=$VETH_A          # A's underlay interface (the bridge once the relay phase made it)
@@ -461,7 +463,8 @@ start_bare() {
 }
 
 # Stock WireGuard daemons: KIND is wireguard-go, boringtun-cli or gotatun-cli (whose
-# command line and UAPI are boringtun-cli's).
+# command line and UAPI are boringtun-cli's), or nexodus-wg (`nexodus wg`, our data
+# plane as a userspace WireGuard, set up the same way).
 start_stock() {
     local kind=$1 round=$2 side ns ifn pid
     local d="$WORK/$kind.$round"
@@ -473,6 +476,8 @@ start_stock() {
         rm -f "/var/run/wireguard/$ifn.sock"
         if [ "$kind" = wireguard-go ]; then
             spawn "$ns" "$d/$side.log" wireguard-go -f "$ifn"
+        elif [ "$kind" = nexodus-wg ]; then
+            spawn "$ns" "$d/$side.log" "$NX" wg --foreground "$ifn"
         else
             local cli=$BTCLI
             [ "$kind" = gotatun-cli ] && cli=$GTCLI
@@ -674,7 +679,7 @@ run_one() {
     nexodus-userspace) start_nexodus "$round" userspace ;;
     nexodus-scraped) start_nexodus "$round" scraped ;;
     nexodus-v6under) start_nexodus "$round" v6under ;;
-    boringtun-cli | gotatun-cli | wireguard-go) start_stock "$impl" "$round" ;;
+    boringtun-cli | gotatun-cli | wireguard-go | nexodus-wg) start_stock "$impl" "$round" ;;
     esac
     measure "$impl" "$round" "$TUN_A4" "$TUN_A6"
     if [ -n "$MEM_PID" ]; then
@@ -763,21 +768,23 @@ setup_topology
 
 STOCK=(boringtun-cli gotatun-cli wireguard-go)
 if [ "$MAIN" = 1 ]; then
-    IMPLS=(bare nexodus "${STOCK[@]}")
+    IMPLS=(bare nexodus nexodus-wg "${STOCK[@]}")
     run_rounds "${IMPLS[@]}"
 
     report "${IMPLS[@]}"
     echo "load average before: $LOAD_START, after: $(cut -d' ' -f1-3 /proc/loadavg) (other load skews the figures)"
     echo
-    for fam in v4 v6; do
-        line=""
-        for impl in "${STOCK[@]}"; do
-            line+="nexodus/$impl $fam: $(ratio "$(median nexodus "$fam")" "$(median "$impl" "$fam")")    "
+    for ours in nexodus nexodus-wg; do
+        for fam in v4 v6; do
+            line=""
+            for impl in "${STOCK[@]}"; do
+                line+="$ours/$impl $fam: $(ratio "$(median "$ours" "$fam")" "$(median "$impl" "$fam")")    "
+            done
+            echo "${line%    }"
         done
-        echo "${line%    }"
     done
     line=""
-    for impl in nexodus "${STOCK[@]}"; do line+=", $impl $(added_rtt "$impl")"; done
+    for impl in nexodus nexodus-wg "${STOCK[@]}"; do line+=", $impl $(added_rtt "$impl")"; done
     echo "added RTT over bare veth, ms (idle / 500 pings/s): ${line#, }"
 fi
 

@@ -460,7 +460,8 @@ fn exits_when_the_interface_is_deleted() {
     let (a, _b) = pair("x");
     assert!(a.socket().exists());
     a.ns.ok(&["ip", "link", "del", &a.iface]);
-    wait_until("the socket to go", WAIT, || {
+    // The data path reports the dead TUN at once (no spinning on its errors).
+    wait_until("the socket to go", Duration::from_secs(2), || {
         (!a.socket().exists()).then_some(())
     });
     wait_until("the process to exit", WAIT, || {
@@ -628,4 +629,294 @@ fn wg_quick_with_nexodus_against_stock_wireguard_go_and_syncconf() {
     wait_until("nexodus wg to exit", WAIT, || {
         (!comm(&q1.ns).contains("nexodus")).then_some(())
     });
+}
+
+/// wireguard-go's own topology (`tests/netns.sh`): both `nexodus wg` processes run in
+/// `wm-TAG-0`, their interfaces are moved to `wm-TAG-1` and `wm-TAG-2` right after
+/// creation, and the UDP sockets stay behind in `wm-TAG-0`, where the peers reach each
+/// other over its loopback. Inner addresses 10.79.0.n/24 and fd79::n/64, a preshared
+/// key, ports 1000n, no endpoints yet. Sides are dropped before `ns0` (field order).
+struct Moved {
+    a: Side,
+    b: Side,
+    ns0: Netns,
+}
+
+fn moved(tag: &str) -> Moved {
+    let ns0 = Netns::new(&format!("wm-{tag}-0"));
+    let psk = String::from_utf8(Command::new("wg").arg("genpsk").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut sides = Vec::new();
+    for n in 1..=2 {
+        let ns = Netns::new(&format!("wm-{tag}-{n}"));
+        let iface = format!("wm{tag}{n}");
+        let status = ns0
+            .cmd(&[BIN, "wg", &iface])
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "nexodus wg {iface}: {status}");
+        ns0.ok(&["ip", "link", "set", &iface, "netns", &ns.name]);
+        let (key, public) = genkey();
+        sides.push(Side {
+            inner4: format!("10.79.0.{n}"),
+            inner6: format!("fd79::{n}"),
+            iface,
+            key,
+            public,
+            ns,
+        });
+    }
+    let dir = tempdir(tag);
+    for (n, me) in [1, 2].into_iter().zip(&sides) {
+        let other = &sides[2 - n];
+        let key = dir.path().join(format!("key{n}"));
+        std::fs::write(&key, &me.key).unwrap();
+        let pskf = dir.path().join("psk");
+        std::fs::write(&pskf, &psk).unwrap();
+        // Driven from ns0, where the processes run, as the script does.
+        let mut args = vec!["wg", "set", &me.iface, "private-key"];
+        let (key, pskf) = (key.to_str().unwrap(), pskf.to_str().unwrap());
+        let port = format!("1000{n}");
+        let allowed = format!("{}/32,{}/128", other.inner4, other.inner6);
+        args.extend([key, "listen-port", &port, "peer", &other.public]);
+        args.extend(["preshared-key", pskf, "allowed-ips", &allowed]);
+        ns0.ok(&args);
+        me.ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", me.inner4),
+            "dev",
+            &me.iface,
+        ]);
+        let cidr6 = format!("{}/64", me.inner6);
+        me.ns
+            .ok(&["ip", "addr", "add", &cidr6, "dev", &me.iface, "nodad"]);
+        me.ns.ok(&["ip", "link", "set", "up", "dev", &me.iface]);
+    }
+    let b = sides.pop().unwrap();
+    let a = sides.pop().unwrap();
+    Moved { a, b, ns0 }
+}
+
+impl Moved {
+    /// Points each side at the other over ns0's loopback, of one family.
+    fn endpoints(&self, v6: bool) {
+        for (me, other, n) in [(&self.a, &self.b, 2), (&self.b, &self.a, 1)] {
+            let ep = if v6 {
+                format!("[::1]:1000{n}")
+            } else {
+                format!("127.0.0.1:1000{n}")
+            };
+            let args = [
+                "wg",
+                "set",
+                &me.iface,
+                "peer",
+                &other.public,
+                "endpoint",
+                &ep,
+            ];
+            self.ns0.ok(&args);
+        }
+    }
+
+    fn set_mtu(&self, mtu: u32) {
+        for s in [&self.a, &self.b] {
+            s.ns.ok(&["ip", "link", "set", &s.iface, "mtu", &mtu.to_string()]);
+        }
+    }
+
+    /// The script's `tests`: pings each way on both inner families, TCP a→b (v4)
+    /// and b→a (v6), UDP b→a (v4) and a→b (v6).
+    fn rounds(&self, what: &str) {
+        let (a, b) = (&self.a, &self.b);
+        for (x, y) in [(a, b), (b, a)] {
+            pings(x, &y.inner4);
+            pings(x, &y.inner6);
+            flood_ping(x, &y.inner4);
+            flood_ping(x, &y.inner6);
+        }
+        let tcp4 = iperf(b, a, &b.inner4, false);
+        let tcp6 = iperf(a, b, &a.inner6, false);
+        let udp4 = iperf_udp(a, b, &a.inner4);
+        let udp6 = iperf_udp(b, a, &b.inner6);
+        eprintln!(
+            "{what}: TCP a→b {tcp4:.0} Mbit/s, b→a {tcp6:.0} Mbit/s; \
+             UDP received b→a {udp4} MiB, a→b {udp6} MiB"
+        );
+    }
+}
+
+/// A counter of `/proc/net/FILE` as seen in `ns` (`snmp`: header and value lines
+/// per protocol; `snmp6`: name and value per line).
+fn snmp_counter(ns: &Netns, file: &str, name: &str) -> u64 {
+    let text = ns.ok(&["cat", &format!("/proc/net/{file}")]);
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&name) {
+            return words.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+        if let Some(at) = words.iter().position(|w| *w == name) {
+            let values = lines
+                .get(i + 1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>());
+            return values
+                .and_then(|v| v.get(at).and_then(|v| v.parse().ok()))
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
+/// `ping -c 10 -f -W 1` as the script runs it: every reply must come back.
+fn flood_ping(from: &Side, to: &str) {
+    let out = from
+        .ns
+        .cmd(&["ping", "-c", "10", "-f", "-W", "1", to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} flood ping {to}: {}",
+        from.iface,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// UDP bytes the iperf3 receiver counted, from the client's JSON.
+fn udp_received(json: &serde_json::Value) -> Option<u64> {
+    let end = &json["end"];
+    // iperf3 ≥ 3.11 reports the receiver's side apart; older ones in `sum`.
+    let sum = if end["sum_received"].is_object() {
+        &end["sum_received"]
+    } else {
+        &end["sum"]
+    };
+    let bytes = sum["bytes"].as_u64()?;
+    let lost = sum["lost_packets"].as_u64().unwrap_or(0);
+    let packets = sum["packets"].as_u64().unwrap_or(0);
+    if end["sum_received"].is_object() || packets == 0 {
+        return Some(bytes);
+    }
+    // `sum` holds what was sent; scale by what arrived.
+    Some(bytes * packets.saturating_sub(lost) / packets)
+}
+
+/// A UDP flood (`-u -b 0`) of 256 MiB from `client` to `server_addr`; returns the
+/// MiB the receiver got, which must be more than nothing.
+fn iperf_udp(server: &Side, client: &Side, server_addr: &str) -> u64 {
+    let srv = Proc::quiet({
+        let mut c = server.ns.cmd(&["iperf3", "-s", "-1", "-B", server_addr]);
+        c.die_with_parent();
+        c
+    });
+    let args = [
+        "iperf3",
+        "-Z",
+        "-u",
+        "-b",
+        "0",
+        "-n",
+        "256M",
+        "-c",
+        server_addr,
+        "-J",
+    ];
+    let got = wait_until("a UDP iperf3 run", WAIT, || {
+        let out = client.ns.cmd(&args).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let got = udp_received(&v);
+        if got.is_none() {
+            eprintln!("iperf3: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        got
+    });
+    drop(srv);
+    assert!(got > 0, "the UDP receiver at {server_addr} got nothing");
+    got >> 20
+}
+
+#[test]
+fn moved_interfaces_ping_tcp_udp_with_v4_v6_transport_and_34k_mtu() {
+    let m = moved("u");
+    let orig: u32 = 1420;
+    let big = 34816 - 1500 + orig;
+    for v6 in [false, true] {
+        m.endpoints(v6);
+        m.rounds(&format!("outer v6={v6}, MTU {orig}"));
+        m.set_mtu(big);
+        m.rounds(&format!("outer v6={v6}, MTU {big}"));
+        m.set_mtu(orig);
+    }
+    // The UDP sockets stayed in ns0: the endpoints are its loopback.
+    let eps = m.a.show("endpoints");
+    assert!(eps.contains("[::1]:10002"), "{eps}");
+    // Datagrams larger than the path: the kernel fragments them (as wireguard-go's).
+    m.ns0.ok(&["ip", "link", "set", "lo", "mtu", "1500"]);
+    m.set_mtu(big);
+    for v6 in [false, true] {
+        m.endpoints(v6);
+        m.rounds(&format!("outer v6={v6} over a 1500-byte path, MTU {big}"));
+    }
+    for (file, counter) in [("snmp", "FragCreates"), ("snmp6", "Ip6FragCreates")] {
+        let n = snmp_counter(&m.ns0, file, counter);
+        assert!(
+            n > 0,
+            "no {counter} in ns0: the large datagrams were not fragmented"
+        );
+    }
+}
+
+#[test]
+fn a_moved_interface_deleted_in_its_new_namespace_ends_the_process() {
+    let m = moved("d");
+    m.endpoints(false);
+    pings(&m.a, &m.b.inner4);
+    // `wg` in the interface's new namespace reaches the same socket.
+    let port = m.a.show("listen-port");
+    assert_eq!(port.trim(), "10001");
+    let started = Instant::now();
+    m.a.ns.ok(&["ip", "link", "del", &m.a.iface]);
+    // A new process of the same name starts right after (as the script does), in
+    // ns0, and can move too.
+    let status = m
+        .ns0
+        .cmd(&[BIN, "wg", &m.a.iface])
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "a second nexodus wg {}: {status}",
+        m.a.iface
+    );
+    eprintln!("deleted and started again in {:?}", started.elapsed());
+    m.ns0
+        .ok(&["ip", "link", "set", &m.a.iface, "netns", &m.a.ns.name]);
+    assert!(!m.a.show("listen-port").trim().is_empty());
+}
+
+#[test]
+fn a_peer_with_a_larger_mtu_than_ours_is_heard() {
+    let m = moved("p");
+    m.endpoints(false);
+    pings(&m.a, &m.b.inner4);
+    // Only a goes to 34 KiB: b decrypts datagrams larger than its own MTU allows for
+    // (written to its TUN as they are), and its replies come back in 1,420-byte pieces.
+    let big = (34816 - 1500 + 1420).to_string();
+    m.a.ns.ok(&["ip", "link", "set", &m.a.iface, "mtu", &big]);
+    for to in [&m.b.inner4, &m.b.inner6] {
+        wait_until("a 30,000-byte ping", WAIT, || {
+            m.a.ns
+                .try_run(&[
+                    "ping", "-c", "1", "-W", "1", "-s", "30000", "-M", "dont", to,
+                ])
+                .then_some(())
+        });
+    }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::io::tun::PacketDevice;
 use crate::io::udp;
 use crate::node::dataplane::{
-    Counters, DataPlane, Incoming, Outgoing, PeerConfig, PeerId, PeerStats,
+    Counters, DataPlane, Incoming, MIN_OUT_LEN, Outgoing, PeerConfig, PeerId, PeerStats,
 };
 use crate::node::nat::StunGate;
 use crate::wire::stun;
@@ -56,6 +56,13 @@ pub struct DataPathConfig {
     pub relay: bool,
     /// Where STUN answers go (bounded: [`STUN_QUEUE`]).
     pub stun_answers: tokio::sync::mpsc::Sender<StunAnswer>,
+    /// Let the kernel fragment datagrams above the path MTU (`nexodus wg`, whose
+    /// tunnel MTU may reach 65,535, as wireguard-go and the kernel do); `join` keeps
+    /// quinn-udp's "never fragment".
+    pub fragment: bool,
+    /// Told once when the TUN device is gone (deleted: reads fail for good); the
+    /// thread then stops polling it.
+    pub tun_gone: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub enum Command {
@@ -135,6 +142,9 @@ impl DataPath {
                         return;
                     }
                 };
+                if config.fragment {
+                    allow_fragments(&socket);
+                }
                 let mut lp = Loop {
                     dp,
                     tun,
@@ -143,6 +153,7 @@ impl DataPath {
                     socket,
                     config,
                     io_drops: 0,
+                    tun_lost: false,
                     stun_gate: StunGate::default(),
                     stun_unsolicited: 0,
                     stun_queue_full: 0,
@@ -188,6 +199,8 @@ struct Loop {
     local_v6: bool,
     config: DataPathConfig,
     io_drops: u64,
+    /// The TUN device is gone and no longer polled.
+    tun_lost: bool,
     /// The STUN requests we sent, which answers must match.
     stun_gate: StunGate,
     stun_unsolicited: u64,
@@ -208,6 +221,41 @@ fn poll_timeout_ms(wait: Duration) -> libc::c_int {
     libc::c_int::try_from(ms).unwrap_or(1000)
 }
 
+/// Lets the kernel fragment datagrams above the path MTU, undoing quinn-udp's
+/// `IP_PMTUDISC_PROBE`/`IPV6_DONTFRAG` (the socket then behaves as wireguard-go's:
+/// the kernel's default path-MTU handling).
+fn allow_fragments(socket: &UdpSocket) {
+    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut options = vec![(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_WANT,
+    )];
+    if v6 {
+        options.push((
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        ));
+        options.push((libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0));
+    }
+    for (level, name, value) in options {
+        // SAFETY: valid fd, pointer to a live c_int of the stated length.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(level, name, error = %std::io::Error::last_os_error(), "cannot allow fragmentation");
+        }
+    }
+}
+
 fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
@@ -216,24 +264,58 @@ fn would_block(e: &std::io::Error) -> bool {
 const UDP_BATCH: usize = 8;
 /// Largest UDP payload, and so the size of one GRO train.
 const MAX_UDP: usize = 65_535;
-/// Room for one TUN packet (MTU 1420 plus padding, with margin).
+/// Largest IP packet, and so the largest tunnel MTU.
+const MAX_PACKET: usize = 65_535;
+/// Room for one TUN packet at least (MTU 1420 plus padding, with margin); larger
+/// when the tunnel MTU is ([`packet_room`]).
 const TUN_PACKET: usize = 4096;
+/// Largest datagram put in a GSO train: a train's segments must fit the path MTU
+/// (the kernel refuses the whole train otherwise), which is not known; 1,452 bytes
+/// fit a 1,500-byte link under IPv6 (`join`'s 1,420-byte MTU gives exactly that).
+/// Larger datagrams leave one by one and the kernel fragments them if needed.
+const TRAIN_MAX_SEGMENT: usize = 1500 - 40 - 8;
+/// Bytes a data message adds to its padded plaintext.
+const DATA_OVERHEAD: usize = crate::node::dataplane::DATA_OVERHEAD;
 /// Batches taken from one source per loop turn before looking at the others.
 const ROUNDS: usize = 4;
 
-/// Every buffer of the loop, allocated once.
+/// Room for one plaintext of a tunnel with this MTU: the largest packet padded to
+/// 16 bytes, and never less than [`TUN_PACKET`].
+fn packet_room(mtu: usize) -> usize {
+    mtu.min(MAX_PACKET).next_multiple_of(16).max(TUN_PACKET)
+}
+
+/// A TUN read error after which the device will never read again (deleted
+/// interface: `EBADFD`; a device torn down under us: `EIO`, `ENODEV`, `ENXIO`).
+fn tun_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::EIO | libc::ENODEV | libc::ENXIO)
+    )
+}
+
+/// Every buffer of the loop, allocated once (and again only when the tunnel MTU
+/// changes: [`Buffers::set_mtu`]).
 struct Buffers {
     /// Whole read from TUN (virtio header + a GSO super-packet when offload is on).
     tun_original: Vec<u8>,
-    /// TUN packets after segmentation.
+    /// TUN packets after segmentation. The first holds any packet (a packet that is
+    /// not a GSO super-packet, of any size up to 65,535 bytes, lands there even
+    /// before the driver has told us of a larger MTU); the others hold a segment of
+    /// the current MTU ([`packet_room`]).
     tun_in: Vec<Vec<u8>>,
     tun_sizes: Vec<usize>,
     /// Encrypted datagrams from TUN, sent as GSO trains.
     gso: Trains,
     /// Re-encrypted datagrams a relay forwards, sent as GSO trains.
     fwd: Trains,
-    /// Decrypted packets waiting for one batched TUN write (GRO-coalesced).
+    /// Decrypted packets waiting for one batched TUN write (GRO-coalesced), each
+    /// `tun_offset + out_room` long between writes.
     tun_out: Vec<Vec<u8>>,
+    /// Room for a datagram in a `tun_out` slot; larger datagrams (a peer with a
+    /// larger MTU than ours) are decrypted into `big_out` and written alone.
+    out_room: usize,
+    big_out: Vec<u8>,
     gro: tun_rs::GROTable,
     /// Handshakes and timer output.
     scratch: Vec<u8>,
@@ -242,12 +324,23 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(tun_offset: usize) -> Self {
-        let tun_out_len = tun_offset + TUN_PACKET;
+    fn new(tun_offset: usize, mtu: usize) -> Self {
+        let room = packet_room(mtu);
+        let out_room = room + DATA_OVERHEAD;
+        let tun_out_len = tun_offset + out_room;
         Self {
             tun_original: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + MAX_UDP],
             tun_in: (0..tun_rs::IDEAL_BATCH_SIZE)
-                .map(|_| vec![0; TUN_PACKET])
+                .map(|i| {
+                    vec![
+                        0;
+                        if i == 0 {
+                            packet_room(MAX_PACKET)
+                        } else {
+                            room
+                        }
+                    ]
+                })
                 .collect(),
             tun_sizes: vec![0; tun_rs::IDEAL_BATCH_SIZE],
             gso: Trains::new(),
@@ -260,9 +353,28 @@ impl Buffers {
                     v
                 })
                 .collect(),
+            out_room,
+            big_out: vec![0; tun_offset + packet_room(MAX_PACKET) + DATA_OVERHEAD],
             gro: tun_rs::GROTable::default(),
             scratch: vec![0; MAX_UDP + 64],
             tun_offset,
+        }
+    }
+
+    /// Sizes the per-packet buffers for a new tunnel MTU (allocates when it grows;
+    /// never per packet).
+    fn set_mtu(&mut self, mtu: usize) {
+        let room = packet_room(mtu);
+        for buf in self.tun_in.iter_mut().skip(1) {
+            buf.resize(room, 0);
+            buf.shrink_to_fit();
+        }
+        self.out_room = room + DATA_OVERHEAD;
+        let len = self.tun_offset + self.out_room;
+        for buf in &mut self.tun_out {
+            // Capacity stays at least a whole coalesced train (GRO never reallocates).
+            buf.resize(len, 0);
+            buf.reserve_exact((self.tun_offset + MAX_UDP).saturating_sub(len));
         }
     }
 }
@@ -302,7 +414,8 @@ struct Trains {
 impl Trains {
     fn new() -> Self {
         Self {
-            buf: vec![0; MAX_UDP],
+            // Room for the largest packet alone, padded and encrypted.
+            buf: vec![0; packet_room(MAX_PACKET) + DATA_OVERHEAD],
             train: None,
         }
     }
@@ -360,6 +473,14 @@ impl Loop {
     fn push_datagram(&mut self, t: &mut Trains, to: SocketAddr, dlen: usize) {
         let max_segments = self.udp_state.max_gso_segments().max(1);
         let pos = t.train.as_ref().map_or(0, |t| t.len);
+        if dlen > TRAIN_MAX_SEGMENT {
+            // Too large for a train: the train so far, then this one alone.
+            self.flush_train(t);
+            if let Some(data) = t.buf.get(pos..pos + dlen) {
+                self.send_udp(to, data);
+            }
+            return;
+        }
         match &mut t.train {
             Some(train) if train.accepts(to, dlen, max_segments) => {
                 train.closed = dlen < train.segment;
@@ -417,7 +538,11 @@ impl Loop {
                 Ok(n) => n,
                 Err(e) if would_block(&e) => return,
                 Err(e) => {
-                    tracing::debug!(error = %e, "TUN read failed");
+                    if tun_gone(&e) {
+                        self.lose_tun(&e);
+                    } else {
+                        tracing::debug!(error = %e, "TUN read failed");
+                    }
                     return;
                 }
             };
@@ -425,6 +550,11 @@ impl Loop {
                 let (Some(buf), Some(&len)) = (b.tun_in.get_mut(i), b.tun_sizes.get(i)) else {
                     break;
                 };
+                // Room for this one after the train, or send the train first.
+                let need = (len.next_multiple_of(16) + DATA_OVERHEAD).max(MIN_OUT_LEN);
+                if b.gso.spare().is_none_or(|s| s.len() < need) {
+                    self.flush_train(&mut b.gso);
+                }
                 let Some(out) = b.gso.spare() else {
                     break;
                 };
@@ -458,10 +588,61 @@ impl Loop {
         };
         if let Err(e) = self.tun.send_multiple(&mut b.gro, bufs, b.tun_offset) {
             self.io_drops += k as u64;
+            if tun_gone(&e) {
+                self.lose_tun(&e);
+            }
             tracing::trace!(error = %e, "TUN write failed");
         }
         for buf in bufs {
-            buf.resize(b.tun_offset + TUN_PACKET, 0);
+            buf.resize(b.tun_offset + b.out_room, 0);
+        }
+    }
+
+    /// Decrypts a datagram too large for a `tun_out` slot (a peer whose MTU is larger
+    /// than ours) into `big_out` and writes it to TUN alone, after the `k` packets
+    /// collected before it.
+    fn handle_big_datagram(
+        &mut self,
+        b: &mut Buffers,
+        k: usize,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) {
+        self.write_tun(b, k);
+        let Some(out) = b.big_out.get_mut(b.tun_offset..) else {
+            return;
+        };
+        let len = match self.dp.handle_datagram(from, datagram, out) {
+            Incoming::WriteTun { packet, .. } => packet.len(),
+            Incoming::Send { to, data } => {
+                self.send_udp(to, data);
+                return;
+            }
+            Incoming::Forward { .. } | Incoming::Drop(_) | Incoming::Nothing => return,
+        };
+        let full = b.big_out.len();
+        b.big_out.truncate(b.tun_offset + len);
+        if let Err(e) = self.tun.send_multiple(
+            &mut b.gro,
+            std::slice::from_mut(&mut b.big_out),
+            b.tun_offset,
+        ) {
+            self.io_drops += 1;
+            tracing::trace!(error = %e, "TUN write failed");
+        }
+        b.big_out.resize(full, 0);
+    }
+
+    /// The TUN device is gone for good (its interface was deleted): stop polling it
+    /// (it would report an error at every turn) and tell whoever waits for that.
+    fn lose_tun(&mut self, e: &std::io::Error) {
+        if self.tun_lost {
+            return;
+        }
+        self.tun_lost = true;
+        tracing::info!(error = %e, "TUN device gone; no longer reading it");
+        if let Some(tx) = self.config.tun_gone.take() {
+            let _ = tx.send(());
         }
     }
 
@@ -495,6 +676,11 @@ impl Loop {
                 for datagram in data.chunks(meta.stride.max(1)) {
                     if is_stun_answer(datagram) {
                         self.stun_answer(from, datagram);
+                        continue;
+                    }
+                    if datagram.len() > b.out_room && !self.config.relay {
+                        self.handle_big_datagram(b, k, from, datagram);
+                        k = 0;
                         continue;
                     }
                     let Some(out) = b.tun_out.get_mut(k).and_then(|o| o.get_mut(b.tun_offset..))
@@ -557,11 +743,12 @@ impl Loop {
     }
 
     fn run(&mut self, rx: &mpsc::Receiver<Command>, wake: &OwnedFd) {
-        let mut b = Buffers::new(if self.tun.offload() {
+        let offset = if self.tun.offload() {
             tun_rs::VIRTIO_NET_HDR_LEN
         } else {
             0
-        });
+        };
+        let mut b = Buffers::new(offset, self.dp.mtu());
         let mut udp_in = UdpIn::new();
         tracing::info!(
             tun_offload = self.tun.offload(),
@@ -652,10 +839,16 @@ impl Loop {
                             });
                         }
                         Command::SetPresharedKey(id, key) => self.dp.set_preshared_key(id, key),
-                        Command::SetMtu(mtu) => self.dp.set_mtu(mtu),
+                        Command::SetMtu(mtu) => {
+                            self.dp.set_mtu(mtu);
+                            b.set_mtu(mtu);
+                        }
                         Command::SetSocket(socket) => {
                             match quinn_udp::UdpSocketState::new((&socket).into()) {
                                 Ok(state) => {
+                                    if self.config.fragment {
+                                        allow_fragments(&socket);
+                                    }
                                     self.local_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
                                     self.udp_state = state;
                                     self.socket = socket;
@@ -679,6 +872,10 @@ impl Loop {
             }
             if fds[0].revents != 0 {
                 self.drain_tun(&mut b);
+                if self.tun_lost {
+                    // poll(2) skips negative fds.
+                    fds[0].fd = -1;
+                }
             }
             if fds[1].revents != 0 {
                 self.drain_udp(&mut b, &mut udp_in);

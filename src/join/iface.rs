@@ -110,6 +110,8 @@ pub(super) fn start(
         DataPathConfig {
             relay: cfg.relay,
             stun_answers: stun_tx,
+            fragment: false,
+            tun_gone: None,
         },
     )
     .map_err(JoinError::DataPath)?;

@@ -9,8 +9,10 @@
 //! connection's `get` and `set` (parsed and applied by the sans-IO `uapi` module) and
 //! turns the model's changes into data-path commands (peers, preshared keys, a new
 //! socket for a new listen port, `SO_MARK` for the fwmark, a new `DataPlane` for a new
-//! private key). Every second it checks that the interface still exists (it exits when
-//! the interface is deleted) and follows its MTU.
+//! private key). It follows the interface through its TUN descriptor (`link`), in
+//! whatever namespace it was moved to: every [`CHECK`] it reads the MTU (up to
+//! 65,535) for the data path, and it exits when the interface is deleted (the data
+//! path reports a dead TUN at once; the check catches the rest).
 //!
 //! What it does not do: anything of the mesh (no coordinator, no NAT traversal, no
 //! relay, no routes or addresses of its own).
@@ -29,6 +31,9 @@ use crate::join::uapi::{SOCKET_DIR, socket_path};
 use crate::node::dataplane::{DataPlane, PeerConfig, PeerStats};
 use crate::uapi::{Changes, Conn, Device, Event, UapiError, render_get, status_line};
 
+mod link;
+use link::{Link, LinkState};
+
 /// Environment variable that makes the detached child report readiness on stdout.
 pub const NOTIFY_ENV: &str = "NEXODUS_WG_NOTIFY";
 
@@ -37,6 +42,13 @@ const IDLE: Duration = Duration::from_secs(10);
 
 /// Tunnel MTU until the interface says otherwise (wireguard-go's default).
 const DEFAULT_MTU: u16 = 1420;
+
+/// How long a UAPI socket still answering may take to go before it counts as in use.
+const SOCKET_RELEASE: Duration = Duration::from_secs(2);
+
+/// How often the interface's MTU and existence are looked at (`ip link set mtu`
+/// has no other way to reach us once the interface is in another namespace).
+const CHECK: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
@@ -140,6 +152,7 @@ pub fn run(interface: &str) -> Result<(), WgError> {
         .map_err(WgError::Runtime)?;
     rt.block_on(async {
         let tun = tun::create_bare(interface, DEFAULT_MTU)?;
+        let link = Link::new(&tun).map_err(WgError::DataPath)?;
         let path = socket_path(interface);
         let listener = bind_socket(&path).await?;
         let _cleanup = RemoveOnDrop(path.clone());
@@ -147,6 +160,7 @@ pub fn run(interface: &str) -> Result<(), WgError> {
         let port = socket.local_addr().map_err(WgError::Udp)?.port();
         let options = socket.try_clone().map_err(WgError::Udp)?;
         let (stun_tx, _stun_rx) = tokio::sync::mpsc::channel(STUN_QUEUE);
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
         let mut plane = DataPlane::new(rand::random());
         plane.set_mtu(usize::from(DEFAULT_MTU));
         let datapath = DataPath::spawn(
@@ -156,6 +170,8 @@ pub fn run(interface: &str) -> Result<(), WgError> {
             DataPathConfig {
                 relay: false,
                 stun_answers: stun_tx,
+                fragment: true,
+                tun_gone: Some(gone_tx),
             },
         )
         .map_err(WgError::DataPath)?;
@@ -168,10 +184,11 @@ pub fn run(interface: &str) -> Result<(), WgError> {
             options,
             port,
             mtu: usize::from(DEFAULT_MTU),
+            link,
         };
         tracing::info!(interface, socket = %path.display(), listen_port = port, "userspace WireGuard interface up");
         notify_ready();
-        wg.serve(listener).await;
+        wg.serve(listener, gone_rx).await;
         Ok(())
     })
 }
@@ -191,8 +208,15 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, WgError> {
         path: path.to_path_buf(),
         source,
     };
-    if UnixStream::connect(path).await.is_ok() {
-        return Err(WgError::SocketInUse(path.to_path_buf()));
+    // A process whose interface was just deleted is on its way out (it removes its
+    // socket within milliseconds): give it a moment before calling the name taken,
+    // so `ip link del wg0; nexodus wg wg0` works as with wireguard-go.
+    let deadline = tokio::time::Instant::now() + SOCKET_RELEASE;
+    while UnixStream::connect(path).await.is_ok() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(WgError::SocketInUse(path.to_path_buf()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     crate::fsutil::create_private_dir(Path::new(SOCKET_DIR)).map_err(err)?;
     let _ = std::fs::remove_file(path);
@@ -210,11 +234,17 @@ struct Wg {
     options: UdpSocket,
     port: u16,
     mtu: usize,
+    link: Link,
 }
 
 impl Wg {
-    async fn serve(&mut self, listener: UnixListener) {
-        let mut check = tokio::time::interval(Duration::from_secs(1));
+    async fn serve(
+        &mut self,
+        listener: UnixListener,
+        mut tun_gone: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut check = tokio::time::interval(CHECK);
+        let mut watching = true;
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         loop {
@@ -223,38 +253,33 @@ impl Wg {
                     Ok((stream, _)) => self.serve_conn(stream).await,
                     Err(e) => tracing::warn!(error = %e, "UAPI accept failed"),
                 },
-                _ = check.tick() => {
-                    if !self.interface_exists() {
+                _ = check.tick() => match self.link.check() {
+                    LinkState::Gone => {
                         tracing::info!(interface = %self.interface, "interface deleted; exiting");
                         return;
                     }
-                    self.follow_mtu();
-                }
+                    LinkState::Up(mtu) => self.follow_mtu(mtu),
+                },
+                gone = &mut tun_gone, if watching => match gone {
+                    Ok(()) => {
+                        tracing::info!(interface = %self.interface, "TUN device gone; exiting");
+                        return;
+                    }
+                    // The data path stopped without a word: the check decides.
+                    Err(_) => watching = false,
+                },
                 _ = tokio::signal::ctrl_c() => return,
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return,
             }
         }
     }
 
-    fn interface_exists(&self) -> bool {
-        let Ok(name) = std::ffi::CString::new(self.interface.as_str()) else {
-            return false;
-        };
-        // SAFETY: a valid NUL-terminated string.
-        unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
-    }
-
-    fn follow_mtu(&mut self) {
-        let path = Path::new("/sys/class/net")
-            .join(&self.interface)
-            .join("mtu");
-        let Some(mtu) = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-        else {
+    fn follow_mtu(&mut self, mtu: Option<usize>) {
+        let Some(mtu) = mtu.map(|m| m.min(65_535)) else {
             return;
         };
         if mtu != self.mtu {
+            tracing::debug!(interface = %self.interface, mtu, "interface MTU");
             self.mtu = mtu;
             self.datapath.send(Command::SetMtu(mtu));
         }

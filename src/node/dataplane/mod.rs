@@ -239,6 +239,11 @@ impl DataPlane {
         self.mtu = mtu;
     }
 
+    /// The interface MTU ([`DataPlane::set_mtu`]).
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
     /// A data plane with our static private key and no peers.
     pub fn new(private_key: [u8; 32]) -> Self {
         let secret = StaticSecret::from(private_key);

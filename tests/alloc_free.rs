@@ -171,7 +171,13 @@ fn relay_once(net: &mut Relayed, packet: &[u8], bufs: &mut Bufs) -> bool {
     } = net;
     let arrived = match a.handle_tun_packet(&mut bufs.tun, packet.len(), &mut bufs.wire) {
         Outgoing::Send { data, .. } => {
-            match r.handle_datagram_or_forward(*a_addr, data, &mut bufs.plain, &mut bufs.forward) {
+            match r.handle_datagram_or_forward(
+                *a_addr,
+                None,
+                data,
+                &mut bufs.plain,
+                &mut bufs.forward,
+            ) {
                 Incoming::Forward { data, .. } => matches!(
                     b.handle_datagram(*r_addr, data, &mut bufs.wire),
                     Incoming::WriteTun { packet: got, .. } if got == packet

@@ -920,3 +920,265 @@ fn a_peer_with_a_larger_mtu_than_ours_is_heard() {
         });
     }
 }
+
+// Source addresses and NAT (the `ws` tests): each peer is answered from the local
+// address it wrote to, the source falls over when that address goes, and a peer
+// behind a NAT with a 2 s conntrack timeout stays reachable by persistent keepalive.
+
+/// Starts `nexodus wg ws{tag}{n}` in each of `nss` (their underlay already set up):
+/// keys, listen ports 1000n, inner addresses 10.79.0.n/24 and fd79::n/64, and the
+/// other side as peer with its /32 and /128 (no endpoint).
+fn ws_sides(tag: &str, nss: [Netns; 2]) -> (Side, Side) {
+    let keys = [genkey(), genkey()];
+    let mut sides = Vec::new();
+    for (i, ns) in nss.into_iter().enumerate() {
+        let n = i + 1;
+        let other = 2 - i;
+        let iface = format!("ws{tag}{n}");
+        let status = ns
+            .cmd(&[BIN, "wg", &iface])
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "nexodus wg {iface}: {status}");
+        let (key, public) = keys[i].clone();
+        let side = Side {
+            inner4: format!("10.79.0.{n}"),
+            inner6: format!("fd79::{n}"),
+            iface,
+            key,
+            public,
+            ns,
+        };
+        let keyfile = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(keyfile.path(), &side.key).unwrap();
+        side.wg(&[
+            "set",
+            &side.iface,
+            "private-key",
+            keyfile.path().to_str().unwrap(),
+            "listen-port",
+            &format!("1000{n}"),
+            "peer",
+            &keys[other - 1].1,
+            "allowed-ips",
+            &format!("10.79.0.{other}/32,fd79::{other}/128"),
+        ]);
+        for addr in [format!("{}/24", side.inner4), format!("{}/64", side.inner6)] {
+            side.ns
+                .ok(&["ip", "addr", "add", &addr, "dev", &side.iface, "nodad"]);
+        }
+        side.ns.ok(&["ip", "link", "set", &side.iface, "up"]);
+        sides.push(side);
+    }
+    let b = sides.pop().unwrap();
+    let a = sides.pop().unwrap();
+    (a, b)
+}
+
+/// Two namespaces `ws-TAG-1`/`-2` joined by a veth pair `wsv0` (no addresses yet;
+/// IPv6 without duplicate address detection, promoted IPv4 secondaries).
+fn ws_linked(tag: &str) -> [Netns; 2] {
+    let a = Netns::new(&format!("ws-{tag}-1"));
+    let b = Netns::new(&format!("ws-{tag}-2"));
+    a.ok(&[
+        "ip", "link", "add", "wsv0", "type", "veth", "peer", "name", "wsv0", "netns", &b.name,
+    ]);
+    for ns in [&a, &b] {
+        ns.ok(&["sysctl", "-qw", "net.ipv6.conf.wsv0.accept_dad=0"]);
+        ns.ok(&["sysctl", "-qw", "net.ipv4.conf.wsv0.promote_secondaries=1"]);
+        ns.ok(&["ip", "link", "set", "wsv0", "up"]);
+    }
+    [a, b]
+}
+
+/// The endpoint `side` has for its one peer, as `wg show IF endpoints` prints it.
+fn ws_endpoint(side: &Side) -> String {
+    side.show("endpoints")
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Pings `to` from `from` until `other` sees `want` as `from`'s endpoint.
+fn ws_until_endpoint(from: &Side, to: &str, other: &Side, want: &str) {
+    wait_until(&format!("{} to see {want}", other.iface), WAIT, || {
+        pings(from, to);
+        (ws_endpoint(other) == want).then_some(())
+    });
+}
+
+/// "Sticky but not too sticky" (wireguard-go's netns.sh): a answers b from the
+/// address b knows; when a's address goes (a secondary of the same prefix takes
+/// over), a's packets fall over to the new one at once and b roams to it.
+#[test]
+fn sticky_source_falls_over_when_the_address_goes() {
+    let [n1, n2] = ws_linked("f");
+    for (ns, n) in [(&n1, 1), (&n2, 2)] {
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("192.0.2.{n}/24"),
+            "dev",
+            "wsv0",
+        ]);
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("2001:db8:5::{n}/64"),
+            "dev",
+            "wsv0",
+        ]);
+    }
+    let (a, b) = ws_sides("f", [n1, n2]);
+    for v6 in [false, true] {
+        let (old, new, far, cidr) = if v6 {
+            (
+                "2001:db8:5::1",
+                "2001:db8:5::10",
+                "[2001:db8:5::2]:10002",
+                "64",
+            )
+        } else {
+            ("192.0.2.1", "192.0.2.10", "192.0.2.2:10002", "24")
+        };
+        let at = |ip: &str| {
+            if v6 {
+                format!("[{ip}]:10001")
+            } else {
+                format!("{ip}:10001")
+            }
+        };
+        a.wg(&["set", &a.iface, "peer", &b.public, "endpoint", far]);
+        ws_until_endpoint(&a, &b.inner4, &b, &at(old));
+        let start = Instant::now();
+        a.ns.ok(&["ip", "addr", "add", &format!("{new}/{cidr}"), "dev", "wsv0"]);
+        a.ns.ok(&["ip", "addr", "del", &format!("{old}/{cidr}"), "dev", "wsv0"]);
+        // The first packet after the change gets through: a's send from the
+        // vanished source fails, and it goes again from the kernel's choice.
+        assert!(
+            a.ns.ping(&b.inner4) || a.ns.ping(&b.inner4),
+            "no fall-over from {old}:\n{}",
+            a.wg(&["show", &a.iface])
+        );
+        assert_eq!(ws_endpoint(&b), at(new));
+        pings(&b, &a.inner6);
+        eprintln!(
+            "v6={v6}: fell over from {old} to {new} in {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+/// Reply-to-sender (wireguard-go's netns.sh): a has two addresses per family; b
+/// writes to each in turn, and a answers from that one, so b's endpoint for a stays
+/// where b put it (the kernel alone would answer from 192.0.2.1, and from
+/// 2001:db8:5::2, the longest match towards 2001:db8:5::3).
+#[test]
+fn replies_leave_from_the_address_the_peer_wrote_to() {
+    let [n1, n2] = ws_linked("r");
+    for a in [
+        "192.0.2.1/24",
+        "192.0.2.2/24",
+        "2001:db8:5::1/64",
+        "2001:db8:5::2/64",
+    ] {
+        n1.ok(&["ip", "addr", "add", a, "dev", "wsv0"]);
+    }
+    for a in ["192.0.2.3/24", "2001:db8:5::3/64"] {
+        n2.ok(&["ip", "addr", "add", a, "dev", "wsv0"]);
+    }
+    let (a, b) = ws_sides("r", [n1, n2]);
+    for want in [
+        "192.0.2.1:10001",
+        "[2001:db8:5::1]:10001",
+        "192.0.2.2:10001",
+        "[2001:db8:5::2]:10001",
+        "192.0.2.1:10001",
+    ] {
+        b.wg(&["set", &b.iface, "peer", &a.public, "endpoint", want]);
+        pings(&b, &a.inner4);
+        ws_until_endpoint(&b, &a.inner6, &b, want);
+        // Several round trips later, still there.
+        pings(&b, &a.inner4);
+        pings(&a, &b.inner6);
+        assert_eq!(ws_endpoint(&b), want);
+    }
+}
+
+/// NAT (wireguard-go's netns.sh): a sits behind a router that source-NATs its LAN
+/// (192.0.2.0/24) to 198.51.100.1 with UDP conntrack entries that expire after 2 s;
+/// a keeps them alive with `persistent-keepalive 1`, b sees a at the NAT address and
+/// still reaches it 3 s later.
+#[test]
+fn nat_with_persistent_keepalive_and_a_short_conntrack_timeout() {
+    let n1 = Netns::new("ws-n-1");
+    let router = Netns::new("ws-n-r");
+    let n2 = Netns::new("ws-n-2");
+    router.ok(&[
+        "ip", "link", "add", "wsrc", "type", "veth", "peer", "name", "wsc", "netns", &n1.name,
+    ]);
+    router.ok(&[
+        "ip", "link", "add", "wsrs", "type", "veth", "peer", "name", "wss", "netns", &n2.name,
+    ]);
+    router.ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", "wsrc"]);
+    router.ok(&["ip", "addr", "add", "198.51.100.1/24", "dev", "wsrs"]);
+    n1.ok(&["ip", "addr", "add", "192.0.2.100/24", "dev", "wsc"]);
+    n2.ok(&["ip", "addr", "add", "198.51.100.100/24", "dev", "wss"]);
+    for (ns, dev) in [
+        (&router, "wsrc"),
+        (&router, "wsrs"),
+        (&n1, "wsc"),
+        (&n2, "wss"),
+    ] {
+        ns.ok(&["ip", "link", "set", dev, "up"]);
+    }
+    n1.ok(&["ip", "route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
+    router.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        rules.path(),
+        "table ip wsnat {\n chain post {\n  type nat hook postrouting priority srcnat;\n  \
+         ip saddr 192.0.2.0/24 ip daddr 198.51.100.0/24 snat to 198.51.100.1\n }\n}\n",
+    )
+    .unwrap();
+    router.ok(&["nft", "-f", rules.path().to_str().unwrap()]);
+    // Per namespace once conntrack runs in it (the NAT table above).
+    for t in [
+        "nf_conntrack_udp_timeout",
+        "nf_conntrack_udp_timeout_stream",
+    ] {
+        router.ok(&[
+            "sh",
+            "-c",
+            &format!("printf 2 > /proc/sys/net/netfilter/{t}"),
+        ]);
+    }
+    let (a, b) = ws_sides("n", [n1, n2]);
+    a.wg(&[
+        "set",
+        &a.iface,
+        "peer",
+        &b.public,
+        "endpoint",
+        "198.51.100.100:10002",
+        "persistent-keepalive",
+        "1",
+    ]);
+    pings(&a, &b.inner4);
+    pings(&b, &a.inner4);
+    pings(&b, &a.inner6);
+    assert_eq!(ws_endpoint(&b), "198.51.100.1:10001");
+    // Longer than the conntrack timeout: only a's keepalives keep the mapping (the
+    // time passing is what is tested, so this is a fixed wait).
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        b.ns.ping_until(&a.inner4, Duration::from_secs(3)),
+        "b lost a behind the NAT:\n{}",
+        b.wg(&["show", &b.iface])
+    );
+    assert_eq!(ws_endpoint(&b), "198.51.100.1:10001");
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use nexodus::node::dataplane::{
-    Counters, DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId,
+    Counters, DataPlane, DropReason, Incoming, Outgoing, PeerConfig, PeerId, Transmit,
 };
 use nexodus::node::filter::Filter;
 use nexodus::node::testutil::{
@@ -296,6 +296,7 @@ impl Net {
         );
         let outcome = match self.a.handle_datagram_or_forward(
             from,
+            None,
             data,
             &mut out[..out_len],
             &mut forward[..out_len],
@@ -320,6 +321,7 @@ impl Net {
                 packet,
                 to,
                 data,
+                ..
             } => {
                 let ip = IpPacket::new_checked(packet).expect("A relayed a packet that is not IP");
                 let routes = self.a.routes();
@@ -333,7 +335,7 @@ impl Net {
                 assert_eq!(relayed, before.relayed_packets + 1, "relay not counted");
                 Outcome::Send(to, data.to_vec())
             }
-            Incoming::Send { to, data } => Outcome::Send(to, data.to_vec()),
+            Incoming::Send { to, data, .. } => Outcome::Send(to, data.to_vec()),
             Incoming::Drop(r) => Outcome::Drop(r),
             Incoming::Nothing => Outcome::Other,
         };
@@ -350,7 +352,7 @@ impl Net {
         let len = n + extra % 32;
         let mut out = std::mem::take(&mut self.out);
         let outcome = match self.a.handle_tun_packet(&mut buf, len, &mut out[..out_len]) {
-            Outgoing::Send { to, data } => Outcome::Send(to, data.to_vec()),
+            Outgoing::Send { to, data, .. } => Outcome::Send(to, data.to_vec()),
             Outgoing::Drop(r) => Outcome::Drop(r),
             Outgoing::Nothing => Outcome::Other,
         };
@@ -373,7 +375,7 @@ impl Net {
         let before = *self.a.counters();
         let mut out = std::mem::take(&mut self.out);
         for _ in 0..MAX_QUEUE {
-            let Some((to, data)) = self.a.poll_transmit(&mut out[..out_len]) else {
+            let Some(Transmit { to, data, .. }) = self.a.poll_transmit(&mut out[..out_len]) else {
                 break;
             };
             enqueue(&mut self.from_a, to, data);
@@ -399,7 +401,7 @@ impl Net {
         }
         for _ in 0..MAX_QUEUE {
             match remote.poll_transmit(&mut out) {
-                Some((_, data)) => {
+                Some(Transmit { data, .. }) => {
                     self.last = data.to_vec();
                     enqueue(&mut self.to_a, from, data);
                 }
@@ -430,7 +432,7 @@ impl Net {
                 enqueue(&mut self.to_a, from, data);
             }
             for _ in 0..MAX_QUEUE {
-                let Some((_, data)) = remote.poll_transmit(&mut out) else {
+                let Some(Transmit { data, .. }) = remote.poll_transmit(&mut out) else {
                     break;
                 };
                 enqueue(&mut self.to_a, from, data);
@@ -460,7 +462,7 @@ impl Net {
         let mut out = std::mem::take(&mut self.out);
         for (remote, from) in [(&mut self.b, self.b_addr), (&mut self.c, self.c_addr)] {
             for _ in 0..MAX_QUEUE {
-                let Some((_, data)) = remote.poll_transmit(&mut out) else {
+                let Some(Transmit { data, .. }) = remote.poll_transmit(&mut out) else {
                     break;
                 };
                 enqueue(&mut self.to_a, from, data);

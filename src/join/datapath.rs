@@ -9,6 +9,13 @@
 //! packet; tun-rs's GRO-coalescing write (`send_multiple`) does: it copies each
 //! segment into a temporary `Vec` (a larger malloc cache made no measurable difference
 //! to throughput).
+//!
+//! UDP goes through [`crate::io::udp`]'s own `recvmmsg`/`sendmsg` (quinn-udp only sets
+//! the socket up and tells whether GSO/GRO work): each datagram's local address comes
+//! in with it and each peer is answered from the one it wrote to (the data plane's
+//! sticky source). A send from a source the host no longer has fails (`ENETUNREACH`
+//! for IPv4, `EINVAL` for IPv6): the data plane forgets it and the datagram goes
+//! again from the kernel's choice, so the peer's next packet teaches the new one.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -19,7 +26,8 @@ use std::time::{Duration, Instant};
 use crate::io::tun::PacketDevice;
 use crate::io::udp;
 use crate::node::dataplane::{
-    Counters, DataPlane, Incoming, MIN_OUT_LEN, Outgoing, PeerConfig, PeerId, PeerStats,
+    Counters, DataPlane, Incoming, LocalAddr, MIN_OUT_LEN, Outgoing, PeerConfig, PeerId, PeerStats,
+    Transmit,
 };
 use crate::node::nat::StunGate;
 use crate::wire::stun;
@@ -149,6 +157,7 @@ impl DataPath {
                     dp,
                     tun,
                     local_v6: socket.local_addr().is_ok_and(|a| a.is_ipv6()),
+                    gso_segments: udp_state.max_gso_segments().max(1),
                     udp_state,
                     socket,
                     config,
@@ -195,7 +204,10 @@ struct Loop {
     dp: DataPlane,
     tun: PacketDevice,
     socket: UdpSocket,
+    /// Sets the socket up (GRO, no fragmentation) and tells what GSO/GRO can do.
     udp_state: quinn_udp::UdpSocketState,
+    /// Datagrams one GSO send may carry (1 once a GSO send failed: no GSO).
+    gso_segments: usize,
     local_v6: bool,
     config: DataPathConfig,
     io_drops: u64,
@@ -383,22 +395,26 @@ impl Buffers {
 /// receive loop borrows while these are borrowed).
 struct UdpIn {
     data: Vec<u8>,
-    meta: Vec<quinn_udp::RecvMeta>,
+    meta: Vec<udp::RecvMeta>,
+    receiver: udp::Receiver,
 }
 
 impl UdpIn {
     fn new() -> Self {
         Self {
             data: vec![0; UDP_BATCH * MAX_UDP],
-            meta: vec![quinn_udp::RecvMeta::default(); UDP_BATCH],
+            meta: vec![udp::RecvMeta::default(); UDP_BATCH],
+            receiver: udp::Receiver::new(),
         }
     }
 }
 
-/// Encrypted datagrams to one destination, back to back in `Buffers::gso`: all of
-/// `segment` bytes but possibly the last, which closes the train.
+/// Encrypted datagrams to one destination from one source, back to back in
+/// `Buffers::gso`: all of `segment` bytes but possibly the last, which closes the
+/// train.
 struct Train {
     to: SocketAddr,
+    src: Option<LocalAddr>,
     segment: usize,
     count: usize,
     len: usize,
@@ -428,9 +444,16 @@ impl Trains {
 }
 
 impl Train {
-    fn accepts(&self, to: SocketAddr, len: usize, max_segments: usize) -> bool {
+    fn accepts(
+        &self,
+        to: SocketAddr,
+        src: Option<LocalAddr>,
+        len: usize,
+        max_segments: usize,
+    ) -> bool {
         !self.closed
             && self.to == to
+            && self.src == src
             && len <= self.segment
             && self.count < max_segments
             && self.len + len <= MAX_UDP
@@ -438,9 +461,30 @@ impl Train {
 }
 
 impl Loop {
-    fn send_udp(&mut self, to: SocketAddr, data: &[u8]) {
-        let to = udp::to_socket_family(self.local_v6, to);
-        if let Err(e) = self.socket.send_to(data, to) {
+    /// One `sendmsg` to `to` from `src` (segmented by GSO if `segment` is given).
+    /// When `src` is gone from the host, the data plane forgets it and the datagram
+    /// leaves from the kernel's choice.
+    fn send_from(
+        &mut self,
+        to: SocketAddr,
+        src: Option<LocalAddr>,
+        data: &[u8],
+        segment: Option<usize>,
+    ) -> std::io::Result<()> {
+        let dst = udp::to_socket_family(self.local_v6, to);
+        let fd = self.socket.as_raw_fd();
+        match (udp::send(fd, dst, data, segment, src), src) {
+            (Err(e), Some(gone)) if udp::source_unusable(&e) => {
+                tracing::debug!(%to, source = %gone.ip, error = %e, "source address unusable; the kernel chooses");
+                self.dp.forget_source(to, gone);
+                udp::send(fd, dst, data, segment, None)
+            }
+            (r, _) => r,
+        }
+    }
+
+    fn send_udp(&mut self, to: SocketAddr, src: Option<LocalAddr>, data: &[u8]) {
+        if let Err(e) = self.send_from(to, src, data, None) {
             self.io_drops += 1;
             if !would_block(&e) {
                 tracing::trace!(%to, error = %e, "UDP send failed");
@@ -449,40 +493,52 @@ impl Loop {
     }
 
     /// Sends a train with one `sendmsg` (UDP GSO when it has several datagrams).
+    /// If the kernel cannot segment, GSO is off from then on and the train leaves
+    /// one datagram at a time.
     fn send_train(&mut self, train: &Train, gso: &[u8]) {
         let Some(contents) = gso.get(..train.len) else {
             return;
         };
-        let transmit = quinn_udp::Transmit {
-            destination: udp::to_socket_family(self.local_v6, train.to),
-            ecn: None,
-            contents,
-            segment_size: (train.count > 1).then_some(train.segment),
-            src_ip: None,
-        };
-        if let Err(e) = self.udp_state.try_send((&self.socket).into(), &transmit) {
-            self.io_drops += train.count as u64;
-            if !would_block(&e) {
-                tracing::trace!(to = %train.to, error = %e, "UDP send failed");
+        let segment = (train.count > 1).then_some(train.segment);
+        match self.send_from(train.to, train.src, contents, segment) {
+            Ok(()) => {}
+            Err(e) if segment.is_some() && udp::gso_unsupported(&e) => {
+                tracing::info!(error = %e, "UDP GSO send failed; sending datagrams one by one");
+                self.gso_segments = 1;
+                for datagram in contents.chunks(train.segment.max(1)) {
+                    self.send_udp(train.to, train.src, datagram);
+                }
+            }
+            Err(e) => {
+                self.io_drops += train.count as u64;
+                if !would_block(&e) {
+                    tracing::trace!(to = %train.to, error = %e, "UDP send failed");
+                }
             }
         }
     }
 
     /// Adds the datagram of `dlen` bytes just encrypted at [`Trains::spare`] to the
     /// current train, sending the train first if the datagram cannot join it.
-    fn push_datagram(&mut self, t: &mut Trains, to: SocketAddr, dlen: usize) {
-        let max_segments = self.udp_state.max_gso_segments().max(1);
+    fn push_datagram(
+        &mut self,
+        t: &mut Trains,
+        to: SocketAddr,
+        src: Option<LocalAddr>,
+        dlen: usize,
+    ) {
+        let max_segments = self.gso_segments;
         let pos = t.train.as_ref().map_or(0, |t| t.len);
         if dlen > TRAIN_MAX_SEGMENT {
             // Too large for a train: the train so far, then this one alone.
             self.flush_train(t);
             if let Some(data) = t.buf.get(pos..pos + dlen) {
-                self.send_udp(to, data);
+                self.send_udp(to, src, data);
             }
             return;
         }
         match &mut t.train {
-            Some(train) if train.accepts(to, dlen, max_segments) => {
+            Some(train) if train.accepts(to, src, dlen, max_segments) => {
                 train.closed = dlen < train.segment;
                 train.count += 1;
                 train.len += dlen;
@@ -496,6 +552,7 @@ impl Loop {
                 }
                 t.train = Some(Train {
                     to,
+                    src,
                     segment: dlen,
                     count: 1,
                     len: dlen,
@@ -519,8 +576,8 @@ impl Loop {
     }
 
     fn flush(&mut self, out: &mut [u8]) {
-        while let Some((to, data)) = self.dp.poll_transmit(out) {
-            self.send_udp(to, data);
+        while let Some(Transmit { to, src, data }) = self.dp.poll_transmit(out) {
+            self.send_udp(to, src, data);
         }
     }
 
@@ -560,14 +617,14 @@ impl Loop {
                 };
                 let out_ptr = out.as_ptr();
                 match self.dp.handle_tun_packet(buf, len, out) {
-                    Outgoing::Send { to, data } if data.as_ptr() == out_ptr => {
+                    Outgoing::Send { to, src, data } if data.as_ptr() == out_ptr => {
                         let dlen = data.len();
-                        self.push_datagram(&mut b.gso, to, dlen);
+                        self.push_datagram(&mut b.gso, to, src, dlen);
                     }
-                    Outgoing::Send { to, data } => {
+                    Outgoing::Send { to, src, data } => {
                         // Not where a train continues (e.g. a handshake): on its own.
                         let data = data.to_vec();
-                        self.send_udp(to, &data);
+                        self.send_udp(to, src, &data);
                     }
                     Outgoing::Drop(_) | Outgoing::Nothing => {}
                 }
@@ -606,16 +663,20 @@ impl Loop {
         b: &mut Buffers,
         k: usize,
         from: SocketAddr,
+        local: Option<LocalAddr>,
         datagram: &[u8],
     ) {
         self.write_tun(b, k);
         let Some(out) = b.big_out.get_mut(b.tun_offset..) else {
             return;
         };
-        let len = match self.dp.handle_datagram(from, datagram, out) {
+        let len = match self
+            .dp
+            .handle_datagram_or_forward(from, local, datagram, out, &mut [])
+        {
             Incoming::WriteTun { packet, .. } => packet.len(),
-            Incoming::Send { to, data } => {
-                self.send_udp(to, data);
+            Incoming::Send { to, src, data } => {
+                self.send_udp(to, src, data);
                 return;
             }
             Incoming::Forward { .. } | Incoming::Drop(_) | Incoming::Nothing => return,
@@ -656,9 +717,9 @@ impl Loop {
             let mut iovs: [std::io::IoSliceMut<'_>; UDP_BATCH] = std::array::from_fn(|_| {
                 std::io::IoSliceMut::new(chunks.next().unwrap_or_default())
             });
-            let n = match self
-                .udp_state
-                .recv((&self.socket).into(), &mut iovs, &mut udp_in.meta)
+            let n = match udp_in
+                .receiver
+                .recv(self.socket.as_raw_fd(), &mut iovs, &mut udp_in.meta)
             {
                 Ok(n) => n,
                 Err(e) if would_block(&e) => return,
@@ -669,7 +730,7 @@ impl Loop {
             };
             let mut k = 0;
             for (iov, meta) in iovs.iter().zip(&udp_in.meta).take(n) {
-                let from = udp::canonical(meta.addr);
+                let from = udp::canonical(meta.from);
                 let Some(data) = iov.get(..meta.len) else {
                     continue;
                 };
@@ -679,7 +740,7 @@ impl Loop {
                         continue;
                     }
                     if datagram.len() > b.out_room && !self.config.relay {
-                        self.handle_big_datagram(b, k, from, datagram);
+                        self.handle_big_datagram(b, k, from, meta.local, datagram);
                         k = 0;
                         continue;
                     }
@@ -689,7 +750,10 @@ impl Loop {
                     };
                     let fwd = b.fwd.spare().unwrap_or_default();
                     let fwd_ptr = fwd.as_ptr();
-                    match self.dp.handle_datagram_or_forward(from, datagram, out, fwd) {
+                    match self
+                        .dp
+                        .handle_datagram_or_forward(from, meta.local, datagram, out, fwd)
+                    {
                         Incoming::WriteTun { packet, .. } => {
                             let len = packet.len();
                             if let Some(buf) = b.tun_out.get_mut(k) {
@@ -701,20 +765,15 @@ impl Loop {
                                 }
                             }
                         }
-                        Incoming::Forward { to, data, .. } => {
+                        Incoming::Forward { to, src, data, .. } => {
                             if data.as_ptr() == fwd_ptr {
                                 let dlen = data.len();
-                                self.push_datagram(&mut b.fwd, to, dlen);
+                                self.push_datagram(&mut b.fwd, to, src, dlen);
                             } else {
-                                self.send_udp(to, data);
+                                self.send_udp(to, src, data);
                             }
                         }
-                        Incoming::Send { to, data } => {
-                            let to = udp::to_socket_family(self.local_v6, to);
-                            if self.socket.send_to(data, to).is_err() {
-                                self.io_drops += 1;
-                            }
-                        }
+                        Incoming::Send { to, src, data } => self.send_udp(to, src, data),
                         Incoming::Drop(_) | Incoming::Nothing => {}
                     }
                     self.flush(&mut b.scratch);
@@ -820,7 +879,7 @@ impl Loop {
                         Command::SetRelayExit(exit) => self.dp.set_relay_exit(exit),
                         Command::SendRaw(to, data) => {
                             self.stun_gate.sent(to, &data);
-                            self.send_udp(to, &data);
+                            self.send_udp(to, None, &data);
                         }
                         Command::Status(reply) => {
                             let peers = self
@@ -850,6 +909,7 @@ impl Loop {
                                         allow_fragments(&socket);
                                     }
                                     self.local_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+                                    self.gso_segments = state.max_gso_segments().max(1);
                                     self.udp_state = state;
                                     self.socket = socket;
                                     fds[1].fd = self.socket.as_raw_fd();

@@ -499,7 +499,7 @@ fn send_packet<S: Copy + PartialEq>(
     buf[..packet.len()].copy_from_slice(packet);
     for (s, dp, _) in nodes.iter_mut().filter(|n| n.0 == side) {
         match dp.handle_tun_packet(&mut buf, packet.len(), &mut out) {
-            Outgoing::Send { to, data } => queue.push_back((*s, to, data.to_vec())),
+            Outgoing::Send { to, data, .. } => queue.push_back((*s, to, data.to_vec())),
             Outgoing::Drop(r) => t.drops.push((*s, r)),
             Outgoing::Nothing => {}
         }
@@ -514,7 +514,7 @@ fn flush<S: Copy>(side: S, dp: &mut DataPlane, queue: &mut Queue<S>) {
     let mut out = vec![0u8; BUF_LEN];
     for _ in 0..10_000 {
         match dp.poll_transmit(&mut out) {
-            Some((to, data)) => queue.push_back((side, to, data.to_vec())),
+            Some(t) => queue.push_back((side, t.to, t.data.to_vec())),
             None => return,
         }
     }
@@ -542,9 +542,9 @@ fn pump<S: Copy + PartialEq>(
             continue;
         };
         let receiver = *receiver;
-        match dp.handle_datagram_or_forward(from, &data, &mut out, &mut fwd) {
+        match dp.handle_datagram_or_forward(from, None, &data, &mut out, &mut fwd) {
             Incoming::WriteTun { peer, packet } => t.tun.push((receiver, peer, packet.to_vec())),
-            Incoming::Send { to, data } => queue.push_back((receiver, to, data.to_vec())),
+            Incoming::Send { to, data, .. } => queue.push_back((receiver, to, data.to_vec())),
             Incoming::Forward {
                 from_peer,
                 to_peer,

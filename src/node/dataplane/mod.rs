@@ -22,7 +22,10 @@
 //! datagrams (receiver index, or the initiator's static key for handshake
 //! initiations), one shared handshake rate limiter with cookie replies under
 //! load, source-address checks of decrypted packets against the sender's
-//! allowed IPs, endpoint roaming on authenticated packets, persistent
+//! allowed IPs, endpoint roaming on authenticated packets, sticky source
+//! addresses (each peer is answered from the local address its packets arrived
+//! on, [`LocalAddr`]; the shell reports a source that vanished with
+//! [`DataPlane::forget_source`]), persistent
 //! keepalives, forwarding between peers on a relay, per-peer byte counters,
 //! per-reason drop counters and relay counters, and the access policy
 //! ([`DataPlane::set_policy`]): decrypted packets for this node pass the stateful
@@ -44,7 +47,7 @@
 //! `timers` the output not caused by a packet, `counters` the drop reasons.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,12 +149,41 @@ pub enum DataPlaneError {
     IndexExhausted,
 }
 
+/// A local address of this host, as the kernel reported it for a received
+/// datagram (`IP_PKTINFO`/`IPV6_PKTINFO`): where the sender wrote to, and on
+/// which interface it arrived. Sending from it again ("sticky source", as the
+/// kernel WireGuard and wireguard-go do) makes a multi-homed host answer from the
+/// address the peer knows, so the peer's endpoint does not roam away from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr {
+    /// The address (v4-mapped addresses are given as IPv4).
+    pub ip: IpAddr,
+    /// The interface index the datagram arrived on (0: unknown). Only link-local
+    /// IPv6 sources need it when sending (the address names no link by itself).
+    pub ifindex: u32,
+}
+
+/// A datagram to send (from [`DataPlane::poll_transmit`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit<'o> {
+    /// The peer's endpoint.
+    pub to: SocketAddr,
+    /// The local address to send from (`None`: let the kernel choose).
+    pub src: Option<LocalAddr>,
+    pub data: &'o [u8],
+}
+
 /// Result of [`DataPlane::handle_tun_packet`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outgoing<'o> {
-    /// Send `data` to `to` (an encrypted packet, or a handshake initiation if
-    /// the packet had to be queued until a session exists).
-    Send { to: SocketAddr, data: &'o [u8] },
+    /// Send `data` to `to` from `src` (`None`: the kernel chooses): an encrypted
+    /// packet, or a handshake initiation if the packet had to be queued until a
+    /// session exists.
+    Send {
+        to: SocketAddr,
+        src: Option<LocalAddr>,
+        data: &'o [u8],
+    },
     /// The packet was dropped; the matching counter was incremented.
     Drop(DropReason),
     /// Nothing to send now (the packet is queued behind a handshake already in
@@ -164,16 +196,23 @@ pub enum Outgoing<'o> {
 pub enum Incoming<'o> {
     /// Write the decrypted `packet` (sent by `peer`) to the TUN device.
     WriteTun { peer: PeerId, packet: &'o [u8] },
-    /// Send `data` back to `to` (handshake response, keepalive, cookie reply).
-    Send { to: SocketAddr, data: &'o [u8] },
+    /// Send `data` back to `to` (handshake response, keepalive, cookie reply),
+    /// from `src`: the local address the datagram arrived on.
+    Send {
+        to: SocketAddr,
+        src: Option<LocalAddr>,
+        data: &'o [u8],
+    },
     /// On a relay: `packet`, decrypted from `from_peer`, is for `to_peer`; send
     /// `data` (its re-encryption, or a handshake initiation if the packet waits
-    /// for a session) to `to`. Counted in [`Counters::relayed_packets`].
+    /// for a session) to `to`, from `src` (`to_peer`'s sticky source). Counted in
+    /// [`Counters::relayed_packets`].
     Forward {
         from_peer: PeerId,
         to_peer: PeerId,
         packet: &'o [u8],
         to: SocketAddr,
+        src: Option<LocalAddr>,
         data: &'o [u8],
     },
     /// The datagram was dropped; the matching counter was incremented.

@@ -11,8 +11,8 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use tracing::{debug, trace};
 
 use super::{
-    DATA_OVERHEAD, DataPlane, DropReason, Incoming, MIN_OUT_LEN, MSG_COOKIE_REPLY, MSG_DATA,
-    MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESPONSE, Outgoing, PADDING, PeerId,
+    DATA_OVERHEAD, DataPlane, DropReason, Incoming, LocalAddr, MIN_OUT_LEN, MSG_COOKIE_REPLY,
+    MSG_DATA, MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESPONSE, Outgoing, PADDING, PeerId,
 };
 use crate::node::filter::Verdict;
 use crate::wire::ip::IpPacket;
@@ -113,25 +113,28 @@ impl DataPlane {
             }
         }
         match self.encapsulate(id, buf, packet_len, out) {
-            Ok(Some((to, data))) => Outgoing::Send { to, data },
+            Ok(Some((to, src, data))) => Outgoing::Send { to, src, data },
             Ok(None) => Outgoing::Nothing,
             Err(reason) => drop_out(&mut self.counters, reason),
         }
     }
 
     /// Pads `buf[..packet_len]` (a checked IP packet) and encrypts it for peer
-    /// `id` into `out`: `Some` datagram to send (the data message, or a handshake
-    /// initiation when the packet was queued for lack of a session), `None` when
-    /// it was queued behind a handshake in flight. Counts nothing on error.
+    /// `id` into `out`: `Some` datagram to send, with the endpoint and our source
+    /// for it (the data message, or a handshake initiation when the packet was
+    /// queued for lack of a session), `None` when it was queued behind a handshake
+    /// in flight. Counts nothing on error.
+    #[allow(clippy::type_complexity)]
     pub(super) fn encapsulate<'o>(
         &mut self,
         id: PeerId,
         buf: &mut [u8],
         packet_len: usize,
         out: &'o mut [u8],
-    ) -> Result<Option<(SocketAddr, &'o [u8])>, DropReason> {
+    ) -> Result<Option<(SocketAddr, Option<LocalAddr>, &'o [u8])>, DropReason> {
         let peer = self.peers.get_mut(&id).ok_or(DropReason::UnknownPeer)?;
         let to = peer.endpoint.ok_or(DropReason::NoEndpoint)?;
+        let src = peer.source;
         // Pad to 16 bytes, but never past the MTU (a full-size packet stays full size).
         let padded = packet_len
             .next_multiple_of(PADDING)
@@ -160,7 +163,7 @@ impl DataPlane {
                 peer.path.tx_data += 1;
                 peer.sent(data.len());
                 trace!(peer = id, len = data.len(), "encapsulated");
-                Ok(Some((to, data)))
+                Ok(Some((to, src, data)))
             }
             TunnResult::Done => {
                 peer.queued = true;
@@ -184,16 +187,20 @@ impl DataPlane {
         datagram: &[u8],
         out: &'o mut [u8],
     ) -> Incoming<'o> {
-        self.handle_datagram_or_forward(from, datagram, out, &mut [])
+        self.handle_datagram_or_forward(from, None, datagram, out, &mut [])
     }
 
-    /// [`DataPlane::handle_datagram`] with room to forward: on a relay, a
-    /// decrypted packet for another peer is re-encrypted into `forward_out`
-    /// (sized like the `out` of [`DataPlane::handle_tun_packet`]) and returned
-    /// as [`Incoming::Forward`]. Without relaying, `forward_out` is not used.
+    /// [`DataPlane::handle_datagram`] with the local address the datagram arrived
+    /// on (`local`, if the shell knows it: answers leave from it, and an
+    /// authenticated datagram makes it the peer's sticky source) and room to
+    /// forward: on a relay, a decrypted packet for another peer is re-encrypted
+    /// into `forward_out` (sized like the `out` of [`DataPlane::handle_tun_packet`])
+    /// and returned as [`Incoming::Forward`]. Without relaying, `forward_out` is
+    /// not used.
     pub fn handle_datagram_or_forward<'o>(
         &mut self,
         from: SocketAddr,
+        local: Option<LocalAddr>,
         datagram: &[u8],
         out: &'o mut [u8],
         forward_out: &'o mut [u8],
@@ -215,18 +222,26 @@ impl DataPlane {
                     };
                     self.counters.cookie_replies += 1;
                     trace!(%from, "under load, sending cookie reply");
-                    return Incoming::Send { to: from, data };
+                    return Incoming::Send {
+                        to: from,
+                        src: local,
+                        data,
+                    };
                 }
             },
         };
         let Some(id) = id else {
             return drop_in(&mut self.counters, DropReason::UnknownPeer);
         };
-        match self.decapsulate(id, from, datagram, out) {
+        match self.decapsulate(id, from, local, datagram, out) {
             Decapsulated::Nothing => Incoming::Nothing,
             Decapsulated::Drop(reason) => drop_in(&mut self.counters, reason),
             Decapsulated::Send(ptr, len) => match span_in(out, ptr, len).and_then(|r| out.get(r)) {
-                Some(data) => Incoming::Send { to: from, data },
+                Some(data) => Incoming::Send {
+                    to: from,
+                    src: local,
+                    data,
+                },
                 None => drop_in(&mut self.counters, DropReason::BufferTooSmall),
             },
             Decapsulated::Packet(ptr, len, src) => {
@@ -295,6 +310,7 @@ impl DataPlane {
         &mut self,
         id: PeerId,
         from: SocketAddr,
+        local: Option<LocalAddr>,
         datagram: &[u8],
         out: &mut [u8],
     ) -> Decapsulated {
@@ -320,7 +336,7 @@ impl DataPlane {
             TunnResult::Done => {
                 if msg_type == MSG_DATA {
                     // An authenticated keepalive.
-                    peer.received(from, datagram.len(), id);
+                    peer.received(from, local, datagram.len(), id);
                     trace!(peer = id, "keepalive received");
                 }
                 return Decapsulated::Nothing;
@@ -332,7 +348,7 @@ impl DataPlane {
                 } else {
                     // We answered a valid initiation or completed our own
                     // handshake: the datagram was authenticated.
-                    peer.received(from, datagram.len(), id);
+                    peer.received(from, local, datagram.len(), id);
                     if msg_type == MSG_HANDSHAKE_RESPONSE {
                         peer.path.responses += 1;
                     }
@@ -357,7 +373,7 @@ impl DataPlane {
             }
             TunnResult::Err(e) => return Decapsulated::Drop(reason_for(&e)),
         };
-        peer.received(from, datagram.len(), id);
+        peer.received(from, local, datagram.len(), id);
         if peer.queued && !peer.flush_pending {
             peer.flush_pending = true;
             self.flush.push(id);

@@ -10,7 +10,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 use tracing::debug;
 
-use super::{DataPlane, DataPlaneError, INDEX_SPACE, PeerConfig, PeerId};
+use super::{DataPlane, DataPlaneError, INDEX_SPACE, LocalAddr, PeerConfig, PeerId};
 
 /// A peer's traffic statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,10 @@ pub(super) struct Peer {
     /// The preshared key mixed into handshakes (`nexodus wg`; the mesh uses none).
     pub(super) preshared_key: Option<[u8; 32]>,
     pub(super) endpoint: Option<SocketAddr>,
+    /// Where we send to `endpoint` from: the local address the peer's last
+    /// authenticated datagram arrived on (`None`: the kernel chooses). Cleared when
+    /// the endpoint is configured, and when the shell reports it gone.
+    pub(super) source: Option<LocalAddr>,
     /// The configured prefixes; `DataPlane::routes` is rebuilt from them.
     pub(super) allowed_ips: Vec<IpNet>,
     /// Persistent keepalive interval in seconds (0 = off).
@@ -99,13 +103,30 @@ impl Peer {
         self.active_since_tick = true;
     }
 
-    pub(super) fn received(&mut self, from: SocketAddr, len: usize, id: PeerId) {
+    /// An authenticated datagram of `len` bytes came from `from` to our `local`
+    /// address: the peer's endpoint and our source for it follow.
+    pub(super) fn received(
+        &mut self,
+        from: SocketAddr,
+        local: Option<LocalAddr>,
+        len: usize,
+        id: PeerId,
+    ) {
         self.rx_bytes = self.rx_bytes.saturating_add(len as u64);
         self.active_since_tick = true;
         if self.endpoint != Some(from) {
             debug!(peer = id, old = ?self.endpoint, new = %from, "peer endpoint changed");
             self.endpoint = Some(from);
         }
+        if self.source != local {
+            debug!(peer = id, old = ?self.source, new = ?local, "source address for the peer");
+            self.source = local;
+        }
+    }
+
+    /// The source to send to `to` from: ours for the peer if `to` is its endpoint.
+    pub(super) fn source_for(&self, to: SocketAddr) -> Option<LocalAddr> {
+        self.source.filter(|_| self.endpoint == Some(to))
     }
 }
 
@@ -141,6 +162,7 @@ impl DataPlane {
             Some(peer) if peer.public_key == cfg.public_key => {
                 if cfg.endpoint.is_some() {
                     peer.endpoint = cfg.endpoint;
+                    peer.source = None;
                 }
                 if peer.keepalive != keepalive {
                     peer.keepalive = keepalive;
@@ -158,6 +180,7 @@ impl DataPlane {
                     public_key: cfg.public_key,
                     preshared_key: None,
                     endpoint: cfg.endpoint.or(old_endpoint),
+                    source: None,
                     allowed_ips: cfg.allowed_ips,
                     keepalive,
                     keepalive_due: None,
@@ -247,6 +270,24 @@ impl DataPlane {
             tx_bytes: peer.tx_bytes,
             path: peer.path,
         })
+    }
+
+    /// The local address we send to peer `id` from (`None`: the kernel chooses).
+    pub fn peer_source(&self, id: PeerId) -> Option<LocalAddr> {
+        self.peers.get(&id)?.source
+    }
+
+    /// The shell could not send to `to` from `src` (the address was removed from
+    /// the host): peers reached at `to` from it forget it, so the kernel chooses
+    /// again until their next packet arrives. A scan of the peers: it runs on such
+    /// a failure only.
+    pub fn forget_source(&mut self, to: SocketAddr, src: LocalAddr) {
+        for (&id, peer) in self.peers.iter_mut() {
+            if peer.endpoint == Some(to) && peer.source == Some(src) {
+                debug!(peer = id, source = ?src, "source address gone; the kernel chooses");
+                peer.source = None;
+            }
+        }
     }
 
     /// Starts a handshake with peer `id` at the next tick (unless one is in flight):

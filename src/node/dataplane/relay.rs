@@ -175,7 +175,7 @@ impl DataPlane {
         };
         let out: &'o [u8] = out;
         match sent {
-            Ok(Some((to, data))) => {
+            Ok(Some((to, src, data))) => {
                 self.counters.relayed_packets = self.counters.relayed_packets.saturating_add(1);
                 self.counters.relayed_bytes =
                     self.counters.relayed_bytes.saturating_add(len as u64);
@@ -185,6 +185,7 @@ impl DataPlane {
                     to_peer,
                     packet: out.get(range).unwrap_or_default(),
                     to,
+                    src,
                     data,
                 }
             }

@@ -182,10 +182,10 @@ fn routing_picks_longest_prefix() {
         let pkt = ipv4_packet(A_V4, dst.parse().expect("ip"), 20);
         buf[..pkt.len()].copy_from_slice(&pkt);
         match dp.handle_tun_packet(&mut buf, pkt.len(), &mut out) {
-            Outgoing::Send { to, data } => {
+            Outgoing::Send { to, src, data } => {
                 assert_eq!(data.len(), HANDSHAKE_INIT_LEN);
                 assert_eq!(data[0], MSG_HANDSHAKE_INIT);
-                Outgoing::Send { to, data: &[] }
+                Outgoing::Send { to, src, data: &[] }
             }
             Outgoing::Drop(r) => Outgoing::Drop(r),
             Outgoing::Nothing => Outgoing::Nothing,
@@ -196,6 +196,7 @@ fn routing_picks_longest_prefix() {
         send_to(&mut dp, "100.64.0.5"),
         Outgoing::Send {
             to: ep("192.0.2.3:1"),
+            src: None,
             data: &[]
         }
     );
@@ -203,6 +204,7 @@ fn routing_picks_longest_prefix() {
         send_to(&mut dp, "100.64.0.6"),
         Outgoing::Send {
             to: ep("192.0.2.2:1"),
+            src: None,
             data: &[]
         }
     );
@@ -582,7 +584,7 @@ fn cookie_reply_under_load() {
     let from = p.a_addr;
     let mut cookie = None;
     for _ in 0..(2 * HANDSHAKE_RATE_LIMIT + 10) {
-        if let Incoming::Send { to, data } = p.b.handle_datagram(from, &init, &mut out)
+        if let Incoming::Send { to, data, .. } = p.b.handle_datagram(from, &init, &mut out)
             && data.first() == Some(&MSG_COOKIE_REPLY)
         {
             assert_eq!(to, from);
@@ -1176,4 +1178,96 @@ fn keepalives_make_sessions_a_batch_per_tick() {
     assert_eq!(with_tunn(&dp), 1024);
     dp.handle_timeout(now + TICK);
     assert_eq!(with_tunn(&dp), 1500);
+}
+
+/// Sticky sources: each peer is answered from the local address its last
+/// authenticated datagram arrived on; a configured endpoint, or the shell
+/// reporting the address gone, lets the kernel choose again.
+#[test]
+fn answers_leave_from_the_address_the_peer_wrote_to() {
+    let mut p = pair();
+    let local = |ip: &str, ifindex| LocalAddr {
+        ip: ip.parse().expect("ip"),
+        ifindex,
+    };
+    let (b1, b2, a1) = (
+        local("198.51.100.2", 3),
+        local("198.51.100.7", 3),
+        local("192.0.2.1", 2),
+    );
+    let mut out = vec![0u8; BUF_LEN];
+    // A's initiation reaches B at b1: the response leaves from b1, and b1 sticks.
+    let init = encrypt(&mut p.a, &ipv4_packet(A_V4, B_V4, 56));
+    let response =
+        match p
+            .b
+            .handle_datagram_or_forward(p.a_addr, Some(b1), &init, &mut out, &mut [])
+        {
+            Incoming::Send { to, src, data } => {
+                assert_eq!((to, src), (p.a_addr, Some(b1)));
+                data.to_vec()
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+    assert_eq!(p.b.peer_source(A_ID), Some(b1));
+    // A gets the response at a1: its queued packet (and keepalive) leave from a1.
+    let mut fwd = vec![0u8; BUF_LEN];
+    let r =
+        p.a.handle_datagram_or_forward(p.b_addr, Some(a1), &response, &mut out, &mut fwd);
+    assert!(
+        matches!(r, Incoming::Send { src: Some(s), .. } if s == a1),
+        "{r:?}"
+    );
+    let mut flushed = Vec::new();
+    while let Some(t) = p.a.poll_transmit(&mut out) {
+        assert_eq!((t.to, t.src), (p.b_addr, Some(a1)));
+        flushed.push(t.data.to_vec());
+    }
+    assert!(!flushed.is_empty());
+    // The data reaches B at b2 (A's endpoint for B moved there): b2 sticks.
+    for d in &flushed {
+        p.b.handle_datagram_or_forward(p.a_addr, Some(b2), d, &mut out, &mut fwd);
+    }
+    assert_eq!(p.b.peer_source(A_ID), Some(b2));
+    let mut buf = vec![0u8; BUF_LEN];
+    let pong = ipv4_packet(B_V4, A_V4, 56);
+    buf[..pong.len()].copy_from_slice(&pong);
+    match p.b.handle_tun_packet(&mut buf, pong.len(), &mut out) {
+        Outgoing::Send { to, src, .. } => assert_eq!((to, src), (p.a_addr, Some(b2))),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A failure reported for another endpoint or source changes nothing; for this
+    // one, the kernel chooses.
+    p.b.forget_source("192.0.2.99:1".parse().expect("addr"), b2);
+    p.b.forget_source(p.a_addr, b1);
+    assert_eq!(p.b.peer_source(A_ID), Some(b2));
+    p.b.forget_source(p.a_addr, b2);
+    assert_eq!(p.b.peer_source(A_ID), None);
+    // A replayed datagram is dropped and teaches nothing; an authenticated one
+    // teaches its local address (none when the shell gives none).
+    p.b.handle_datagram_or_forward(p.a_addr, Some(b1), &flushed[0], &mut out, &mut fwd);
+    assert_eq!(p.b.peer_source(A_ID), None);
+    let t = p.send_packet(Side::A, &ipv4_packet(A_V4, B_V4, 20));
+    assert_eq!(t.tun_at(Side::B).len(), 1);
+    assert_eq!(p.b.peer_source(A_ID), None, "no local address given");
+    let a_pub = p.a.public_key();
+    let cfg = |endpoint| PeerConfig {
+        public_key: a_pub,
+        endpoint,
+        allowed_ips: host_nets(A_V4, A_V6),
+        persistent_keepalive: None,
+    };
+    p.b.handle_datagram_or_forward(
+        p.a_addr,
+        Some(b1),
+        &encrypt(&mut p.a, &ipv4_packet(A_V4, B_V4, 20)),
+        &mut out,
+        &mut fwd,
+    );
+    assert_eq!(p.b.peer_source(A_ID), Some(b1));
+    // A configuration without an endpoint keeps it, a configured endpoint forgets it.
+    p.b.upsert_peer(A_ID, cfg(None)).expect("update");
+    assert_eq!(p.b.peer_source(A_ID), Some(b1));
+    p.b.upsert_peer(A_ID, cfg(Some(p.a_addr))).expect("update");
+    assert_eq!(p.b.peer_source(A_ID), None);
 }

@@ -10,6 +10,7 @@ use tracing::{debug, trace};
 use super::packet::span_in;
 use super::{
     DATA_OVERHEAD, DataPlane, DropReason, HANDSHAKE_INIT_LEN, MIN_OUT_LEN, MSG_DATA, PeerId, TICK,
+    Transmit,
 };
 
 /// Sessions (`Tunn`s) persistent keepalives may make in one tick; the other peers'
@@ -41,15 +42,16 @@ impl DataPlane {
     /// boringtun queued until a handshake completed. Call in a loop until
     /// `None` after every `handle_*` call. `out` should be as large as the
     /// `out` given to [`DataPlane::handle_tun_packet`].
-    pub fn poll_transmit<'o>(&mut self, out: &'o mut [u8]) -> Option<(SocketAddr, &'o [u8])> {
+    pub fn poll_transmit<'o>(&mut self, out: &'o mut [u8]) -> Option<Transmit<'o>> {
         while self.timer_pos < self.timer_len {
             let Some(slot) = self.timer_q.get(self.timer_pos) else {
                 break;
             };
             self.timer_pos += 1;
-            if !self.peers.contains_key(&slot.peer) {
+            let Some(peer) = self.peers.get(&slot.peer) else {
                 continue;
-            }
+            };
+            let src = peer.source_for(slot.to);
             let (Some(data), Some(dst)) = (slot.buf.get(..slot.len), out.get_mut(..slot.len))
             else {
                 self.counters.bump(DropReason::BufferTooSmall);
@@ -57,7 +59,7 @@ impl DataPlane {
             };
             dst.copy_from_slice(data);
             let (to, len) = (slot.to, slot.len);
-            return out.get(..len).map(|data| (to, data));
+            return out.get(..len).map(|data| Transmit { to, src, data });
         }
         self.timer_pos = 0;
         self.timer_len = 0;
@@ -97,9 +99,10 @@ impl DataPlane {
                         continue;
                     };
                     peer.sent(len);
+                    let src = peer.source;
                     let range = span_in(out, ptr, len)?;
                     trace!(peer = id, len, "flushing queued packet");
-                    return out.get(range).map(|data| (to, data));
+                    return out.get(range).map(|data| Transmit { to, src, data });
                 }
                 None => {
                     // Queue empty, or still no session (then keep `queued`;

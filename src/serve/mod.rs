@@ -386,6 +386,11 @@ pub async fn run(
             drop(admitted);
         });
     }
+    // Its nodes' sessions lock nobody out any more: a node restarted meanwhile is let
+    // in through another replica at once.
+    if let Err(e) = with_store(&store, |s| s.leave()).await {
+        tracing::warn!(error = %e, "could not release this replica's node sessions");
+    }
     Ok(())
 }
 

@@ -299,6 +299,14 @@ pub trait Store: Send {
         Ok(false)
     }
 
+    /// A coordinator process stops: the watch streams it held no longer make another
+    /// process with their device's credential a clone (PostgreSQL; the devices stay
+    /// online until they reconnect elsewhere or the replica expires). SQLite: nothing
+    /// to do.
+    fn leave(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The highest revision committed so far (0 for an empty log).
     fn current_revision(&mut self) -> Result<i64, StoreError> {
         flow::read(self.engine(), Read::Plain, |tx| tx.current_revision())

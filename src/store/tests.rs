@@ -1105,6 +1105,12 @@ mod postgres_only {
             )
             .unwrap();
         r1.claim_watch(a.id, Some(9), "192.0.2.9:1000", 5).unwrap();
+        // r1 stops (SIGTERM): its sessions lock nobody out, though the device stays
+        // online until it reconnects elsewhere.
+        r1.leave().unwrap();
+        r2.claim_watch(a.id, Some(11), "192.0.2.11:1", 6).unwrap();
+        assert!(r2.device(a.id).unwrap().unwrap().online);
+        r2.set_online(a.id, false, 6).unwrap();
         // A watch that ends takes its row along.
         r1.set_online(a.id, false, 6).unwrap();
         let e = r2.claim_watch(a.id, Some(10), "192.0.2.10:1", 6);

@@ -157,4 +157,8 @@ impl Store for PgStore {
     fn heartbeat(&mut self) -> Result<bool, StoreError> {
         self.beat()
     }
+
+    fn leave(&mut self) -> Result<(), StoreError> {
+        self.release_sessions()
+    }
 }

@@ -160,3 +160,12 @@ CREATE TABLE database_identity (
 );
 INSERT INTO database_identity (id, value)
     VALUES (1, floor(random() * 9007199254740991)::BIGINT + 1);
+
+-- migration: 10
+
+-- Which node process holds each watch (its random instance id), from where and since
+-- when: a second process with the same credential (a cloned state directory) that
+-- reaches another replica is refused while the first one's replica is alive.
+ALTER TABLE cluster_watches ADD COLUMN instance BIGINT;
+ALTER TABLE cluster_watches ADD COLUMN remote TEXT;
+ALTER TABLE cluster_watches ADD COLUMN since BIGINT;

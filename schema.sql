@@ -157,3 +157,8 @@ CREATE TABLE database_identity (
     value  INTEGER NOT NULL
 );
 INSERT INTO database_identity (id, value) VALUES (1, (random() & 9007199254740991) + 1);
+
+-- migration: 10
+
+-- Nothing for SQLite: one coordinator process knows every watch stream in memory.
+-- (PostgreSQL's cluster_watches gained the node process's instance id and address.)

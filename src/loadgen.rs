@@ -173,6 +173,10 @@ pub struct StormReport {
     pub all_p50_ms: f64,
     pub all_p99_ms: f64,
     pub missed: usize,
+    /// Watch streams that ended after their snapshot (before the probes were done),
+    /// and why the first did.
+    pub streams_lost: usize,
+    pub first_loss: Option<String>,
     pub rss_after_kib: u64,
 }
 
@@ -256,6 +260,13 @@ impl fmt::Display for Report {
             if let Some(e) = &s.first_error {
                 write!(f, "\n  storm errors         (first: {e})")?;
             }
+            if let Some(e) = &s.first_loss {
+                write!(
+                    f,
+                    "\n  streams lost after their snapshot: {} (first: {e})",
+                    s.streams_lost
+                )?;
+            }
         }
         Ok(())
     }
@@ -283,10 +294,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// One simulated node.
 struct Node {
-    conn: quinn::Connection,
+    /// Its control connection (a storm node that lost it reconnects: a new one).
+    conn: Mutex<quinn::Connection>,
     auth: Auth,
     /// Where its view of the organization stands (kept by its watch stream).
     view: View,
+}
+
+impl Node {
+    fn conn(&self) -> quinn::Connection {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// A node's [`ResumeFrom`], updated by its watch stream as frames arrive.
@@ -307,6 +325,8 @@ struct Probe {
     snapshot_times: Mutex<Vec<Instant>>,
     last_frame: Mutex<Instant>,
     errors: Mutex<Vec<String>>,
+    /// Storm watch streams that ended after their first frame, and why.
+    lost: Mutex<Vec<String>>,
 }
 
 impl Probe {
@@ -322,6 +342,7 @@ impl Probe {
             snapshot_times: Mutex::new(Vec::new()),
             last_frame: Mutex::new(Instant::now()),
             errors: Mutex::new(Vec::new()),
+            lost: Mutex::new(Vec::new()),
         }
     }
 }
@@ -356,7 +377,7 @@ async fn register_node(
         .map_err(|e| format!("register: {e}"))?
     {
         Response::Registered { device, credential } => Ok(Node {
-            conn,
+            conn: Mutex::new(conn),
             auth: Auth {
                 device_id: device.id,
                 credential,
@@ -437,9 +458,12 @@ async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
     mut first_frame: Option<FirstFrame>,
     view: Option<View>,
+    count_snapshot: bool,
 ) {
     let mut buf = Vec::new();
     let mut first = true;
+    // A storm's stream (the one that reports its first frame on a channel).
+    let storm = first_frame.is_some();
     let mut last_probe = 0u64;
     let mut database = 0;
     let fail = |first_frame: Option<FirstFrame>, e: String| match first_frame {
@@ -458,6 +482,11 @@ async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
             // be reported (and, in the storm, reconnect), never forgotten.
             if first {
                 fail(first_frame.take(), e);
+            } else if storm {
+                // After it, the node misses every later change unless it reconnects:
+                // counted too.
+                tracing::debug!(error = %e, "a watch stream ended after its snapshot");
+                probe.lost.lock().unwrap_or_else(|e| e.into_inner()).push(e);
             }
             return;
         }
@@ -495,12 +524,14 @@ async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
                 );
                 return;
             }
-            probe
-                .snapshot_times
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(now);
-            probe.snapshots.fetch_add(1, Ordering::Relaxed);
+            if count_snapshot {
+                probe
+                    .snapshot_times
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(now);
+                probe.snapshots.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(tx) = first_frame.take() {
                 let _ = tx.send(Ok(()));
             }
@@ -625,7 +656,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
                 ..Default::default()
             };
             call(
-                &node.conn,
+                &node.conn(),
                 &Request::Update {
                     auth: node.auth.clone(),
                     update,
@@ -671,7 +702,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         // At most --concurrency snapshots on their way at once.
         let permit = sem.clone().acquire_owned().await.ok();
         let opened = async {
-            let (mut send, recv) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
+            let (mut send, recv) = node.conn().open_bi().await.map_err(|e| e.to_string())?;
             let req = Request::Watch {
                 auth: node.auth.clone(),
                 instance: None,
@@ -686,7 +717,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
             Ok((send, recv)) => {
                 streams.push(send);
                 let view = Some(node.view.clone());
-                tokio::spawn(watch_loop(recv, probe.clone(), permit, None, view));
+                tokio::spawn(watch_loop(recv, probe.clone(), permit, None, view, true));
             }
             Err(e) => probe
                 .errors
@@ -740,17 +771,16 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     // 5. The reconnect storm.
     let mut storm = None;
     if let Some(cmd) = &args.restart_cmd {
-        let (report, new_nodes, new_streams) =
+        let (report, new_nodes) =
             run_storm(&args, cmd, &endpoints, &nodes, &probe, &mut streams).await?;
         storm = Some(report);
         nodes = new_nodes;
-        streams = new_streams;
     }
     for s in &mut streams {
         let _ = s.finish();
     }
     for node in &nodes {
-        node.conn.close(0u32.into(), b"loadgen done");
+        node.conn().close(0u32.into(), b"loadgen done");
     }
     for ep in &endpoints {
         ep.wait_idle().await;
@@ -821,7 +851,7 @@ async fn run_probes(
         *probe.started.lock().unwrap_or_else(|e| e.into_inner()) = t0;
         probe.active.store(true, Ordering::Release);
         call(
-            &node.conn,
+            &node.conn(),
             &Request::Update {
                 auth: node.auth.clone(),
                 update: DeviceUpdate {
@@ -855,7 +885,7 @@ async fn run_probes(
 /// Opens one watch stream naming no revision: the database it names and the revision
 /// of the snapshot that follows.
 async fn observe(node: &Node) -> Result<(i64, i64), String> {
-    let (mut send, mut recv) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = node.conn().open_bi().await.map_err(|e| e.to_string())?;
     let mut from = *node.view.lock().unwrap_or_else(|e| e.into_inner());
     from.database = 0;
     let req = Request::Watch {
@@ -923,7 +953,7 @@ async fn run_storm(
     nodes: &[Arc<Node>],
     probe: &Arc<Probe>,
     streams: &mut Vec<quinn::SendStream>,
-) -> Result<(StormReport, Vec<Arc<Node>>, Vec<quinn::SendStream>), LoadgenError> {
+) -> Result<(StormReport, Vec<Arc<Node>>), LoadgenError> {
     let n = nodes.len();
     probe.snapshots.store(0, Ordering::Relaxed);
     probe
@@ -958,17 +988,30 @@ async fn run_storm(
     // Every node keeps trying until it has its snapshot or this passes.
     let deadline = started + STORM_LIMIT;
     let mut tasks = Vec::with_capacity(n);
+    let mut ready = Vec::with_capacity(n);
     for (i, node) in nodes.iter().enumerate() {
         let ep = endpoints[i % endpoints.len()].clone();
         let addr = args.coordinator[i % args.coordinator.len()];
-        let node = node.clone();
+        // The node as the probes will use it: its connection is replaced whenever it
+        // reconnects.
+        let node = Arc::new(Node {
+            conn: Mutex::new(node.conn()),
+            auth: node.auth.clone(),
+            view: node.view.clone(),
+        });
         let (probe, retries) = (probe.clone(), retries.clone());
         let instance: u64 = rand::random();
         let resume = !args.no_resume;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        ready.push(ready_rx);
         tasks.push(tokio::spawn(async move {
             // As `nexodus join`: a jittered first attempt, then a jittered doubling
-            // backoff; and as it does, a node whose watch stream fails before its
-            // snapshot arrived (the connection lost, the stream reset) reconnects.
+            // backoff; and as it does, a node whose watch stream fails (before its
+            // snapshot arrived: the connection lost, the stream reset; or later: the
+            // connection lost under load) reconnects. Only the first snapshot is
+            // the storm's figure; a node that lost its stream after it and did not
+            // reconnect would miss every probe that follows.
+            let mut ready_tx = Some((ready_tx, node.clone()));
             let mut backoff = Duration::from_millis(250);
             tokio::time::sleep(Duration::from_millis(
                 u64::from(rand::random::<u16>()) % 500,
@@ -991,7 +1034,15 @@ async fn run_storm(
                     Ok((conn, send, recv)) => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         let view = Some(node.view.clone());
-                        tokio::spawn(watch_loop(recv, probe.clone(), None, Some(tx), view));
+                        let counted = ready_tx.is_some();
+                        let stream = tokio::spawn(watch_loop(
+                            recv,
+                            probe.clone(),
+                            None,
+                            Some(tx),
+                            view,
+                            counted,
+                        ));
                         // Bounded: a stream that never brings its snapshot (nor fails)
                         // must not hang the run.
                         let until = tokio::time::Instant::from_std(deadline);
@@ -1000,14 +1051,15 @@ async fn run_storm(
                             .unwrap_or_else(|_| Ok(Err("no snapshot by the deadline".into())))
                         {
                             Ok(Ok(())) => {
-                                return Some((
-                                    Arc::new(Node {
-                                        conn,
-                                        view: node.view.clone(),
-                                        auth: node.auth.clone(),
-                                    }),
-                                    send,
-                                ));
+                                *node.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+                                if let Some((tx, node)) = ready_tx.take() {
+                                    let _ = tx.send(node);
+                                }
+                                backoff = Duration::from_millis(250);
+                                // Held until it ends (the run aborts this task).
+                                let _ = stream.await;
+                                drop(send);
+                                "watch stream lost after the snapshot".into()
                             }
                             Ok(Err(e)) => format!("before the snapshot: {e}"),
                             Err(_) => "watch stream dropped before the snapshot".into(),
@@ -1023,11 +1075,9 @@ async fn run_storm(
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(4));
             }
-            None
         }));
     }
     let mut new_nodes = Vec::with_capacity(n);
-    let mut new_streams = Vec::with_capacity(n);
     let progress = {
         let (probe, retries) = (probe.clone(), retries.clone());
         tokio::spawn(async move {
@@ -1042,13 +1092,13 @@ async fn run_storm(
             }
         })
     };
-    for t in tasks {
-        if let Ok(Some((node, send))) = t.await {
+    for r in ready {
+        // A node's task reports once its snapshot arrived; at the deadline without
+        // one, it ends and drops its sender.
+        if let Ok(node) = r.await {
             new_nodes.push(node);
-            new_streams.push(send);
         }
     }
-    // A node's task ends once its snapshot arrived, or at the deadline without.
     let complete = new_nodes.len() == n;
     let limit = STORM_LIMIT;
     let times: Vec<f64> = {
@@ -1085,6 +1135,10 @@ async fn run_storm(
     let rss_after_kib = pids.iter().map(|&p| rss_kib(p)).sum();
     let lost = n - times.len().min(n);
     let (per_watcher, all, missed) = run_probes(&new_nodes, probe, args.probes, 1).await?;
+    let losses = std::mem::take(&mut *probe.lost.lock().unwrap_or_else(|e| e.into_inner()));
+    for t in &tasks {
+        t.abort();
+    }
     let retries = std::mem::take(&mut *retries.lock().unwrap_or_else(|e| e.into_inner()));
     Ok((
         StormReport {
@@ -1100,10 +1154,11 @@ async fn run_storm(
             all_p50_ms: percentile(&all, 0.5),
             all_p99_ms: percentile(&all, 0.99),
             missed,
+            streams_lost: losses.len(),
+            first_loss: losses.first().cloned(),
             rss_after_kib,
         },
         new_nodes,
-        new_streams,
     ))
 }
 
@@ -1121,7 +1176,7 @@ mod tests {
     async fn first_frame_of(bytes: Vec<u8>) -> (Result<(), String>, Arc<Probe>) {
         let probe = Arc::new(Probe::new());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        watch_loop(&bytes[..], probe.clone(), None, Some(tx), None).await;
+        watch_loop(&bytes[..], probe.clone(), None, Some(tx), None, true).await;
         let outcome = rx
             .await
             .expect("the first frame's outcome is always reported");
@@ -1156,13 +1211,36 @@ mod tests {
         }
     }
 
+    /// After a storm's resumed watchers were current, a few missed every probe: their
+    /// streams had ended after the first frame (the connection lost under load) and
+    /// nothing noticed, so the node never reconnected as `nexodus join` does. Such
+    /// an end is now recorded (and the storm's node task reconnects on it).
+    #[tokio::test]
+    async fn a_storm_stream_lost_after_its_snapshot_is_recorded() {
+        let snapshot = framed(&[1u8; 100]);
+        let mut bytes = snapshot.clone();
+        bytes.extend_from_slice(&snapshot[..10]);
+        let (ok, probe) = first_frame_of(bytes).await;
+        assert_eq!(ok, Ok(()));
+        assert_eq!(probe.lost.lock().unwrap().len(), 1);
+        // Not a storm stream (no channel): not counted as lost.
+        let probe = Arc::new(Probe::new());
+        watch_loop(&snapshot[..], probe.clone(), None, None, None, true).await;
+        assert!(probe.lost.lock().unwrap().is_empty());
+        // A reconnect's stream: its snapshot is not the storm's figure again.
+        let probe = Arc::new(Probe::new());
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        watch_loop(&snapshot[..], probe.clone(), None, Some(tx), None, false).await;
+        assert_eq!(probe.snapshots.load(Ordering::Relaxed), 0);
+    }
+
     /// Without a channel for the outcome (the first watch phase), a failed first
     /// frame is recorded as an error, so the phase's wait counts it.
     #[tokio::test]
     async fn without_a_channel_the_failure_is_recorded() {
         let probe = Arc::new(Probe::new());
         let bytes = framed(&[1u8; 100]);
-        watch_loop(&bytes[..50], probe.clone(), None, None, None).await;
+        watch_loop(&bytes[..50], probe.clone(), None, None, None, true).await;
         assert_eq!(probe.errors.lock().unwrap().len(), 1);
         assert_eq!(probe.snapshots.load(Ordering::Relaxed), 0);
     }

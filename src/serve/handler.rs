@@ -26,7 +26,9 @@ pub fn error_response(err: &StoreError) -> Response {
             | crate::coord::ipam::IpamError::Taken(_) => ErrorCode::AddressUnavailable,
             _ => ErrorCode::Conflict,
         },
-        StoreError::DuplicateKey(_) | StoreError::OrgExists(_) => ErrorCode::Conflict,
+        StoreError::DuplicateKey(_) | StoreError::OrgExists(_) | StoreError::Connected { .. } => {
+            ErrorCode::Conflict
+        }
         StoreError::OrgNotFound(_)
         | StoreError::DeviceNotFound(_)
         | StoreError::TokenNotFound(_)

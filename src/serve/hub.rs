@@ -636,10 +636,15 @@ impl Hub {
         }
     }
 
-    /// Devices with at least one watch stream on this process.
-    pub fn watched(&self) -> Vec<i64> {
+    /// Devices with at least one watch stream on this process, each with the node
+    /// process and address of its newest stream.
+    pub fn watched(&self) -> Vec<(i64, Option<u64>, SocketAddr)> {
         let w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        w.keys().copied().collect()
+        w.iter()
+            .filter_map(|(&id, streams)| {
+                Some((id, streams.last()?.instance, streams.last()?.remote))
+            })
+            .collect()
     }
 
     /// Tells the hub a change was committed.

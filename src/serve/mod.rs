@@ -44,8 +44,10 @@ pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Validity of the join token printed on first start.
 const FIRST_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-/// How often a replica proves itself alive (PostgreSQL).
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often a replica proves itself alive (PostgreSQL): a fifth of
+/// [`crate::store::pg::SESSION_TIMEOUT_SECS`], after which its node sessions no
+/// longer make another process with their credential a clone.
+const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long a new watch waits for the hub to apply the device's own latest change.
 const CATCH_UP: Duration = Duration::from_secs(5);
 /// Most registrations committed together (see [`registrar`]).
@@ -384,6 +386,11 @@ pub async fn run(
             drop(admitted);
         });
     }
+    // Its nodes' sessions lock nobody out any more: a node restarted meanwhile is let
+    // in through another replica at once.
+    if let Err(e) = with_store(&store, |s| s.leave()).await {
+        tracing::warn!(error = %e, "could not release this replica's node sessions");
+    }
     Ok(())
 }
 
@@ -467,7 +474,14 @@ async fn heartbeat(store: SharedStore, hub: Arc<Hub>) {
         match with_store(&store, |s| s.heartbeat()).await {
             Ok(false) => {}
             Ok(true) => {
-                for id in hub.watched() {
+                for (id, instance, remote) in hub.watched() {
+                    let remote = remote.to_string();
+                    let now = unix_now();
+                    if let Err(e) =
+                        with_store(&store, move |s| s.claim_watch(id, instance, &remote, now)).await
+                    {
+                        tracing::warn!(id, error = %e, "could not record a watch again");
+                    }
                     set_online(&store, &hub, id, true).await;
                 }
             }
@@ -693,10 +707,12 @@ async fn serve_stream(
     if let Request::Login {
         auth,
         ipv6_supported,
-        ..
+        instance,
     } = &req
     {
-        let resp = match presence::login(&shell.presences, auth, *ipv6_supported).await {
+        // The store refuses it too if another process of the device is connected
+        // through another replica.
+        let resp = match presence::login(&shell.presences, auth, *ipv6_supported, *instance).await {
             Ok(device) => {
                 shell.authenticated();
                 Response::Device { device }

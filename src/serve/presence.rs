@@ -1,5 +1,6 @@
-//! Batches the writes of nodes coming and going: a login (`last_seen`, IPv6 support)
-//! and a watch stream's start or end (online state).
+//! Batches the writes of nodes coming and going: a login (`last_seen`, IPv6 support),
+//! a watch stream's claim on its device (which node process, from where) and its
+//! start or end (online state).
 //!
 //! Every reconnecting node makes two of them, and with a durable store each commit is
 //! a disk flush (~6 ms on a VM disk): 10,000 nodes reconnecting after a restart would
@@ -26,10 +27,16 @@ enum Item {
         device_id: i64,
         credential_hash: String,
         ipv6_supported: Option<bool>,
+        instance: Option<u64>,
     },
     Online {
         device_id: i64,
         online: bool,
+    },
+    Watch {
+        device_id: i64,
+        instance: Option<u64>,
+        remote: String,
     },
 }
 
@@ -66,14 +73,25 @@ pub(super) async fn writer(store: SharedStore, hub: Arc<Hub>, mut rx: mpsc::Rece
                         device_id,
                         credential_hash,
                         ipv6_supported,
+                        instance,
                     } => Presence::Login {
                         device_id: *device_id,
                         credential_hash,
                         ipv6_supported: *ipv6_supported,
+                        instance: *instance,
                     },
                     Item::Online { device_id, online } => Presence::Online {
                         device_id: *device_id,
                         online: *online,
+                    },
+                    Item::Watch {
+                        device_id,
+                        instance,
+                        remote,
+                    } => Presence::Watch {
+                        device_id: *device_id,
+                        instance: *instance,
+                        remote,
                     },
                 })
                 .collect();
@@ -111,11 +129,13 @@ pub(super) async fn login(
     presences: &Presences,
     auth: &Auth,
     ipv6_supported: Option<bool>,
+    instance: Option<u64>,
 ) -> Result<Device, StoreError> {
     let item = Item::Login {
         device_id: auth.device_id,
         credential_hash: hash_secret(&auth.credential),
         ipv6_supported,
+        instance,
     };
     submit(presences, item)
         .await?
@@ -131,4 +151,19 @@ pub(super) async fn set_online(
     submit(presences, Item::Online { device_id, online })
         .await
         .map(|_| ())
+}
+
+/// A watch stream begins ([`crate::store::Store::claim_watch`]), batched.
+pub(super) async fn claim_watch(
+    presences: &Presences,
+    device_id: i64,
+    instance: Option<u64>,
+    remote: std::net::SocketAddr,
+) -> Result<(), StoreError> {
+    let item = Item::Watch {
+        device_id,
+        instance,
+        remote: remote.to_string(),
+    };
+    submit(presences, item).await.map(|_| ())
 }

@@ -91,14 +91,19 @@ async fn write_timed(send: &mut quinn::SendStream, bytes: Bytes) -> Result<(), F
 /// The answer to a second node process with a device's credential while another one
 /// is connected (a cloned state directory): it names the first.
 pub(super) fn clone_refusal(id: i64, first: SocketAddr, remote: SocketAddr) -> Response {
-    tracing::warn!(id, %remote, %first, "refused a second node with this device's credential");
-    Response::Error {
-        code: ErrorCode::Conflict,
-        message: format!(
-            "device {id} already connected from {first}: is this a copy of that node's state \
-             directory? Give this node its own state directory and join token"
-        ),
-    }
+    store_clone_refusal(
+        &StoreError::Connected {
+            id,
+            from: first.to_string(),
+        },
+        remote,
+    )
+}
+
+/// [`clone_refusal`] for the store's word (the first is on another replica).
+fn store_clone_refusal(e: &StoreError, remote: SocketAddr) -> Response {
+    tracing::warn!(%remote, error = %e, "refused a second node with this device's credential");
+    handler::error_response(e)
 }
 
 pub(super) async fn serve_watch(
@@ -134,6 +139,18 @@ pub(super) async fn serve_watch(
             return Ok(());
         }
     };
+    // The same across replicas (the store knows the others' streams).
+    match super::presence::claim_watch(&shell.presences, id, instance, remote).await {
+        Ok(()) => {}
+        Err(e @ StoreError::Connected { .. }) => {
+            hub.watch_ended(&slot);
+            let resp = store_clone_refusal(&e, remote);
+            quicio::write_message(&mut send, &resp, MAX_RESPONSE_LEN).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+        Err(e) => tracing::warn!(id, error = %e, "could not record the watch"),
+    }
     let watch = async {
         // The snapshot includes the device's own latest change (a node that just
         // registered finds itself), and is taken with the subscription: nothing

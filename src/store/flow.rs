@@ -154,6 +154,30 @@ pub trait Tx {
     /// Records that this coordinator process holds (or no longer holds) a watch
     /// stream of the device; returns whether any coordinator holds one now.
     fn watch(&mut self, id: i64, watching: bool) -> Result<bool, StoreError>;
+    /// Where another node process than `instance` holds a live watch stream of the
+    /// device through another coordinator process, if one does (a cloned state
+    /// directory). SQLite: one coordinator process, whose hub knows all its streams:
+    /// never.
+    fn session_elsewhere(
+        &mut self,
+        _id: i64,
+        _instance: u64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+    /// Records that this coordinator process holds a watch stream of the device for
+    /// node process `instance` at `remote`, taking over the streams of the same
+    /// process through other coordinators (a node that failed over). SQLite: nothing
+    /// to record.
+    fn claim_watch(
+        &mut self,
+        _id: i64,
+        _instance: Option<u64>,
+        _remote: &str,
+        _now: i64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Sets `online` and `last_seen`.
     fn set_online(&mut self, id: i64, online: bool, now: i64) -> Result<u64, StoreError>;
     /// Deletes a device; returns its organization, `None` if there was none.
@@ -444,15 +468,28 @@ pub fn presence(
                     device_id,
                     credential_hash,
                     ipv6_supported,
+                    instance,
                 } => match tx.credential(device_id)? {
                     Some((stored, device)) if stored == credential_hash => {
-                        login(tx, addrs, &device, ipv6_supported, now).map(Some)
+                        match instance.map(|i| tx.session_elsewhere(device_id, i)) {
+                            Some(Err(e)) => Err(e),
+                            Some(Ok(Some(from))) => Err(StoreError::Connected {
+                                id: device_id,
+                                from,
+                            }),
+                            _ => login(tx, addrs, &device, ipv6_supported, now).map(Some),
+                        }
                     }
                     _ => Err(StoreError::Unauthorized),
                 },
                 super::Presence::Online { device_id, online } => {
                     set_online(tx, device_id, online, now).map(|()| None)
                 }
+                super::Presence::Watch {
+                    device_id,
+                    instance,
+                    remote,
+                } => claim_watch(tx, device_id, instance, remote, now).map(|()| None),
             };
             match r {
                 // Only the database fails after an item wrote something: the whole
@@ -470,6 +507,27 @@ pub fn presence(
         out.extend((1..n).map(|_| Err(StoreError::Unavailable(text.clone()))));
         out
     })
+}
+
+/// See [`super::Store::claim_watch`].
+pub fn claim_watch(
+    tx: &mut dyn Tx,
+    id: i64,
+    instance: Option<u64>,
+    remote: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    // The device's row lock: replicas claiming the same device take turns, so two
+    // copies of one node reaching two replicas at once cannot both be taken.
+    if tx.lock_online(id)?.is_none() {
+        return Ok(());
+    }
+    if let Some(mine) = instance
+        && let Some(from) = tx.session_elsewhere(id, mine)?
+    {
+        return Err(StoreError::Connected { id, from });
+    }
+    tx.claim_watch(id, instance, remote, now)
 }
 
 /// See [`super::Store::set_online`].

@@ -89,6 +89,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Unavailable(String),
+    /// Another node process with this device's credential holds a watch stream (see
+    /// [`Store::claim_watch`]).
+    #[error(
+        "device {id} already connected from {from}: is this a copy of that node's state \
+         directory? Give this node its own state directory and join token"
+    )]
+    Connected { id: i64, from: String },
 }
 
 impl StoreError {
@@ -197,9 +204,19 @@ pub enum Presence<'a> {
         device_id: i64,
         credential_hash: &'a str,
         ipv6_supported: Option<bool>,
+        /// The node process (see [`Store::claim_watch`]): refused with
+        /// [`StoreError::Connected`] while another process of this device holds a
+        /// watch stream through another live coordinator.
+        instance: Option<u64>,
     },
     /// A watch stream began or ended: as [`Store::set_online`].
     Online { device_id: i64, online: bool },
+    /// A watch stream begins: as [`Store::claim_watch`].
+    Watch {
+        device_id: i64,
+        instance: Option<u64>,
+        remote: &'a str,
+    },
 }
 
 /// The results of a batch whose transaction failed: the error for the first, its
@@ -280,6 +297,14 @@ pub trait Store: Send {
     /// so the caller must record its watches again. SQLite: nothing to do.
     fn heartbeat(&mut self) -> Result<bool, StoreError> {
         Ok(false)
+    }
+
+    /// A coordinator process stops: the watch streams it held no longer make another
+    /// process with their device's credential a clone (PostgreSQL; the devices stay
+    /// online until they reconnect elsewhere or the replica expires). SQLite: nothing
+    /// to do.
+    fn leave(&mut self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// The highest revision committed so far (0 for an empty log).
@@ -495,6 +520,26 @@ pub trait Store: Send {
     fn set_online(&mut self, device_id: i64, online: bool, now: i64) -> Result<(), StoreError> {
         flow::write(self.engine(), |tx, _| {
             flow::set_online(tx, device_id, online, now)
+        })
+    }
+
+    /// A watch stream of the device, opened by node process `instance` (its random
+    /// id) from `remote`, begins on this coordinator process. Refused with
+    /// [`StoreError::Connected`] (naming the first one's address) while another
+    /// process of this device holds a watch stream through another coordinator that
+    /// is alive (PostgreSQL: a replica that heartbeated in the last
+    /// [`pg::SESSION_TIMEOUT_SECS`]): a cloned state directory. Streams of the same
+    /// process through other replicas are taken over (the node failed over). SQLite
+    /// has one coordinator process, whose hub knows its streams: nothing to check.
+    fn claim_watch(
+        &mut self,
+        device_id: i64,
+        instance: Option<u64>,
+        remote: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        flow::write(self.engine(), |tx, _| {
+            flow::claim_watch(tx, device_id, instance, remote, now)
         })
     }
 

@@ -710,11 +710,13 @@ fn presence_batch_is_each_write_in_order(b: Backend) {
                 device_id: a.id,
                 credential_hash: "ca",
                 ipv6_supported: None,
+                instance: None,
             },
             Presence::Login {
                 device_id: b2.id,
                 credential_hash: "wrong",
                 ipv6_supported: None,
+                instance: None,
             },
             Presence::Online {
                 device_id: a.id,
@@ -1034,6 +1036,88 @@ mod postgres_only {
         assert!(r1.heartbeat().unwrap());
         r1.set_online(b.id, true, 9).unwrap();
         assert!(r2.device(b.id).unwrap().unwrap().online);
+    }
+
+    /// A second node process with a device's credential is refused through another
+    /// replica while the first one's replica is alive, naming the first's address;
+    /// the same process moves (failover); a dead replica's sessions lock nobody out.
+    #[test]
+    fn a_clone_is_refused_across_replicas() {
+        use crate::store::Presence;
+        let f = pg();
+        let mut r1 = PgStore::connect(&f.url).unwrap();
+        let mut r2 = PgStore::connect(&f.url).unwrap();
+        r1.reset_online(1).unwrap();
+        r2.reset_online(1).unwrap();
+        token(&mut r1, "t", true, None);
+        let a = register(&mut r1, 1, true, "c", 1);
+        r1.claim_watch(a.id, Some(7), "192.0.2.7:1000", 2).unwrap();
+        r1.set_online(a.id, true, 2).unwrap();
+        let refused = |e: &StoreError| matches!(e, StoreError::Connected { id, from } if *id == a.id && from == "192.0.2.7:1000");
+        let e = r2
+            .claim_watch(a.id, Some(8), "192.0.2.8:1000", 3)
+            .unwrap_err();
+        assert!(refused(&e), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "device {} already connected from 192.0.2.7:1000",
+                a.id
+            )),
+            "{e}"
+        );
+        let login = |r: &mut PgStore, instance| {
+            r.presence(
+                &[Presence::Login {
+                    device_id: a.id,
+                    credential_hash: "c",
+                    ipv6_supported: None,
+                    instance,
+                }],
+                3,
+            )
+            .pop()
+            .unwrap()
+        };
+        assert!(refused(&login(&mut r2, Some(8)).unwrap_err()));
+        // Nodes that send no instance, and r1 itself (its hub decides), are not refused.
+        assert!(login(&mut r2, None).is_ok());
+        assert!(login(&mut r1, Some(8)).is_ok());
+        // The same process through r2: taken over, r1's row goes.
+        assert!(login(&mut r2, Some(7)).is_ok());
+        r2.claim_watch(a.id, Some(7), "192.0.2.7:2000", 4).unwrap();
+        let e = r1
+            .claim_watch(a.id, Some(9), "192.0.2.9:1000", 4)
+            .unwrap_err();
+        assert!(e.to_string().contains("from 192.0.2.7:2000"), "{e}");
+        // r2 is killed: once its heartbeat is SESSION_TIMEOUT_SECS old, another
+        // process (the node restarted) is served through r1.
+        let db = f.url.rsplit('/').next().unwrap();
+        server()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .query(
+                db,
+                &format!(
+                    "UPDATE cluster_replicas SET heartbeat = heartbeat - {} WHERE id = '{}'",
+                    crate::store::pg::SESSION_TIMEOUT_SECS + 1,
+                    r2.replica_id()
+                ),
+            )
+            .unwrap();
+        r1.claim_watch(a.id, Some(9), "192.0.2.9:1000", 5).unwrap();
+        // r1 stops (SIGTERM): its sessions lock nobody out, though the device stays
+        // online until it reconnects elsewhere.
+        r1.leave().unwrap();
+        r2.claim_watch(a.id, Some(11), "192.0.2.11:1", 6).unwrap();
+        assert!(r2.device(a.id).unwrap().unwrap().online);
+        r2.set_online(a.id, false, 6).unwrap();
+        // A watch that ends takes its row along.
+        r1.set_online(a.id, false, 6).unwrap();
+        let e = r2.claim_watch(a.id, Some(10), "192.0.2.10:1", 6);
+        assert!(
+            e.is_ok(),
+            "r1's watch ended and r2's own row is r2's: {e:?}"
+        );
     }
 
     /// The shared TLS identity: the first replica's stays.

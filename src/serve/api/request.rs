@@ -110,7 +110,7 @@ impl From<AdminError> for ApiError {
                 StoreError::TokenNotFound(_) => (404, "token_not_found"),
                 StoreError::KeyNotFound(_) => (404, "not_found"),
                 StoreError::OrgExists(_) => (409, "org_exists"),
-                StoreError::DuplicateKey(_) => (409, "conflict"),
+                StoreError::DuplicateKey(_) | StoreError::Connected { .. } => (409, "conflict"),
                 StoreError::Policy(_) => (422, "invalid_policy"),
                 StoreError::Invalid(_) | StoreError::Ipam(_) => (422, "invalid"),
                 StoreError::InvalidToken

@@ -64,6 +64,20 @@ impl PgStore {
         })
     }
 
+    /// This replica stops: its watch rows stay (their devices online until they
+    /// reconnect elsewhere or it expires) but name no node process any more (see
+    /// [`super::super::Store::leave`]).
+    pub(super) fn release_sessions(&mut self) -> Result<(), StoreError> {
+        let replica = self.replica.clone();
+        self.write_tx(|db, _| {
+            db.execute(
+                "UPDATE cluster_watches SET instance = NULL WHERE replica_id = $1",
+                &[&replica],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Proves this replica alive and expires dead ones (see
     /// [`super::super::Store::heartbeat`]); true if it had itself been expired.
     pub(super) fn beat(&mut self) -> Result<bool, StoreError> {

@@ -24,6 +24,13 @@
 //! - **Online state across replicas.** `cluster_watches` has a row per (replica,
 //!   device) while that replica holds a watch stream of the device; replicas heartbeat
 //!   in `cluster_replicas` and expire each other after [`REPLICA_TIMEOUT_SECS`].
+//! - **One node process per device across replicas.** A watch row also names the node
+//!   process (its random instance id) and its address: a login or watch of another
+//!   process with the same credential through another replica is refused while that
+//!   row's replica heartbeated within [`SESSION_TIMEOUT_SECS`] (a SIGKILLed replica
+//!   locks nobody out for longer); the same process is taken over (failover).
+//!   Claims take the device's row lock, so two copies racing to two replicas take
+//!   turns.
 //!
 //! The connection is TLS as the URL's `sslmode` and `sslrootcert` say, through
 //! rustls (`tls`; libpq's default `prefer` without them). Errors never panic; a value
@@ -51,6 +58,10 @@ pub use conn::{PgConfig, parse_config, redact};
 pub const CHANNEL: &str = "nexodus_changes";
 /// A replica whose heartbeat is older than this is presumed dead: its watches go.
 pub const REPLICA_TIMEOUT_SECS: i64 = 30;
+/// A replica whose heartbeat is older than this no longer holds devices (its watches
+/// do not make another node process with the same credential a clone): it was killed
+/// or cut off. Several of its heartbeats (`serve`'s `HEARTBEAT`) long.
+pub const SESSION_TIMEOUT_SECS: i64 = 10;
 
 /// The PostgreSQL store. One connection, reopened when lost.
 pub struct PgStore {
@@ -145,5 +156,9 @@ impl Store for PgStore {
 
     fn heartbeat(&mut self) -> Result<bool, StoreError> {
         self.beat()
+    }
+
+    fn leave(&mut self) -> Result<(), StoreError> {
+        self.release_sessions()
     }
 }

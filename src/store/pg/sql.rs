@@ -20,6 +20,8 @@ use super::super::{
     AdminKey, AdvertisedBy, Change, LogEntry, Organization, PathReport, PeerPath, StoreError,
     StoredPolicy, TokenInfo,
 };
+use super::SESSION_TIMEOUT_SECS;
+use super::conn::db_now;
 use crate::wire::control::Device;
 
 /// A connection or transaction with this connection's prepared statements: each
@@ -423,6 +425,55 @@ impl<C: GenericClient> Tx for Db<'_, C> {
             "SELECT EXISTS (SELECT 1 FROM cluster_watches WHERE device_id = $1)",
             &[&id],
         )
+    }
+
+    fn session_elsewhere(&mut self, id: i64, instance: u64) -> Result<Option<String>, StoreError> {
+        // A replica silent for SESSION_TIMEOUT_SECS is taken for dead (SIGKILLed):
+        // its watches lock nobody out, though it is expired only later.
+        const OTHER: &str = concat!(
+            "SELECT w.remote FROM cluster_watches w \
+             JOIN cluster_replicas r ON r.id = w.replica_id \
+             WHERE w.device_id = $1 AND w.replica_id <> $2 \
+             AND w.instance IS NOT NULL AND w.instance <> $3 \
+             AND r.heartbeat >= ",
+            db_now!(),
+            " - $4 ORDER BY w.since LIMIT 1"
+        );
+        let replica = self.replica;
+        let instance = instance.cast_signed();
+        self.opt(
+            OTHER,
+            &[&id, &replica, &instance, &SESSION_TIMEOUT_SECS],
+            |r| Ok(r.col::<Option<String>>(0)?.unwrap_or_else(|| "?".into())),
+        )
+    }
+
+    fn claim_watch(
+        &mut self,
+        id: i64,
+        instance: Option<u64>,
+        remote: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let replica = self.replica;
+        let instance = instance.map(u64::cast_signed);
+        if instance.is_some() {
+            // The same node process through other replicas: it moved here.
+            self.execute(
+                "DELETE FROM cluster_watches \
+                 WHERE device_id = $1 AND instance = $2 AND replica_id <> $3",
+                &[&id, &instance, &replica],
+            )?;
+        }
+        // Nothing if this replica was expired meanwhile (see `watch`).
+        self.execute(
+            "INSERT INTO cluster_watches (replica_id, device_id, instance, remote, since) \
+             SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM cluster_replicas WHERE id = $1) \
+             ON CONFLICT (replica_id, device_id) DO UPDATE \
+             SET instance = EXCLUDED.instance, remote = EXCLUDED.remote, since = EXCLUDED.since",
+            &[&replica, &id, &instance, &remote, &now],
+        )?;
+        Ok(())
     }
 
     fn set_online(&mut self, id: i64, online: bool, now: i64) -> Result<u64, StoreError> {

@@ -116,28 +116,7 @@ fn clone_reaching_another_replica_is_refused() {
     pg.create_database("nx").unwrap();
     let url = pg.url("nx");
     let logs = c.scratch("logs");
-    let spawn_replica = |ip: &str| {
-        let log = logs.join(format!("replica-{ip}.log"));
-        let child = c.coord.ns.spawn_nexodus(
-            &[
-                "serve",
-                "--listen",
-                &format!("{ip}:4443"),
-                "--stun-listen",
-                &format!("{ip}:3478"),
-                "--database-url",
-                &url,
-            ],
-            &log,
-        );
-        wait_until("replica to start", Duration::from_secs(30), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|s| s.contains("coordinator running"))
-                .map(|_| ())
-        });
-        (child, log)
-    };
+    let spawn_replica = |ip: &str| c.coord.spawn_replica(ip, &url, &logs);
     let (mut ra, a_log) = spawn_replica("203.0.113.2");
     let (mut rb, b_log) = spawn_replica("203.0.113.3");
     let dump = |what: &str| {

@@ -511,28 +511,7 @@ fn node_fails_over_to_another_replica() {
     pg.create_database("nx").unwrap();
     let url = pg.url("nx");
     let logs = cl.scratch("logs");
-    let spawn_replica = |ip: &str| {
-        let log = logs.join(format!("replica-{ip}.log"));
-        let child = cl.coord.ns.spawn_nexodus(
-            &[
-                "serve",
-                "--listen",
-                &format!("{ip}:4443"),
-                "--stun-listen",
-                &format!("{ip}:3478"),
-                "--database-url",
-                &url,
-            ],
-            &log,
-        );
-        wait_until("replica to start", Duration::from_secs(30), || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|s| s.contains("coordinator running"))
-                .map(|_| ())
-        });
-        (child, log)
-    };
+    let spawn_replica = |ip: &str| cl.coord.spawn_replica(ip, &url, &logs);
     let (mut a, _a_log) = spawn_replica("203.0.113.2");
     let (mut b, b_log) = spawn_replica("203.0.113.3");
     // Admin commands from outside the namespace reach the database over its socket.

@@ -3,7 +3,7 @@
 //! processes stop and namespaces go on every exit path.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
@@ -59,6 +59,32 @@ impl Coord {
                 .map(|_| ())
         });
         log
+    }
+
+    /// Starts a PostgreSQL replica (`serve --database-url URL`) on `ip` in the
+    /// coordinator's namespace (ports 4443 and 3478), logging to `logdir/replica-IP.log`,
+    /// and waits until it runs. Returns the process and its log.
+    pub fn spawn_replica(&self, ip: &str, url: &str, logdir: &Path) -> (Child, PathBuf) {
+        let log = logdir.join(format!("replica-{ip}.log"));
+        let listen = format!("{ip}:4443");
+        let stun = format!("{ip}:3478");
+        let args = [
+            "serve",
+            "--listen",
+            &listen,
+            "--stun-listen",
+            &stun,
+            "--database-url",
+            url,
+        ];
+        let child = self.ns.spawn_nexodus(&args, &log);
+        wait_until("replica to start", Duration::from_secs(30), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|s| s.contains("coordinator running"))
+                .map(|_| ())
+        });
+        (child, log)
     }
 
     pub fn kill(&mut self) {

@@ -52,14 +52,23 @@ fn recv_pktinfo(socket: &Socket) -> std::io::Result<()> {
     } else {
         (libc::IPPROTO_IP, libc::IP_PKTINFO)
     };
-    let on: libc::c_int = 1;
-    // SAFETY: valid fd, pointer to a live c_int of the stated length.
+    set_int_option(socket.as_raw_fd(), level, opt, 1)
+}
+
+/// `setsockopt` of one `c_int` value.
+fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: the caller's fd; pointer to a live c_int of the stated length.
     let r = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
+            fd,
             level,
-            opt,
-            std::ptr::from_ref(&on).cast(),
+            name,
+            std::ptr::from_ref(&value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -67,6 +76,34 @@ fn recv_pktinfo(socket: &Socket) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Lets the kernel fragment datagrams above the path MTU (`nexodus wg`), undoing
+/// quinn-udp's `IP_PMTUDISC_PROBE`/`IPV6_DONTFRAG` (the socket then behaves as
+/// wireguard-go's: the kernel's default path-MTU handling).
+pub fn allow_fragments(socket: &UdpSocket) {
+    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let v4_options = [(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_WANT,
+    )];
+    let v6_options = [
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        ),
+        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0),
+    ];
+    let options = v4_options
+        .iter()
+        .chain(if v6 { &v6_options[..] } else { &[] });
+    for &(level, name, value) in options {
+        if let Err(error) = set_int_option(socket.as_raw_fd(), level, name, value) {
+            tracing::debug!(level, name, %error, "cannot allow fragmentation");
+        }
+    }
 }
 
 fn bind_v6(port: u16) -> std::io::Result<Socket> {

@@ -151,7 +151,7 @@ impl DataPath {
                     }
                 };
                 if config.fragment {
-                    allow_fragments(&socket);
+                    udp::allow_fragments(&socket);
                 }
                 let mut lp = Loop {
                     dp,
@@ -231,41 +231,6 @@ fn is_stun_answer(datagram: &[u8]) -> bool {
 fn poll_timeout_ms(wait: Duration) -> libc::c_int {
     let ms = wait.as_micros().div_ceil(1000).min(1000);
     libc::c_int::try_from(ms).unwrap_or(1000)
-}
-
-/// Lets the kernel fragment datagrams above the path MTU, undoing quinn-udp's
-/// `IP_PMTUDISC_PROBE`/`IPV6_DONTFRAG` (the socket then behaves as wireguard-go's:
-/// the kernel's default path-MTU handling).
-fn allow_fragments(socket: &UdpSocket) {
-    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
-    let mut options = vec![(
-        libc::IPPROTO_IP,
-        libc::IP_MTU_DISCOVER,
-        libc::IP_PMTUDISC_WANT,
-    )];
-    if v6 {
-        options.push((
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MTU_DISCOVER,
-            libc::IPV6_PMTUDISC_WANT,
-        ));
-        options.push((libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0));
-    }
-    for (level, name, value) in options {
-        // SAFETY: valid fd, pointer to a live c_int of the stated length.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                std::ptr::from_ref(&value).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(level, name, error = %std::io::Error::last_os_error(), "cannot allow fragmentation");
-        }
-    }
 }
 
 fn would_block(e: &std::io::Error) -> bool {
@@ -906,7 +871,7 @@ impl Loop {
                             match quinn_udp::UdpSocketState::new((&socket).into()) {
                                 Ok(state) => {
                                     if self.config.fragment {
-                                        allow_fragments(&socket);
+                                        udp::allow_fragments(&socket);
                                     }
                                     self.local_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
                                     self.gso_segments = state.max_gso_segments().max(1);

@@ -95,20 +95,12 @@ impl Drop for Side {
 /// it) with keys, ports 10001/10002, inner addresses 10.77.0.n/24 and fd77::n/64, and
 /// the other as peer with its /32 and /128 (no endpoint yet).
 fn pair(tag: &str) -> (Side, Side) {
-    let mut sides = Vec::new();
-    for n in 1..=2 {
-        let ns = Netns::new(&format!("wgm-{tag}-{n}"));
-        let iface = format!("wgm{tag}{n}");
-        let (key, public) = genkey();
-        sides.push((ns, iface, key, public, n));
-    }
-    let (a, b) = (&sides[0].0, &sides[1].0);
+    let nss = [1, 2].map(|n| Netns::new(&format!("wgm-{tag}-{n}")));
+    let [a, b] = &nss;
     a.ok(&[
         "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", &b.name,
     ]);
-    let mut out = Vec::new();
-    let pubs: Vec<String> = sides.iter().map(|s| s.3.clone()).collect();
-    for (ns, iface, key, public, n) in sides {
+    for (ns, n) in nss.iter().zip(1..) {
         ns.ok(&[
             "ip",
             "addr",
@@ -127,59 +119,8 @@ fn pair(tag: &str) -> (Side, Side) {
             "nodad",
         ]);
         ns.ok(&["ip", "link", "set", "veth0", "up"]);
-        // Detaches once the interface and socket exist.
-        let status = ns
-            .cmd(&[BIN, "wg", &iface])
-            .stdin(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "nexodus wg {iface}: {status}");
-        let side = Side {
-            inner4: format!("10.77.0.{n}"),
-            inner6: format!("fd77::{n}"),
-            iface,
-            key,
-            public,
-            ns,
-        };
-        let other = 3 - n;
-        let keyfile = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(keyfile.path(), &side.key).unwrap();
-        side.wg(&[
-            "set",
-            &side.iface,
-            "private-key",
-            keyfile.path().to_str().unwrap(),
-            "listen-port",
-            &format!("1000{n}"),
-            "peer",
-            &pubs[other - 1],
-            "allowed-ips",
-            &format!("10.77.0.{other}/32,fd77::{other}/128"),
-        ]);
-        side.ns.ok(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", side.inner4),
-            "dev",
-            &side.iface,
-        ]);
-        side.ns.ok(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/64", side.inner6),
-            "dev",
-            &side.iface,
-            "nodad",
-        ]);
-        side.ns.ok(&["ip", "link", "set", &side.iface, "up"]);
-        out.push(side);
     }
-    let b = out.pop().unwrap();
-    let a = out.pop().unwrap();
-    (a, b)
+    wg_sides(&format!("wgm{tag}"), 77, nss)
 }
 
 /// Points each side at the other's underlay address of one family.
@@ -925,16 +866,22 @@ fn a_peer_with_a_larger_mtu_than_ours_is_heard() {
 // address it wrote to, the source falls over when that address goes, and a peer
 // behind a NAT with a 2 s conntrack timeout stays reachable by persistent keepalive.
 
-/// Starts `nexodus wg ws{tag}{n}` in each of `nss` (their underlay already set up):
-/// keys, listen ports 1000n, inner addresses 10.79.0.n/24 and fd79::n/64, and the
-/// other side as peer with its /32 and /128 (no endpoint).
+/// Starts `nexodus wg ws{tag}{n}` in each of `nss` (their underlay already set up),
+/// inner addresses 10.79.0.n/24 and fd79::n/64 (see [`wg_sides`]).
 fn ws_sides(tag: &str, nss: [Netns; 2]) -> (Side, Side) {
+    wg_sides(&format!("ws{tag}"), 79, nss)
+}
+
+/// Starts `nexodus wg {prefix}{n}` in each of `nss` (their underlay already set up):
+/// keys, listen ports 1000n, inner addresses 10.{inner}.0.n/24 and fd{inner}::n/64,
+/// and the other side as peer with its /32 and /128 (no endpoint).
+fn wg_sides(prefix: &str, inner: u8, nss: [Netns; 2]) -> (Side, Side) {
     let keys = [genkey(), genkey()];
     let mut sides = Vec::new();
     for (i, ns) in nss.into_iter().enumerate() {
         let n = i + 1;
         let other = 2 - i;
-        let iface = format!("ws{tag}{n}");
+        let iface = format!("{prefix}{n}");
         let status = ns
             .cmd(&[BIN, "wg", &iface])
             .stdin(Stdio::null())
@@ -943,8 +890,8 @@ fn ws_sides(tag: &str, nss: [Netns; 2]) -> (Side, Side) {
         assert!(status.success(), "nexodus wg {iface}: {status}");
         let (key, public) = keys[i].clone();
         let side = Side {
-            inner4: format!("10.79.0.{n}"),
-            inner6: format!("fd79::{n}"),
+            inner4: format!("10.{inner}.0.{n}"),
+            inner6: format!("fd{inner}::{n}"),
             iface,
             key,
             public,
@@ -962,7 +909,7 @@ fn ws_sides(tag: &str, nss: [Netns; 2]) -> (Side, Side) {
             "peer",
             &keys[other - 1].1,
             "allowed-ips",
-            &format!("10.79.0.{other}/32,fd79::{other}/128"),
+            &format!("10.{inner}.0.{other}/32,fd{inner}::{other}/128"),
         ]);
         for addr in [format!("{}/24", side.inner4), format!("{}/64", side.inner6)] {
             side.ns

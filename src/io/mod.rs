@@ -4,6 +4,7 @@
 
 pub mod mmsg;
 pub mod nft;
+pub mod packet_buf;
 pub mod policy_route;
 pub mod route;
 pub mod sysinfo;

@@ -137,20 +137,22 @@ impl PacketDevice {
     }
 
     /// Writes a batch (GRO-coalesced on a TUN with offload).
-    pub fn send_multiple(
+    pub fn send_multiple<B: tun_rs::ExpandBuffer>(
         &self,
         gro: &mut tun_rs::GROTable,
-        bufs: &mut [Vec<u8>],
+        bufs: &mut [B],
         offset: usize,
     ) -> std::io::Result<usize> {
         match self {
             Self::Tun(t) => t.send_multiple(gro, bufs, offset),
             Self::Pipe(p) => {
                 use std::os::fd::AsRawFd;
-                let mut rest: &[Vec<u8>] = bufs;
+                let mut rest: &[B] = bufs;
                 let mut sent = 0;
                 while !rest.is_empty() {
-                    let packets = rest.iter().map(|b| b.get(offset..).unwrap_or_default());
+                    let packets = rest
+                        .iter()
+                        .map(|b| b.as_ref().get(offset..).unwrap_or_default());
                     let n = crate::io::mmsg::send_batch(p.as_raw_fd(), packets)?;
                     if n == 0 {
                         break;

@@ -23,6 +23,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::io::packet_buf::PacketBuf;
 use crate::io::tun::PacketDevice;
 use crate::io::udp;
 use crate::node::dataplane::{
@@ -271,6 +272,12 @@ fn tun_gone(e: &std::io::Error) -> bool {
     )
 }
 
+/// Room of a `tun_out` slot: a whole coalesced train (tun-rs's GRO wants twice the
+/// virtio header beside it), so GRO never reallocates; at least one datagram.
+fn tun_out_room(tun_offset: usize, out_room: usize) -> usize {
+    (2 * tun_offset + MAX_UDP).max(tun_offset + out_room)
+}
+
 /// Every buffer of the loop, allocated once (and again only when the tunnel MTU
 /// changes: [`Buffers::set_mtu`]).
 struct Buffers {
@@ -288,7 +295,7 @@ struct Buffers {
     fwd: Trains,
     /// Decrypted packets waiting for one batched TUN write (GRO-coalesced), each
     /// `tun_offset + out_room` long between writes.
-    tun_out: Vec<Vec<u8>>,
+    tun_out: Vec<PacketBuf>,
     /// Room for a datagram in a `tun_out` slot; larger datagrams (a peer with a
     /// larger MTU than ours) are decrypted into `big_out` and written alone.
     out_room: usize,
@@ -322,13 +329,8 @@ impl Buffers {
             tun_sizes: vec![0; tun_rs::IDEAL_BATCH_SIZE],
             gso: Trains::new(),
             fwd: Trains::new(),
-            // Capacity for a whole coalesced train, so GRO never reallocates.
             tun_out: (0..tun_rs::IDEAL_BATCH_SIZE)
-                .map(|_| {
-                    let mut v = Vec::with_capacity(tun_offset + MAX_UDP);
-                    v.resize(tun_out_len, 0);
-                    v
-                })
+                .map(|_| PacketBuf::new(tun_out_room(tun_offset, out_room), tun_out_len))
                 .collect(),
             out_room,
             big_out: vec![0; tun_offset + packet_room(MAX_PACKET) + DATA_OVERHEAD],
@@ -349,9 +351,8 @@ impl Buffers {
         self.out_room = room + DATA_OVERHEAD;
         let len = self.tun_offset + self.out_room;
         for buf in &mut self.tun_out {
-            // Capacity stays at least a whole coalesced train (GRO never reallocates).
-            buf.resize(len, 0);
-            buf.reserve_exact((self.tun_offset + MAX_UDP).saturating_sub(len));
+            buf.reserve_room(tun_out_room(self.tun_offset, self.out_room));
+            buf.set_len(len);
         }
     }
 }
@@ -616,7 +617,8 @@ impl Loop {
             tracing::trace!(error = %e, "TUN write failed");
         }
         for buf in bufs {
-            buf.resize(b.tun_offset + b.out_room, 0);
+            // The cursor only: no byte is rewritten.
+            buf.set_len(b.tun_offset + b.out_room);
         }
     }
 
@@ -709,7 +711,10 @@ impl Loop {
                         k = 0;
                         continue;
                     }
-                    let Some(out) = b.tun_out.get_mut(k).and_then(|o| o.get_mut(b.tun_offset..))
+                    let Some(out) = b
+                        .tun_out
+                        .get_mut(k)
+                        .and_then(|o| o.as_mut().get_mut(b.tun_offset..))
                     else {
                         break;
                     };
@@ -722,7 +727,7 @@ impl Loop {
                         Incoming::WriteTun { packet, .. } => {
                             let len = packet.len();
                             if let Some(buf) = b.tun_out.get_mut(k) {
-                                buf.truncate(b.tun_offset + len);
+                                buf.set_len(b.tun_offset + len);
                                 k += 1;
                                 if k == b.tun_out.len() {
                                     self.write_tun(b, k);

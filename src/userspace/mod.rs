@@ -2,8 +2,9 @@
 //! stack (smoltcp) instead of a TUN device, and rules carry connections between the
 //! mesh and local sockets (ingress, egress, SOCKS5).
 //!
-//! The data path exchanges IP packets with this stack over a datagram socket pair
-//! ([`crate::io::tun::PacketDevice::Pipe`]), so nothing here needs privileges.
+//! The data path exchanges IP packets with this stack over an in-process packet pipe
+//! ([`crate::io::packet_pipe`], [`crate::io::tun::PacketDevice::Pipe`]), so nothing
+//! here needs privileges.
 //!
 //! - [`rule`], [`socks`], [`flows`], [`tcp_flows`], `status`, [`packet`]: pure parts
 //!   (rule syntax, SOCKS5 messages, UDP flow tables with idle expiry, ports, SOCKS5
@@ -192,7 +193,7 @@ impl Stack {
     /// Starts the stack on `pipe` with the node's mesh addresses.
     pub fn start(
         config: UserspaceConfig,
-        pipe: std::os::unix::net::UnixDatagram,
+        pipe: crate::io::packet_pipe::End,
         v4: Ipv4Addr,
         v6: Option<Ipv6Addr>,
         mtu: u16,

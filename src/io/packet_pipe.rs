@@ -30,7 +30,7 @@ use super::eventfd;
 
 /// Buffers carrying packets from the data path to the stack (network bursts: packets
 /// that find none free are dropped).
-pub const TO_STACK_SLOTS: usize = 1024;
+pub const TO_STACK_SLOTS: usize = 256;
 /// Buffers carrying packets from the stack to the data path (the stack waits when
 /// they are all in flight).
 pub const FROM_STACK_SLOTS: usize = 256;

@@ -1,5 +1,5 @@
 //! The node's packet side: masquerade rules, the TUN interface (or the rootless
-//! stack's socket pair), the WireGuard UDP socket and the data-path thread over them.
+//! stack's packet pipe), the WireGuard UDP socket and the data-path thread over them.
 //!
 //! It only sets things up; what flows through them is the data path's business and
 //! which peers exist is the driver's.

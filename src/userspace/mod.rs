@@ -14,7 +14,7 @@
 //! - `stack`: the driver thread (smoltcp interface, sockets, local sockets; one clock
 //!   read per turn), with `stack::tcp` and `stack::udp` moving the bytes;
 //! - `socks_session`: one SOCKS5 client's negotiation, in a task of its own;
-//! - `device`: the smoltcp device on the socket pair.
+//! - `device`: the smoltcp device on the stack's end of the packet pipe.
 //!
 //! Not here: name resolution (SOCKS5 clients give addresses; mesh hosts have no
 //! names yet), IP fragments, ICMP errors to TCP flows.

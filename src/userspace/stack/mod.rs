@@ -1,6 +1,6 @@
 //! The shell of rootless mode: one thread runs a current-thread tokio runtime whose
-//! main task, the driver, owns the smoltcp interface, every smoltcp socket, the packet
-//! socket pair and every local socket of every flow. Each turn reads the clock once,
+//! main task, the driver, owns the smoltcp interface, every smoltcp socket, its end of
+//! the packet pipe and every local socket of every flow. Each turn reads the clock once,
 //! takes packets from the data path one at a time (so a listening socket can be armed
 //! before each new connection request), moves bytes between smoltcp sockets and local
 //! sockets, lets smoltcp emit, and turns again until nothing moves (with an iteration

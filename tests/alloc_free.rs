@@ -339,3 +339,50 @@ fn the_counter_sees_allocations() {
     assert!(allocs >= 1);
     assert!(TOTAL_COUNTED.load(Ordering::Relaxed) >= 1);
 }
+
+/// Rootless mode's packet pipe: the data path's batched write and read
+/// (`send_from`/`recv_into`) and the stack side's take/push/pop/recycle move packets
+/// in the pipe's own buffers, allocated once.
+#[test]
+fn rootless_packet_pipe_is_allocation_free() {
+    use nexodus::io::packet_pipe;
+    let (dp, stack) = packet_pipe::pair(8, 8, packet_pipe::SLOT).expect("pipe");
+    let packet = ipv4_packet(A_V4, B_V4, 100);
+    let batch = vec![packet.clone(); 4];
+    let mut bufs = vec![vec![0u8; packet_pipe::SLOT]; 4];
+    let mut sizes = [0usize; 4];
+    assert_allocation_free("rootless packet pipe", || {
+        // Data path → stack.
+        let Ok(4) = dp.send_from(&batch, 0) else {
+            return false;
+        };
+        let mut intact = 0;
+        while let Ok(Some(p)) = stack.pop() {
+            intact += usize::from(p.bytes() == packet.as_slice());
+            stack.recycle(p);
+        }
+        stack.notify_freed();
+        stack.drain_wake();
+        // Stack → data path.
+        for _ in 0..4 {
+            let Ok(Some(mut b)) = stack.take_free(true) else {
+                return false;
+            };
+            b[..packet.len()].copy_from_slice(&packet);
+            if stack.push(b, packet.len()).is_err() {
+                return false;
+            }
+        }
+        stack.signal_peer();
+        let Ok(4) = dp.recv_into(&mut bufs, &mut sizes, 0) else {
+            return false;
+        };
+        intact += bufs
+            .iter()
+            .zip(&sizes)
+            .filter(|(b, n)| b.get(..**n) == Some(packet.as_slice()))
+            .count();
+        dp.drain_wake();
+        intact == 8
+    });
+}

@@ -2,9 +2,10 @@
 //!
 //! Thin wrappers only; decisions live in [`crate::node`].
 
-pub mod mmsg;
+pub mod eventfd;
 pub mod nft;
 pub mod packet_buf;
+pub mod packet_pipe;
 pub mod policy_route;
 pub mod route;
 pub mod sysinfo;

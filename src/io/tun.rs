@@ -101,12 +101,12 @@ fn build(
     Ok(dev)
 }
 
-/// Where the data path reads and writes IP packets: the kernel's TUN device, or one
-/// end of a datagram socket pair whose other end is a userspace TCP/IP stack (rootless
-/// mode: no TUN, no capabilities).
+/// Where the data path reads and writes IP packets: the kernel's TUN device, or the
+/// data-path end of an in-process packet pipe whose other end is a userspace TCP/IP
+/// stack (rootless mode: no TUN, no capabilities; [`crate::io::packet_pipe`]).
 pub enum PacketDevice {
     Tun(SyncDevice),
-    Pipe(std::os::unix::net::UnixDatagram),
+    Pipe(crate::io::packet_pipe::End),
 }
 
 impl PacketDevice {
@@ -128,11 +128,7 @@ impl PacketDevice {
     ) -> std::io::Result<usize> {
         match self {
             Self::Tun(t) => t.recv_multiple(original, bufs, sizes, offset),
-            // One packet per datagram, a batch per system call.
-            Self::Pipe(p) => {
-                use std::os::fd::AsRawFd;
-                crate::io::mmsg::recv_batch(p.as_raw_fd(), bufs, sizes, offset)
-            }
+            Self::Pipe(p) => p.recv_into(bufs, sizes, offset),
         }
     }
 
@@ -145,32 +141,17 @@ impl PacketDevice {
     ) -> std::io::Result<usize> {
         match self {
             Self::Tun(t) => t.send_multiple(gro, bufs, offset),
-            Self::Pipe(p) => {
-                use std::os::fd::AsRawFd;
-                let mut rest: &[B] = bufs;
-                let mut sent = 0;
-                while !rest.is_empty() {
-                    let packets = rest
-                        .iter()
-                        .map(|b| b.as_ref().get(offset..).unwrap_or_default());
-                    let n = crate::io::mmsg::send_batch(p.as_raw_fd(), packets)?;
-                    if n == 0 {
-                        break;
-                    }
-                    sent += n;
-                    rest = rest.get(n..).unwrap_or_default();
-                }
-                Ok(sent)
-            }
+            Self::Pipe(p) => p.send_from(bufs, offset),
         }
     }
 }
 
 impl std::os::fd::AsRawFd for PacketDevice {
+    /// What the data path polls: the TUN device, or the pipe end's eventfd.
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         match self {
             Self::Tun(t) => t.as_raw_fd(),
-            Self::Pipe(p) => p.as_raw_fd(),
+            Self::Pipe(p) => p.wake_fd().as_raw_fd(),
         }
     }
 }

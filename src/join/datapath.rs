@@ -18,11 +18,12 @@
 //! again from the kernel's choice, so the peer's next packet teaches the new one.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::io::eventfd::{self, signal};
 use crate::io::packet_buf::PacketBuf;
 use crate::io::tun::PacketDevice;
 use crate::io::udp;
@@ -106,28 +107,6 @@ pub struct DataPath {
     thread: Option<JoinHandle<()>>,
 }
 
-fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; a non-negative return is a new fd we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is valid and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to a valid eventfd.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8) };
-}
-
-fn drain(fd: &OwnedFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a valid non-blocking eventfd.
-    let _ = unsafe { libc::read(fd.as_raw_fd(), std::ptr::from_mut(&mut v).cast(), 8) };
-}
-
 impl DataPath {
     /// Starts the thread.
     pub fn spawn(
@@ -136,7 +115,7 @@ impl DataPath {
         socket: UdpSocket,
         config: DataPathConfig,
     ) -> std::io::Result<Self> {
-        let wake = eventfd()?;
+        let wake = eventfd::new()?;
         let thread_wake = wake.try_clone()?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -827,7 +806,7 @@ impl Loop {
                 continue;
             }
             if fds[2].revents != 0 {
-                drain(wake);
+                eventfd::drain(wake);
                 while let Ok(cmd) = rx.try_recv() {
                     match cmd {
                         Command::Upsert(id, cfg) => {

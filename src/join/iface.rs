@@ -1,5 +1,5 @@
 //! The node's packet side: masquerade rules, the TUN interface (or the rootless
-//! stack's socket pair), the WireGuard UDP socket and the data-path thread over them.
+//! stack's packet pipe), the WireGuard UDP socket and the data-path thread over them.
 //!
 //! It only sets things up; what flows through them is the data path's business and
 //! which peers exist is the driver's.
@@ -71,11 +71,13 @@ pub(super) fn start(
             (tun::PacketDevice::Tun(dev), None)
         }
         Some(us) => {
-            let (ours, theirs) =
-                std::os::unix::net::UnixDatagram::pair().map_err(JoinError::DataPath)?;
-            ours.set_nonblocking(true).map_err(JoinError::DataPath)?;
-            // Room for bursts towards the stack (capped by net.core.wmem_max).
-            let _ = socket2::SockRef::from(&ours).set_send_buffer_size(4 << 20);
+            use crate::io::packet_pipe;
+            let (ours, theirs) = packet_pipe::pair(
+                packet_pipe::TO_STACK_SLOTS,
+                packet_pipe::FROM_STACK_SLOTS,
+                packet_pipe::slot_len(usize::from(tun::DEFAULT_MTU)),
+            )
+            .map_err(JoinError::DataPath)?;
             let stack = crate::userspace::Stack::start(
                 us.clone(),
                 theirs,

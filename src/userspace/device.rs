@@ -1,198 +1,180 @@
-//! The stack's network device: whole IP packets over the datagram socket pair shared
-//! with the data-path thread, many per system call (`recvmmsg`, `sendmmsg`).
+//! The stack's network device: whole IP packets through the stack's end of the
+//! in-process packet pipe shared with the data-path thread ([`crate::io::packet_pipe`]).
 //!
-//! Received packets land in a ring of buffers owned by the device and go into the
-//! stack one at a time. Packets the stack emits are built in place in a bounded queue
-//! of buffers and leave in batches; when the queue is full the stack stops emitting
-//! until the data path has taken some. Nothing is allocated per packet.
+//! Received packets go into the stack one at a time, read in place in the pipe's
+//! buffer (returned to the data path when the next one is taken). Packets the stack
+//! emits are built in place in a free pipe buffer (no copy on this side) and pushed at
+//! once; [`PipeDevice::flush`] wakes the data path once per batch. When no buffer is
+//! free the device is [`PipeDevice::blocked`]: the stack stops emitting until the data
+//! path has taken some and signals back. Nothing is allocated per packet.
+//!
+//! The device waits on its eventfd through tokio's `AsyncFd`, draining it before it
+//! looks at the pipe again (no wake-up is lost).
 
-use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
 use std::task::{Context, Poll};
 
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
-use tokio::io::Interest;
-use tokio::net::UnixDatagram;
+use tokio::io::unix::AsyncFd;
 
-use crate::io::mmsg;
-
-/// Packets per system call.
-const BATCH: usize = 64;
-/// Packets waiting to be sent (the stack stops emitting when they are this many).
-const TX_QUEUE: usize = 4 * BATCH;
-/// Room for one packet: the tunnel MTU plus padding, with margin.
-const PACKET: usize = 4096;
+use crate::io::eventfd;
+use crate::io::packet_pipe::{End, Packet};
 
 pub struct PipeDevice {
-    pub pipe: UnixDatagram,
-    rx: Ring,
-    /// The received packet the next `receive` hands to the stack.
-    current: Option<usize>,
-    tx: Ring,
+    pipe: End,
+    /// The pipe end's eventfd, registered with tokio.
+    wake: AsyncFd<OwnedFd>,
+    /// The packet [`Self::next_packet`] returned last (its buffer goes back to the
+    /// data path when the next is taken).
+    rx: Option<Packet>,
+    /// `rx` is still to be handed to the stack by `receive`.
+    rx_ready: bool,
+    tx: Tx,
     mtu: usize,
+}
+
+/// The sending side's state, apart from the pipe (a `TxToken` borrows it beside the
+/// received packet).
+struct Tx {
+    /// A free buffer the next packet is built in; none: blocked.
+    spare: Option<Vec<u8>>,
+    /// Packets pushed since the data path was last woken.
+    pushed: usize,
+    /// Where a packet goes that finds no free buffer, or is larger than one (it is
+    /// dropped, counted in `drops`).
+    overflow: Vec<u8>,
+    drops: u64,
     /// The data path has gone: nothing can be sent any more.
     broken: bool,
 }
 
-/// Packet buffers used in order: `len` of them from `head` hold packets.
-struct Ring {
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
-    head: usize,
-    len: usize,
-    /// Where a packet goes that finds the ring full (it is dropped).
-    overflow: Vec<u8>,
-}
-
-impl Ring {
-    fn new(n: usize) -> Self {
-        Self {
-            bufs: (0..n).map(|_| vec![0; PACKET]).collect(),
-            sizes: vec![0; n],
-            head: 0,
-            len: 0,
-            overflow: vec![0; PACKET],
+impl Tx {
+    /// Takes a free buffer into `spare` if there is none; with `wait`, finding none
+    /// asks the data path to signal when it frees some. True if `spare` holds one.
+    fn refill(&mut self, pipe: &End, wait: bool) -> bool {
+        if self.spare.is_none() && !self.broken {
+            match pipe.take_free(wait) {
+                Ok(b) => self.spare = b,
+                Err(_) => self.broken = true,
+            }
         }
-    }
-
-    fn is_full(&self) -> bool {
-        self.len >= self.bufs.len()
-    }
-
-    fn slot(&self, i: usize) -> usize {
-        (self.head + i) % self.bufs.len().max(1)
-    }
-
-    fn pop(&mut self, n: usize) {
-        let n = n.min(self.len);
-        self.head = self.slot(n);
-        self.len -= n;
+        self.spare.is_some()
     }
 }
 
 impl PipeDevice {
-    pub fn new(pipe: UnixDatagram, mtu: usize) -> Self {
-        Self {
+    /// The device on the stack's end of the pipe (inside the tokio runtime).
+    pub fn new(pipe: End, mtu: usize) -> std::io::Result<Self> {
+        let fd = pipe.clone_wake()?;
+        // SAFETY: the AsyncFd owns `fd` (an OwnedFd): it stays open, and is the same
+        // file description, until the AsyncFd drops it.
+        let wake = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        let slot = pipe.slot();
+        Ok(Self {
             pipe,
-            rx: Ring::new(BATCH),
-            current: None,
-            tx: Ring::new(TX_QUEUE),
+            wake,
+            rx: None,
+            rx_ready: false,
+            tx: Tx {
+                spare: None,
+                pushed: 0,
+                overflow: vec![0; slot],
+                drops: 0,
+                broken: false,
+            },
             mtu,
-            broken: false,
-        }
+        })
     }
 
-    /// The send queue is full: emitting more would only fail.
-    pub fn blocked(&self) -> bool {
-        self.tx.is_full()
+    /// No free buffer: emitting more would only drop packets.
+    pub fn blocked(&mut self) -> bool {
+        !self.tx.refill(&self.pipe, true)
     }
 
-    /// Packets waiting to be sent.
+    /// Packets pushed since the data path was last woken.
     pub fn queued(&self) -> usize {
-        self.tx.len
+        self.tx.pushed
     }
 
     pub fn broken(&self) -> bool {
-        self.broken
+        self.tx.broken
     }
 
-    /// The next received packet, reading a batch from the socket when none is left
-    /// (registering for readability when the socket is empty). `None`: nothing now.
-    pub fn next_packet(&mut self, cx: &mut Context<'_>) -> Option<&[u8]> {
-        if self.rx.len == 0 {
-            self.rx.head = 0;
-            loop {
-                match self.pipe.poll_recv_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        tracing::warn!(error = %e, "packet socket");
-                        return None;
-                    }
-                    Poll::Pending => return None,
-                }
-                let rx = &mut self.rx;
-                let fd = self.pipe.as_raw_fd();
-                match self.pipe.try_io(Interest::READABLE, || recv_batch(fd, rx)) {
-                    Ok(n) => {
-                        self.rx.len = n;
-                        break;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "packet socket");
-                        return None;
-                    }
-                }
+    /// Readiness of the eventfd: if signalled, drains it and returns true (look at the
+    /// pipe again); otherwise registers `cx` for the next signal and returns false.
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.wake.poll_read_ready(cx) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(mut guard)) => {
+                eventfd::drain(guard.get_inner());
+                guard.clear_ready();
+                true
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::error!(error = %e, "packet pipe wake-up failed");
+                self.tx.broken = true;
+                false
             }
         }
-        if self.rx.len == 0 {
-            return None;
+    }
+
+    /// The next received packet; the previous one's buffer goes back to the data
+    /// path. `None`: nothing now (`cx` is woken when packets arrive).
+    pub fn next_packet(&mut self, cx: &mut Context<'_>) -> Option<&[u8]> {
+        if let Some(old) = self.rx.take() {
+            self.pipe.recycle(old);
         }
-        let i = self.rx.head;
-        self.rx.pop(1);
-        self.current = Some(i);
-        let len = *self.rx.sizes.get(i)?;
-        self.rx.bufs.get(i)?.get(..len)
+        self.rx_ready = false;
+        loop {
+            match self.pipe.pop() {
+                Ok(Some(p)) => {
+                    self.rx = Some(p);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    self.tx.broken = true;
+                    return None;
+                }
+            }
+            // Empty: drain the eventfd, then look once more before sleeping.
+            if !self.poll_wake(cx) {
+                return None;
+            }
+        }
+        self.rx_ready = true;
+        self.rx.as_ref().map(Packet::bytes)
     }
 
     /// Drops the packet [`Self::next_packet`] returned.
     pub fn skip(&mut self) {
-        self.current = None;
+        self.rx_ready = false;
     }
 
-    /// Sends queued packets while the socket takes them; registers for writability
-    /// when it does not. True if anything left the queue.
+    /// Wakes the data path if packets were pushed since it was last woken; when
+    /// blocked, registers `cx` for the data path's signal that buffers are free. True
+    /// if anything was sent or the block has cleared.
     pub fn flush(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
-        while self.tx.len > 0 && !self.broken {
-            match self.pipe.poll_send_ready(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Err(e)) => {
-                    tracing::error!(error = %e, "packet socket failed");
-                    self.broken = true;
-                    break;
-                }
-                Poll::Ready(Ok(())) => {}
+        if self.tx.pushed > 0 {
+            self.pipe.signal_peer();
+            self.tx.pushed = 0;
+            progress = true;
+        }
+        while self.tx.spare.is_none() && !self.tx.broken {
+            // The waiting flag is raised before the last look (`take_free`).
+            if self.tx.refill(&self.pipe, true) {
+                progress = true;
+                break;
             }
-            let tx = &self.tx;
-            let fd = self.pipe.as_raw_fd();
-            match self.pipe.try_io(Interest::WRITABLE, || send_batch(fd, tx)) {
-                Ok(n) => {
-                    self.tx.pop(n.max(1));
-                    progress = true;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => self.broken = true,
-                Err(e) => {
-                    // Drop the packet that failed; the rest go on.
-                    tracing::trace!(error = %e, "packet not sent");
-                    self.tx.pop(1);
-                }
+            if !self.poll_wake(cx) {
+                break;
             }
         }
         progress
     }
-}
-
-/// `recvmmsg` into the ring's buffers from slot 0; returns how many arrived.
-fn recv_batch(fd: std::os::fd::RawFd, rx: &mut Ring) -> std::io::Result<usize> {
-    let n = rx.bufs.len().min(BATCH);
-    let (Some(bufs), Some(sizes)) = (rx.bufs.get_mut(..n), rx.sizes.get_mut(..n)) else {
-        return Ok(0);
-    };
-    mmsg::recv_batch(fd, bufs, sizes, 0)
-}
-
-/// `sendmmsg` of the queued packets (up to [`BATCH`], in order, not past the end of
-/// the ring); returns how many left.
-fn send_batch(fd: std::os::fd::RawFd, tx: &Ring) -> std::io::Result<usize> {
-    let n = tx.len.min(BATCH).min(tx.bufs.len() - tx.head);
-    let packets = (tx.head..tx.head + n).map_while(|i| {
-        let (b, &len) = (tx.bufs.get(i)?, tx.sizes.get(i)?);
-        b.get(..len.min(b.len()))
-    });
-    mmsg::send_batch(fd, packets)
 }
 
 pub struct RxToken<'a>(&'a [u8]);
@@ -206,27 +188,46 @@ impl phy::RxToken for RxToken<'_> {
     }
 }
 
-pub struct TxToken<'a>(&'a mut Ring);
+pub struct TxToken<'a> {
+    pipe: &'a End,
+    tx: &'a mut Tx,
+}
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F>(self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let ring = self.0;
-        let len = len.min(PACKET);
-        let i = ring.slot(ring.len);
-        match (ring.is_full(), ring.bufs.get_mut(i), ring.sizes.get_mut(i)) {
-            (false, Some(buf), Some(size)) if buf.len() >= len => {
-                *size = len;
-                ring.len += 1;
-                f(&mut buf[..len])
+        let Self { pipe, tx } = self;
+        tx.refill(pipe, false);
+        match tx.spare.take() {
+            Some(mut buf) if len <= buf.len() => {
+                let r = f(buf.get_mut(..len).unwrap_or_default());
+                match pipe.push(buf, len) {
+                    Ok(()) => tx.pushed += 1,
+                    Err(_) => tx.broken = true,
+                }
+                // The next one's buffer, if one is free (without asking to be woken:
+                // `blocked` does that).
+                tx.refill(pipe, false);
+                r
             }
-            // Only a response to a received packet can find the ring full (the
-            // stack does not read while it is): that one is dropped.
-            _ => {
-                ring.overflow.resize(len, 0);
-                f(&mut ring.overflow[..len])
+            spare => {
+                // Only a response to a received packet can find no buffer (the stack
+                // does not read while blocked), or a packet over the slot size: dropped.
+                tx.spare = spare;
+                tx.drops += 1;
+                if tx.drops.is_power_of_two() {
+                    tracing::debug!(
+                        drops = tx.drops,
+                        len,
+                        "packet from the stack dropped: no free pipe buffer, or larger than one"
+                    );
+                }
+                if tx.overflow.len() < len {
+                    tx.overflow.resize(len, 0);
+                }
+                f(tx.overflow.get_mut(..len).unwrap_or_default())
             }
         }
     }
@@ -243,17 +244,27 @@ impl phy::Device for PipeDevice {
         Self: 'a;
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
-        let i = self.current.take()?;
-        let len = *self.rx.sizes.get(i)?;
-        let packet = self.rx.bufs.get(i)?.get(..len)?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
+        if !std::mem::take(&mut self.rx_ready) {
+            return None;
+        }
+        let packet = self.rx.as_ref()?.bytes();
+        Some((
+            RxToken(packet),
+            TxToken {
+                pipe: &self.pipe,
+                tx: &mut self.tx,
+            },
+        ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
-        if self.blocked() || self.broken {
+        if self.tx.broken || !self.tx.refill(&self.pipe, false) {
             return None;
         }
-        Some(TxToken(&mut self.tx))
+        Some(TxToken {
+            pipe: &self.pipe,
+            tx: &mut self.tx,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

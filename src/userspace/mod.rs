@@ -2,8 +2,9 @@
 //! stack (smoltcp) instead of a TUN device, and rules carry connections between the
 //! mesh and local sockets (ingress, egress, SOCKS5).
 //!
-//! The data path exchanges IP packets with this stack over a datagram socket pair
-//! ([`crate::io::tun::PacketDevice::Pipe`]), so nothing here needs privileges.
+//! The data path exchanges IP packets with this stack over an in-process packet pipe
+//! ([`crate::io::packet_pipe`], [`crate::io::tun::PacketDevice::Pipe`]), so nothing
+//! here needs privileges.
 //!
 //! - [`rule`], [`socks`], [`flows`], [`tcp_flows`], `status`, [`packet`]: pure parts
 //!   (rule syntax, SOCKS5 messages, UDP flow tables with idle expiry, ports, SOCKS5
@@ -13,7 +14,7 @@
 //! - `stack`: the driver thread (smoltcp interface, sockets, local sockets; one clock
 //!   read per turn), with `stack::tcp` and `stack::udp` moving the bytes;
 //! - `socks_session`: one SOCKS5 client's negotiation, in a task of its own;
-//! - `device`: the smoltcp device on the socket pair.
+//! - `device`: the smoltcp device on the stack's end of the packet pipe.
 //!
 //! Not here: name resolution (SOCKS5 clients give addresses; mesh hosts have no
 //! names yet), IP fragments, ICMP errors to TCP flows.
@@ -192,7 +193,7 @@ impl Stack {
     /// Starts the stack on `pipe` with the node's mesh addresses.
     pub fn start(
         config: UserspaceConfig,
-        pipe: std::os::unix::net::UnixDatagram,
+        pipe: crate::io::packet_pipe::End,
         v4: Ipv4Addr,
         v6: Option<Ipv6Addr>,
         mtu: u16,

@@ -1,6 +1,6 @@
 //! The shell of rootless mode: one thread runs a current-thread tokio runtime whose
-//! main task, the driver, owns the smoltcp interface, every smoltcp socket, the packet
-//! socket pair and every local socket of every flow. Each turn reads the clock once,
+//! main task, the driver, owns the smoltcp interface, every smoltcp socket, its end of
+//! the packet pipe and every local socket of every flow. Each turn reads the clock once,
 //! takes packets from the data path one at a time (so a listening socket can be armed
 //! before each new connection request), moves bytes between smoltcp sockets and local
 //! sockets, lets smoltcp emit, and turns again until nothing moves (with an iteration
@@ -126,22 +126,13 @@ fn reset(stream: TcpStream) {
 impl Driver {
     pub fn new(
         p: Params,
-        pipe: std::os::unix::net::UnixDatagram,
+        pipe: crate::io::packet_pipe::End,
         status: Arc<Mutex<UserspaceStatus>>,
     ) -> Result<Self, UserspaceError> {
         let stack_err =
             |what: &str, e: std::io::Error| UserspaceError::Stack(format!("{what}: {e}"));
-        pipe.set_nonblocking(true)
-            .map_err(|e| stack_err("packet socket", e))?;
-        {
-            // Room for bursts both ways (capped by net.core.wmem_max/rmem_max).
-            let s = socket2::SockRef::from(&pipe);
-            let _ = s.set_send_buffer_size(4 << 20);
-            let _ = s.set_recv_buffer_size(4 << 20);
-        }
-        let pipe =
-            tokio::net::UnixDatagram::from_std(pipe).map_err(|e| stack_err("packet socket", e))?;
-        let mut dev = PipeDevice::new(pipe, usize::from(p.mtu));
+        let mut dev =
+            PipeDevice::new(pipe, usize::from(p.mtu)).map_err(|e| stack_err("packet pipe", e))?;
 
         let addrs = MeshAddrs::new(p.v4, p.v6).ok_or_else(|| {
             UserspaceError::Stack(format!("unusable mesh addresses {} {:?}", p.v4, p.v6))

@@ -33,11 +33,6 @@ impl PacketBuf {
         self.len == 0
     }
 
-    /// Bytes the buffer holds without reallocating.
-    pub fn room(&self) -> usize {
-        self.mem.len()
-    }
-
     /// Moves the cursor (clamped to the room); no byte is written.
     pub fn set_len(&mut self, len: usize) {
         self.len = len.min(self.mem.len());

@@ -345,6 +345,17 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// Waits at most `ms` for `fd` to be readable; true if it is.
+    fn readable_within(fd: BorrowedFd<'_>, ms: i32) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) == 1 }
+    }
+
     fn send(e: &End, data: &[u8]) {
         let mut b = e.take_free(false).unwrap().expect("a free buffer");
         b[..data.len()].copy_from_slice(data);
@@ -451,13 +462,7 @@ mod tests {
         assert_eq!(&bufs[0][..sizes[0]], b"x");
         // It stopped on a full batch, not an empty queue: the eventfd still says
         // "look", and the next read finds the rest.
-        let mut fds = [libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&dp.wake_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one live pollfd.
-        assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) }, 1);
+        assert!(readable_within(dp.wake_fd(), 0));
         assert_eq!(dp.recv_into(&mut bufs, &mut sizes, 0).unwrap(), 1);
         assert_eq!(&bufs[0][..sizes[0]], b"y");
     }
@@ -484,11 +489,6 @@ mod tests {
         let start = Instant::now();
         let producer = std::thread::spawn(move || {
             let (mut i, mut timeouts) = (0u32, 0);
-            let mut fds = [libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&stack.wake_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
             while i < N {
                 let mut pushed = false;
                 while i < N {
@@ -508,8 +508,7 @@ mod tests {
                 if i < N {
                     // No free buffer, waiting flag raised and rechecked: sleep until
                     // the consumer frees some.
-                    // SAFETY: one live pollfd.
-                    if unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) } == 0 {
+                    if !readable_within(stack.wake_fd(), 2000) {
                         timeouts += 1;
                     }
                     stack.drain_wake();
@@ -520,11 +519,6 @@ mod tests {
         let mut bufs = vec![vec![0u8; 64]; 32];
         let mut sizes = [0; 32];
         let (mut next, mut timeouts) = (0u32, 0);
-        let mut fds = [libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&dp.wake_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
         while next < N {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -541,8 +535,7 @@ mod tests {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // SAFETY: one live pollfd.
-                    if unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) } == 0 {
+                    if !readable_within(dp.wake_fd(), 2000) {
                         timeouts += 1;
                     }
                 }

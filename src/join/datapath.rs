@@ -328,11 +328,16 @@ impl Buffers {
             buf.shrink_to_fit();
         }
         self.out_room = room + DATA_OVERHEAD;
-        let len = self.tun_offset + self.out_room;
+        let len = self.tun_out_len();
         for buf in &mut self.tun_out {
             buf.reserve_room(tun_out_room(self.tun_offset, self.out_room));
             buf.set_len(len);
         }
+    }
+
+    /// Length of a `tun_out` slot between writes: the offset and a datagram's room.
+    fn tun_out_len(&self) -> usize {
+        self.tun_offset + self.out_room
     }
 }
 
@@ -585,10 +590,11 @@ impl Loop {
         if k == 0 {
             return;
         }
+        let (offset, len) = (b.tun_offset, b.tun_out_len());
         let Some(bufs) = b.tun_out.get_mut(..k) else {
             return;
         };
-        if let Err(e) = self.tun.send_multiple(&mut b.gro, bufs, b.tun_offset) {
+        if let Err(e) = self.tun.send_multiple(&mut b.gro, bufs, offset) {
             self.io_drops += k as u64;
             if tun_gone(&e) {
                 self.lose_tun(&e);
@@ -597,7 +603,7 @@ impl Loop {
         }
         for buf in bufs {
             // The cursor only: no byte is rewritten.
-            buf.set_len(b.tun_offset + b.out_room);
+            buf.set_len(len);
         }
     }
 

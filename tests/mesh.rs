@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, wait_until};
 use common::netns::Netns;
+use common::probe::{TcpEcho, tcp_echo};
 use nexodus::join::status::Status;
 
 const PING_WAIT: Duration = Duration::from_secs(30);
@@ -65,6 +66,22 @@ fn dual_stack_mesh_with_a_v4_only_node() {
                 );
             }
         }
+    }
+
+    // Bulk TCP both ways over each family arrives byte for byte: the receiving
+    // node's TUN write coalesces the segments into super-packets (wire::gro).
+    let (v4, v6) = (
+        statuses[1].device.tunnel_ip,
+        statuses[1].device.tunnel_ip_v6.unwrap(),
+    );
+    let echo_at = [
+        std::net::SocketAddr::from((v4, 7001)),
+        std::net::SocketAddr::from((v6, 7001)),
+    ];
+    let _echo = TcpEcho::start(&mesh.nodes[1].ns, &echo_at);
+    for to in echo_at {
+        tcp_echo(&mesh.nodes[0].ns, to, 16 << 20, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("16 MiB echoed through {to}: {e}"));
     }
 
     // The seed's shapes: v4 /32 and v6 /64 on nx0, host routes /32 and /128 per peer.

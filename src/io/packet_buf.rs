@@ -1,12 +1,12 @@
 //! A packet buffer for batched TUN writes whose length is a cursor over memory zeroed
 //! once, when it is made.
 //!
-//! tun-rs's GRO-coalescing write takes buffers whose length is the packet's and grows
-//! the first of a train in place ([`tun_rs::ExpandBuffer`]). With a `Vec<u8>`, giving a
-//! slot back its full room after each write (`resize`) zero-fills the bytes past the
-//! packet every time: 2.5% of a receiving node's CPU in a profile. Here the memory keeps
-//! its size and only the cursor moves; bytes past the cursor are whatever an earlier
-//! packet left (every reader sees `..len` only).
+//! A batched write takes buffers whose length is the packet's. With a `Vec<u8>`,
+//! giving a slot back its full room after each write (`resize`) zero-fills the bytes
+//! past the packet every time (2.5% of a receiving node's CPU in a profile, when the
+//! slots were 64 KiB for tun-rs's in-place GRO). Here the memory keeps its size and
+//! only the cursor moves; bytes past the cursor are whatever an earlier packet left
+//! (every reader sees `..len` only).
 
 /// Owned bytes of a fixed room with a movable length (`len <= room`).
 #[derive(Debug, Clone)]
@@ -59,34 +59,9 @@ impl AsMut<[u8]> for PacketBuf {
     }
 }
 
-impl tun_rs::ExpandBuffer for PacketBuf {
-    fn buf_capacity(&self) -> usize {
-        self.mem.len()
-    }
-
-    /// As `Vec::resize`: bytes a growth exposes are set to `value`.
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        self.reserve_room(new_len);
-        if let Some(grown) = self.mem.get_mut(self.len..new_len) {
-            grown.fill(value);
-        }
-        self.len = new_len;
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        let end = self.len + src.len();
-        self.reserve_room(end);
-        if let Some(dst) = self.mem.get_mut(self.len..end) {
-            dst.copy_from_slice(src);
-        }
-        self.len = end;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tun_rs::ExpandBuffer;
 
     #[test]
     fn the_cursor_moves_without_touching_bytes() {
@@ -99,22 +74,5 @@ mod tests {
         assert_eq!(b.as_ref(), &[7; 64]);
         b.set_len(1000);
         assert_eq!(b.len(), 64, "clamped to the room");
-    }
-
-    #[test]
-    fn expand_buffer_behaves_as_a_vec() {
-        let mut b = PacketBuf::new(8, 2);
-        b.as_mut().copy_from_slice(&[1, 2]);
-        b.buf_extend_from_slice(&[3, 4, 5]);
-        assert_eq!(b.as_ref(), &[1, 2, 3, 4, 5]);
-        b.buf_resize(7, 9);
-        assert_eq!(b.as_ref(), &[1, 2, 3, 4, 5, 9, 9]);
-        // Past the room: grows, as a Vec would.
-        b.buf_extend_from_slice(&[6, 6, 6]);
-        assert_eq!(b.len(), 10);
-        assert!(b.buf_capacity() >= 10);
-        assert_eq!(b.as_ref().get(7..), Some(&[6u8, 6, 6][..]));
-        b.buf_resize(3, 0);
-        assert_eq!(b.as_ref(), &[1, 2, 3]);
     }
 }

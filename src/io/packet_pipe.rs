@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 
 use super::eventfd;
+use super::tun::Written;
 
 /// Buffers carrying packets from the data path to the stack (network bursts: packets
 /// that find none free are dropped).
@@ -297,22 +298,23 @@ impl End {
     }
 
     /// The data path's batched write: each `bufs[i][offset..]` copied into a free
-    /// buffer and pushed, then one signal. As a full socket did, a batch in which a
-    /// packet found no free buffer (or did not fit one) is reported `WouldBlock` (the
-    /// others went through); `BrokenPipe` once the stack has gone.
-    pub fn send_from<B: AsRef<[u8]>>(&self, bufs: &[B], offset: usize) -> std::io::Result<usize> {
-        let (mut sent, mut dropped) = (0, false);
+    /// buffer and pushed, then one signal. A packet larger than a buffer is dropped;
+    /// once no buffer is free the rest of the batch is (the data path never waits
+    /// for the stack). Both are counted in the result; `BrokenPipe` once the stack
+    /// has gone.
+    pub fn send_from<B: AsRef<[u8]>>(&self, bufs: &[B], offset: usize) -> std::io::Result<Written> {
+        let mut written = Written::default();
         let mut result = Ok(());
-        for b in bufs {
+        for (i, b) in bufs.iter().enumerate() {
             let packet = b.as_ref().get(offset..).unwrap_or_default();
             if packet.len() > self.slot {
-                dropped = true;
+                written.dropped += 1;
                 continue;
             }
             let mut buf = match self.take_free(false) {
                 Ok(Some(buf)) => buf,
                 Ok(None) => {
-                    dropped = true;
+                    written.dropped += bufs.len() - i;
                     break;
                 }
                 Err(e) => {
@@ -327,15 +329,14 @@ impl End {
                 result = Err(e);
                 break;
             }
-            sent += 1;
+            written.sent += 1;
         }
-        if sent > 0 {
+        if written.sent > 0 {
             self.signal_peer();
         }
         match result {
             Err(Disconnected) => Err(std::io::ErrorKind::BrokenPipe.into()),
-            Ok(()) if dropped => Err(std::io::ErrorKind::WouldBlock.into()),
-            Ok(()) => Ok(sent),
+            Ok(()) => Ok(written),
         }
     }
 }
@@ -470,16 +471,20 @@ mod tests {
     #[test]
     fn send_from_drops_when_no_buffer_is_free_and_oversized() {
         let (dp, stack) = pair(2, 2, 8).unwrap();
-        let packets = vec![vec![1u8; 4], vec![2u8; 4], vec![3u8; 4]];
-        let e = dp.send_from(&packets, 0).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let packets = vec![vec![1u8; 4], vec![2u8; 4], vec![3u8; 4], vec![4u8; 4]];
+        let w = dp.send_from(&packets, 0).unwrap();
+        assert_eq!(
+            (w.sent, w.dropped),
+            (2, 2),
+            "each packet without a buffer counted"
+        );
         assert!(stack.drain_wake(), "one signal for the two that went");
         assert_eq!(stack.pop().unwrap().expect("1").bytes(), &[1u8; 4]);
         assert_eq!(stack.pop().unwrap().expect("2").bytes(), &[2u8; 4]);
         assert!(stack.pop().unwrap().is_none());
         let big = vec![vec![0u8; 9]];
-        let e = dp.send_from(&big, 0).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let w = dp.send_from(&big, 0).unwrap();
+        assert_eq!((w.sent, w.dropped), (0, 1));
     }
 
     #[test]

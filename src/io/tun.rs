@@ -2,7 +2,11 @@
 //! address as /64 (which gives the kernel route for the organization's v6 prefix).
 //! Closing the device removes the interface and every route through it.
 
+use std::io::IoSlice;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::wire::gro::{self, Coalescer};
 
 pub use tun_rs::SyncDevice;
 
@@ -132,18 +136,133 @@ impl PacketDevice {
         }
     }
 
-    /// Writes a batch (GRO-coalesced on a TUN with offload).
-    pub fn send_multiple<B: tun_rs::ExpandBuffer>(
+    /// Whether a TUN with offload takes UDP super-packets (`TUN_F_USO4/6`).
+    pub fn udp_offload(&self) -> bool {
+        match self {
+            Self::Tun(t) => t.tcp_gso() && t.udp_gso(),
+            Self::Pipe(_) => false,
+        }
+    }
+
+    /// Writes a batch, each packet `bufs[i][offset..]`. On a TUN with offload the
+    /// packets are grouped by `gro` ([`crate::wire::gro`]) and each group goes in one
+    /// vectored write behind its virtio header (the `offset` bytes before a packet
+    /// are not read). Packets the kernel or the pipe refused are counted in
+    /// [`Written::dropped`]; an error is returned only for a device that is gone
+    /// (the TUN's `EBADFD`/`EIO`/`ENODEV`, the pipe's `BrokenPipe`).
+    pub fn send_batch<B: AsRef<[u8]> + AsMut<[u8]>>(
         &self,
-        gro: &mut tun_rs::GROTable,
+        gro: &mut Coalescer,
         bufs: &mut [B],
         offset: usize,
-    ) -> std::io::Result<usize> {
+    ) -> std::io::Result<Written> {
         match self {
-            Self::Tun(t) => t.send_multiple(gro, bufs, offset),
+            Self::Tun(t) if t.tcp_gso() => write_coalesced(t.as_raw_fd(), gro, bufs, offset),
+            Self::Tun(t) => {
+                let mut written = Written::default();
+                for b in bufs.iter() {
+                    let packet = b.as_ref().get(offset..).unwrap_or_default();
+                    written.count(write_vectored(t.as_raw_fd(), &[IoSlice::new(packet)]), 1)?;
+                }
+                Ok(written)
+            }
             Self::Pipe(p) => p.send_from(bufs, offset),
         }
     }
+}
+
+/// What a batched write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Packets handed over.
+    pub sent: usize,
+    /// Packets refused (counted, not retried).
+    pub dropped: usize,
+}
+
+impl Written {
+    /// Counts one write of `packets` packets; passes on the errors of a device that
+    /// is gone.
+    fn count(&mut self, result: std::io::Result<usize>, packets: usize) -> std::io::Result<()> {
+        match result {
+            Ok(_) => self.sent += packets,
+            Err(e) if tun_gone(&e) => return Err(e),
+            Err(e) => {
+                tracing::trace!(error = %e, packets, "TUN write failed");
+                self.dropped += packets;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A TUN error after which the device will never work again (deleted interface:
+/// `EBADFD`; a device torn down under us: `EIO`, `ENODEV`, `ENXIO`).
+pub fn tun_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::EIO | libc::ENODEV | libc::ENXIO)
+    )
+}
+
+/// Most packets one coalesced write carries: the batch a [`Coalescer`] plans.
+pub const MAX_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+
+const _: () = assert!(gro::VIRTIO_HDR_LEN == tun_rs::VIRTIO_NET_HDR_LEN);
+
+/// A [`Coalescer`] for batches of up to [`MAX_BATCH`] packets on this device.
+pub fn coalescer(dev: &PacketDevice) -> Coalescer {
+    Coalescer::with_capacity(MAX_BATCH, dev.udp_offload())
+}
+
+fn write_coalesced<B: AsRef<[u8]> + AsMut<[u8]>>(
+    fd: RawFd,
+    gro: &mut Coalescer,
+    bufs: &mut [B],
+    offset: usize,
+) -> std::io::Result<Written> {
+    gro.plan(bufs, offset);
+    let packet = |i: usize, skip: usize| {
+        bufs.get(i)
+            .and_then(|b| b.as_ref().get(offset + skip..))
+            .unwrap_or_default()
+    };
+    let mut written = Written::default();
+    for w in gro.writes() {
+        let header = w.header;
+        let mut iov = [IoSlice::new(&[]); MAX_BATCH + 1];
+        let mut n = 0;
+        for (slot, bytes) in iov.iter_mut().zip(
+            std::iter::once(&header[..])
+                .chain(std::iter::once(packet(w.head, 0)))
+                .chain(w.members().map(|m| packet(m, w.skip))),
+        ) {
+            *slot = IoSlice::new(bytes);
+            n += 1;
+        }
+        written.count(
+            write_vectored(fd, iov.get(..n).unwrap_or_default()),
+            w.count,
+        )?;
+    }
+    let none = [0u8; gro::VIRTIO_HDR_LEN];
+    for i in gro.planned(bufs.len())..bufs.len() {
+        let result = write_vectored(fd, &[IoSlice::new(&none), IoSlice::new(packet(i, 0))]);
+        written.count(result, 1)?;
+    }
+    Ok(written)
+}
+
+/// One `writev(2)`: a TUN takes it as one packet.
+fn write_vectored(fd: RawFd, iov: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix, and every one
+    // of the `count` entries points at memory borrowed for this call.
+    let n = unsafe { libc::writev(fd, iov.as_ptr().cast::<libc::iovec>(), count) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 impl std::os::fd::AsRawFd for PacketDevice {

@@ -5,10 +5,11 @@
 //! commands (peer changes, status requests). Readiness is drained in batches of up to
 //! [`BATCH`] packets per source per turn, so batched syscalls (recvmmsg, GSO/GRO, TUN
 //! offload) can replace the per-packet reads without changing the loop's shape. Buffers
-//! are allocated once and no lock is taken per packet. Our code allocates nothing per
-//! packet; tun-rs's GRO-coalescing write (`send_multiple`) does: it copies each
-//! segment into a temporary `Vec` (a larger malloc cache made no measurable difference
-//! to throughput).
+//! are allocated once and no lock is taken per packet; nothing is allocated per
+//! packet. Decrypted packets reach TUN through [`crate::wire::gro`]'s coalescer: the
+//! segments of a flow go in one vectored write behind one virtio header, each
+//! payload read where it was decrypted (tun-rs's own GRO write copied every packet
+//! into a temporary `Vec` and checked each checksum).
 //!
 //! UDP goes through [`crate::io::udp`]'s own `recvmmsg`/`sendmsg` (quinn-udp only sets
 //! the socket up and tells whether GSO/GRO work): each datagram's local address comes
@@ -25,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use crate::io::eventfd::{self, signal};
 use crate::io::packet_buf::PacketBuf;
-use crate::io::tun::PacketDevice;
+use crate::io::tun::{PacketDevice, Written, tun_gone};
 use crate::io::udp;
 use crate::node::dataplane::{
     Counters, DataPlane, Incoming, LocalAddr, MIN_OUT_LEN, Outgoing, PeerConfig, PeerId, PeerStats,
     Transmit,
 };
 use crate::node::nat::StunGate;
+use crate::wire::gro::Coalescer;
 use crate::wire::stun;
 
 /// Packets taken from one source per loop turn before looking at the others.
@@ -242,21 +244,6 @@ fn packet_room(mtu: usize) -> usize {
     mtu.min(MAX_PACKET).next_multiple_of(16).max(TUN_PACKET)
 }
 
-/// A TUN read error after which the device will never read again (deleted
-/// interface: `EBADFD`; a device torn down under us: `EIO`, `ENODEV`, `ENXIO`).
-fn tun_gone(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EBADFD | libc::EBADF | libc::EIO | libc::ENODEV | libc::ENXIO)
-    )
-}
-
-/// Room of a `tun_out` slot: a whole coalesced train (tun-rs's GRO wants twice the
-/// virtio header beside it), so GRO never reallocates; at least one datagram.
-fn tun_out_room(tun_offset: usize, out_room: usize) -> usize {
-    (2 * tun_offset + MAX_UDP).max(tun_offset + out_room)
-}
-
 /// Every buffer of the loop, allocated once (and again only when the tunnel MTU
 /// changes: [`Buffers::set_mtu`]).
 struct Buffers {
@@ -279,7 +266,7 @@ struct Buffers {
     /// larger MTU than ours) are decrypted into `big_out` and written alone.
     out_room: usize,
     big_out: Vec<u8>,
-    gro: tun_rs::GROTable,
+    gro: Coalescer,
     /// Handshakes and timer output.
     scratch: Vec<u8>,
     /// Virtio header room before each TUN write (0 without offload).
@@ -287,7 +274,7 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(tun_offset: usize, mtu: usize) -> Self {
+    fn new(tun_offset: usize, mtu: usize, gro: Coalescer) -> Self {
         let room = packet_room(mtu);
         let out_room = room + DATA_OVERHEAD;
         let tun_out_len = tun_offset + out_room;
@@ -308,12 +295,12 @@ impl Buffers {
             tun_sizes: vec![0; tun_rs::IDEAL_BATCH_SIZE],
             gso: Trains::new(),
             fwd: Trains::new(),
-            tun_out: (0..tun_rs::IDEAL_BATCH_SIZE)
-                .map(|_| PacketBuf::new(tun_out_room(tun_offset, out_room), tun_out_len))
+            tun_out: (0..crate::io::tun::MAX_BATCH)
+                .map(|_| PacketBuf::new(tun_out_len, tun_out_len))
                 .collect(),
             out_room,
             big_out: vec![0; tun_offset + packet_room(MAX_PACKET) + DATA_OVERHEAD],
-            gro: tun_rs::GROTable::default(),
+            gro,
             scratch: vec![0; MAX_UDP + 64],
             tun_offset,
         }
@@ -330,7 +317,7 @@ impl Buffers {
         self.out_room = room + DATA_OVERHEAD;
         let len = self.tun_out_len();
         for buf in &mut self.tun_out {
-            buf.reserve_room(tun_out_room(self.tun_offset, self.out_room));
+            buf.reserve_room(len);
             buf.set_len(len);
         }
     }
@@ -594,13 +581,7 @@ impl Loop {
         let Some(bufs) = b.tun_out.get_mut(..k) else {
             return;
         };
-        if let Err(e) = self.tun.send_multiple(&mut b.gro, bufs, offset) {
-            self.io_drops += k as u64;
-            if tun_gone(&e) {
-                self.lose_tun(&e);
-            }
-            tracing::trace!(error = %e, "TUN write failed");
-        }
+        self.count_tun_write(self.tun.send_batch(&mut b.gro, bufs, offset), k);
         for buf in bufs {
             // The cursor only: no byte is rewritten.
             buf.set_len(len);
@@ -635,15 +616,28 @@ impl Loop {
         };
         let full = b.big_out.len();
         b.big_out.truncate(b.tun_offset + len);
-        if let Err(e) = self.tun.send_multiple(
+        let result = self.tun.send_batch(
             &mut b.gro,
             std::slice::from_mut(&mut b.big_out),
             b.tun_offset,
-        ) {
-            self.io_drops += 1;
-            tracing::trace!(error = %e, "TUN write failed");
-        }
+        );
+        self.count_tun_write(result, 1);
         b.big_out.resize(full, 0);
+    }
+
+    /// Counts what a batched TUN write of `k` packets refused; a device gone for
+    /// good leaves the poll set.
+    fn count_tun_write(&mut self, result: std::io::Result<Written>, k: usize) {
+        match result {
+            Ok(w) => self.io_drops += w.dropped as u64,
+            Err(e) => {
+                self.io_drops += k as u64;
+                if tun_gone(&e) {
+                    self.lose_tun(&e);
+                }
+                tracing::trace!(error = %e, "TUN write failed");
+            }
+        }
     }
 
     /// The TUN device is gone for good (its interface was deleted): stop polling it
@@ -762,7 +756,7 @@ impl Loop {
         } else {
             0
         };
-        let mut b = Buffers::new(offset, self.dp.mtu());
+        let mut b = Buffers::new(offset, self.dp.mtu(), crate::io::tun::coalescer(&self.tun));
         let mut udp_in = UdpIn::new();
         tracing::info!(
             tun_offload = self.tun.offload(),

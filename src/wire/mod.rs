@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod frame;
+pub mod gro;
 pub mod ip;
 pub mod peers;
 pub mod stun;

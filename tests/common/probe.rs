@@ -252,7 +252,16 @@ pub fn tcp_echo(ns: &Netns, to: SocketAddr, len: usize, timeout: Duration) -> Re
         .map_err(|e| e.to_string())?;
     conn.set_write_timeout(Some(left()))
         .map_err(|e| e.to_string())?;
-    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    // No period: a segment delivered at another offset cannot read back the same.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ len as u64;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     let mut back = vec![0u8; len];
     let writer = {
         let mut w = conn.try_clone().map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, wait_until};
 use common::netns::Netns;
-use common::probe::{TcpEcho, tcp_echo};
+use common::probe::{TcpEcho, blast, tcp_echo, udp_socket};
 use nexodus::join::status::Status;
 
 const PING_WAIT: Duration = Duration::from_secs(30);
@@ -26,6 +26,48 @@ fn mesh(tag: &str, v6: &[bool]) -> Cluster {
         );
     }
     c
+}
+
+/// The bytes of burst datagram `i` (its number first).
+fn burst_datagram(i: u64, buf: &mut [u8]) -> usize {
+    let len = 1200.min(buf.len());
+    for (j, b) in buf[..len].iter_mut().enumerate() {
+        *b = (i as usize * 7 + j * 13) as u8;
+    }
+    buf[..8].copy_from_slice(&i.to_be_bytes());
+    len
+}
+
+/// Sends 2,000 datagrams of 1,200 bytes as fast as the sender can from `from` to a
+/// socket on `to` in `at`; returns how many arrived and what arrived wrong
+/// (another length, other bytes, a datagram twice).
+fn udp_burst(from: &Netns, at: &Netns, to: std::net::SocketAddr) -> (usize, Vec<String>) {
+    const COUNT: u64 = 2000;
+    let rx = udp_socket(at, to);
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut seen, mut bad) = (std::collections::HashSet::new(), Vec::new());
+        let (mut buf, mut want) = ([0u8; 2048], [0u8; 2048]);
+        while let Ok(n) = rx.recv(&mut buf) {
+            let i = u64::from_be_bytes(buf[..8].try_into().unwrap());
+            let len = burst_datagram(i, &mut want);
+            if n != len || buf[..n] != want[..len] || i >= COUNT || !seen.insert(i) {
+                bad.push(format!("datagram {i}: {n} bytes"));
+            }
+        }
+        (seen.len(), bad)
+    });
+    let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sent = blast(
+        from,
+        bind.parse().unwrap(),
+        to,
+        COUNT,
+        Duration::from_secs(10),
+        burst_datagram,
+    );
+    assert!(sent > 0, "no datagram sent to {to}");
+    reader.join().unwrap()
 }
 
 fn has_line(text: &str, needle: &str) -> bool {
@@ -82,6 +124,28 @@ fn dual_stack_mesh_with_a_v4_only_node() {
     for to in echo_at {
         tcp_echo(&mesh.nodes[0].ns, to, 16 << 20, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("16 MiB echoed through {to}: {e}"));
+    }
+    let coalesced = |i: usize| mesh.nodes[i].status().map_or(0, |s| s.tun_coalesced);
+    assert!(
+        coalesced(1) > 0,
+        "node 1 wrote no coalesced segments to TUN"
+    );
+
+    // Bursts of equal-sized UDP datagrams (which the receiver's TUN write may
+    // coalesce into UDP super-packets) reach the socket one by one, each intact
+    // and once.
+    for to in [
+        std::net::SocketAddr::from((v4, 7002)),
+        std::net::SocketAddr::from((v6, 7002)),
+    ] {
+        let (got, bad) = udp_burst(&mesh.nodes[0].ns, &mesh.nodes[1].ns, to);
+        assert!(
+            bad.is_empty(),
+            "UDP to {to}: {} wrong, the first {:?}",
+            bad.len(),
+            &bad[..bad.len().min(5)]
+        );
+        assert!(got > 0, "no UDP datagram reached {to}");
     }
 
     // The seed's shapes: v4 /32 and v6 /64 on nx0, host routes /32 and /128 per peer.

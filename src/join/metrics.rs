@@ -128,6 +128,7 @@ mod tests {
             relay: false,
             relayed_packets: 0,
             relayed_bytes: 12,
+            tun_coalesced: 0,
             cookie_replies: 3,
             userspace: None,
             peers: vec![

@@ -63,6 +63,10 @@ pub struct Status {
     pub relayed_packets: u64,
     #[serde(default)]
     pub relayed_bytes: u64,
+    /// Packets written to TUN inside another's super-packet: the receive side's
+    /// coalescing at work (GRO; 0 without TUN offload or in rootless mode).
+    #[serde(default)]
+    pub tun_coalesced: u64,
     /// Handshake initiations answered with a cookie reply instead of being processed
     /// (more than the rate limit allows per second arrived: under load or attack).
     #[serde(default)]
@@ -258,6 +262,7 @@ pub(crate) fn build(
         relay: s.relay,
         relayed_packets: dp.map_or(0, |d| d.relayed_packets),
         relayed_bytes: dp.map_or(0, |d| d.relayed_bytes),
+        tun_coalesced: dp.map_or(0, |d| d.tun_coalesced),
         cookie_replies: dp.map_or(0, |d| d.counters.cookie_replies),
         userspace: stack.map(crate::userspace::Stack::status),
         peers,
@@ -518,6 +523,7 @@ mod tests {
             relay: false,
             relayed_packets: 0,
             relayed_bytes: 0,
+            tun_coalesced: 0,
             cookie_replies: 0,
             userspace: None,
             peers: vec![peer("relay", "direct", Some(4)), gw],

@@ -54,6 +54,8 @@ pub struct DataPathStatus {
     /// Packets this node forwarded between two peers (relay mode).
     pub relayed_packets: u64,
     pub relayed_bytes: u64,
+    /// Packets written to TUN inside another's super-packet (GRO, `wire::gro`).
+    pub tun_coalesced: u64,
     /// STUN answers dropped: not from a server we asked or not to a request we
     /// sent (spoofed or late), or the queue to the driver was full.
     pub stun_unsolicited: u64,
@@ -317,6 +319,7 @@ impl Loop {
                                 io_drops: self.io_drops,
                                 relayed_packets: self.dp.counters().relayed_packets,
                                 relayed_bytes: self.dp.counters().relayed_bytes,
+                                tun_coalesced: b.gro.coalesced(),
                                 stun_unsolicited: self.stun_unsolicited,
                                 stun_queue_full: self.stun_queue_full,
                             });

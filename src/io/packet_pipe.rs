@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 
 use super::eventfd;
-use super::tun::Written;
 
 /// Buffers carrying packets from the data path to the stack (network bursts: packets
 /// that find none free are dropped).
@@ -339,6 +338,15 @@ impl End {
             Ok(()) => Ok(written),
         }
     }
+}
+
+/// What a batched write did: the pipe's, or a TUN's through `tun::PacketDevice`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Packets handed over.
+    pub sent: usize,
+    /// Packets refused (counted, not retried).
+    pub dropped: usize,
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::io::IoSlice;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
 
+pub use super::packet_pipe::Written;
 use crate::wire::gro::{self, Coalescer};
 
 pub use tun_rs::SyncDevice;
@@ -162,7 +163,11 @@ impl PacketDevice {
                 let mut written = Written::default();
                 for b in bufs.iter() {
                     let packet = b.as_ref().get(offset..).unwrap_or_default();
-                    written.count(write_vectored(t.as_raw_fd(), &[IoSlice::new(packet)]), 1)?;
+                    count(
+                        &mut written,
+                        write_vectored(t.as_raw_fd(), &[IoSlice::new(packet)]),
+                        1,
+                    )?;
                 }
                 Ok(written)
             }
@@ -171,29 +176,22 @@ impl PacketDevice {
     }
 }
 
-/// What a batched write did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Written {
-    /// Packets handed over.
-    pub sent: usize,
-    /// Packets refused (counted, not retried).
-    pub dropped: usize,
-}
-
-impl Written {
-    /// Counts one write of `packets` packets; passes on the errors of a device that
-    /// is gone.
-    fn count(&mut self, result: std::io::Result<usize>, packets: usize) -> std::io::Result<()> {
-        match result {
-            Ok(_) => self.sent += packets,
-            Err(e) if tun_gone(&e) => return Err(e),
-            Err(e) => {
-                tracing::trace!(error = %e, packets, "TUN write failed");
-                self.dropped += packets;
-            }
+/// Counts one TUN write of `packets` packets in `written`; passes on the errors of a
+/// device that is gone.
+fn count(
+    written: &mut Written,
+    result: std::io::Result<usize>,
+    packets: usize,
+) -> std::io::Result<()> {
+    match result {
+        Ok(_) => written.sent += packets,
+        Err(e) if tun_gone(&e) => return Err(e),
+        Err(e) => {
+            tracing::trace!(error = %e, packets, "TUN write failed");
+            written.dropped += packets;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// A TUN error after which the device will never work again (deleted interface:
@@ -240,7 +238,8 @@ fn write_coalesced<B: AsRef<[u8]> + AsMut<[u8]>>(
             *slot = IoSlice::new(bytes);
             n += 1;
         }
-        written.count(
+        count(
+            &mut written,
             write_vectored(fd, iov.get(..n).unwrap_or_default()),
             w.count,
         )?;
@@ -248,7 +247,7 @@ fn write_coalesced<B: AsRef<[u8]> + AsMut<[u8]>>(
     let none = [0u8; gro::VIRTIO_HDR_LEN];
     for i in gro.planned(bufs.len())..bufs.len() {
         let result = write_vectored(fd, &[IoSlice::new(&none), IoSlice::new(packet(i, 0))]);
-        written.count(result, 1)?;
+        count(&mut written, result, 1)?;
     }
     Ok(written)
 }

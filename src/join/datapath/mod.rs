@@ -23,6 +23,7 @@
 //! GSO trains out).
 
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -285,75 +286,12 @@ impl Loop {
             if fds[2].revents != 0 {
                 eventfd::drain(wake);
                 while let Ok(cmd) = rx.try_recv() {
-                    match cmd {
-                        Command::Upsert(id, cfg) => {
-                            if let Err(e) = self.dp.upsert_peer(id, cfg) {
-                                tracing::warn!(peer = id, error = %e, "peer refused");
-                            }
-                        }
-                        Command::Remove(id) => {
-                            self.dp.remove_peer(id);
-                        }
-                        Command::SetPolicy(table) => {
-                            self.dp.set_policy(table.map(|t| *t), Instant::now());
-                        }
-                        Command::Probe(id) => self.dp.probe(id),
-                        Command::SetRelayPolicy(id, table) => {
-                            self.dp
-                                .set_relay_policy(id, table.map(|t| *t), Instant::now());
-                        }
-                        Command::SetRelayExit(exit) => self.dp.set_relay_exit(exit),
-                        Command::SendRaw(to, data) => {
-                            self.stun_gate.sent(to, &data);
-                            self.send_udp(to, None, &data);
-                        }
-                        Command::Status(reply) => {
-                            let peers = self
-                                .dp
-                                .peers()
-                                .filter_map(|id| self.dp.peer_stats(id).map(|s| (id, s)))
-                                .collect();
-                            let _ = reply.send(DataPathStatus {
-                                peers,
-                                counters: *self.dp.counters(),
-                                io_drops: self.io_drops,
-                                relayed_packets: self.dp.counters().relayed_packets,
-                                relayed_bytes: self.dp.counters().relayed_bytes,
-                                tun_coalesced: b.gro.coalesced(),
-                                stun_unsolicited: self.stun_unsolicited,
-                                stun_queue_full: self.stun_queue_full,
-                            });
-                        }
-                        Command::SetPresharedKey(id, key) => self.dp.set_preshared_key(id, key),
-                        Command::SetMtu(mtu) => {
-                            self.dp.set_mtu(mtu);
-                            b.set_mtu(mtu);
-                        }
-                        Command::SetSocket(socket) => {
-                            match quinn_udp::UdpSocketState::new((&socket).into()) {
-                                Ok(state) => {
-                                    if self.config.fragment {
-                                        udp::allow_fragments(&socket);
-                                    }
-                                    self.local_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
-                                    self.gso_segments = state.max_gso_segments().max(1);
-                                    self.udp_state = state;
-                                    self.socket = socket;
-                                    fds[1].fd = self.socket.as_raw_fd();
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "cannot use the new UDP socket; keeping the old one")
-                                }
-                            }
-                        }
-                        Command::ReplacePlane(dp) => {
-                            self.dp = *dp;
-                            self.dp.set_relay(self.config.relay);
-                            self.dp.handle_timeout(Instant::now());
-                        }
-                        Command::Shutdown => return,
+                    if self.handle_command(cmd, &mut b).is_break() {
+                        return;
                     }
                 }
+                // A new socket (`SetSocket`) is polled from now on.
+                fds[1].fd = self.socket.as_raw_fd();
                 // Peer changes may have produced handshakes.
                 self.flush(&mut b.scratch);
             }
@@ -368,6 +306,76 @@ impl Loop {
                 self.drain_udp(&mut b, &mut udp_in);
             }
         }
+    }
+
+    /// Carries out one command from the driver; `Break` on shutdown.
+    fn handle_command(&mut self, cmd: Command, b: &mut Buffers) -> ControlFlow<()> {
+        match cmd {
+            Command::Upsert(id, cfg) => {
+                if let Err(e) = self.dp.upsert_peer(id, cfg) {
+                    tracing::warn!(peer = id, error = %e, "peer refused");
+                }
+            }
+            Command::Remove(id) => {
+                self.dp.remove_peer(id);
+            }
+            Command::SetPolicy(table) => {
+                self.dp.set_policy(table.map(|t| *t), Instant::now());
+            }
+            Command::Probe(id) => self.dp.probe(id),
+            Command::SetRelayPolicy(id, table) => {
+                self.dp
+                    .set_relay_policy(id, table.map(|t| *t), Instant::now());
+            }
+            Command::SetRelayExit(exit) => self.dp.set_relay_exit(exit),
+            Command::SendRaw(to, data) => {
+                self.stun_gate.sent(to, &data);
+                self.send_udp(to, None, &data);
+            }
+            Command::Status(reply) => {
+                let peers = self
+                    .dp
+                    .peers()
+                    .filter_map(|id| self.dp.peer_stats(id).map(|s| (id, s)))
+                    .collect();
+                let _ = reply.send(DataPathStatus {
+                    peers,
+                    counters: *self.dp.counters(),
+                    io_drops: self.io_drops,
+                    relayed_packets: self.dp.counters().relayed_packets,
+                    relayed_bytes: self.dp.counters().relayed_bytes,
+                    tun_coalesced: b.gro.coalesced(),
+                    stun_unsolicited: self.stun_unsolicited,
+                    stun_queue_full: self.stun_queue_full,
+                });
+            }
+            Command::SetPresharedKey(id, key) => self.dp.set_preshared_key(id, key),
+            Command::SetMtu(mtu) => {
+                self.dp.set_mtu(mtu);
+                b.set_mtu(mtu);
+            }
+            Command::SetSocket(socket) => match quinn_udp::UdpSocketState::new((&socket).into()) {
+                Ok(state) => {
+                    if self.config.fragment {
+                        udp::allow_fragments(&socket);
+                    }
+                    self.local_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+                    self.gso_segments = state.max_gso_segments().max(1);
+                    self.udp_state = state;
+                    self.socket = socket;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot use the new UDP socket; keeping the old one")
+                }
+            },
+            Command::ReplacePlane(dp) => {
+                self.dp = *dp;
+                self.dp.set_relay(self.config.relay);
+                self.dp.handle_timeout(Instant::now());
+            }
+            Command::Shutdown => return ControlFlow::Break(()),
+        }
+        ControlFlow::Continue(())
     }
 }
 

@@ -37,12 +37,8 @@ const MAX_PACKET: usize = 65_535;
 /// Most segments in one UDP super-packet (below the kernel's `UDP_MAX_SEGMENTS`).
 const MAX_UDP_SEGMENTS: u16 = 64;
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
-const TCP_URG: u8 = 0x20;
 
 const END: u16 = u16::MAX;
 
@@ -207,8 +203,7 @@ impl Coalescer {
                 && g.v6 == seg.v6
                 && view(g.head).is_some_and(|head| same_flow(head, pkt, &seg))
         });
-        if let Some(g) = found.and_then(|gi| self.groups.get(gi).map(|g| (gi, g))) {
-            let (gi, g) = g;
+        if let Some((gi, g)) = found.and_then(|gi| Some((gi, self.groups.get(gi)?))) {
             let joins = seg.eligible
                 && g.open
                 && view(g.head).is_some_and(|head| can_join(g, head, pkt, &seg));
@@ -326,10 +321,8 @@ fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
             }
             let flags = *pkt.get(iph + 13)?;
             let payload = pkt.len() - iph - l4h;
-            let eligible = payload > 0
-                && flags & TCP_ACK != 0
-                && flags & !(TCP_ACK | TCP_PSH) == 0
-                && flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_URG) == 0;
+            // ACK, perhaps PSH, nothing else (no FIN, SYN, RST, URG, ECE, CWR).
+            let eligible = payload > 0 && flags & TCP_ACK != 0 && flags & !(TCP_ACK | TCP_PSH) == 0;
             Some(Segment {
                 v6,
                 proto: Proto::Tcp,
@@ -497,6 +490,12 @@ mod tests {
     const A6: [u8; 16] = [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     const B6: [u8; 16] = [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
     const OFFSET: usize = VIRTIO_HDR_LEN;
+    const TCP_FIN: u8 = 0x01;
+    const TCP_SYN: u8 = 0x02;
+    const TCP_RST: u8 = 0x04;
+    const TCP_URG: u8 = 0x20;
+    const TCP_ECE: u8 = 0x40;
+    const TCP_CWR: u8 = 0x80;
 
     struct Tcp {
         v6: bool,
@@ -740,7 +739,7 @@ mod tests {
 
     #[test]
     fn flags_other_than_ack_and_psh_are_never_coalesced() {
-        for flag in [TCP_FIN, TCP_SYN, TCP_RST, TCP_URG] {
+        for flag in [TCP_FIN, TCP_SYN, TCP_RST, TCP_URG, TCP_ECE, TCP_CWR] {
             let mut odd = tcp(2000, 1000);
             odd.flags |= flag;
             let mut bufs: Vec<Vec<u8>> = [tcp(1000, 1000), odd].iter().map(build).collect();

@@ -1,4 +1,5 @@
 use super::*;
+use crate::node::dataplane::PathCounters;
 
 pub(crate) fn device(id: i64, v6: bool) -> Device {
     let secret = boringtun::x25519::StaticSecret::from([id as u8 + 1; 32]);

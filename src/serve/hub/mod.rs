@@ -19,8 +19,11 @@
 //! revision and shared ([`Bytes`]) by every watcher that takes it until the next
 //! change of that organization, so thousands of nodes reconnecting at once (a restart,
 //! a replica that died) cost one snapshot encoding per batch, not one per watcher.
+//!
+//! Here: the `Hub` (tailing, views, watchers); `view` what it holds per organization,
+//! `encode` batches made deltas.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,10 +34,19 @@ use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use crate::coord::resume;
 use crate::serve::SharedStore;
 use crate::serve::metrics::CoordinatorMetrics;
-use crate::store::{Change, POLICY_CHANGE_ID, StoreError, StoredPolicy};
-use crate::wire::control::{Device, PolicyState, ResumeFrom};
-use crate::wire::frame::{self, MAX_RESPONSE_LEN};
+use crate::store::{Change, POLICY_CHANGE_ID, StoreError};
+use crate::wire::control::{PolicyState, ResumeFrom};
 use crate::wire::peers;
+
+mod encode;
+mod view;
+
+pub use encode::{
+    encode_delta, encode_delta_since, group_changes, only_presence_changed, policy_changes,
+};
+use encode::{encode_device, policy_state};
+use view::{Held, OrgView};
+pub use view::{Resumed, Snapshot};
 
 /// How often the change log is checked for changes made by other processes.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -73,205 +85,12 @@ pub struct OrgDelta {
     pub resync: bool,
 }
 
-/// Tombstones of removed devices kept per organization for resuming watchers; past
-/// this many they are dropped and the organization's floor moves up (its watchers
-/// that were away get a snapshot).
-const MAX_REMOVED: usize = 100_000;
-
-/// A device as the views hold it.
-#[derive(Clone)]
-struct Held {
-    /// Encoded once ([`peers::encode_device`]).
-    bytes: Arc<[u8]>,
-    online: bool,
-    /// The revision of its last change.
-    revision: i64,
-    /// The revision of its last change of more than its online flag (see
-    /// [`crate::coord::resume`]).
-    content: i64,
-}
-
-/// An organization's devices and its watchers' channel.
-struct OrgView {
-    devices: BTreeMap<i64, Held>,
-    /// The snapshot frame last assembled, while no change of this organization came
-    /// after it: (revision, STUN port it names, frame).
-    shared: Option<(i64, Option<u16>, Bytes)>,
-    /// The resume delta last assembled, while no change of this organization came
-    /// after it: (from, revision, frame). Nodes that were current together (before a
-    /// restart) resume from the same revision and share it.
-    resumed: Option<(i64, i64, Bytes)>,
-    /// Removed devices and the revision they went at (for resuming watchers).
-    removed: BTreeMap<i64, i64>,
-    /// The revision of the policy's last change (the floor if not since it).
-    policy_changed: i64,
-    /// The oldest revision a resuming watcher of this organization can start from.
-    floor: i64,
-    /// The devices whose last state says online (for the metrics).
-    online: BTreeSet<i64>,
-    /// The organization's access policy as watchers are sent it.
-    policy: Option<PolicyState>,
-    tx: broadcast::Sender<Arc<OrgDelta>>,
-}
-
-impl OrgView {
-    /// The view of an organization the views start to hold at `revision`: a watcher
-    /// can resume from there on.
-    fn new_at(revision: i64) -> Self {
-        Self {
-            floor: revision,
-            policy_changed: revision,
-            ..Self::new()
-        }
-    }
-
-    fn new() -> Self {
-        Self {
-            devices: BTreeMap::new(),
-            shared: None,
-            resumed: None,
-            removed: BTreeMap::new(),
-            policy_changed: 0,
-            floor: 0,
-            online: BTreeSet::new(),
-            policy: None,
-            tx: broadcast::channel(CHANNEL_DEPTH).0,
-        }
-    }
-
-    /// Sets a device's state (None: removed, at `revision`).
-    fn set(&mut self, id: i64, device: Option<Held>, revision: i64) {
-        self.shared = None;
-        self.resumed = None;
-        match device {
-            Some(held) => {
-                if held.online {
-                    self.online.insert(id);
-                } else {
-                    self.online.remove(&id);
-                }
-                self.removed.remove(&id);
-                self.devices.insert(id, held);
-            }
-            None => {
-                self.devices.remove(&id);
-                self.online.remove(&id);
-                self.removed.insert(id, revision);
-                if self.removed.len() > MAX_REMOVED {
-                    self.removed.clear();
-                    self.floor = self.floor.max(revision);
-                }
-            }
-        }
-    }
-
-    /// The policy changed at `revision` (`None`: cleared).
-    fn set_policy(&mut self, policy: Option<PolicyState>, revision: i64) {
-        self.policy = policy;
-        self.policy_changed = self.policy_changed.max(revision);
-        self.shared = None;
-        self.resumed = None;
-    }
-
-    /// The delta frame that brings a watcher current from `from` (which
-    /// [`resume::decide`] accepted) to the views' `revision`: the shared one if it
-    /// starts there and nothing changed since it was assembled. Returns its revision.
-    fn resume_delta(
-        &mut self,
-        from: i64,
-        revision: i64,
-    ) -> (i64, Result<Bytes, frame::FrameError>) {
-        if let Some((f, at, frame)) = &self.resumed
-            && *f == from
-        {
-            return (*at, Ok(frame.clone()));
-        }
-        let mut records: Vec<&[u8]> = Vec::new();
-        let mut online = Vec::new();
-        for (id, d) in &self.devices {
-            match resume::part(from, d.revision, d.content, d.online) {
-                resume::Part::Nothing => {}
-                resume::Part::Online(on) => online.push((*id, on)),
-                resume::Part::Record => records.push(&d.bytes),
-            }
-        }
-        let removed: Vec<i64> = self
-            .removed
-            .iter()
-            .filter(|&(_, r)| *r > from)
-            .map(|(id, _)| *id)
-            .collect();
-        let policy = (self.policy_changed > from).then(|| {
-            self.policy.clone().unwrap_or(PolicyState {
-                revision: self.policy_changed,
-                text: None,
-            })
-        });
-        let frame = peers::delta_frame_encoded(
-            revision,
-            records.iter().copied(),
-            &removed,
-            policy.as_ref(),
-            &online,
-            MAX_RESPONSE_LEN,
-        )
-        .map(Bytes::from);
-        if let Ok(f) = &frame {
-            self.resumed = Some((from, revision, f.clone()));
-        }
-        (revision, frame)
-    }
-}
-
 struct State {
     /// The newest revision applied to the views.
     revision: i64,
     /// The database's identity (0 until loaded: no revision is trusted then).
     database: i64,
     orgs: HashMap<i64, OrgView>,
-}
-
-/// What a new watcher starts from: the organization's snapshot frame as of
-/// `revision`, shared with every watcher that took it at that revision.
-pub struct Snapshot {
-    pub revision: i64,
-    pub frame: Result<Bytes, frame::FrameError>,
-}
-
-/// What a resumed watcher starts from ([`Hub::subscribe_resumed`]): its subscription
-/// and the delta frame from the revision it named (`from`) to `revision`.
-pub struct Resumed {
-    pub rx: broadcast::Receiver<Arc<OrgDelta>>,
-    pub from: i64,
-    pub revision: i64,
-    pub frame: Result<Bytes, frame::FrameError>,
-}
-
-impl OrgView {
-    /// The snapshot frame at `revision`: the shared one if nothing changed since it
-    /// was assembled, else assembled now (and shared from now on).
-    fn snapshot(&mut self, revision: i64, stun_port: Option<u16>) -> Snapshot {
-        if let Some((rev, port, frame)) = &self.shared
-            && *port == stun_port
-        {
-            return Snapshot {
-                revision: *rev,
-                frame: Ok(frame.clone()),
-            };
-        }
-        let frame = peers::snapshot_frame(
-            revision,
-            stun_port,
-            self.policy.as_ref(),
-            self.devices.values().map(|d| &d.bytes[..]),
-            MAX_RESPONSE_LEN,
-        )
-        .map(Bytes::from);
-        if let Ok(f) = &frame {
-            self.shared = Some((revision, stun_port, f.clone()));
-        }
-        Snapshot { revision, frame }
-    }
 }
 
 pub struct Hub {
@@ -289,100 +108,6 @@ pub struct Hub {
     next_watch: std::sync::atomic::AtomicU64,
     /// Counters of what the shell does (registrations, fan-out latency).
     pub metrics: CoordinatorMetrics,
-}
-
-/// Groups changes by organization; per device the latest state wins. A policy
-/// change ([`POLICY_CHANGE_ID`]) names no device: it only puts its organization in
-/// the batch (the hub reads the policy itself).
-pub fn group_changes(changes: Vec<Change>) -> BTreeMap<i64, (i64, BTreeMap<i64, Option<Device>>)> {
-    let mut out: BTreeMap<i64, (i64, BTreeMap<i64, Option<Device>>)> = BTreeMap::new();
-    for c in changes {
-        let entry = out.entry(c.organization_id).or_default();
-        entry.0 = entry.0.max(c.revision);
-        if c.device_id != POLICY_CHANGE_ID {
-            entry.1.insert(c.device_id, c.device);
-        }
-    }
-    out
-}
-
-/// The organizations whose policy changed in `changes`.
-pub fn policy_changes(changes: &[Change]) -> BTreeSet<i64> {
-    changes
-        .iter()
-        .filter(|c| c.device_id == POLICY_CHANGE_ID)
-        .map(|c| c.organization_id)
-        .collect()
-}
-
-/// What watchers are sent of a stored policy (`None` stored: cleared).
-fn policy_state(stored: Option<StoredPolicy>) -> Option<PolicyState> {
-    stored.map(|p| PolicyState {
-        revision: p.revision,
-        text: Some(p.text),
-    })
-}
-
-/// Encodes one organization's changes as a delta.
-pub fn encode_delta(
-    revision: i64,
-    devices: BTreeMap<i64, Option<Device>>,
-    policy: Option<PolicyState>,
-) -> Result<OrgDelta, frame::FrameError> {
-    encode_delta_since(revision, devices, policy, |_| None)
-}
-
-/// True when `new` differs from `old` only in being online or not (and the revision
-/// and time that change stamped).
-pub fn only_presence_changed(old: &Device, new: &Device) -> bool {
-    old.online != new.online
-        && Device {
-            online: new.online,
-            last_seen: new.last_seen,
-            revision: new.revision,
-            ..old.clone()
-        } == *new
-}
-
-/// [`encode_delta`], given each device as watchers last had it (`previous`): a
-/// device that only went online or offline is sent as its id and flag.
-pub fn encode_delta_since(
-    revision: i64,
-    devices: BTreeMap<i64, Option<Device>>,
-    policy: Option<PolicyState>,
-    previous: impl Fn(i64) -> Option<Device>,
-) -> Result<OrgDelta, frame::FrameError> {
-    let mut upserts = Vec::new();
-    let mut removed = Vec::new();
-    let mut online = Vec::new();
-    for (id, d) in devices {
-        match d {
-            Some(d) if previous(id).is_some_and(|old| only_presence_changed(&old, &d)) => {
-                online.push((id, d.online));
-            }
-            Some(d) => upserts.push(d),
-            None => removed.push(id),
-        }
-    }
-    let frame = peers::delta_frame(
-        revision,
-        &upserts,
-        &removed,
-        policy.as_ref(),
-        &online,
-        MAX_RESPONSE_LEN,
-    )?;
-    Ok(OrgDelta {
-        revision,
-        removed,
-        frame: Bytes::from(frame),
-        created: std::time::Instant::now(),
-        resync: false,
-    })
-}
-
-fn encode_device(d: &Device) -> Result<Arc<[u8]>, StoreError> {
-    Ok(Arc::from(peers::device_bytes(d)))
 }
 
 /// A watch stream: its serial number, the signal that ends it, the node process
@@ -1003,7 +728,8 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::control::Response;
+    use crate::wire::control::{Device, Response};
+    use crate::wire::frame::{self, MAX_RESPONSE_LEN};
 
     #[test]
     fn a_second_node_process_is_refused_a_reconnect_replaces() {

@@ -26,7 +26,9 @@ mod addrs;
 mod flow;
 mod migrate;
 pub mod pg;
+mod records;
 mod rows;
+mod rules;
 pub mod sqlite;
 #[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
@@ -37,7 +39,7 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 
-use crate::coord::ipam::{self, Advertiser, IpamError};
+use crate::coord::ipam::{self, IpamError};
 use crate::coord::names;
 use crate::policy::Policy;
 use crate::policy::approve::{self, AdminDevice};
@@ -47,6 +49,15 @@ use rows::Token;
 
 pub use flow::POLICY_CHANGE_ID;
 pub use pg::PgStore;
+pub use records::{
+    AdminKey, Change, LogEntry, Organization, PathReport, Presence, Registration, StoredPolicy,
+    TokenInfo,
+};
+pub use rules::AdvertisedBy;
+pub(crate) use rules::{
+    apply_update, check_advertised, check_approved_routes, check_new_org, check_register,
+    unmanaged_request,
+};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Error)]
@@ -113,111 +124,7 @@ impl StoreError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Organization {
-    pub id: i64,
-    pub name: String,
-    pub ip_cidr: Ipv4Net,
-    pub ip_cidr_v6: Ipv6Net,
-    /// DNS domain of its devices' names (DESIGN §10).
-    pub domain: String,
-}
-
-/// One entry of the change log with the device's state now (`None`: removed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub revision: i64,
-    pub organization_id: i64,
-    pub device_id: i64,
-    pub device: Option<Device>,
-}
-
-/// One entry of the change log, without the device: what a coordinator reads at start
-/// to know which revisions changed more than a device's online flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogEntry {
-    pub revision: i64,
-    pub organization_id: i64,
-    /// [`POLICY_CHANGE_ID`] for a change of the organization's policy.
-    pub device_id: i64,
-    pub removed: bool,
-}
-
-/// An organization's policy file as stored (it validated when it was set).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredPolicy {
-    pub organization_id: i64,
-    pub text: String,
-    /// 1 for the first `policy set`, one more for each `policy set` or `policy
-    /// clear` after it.
-    pub revision: i64,
-    pub updated_at: i64,
-}
-
-/// A join token as `nexodus token list` shows it (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TokenInfo {
-    pub id: i64,
-    pub organization_id: i64,
-    pub reusable: bool,
-    pub expires_at: Option<i64>,
-    pub uses: i64,
-    pub created_at: i64,
-}
-
-/// An admin key of the HTTPS API, by the hash of its secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminKey {
-    pub id: i64,
-    pub name: String,
-    pub secret_hash: String,
-    pub created_at: i64,
-    pub revoked_at: Option<i64>,
-}
-
-/// A device's last report on its path to one peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathReport {
-    pub device_id: i64,
-    pub peer_id: i64,
-    /// "direct" or "relay".
-    pub path: String,
-    pub handshake_age: Option<i64>,
-    pub reported_at: i64,
-}
-
 pub use crate::wire::control::PeerPath;
-
-/// One registration of a batch (see [`Store::register_devices`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Registration<'a> {
-    pub req: &'a RegisterRequest,
-    pub token_hash: &'a str,
-    pub credential_hash: &'a str,
-}
-
-/// One item of a presence batch (see [`Store::presence`]).
-#[derive(Debug, Clone, Copy)]
-pub enum Presence<'a> {
-    /// A reconnect: as [`Store::login`].
-    Login {
-        device_id: i64,
-        credential_hash: &'a str,
-        ipv6_supported: Option<bool>,
-        /// The node process (see [`Store::claim_watch`]): refused with
-        /// [`StoreError::Connected`] while another process of this device holds a
-        /// watch stream through another live coordinator.
-        instance: Option<u64>,
-    },
-    /// A watch stream began or ended: as [`Store::set_online`].
-    Online { device_id: i64, online: bool },
-    /// A watch stream begins: as [`Store::claim_watch`].
-    Watch {
-        device_id: i64,
-        instance: Option<u64>,
-        remote: &'a str,
-    },
-}
 
 /// The results of a batch whose transaction failed: the error for the first, its
 /// text for the others.
@@ -822,140 +729,6 @@ pub trait ClusterIdentity {
         key: &[u8],
         now: i64,
     ) -> Result<IdentityDer, StoreError>;
-}
-
-// Rules shared by the backends, so both refuse exactly the same requests.
-
-pub(crate) fn check_hostname(hostname: &str) -> Result<(), StoreError> {
-    if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_control) {
-        return Err(StoreError::Invalid(
-            "hostname must be 1 to 253 printable characters".into(),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_new_org(
-    name: &str,
-    ip_cidr: Ipv4Net,
-    ip_cidr_v6: Ipv6Net,
-) -> Result<(), StoreError> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(StoreError::Invalid(
-            "organization name must be 1 to 64 characters".into(),
-        ));
-    }
-    if ip_cidr.trunc() != ip_cidr || ip_cidr_v6.trunc() != ip_cidr_v6 {
-        return Err(StoreError::Invalid(format!(
-            "organization prefixes must have no host bits set (did you mean {} and {}?)",
-            ip_cidr.trunc(),
-            ip_cidr_v6.trunc()
-        )));
-    }
-    Ok(())
-}
-
-fn limit(e: crate::coord::limits::LimitError) -> StoreError {
-    StoreError::Invalid(e.to_string())
-}
-
-pub(crate) fn check_register(req: &RegisterRequest) -> Result<(), StoreError> {
-    crate::coord::limits::check_register(req).map_err(limit)?;
-    check_hostname(&req.hostname)?;
-    if req.request_ip_v6.is_some() && !req.ipv6_supported {
-        return Err(StoreError::Invalid(
-            "an IPv6 address was requested but the device reports no IPv6 support".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The registration of a stock WireGuard device.
-pub(crate) fn unmanaged_request(hostname: &str, public_key: &str) -> RegisterRequest {
-    RegisterRequest {
-        public_key: public_key.into(),
-        hostname: hostname.into(),
-        os: "wireguard".into(),
-        ipv6_supported: true,
-        relay_only: true,
-        ..Default::default()
-    }
-}
-
-/// Applies an update's plain fields to `d`. Advertised prefixes are the caller's to
-/// check against the organization (see [`check_advertised`]) before they are set.
-pub(crate) fn apply_update(d: &mut Device, update: &DeviceUpdate) -> Result<(), StoreError> {
-    crate::coord::limits::check_update(update).map_err(limit)?;
-    if let Some(h) = &update.hostname {
-        check_hostname(h)?;
-        d.hostname.clone_from(h);
-    }
-    if let Some(e) = &update.endpoints {
-        d.endpoints.clone_from(e);
-        d.set_local_ips();
-    }
-    if let Some(r) = update.reflexive_endpoint {
-        d.reflexive_endpoint = Some(r);
-    }
-    if let Some(r) = update.reflexive_endpoint_v6 {
-        d.reflexive_endpoint_v6 = Some(r);
-    }
-    if let Some(v) = update.symmetric_nat {
-        d.symmetric_nat = v;
-    }
-    if let Some(v) = update.relay {
-        d.relay = v;
-    }
-    if let Some(v) = update.relay_only {
-        d.relay_only = v;
-    }
-    if let Some(v) = update.exit_node {
-        d.exit_node = v;
-    }
-    if let Some(v) = update.use_exit {
-        d.use_exit = (v > 0).then_some(v);
-    }
-    if let Some(cidrs) = &update.advertise_cidrs {
-        d.advertise_cidrs.clone_from(cidrs);
-    }
-    Ok(())
-}
-
-/// Prefixes an admin approves or revokes: what a device could advertise.
-pub(crate) fn check_approved_routes(routes: &[IpNet]) -> Result<(), StoreError> {
-    for r in routes {
-        ipam::validate_advertised(*r)
-            .map_err(|e| StoreError::Invalid(format!("--routes {r}: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Another device's advertised prefixes, as read from the database.
-pub struct AdvertisedBy {
-    pub device_id: i64,
-    pub hostname: String,
-    pub cidrs: Vec<IpNet>,
-}
-
-/// Checks `cidrs` (advertised by `self_id`, or a new device) against the organization
-/// and every other device's advertised prefixes.
-pub(crate) fn check_advertised(
-    org: &Organization,
-    others: &[AdvertisedBy],
-    self_id: Option<i64>,
-    cidrs: &[IpNet],
-) -> Result<(), StoreError> {
-    let others: Vec<Advertiser<'_>> = others
-        .iter()
-        .filter(|d| Some(d.device_id) != self_id && !d.cidrs.is_empty())
-        .map(|d| Advertiser {
-            device_id: d.device_id,
-            hostname: &d.hostname,
-            cidrs: &d.cidrs,
-        })
-        .collect();
-    ipam::check_advertised(cidrs, org.ip_cidr, org.ip_cidr_v6, &others)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coordinator load test, all backends in one run: `nexodus loadgen` (a hidden
-# subcommand; see src/loadgen.rs) simulates N nodes over real QUIC connections against
+# subcommand; see src/loadgen/) simulates N nodes over real QUIC connections against
 #   1. `nexodus serve` on SQLite,
 #   2. `nexodus serve --database-url` on PostgreSQL (one replica),
 #   3. two replicas on one PostgreSQL database, nodes spread over both (a change then

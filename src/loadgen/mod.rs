@@ -410,6 +410,24 @@ async fn watch_loop<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+impl Probe {
+    /// Waits (at most `limit`) until no frame has arrived for a second: the deltas
+    /// in flight have drained. Returns the seconds it took, the quiet second aside.
+    async fn settle(&self, limit: Duration) -> f64 {
+        let settle = Instant::now();
+        let quiet = Duration::from_secs(1);
+        wait_until(limit, || {
+            self.last_frame
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed()
+                > quiet
+        })
+        .await;
+        settle.elapsed().as_secs_f64() - quiet.as_secs_f64()
+    }
+}
+
 /// Waits until `done` or `limit` passes; false on timeout.
 async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -594,18 +612,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     );
     let watch_setup_secs = started.elapsed().as_secs_f64();
     tracing::info!(watch_setup_secs, "all nodes watching");
-    let settle = Instant::now();
-    let quiet = Duration::from_secs(1);
-    wait_until(limit, || {
-        probe
-            .last_frame
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-            > quiet
-    })
-    .await;
-    let settle_secs = settle.elapsed().as_secs_f64() - quiet.as_secs_f64();
+    let settle_secs = probe.settle(limit).await;
     let rss_after = rss(&args.coordinator_pid);
 
     // 4. Probes.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     LoadgenArgs, LoadgenError, Node, Probe, StormReport, View, call, percentile, rss_kib,
-    run_probes, wait_until, watch_loop,
+    run_probes, watch_loop,
 };
 use crate::quicio;
 use crate::wire::control::{Auth, Request, SERVER_NAME};
@@ -225,18 +225,7 @@ pub(super) async fn run_storm(
     };
     progress.abort();
     tracing::info!(all_snapshots_secs, "storm: every node has its snapshot");
-    let settle = Instant::now();
-    let quiet = Duration::from_secs(1);
-    wait_until(limit, || {
-        probe
-            .last_frame
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-            > quiet
-    })
-    .await;
-    let settle_secs = settle.elapsed().as_secs_f64() - quiet.as_secs_f64();
+    let settle_secs = probe.settle(limit).await;
     let rss_after_kib = pids.iter().map(|&p| rss_kib(p)).sum();
     let lost = n - times.len().min(n);
     let (per_watcher, all, missed) = run_probes(&new_nodes, probe, args.probes, 1).await?;
